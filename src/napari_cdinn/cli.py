@@ -1,0 +1,130 @@
+"""The ``cdinn`` command line (no Qt, no napari import).
+
+Every sub-command is a function ``_cmd_<name>(args)``; bad input raises :class:`UsageError`
+(or ``ValueError``/``OSError`` from the core), which :func:`main` turns into one line
+``error: ...`` on stderr and exit code 2.  Outputs are written to a temporary name and renamed
+at the end (:func:`napari_cdinn.io.atomic_output`), so a failed run never overwrites a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main", "build_parser", "UsageError"]
+
+
+class UsageError(Exception):
+    """Bad arguments or bad input: reported as one ``error: ...`` line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one ``error: ...`` line and exit code 2."""
+
+    def error(self, message):  # noqa: D102 - argparse API
+        raise UsageError(message)
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- simulate
+def _add_simulate(sub):
+    p = sub.add_parser(
+        "simulate",
+        help="simulate the paper's objects and their diffraction patterns",
+        description="Simulate the paper's training data (convex-hull shapes, sine/Gaussian phases) "
+        "and write intensity, amplitude and phase to an NPZ file.",
+    )
+    p.add_argument("--count", type=_positive_int, required=True, help="number of examples")
+    p.add_argument("--size", type=_positive_int, default=32, help="object frame side in pixels (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--oversampling", type=_positive_int, default=1, help="zero-padding factor (default 1)")
+    p.add_argument("--photons", type=_positive_float, default=None, help="mean photons per pattern (Poisson noise)")
+    p.add_argument("--beamstop", type=_non_negative_float, default=0.0, help="radius of a masked central disc (pixels)")
+    p.add_argument("--out", "-o", required=True, help="output .npz file")
+    p.set_defaults(func=_cmd_simulate)
+
+
+def _cmd_simulate(args):
+    from . import io
+    from .simulate import simulate
+
+    if not args.out.lower().endswith(".npz"):
+        raise UsageError(f"--out must be an .npz file, got {args.out!r}")
+    if args.size < 8:
+        raise UsageError("--size must be at least 8 pixels")
+    io.check_writable(args.out)
+    data = simulate(
+        args.count,
+        size=args.size,
+        seed=args.seed,
+        oversampling=args.oversampling,
+        photons=args.photons,
+        beamstop=args.beamstop,
+    )
+    io.write_npz(args.out, data)
+    shape = data["intensity"].shape
+    print(f"wrote {args.out}: {shape[0]} patterns of {shape[1]} x {shape[2]}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- main
+_ADDERS = [_add_simulate]
+
+
+def build_parser():
+    """The ``cdinn`` argument parser with every sub-command."""
+    parser = _Parser(prog="cdinn", description="CDI NN: coherent diffraction imaging by networks and phase retrieval")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in _ADDERS:
+        add(sub)
+    return parser
+
+
+def main(argv=None):
+    """Entry point of the ``cdinn`` console script; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, KeyError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

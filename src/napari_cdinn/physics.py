@@ -1,0 +1,365 @@
+"""Forward model, FFT conventions, data-consistency and comparison scores.
+
+Conventions (used everywhere in the package)
+--------------------------------------------
+* Arrays are ``(..., H, W)``: a single frame or a stack with any leading axes.
+* Real space is *centred*: the origin of the object frame is pixel ``(H // 2, W // 2)``.
+* Reciprocal space is *centred*: zero frequency sits at pixel ``(H // 2, W // 2)``.
+* The transform is the plain (unnormalised) DFT,
+  ``F = fftshift(fft2(ifftshift(obj)))``, so that the pattern of an object padded
+  ``k`` times, taken at every ``k``-th pixel, is *exactly* the pattern of the unpadded
+  object (:func:`decimate`), amplitudes and phases alike.
+* Files and layers hold **intensities** ``|F|**2``; the networks read **amplitudes** ``|F|``.
+
+Every function here takes NumPy arrays; the ones the retrieval engine and the networks
+need on tensors (:func:`forward`, :func:`intensity`, :func:`chi2`, :func:`decimate`) take
+``torch.Tensor`` too and return the same type.  torch is never imported by this module.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "forward",
+    "inverse",
+    "intensity",
+    "amplitude_from_intensity",
+    "intensity_from_amplitude",
+    "pad",
+    "crop",
+    "decimate",
+    "twin",
+    "shift",
+    "align",
+    "support_from_amplitude",
+    "support_iou",
+    "phase_rms",
+    "amplitude_error",
+    "chi2",
+    "compare",
+    "SHAPE_THRESHOLD",
+]
+
+#: Relative amplitude threshold that defines the object (the paper's 0.1).
+SHAPE_THRESHOLD = 0.1
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _fft_pair(x):
+    """Return ``(fft module, shift keyword)`` for NumPy arrays or torch tensors."""
+    if _is_torch(x):
+        import torch
+
+        return torch.fft, "dim"
+    return np.fft, "axes"
+
+
+def forward(obj):
+    """Centred far-field of a real-space object: ``fftshift(fft2(ifftshift(obj)))``.
+
+    Parameters
+    ----------
+    obj : ndarray or torch.Tensor, shape (..., H, W)
+        Complex (or real) object, centred in its frame.
+
+    Returns
+    -------
+    ndarray or torch.Tensor, complex, shape (..., H, W)
+        Centred diffracted wave field (zero frequency at ``(H // 2, W // 2)``).
+    """
+    fft, kw = _fft_pair(obj)
+    ax = {kw: (-2, -1)}
+    return fft.fftshift(fft.fft2(fft.ifftshift(obj, **ax), **ax), **ax)
+
+
+def inverse(field):
+    """Inverse of :func:`forward`: centred field to centred real-space object."""
+    fft, kw = _fft_pair(field)
+    ax = {kw: (-2, -1)}
+    return fft.fftshift(fft.ifft2(fft.ifftshift(field, **ax), **ax), **ax)
+
+
+def intensity(obj):
+    """Diffraction intensity ``|forward(obj)|**2`` (float, same type as ``obj``)."""
+    f = forward(obj)
+    return f.real**2 + f.imag**2
+
+
+def amplitude_from_intensity(intens):
+    """Amplitudes ``sqrt(max(I, 0))``; negative and NaN intensities become 0.
+
+    Parameters
+    ----------
+    intens : ndarray, shape (..., H, W)
+        Measured intensities on any non-negative scale.
+
+    Returns
+    -------
+    ndarray, float32
+    """
+    a = np.asarray(intens, dtype=np.float32)
+    a = np.where(np.isfinite(a) & (a > 0), a, 0.0).astype(np.float32)
+    return np.sqrt(a)
+
+
+def intensity_from_amplitude(amp):
+    """Intensities ``amp**2`` as float32."""
+    a = np.asarray(amp, dtype=np.float32)
+    return a * a
+
+
+def pad(obj, factor: int = 2):
+    """Zero-pad a centred object ``factor`` times in each direction, keeping it centred.
+
+    The object's origin pixel ``(H // 2, W // 2)`` lands on the origin pixel of the
+    larger frame, so ``decimate(intensity(pad(o, k)), k) == intensity(o)`` exactly.
+
+    Parameters
+    ----------
+    obj : ndarray, shape (..., H, W)
+    factor : int
+        Oversampling factor (1 returns a copy).
+
+    Returns
+    -------
+    ndarray, shape (..., factor * H, factor * W), same dtype.
+    """
+    factor = int(factor)
+    if factor < 1:
+        raise ValueError("the oversampling factor must be a positive integer")
+    obj = np.asarray(obj)
+    h, w = obj.shape[-2:]
+    big_h, big_w = factor * h, factor * w
+    out = np.zeros(obj.shape[:-2] + (big_h, big_w), dtype=obj.dtype)
+    r0 = big_h // 2 - h // 2
+    c0 = big_w // 2 - w // 2
+    out[..., r0 : r0 + h, c0 : c0 + w] = obj
+    return out
+
+
+def crop(obj, shape):
+    """Central crop of ``(..., H, W)`` to ``shape = (h, w)``; inverse of :func:`pad`."""
+    h, w = shape
+    big_h, big_w = obj.shape[-2:]
+    r0 = big_h // 2 - h // 2
+    c0 = big_w // 2 - w // 2
+    return obj[..., r0 : r0 + h, c0 : c0 + w]
+
+
+def decimate(pattern, factor: int = 2):
+    """Exact decimation of an oversampled, centred pattern to the unpadded object's.
+
+    Takes every ``factor``-th pixel on the sub-lattice that contains zero frequency.
+    Works on intensities, amplitudes or complex fields, NumPy or torch.
+
+    Parameters
+    ----------
+    pattern : ndarray or torch.Tensor, shape (..., M, M')
+        Centred pattern; ``M`` and ``M'`` must be multiples of ``factor``.
+    factor : int
+
+    Returns
+    -------
+    Same type, shape (..., M // factor, M' // factor).
+    """
+    factor = int(factor)
+    m, n = pattern.shape[-2:]
+    if m % factor or n % factor:
+        raise ValueError(
+            f"a {m} x {n} pattern cannot be decimated by {factor}: the size must be a multiple of it"
+        )
+    r0 = (m // 2) % factor
+    c0 = (n // 2) % factor
+    return pattern[..., r0::factor, c0::factor]
+
+
+def twin(obj):
+    """Twin image: centro-symmetric inversion about the origin pixel plus complex conjugate.
+
+    ``|forward(twin(o))| == |forward(o)|`` exactly.
+    """
+    obj = np.asarray(obj)
+    h, w = obj.shape[-2:]
+    flipped = obj[..., ::-1, ::-1]
+    # flipping maps i -> n-1-i; inversion about n//2 maps i -> 2*(n//2)-i.
+    flipped = np.roll(flipped, (2 * (h // 2) - (h - 1), 2 * (w // 2) - (w - 1)), axis=(-2, -1))
+    return np.conj(flipped)
+
+
+def shift(obj, shifts):
+    """Circular integer shift by ``shifts = (dy, dx)`` over the last two axes."""
+    return np.roll(np.asarray(obj), tuple(int(s) for s in shifts), axis=(-2, -1))
+
+
+def _align_one(result, reference, allow_twin):
+    """Best circular shift, twin choice and global phase for one frame (helper of align)."""
+    ref_f = np.fft.fft2(reference)
+    best = None
+    candidates = [(False, result)]
+    if allow_twin:
+        candidates.append((True, twin(result)))
+    for is_twin, cand in candidates:
+        corr = np.fft.ifft2(ref_f * np.conj(np.fft.fft2(cand)))
+        idx = np.unravel_index(np.argmax(np.abs(corr)), corr.shape)
+        peak = corr[idx]
+        if best is None or abs(peak) > abs(best[0]):
+            best = (peak, is_twin, cand, idx)
+    peak, is_twin, cand, idx = best
+    phase = np.angle(peak) if abs(peak) > 0 else 0.0
+    aligned = np.roll(cand, idx, axis=(0, 1)) * np.exp(1j * phase)
+    return aligned, is_twin, (int(idx[0]), int(idx[1])), float(phase)
+
+
+def align(result, reference, allow_twin: bool = True, return_params: bool = False):
+    """Align a complex result to a reference up to twin, integer shift and global phase.
+
+    The least-squares match ``min || reference - c * T(result) ||`` over the unit-modulus
+    constant ``c`` and the transforms ``T`` (circular integer shifts, optionally applied to the
+    twin) is found exactly from the peak of the complex cross-correlation.
+
+    Parameters
+    ----------
+    result, reference : ndarray, complex, shape (H, W) or (N, H, W)
+    allow_twin : bool
+        Also consider the twin of ``result``.
+    return_params : bool
+        Also return ``(is_twin, (dy, dx), phase)`` per frame.
+
+    Returns
+    -------
+    aligned : ndarray, complex128, same shape as ``result``
+    params : list of tuples, only if ``return_params``
+    """
+    res = np.asarray(result, dtype=np.complex128)
+    ref = np.asarray(reference, dtype=np.complex128)
+    if res.shape != ref.shape:
+        raise ValueError(f"result {res.shape} and reference {ref.shape} differ in shape")
+    single = res.ndim == 2
+    res2 = res.reshape((-1,) + res.shape[-2:])
+    ref2 = ref.reshape((-1,) + ref.shape[-2:])
+    out = np.empty_like(res2)
+    params = []
+    for i in range(res2.shape[0]):
+        out[i], *p = _align_one(res2[i], ref2[i], allow_twin)
+        params.append(tuple(p))
+    out = out.reshape(res.shape)
+    if return_params:
+        return out, (params[0] if single else params)
+    return out
+
+
+def support_from_amplitude(amp, threshold: float = SHAPE_THRESHOLD):
+    """Object support: amplitude above ``threshold`` times its per-frame maximum."""
+    a = np.abs(np.asarray(amp))
+    peak = a.max(axis=(-2, -1), keepdims=True)
+    return a > threshold * np.where(peak > 0, peak, np.inf)
+
+
+def support_iou(a, b):
+    """Intersection over union of two boolean supports, per frame (1.0 when both empty)."""
+    a = np.asarray(a, dtype=bool)
+    b = np.asarray(b, dtype=bool)
+    inter = (a & b).sum(axis=(-2, -1))
+    union = (a | b).sum(axis=(-2, -1))
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def phase_rms(phase, true_phase, support):
+    """RMS of the wrapped phase difference inside ``support``, global offset removed.
+
+    The constant offset is the circular mean of the difference inside the support, so the
+    score is invariant to a global phase.  Returns radians per frame (NaN for an empty support).
+    """
+    d = np.exp(1j * (np.asarray(phase, dtype=np.float64) - np.asarray(true_phase, dtype=np.float64)))
+    s = np.asarray(support, dtype=bool)
+    mean = (d * s).sum(axis=(-2, -1), keepdims=True)
+    mean = np.where(np.abs(mean) > 0, mean / np.maximum(np.abs(mean), 1e-300), 1.0)
+    err = np.angle(d * np.conj(mean))
+    n = s.sum(axis=(-2, -1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sqrt((err**2 * s).sum(axis=(-2, -1)) / n)
+
+
+def amplitude_error(amp, true_amp):
+    """Relative RMS amplitude error after the least-squares scale, per frame.
+
+    ``|| s * amp - true || / || true ||`` with ``s = <amp, true> / <amp, amp>``.
+    """
+    a = np.abs(np.asarray(amp, dtype=np.float64))
+    t = np.abs(np.asarray(true_amp, dtype=np.float64))
+    aa = (a * a).sum(axis=(-2, -1))
+    s = np.where(aa > 0, (a * t).sum(axis=(-2, -1)) / np.where(aa > 0, aa, 1), 0.0)
+    num = ((s[..., None, None] * a - t) ** 2).sum(axis=(-2, -1))
+    den = (t * t).sum(axis=(-2, -1))
+    return np.sqrt(num / np.where(den > 0, den, 1))
+
+
+def chi2(measured, predicted, mask=None):
+    """Reciprocal-space chi^2 with a least-squares scale, per frame.
+
+    ``chi2 = sum (I_t - s I_p)**2 / sum I_t**2`` with ``s = sum I_t I_p / sum I_p**2``,
+    so the score needs no ground truth and ignores the overall scale of either input.
+    0 means perfect data consistency; 1 means no better than predicting nothing.
+
+    Parameters
+    ----------
+    measured, predicted : ndarray or torch.Tensor, shape (..., H, W)
+        Measured and predicted *intensities*.
+    mask : array of bool, optional
+        True on pixels that were **not** measured (beamstop, gaps); they are ignored.
+
+    Returns
+    -------
+    ndarray or torch.Tensor, shape (...)
+    """
+    it, ip = measured, predicted
+    if mask is not None:
+        keep = ~mask
+        it = it * keep
+        ip = ip * keep
+    tp = (it * ip).sum(-1).sum(-1)
+    pp = (ip * ip).sum(-1).sum(-1)
+    tt = (it * it).sum(-1).sum(-1)
+    if _is_torch(it):
+        import torch
+
+        s = torch.where(pp > 0, tp / torch.where(pp > 0, pp, torch.ones_like(pp)), torch.zeros_like(pp))
+        num = ((it - s[..., None, None] * ip) ** 2).sum(-1).sum(-1)
+        return torch.where(tt > 0, num / torch.where(tt > 0, tt, torch.ones_like(tt)), torch.zeros_like(tt))
+    s = np.where(pp > 0, tp / np.where(pp > 0, pp, 1), 0.0)
+    num = ((it - s[..., None, None] * ip) ** 2).sum(-1).sum(-1)
+    return np.where(tt > 0, num / np.where(tt > 0, tt, 1), 0.0)
+
+
+def compare(result, true_amplitude, true_phase, threshold: float = SHAPE_THRESHOLD):
+    """Score complex results against the truth, up to twin, shift and global phase.
+
+    Parameters
+    ----------
+    result : ndarray, complex, shape (H, W) or (N, H, W)
+        Reconstructed objects, in a frame of the same size as the truth (crop first).
+    true_amplitude, true_phase : ndarray, same shape
+    threshold : float
+        Relative amplitude threshold defining both supports.
+
+    Returns
+    -------
+    dict of per-frame arrays: ``iou``, ``phase_rms`` (radians, inside the true support),
+    ``amplitude_error``, ``twin`` (bool: the twin matched better) and the ``aligned`` results.
+    """
+    truth = np.asarray(true_amplitude) * np.exp(1j * np.asarray(true_phase))
+    aligned, params = align(result, truth, return_params=True)
+    if np.asarray(result).ndim == 2:
+        params = [params]
+    true_sup = support_from_amplitude(true_amplitude, threshold)
+    return {
+        "iou": support_iou(support_from_amplitude(aligned, threshold), true_sup),
+        "phase_rms": phase_rms(np.angle(aligned), true_phase, true_sup),
+        "amplitude_error": amplitude_error(aligned, true_amplitude),
+        "twin": np.array([p[0] for p in params]).reshape(np.shape(aligned)[:-2]),
+        "aligned": aligned,
+    }
