@@ -289,8 +289,8 @@ def amplitude_error(amp, true_amp):
 
     ``|| s * amp - true || / || true ||`` with ``s = <amp, true> / <amp, amp>``.
     """
-    a = np.abs(np.asarray(amp, dtype=np.float64))
-    t = np.abs(np.asarray(true_amp, dtype=np.float64))
+    a = np.abs(np.asarray(amp)).astype(np.float64)
+    t = np.abs(np.asarray(true_amp)).astype(np.float64)
     aa = (a * a).sum(axis=(-2, -1))
     s = np.where(aa > 0, (a * t).sum(axis=(-2, -1)) / np.where(aa > 0, aa, 1), 0.0)
     num = ((s[..., None, None] * a - t) ** 2).sum(axis=(-2, -1))
@@ -314,9 +314,12 @@ def chi2(measured, predicted, mask=None):
 
     Returns
     -------
-    ndarray or torch.Tensor, shape (...)
+    ndarray (float64) or torch.Tensor (dtype of the input), shape (...)
     """
     it, ip = measured, predicted
+    if not _is_torch(it):
+        it = np.asarray(it, dtype=np.float64)
+        ip = np.asarray(ip, dtype=np.float64)
     if mask is not None:
         keep = ~mask
         it = it * keep
