@@ -1,5 +1,11 @@
 """Readers and writers for diffraction stacks and results (no Qt, no napari import).
 
+* :func:`read_stack` reads measured intensities from ``.npy .npz .tif .tiff .h5 .hdf5 .cxi``
+  as float32 ``(N, H, W)`` or ``(H, W)``; big stacks come back as dask arrays that read whole
+  frames on demand.  Bad input raises ``ValueError``/``OSError`` with one sentence.
+* :func:`write_result` / :func:`read_result` write and read result arrays (``amplitude``,
+  ``phase``, ``chi2``, ``support``...) as ``.npz``, ``.h5``/``.hdf5`` or ``.cxi``.
+
 Writing is atomic: every writer writes to a temporary file beside the target and renames it
 at the end, so a failed or interrupted run never leaves a half-written file under the final
 name, nor overwrites an existing one.
@@ -8,12 +14,22 @@ name, nor overwrites an existing one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 
 import numpy as np
 
-__all__ = ["atomic_output", "check_writable", "write_npz"]
+__all__ = [
+    "atomic_output",
+    "check_writable",
+    "write_npz",
+    "read_stack",
+    "write_result",
+    "read_result",
+    "STACK_EXTENSIONS",
+    "RESULT_EXTENSIONS",
+]
 
 
 def check_writable(path):
@@ -53,3 +69,450 @@ def write_npz(path, arrays):
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
+
+
+# =========================================================================== reading stacks
+#: File extensions :func:`read_stack` understands (lower case).
+STACK_EXTENSIONS = (".npy", ".npz", ".tif", ".tiff", ".h5", ".hdf5", ".cxi")
+#: File extensions :func:`write_result` and :func:`read_result` understand.
+RESULT_EXTENSIONS = (".npz", ".h5", ".hdf5", ".cxi")
+#: Stacks whose stored data exceed this many bytes are read lazily when ``lazy=None``.
+LAZY_THRESHOLD = 256 * 2**20
+#: Target size of one dask chunk (whole frames) for lazy stacks.
+CHUNK_BYTES = 32 * 2**20
+#: HDF5 paths tried in a ``.cxi`` file, in order.
+CXI_PATHS = ("entry_1/data_1/data", "entry_1/instrument_1/detector_1/data")
+_ATTRS_KEY = "__attrs__"
+
+
+def _ext(path):
+    return os.path.splitext(str(path))[1].lower()
+
+
+def _name(path):
+    return os.path.basename(str(path))
+
+
+def read_stack(path, lazy=None):
+    """Read measured diffraction intensities from a file as ``(N, H, W)`` or ``(H, W)`` float32.
+
+    Formats (design.md): ``.npy``; ``.npz`` (key ``intensity``, else ``data``, else the only
+    array); ``.tif``/``.tiff`` (the first series); ``.h5``/``.hdf5`` (dataset ``data``, else
+    ``intensity``, else the only 2-D/3-D numeric dataset anywhere in the file); ``.cxi``
+    (``entry_1/data_1/data``, else ``entry_1/instrument_1/detector_1/data``).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    lazy : bool, optional
+        True: return a dask array that reads whole frames on demand (``.npy`` by memory map,
+        TIFF by memory map or page by page, HDF5/CXI by reopening the file per chunk, so the
+        array pickles to dask workers). False: a NumPy array. None (default): lazy when the
+        stored data exceed :data:`LAZY_THRESHOLD`. ``.npz`` files are always read eagerly.
+
+    Returns
+    -------
+    ndarray or dask.array.Array, float32, shape (N, H, W) or (H, W)
+        Values are returned as stored, converted to float32 (integer counts of any width,
+        float64): the reader does not clean them. NaN and negative values are kept;
+        the core treats them as unmeasured/zero where it matters
+        (:func:`napari_cdinn.physics.amplitude_from_intensity` maps both to amplitude 0), and
+        ``~np.isfinite(stack)`` gives a mask of the NaN pixels.
+
+    Raises
+    ------
+    OSError
+        The file is missing or cannot be opened.
+    ValueError
+        Unsupported extension; empty, truncated or mislabelled file; no suitable data set;
+        data that are not 2-D or 3-D, are empty, complex or not numeric.  One sentence each.
+    """
+    path = os.fspath(path)
+    ext = _ext(path)
+    if ext not in STACK_EXTENSIONS:
+        raise ValueError(f"{_name(path)!r} has an unsupported extension; expected one of {', '.join(STACK_EXTENSIONS)}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path!r}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder, not a file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{_name(path)!r} is empty")
+    opener = {".npy": _open_npy, ".npz": _open_npz, ".tif": _open_tiff, ".tiff": _open_tiff,
+              ".h5": _open_h5, ".hdf5": _open_h5, ".cxi": _open_h5}[ext]
+    source = opener(path)
+    _check_stack(source, path)
+    if lazy is None:
+        lazy = source.size * source.dtype.itemsize > LAZY_THRESHOLD
+    if lazy:
+        return _to_dask(source).astype(np.float32)
+    try:
+        data = source if isinstance(source, np.ndarray) else source[...]
+        return np.array(data, dtype=np.float32)  # a copy: never a view of a memory map
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"{_name(path)!r} could not be read completely (truncated?): {_first_line(exc)}") from None
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_stack(source, path):
+    """Raise ValueError unless ``source`` holds a non-empty real numeric 2-D or 3-D array."""
+    name = _name(path)
+    dtype = np.dtype(source.dtype)
+    if dtype.kind == "c":
+        raise ValueError(f"{name!r} holds complex data; expected real intensities")
+    if dtype.kind not in "uif":
+        raise ValueError(f"{name!r} holds {dtype} data; expected numeric intensities")
+    if len(source.shape) not in (2, 3):
+        raise ValueError(f"{name!r} holds a {len(source.shape)}-D array {tuple(source.shape)}; expected (H, W) or (N, H, W)")
+    if 0 in source.shape:
+        raise ValueError(f"{name!r} holds an empty array {tuple(source.shape)}")
+
+
+def _to_dask(source):
+    """Wrap an array-like of frames in a dask array with whole-frame chunks of ~CHUNK_BYTES."""
+    import dask.array as da
+
+    shape = tuple(source.shape)
+    if len(shape) == 2:
+        chunks = shape
+    else:
+        frame = shape[1] * shape[2] * np.dtype(source.dtype).itemsize
+        chunks = (max(1, min(shape[0], CHUNK_BYTES // max(frame, 1))),) + shape[1:]
+    meta = np.empty((0,) * len(shape), dtype=source.dtype)
+    return da.from_array(source, chunks=chunks, lock=False, asarray=True, meta=meta)
+
+
+def _open_npy(path):
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise ValueError(f"{_name(path)!r} is not a NumPy .npy file (or holds Python objects)") from None
+        raise ValueError(f"{_name(path)!r} is truncated or not a valid .npy file") from None
+
+
+def _open_npz(path):
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = [k for k in npz.files if k != _ATTRS_KEY]
+            for key in ("intensity", "data"):
+                if key in keys:
+                    return npz[key]
+            if len(keys) == 1:
+                return npz[keys[0]]
+    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise ValueError(f"{_name(path)!r} is truncated or not a valid .npz file ({_first_line(exc)})") from None
+    if not keys:
+        raise ValueError(f"{_name(path)!r} holds no arrays")
+    raise ValueError(f"{_name(path)!r} holds several arrays ({', '.join(keys)}) and none named 'intensity' or 'data'")
+
+
+def _open_tiff(path):
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            shape, dtype, axes = tuple(series.shape), series.dtype, series.axes
+            n_pages = len(series.pages)
+    except Exception as exc:  # tifffile raises many types for foreign or broken files
+        raise ValueError(f"{_name(path)!r} is not a readable TIFF file ({_first_line(exc)})") from None
+    if axes.endswith("S") and len(shape) >= 3:
+        raise ValueError(f"{_name(path)!r} is a colour (RGB) image; expected grey-level intensities")
+    try:
+        return tifffile.memmap(path, mode="r")
+    except (ValueError, OSError):
+        pass
+    if len(shape) == 3 and n_pages == shape[0]:
+        return _TiffPages(path, shape, dtype)
+    return _Eager(lambda: tifffile.imread(path), shape, dtype)
+
+
+class _LazySource:
+    """Minimal array-like (shape, dtype, ndim, size, __getitem__) for dask.array.from_array."""
+
+    def __init__(self, shape, dtype):
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def size(self):
+        return int(np.prod(self.shape))
+
+
+class _Eager(_LazySource):
+    """A source that reads everything at the first access (TIFF layouts tifffile cannot map)."""
+
+    def __init__(self, load, shape, dtype):
+        super().__init__(shape, dtype)
+        self._load = load
+
+    def __getitem__(self, key):
+        return np.asarray(self._load())[key]
+
+
+class _TiffPages(_LazySource):
+    """A multi-page TIFF stack read page by page (compressed TIFF that cannot be memory-mapped)."""
+
+    def __init__(self, path, shape, dtype):
+        super().__init__(shape, dtype)
+        self.path = path
+
+    def __getitem__(self, key):
+        import tifffile
+
+        key = key if isinstance(key, tuple) else (key,)
+        first = key[0] if key else slice(None)
+        if isinstance(first, int | np.integer):
+            pages = [int(first) % self.shape[0]]
+            rest, squeeze = key[1:], True
+        else:
+            pages = list(range(self.shape[0]))[first]
+            rest, squeeze = key[1:], False
+        if not pages:
+            return np.empty((0,) + self.shape[1:], dtype=self.dtype)[(slice(None),) + rest]
+        out = np.asarray(tifffile.imread(self.path, key=pages)).reshape((len(pages),) + self.shape[1:])
+        out = out[(slice(None),) + rest]
+        return out[0] if squeeze else out
+
+
+class _H5Dataset(_LazySource):
+    """An HDF5 dataset that reopens its file on each read, so it pickles and never holds it open."""
+
+    def __init__(self, path, name, shape, dtype):
+        super().__init__(shape, dtype)
+        self.path, self.name = path, name
+
+    def __getitem__(self, key):
+        import h5py
+
+        with h5py.File(self.path, "r") as fh:
+            return fh[self.name][key]
+
+
+def _open_h5(path):
+    import h5py
+
+    try:
+        fh = h5py.File(path, "r")
+    except OSError:
+        raise ValueError(f"{_name(path)!r} is not a valid HDF5 file (truncated or another format)") from None
+    with fh:
+        name = _find_h5_dataset(fh, path)
+        dset = fh[name]
+        return _H5Dataset(path, name, dset.shape, dset.dtype)
+
+
+def _find_h5_dataset(fh, path):
+    """Name of the dataset holding the intensities in an open HDF5/CXI file (rules: read_stack)."""
+    import h5py
+
+    if _ext(path) == ".cxi":
+        for name in CXI_PATHS:
+            if isinstance(fh.get(name), h5py.Dataset):
+                return name
+        raise ValueError(f"{_name(path)!r} has no {CXI_PATHS[0]} or {CXI_PATHS[1]} data set")
+    for name in ("data", "intensity"):
+        if isinstance(fh.get(name), h5py.Dataset):
+            return name
+    found = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and obj.ndim in (2, 3) and obj.dtype.kind in "uifc":
+            found.append(name)
+
+    fh.visititems(visit)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ValueError(f"{_name(path)!r} holds no 2-D or 3-D data set")
+    raise ValueError(f"{_name(path)!r} holds several image data sets ({', '.join(found[:4])}) and none named 'data'")
+
+
+# =========================================================================== results
+def write_result(path, arrays, attrs=None):
+    """Write result arrays (``amplitude``, ``phase``, ``chi2``, ``support``...) atomically.
+
+    The format follows the extension:
+
+    * ``.npz``: one array per key (uncompressed, fast to load); ``attrs`` as JSON text under
+      the key ``__attrs__``.
+    * ``.h5``/``.hdf5``: one dataset per key at the root, gzip-compressed (level 4, shuffle)
+      and chunked by whole frames; ``attrs`` as root attributes.
+    * ``.cxi``: the ``.h5`` layout plus a minimal CXI tree: ``cxi_version`` (150), and
+      ``entry_1/result_1/<key>`` hard links to every dataset (no data are duplicated);
+      ``entry_1/data_1/data`` links to ``intensity`` when it is written, so that
+      :func:`read_stack` reads such a file back; ``entry_1/image_1/data`` holds the complex
+      object ``amplitude * exp(1j * phase)`` when both are given (CXI's reconstruction image).
+
+    Attributes round-trip as str, int, float, bool and numeric lists; anything else is stored
+    as its JSON text.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    arrays : dict of str -> array_like
+        Non-empty; keys are names without ``/``; values numeric or boolean arrays.
+    attrs : dict, optional
+        Metadata (model name, algorithm, iterations...).
+
+    Raises
+    ------
+    ValueError
+        Unsupported extension, no arrays, a bad key or a non-numeric array.
+    OSError
+        The output cannot be written; an existing file is then left untouched.
+    """
+    path = os.fspath(path)
+    ext = _ext(path)
+    if ext not in RESULT_EXTENSIONS:
+        raise ValueError(f"{_name(path)!r} has an unsupported extension; results are written to {', '.join(RESULT_EXTENSIONS)}")
+    arrays = _check_result_arrays(arrays)
+    attrs = dict(attrs or {})
+    with atomic_output(path) as tmp:
+        if ext == ".npz":
+            with open(tmp, "wb") as fh:
+                extra = {_ATTRS_KEY: np.array(json.dumps(attrs, default=_json_default))} if attrs else {}
+                np.savez(fh, **arrays, **extra)
+        else:
+            _write_h5(tmp, arrays, attrs, cxi=ext == ".cxi")
+
+
+def _check_result_arrays(arrays):
+    if not arrays:
+        raise ValueError("there are no result arrays to write")
+    out = {}
+    for key, value in arrays.items():
+        if not isinstance(key, str) or not key or "/" in key or key == _ATTRS_KEY:
+            raise ValueError(f"{key!r} is not a valid result name")
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "biufc":
+            raise ValueError(f"the result {key!r} holds {arr.dtype} data; expected numbers")
+        out[key] = arr
+    return out
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def _h5_chunks(arr):
+    """Whole-frame chunks of about 1 MiB for a stack; None (contiguous) for scalars."""
+    if arr.ndim == 0:
+        return None
+    if arr.ndim < 3:
+        return arr.shape
+    frame = int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
+    return (max(1, min(arr.shape[0], 2**20 // max(frame, 1))),) + arr.shape[1:]
+
+
+def _write_h5(tmp, arrays, attrs, cxi):
+    import h5py
+
+    with h5py.File(tmp, "w") as fh:
+        for key, arr in arrays.items():
+            if arr.ndim == 0 or arr.size == 0:
+                fh.create_dataset(key, data=arr)
+            else:
+                fh.create_dataset(key, data=arr, chunks=_h5_chunks(arr), compression="gzip",
+                                  compression_opts=4, shuffle=True)
+        for key, value in attrs.items():
+            fh.attrs[key] = _h5_attr(value)
+        if cxi:
+            _write_cxi_tree(fh, arrays)
+
+
+def _h5_attr(value):
+    if isinstance(value, str | bool | int | float | np.generic):
+        return value
+    arr = np.asarray(value) if isinstance(value, list | tuple | np.ndarray) else None
+    if arr is not None and arr.dtype.kind in "biuf":
+        return arr
+    return json.dumps(value, default=_json_default)
+
+
+def _write_cxi_tree(fh, arrays):
+    fh.create_dataset("cxi_version", data=150)
+    entry = fh.create_group("entry_1")
+    result = entry.create_group("result_1")
+    for key in arrays:
+        result[key] = fh[key]  # hard link
+    if "intensity" in arrays:
+        entry.create_group("data_1")["data"] = fh["intensity"]
+    if "amplitude" in arrays and "phase" in arrays and arrays["amplitude"].shape == arrays["phase"].shape:
+        obj = (arrays["amplitude"] * np.exp(1j * arrays["phase"])).astype(np.complex64)
+        image = entry.create_group("image_1")
+        image.create_dataset("data", data=obj, chunks=_h5_chunks(obj), compression="gzip", compression_opts=4)
+        image["data"].attrs["data_type"] = "reconstruction"
+
+
+def read_result(path, with_attrs=False):
+    """Read a file written by :func:`write_result` back into a dict of NumPy arrays.
+
+    For ``.h5``/``.cxi`` the datasets at the root are returned (``cxi_version`` excepted); a
+    CXI file without root datasets gives those in ``entry_1/result_1``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    with_attrs : bool
+        Also return the attributes dict.
+
+    Returns
+    -------
+    dict of str -> ndarray, or (dict, attrs) when ``with_attrs``.
+    """
+    path = os.fspath(path)
+    ext = _ext(path)
+    if ext not in RESULT_EXTENSIONS:
+        raise ValueError(f"{_name(path)!r} has an unsupported extension; results are read from {', '.join(RESULT_EXTENSIONS)}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path!r}")
+    arrays, attrs = _read_npz_result(path) if ext == ".npz" else _read_h5_result(path)
+    return (arrays, attrs) if with_attrs else arrays
+
+
+def _read_npz_result(path):
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise ValueError(f"{_name(path)!r} is truncated or not a valid .npz file ({_first_line(exc)})") from None
+    text = arrays.pop(_ATTRS_KEY, None)
+    return arrays, (json.loads(str(text)) if text is not None else {})
+
+
+def _read_h5_result(path):
+    import h5py
+
+    try:
+        fh = h5py.File(path, "r")
+    except OSError:
+        raise ValueError(f"{_name(path)!r} is not a valid HDF5 file (truncated or another format)") from None
+    with fh:
+        group = fh
+        names = [k for k, v in fh.items() if isinstance(v, h5py.Dataset) and k != "cxi_version"]
+        if not names and isinstance(fh.get("entry_1/result_1"), h5py.Group):
+            group = fh["entry_1/result_1"]
+            names = [k for k, v in group.items() if isinstance(v, h5py.Dataset)]
+        arrays = {k: group[k][()] for k in names}
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v.tolist() if isinstance(v, np.ndarray) else v)
+                 for k, v in fh.attrs.items()}
+    if not arrays:
+        raise ValueError(f"{_name(path)!r} holds no result data sets")
+    return arrays, attrs

@@ -1,0 +1,207 @@
+"""Readers and writers of napari_cdinn.io: every format, the lazy path, bad input, atomicity."""
+
+import os
+
+import dask.array as da
+import h5py
+import numpy as np
+import pytest
+import tifffile
+
+from napari_cdinn import io
+
+RNG = np.random.default_rng(0)
+STACK = RNG.poisson(50.0, size=(5, 16, 12)).astype(np.uint16)
+
+
+def _write_stack(path, data):
+    ext = os.path.splitext(path)[1]
+    if ext == ".npy":
+        np.save(path, data)
+    elif ext == ".npz":
+        np.savez(path, intensity=data, amplitude=np.ones(3))
+    elif ext in (".tif", ".tiff"):
+        tifffile.imwrite(path, data)
+    elif ext in (".h5", ".hdf5"):
+        with h5py.File(path, "w") as fh:
+            fh["meta/energy"] = np.arange(3.0)
+            fh.create_dataset("data", data=data, chunks=(1,) + data.shape[1:], compression="gzip")
+    elif ext == ".cxi":
+        with h5py.File(path, "w") as fh:
+            fh["entry_1/instrument_1/detector_1/data"] = data
+    return path
+
+
+@pytest.mark.parametrize("ext", io.STACK_EXTENSIONS)
+@pytest.mark.parametrize("lazy", [False, True])
+def test_read_every_format(tmp_path, ext, lazy):
+    path = _write_stack(str(tmp_path / f"stack{ext}"), STACK)
+    out = io.read_stack(path, lazy=lazy)
+    assert out.dtype == np.float32 and out.shape == STACK.shape
+    if lazy and ext != ".npz":
+        assert isinstance(out, da.Array)
+        np.testing.assert_array_equal(np.asarray(out[2]), STACK[2])
+    np.testing.assert_array_equal(np.asarray(out), STACK.astype(np.float32))
+
+
+def test_single_frame_and_fallback_names(tmp_path):
+    frame = RNG.random((8, 8))  # float64 -> float32
+    np.savez(tmp_path / "one.npz", only=frame)
+    out = io.read_stack(tmp_path / "one.npz")
+    assert out.shape == (8, 8) and out.dtype == np.float32
+    np.savez(tmp_path / "d.npz", data=frame, other=frame * 2)
+    np.testing.assert_allclose(io.read_stack(tmp_path / "d.npz"), frame.astype(np.float32))
+    with h5py.File(tmp_path / "deep.h5", "w") as fh:
+        fh["scan/1/frames"] = STACK
+        fh["scan/1/energy"] = np.arange(5.0)
+    np.testing.assert_array_equal(io.read_stack(tmp_path / "deep.h5"), STACK)
+    with h5py.File(tmp_path / "x.cxi", "w") as fh:
+        fh["entry_1/data_1/data"] = STACK[:2]
+        fh["entry_1/instrument_1/detector_1/data"] = STACK
+    assert io.read_stack(tmp_path / "x.cxi").shape == (2, 16, 12)
+
+
+def test_nan_and_negative_values_are_kept(tmp_path):
+    frame = np.array([[np.nan, -1.0], [2.0, 3.0]])
+    np.save(tmp_path / "odd.npy", frame)
+    out = io.read_stack(tmp_path / "odd.npy")
+    assert np.isnan(out[0, 0]) and out[0, 1] == -1.0
+
+
+def test_lazy_is_automatic_above_the_threshold(tmp_path, monkeypatch):
+    path = _write_stack(str(tmp_path / "big.h5"), STACK)
+    assert isinstance(io.read_stack(path), np.ndarray)
+    monkeypatch.setattr(io, "LAZY_THRESHOLD", 100)
+    out = io.read_stack(path)
+    assert isinstance(out, da.Array) and out.chunks[1] == (16,)
+    import pickle
+
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(out)).compute(), STACK)
+
+
+def test_compressed_tiff_is_read_page_by_page(tmp_path):
+    path = str(tmp_path / "c.tif")
+    tifffile.imwrite(path, STACK, compression="zlib")
+    out = io.read_stack(path, lazy=True)
+    assert isinstance(out, da.Array)
+    np.testing.assert_array_equal(out[1:4, 2:5].compute(), STACK[1:4, 2:5])
+
+
+def _bad(tmp_path, name, content=None, array=None):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    if array is not None:
+        np.save(path, array)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, content, array, match",
+    [
+        ("missing.npy", None, None, "no such file"),
+        ("empty.h5", b"", None, "is empty"),
+        ("text.npy", b"hello world\n", None, "not a NumPy"),
+        ("text.h5", b"hello world\n", None, "not a valid HDF5"),
+        ("text.tif", b"hello world\n", None, "not a readable TIFF"),
+        ("text.npz", b"hello world\n", None, "not a valid .npz"),
+        ("line.npy", None, np.arange(5.0), "1-D"),
+        ("four.npy", None, np.zeros((2, 2, 2, 2)), "4-D"),
+        ("complex.npy", None, np.zeros((4, 4), complex), "complex"),
+        ("flat.npy", None, np.zeros((0, 4)), "empty"),
+        ("notes.txt", b"hi", None, "unsupported extension"),
+    ],
+)
+def test_bad_input_raises_one_sentence(tmp_path, name, content, array, match):
+    path = _bad(tmp_path, name, content, array)
+    with pytest.raises((ValueError, OSError), match=match) as info:
+        io.read_stack(path)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_and_empty_containers(tmp_path):
+    np.save(tmp_path / "t.npy", STACK)
+    raw = (tmp_path / "t.npy").read_bytes()
+    (tmp_path / "t.npy").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        io.read_stack(tmp_path / "t.npy")
+    with h5py.File(tmp_path / "none.h5", "w") as fh:
+        fh["x"] = np.arange(3)
+    with pytest.raises(ValueError, match="no 2-D or 3-D data set"):
+        io.read_stack(tmp_path / "none.h5")
+    with h5py.File(tmp_path / "none.cxi", "w") as fh:
+        fh["entry_1/other"] = STACK
+    with pytest.raises(ValueError, match="entry_1/data_1/data"):
+        io.read_stack(tmp_path / "none.cxi")
+    np.savez(tmp_path / "many.npz", a=STACK, b=STACK)
+    with pytest.raises(ValueError, match="several arrays"):
+        io.read_stack(tmp_path / "many.npz")
+
+
+RESULT = {
+    "amplitude": RNG.random((3, 8, 8)).astype(np.float32),
+    "phase": RNG.uniform(-np.pi, np.pi, (3, 8, 8)).astype(np.float32),
+    "chi2": RNG.random(3).astype(np.float32),
+    "support": RNG.random((3, 8, 8)) > 0.5,
+}
+ATTRS = {"model": "paper", "iterations": 620, "scale": 0.5, "twin": False, "sizes": [1, 2], "extra": {"a": 1}}
+
+
+@pytest.mark.parametrize("ext", io.RESULT_EXTENSIONS)
+def test_result_round_trip(tmp_path, ext):
+    path = tmp_path / f"res{ext}"
+    io.write_result(path, RESULT, ATTRS)
+    arrays, attrs = io.read_result(path, with_attrs=True)
+    assert set(arrays) == set(RESULT)
+    for key, value in RESULT.items():
+        np.testing.assert_array_equal(arrays[key], value)
+        assert arrays[key].dtype == value.dtype
+    assert {k: attrs[k] for k in ("model", "iterations", "scale", "twin", "sizes")} == {
+        k: ATTRS[k] for k in ("model", "iterations", "scale", "twin", "sizes")
+    }
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp" + ext)]
+
+
+def test_h5_is_compressed_and_cxi_has_a_cxi_tree(tmp_path):
+    io.write_result(tmp_path / "r.h5", RESULT)
+    with h5py.File(tmp_path / "r.h5") as fh:
+        assert fh["amplitude"].compression == "gzip" and fh["amplitude"].chunks[1:] == (8, 8)
+    data = dict(RESULT, intensity=STACK[:3])
+    io.write_result(tmp_path / "r.cxi", data)
+    with h5py.File(tmp_path / "r.cxi") as fh:
+        assert fh["cxi_version"][()] == 150
+        np.testing.assert_array_equal(fh["entry_1/result_1/phase"], RESULT["phase"])
+        obj = fh["entry_1/image_1/data"][()]
+        np.testing.assert_allclose(np.abs(obj), RESULT["amplitude"], rtol=1e-5)
+    np.testing.assert_array_equal(io.read_stack(tmp_path / "r.cxi"), STACK[:3])
+
+
+def test_failed_write_keeps_the_existing_file(tmp_path, monkeypatch):
+    path = tmp_path / "keep.cxi"
+    io.write_result(path, {"amplitude": np.ones((2, 2))})
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="expected numbers"):
+        io.write_result(path, {"amplitude": np.ones((2, 2)), "bad": np.array(["x"])})
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io, "_write_cxi_tree", fail)  # fails after the datasets are written
+    with pytest.raises(OSError, match="disk full"):
+        io.write_result(path, RESULT)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["keep.cxi"]
+
+
+@pytest.mark.parametrize(
+    "path, arrays, match",
+    [
+        ("r.tif", {"a": np.ones(2)}, "unsupported extension"),
+        ("r.npz", {}, "no result arrays"),
+        ("r.npz", {"a/b": np.ones(2)}, "not a valid result name"),
+        ("missing/r.npz", {"a": np.ones(2)}, "does not exist"),
+    ],
+)
+def test_write_result_bad_input(tmp_path, path, arrays, match):
+    with pytest.raises((ValueError, OSError), match=match):
+        io.write_result(tmp_path / path, arrays)
