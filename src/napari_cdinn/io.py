@@ -432,7 +432,7 @@ def _write_h5(tmp, arrays, attrs, cxi):
         for key, value in attrs.items():
             fh.attrs[key] = _h5_attr(value)
         if cxi:
-            _write_cxi_tree(fh, arrays)
+            _write_cxi_tree(fh, list(arrays))
 
 
 def _h5_attr(value):
@@ -444,22 +444,35 @@ def _h5_attr(value):
     return json.dumps(value, default=_json_default)
 
 
-def _write_cxi_tree(fh, arrays):
+def _write_cxi_tree(fh, names):
+    """Add the minimal CXI tree over the root datasets ``names`` of an open HDF5 file.
+
+    The complex image is computed frame block by frame block from the stored datasets, so a
+    streamed stack of any length is converted with bounded memory.
+    """
     fh.create_dataset("cxi_version", data=150)
     entry = fh.create_group("entry_1")
     result = entry.create_group("result_1")
-    for key in arrays:
+    for key in names:
         result[key] = fh[key]  # hard link
-    if "intensity" in arrays:
+    if "intensity" in names:
         entry.create_group("data_1")["data"] = fh["intensity"]
-    if "amplitude" in arrays and "phase" in arrays and arrays["amplitude"].shape == arrays["phase"].shape:
-        obj = (arrays["amplitude"] * np.exp(1j * arrays["phase"])).astype(np.complex64)
+    if "amplitude" in names and "phase" in names and fh["amplitude"].shape == fh["phase"].shape:
+        amp, pha = fh["amplitude"], fh["phase"]
         image = entry.create_group("image_1")
-        image.create_dataset("data", data=obj, chunks=_h5_chunks(obj), compression="gzip", compression_opts=4)
-        image["data"].attrs["data_type"] = "reconstruction"
+        if amp.ndim < 3:  # one frame: small
+            data = image.create_dataset("data", data=(amp[()] * np.exp(1j * pha[()])).astype(np.complex64))
+        else:
+            chunks = _h5_chunks(np.broadcast_to(np.complex64(0), amp.shape))
+            data = image.create_dataset("data", shape=amp.shape, dtype=np.complex64, chunks=chunks,
+                                        compression="gzip", compression_opts=4)
+            for a in range(0, amp.shape[0], chunks[0]):
+                b = a + chunks[0]
+                data[a:b] = (amp[a:b] * np.exp(1j * pha[a:b])).astype(np.complex64)
+        data.attrs["data_type"] = "reconstruction"
 
 
-def read_result(path, with_attrs=False):
+def read_result(path, with_attrs=False, keys=None):
     """Read a file written by :func:`write_result` back into a dict of NumPy arrays.
 
     For ``.h5``/``.cxi`` the datasets at the root are returned (``cxi_version`` excepted); a
@@ -470,6 +483,8 @@ def read_result(path, with_attrs=False):
     path : str or os.PathLike
     with_attrs : bool
         Also return the attributes dict.
+    keys : iterable of str, optional
+        Read only these arrays (those missing from the file are skipped).
 
     Returns
     -------
@@ -481,23 +496,24 @@ def read_result(path, with_attrs=False):
         raise ValueError(f"{_name(path)!r} has an unsupported extension; results are read from {', '.join(RESULT_EXTENSIONS)}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path!r}")
-    arrays, attrs = _read_npz_result(path) if ext == ".npz" else _read_h5_result(path)
+    keys = None if keys is None else set(keys)
+    arrays, attrs = _read_npz_result(path, keys) if ext == ".npz" else _read_h5_result(path, keys)
     return (arrays, attrs) if with_attrs else arrays
 
 
-def _read_npz_result(path):
+def _read_npz_result(path, keys):
     import zipfile
 
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+            arrays = {k: npz[k] for k in npz.files if keys is None or k in keys or k == _ATTRS_KEY}
     except (zipfile.BadZipFile, EOFError, ValueError) as exc:
         raise ValueError(f"{_name(path)!r} is truncated or not a valid .npz file ({_first_line(exc)})") from None
     text = arrays.pop(_ATTRS_KEY, None)
     return arrays, (json.loads(str(text)) if text is not None else {})
 
 
-def _read_h5_result(path):
+def _read_h5_result(path, keys):
     import h5py
 
     try:
@@ -510,9 +526,9 @@ def _read_h5_result(path):
         if not names and isinstance(fh.get("entry_1/result_1"), h5py.Group):
             group = fh["entry_1/result_1"]
             names = [k for k, v in group.items() if isinstance(v, h5py.Dataset)]
-        arrays = {k: group[k][()] for k in names}
+        arrays = {k: group[k][()] for k in names if keys is None or k in keys}
         attrs = {k: (v.item() if isinstance(v, np.generic) else v.tolist() if isinstance(v, np.ndarray) else v)
                  for k, v in fh.attrs.items()}
-    if not arrays:
+    if not arrays and keys is None:
         raise ValueError(f"{_name(path)!r} holds no result data sets")
     return arrays, attrs

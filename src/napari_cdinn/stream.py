@@ -1,0 +1,287 @@
+"""Chunked processing of large stacks: bounded memory, incremental HDF5 output, resume, clusters.
+
+A *chunk function* ``fn(intensity) -> dict`` maps a NumPy block of frames ``(n, H, W)`` float32
+to per-frame result arrays with leading length ``n`` (for example ``amplitude``, ``phase``,
+``chi2``).  :func:`process_stack` runs it over a stack chunk by chunk:
+
+* the input is read lazily (:func:`napari_cdinn.io.read_stack` with ``lazy=True``), so memory
+  stays bounded by a few chunks whatever the stack's length;
+* ``.h5``/``.hdf5``/``.cxi`` outputs are written as the job streams, into chunked, gzip-compressed
+  datasets named by the result keys, in a *partial* file beside the target
+  (``.NAME.partial``) that is renamed to the target only when every chunk is done;
+* ``resume=True`` continues from that partial file, skipping the chunks it records as done,
+  provided it was made from the same input, shape, chunk size and options (its fingerprint);
+* ``.npz`` outputs are collected in memory and written at the end (no resume);
+* with ``scheduler`` (a dask.distributed address or ``Client``), chunks run on the cluster's
+  workers, which read their frames from the file themselves (the input path must be visible to
+  the workers, e.g. on a shared file system), each chunk retried on another worker if one dies;
+  results come back to this process, which alone writes the output.
+
+Chunk functions must be picklable for the cluster path (a module-level function or a
+``functools.partial`` of one); expensive set-up such as loading a network should be cached per
+process inside the function, so that each worker does it once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+
+from . import io
+
+__all__ = ["process_stack", "chunk_bounds", "StreamCancelled", "STREAM_EXTENSIONS"]
+
+#: Output extensions written incrementally (and resumable).
+STREAM_EXTENSIONS = (".h5", ".hdf5", ".cxi")
+_DONE = "_chunks_done"
+
+
+class StreamCancelled(RuntimeError):
+    """Raised when ``should_stop()`` asks a run to stop; the partial output is kept for resume."""
+
+
+def chunk_bounds(n, chunk_size):
+    """``[(start, stop), ...]`` covering ``range(n)`` in blocks of ``chunk_size`` frames."""
+    chunk_size = max(1, int(chunk_size))
+    return [(a, min(a + chunk_size, n)) for a in range(0, n, chunk_size)]
+
+
+def _partial_path(out):
+    folder, name = os.path.split(os.path.abspath(out))
+    return os.path.join(folder, f".{name}.partial")
+
+
+def _fingerprint(source, shape, chunk_size, options):
+    """A stable digest of what determines the output: input file, shape, chunking, options."""
+    if isinstance(source, (str, os.PathLike)):
+        st = os.stat(source)
+        src = {"path": os.path.abspath(source), "size": st.st_size, "mtime": int(st.st_mtime)}
+    else:
+        src = {"array": True}
+    blob = json.dumps({"source": src, "shape": list(shape), "chunk": int(chunk_size), "options": options},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _read_chunk(source, start, stop):
+    """Frames ``start:stop`` of a path (read lazily) or of an array, as a float32 NumPy array."""
+    stack = io.read_stack(source, lazy=True) if isinstance(source, (str, os.PathLike)) else source
+    if stack.ndim == 2:
+        stack = stack[None]
+    return np.asarray(stack[start:stop], dtype=np.float32)
+
+
+def _run_chunk(fn, source, start, stop):
+    """Worker task: read one chunk and run the chunk function on it."""
+    return start, stop, fn(_read_chunk(source, start, stop))
+
+
+class _H5Sink:
+    """Incremental writer of per-frame results into a partial HDF5 file."""
+
+    def __init__(self, path, n, fingerprint, resume, attrs):
+        import h5py
+
+        self.n = n
+        self.f = None
+        if resume and os.path.exists(path):
+            with contextlib.suppress(OSError):
+                self.f = h5py.File(path, "a")
+            if self.f is not None and self.f.attrs.get("cdinn_fingerprint") != fingerprint:
+                self.f.close()
+                raise ValueError(
+                    "the partial output was made from other input or options; run without --resume to start over"
+                )
+        if self.f is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            self.f = h5py.File(path, "w")
+            self.f.attrs["cdinn_fingerprint"] = fingerprint
+            for k, v in (attrs or {}).items():
+                self.f.attrs[k] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str)
+
+    def done_chunks(self, n_chunks):
+        if _DONE not in self.f:
+            self.f.create_dataset(_DONE, data=np.zeros(n_chunks, dtype=bool))
+        return np.asarray(self.f[_DONE][...], dtype=bool)
+
+    def write(self, index, start, stop, results):
+        for key, value in results.items():
+            value = np.asarray(value)
+            if key not in self.f:
+                chunks = (max(1, min(self.n, 1024 if value.ndim > 1 else 65536)),) + value.shape[1:]
+                self.f.create_dataset(key, shape=(self.n,) + value.shape[1:], dtype=value.dtype,
+                                      chunks=chunks, compression="gzip", compression_opts=4, shuffle=True)
+            self.f[key][start:stop] = value
+        self.f[_DONE][index] = True
+        self.f.flush()
+
+    def finish(self, final_path, partial_path):
+        del self.f[_DONE]
+        if final_path.lower().endswith(".cxi"):
+            io._write_cxi_tree(self.f, [k for k in self.f if k != "cdinn_fingerprint"])
+        self.f.close()
+        os.replace(partial_path, final_path)
+
+    def close(self):
+        with contextlib.suppress(Exception):
+            self.f.close()
+
+
+class _MemorySink:
+    """Collects per-frame results in memory; written with :func:`napari_cdinn.io.write_result`."""
+
+    def __init__(self, n):
+        self.n = n
+        self.arrays = {}
+
+    def done_chunks(self, n_chunks):
+        return np.zeros(n_chunks, dtype=bool)
+
+    def write(self, index, start, stop, results):
+        for key, value in results.items():
+            value = np.asarray(value)
+            if key not in self.arrays:
+                self.arrays[key] = np.empty((self.n,) + value.shape[1:], dtype=value.dtype)
+            self.arrays[key][start:stop] = value
+
+    def close(self):
+        pass
+
+
+def _source_shape(source):
+    stack = io.read_stack(source, lazy=True) if isinstance(source, (str, os.PathLike)) else source
+    return tuple(stack.shape)
+
+
+def process_stack(
+    source,
+    out,
+    fn,
+    *,
+    chunk_size=1024,
+    resume=False,
+    scheduler=None,
+    options=None,
+    attrs=None,
+    progress=None,
+    should_stop=None,
+):
+    """Run a chunk function over a whole stack and write the results to ``out``.
+
+    Parameters
+    ----------
+    source : str, os.PathLike or array-like
+        A readable stack file (read lazily, chunk by chunk) or an ``(N, H, W)``/``(H, W)`` array.
+    out : str or None
+        Output file: ``.h5``/``.hdf5``/``.cxi`` (streamed, resumable) or ``.npz``.  None returns
+        the results without writing.
+    fn : callable
+        ``fn(intensity (n, H, W) float32) -> dict`` of per-frame arrays of leading length ``n``.
+    chunk_size : int
+        Frames per chunk (bounds memory; the unit of resume and of cluster tasks).
+    resume : bool
+        Continue an interrupted streamed run from its partial file.
+    scheduler : str or dask.distributed.Client, optional
+        Run the chunks on this dask.distributed cluster.
+    options : dict, optional
+        What else determines the output (model, algorithm, ...): part of the resume fingerprint.
+    attrs : dict, optional
+        Metadata stored as attributes of streamed files.
+    progress : callable, optional
+        ``progress(frames_done, frames_total)`` after every chunk.
+    should_stop : callable, optional
+        Checked before every chunk; when it returns True the run stops with
+        :class:`StreamCancelled`, keeping the partial file for ``resume``.
+
+    Returns
+    -------
+    dict
+        The results in memory for ``.npz``/None outputs (2-D input gives unbatched results);
+        for streamed outputs a summary ``{"frames": N, "chunks": C, "skipped": K, "seconds": t}``.
+    """
+    shape = _source_shape(source)
+    single = len(shape) == 2
+    n = 1 if single else shape[0]
+    bounds = chunk_bounds(n, chunk_size)
+    ext = os.path.splitext(str(out))[1].lower() if out is not None else None
+    streamed = ext in STREAM_EXTENSIONS
+    if out is not None and ext not in io.RESULT_EXTENSIONS:
+        raise ValueError(f"the output must end in one of {', '.join(io.RESULT_EXTENSIONS)}, got {os.path.basename(out)!r}")
+    if resume and not streamed:
+        raise ValueError("--resume needs an .h5 or .cxi output; .npz results are written at the end")
+    if out is not None:
+        io.check_writable(out)
+
+    partial = _partial_path(out) if streamed else None
+    fingerprint = _fingerprint(source, shape, chunk_size, options or {})
+    sink = _H5Sink(partial, n, fingerprint, resume, attrs) if streamed else _MemorySink(n)
+    t0 = time.perf_counter()
+    try:
+        done = sink.done_chunks(len(bounds))
+        todo = [i for i in range(len(bounds)) if not done[i]]
+        frames = sum(b - a for i, (a, b) in enumerate(bounds) if done[i])
+        if progress:
+            progress(frames, n)
+        for index, (a, b, res) in _execute(fn, source, bounds, todo, scheduler, should_stop):
+            sink.write(index, a, b, res)
+            frames += b - a
+            if progress:
+                progress(frames, n)
+        seconds = time.perf_counter() - t0
+        if streamed:
+            sink.finish(out, partial)
+            return {"frames": n, "chunks": len(bounds), "skipped": len(bounds) - len(todo), "seconds": seconds}
+    except BaseException:
+        sink.close()
+        raise
+    results = sink.arrays
+    if single:
+        results = {k: v[0] for k, v in results.items()}
+    if out is not None:
+        io.write_result(out, results, attrs=attrs)
+    return results
+
+
+def _execute(fn, source, bounds, todo, scheduler, should_stop):
+    """Yield ``(chunk index, (start, stop, results))`` locally or on a dask.distributed cluster."""
+    if scheduler is None:
+        for i in todo:
+            if should_stop and should_stop():
+                raise StreamCancelled("stopped; the finished chunks are kept for --resume")
+            yield i, _run_chunk(fn, source, *bounds[i])
+        return
+    yield from _execute_distributed(fn, source, bounds, todo, scheduler, should_stop)
+
+
+def _execute_distributed(fn, source, bounds, todo, scheduler, should_stop):
+    from dask.distributed import Client, as_completed
+
+    own = not isinstance(scheduler, Client)
+    try:
+        client = Client(scheduler, timeout="20s") if own else scheduler
+    except (OSError, TimeoutError) as exc:
+        raise OSError(f"could not reach the dask scheduler at {scheduler!r}: {io._first_line(exc)}") from None
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            src = os.path.abspath(source)
+        else:
+            src = client.scatter(np.asarray(source), broadcast=False)
+        futures = {}
+        for i in todo:
+            fut = client.submit(_run_chunk, fn, src, *bounds[i], retries=3, pure=False, key=f"cdinn-chunk-{i}-{id(futures)}")
+            futures[fut] = i
+        for fut in as_completed(futures):
+            if should_stop and should_stop():
+                for f in futures:
+                    f.cancel()
+                raise StreamCancelled("stopped; the finished chunks are kept for --resume")
+            yield futures[fut], fut.result()
+    finally:
+        if own:
+            client.close()

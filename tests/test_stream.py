@@ -1,0 +1,105 @@
+"""Chunked stack processing: streaming equals in-memory, resume, cancellation, LocalCluster."""
+
+import functools
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from napari_cdinn import io, physics
+from napari_cdinn.stream import StreamCancelled, chunk_bounds, process_stack
+
+
+def _toy(intensity, gain=1.0):
+    """A chunk function with per-frame results of several shapes."""
+    amp = physics.amplitude_from_intensity(intensity) * gain
+    return {"amplitude": amp, "chi2": amp.mean(axis=(1, 2)).astype(np.float32), "support": amp > amp.mean()}
+
+
+@pytest.fixture
+def stack_file(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.poisson(5.0, size=(53, 16, 16)).astype(np.uint16)
+    path = tmp_path / "stack.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("data", data=data, chunks=(8, 16, 16))
+    return str(path), data.astype(np.float32)
+
+
+def test_chunk_bounds():
+    assert chunk_bounds(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    assert chunk_bounds(3, 10) == [(0, 3)]
+
+
+@pytest.mark.parametrize("ext", [".h5", ".cxi", ".npz"])
+def test_streaming_equals_in_memory(stack_file, tmp_path, ext):
+    path, data = stack_file
+    expected = _toy(data)
+    out = str(tmp_path / f"res{ext}")
+    seen = []
+    process_stack(path, out, _toy, chunk_size=10, progress=lambda d, n: seen.append((d, n)))
+    got = io.read_result(out)
+    for k, v in expected.items():
+        np.testing.assert_array_equal(got[k], v)
+    assert seen[-1] == (53, 53) and len(seen) == 7
+    assert not os.path.exists(tmp_path / f".res{ext}.partial")
+    if ext == ".cxi":
+        with h5py.File(out) as f:
+            assert f["entry_1/result_1/amplitude"].shape == (53, 16, 16)
+
+
+def test_single_frame_and_array_source(tmp_path):
+    frame = np.random.default_rng(1).random((16, 16)).astype(np.float32)
+    res = process_stack(frame, None, _toy)
+    assert res["amplitude"].shape == (16, 16) and res["chi2"].shape == ()
+
+
+def test_resume_skips_finished_chunks(stack_file, tmp_path):
+    path, data = stack_file
+    out = str(tmp_path / "res.h5")
+    calls = []
+
+    def counting(x):
+        calls.append(len(x))
+        return _toy(x)
+
+    with pytest.raises(StreamCancelled):
+        process_stack(path, out, counting, chunk_size=10, should_stop=lambda: len(calls) >= 3)
+    assert not os.path.exists(out) and os.path.exists(tmp_path / ".res.h5.partial")
+    calls.clear()
+    summary = process_stack(path, out, counting, chunk_size=10, resume=True)
+    assert summary["skipped"] == 3 and len(calls) == 3
+    np.testing.assert_array_equal(io.read_result(out)["amplitude"], _toy(data)["amplitude"])
+
+
+def test_resume_refuses_other_options(stack_file, tmp_path):
+    path, _ = stack_file
+    out = str(tmp_path / "res.h5")
+    with pytest.raises(StreamCancelled):
+        process_stack(path, out, _toy, chunk_size=10, options={"a": 1}, should_stop=lambda: True)
+    with pytest.raises(ValueError, match="other input or options"):
+        process_stack(path, out, _toy, chunk_size=10, options={"a": 2}, resume=True)
+
+
+def test_failed_run_keeps_existing_output(stack_file, tmp_path):
+    path, _ = stack_file
+    out = tmp_path / "res.h5"
+    out.write_bytes(b"precious")
+
+    def broken(x):
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError):
+        process_stack(path, str(out), broken, chunk_size=10)
+    assert out.read_bytes() == b"precious"
+
+
+def test_local_cluster_equals_local(stack_file, tmp_path):
+    distributed = pytest.importorskip("dask.distributed")
+    path, data = stack_file
+    out = str(tmp_path / "res.h5")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        process_stack(path, out, functools.partial(_toy, gain=2.0), chunk_size=10, scheduler=client)
+    np.testing.assert_array_equal(io.read_result(out)["amplitude"], _toy(data, gain=2.0)["amplitude"])
