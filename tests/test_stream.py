@@ -103,3 +103,24 @@ def test_local_cluster_equals_local(stack_file, tmp_path):
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         process_stack(path, out, functools.partial(_toy, gain=2.0), chunk_size=10, scheduler=client)
     np.testing.assert_array_equal(io.read_result(out)["amplitude"], _toy(data, gain=2.0)["amplitude"])
+
+
+def _dies_once(intensity, marker):
+    """Kill the worker process the first time any worker runs a chunk."""
+    if not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        os._exit(1)
+    return _toy(intensity)
+
+
+def test_killed_worker_loses_nothing(stack_file, tmp_path):
+    distributed = pytest.importorskip("dask.distributed")
+    path, data = stack_file
+    out = str(tmp_path / "res.h5")
+    marker = str(tmp_path / "killed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        process_stack(path, out, functools.partial(_dies_once, marker=marker), chunk_size=10, scheduler=client)
+    assert os.path.exists(marker)  # a worker did die
+    np.testing.assert_array_equal(io.read_result(out)["amplitude"], _toy(data)["amplitude"])
