@@ -11,32 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 
+from napari_cdinn.device import machine_info
 from napari_cdinn.simulate import simulate
 
 
-def machine_info():
-    """Name the machine a benchmark ran on (CPU, cores, Python, NumPy, torch when present)."""
-    import numpy as np
-
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-    }
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    return info
+#: Arguments of ``run`` for a quick smoke run (``cdinn bench --quick``).
+QUICK = {"count": 20_000}
 
 
 def run(count: int = 200_000, oversampling: int = 1, size: int = 32, seed: int = 0) -> dict:
@@ -53,7 +35,7 @@ def run(count: int = 200_000, oversampling: int = 1, size: int = 32, seed: int =
         "pattern_shape": list(data["intensity"].shape[1:]),
         "seconds": dt,
         "examples_per_s": count / dt,
-        "machine": machine_info(),
+        "machine": machine_info("cpu"),
     }
 
 

@@ -95,8 +95,58 @@ def _cmd_simulate(args):
     print(f"wrote {args.out}: {shape[0]} patterns of {shape[1]} x {shape[2]}", file=sys.stderr)
 
 
+# --------------------------------------------------------------------------- bench
+def _add_bench(sub):
+    p = sub.add_parser(
+        "bench",
+        help="run the project's benchmarks and write one JSON",
+        description="Run the benchmarks under benchmarks/ (simulator rate, NN patterns/s across batch sizes, "
+        "retrieval speed against the NumPy loop, streaming rate and peak memory) and write one JSON "
+        "naming the machine and device. Runs from a source checkout (the benchmarks folder beside src/).",
+    )
+    p.add_argument("--json", default=None, help="write all figures to this JSON file")
+    p.add_argument("--only", action="append", default=None, help="run only this benchmark (repeatable)")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every benchmark")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from . import io
+
+    folder = Path(__file__).resolve().parents[2] / "benchmarks"
+    if not folder.is_dir():
+        raise UsageError("cdinn bench runs from a source checkout: the benchmarks folder was not found")
+    scripts = sorted(folder.glob("bench_*.py"))
+    names = [s.stem[len("bench_"):] for s in scripts]
+    wanted = args.only or names
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        raise UsageError(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(names)}")
+    if args.json:
+        io.check_writable(args.json)
+    results = {}
+    for script, name in zip(scripts, names):
+        if name not in wanted:
+            continue
+        spec = importlib.util.spec_from_file_location(f"cdinn_bench_{name}", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        print(f"== {name}", file=sys.stderr)
+        results[name] = module.run(**(module.QUICK if args.quick and hasattr(module, "QUICK") else {}))
+        print(json.dumps(module.summary(results[name]) if hasattr(module, "summary") else results[name],
+                         indent=1, default=str)[:2000])
+    if args.json:
+        with io.atomic_output(args.json) as tmp, open(tmp, "w") as fh:
+            json.dump(results, fh, indent=2, default=str)
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- main
-_ADDERS = [_add_simulate]
+_ADDERS = [_add_simulate, _add_bench]
 
 
 def build_parser():
