@@ -205,3 +205,9 @@ def test_failed_write_keeps_the_existing_file(tmp_path, monkeypatch):
 def test_write_result_bad_input(tmp_path, path, arrays, match):
     with pytest.raises((ValueError, OSError), match=match):
         io.write_result(tmp_path / path, arrays)
+
+
+def test_read_result_selected_keys(tmp_path):
+    for ext in (".npz", ".h5"):
+        io.write_result(tmp_path / f"r{ext}", RESULT)
+        assert set(io.read_result(tmp_path / f"r{ext}", keys=["phase", "nope"])) == {"phase"}

@@ -1,0 +1,100 @@
+"""Layer conventions of the napari face: how intensities, amplitudes and phases are shown.
+
+napari 0.9 has no logarithmic contrast mapping (``gamma`` is a power law, and a colormap
+with log-spaced controls is resolved by a 1,024-entry lookup table, i.e. three decades).
+Diffraction spans five or more decades, so **intensity layers hold ``log10(1 + I)``** (lazily
+for dask stacks; negative intensities are shown as 0, NaN stays NaN) with the metadata
+
+``{"cdinn_kind": "intensity", "cdinn_display": "log10(1 + I)"}``
+
+and every consumer gets the true intensities back through :func:`layer_intensities`, which
+also accepts any plain image layer (its data are then taken as linear intensities).
+Amplitude layers are ``gray`` on 0..1, phase layers ``twilight`` on -pi..pi; both carry
+``cdinn_kind`` and, when known, the per-frame ``chi2`` in their metadata.
+No Qt import here; napari only for layer types in annotations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LOG_DISPLAY = "log10(1 + I)"
+KIND = "cdinn_kind"
+DISPLAY = "cdinn_display"
+
+
+def _is_dask(data):
+    return type(data).__module__.startswith("dask")
+
+
+def to_log_display(intensity):
+    """``log10(1 + max(I, 0))`` as float32, lazily for dask arrays (NaN stays NaN)."""
+    if _is_dask(intensity):
+        import dask.array as da
+
+        return (da.log1p(da.maximum(intensity, 0)) / np.log(10)).astype(np.float32)
+    i = np.asarray(intensity, dtype=np.float32)
+    return (np.log1p(np.maximum(i, 0)) / np.float32(np.log(10))).astype(np.float32)
+
+
+def from_log_display(display):
+    """Inverse of :func:`to_log_display`: ``10**x - 1`` as float32 (lazily for dask)."""
+    if _is_dask(display):
+        import dask.array as da
+
+        return da.expm1(display * np.log(10)).astype(np.float32)
+    return np.expm1(np.asarray(display, dtype=np.float32) * np.float32(np.log(10))).astype(np.float32)
+
+
+def layer_intensities(data, metadata=None):
+    """True intensities of an image layer's ``data`` given its ``metadata``.
+
+    Inverts the log display of intensity layers made by this plugin; any other layer's data
+    are taken as linear intensities.
+    """
+    if (metadata or {}).get(DISPLAY) == LOG_DISPLAY:
+        return from_log_display(data)
+    return data
+
+
+def _display_limits(display):
+    """Contrast limits for a log display: 0 to the maximum of the first frame (cheap for dask)."""
+    sample = display[0] if display.ndim == 3 and _is_dask(display) else display
+    top = float(np.nanmax(np.asarray(sample))) if np.asarray(sample).size else 1.0
+    return (0.0, top if np.isfinite(top) and top > 0 else 1.0)
+
+
+def intensity_tuple(intensity, name, **extra_metadata):
+    """LayerDataTuple of an intensity stack shown on a log scale (see the module docstring)."""
+    display = to_log_display(intensity)
+    meta = {KIND: "intensity", DISPLAY: LOG_DISPLAY, **extra_metadata}
+    kwargs = {
+        "name": name,
+        "colormap": "magma",
+        "contrast_limits": _display_limits(display),
+        "metadata": meta,
+    }
+    return (display, kwargs, "image")
+
+
+def amplitude_tuple(amplitude, name, translate=None, **extra_metadata):
+    """LayerDataTuple of real-space amplitudes (gray, 0..1)."""
+    kwargs = {"name": name, "colormap": "gray", "contrast_limits": (0.0, 1.0),
+              "metadata": {KIND: "amplitude", **extra_metadata}}
+    if translate is not None:
+        kwargs["translate"] = translate
+    return (np.asarray(amplitude, dtype=np.float32), kwargs, "image")
+
+
+def phase_tuple(phase, name, translate=None, **extra_metadata):
+    """LayerDataTuple of real-space phases in radians (twilight, -pi..pi)."""
+    kwargs = {"name": name, "colormap": "twilight", "contrast_limits": (-np.pi, np.pi),
+              "metadata": {KIND: "phase", **extra_metadata}}
+    if translate is not None:
+        kwargs["translate"] = translate
+    return (np.asarray(phase, dtype=np.float32), kwargs, "image")
+
+
+def centre_offset(pattern_shape, object_shape):
+    """Translation that centres a real-space frame in the pattern's frame (the 2x protocol)."""
+    return tuple(float(p // 2 - o // 2) for p, o in zip(pattern_shape[-2:], object_shape[-2:], strict=True))

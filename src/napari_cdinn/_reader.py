@@ -1,0 +1,70 @@
+"""npe2 reader: diffraction stacks (and result files) as napari layers.
+
+``get_reader`` returns ``None`` for anything it does not understand (an unknown extension, a
+foreign or broken file), so napari can try other readers; it never raises.  Intensities open on
+a log scale (:mod:`napari_cdinn._layers`); big HDF5/CXI/TIFF/NPY stacks open lazily (dask), so
+the first frame shows at once.  Files holding ``amplitude``/``phase`` results (from
+``cdinn predict``/``reconstruct``, ``cdinn simulate`` or the writer) also open those as layers.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import _layers, io
+
+_RESULT_KEYS = ("amplitude", "phase", "chi2")
+
+
+def get_reader(path):
+    """Return a reader function for ``path`` (a path or a list of paths), or None."""
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    if not paths:
+        return None
+    layers = []
+    for p in paths:
+        found = _layer_tuples(os.fspath(p))
+        if not found:
+            return None
+        layers.extend(found)
+
+    def reader(_path):
+        return layers
+
+    return reader
+
+
+def _layer_tuples(path):
+    """Layer tuples for one file; an empty list when it is not a file this plugin reads."""
+    if os.path.splitext(path)[1].lower() not in io.STACK_EXTENSIONS or not os.path.isfile(path):
+        return []
+    stem = os.path.splitext(os.path.basename(path))[0]
+    layers = []
+    try:
+        stack = io.read_stack(path)
+        layers.append(_layers.intensity_tuple(stack, f"{stem} intensity", cdinn_source=path))
+    except (ValueError, OSError):
+        stack = None
+    layers = _result_tuples(path, stem, stack) + layers
+    return layers
+
+
+def _result_tuples(path, stem, stack):
+    """Amplitude/phase layers of a result (or simulated) file; [] when there are none."""
+    if os.path.splitext(path)[1].lower() not in io.RESULT_EXTENSIONS:
+        return []
+    try:
+        res = io.read_result(path, keys=_RESULT_KEYS)
+    except (ValueError, OSError, KeyError):
+        return []
+    meta = {"cdinn_source": path}
+    if "chi2" in res:
+        meta["chi2"] = res["chi2"]
+    out = []
+    for key, make in (("amplitude", _layers.amplitude_tuple), ("phase", _layers.phase_tuple)):
+        if key in res and res[key].ndim in (2, 3) and res[key].dtype.kind in "biuf":
+            offset = None
+            if stack is not None and res[key].ndim == stack.ndim:
+                offset = (0.0,) * (stack.ndim - 2) + _layers.centre_offset(stack.shape, res[key].shape)
+            out.append(make(res[key], f"{stem} {key}", translate=offset, **meta))
+    return out

@@ -1,0 +1,130 @@
+"""The napari face: manifest, sample data, reader and writer (pytest-qt, run under xvfb-run)."""
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+
+from napari_cdinn import _layers, io
+from napari_cdinn._reader import get_reader
+from napari_cdinn.simulate import simulate
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+SIM = simulate(4, size=16, seed=1, oversampling=2)
+
+
+def test_manifest_contributions():
+    import npe2
+
+    pm = npe2.PluginManager.instance()
+    pm.discover()
+    manifest = pm.get_manifest("napari-cdinn")
+    contrib = manifest.contributions
+    assert [s.display_name for s in contrib.sample_data] == ["Paper-recipe diffraction stack"]
+    assert set(contrib.readers[0].filename_patterns) >= {"*.npy", "*.npz", "*.tif", "*.h5", "*.cxi"}
+    assert set(contrib.writers[0].filename_extensions) == {".npz", ".h5", ".hdf5", ".cxi"}
+
+
+def test_sample_data_opens(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-cdinn", "paper_stack")
+    names = [layer.name for layer in viewer.layers]
+    assert names == ["true amplitude", "true phase", "paper-recipe intensity"]
+    inten = viewer.layers["paper-recipe intensity"]
+    assert inten.data.shape == (16, 64, 64) and inten.colormap.name == "magma"
+    assert inten.metadata["cdinn_kind"] == "intensity"
+    truth = simulate(16, size=32, seed=0, oversampling=2)["intensity"]
+    np.testing.assert_allclose(_layers.layer_intensities(inten.data, inten.metadata), truth, rtol=1e-4, atol=1e-2)
+    phase = viewer.layers["true phase"]
+    assert phase.colormap.name == "twilight" and tuple(phase.contrast_limits) == pytest.approx((-np.pi, np.pi))
+
+
+def _files(tmp_path):
+    inten = SIM["intensity"]
+    paths = {}
+    paths["npy"] = tmp_path / "s.npy"
+    np.save(paths["npy"], inten)
+    paths["npz"] = tmp_path / "s.npz"
+    io.write_npz(paths["npz"], SIM)
+    paths["tif"] = tmp_path / "s.tif"
+    tifffile.imwrite(paths["tif"], inten)
+    paths["h5"] = tmp_path / "s.h5"
+    with h5py.File(paths["h5"], "w") as fh:
+        fh["data"] = inten
+    paths["cxi"] = tmp_path / "s.cxi"
+    with h5py.File(paths["cxi"], "w") as fh:
+        fh["entry_1/data_1/data"] = inten
+    return paths
+
+
+def test_reader_every_format(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    for fmt, path in _files(tmp_path).items():
+        layers = viewer.open(str(path), plugin="napari-cdinn")
+        inten = [layer for layer in layers if layer.metadata.get("cdinn_kind") == "intensity"]
+        assert len(inten) == 1, fmt
+        got = _layers.layer_intensities(inten[0].data, inten[0].metadata)
+        np.testing.assert_allclose(np.asarray(got), SIM["intensity"], rtol=1e-4, atol=1e-3)
+        if fmt == "npz":  # a simulated set also opens its truth
+            kinds = sorted(layer.metadata["cdinn_kind"] for layer in layers)
+            assert kinds == ["amplitude", "intensity", "phase"]
+
+
+def test_reader_is_lazy_for_big_stacks(tmp_path, monkeypatch):
+    path = _files(tmp_path)["h5"]
+    monkeypatch.setattr(io, "LAZY_THRESHOLD", 10)
+    (data, kwargs, kind), = get_reader(str(path))(str(path))
+    assert type(data).__module__.startswith("dask") and kind == "image"
+    assert kwargs["metadata"]["cdinn_display"] == _layers.LOG_DISPLAY
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [("notes.txt", b"hello"), ("text.npy", b"hello"), ("text.h5", b"hello"), ("empty.tif", b""),
+     ("missing.npz", None)],
+)
+def test_reader_returns_none_for_foreign_files(tmp_path, name, content):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    assert get_reader(str(path)) is None
+
+
+def test_reader_none_for_foreign_hdf5_and_rgb_tiff(tmp_path):
+    with h5py.File(tmp_path / "other.h5", "w") as fh:
+        fh["x"] = np.arange(3)
+    assert get_reader(str(tmp_path / "other.h5")) is None
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((8, 8, 3), np.uint8), photometric="rgb")
+    assert get_reader(str(tmp_path / "rgb.tif")) is None
+
+
+@pytest.mark.parametrize("ext", [".npz", ".h5", ".cxi"])
+def test_writer_round_trip(make_napari_viewer, tmp_path, ext):
+    viewer = make_napari_viewer()
+    for layer_data in [_layers.amplitude_tuple(SIM["amplitude"], "amp", chi2=np.arange(4.0)),
+                       _layers.phase_tuple(SIM["phase"], "pha")]:
+        data, kwargs, _ = layer_data
+        viewer.add_image(data, **kwargs)
+    path = str(tmp_path / f"result{ext}")
+    written = viewer.layers.save(path, plugin="napari-cdinn")
+    assert written == [path]
+    res = io.read_result(path)
+    np.testing.assert_array_equal(res["amplitude"], SIM["amplitude"])
+    np.testing.assert_array_equal(res["phase"], SIM["phase"])
+    np.testing.assert_array_equal(res["chi2"], np.arange(4.0, dtype=np.float32))
+    layers = viewer.open(path, plugin="napari-cdinn")  # and the reader opens it back
+    assert sorted(layer.metadata["cdinn_kind"] for layer in layers) == ["amplitude", "phase"]
+
+
+def test_writer_complex_and_log_intensity(tmp_path):
+    from napari_cdinn._writer import write_layers
+
+    obj = SIM["amplitude"] * np.exp(1j * SIM["phase"])
+    inten = _layers.intensity_tuple(SIM["intensity"], "I")
+    layer_data = [(obj, {"name": "object"}, "image"), (inten[0], inten[1], "image")]
+    write_layers(str(tmp_path / "c.h5"), layer_data)
+    res = io.read_result(tmp_path / "c.h5")
+    np.testing.assert_allclose(res["amplitude"], SIM["amplitude"], atol=1e-6)
+    np.testing.assert_allclose(res["intensity"], SIM["intensity"], rtol=1e-4, atol=1e-2)
