@@ -1,0 +1,29 @@
+"""Batched iterative phase retrieval (ER, HIO, RAAR with shrinkwrap) on torch tensors.
+
+No Qt or napari import.  The building blocks are small composable steps:
+
+* :mod:`.steps` -- modulus projection and the ER / HIO / RAAR updates (in place, FFT layout);
+* :mod:`.support` -- autocorrelation support, Gaussian blur, shrinkwrap;
+* :mod:`.schedule` -- one-line schedules such as ``"(hio:80, er:20) x6, er:20"``;
+* :mod:`.engine` -- the batched loop with averaging, progress and cancellation;
+* :func:`reconstruct` -- NumPy stacks in, centred and phase-normalised objects out.
+"""
+
+from ._device import resolve_device
+from .api import default_batch_size, make_schedule, reconstruct
+from .engine import Cancelled, Shrinkwrap, iterate
+from .schedule import ALGORITHMS, STEPS, default_schedule, parse_schedule
+
+__all__ = [
+    "reconstruct",
+    "Cancelled",
+    "Shrinkwrap",
+    "iterate",
+    "make_schedule",
+    "default_schedule",
+    "parse_schedule",
+    "resolve_device",
+    "default_batch_size",
+    "ALGORITHMS",
+    "STEPS",
+]

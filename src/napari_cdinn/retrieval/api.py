@@ -1,0 +1,389 @@
+"""``reconstruct``: NumPy stacks in, finished reconstructions out (batched on a torch device)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import physics
+from . import steps as st
+from ._device import resolve_device
+from .engine import Cancelled, Shrinkwrap, iterate
+from .schedule import ALGORITHMS, default_schedule, parse_schedule, schedule_length
+from .support import autocorrelation_support
+
+__all__ = ["reconstruct", "make_schedule", "default_batch_size", "random_start", "centre_shifts", "finish_frames"]
+
+#: Patterns per batch by device type (CPU: fits the caches; GPUs: fills them).
+_BATCH = {"cpu": 64, "cuda": 4096, "mps": 1024}
+
+
+def default_batch_size(device):
+    """Default number of runs (pattern x start) inverted together on ``device``."""
+    return _BATCH.get(torch.device(device).type, 64)
+
+
+def make_schedule(algorithm="hio-er", iterations=620, average=20):
+    """Schedule from a protocol name (:data:`ALGORITHMS`) or a one-line schedule string/list."""
+    if isinstance(algorithm, str) and algorithm.lower() in ALGORITHMS:
+        return default_schedule(algorithm, iterations, average)
+    pairs = parse_schedule(algorithm)
+    if schedule_length(pairs) < 1:
+        raise ValueError("the schedule has no iterations")
+    return pairs
+
+
+def random_start(amplitude, seed, frame, start):
+    """Random-phase start of one run: ``ifft2(A * exp(i phi))`` with phi uniform in [-pi, pi).
+
+    The phases depend only on ``(seed, frame, start)``, never on the batch a run lands in.
+
+    Parameters
+    ----------
+    amplitude : ndarray, float32, (M, M)
+        Amplitudes in FFT layout.
+    seed, frame, start : int
+
+    Returns
+    -------
+    ndarray, complex64, (M, M), FFT layout.
+    """
+    rng = np.random.default_rng([int(seed), int(frame), int(start)])
+    phi = rng.uniform(-np.pi, np.pi, size=amplitude.shape)
+    return np.fft.ifft2(amplitude * np.exp(1j * phi)).astype(np.complex64)
+
+
+def centre_shifts(support):
+    """Integer rolls that move each support's circular centre of mass to the frame centre.
+
+    Parameters
+    ----------
+    support : ndarray, bool, (N, M, M), centred layout
+
+    Returns
+    -------
+    ndarray, int, (N, 2)
+    """
+    n, h, w = support.shape
+    s = support.astype(np.float64)
+    out = np.zeros((n, 2), dtype=int)
+    for axis, size in ((1, h), (2, w)):
+        profile = s.sum(axis=3 - axis)  # (N, size)
+        ang = np.exp(2j * np.pi * np.arange(size) / size)
+        c = np.angle(profile @ ang) * size / (2 * np.pi)
+        out[:, axis - 1] = np.round(size // 2 - c).astype(int) % size
+    return out
+
+
+def finish_frames(obj, support):
+    """Centre the objects in their frames and zero the mean phase inside the support.
+
+    Parameters
+    ----------
+    obj : ndarray, complex64, (N, M, M), centred layout
+    support : ndarray, bool, (N, M, M)
+
+    Returns
+    -------
+    obj, support : the rolled, phase-normalised objects and their rolled supports.
+    """
+    obj = obj.copy()
+    support = support.copy()
+    for i, (dy, dx) in enumerate(centre_shifts(support)):
+        obj[i] = np.roll(obj[i], (dy, dx), axis=(0, 1))
+        support[i] = np.roll(support[i], (dy, dx), axis=(0, 1))
+    unit = np.where(support, obj / np.maximum(np.abs(obj), 1e-30), 0)
+    c = unit.sum(axis=(1, 2))
+    c = np.where(np.abs(c) > 0, c / np.maximum(np.abs(c), 1e-30), 1.0)
+    obj = (obj * np.conj(c)[:, None, None]).astype(np.complex64)
+    return obj, support
+
+
+def _as_stack(a, name, dtype=None):
+    shape = tuple(np.shape(a))
+    if len(shape) not in (2, 3):
+        raise ValueError(f"{name} must be shaped (M, M) or (N, M, M), got {shape}")
+    return a if len(shape) == 3 else np.asarray(a, dtype=dtype)[None]
+
+
+def _check_pattern_shape(shape):
+    m, n = shape[-2:]
+    if m != n or m % 2 or m < 4:
+        raise ValueError(f"patterns must be square with an even size, got {m} x {n}")
+
+
+def _frame_arrays(stack, idx):
+    """``stack[idx]`` as float32 NumPy (works for dask too), non-finite and negative set to 0."""
+    a = np.asarray(stack[idx[0] : idx[-1] + 1], dtype=np.float32)[idx - idx[0]]
+    return np.where(np.isfinite(a) & (a > 0), a, 0.0).astype(np.float32)
+
+
+def _per_frame(a, frames):
+    """Pick frames of an optional (M, M) or (N, M, M) array."""
+    if a is None:
+        return None
+    a = np.asarray(a)
+    return np.broadcast_to(a, a.shape) if a.ndim == 2 else a[frames]
+
+
+def _prepare_batch(intens, mask, init, init_support, frames, starts, seed, ac_threshold):
+    """Build the device-independent NumPy inputs of one batch of runs (FFT layout)."""
+    m = intens.shape[-1]
+    inten = np.fft.ifftshift(intens, axes=(-2, -1))
+    free = None
+    if mask is not None:
+        free = np.fft.ifftshift(np.broadcast_to(mask, inten.shape), axes=(-2, -1)).astype(np.float32)
+        inten = inten * (1.0 - free)
+    amp = np.sqrt(inten)
+    scale = np.sqrt((amp * amp).sum(axis=(1, 2)) / (m * m)).astype(np.float32)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    amp = amp / scale[:, None, None]
+    x0 = np.empty(amp.shape, dtype=np.complex64)
+    sup0 = None
+    if init_support is not None:
+        sup0 = np.fft.ifftshift(init_support, axes=(-2, -1)).astype(np.float32)
+    for j, (f, k) in enumerate(zip(frames, starts)):
+        if init is not None and k == 0:
+            x0[j] = np.fft.ifftshift(init[j], axes=(-2, -1)) / scale[j]
+        else:
+            x0[j] = random_start(amp[j], seed, f, k)
+    return amp, free, x0, sup0, scale
+
+
+def reconstruct(
+    intensity,
+    *,
+    algorithm="hio-er",
+    iterations=620,
+    average=20,
+    beta=0.9,
+    init="random",
+    support=None,
+    fixed_support=False,
+    mask=None,
+    n_starts=1,
+    device="auto",
+    batch_size=None,
+    seed=0,
+    shrinkwrap_every=20,
+    sigma=(3.0, 1.0),
+    threshold=0.15,
+    autocorrelation_threshold=0.04,
+    block=20,
+    error_every=10,
+    progress=None,
+    should_stop=None,
+    on_stop="raise",
+):
+    """Iterative phase retrieval of a stack of oversampled diffraction patterns.
+
+    The default is the paper's protocol: HIO x80 / ER x20 cycles with a shrink-wrapped support
+    starting from the thresholded autocorrelation, 620 iterations, the estimates of the final 20
+    (ER) iterations averaged after aligning their global phase.  Patterns are inverted in batches
+    on a torch device.
+
+    Parameters
+    ----------
+    intensity : array_like, float, (M, M) or (N, M, M)
+        Centred measured intensities (any non-negative scale; NumPy or dask).  ``M`` even.
+    algorithm : str or list of (str, int)
+        ``"hio-er"``, ``"er"``, ``"hio"``, ``"raar"``, or a schedule such as
+        ``"(hio:80, er:20) x6, er:20"`` (then ``iterations`` is ignored).
+    iterations : int
+        Total iterations of a named protocol.
+    average : int
+        Final iterations averaged (0: keep the last estimate).
+    beta : float
+        HIO / RAAR feedback parameter.
+    init : "random" or array_like complex, (M, M) or (N, M, M)
+        Random phases, or a starting object (centred, in the frame of the pattern).
+    support : array_like bool, optional
+        Starting support (centred), (M, M) or (N, M, M).  Default: from ``init`` (relative
+        modulus above 0.1) when it is an object, else the thresholded autocorrelation.
+    fixed_support : bool
+        Keep the support fixed (no shrinkwrap).
+    mask : array_like bool, optional
+        True on unmeasured pixels (beamstop, gaps); (M, M) or (N, M, M).  They are left free.
+    n_starts : int
+        Runs per pattern; the one with the lowest chi^2 is kept.  With an ``init`` object, run 0
+        starts from it and the others from random phases.
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``.
+    batch_size : int, optional
+        Runs inverted together (default by device, :func:`default_batch_size`).
+    seed : int
+        Random starts depend on ``(seed, frame index, start index)`` only.
+    shrinkwrap_every : int
+        Support update period in iterations (0: never).
+    sigma : (float, float)
+        Shrinkwrap blur at the first and the last update (pixels).
+    threshold : float
+        Shrinkwrap relative threshold.
+    autocorrelation_threshold : float
+        Relative threshold of the initial autocorrelation support.
+    block : int
+        Iterations between ``progress`` calls and ``should_stop`` checks.
+    error_every : int
+        Fourier-error sampling period of the error curves.
+    progress : callable(done, total), optional
+        Called after every block with iterations done and to do, summed over batches.
+    should_stop : callable or threading.Event, optional
+        Checked after every block.
+    on_stop : {"raise", "return"}
+        On a stop, raise :class:`Cancelled`, or return the frames reached so far (the running
+        batch with its current estimates) with ``stopped=True``.
+
+    Returns
+    -------
+    dict
+        ``object`` complex64 (N, M, M): centred in the frame (support centre of mass at
+        ``(M // 2, M // 2)``), mean phase 0 inside the support, on the input's scale
+        (``|forward(object)|**2 ~ intensity``); ``amplitude`` float32 (max 1 per frame);
+        ``phase`` float32 (radians, 0 outside the support); ``support`` bool; ``chi2`` float32
+        (N,) (:func:`napari_cdinn.physics.chi2`); ``errors`` float32 (N, E) Fourier-error curves
+        sampled at ``error_iterations`` (E,); ``start_chi2`` (N, n_starts); ``stopped`` bool.
+        For a 2-D input the frame axis is dropped.
+
+    Raises
+    ------
+    ValueError
+        Bad shapes or options, or a device that is not available.
+    Cancelled
+        When stopped with ``on_stop="raise"``.
+    """
+    single = len(np.shape(intensity)) == 2
+    stack = _as_stack(intensity, "intensity", np.float32)
+    n = stack.shape[0]
+    _check_pattern_shape(stack.shape)
+    m = stack.shape[-1]
+    if on_stop not in ("raise", "return"):
+        raise ValueError("on_stop must be 'raise' or 'return'")
+    n_starts = int(n_starts)
+    if n_starts < 1:
+        raise ValueError("n_starts must be at least 1")
+    schedule = make_schedule(algorithm, iterations, average)
+    total_it = schedule_length(schedule)
+    dev = resolve_device(device)
+    batch_size = int(batch_size) if batch_size else default_batch_size(dev)
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+
+    init_obj = None
+    if not (isinstance(init, str) and init == "random"):
+        if isinstance(init, str):
+            raise ValueError(f"init must be 'random' or a complex array, got {init!r}")
+        init_obj = np.asarray(init).astype(np.complex64)
+        init_obj = init_obj[None] if init_obj.ndim == 2 else init_obj
+        if init_obj.shape[-2:] != (m, m) or init_obj.shape[0] not in (1, n):
+            raise ValueError(f"init must be shaped like the patterns, got {init_obj.shape}")
+        init_obj = np.broadcast_to(init_obj, (n, m, m))
+        if support is None:
+            support = physics.support_from_amplitude(init_obj)
+    for name, arr in (("mask", mask), ("support", support)):
+        if arr is not None and (np.shape(arr)[-2:] != (m, m) or np.ndim(arr) not in (2, 3)):
+            raise ValueError(f"{name} must be shaped (M, M) or (N, M, M) like the patterns")
+    mask = None if mask is None else np.asarray(mask, dtype=bool)
+    support = None if support is None else np.asarray(support, dtype=bool)
+
+    runs_f = np.repeat(np.arange(n), n_starts)
+    runs_k = np.tile(np.arange(n_starts), n)
+    batches = [slice(lo, min(lo + batch_size, len(runs_f))) for lo in range(0, len(runs_f), batch_size)]
+    grand_total = total_it * len(batches)
+    shrink = None
+    if not fixed_support and shrinkwrap_every > 0:
+        shrink = Shrinkwrap(shrinkwrap_every, float(sigma[0]), float(sigma[1]), float(threshold), average)
+
+    results = []
+    stopped = False
+    for b, sl in enumerate(batches):
+        frames, starts = runs_f[sl], runs_k[sl]
+        inten = _frame_arrays(stack, frames)
+        init_b = None if init_obj is None else init_obj[frames]
+        sup_b = _per_frame(support, frames)
+        amp, free, x0, sup0, scale = _prepare_batch(
+            inten, _per_frame(mask, frames), init_b, sup_b, frames, starts, seed, autocorrelation_threshold
+        )
+        amp_t = torch.from_numpy(amp / (m * m)).to(dev)
+        free_t = None if free is None else torch.from_numpy(np.ascontiguousarray(free)).to(dev)
+        if sup0 is None:
+            sup_t = autocorrelation_support(torch.from_numpy(amp * amp).to(dev), autocorrelation_threshold)
+        else:
+            sup_t = torch.from_numpy(np.ascontiguousarray(sup0)).to(dev)
+        x = torch.from_numpy(x0).to(dev)
+        x.mul_(sup_t)
+        offset = b * total_it
+
+        def _progress(done, _offset=offset):
+            if progress is not None:
+                progress(_offset + done, grand_total)
+
+        outcome = iterate(
+            x,
+            amp_t,
+            sup_t,
+            schedule,
+            beta=beta,
+            free=free_t,
+            shrink=shrink,
+            average=average,
+            block=block,
+            error_every=error_every,
+            progress=_progress,
+            should_stop=should_stop,
+        )
+        est = outcome.estimate
+        pred = st.fourier(est)
+        pred = pred.real.square() + pred.imag.square()
+        meas = torch.from_numpy(amp * amp).to(dev)
+        chi = physics.chi2(meas, pred, None if free_t is None else free_t > 0)
+        results.append(
+            {
+                "object": st.to_centred_layout(est).cpu().numpy() * scale[:, None, None],
+                "support": st.to_centred_layout(outcome.support).cpu().numpy() > 0.5,
+                "chi2": chi.float().cpu().numpy(),
+                "errors": torch.stack(outcome.errors, dim=1).float().cpu().numpy()
+                if outcome.errors
+                else np.zeros((len(frames), 0), np.float32),
+                "error_iterations": np.asarray(outcome.error_iterations, dtype=np.int64),
+                "frames": frames,
+            }
+        )
+        if outcome.stopped:
+            if on_stop == "raise":
+                raise Cancelled(outcome.iterations)
+            stopped = True
+            break
+    return _assemble(results, n_starts, single, stopped)
+
+
+def _assemble(results, n_starts, single, stopped):
+    """Merge batch results, keep the best start per frame, finish the frames."""
+    cat = {k: np.concatenate([r[k] for r in results]) for k in ("object", "support", "chi2", "frames")}
+    n_err = min(r["errors"].shape[1] for r in results)
+    errors = np.concatenate([r["errors"][:, :n_err] for r in results])
+    err_it = results[0]["error_iterations"][:n_err]
+    n_runs = len(cat["frames"])
+    n_frames = n_runs // n_starts if not stopped else -(-n_runs // n_starts)
+    chi_runs = np.full(n_frames * n_starts, np.inf, dtype=np.float32)
+    chi_runs[:n_runs] = cat["chi2"]
+    start_chi2 = chi_runs.reshape(n_frames, n_starts)
+    best = np.argmin(start_chi2, axis=1) + np.arange(n_frames) * n_starts
+    obj, sup = finish_frames(cat["object"][best], cat["support"][best])
+    amp = np.abs(obj).astype(np.float32)
+    peak = amp.max(axis=(1, 2), keepdims=True)
+    amplitude = (amp / np.where(peak > 0, peak, 1.0)).astype(np.float32)
+    phase = np.where(sup, np.angle(obj), 0.0).astype(np.float32)
+    out = {
+        "object": obj.astype(np.complex64),
+        "amplitude": amplitude,
+        "phase": phase,
+        "support": sup,
+        "chi2": cat["chi2"][best].astype(np.float32),
+        "errors": errors[best].astype(np.float32),
+        "error_iterations": err_it,
+        "start_chi2": start_chi2.astype(np.float32),
+    }
+    if single:
+        out = {k: (v[0] if k not in ("error_iterations",) else v) for k, v in out.items()}
+    out["stopped"] = stopped
+    return out

@@ -1,0 +1,178 @@
+"""Elementary steps of iterative phase retrieval on batched torch tensors.
+
+Internal layout
+---------------
+The engine works on ``(B, M, M)`` tensors in the *unshifted* FFT layout (origin at pixel
+``(0, 0)``, i.e. ``ifftshift`` of the centred arrays of :mod:`napari_cdinn.physics`), so that an
+iteration is one plain ``fft2``/``ifft2`` pair with no shifts.  :func:`to_fft_layout` and
+:func:`to_centred_layout` convert at the boundaries.
+
+Amplitudes are stored pre-divided by the number of pixels ``M * M``, so that the unnormalised
+inverse transform (``norm="forward"``) returns the object on the right scale and no separate
+scaling pass is needed.
+
+All update functions work in place on complex64 tensors and avoid ``exp``/``angle``: the
+modulus projection is a real rescaling ``F * (A / |F|)`` computed with ``rsqrt``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "to_fft_layout",
+    "to_centred_layout",
+    "fourier",
+    "inverse_fourier",
+    "modulus_projection",
+    "fourier_error",
+    "er_update",
+    "hio_update",
+    "raar_update",
+    "update",
+]
+
+#: Added to ``|F|**2`` before ``rsqrt``; a zero field stays zero (``0 * huge == 0``).
+_TINY = 1e-30
+
+
+def to_fft_layout(x):
+    """Centred ``(..., M, M)`` array to the unshifted FFT layout (``ifftshift``)."""
+    return torch.fft.ifftshift(x, dim=(-2, -1))
+
+
+def to_centred_layout(x):
+    """Unshifted FFT layout back to centred (``fftshift``)."""
+    return torch.fft.fftshift(x, dim=(-2, -1))
+
+
+def fourier(x, out=None):
+    """Unnormalised 2-D DFT over the last two axes (FFT layout)."""
+    return torch.fft.fft2(x, out=out)
+
+
+def inverse_fourier(field, out=None):
+    """Unnormalised inverse 2-D DFT (no ``1 / M**2``; amplitudes carry it, see module doc)."""
+    return torch.fft.ifft2(field, norm="forward", out=out)
+
+
+def modulus_projection(field, amp, free=None):
+    """Replace the modulus of a field by the measured one, in place.
+
+    ``field <- field * amp / |field|`` on measured pixels; on free (unmeasured) pixels the field
+    is left unchanged.
+
+    Parameters
+    ----------
+    field : torch.Tensor, complex64, shape (B, M, M)
+        Far field (modified in place).
+    amp : torch.Tensor, float32, shape (B, M, M) or (M, M)
+        Measured amplitudes, 0 on free pixels.
+    free : torch.Tensor, float32, same shape as ``amp``, optional
+        1 on unmeasured pixels, 0 elsewhere.
+
+    Returns
+    -------
+    field : the same tensor.
+    mag2 : torch.Tensor, float32, ``|field|**2`` before the projection, shape (B, M, M)
+        (plus ``_TINY``).
+    """
+    v = torch.view_as_real(field)
+    sq = v.square()
+    mag2 = torch.add(sq[..., 0], sq[..., 1]).add_(_TINY)
+    factor = torch.rsqrt(mag2).mul_(amp)
+    if free is not None:
+        factor.add_(free)
+    field.mul_(factor)
+    return field, mag2
+
+
+def fourier_error(mag2, amp, measured=None):
+    """Relative Fourier-modulus error ``sum (|F| - A)**2 / sum A**2`` per frame.
+
+    Parameters
+    ----------
+    mag2 : torch.Tensor, float32, (B, M, M)
+        ``|F|**2`` of the current iterate (as returned by :func:`modulus_projection`).
+    amp : torch.Tensor, float32
+        Measured amplitudes (0 on free pixels).
+    measured : torch.Tensor, float32, optional
+        1 on measured pixels, 0 on free ones.
+
+    Returns
+    -------
+    torch.Tensor, float32, shape (B,)
+    """
+    d = torch.sqrt(mag2).sub_(amp)
+    if measured is not None:
+        d.mul_(measured)
+    num = d.square_().sum(dim=(-2, -1))
+    den = amp.square().sum(dim=(-2, -1)).clamp_min(1e-30)
+    return num / den
+
+
+def er_update(x, y, support):
+    """Error reduction: ``x <- y`` inside the support, 0 outside (in place).
+
+    Parameters
+    ----------
+    x : torch.Tensor, complex64, (B, M, M)
+        Current iterate, overwritten.
+    y : torch.Tensor, complex64, (B, M, M)
+        Its modulus projection.
+    support : torch.Tensor, float32, (B, M, M)
+        1 inside the support, 0 outside.
+    """
+    return torch.mul(y, support, out=x)
+
+
+def hio_update(x, y, outside, beta=0.9):
+    """Hybrid input-output (Fienup): ``y`` inside, ``x - beta * y`` outside (in place).
+
+    Written as ``x <- y + outside * (x - (1 + beta) * y)``: three passes, no ``where``.
+
+    Parameters
+    ----------
+    x, y : torch.Tensor, complex64, (B, M, M)
+        Current iterate (overwritten) and its modulus projection.
+    outside : torch.Tensor, float32, (B, M, M)
+        1 outside the support, 0 inside.
+    beta : float
+        Feedback parameter.
+    """
+    xr, yr = torch.view_as_real(x), torch.view_as_real(y)
+    xr.add_(yr, alpha=-(1.0 + beta))
+    x.mul_(outside)
+    xr.add_(yr)
+    return x
+
+
+def raar_update(x, y, outside, beta=0.9):
+    """Relaxed averaged alternating reflections (Luke): ``y`` inside, ``beta x + (1 - 2 beta) y`` outside.
+
+    Written as ``x <- y + outside * beta * (x - 2 y)`` (in place).
+
+    Parameters
+    ----------
+    x, y : torch.Tensor, complex64, (B, M, M)
+    outside : torch.Tensor, float32, (B, M, M)
+        1 outside the support, 0 inside.
+    beta : float
+        Relaxation parameter.
+    """
+    xr, yr = torch.view_as_real(x), torch.view_as_real(y)
+    xr.add_(yr, alpha=-2.0).mul_(beta)
+    x.mul_(outside)
+    xr.add_(yr)
+    return x
+
+
+def update(step, x, y, support, outside, beta):
+    """Apply the named update (``"er"``, ``"hio"`` or ``"raar"``) in place."""
+    if step == "er":
+        return er_update(x, y, support)
+    if step == "hio":
+        return hio_update(x, y, outside, beta)
+    if step == "raar":
+        return raar_update(x, y, outside, beta)
+    raise ValueError(f"unknown step {step!r}: use er, hio or raar")
