@@ -145,8 +145,67 @@ def _cmd_bench(args):
         print(f"wrote {args.json}", file=sys.stderr)
 
 
+# --------------------------------------------------------------------------- train
+def _add_train(sub):
+    p = sub.add_parser(
+        "train",
+        help="train the CDI NN networks on simulated data",
+        description="Train the CDI NN networks (shape and phase) on the paper's simulated data with a "
+        "twin-invariant loss; checkpoints (safetensors) go to the model directory --out, every few "
+        "minutes and every epoch; --resume continues from them. Progress is printed on stderr.",
+    )
+    p.add_argument("--out", "-o", required=True, help="model directory (created)")
+    p.add_argument("--preset", default="paper", help="base settings: paper (default) or tiny")
+    p.add_argument("--arch", choices=("paper", "shared"), default=None, help="paper pair or shared encoder")
+    p.add_argument("--train-size", type=_positive_int, default=None, help="training examples (paper: 180000)")
+    p.add_argument("--val-size", type=_positive_int, default=None, help="validation examples (paper: 20000)")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="epochs (paper: 10)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (paper: 256)")
+    p.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate (paper: 1e-3)")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default=None, help="learning-rate schedule")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="bf16 autocast where fast")
+    p.add_argument("--checkpoint-minutes", type=_positive_float, default=5.0, help="minutes between checkpoints")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    p.add_argument("--seed", type=int, default=0, help="simulator seed of the training data")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args):
+    import shlex
+
+    from .nn.train import PRESETS, train
+
+    if args.preset not in PRESETS:
+        raise UsageError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    def progress(ev):
+        kind = ev["event"]
+        loss = ev.get("train_loss")
+        head = f"epoch {ev['epoch']} step {ev['step']} examples {ev['examples']} t {ev['elapsed_s']:.0f}s"
+        if kind == "step" and ev["step"] % 200 == 0:
+            print(f"{head} loss {loss:.4f} lr {ev['lr']:.2e} {ev['examples_per_s']:.0f} ex/s", file=sys.stderr, flush=True)
+        elif kind in ("checkpoint", "validation"):
+            m = ev["metrics"]
+            print(f"{head} {kind} val_loss {ev['val_loss']:.4f} iou {m['iou_median']:.3f} phase_rms "
+                  f"{m['phase_rms_median']:.3f} p90 {m['phase_rms_p90']:.3f} twin {m['twin_rate']:.2f} (n={m['count']})",
+                  file=sys.stderr, flush=True)
+        elif kind in ("start", "stopped", "done"):
+            print(f"{head} {kind}", file=sys.stderr, flush=True)
+
+    train(args.out, preset=args.preset, arch=args.arch, train_size=args.train_size, val_size=args.val_size,
+          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, device=args.device,
+          seed=args.seed, resume=args.resume, callback=progress, checkpoint_minutes=args.checkpoint_minutes,
+          precision=args.precision, command="cdinn " + shlex.join(sys.argv[1:]))
+
+
 # --------------------------------------------------------------------------- main
-_ADDERS = [_add_simulate, _add_bench]
+_ADDERS = [_add_simulate, _add_bench, _add_train]
 
 
 def build_parser():

@@ -1,0 +1,36 @@
+"""CDI NN: the paper's networks, their trainer, shipped weights and fast inference.
+
+No Qt or napari import here; torch is imported only when a function is called.
+
+Public API
+----------
+predict(intensity, model=None, device="auto", batch_size=256, threshold=0.1)
+    Shape, phase and a chi^2 trust score per frame from measured intensities.
+load_model(model=None, device="cpu") -> (net, card)
+train(out, preset="paper", ...) -> state
+"""
+
+from __future__ import annotations
+
+__all__ = ["predict", "load_model", "train", "TRUST_CHI2"]
+
+#: Frames whose data-consistency chi^2 (see :func:`predict`) exceeds this are flagged untrusted.
+TRUST_CHI2 = 0.05
+
+
+def predict(*args, **kwargs):  # noqa: D103 - documented in .inference
+    from .inference import predict as _predict
+
+    return _predict(*args, **kwargs)
+
+
+def load_model(*args, **kwargs):  # noqa: D103 - documented in .checkpoint
+    from .checkpoint import load_model as _load
+
+    return _load(*args, **kwargs)
+
+
+def train(*args, **kwargs):  # noqa: D103 - documented in .train
+    from .train import train as _train
+
+    return _train(*args, **kwargs)

@@ -1,0 +1,106 @@
+"""Saving and loading network weights as safetensors (never pickle) with a JSON card beside.
+
+A model file ``NAME.safetensors`` holds the state dict (float32) and its architecture in the
+safetensors metadata; ``NAME.json`` beside it is the model card (command, seed, data sizes,
+epochs, losses, metrics).  A *model directory* (``cdinn train --out DIR``) holds
+``best.safetensors`` (best validation phase RMS so far), ``last.safetensors`` (latest
+checkpoint), their cards, and the optimizer state ``optimizer.pt`` used only by ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .networks import build_model
+
+__all__ = ["save_model", "load_model", "resolve_model_path", "read_card", "WEIGHTS_DIR", "DEFAULT_MODEL"]
+
+#: Folder of the weights shipped with the package.
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+#: Name of the default shipped model (``WEIGHTS_DIR / "model.safetensors"``).
+DEFAULT_MODEL = "model"
+
+
+def _atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp.json")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_model(model, path, card: dict | None = None):
+    """Write ``model``'s weights to ``path`` (.safetensors) and ``card`` to the .json beside it.
+
+    Both files are written under temporary names and renamed, so a reader never sees half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp.safetensors")
+    save_file(state, str(tmp), metadata={"arch": model.arch, "format": "napari-cdinn/1"})
+    os.replace(tmp, path)
+    if card is not None:
+        _atomic_write_text(path.with_suffix(".json"), json.dumps(card, indent=2, default=float) + "\n")
+
+
+def resolve_model_path(model=None) -> Path:
+    """The .safetensors file meant by ``model``: None (shipped default), a shipped name, a file or a directory.
+
+    A directory resolves to its ``best.safetensors``, else ``last.safetensors``, else
+    ``model.safetensors``.  Raises ``ValueError`` (one sentence) when nothing is found.
+    """
+    if model is None:
+        model = DEFAULT_MODEL
+    p = Path(model)
+    if p.is_dir():
+        for name in ("best", "last", "model"):
+            if (p / f"{name}.safetensors").is_file():
+                return p / f"{name}.safetensors"
+        raise ValueError(f"no best/last/model.safetensors in the model directory {str(p)!r}")
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise ValueError(f"model files must be .safetensors, got {str(p)!r}")
+        return p
+    shipped = WEIGHTS_DIR / f"{model}.safetensors"
+    if p.name == str(model) and shipped.is_file():
+        return shipped
+    raise ValueError(f"no model named or found at {str(model)!r}")
+
+
+def read_card(path) -> dict:
+    """The JSON card beside a .safetensors file ({} if there is none)."""
+    card = Path(path).with_suffix(".json")
+    if card.is_file():
+        return json.loads(card.read_text())
+    return {}
+
+
+def load_model(model=None, device="cpu"):
+    """Load a model from safetensors (no pickle involved).
+
+    Parameters
+    ----------
+    model : None, str or path
+        See :func:`resolve_model_path`.
+    device : str or torch.device
+
+    Returns
+    -------
+    net : torch.nn.Module in eval mode
+    card : dict
+    """
+    path = resolve_model_path(model)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    card = read_card(path)
+    arch = meta.get("arch") or card.get("arch", "paper")
+    net = build_model(arch)
+    net.load_state_dict(load_file(str(path), device="cpu"))
+    net.to(device).eval()
+    return net, card

@@ -1,0 +1,40 @@
+"""Device and precision choices shared by training and inference."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..device import DEVICES
+from ..device import resolve_device as _resolve
+
+__all__ = ["resolve_device", "bf16_supported", "autocast", "DEVICES"]
+
+def resolve_device(device="auto") -> torch.device:
+    """A ``torch.device`` from ``auto|cpu|cuda|mps`` (:func:`napari_cdinn.device.resolve_device`).
+
+    A ``torch.device`` passes through; an absent accelerator raises ``ValueError`` (one sentence).
+    """
+    if isinstance(device, torch.device):
+        return device
+    return _resolve(device)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast is fast on ``device`` (CPU with native bf16, or a bf16 GPU)."""
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return False
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast context on ``device`` when ``enabled``, else a no-op context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)

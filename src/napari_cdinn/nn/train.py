@@ -1,0 +1,370 @@
+"""Training loop for the CDI NN networks on the paper's simulated data.
+
+Recipe (``preset="paper"``): binary cross-entropy on the sigmoid outputs (phase scaled to
+0..1), Adam (lr 1e-3), batch 256, 10 epochs of 180,000 training examples, 20,000 validation
+examples.  Two changes make the recipe learn the phase at all (design.md):
+
+* **twin-invariant loss**: per example, the smaller of the joint (shape + phase) BCE against
+  the truth and against its twin, so both outputs pick the same one of the two solutions;
+* **centred targets**: every target is rolled so the bounding box of its support is centred
+  (:func:`napari_cdinn.nn.data.centre_objects`), which removes the shift ambiguity of
+  unpadded patterns; the inputs are unchanged.
+
+Data come from the simulator on the fly: training examples from ``seed`` (examples
+``0 .. train_size - 1``, the same in every epoch, shuffled in chunks), validation examples from
+``seed + VAL_SEED_OFFSET``.  Validation reports the twin-invariant loss, the support IoU and the
+phase RMS inside the true support after alignment (``physics.compare``); judge by those.
+
+Checkpoints (``out`` is a directory): every ``checkpoint_minutes`` and at the end of every
+epoch, ``last.safetensors`` + ``last.json`` (state: position, history, config),
+``optimizer.pt`` (the only pickle, for ``resume``), and ``best.safetensors`` + ``best.json``
+whenever the quick validation phase RMS median improves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import physics
+from ..simulate import BLOCK
+from .checkpoint import save_model
+from .data import make_examples
+from .networks import build_model, count_parameters
+from .runtime import autocast, bf16_supported, resolve_device
+
+__all__ = ["train", "PRESETS", "twin_invariant_loss", "evaluate", "VAL_SEED_OFFSET"]
+
+#: Validation data use the simulator seed ``seed + VAL_SEED_OFFSET``.
+VAL_SEED_OFFSET = 1_000_000
+#: Examples simulated at once and shuffled together during training (a multiple of BLOCK).
+CHUNK = 4 * BLOCK
+
+PRESETS = {
+    "paper": dict(
+        arch="paper", train_size=180_000, val_size=20_000, epochs=10, batch_size=256, lr=1e-3, schedule="constant"
+    ),
+    "tiny": dict(arch="paper", train_size=2048, val_size=256, epochs=2, batch_size=64, lr=1e-3, schedule="constant"),
+}
+
+
+def twin_invariant_loss(amp_logit, phase_logit, target_amp, target_phase, twin_amp, twin_phase):
+    """Per-example min of the joint BCE against the truth and against its twin.
+
+    Parameters
+    ----------
+    amp_logit, phase_logit : Tensor (N, 1, H, W)
+        Pre-sigmoid outputs.
+    target_amp, twin_amp : Tensor (N, 1, H, W)
+        Amplitudes in 0..1.
+    target_phase, twin_phase : Tensor (N, 1, H, W)
+        Phases in radians (scaled to 0..1 here).
+
+    Returns
+    -------
+    loss : Tensor, scalar (mean over the batch)
+    chose_twin : Tensor bool (N,)
+    """
+
+    def joint(amp, phase):
+        la = F.binary_cross_entropy_with_logits(amp_logit, amp, reduction="none").mean((1, 2, 3))
+        unit = (phase + math.pi) / (2 * math.pi)
+        lp = F.binary_cross_entropy_with_logits(phase_logit, unit, reduction="none").mean((1, 2, 3))
+        return la + lp
+
+    l_true = joint(target_amp, target_phase)
+    l_twin = joint(twin_amp, twin_phase)
+    return torch.minimum(l_true, l_twin).mean(), l_twin < l_true
+
+
+def _to_tensor(a, device, channels_last=True):
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[:, None].to(device)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+def _outputs_to_object(amp, phase_unit, threshold=physics.SHAPE_THRESHOLD):
+    """Sigmoid outputs (N,1,H,W) tensors to numpy amplitude (max 1) and phase (0 outside)."""
+    a = amp[:, 0].float().cpu().numpy()
+    p = (phase_unit[:, 0].float().cpu().numpy() * 2 * np.pi - np.pi).astype(np.float32)
+    peak = a.max(axis=(1, 2), keepdims=True)
+    a = (a / np.where(peak > 0, peak, 1)).astype(np.float32)
+    p = np.where(a > threshold, p, 0.0).astype(np.float32)
+    return a, p
+
+
+def evaluate(model, data, device, bf16=False, batch_size=512):
+    """Validation loss and quality metrics of ``model`` on examples from :func:`make_examples`.
+
+    Returns
+    -------
+    dict
+        ``loss`` (twin-invariant), ``iou_median``, ``phase_rms_median``, ``phase_rms_p90``,
+        ``twin_rate`` (fraction of examples matching the twin better), ``count``.
+    """
+    model.eval()
+    losses, amps, phases = [], [], []
+    n = len(data["input"])
+    with torch.inference_mode():
+        for lo in range(0, n, batch_size):
+            sl = slice(lo, lo + batch_size)
+            x = _to_tensor(data["input"][sl], device)
+            with autocast(device, bf16):
+                la, lp = model.logits(x)
+            t = [_to_tensor(data[k][sl], device, False) for k in ("target_amplitude", "target_phase", "twin_amplitude", "twin_phase")]
+            loss, _ = twin_invariant_loss(la, lp, *t)
+            losses.append(float(loss) * len(x))
+            a, p = _outputs_to_object(torch.sigmoid(la), torch.sigmoid(lp))
+            amps.append(a)
+            phases.append(p)
+    a, p = np.concatenate(amps), np.concatenate(phases)
+    cmp = physics.compare(a * np.exp(1j * p), data["amplitude"], data["phase"])
+    rms = cmp["phase_rms"]
+    return {
+        "loss": sum(losses) / n,
+        "iou_median": float(np.median(cmp["iou"])),
+        "phase_rms_median": float(np.nanmedian(rms)),
+        "phase_rms_p90": float(np.nanpercentile(rms, 90)),
+        "twin_rate": float(np.mean(cmp["twin"])),
+        "count": int(n),
+    }
+
+
+def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0):
+    """Yield training batches (dicts) of one epoch, skipping the first ``skip_examples``."""
+    rng = np.random.default_rng([int(seed), 7, int(epoch)])
+    starts = np.arange(0, train_size, CHUNK)
+    order = rng.permutation(len(starts))
+    buffer, consumed = None, 0
+    for j in order:
+        start = int(starts[j])
+        count = min(CHUNK, train_size - start)
+        if consumed + count <= skip_examples - (0 if buffer is None else 0):
+            consumed += count
+            rng.permutation(count)  # keep the shuffle stream identical to an unskipped run
+            continue
+        chunk = make_examples(count, seed, start)
+        perm = rng.permutation(count)
+        chunk = {k: v[perm] for k, v in chunk.items()}
+        if consumed < skip_examples:
+            drop = skip_examples - consumed
+            chunk = {k: v[drop:] for k, v in chunk.items()}
+            consumed = skip_examples
+        if buffer is not None:
+            chunk = {k: np.concatenate([buffer[k], chunk[k]]) for k in chunk}
+        m = len(chunk["input"])
+        full = (m // batch_size) * batch_size
+        for lo in range(0, full, batch_size):
+            yield {k: v[lo : lo + batch_size] for k, v in chunk.items()}
+        buffer = {k: v[full:] for k, v in chunk.items()} if full < m else None
+
+
+def _lr_at(config, step, total_steps):
+    if config["schedule"] == "cosine":
+        frac = min(step / max(total_steps, 1), 1.0)
+        return config["lr"] * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return config["lr"]
+
+
+def _should_stop(stop):
+    if stop is None:
+        return False
+    if hasattr(stop, "is_set"):
+        return stop.is_set()
+    return bool(stop())
+
+
+def train(
+    out,
+    preset="paper",
+    arch=None,
+    train_size=None,
+    val_size=None,
+    epochs=None,
+    batch_size=None,
+    lr=None,
+    schedule=None,
+    device="auto",
+    seed=0,
+    resume=False,
+    callback=None,
+    stop=None,
+    checkpoint_minutes=5.0,
+    quick_val_size=2000,
+    precision="auto",
+    command=None,
+):
+    """Train the networks and write checkpoints to the directory ``out``.
+
+    Parameters
+    ----------
+    out : str or Path
+        Model directory (created): ``best``/``last`` .safetensors + .json, ``optimizer.pt``.
+    preset : str
+        Base settings (:data:`PRESETS`); any other argument given overrides them.
+    arch : {"paper", "shared"}
+    train_size, val_size, epochs, batch_size, lr : optional overrides
+    schedule : {"constant", "cosine"}
+        Learning rate schedule (cosine decays to 2 % of ``lr`` over all epochs).
+    device : "auto", "cpu", "cuda", "mps"
+    seed : int
+        Simulator seed of the training data (validation: ``seed + VAL_SEED_OFFSET``).
+    resume : bool
+        Continue from ``out/last.safetensors`` and ``out/optimizer.pt`` if they exist; the
+        settings stored there win, except ``epochs``, which may be raised.
+    callback : callable(dict), optional
+        Receives events: ``{"event": "start"|"step"|"checkpoint"|"validation"|"epoch"|"stopped"|"done",
+        "epoch", "step", "examples", "train_loss", "lr", "elapsed_s", "examples_per_s"}``, plus
+        ``val_loss`` and ``metrics`` on validation events.
+    stop : threading.Event or callable returning bool, optional
+        Checked every step; when set, a checkpoint is saved and training returns.
+    checkpoint_minutes : float
+        Wall-clock interval between checkpoints (each with a quick validation).
+    quick_val_size : int
+        Validation examples used by the checkpoint-time validation.
+    precision : {"auto", "fp32", "bf16"}
+        bf16 autocast (weights stay float32); ``auto`` uses it where the hardware has bf16.
+    command : str, optional
+        Command line recorded in the card.
+
+    Returns
+    -------
+    dict : the final training state (as in ``last.json``).
+    """
+    out = Path(out)
+    emit = callback or (lambda event: None)
+    config = dict(PRESETS[preset]) if preset in PRESETS else None
+    if config is None:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    overrides = dict(arch=arch, train_size=train_size, val_size=val_size, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule)
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    config.update(preset=preset, seed=int(seed), precision=precision)
+    if config["train_size"] < config["batch_size"]:
+        raise ValueError("the training set must hold at least one batch")
+    dev = resolve_device(device)
+    state_path = out / "last.json"
+    state = None
+    if resume and state_path.is_file() and (out / "last.safetensors").is_file():
+        state = json.loads(state_path.read_text())
+        saved = state["config"]
+        saved["epochs"] = max(saved["epochs"], config["epochs"]) if epochs is not None else saved["epochs"]
+        config = saved
+    bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(dev))
+    torch.manual_seed(config["seed"])
+    model = build_model(config["arch"])
+    opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    if state is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(out / "last.safetensors")))
+        if (out / "optimizer.pt").is_file():
+            opt.load_state_dict(torch.load(out / "optimizer.pt", map_location="cpu", weights_only=True))
+    else:
+        state = {
+            "config": config,
+            "epoch": 0,
+            "step_in_epoch": 0,
+            "step": 0,
+            "examples": 0,
+            "elapsed_s": 0.0,
+            "history": [],
+            "best": None,
+            "parameters": count_parameters(model),
+        }
+    state["command"] = command or state.get("command")
+    state["torch"] = torch.__version__
+    model.to(dev).to(memory_format=torch.channels_last)
+    for g in opt.state.values():
+        for k, v in g.items():
+            if torch.is_tensor(v):
+                g[k] = v.to(dev)
+    val = make_examples(config["val_size"], config["seed"] + VAL_SEED_OFFSET)
+    quick = {k: v[: min(quick_val_size, config["val_size"])] for k, v in val.items()}
+    steps_per_epoch = config["train_size"] // config["batch_size"]
+    total_steps = steps_per_epoch * config["epochs"]
+    t0 = time.monotonic() - state["elapsed_s"]
+    last_ckpt = time.monotonic()
+    run_loss, run_n = 0.0, 0
+    t_rate, n_rate = time.monotonic(), 0
+
+    def base_event(name):
+        return {
+            "event": name,
+            "epoch": state["epoch"],
+            "step": state["step"],
+            "examples": state["examples"],
+            "train_loss": run_loss / run_n if run_n else None,
+            "lr": opt.param_groups[0]["lr"],
+            "elapsed_s": time.monotonic() - t0,
+        }
+
+    def checkpoint(kind, full=False):
+        state["elapsed_s"] = time.monotonic() - t0
+        metrics = evaluate(model, val if full else quick, dev, bf16)
+        model.train()
+        record = dict(base_event(kind), val_loss=metrics["loss"], metrics=metrics, full_validation=full)
+        state["history"].append(record)
+        card = dict(state, arch=config["arch"], val_metrics=metrics, train_loss=record["train_loss"], val_loss=metrics["loss"])
+        save_model(model, out / "last.safetensors", card)
+        torch.save(opt.state_dict(), out / "optimizer.pt")
+        best = state.get("best")
+        if not full and (best is None or metrics["phase_rms_median"] < best["metrics"]["phase_rms_median"]):
+            state["best"] = {"step": state["step"], "examples": state["examples"], "metrics": metrics}
+            save_model(model, out / "best.safetensors", dict(card, best=state["best"]))
+            save_model(model, out / "last.safetensors", dict(card, best=state["best"]))
+        emit(dict(record, event="validation" if full else "checkpoint"))
+        return metrics
+
+    emit(dict(base_event("start"), config=config, parameters=count_parameters(model), device=str(dev), bf16=bf16))
+    model.train()
+    stopped = False
+    while state["epoch"] < config["epochs"] and not stopped:
+        batches = _epoch_batches(config["seed"], state["epoch"], config["train_size"], config["batch_size"], state["step_in_epoch"] * config["batch_size"])
+        for batch in batches:
+            if _should_stop(stop):
+                stopped = True
+                break
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(config, state["step"], total_steps)
+            x = _to_tensor(batch["input"], dev)
+            t = [_to_tensor(batch[k], dev, False) for k in ("target_amplitude", "target_phase", "twin_amplitude", "twin_phase")]
+            with autocast(dev, bf16):
+                la, lp = model.logits(x)
+            loss, _ = twin_invariant_loss(la, lp, *t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n = len(x)
+            state["step"] += 1
+            state["step_in_epoch"] += 1
+            state["examples"] += n
+            run_loss, run_n = run_loss + loss.item() * n, run_n + n
+            n_rate += n
+            if state["step"] % 20 == 0:
+                now = time.monotonic()
+                emit(dict(base_event("step"), examples_per_s=n_rate / max(now - t_rate, 1e-9)))
+                t_rate, n_rate = now, 0
+            if time.monotonic() - last_ckpt > 60 * checkpoint_minutes:
+                checkpoint("checkpoint")
+                run_loss, run_n = 0.0, 0
+                last_ckpt = time.monotonic()
+        if stopped:
+            break
+        state["epoch"] += 1
+        state["step_in_epoch"] = 0
+        checkpoint("checkpoint")
+        checkpoint("epoch", full=True)
+        emit(base_event("epoch"))
+        run_loss, run_n = 0.0, 0
+        last_ckpt = time.monotonic()
+    if stopped:
+        checkpoint("checkpoint")
+        emit(base_event("stopped"))
+    else:
+        emit(base_event("done"))
+    return state
