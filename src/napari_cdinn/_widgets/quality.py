@@ -1,0 +1,145 @@
+"""Quality view: the chi^2 histogram of a result stack, best/worst frames, the twin toggle.
+
+The paper's Figs. 4/5, interactively.  chi^2 (design.md) is taken from the amplitude layer's
+``chi2`` metadata when a result widget or the reader put it there, else computed against a
+measured intensity layer: the result's object, zero-padded to the pattern's size, is
+propagated and compared with a least-squares scale (NaN pixels of the pattern are masked).
+The twin toggle replaces the current frame of the amplitude and phase layers by its twin
+(centro-symmetric inversion + conjugate), which has the same diffraction pattern; pressing it
+again flips the frame back.  Everything here is cheap and runs on the main thread.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from magicgui import widgets
+
+from .. import physics
+from ._common import PlotCanvas, image_layer_picker, notify_error, stack_of
+
+
+def result_chi2(amplitude, phase, measured):
+    """Per-frame chi^2 of a result (amplitude, phase: (N, h, w)) against measured (N, H, W).
+
+    The object is zero-padded by ``H // h`` (which must be a whole number) before propagation.
+    """
+    amplitude, phase = np.asarray(amplitude, np.float64), np.asarray(phase, np.float64)
+    measured = np.asarray(measured, np.float64)
+    if measured.shape[0] != amplitude.shape[0]:
+        raise ValueError(f"the result has {amplitude.shape[0]} frames but the pattern stack {measured.shape[0]}")
+    factor = measured.shape[-1] // amplitude.shape[-1]
+    if factor < 1 or measured.shape[-2:] != (factor * amplitude.shape[-2], factor * amplitude.shape[-1]):
+        raise ValueError(f"a {amplitude.shape[-2:]} result does not fit {measured.shape[-2:]} patterns by a whole oversampling factor")
+    predicted = physics.intensity(physics.pad(amplitude * np.exp(1j * phase), factor))
+    bad = ~np.isfinite(measured)
+    return physics.chi2(np.where(bad, 0.0, measured), predicted, mask=bad if bad.any() else None)
+
+
+class QualityView(widgets.Container):
+    """Dock widget: chi^2 histogram, jump to best/worst frames, flip a frame to its twin."""
+
+    def __init__(self, napari_viewer):
+        self.viewer = napari_viewer
+        self.amplitude = image_layer_picker(napari_viewer, "amplitude", kind="amplitude")
+        self.phase = image_layer_picker(napari_viewer, "phase", kind="phase")
+        self.measured = image_layer_picker(napari_viewer, "patterns", kind="intensity", nullable=True)
+        self.update_button = widgets.PushButton(text="Update chi²")
+        self.summary = widgets.Label(value="")
+        self.frames = widgets.ComboBox(label="frames (best first)", choices=[])
+        self.best_button = widgets.PushButton(text="Best")
+        self.worst_button = widgets.PushButton(text="Worst")
+        self.twin_button = widgets.PushButton(text="Flip frame to twin")
+        jump = widgets.Container(widgets=[self.best_button, self.worst_button], layout="horizontal", labels=False)
+        super().__init__(widgets=[self.amplitude, self.phase, self.measured, self.update_button, self.summary,
+                                  self.frames, jump, self.twin_button])
+        self.plot = PlotCanvas()
+        self.plot.add_to(self)
+        self.chi2 = None
+        self.order = None
+        self.update_button.changed.connect(lambda _v=None: self.update())
+        self.best_button.changed.connect(lambda _v=None: self.jump_to_rank(0))
+        self.worst_button.changed.connect(lambda _v=None: self.jump_to_rank(-1))
+        self.frames.changed.connect(self._on_frame_chosen)
+        self.twin_button.changed.connect(lambda _v=None: self.flip_current())
+
+    # ------------------------------------------------------------------ chi^2
+    def update(self):
+        """Recompute chi^2 of the chosen result, redraw the histogram, refill the frame list."""
+        try:
+            chi2 = self._chi2()
+        except (ValueError, TypeError) as exc:
+            notify_error(exc)
+            return None
+        self.chi2 = chi2
+        self.order = np.argsort(chi2, kind="stable")
+        self.amplitude.value.metadata["chi2"] = chi2
+        self.frames.changed.disconnect(self._on_frame_chosen)
+        self.frames.choices = [(f"frame {i}: chi² = {chi2[i]:.3g}", int(i)) for i in self.order]
+        self.frames.changed.connect(self._on_frame_chosen)
+        self.summary.value = (f"{chi2.size} frames; chi² median {np.median(chi2):.3g}, "
+                              f"best {chi2[self.order[0]]:.3g}, worst {chi2[self.order[-1]]:.3g}")
+        self._draw(chi2)
+        return chi2
+
+    def _chi2(self):
+        amp_layer, pha_layer = self.amplitude.value, self.phase.value
+        if amp_layer is None or pha_layer is None:
+            raise ValueError("choose the result's amplitude and phase layers first")
+        n = 1 if amp_layer.data.ndim == 2 else amp_layer.data.shape[0]
+        known = amp_layer.metadata.get("chi2")
+        if self.measured.value is None:
+            if known is not None and np.size(known) == n:
+                return np.asarray(known, dtype=np.float64).reshape(n)
+            raise ValueError("this result carries no chi², so choose its measured pattern layer")
+        if amp_layer.data.shape != pha_layer.data.shape:
+            raise ValueError("the amplitude and phase layers differ in shape")
+        measured, _ = stack_of(self.measured.value)
+        amp = np.asarray(amp_layer.data).reshape((n,) + amp_layer.data.shape[-2:])
+        pha = np.asarray(pha_layer.data).reshape(amp.shape)
+        return np.asarray(result_chi2(amp, pha, np.asarray(measured)), dtype=np.float64).reshape(n)
+
+    def _draw(self, chi2):
+        ax = self.plot.axes
+        ax.clear()
+        ax.hist(chi2, bins=min(50, max(5, chi2.size // 4)), color="tab:blue")
+        ax.set_xlabel("chi²")
+        ax.set_ylabel("frames")
+        self.plot.draw()
+
+    # ------------------------------------------------------------------ navigation
+    def jump_to(self, frame):
+        """Show ``frame`` of the stack in the viewer."""
+        if self.viewer.dims.ndim >= 3:
+            self.viewer.dims.set_current_step(0, int(frame))
+
+    def jump_to_rank(self, rank):
+        """Jump to the frame of the given chi^2 rank (0: best, -1: worst)."""
+        if self.order is None and self.update() is None:
+            return
+        self.frames.value = int(self.order[rank])
+
+    def _on_frame_chosen(self, frame):
+        if frame is not None:
+            self.jump_to(frame)
+
+    # ------------------------------------------------------------------ twin
+    def flip_current(self):
+        """Replace the current frame of the amplitude and phase layers by its twin (a toggle)."""
+        amp_layer, pha_layer = self.amplitude.value, self.phase.value
+        if amp_layer is None or pha_layer is None or amp_layer.data.shape != pha_layer.data.shape:
+            notify_error("choose an amplitude and a phase layer of the same shape first")
+            return
+        frame = self.viewer.dims.current_step[0] if amp_layer.data.ndim == 3 else None
+        for layer in (amp_layer, pha_layer):
+            if not (isinstance(layer.data, np.ndarray) and layer.data.flags.writeable):
+                layer.data = np.array(layer.data, dtype=np.float32)
+        index = (slice(None), slice(None)) if frame is None else (frame,)
+        amp_layer.data[index] = physics.twin(amp_layer.data[index]).real
+        pha_layer.data[index] = -physics.twin(pha_layer.data[index]).real
+        n = 1 if frame is None else amp_layer.data.shape[0]
+        flipped = np.asarray(amp_layer.metadata.get("cdinn_twin", np.zeros(n, bool)), dtype=bool).reshape(-1)
+        flipped = flipped if flipped.size == n else np.zeros(n, bool)
+        flipped[frame or 0] ^= True
+        amp_layer.metadata["cdinn_twin"] = flipped
+        amp_layer.refresh()
+        pha_layer.refresh()
