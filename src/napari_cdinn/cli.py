@@ -204,8 +204,56 @@ def _cmd_train(args):
           precision=args.precision, command="cdinn " + shlex.join(sys.argv[1:]))
 
 
+# --------------------------------------------------------------------------- predict
+def _add_predict(sub):
+    p = sub.add_parser(
+        "predict",
+        help="shape and phase of every pattern by the CDI NN networks",
+        description="Run the CDI NN networks on measured intensities (32 x 32, or 32k x 32k patterns "
+        "k-times oversampled, which are decimated) and write amplitude, phase, chi2 (a per-frame "
+        "data-consistency score computed from the prediction) and trusted (chi2 below the trust "
+        "threshold). .h5/.cxi outputs are written as the job streams.",
+    )
+    p.add_argument("input", help="intensities: .npy, .npz, .tif, .h5, .cxi")
+    p.add_argument("-o", "--out", required=True, help="output .npz, .h5 or .cxi")
+    p.add_argument("--model", default=None, help="shipped model name, .safetensors file or model directory")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="frames per network call (default 256)")
+    p.add_argument("--chunk-size", type=_positive_int, default=4096, help="frames read and written at once")
+    p.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args):
+    import functools
+    import os
+
+    from . import io, stream
+    from .nn import TRUST_CHI2
+    from .nn.checkpoint import read_card, resolve_model_path
+    from .nn.inference import oversampling_factor, predict_chunk
+    from .nn.runtime import resolve_device
+
+    if not os.path.isfile(args.input):
+        raise UsageError(f"the input file {args.input!r} does not exist")
+    io.check_writable(args.out)
+    shape = io.read_stack(args.input, lazy=True).shape
+    if len(shape) not in (2, 3):
+        raise UsageError(f"expected intensities shaped (H, W) or (N, H, W), got {len(shape)} dimensions")
+    oversampling_factor(shape)
+    resolve_device(args.device)
+    model = str(resolve_model_path(args.model).resolve())
+    card = read_card(model)
+    fn = functools.partial(predict_chunk, model=model, device=args.device, batch_size=args.batch_size)
+    attrs = {"model": model, "arch": card.get("arch", ""), "trust_chi2": TRUST_CHI2}
+    stream.process_stack(args.input, args.out, fn, chunk_size=args.chunk_size, scheduler=args.scheduler,
+                         options={"model": model, "command": "predict"}, attrs=attrs)
+    n = 1 if len(shape) == 2 else shape[0]
+    print(f"wrote {args.out}: {n} predictions", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- main
-_ADDERS = [_add_simulate, _add_bench, _add_train]
+_ADDERS = [_add_simulate, _add_bench, _add_train, _add_predict]
 
 
 def build_parser():

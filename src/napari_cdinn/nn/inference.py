@@ -1,0 +1,178 @@
+"""Fast inference: shape, phase and a trust score per frame from measured intensities.
+
+Input sizes
+-----------
+The networks read 32 x 32 amplitudes of the *unpadded* object.  A square pattern of side
+``32 k`` (``k``-times oversampled, e.g. the paper's 2x frame of 64 x 64) is decimated exactly by
+``k`` (:func:`napari_cdinn.physics.decimate`); any other size raises ``ValueError``.
+
+Normalisation
+-------------
+Amplitudes ``sqrt(I)`` are divided by their per-frame maximum, so results do not depend on the
+overall scale of the input.
+
+Trust score
+-----------
+``chi2`` is computed from the prediction itself, in the *measured* frame: the predicted
+32 x 32 object is zero-padded ``k`` times (:func:`napari_cdinn.physics.pad`) and its intensity
+compared to all measured pixels with :func:`napari_cdinn.physics.chi2` (least-squares scale).
+For ``k = 2`` this also tests the oversampled pixels, which carry the support information; it is
+invariant to the shift, twin and global phase ambiguities.  Frames with ``chi2 > TRUST_CHI2`` are
+flagged ``trusted = False``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import physics
+from . import TRUST_CHI2
+from .checkpoint import load_model, resolve_model_path
+from .data import SIZE
+from .runtime import autocast, bf16_supported, resolve_device
+
+__all__ = ["predict", "predict_chunk", "oversampling_factor", "prepare", "embed", "TRUST_CHI2"]
+
+_CACHE: dict = {}
+
+
+def oversampling_factor(shape) -> int:
+    """Decimation factor ``k`` for a pattern of ``shape (..., H, W)``: ``H == W == 32 k``.
+
+    Raises
+    ------
+    ValueError
+        When the pattern is not square with a side that is a multiple of 32.
+    """
+    h, w = int(shape[-2]), int(shape[-1])
+    if h != w or h % SIZE or h == 0:
+        raise ValueError(
+            f"the networks read square patterns of 32 x 32 or k-times oversampled 32k x 32k pixels, got {h} x {w}"
+        )
+    return h // SIZE
+
+
+def prepare(intensity):
+    """Measured intensities ``(N, H, W)`` to the networks' normalised 32 x 32 amplitudes.
+
+    Returns
+    -------
+    inputs : ndarray float32 (N, 32, 32)
+    measured : ndarray float32 (N, H, W), non-negative intensities (NaN and negatives as 0)
+    factor : int
+    """
+    measured = physics.amplitude_from_intensity(intensity) ** 2
+    factor = oversampling_factor(measured.shape)
+    amp = np.sqrt(physics.decimate(measured, factor))
+    peak = amp.max(axis=(-2, -1), keepdims=True)
+    inputs = (amp / np.where(peak > 0, peak, 1.0)).astype(np.float32)
+    return np.ascontiguousarray(inputs), measured.astype(np.float32), factor
+
+
+def embed(amplitude, phase, factor: int = 2):
+    """Complex 32 x 32 predictions zero-padded into the ``factor``-times oversampled frame.
+
+    Returns
+    -------
+    obj : ndarray complex64 (..., 32 k, 32 k)
+    support : ndarray bool, same shape (amplitude above the shape threshold)
+    """
+    obj = (np.asarray(amplitude) * np.exp(1j * np.asarray(phase))).astype(np.complex64)
+    sup = physics.support_from_amplitude(amplitude)
+    return physics.pad(obj, factor), physics.pad(sup, factor)
+
+
+def _cached_model(model, device):
+    path = resolve_model_path(model)
+    key = (str(path.resolve()), path.stat().st_mtime_ns, str(device))
+    if key not in _CACHE:
+        _CACHE.clear()
+        net, card = load_model(path, device)
+        _CACHE[key] = (net.to(memory_format=torch.channels_last), card)
+    return _CACHE[key]
+
+
+def _run_batch(net, inputs, measured, factor, device, bf16, threshold):
+    x = torch.from_numpy(inputs)[:, None].to(device).contiguous(memory_format=torch.channels_last)
+    with autocast(device, bf16):
+        amp, unit = net(x)
+    amp = amp[:, 0].float()
+    amp = amp / amp.amax((-2, -1), keepdim=True).clamp_min(1e-12)
+    support = amp > threshold
+    phase = torch.where(support, unit[:, 0].float() * (2 * np.pi) - np.pi, torch.zeros_like(amp))
+    obj = torch.polar(amp, phase)
+    if factor > 1:
+        big = torch.zeros(obj.shape[0], SIZE * factor, SIZE * factor, dtype=obj.dtype, device=device)
+        r0 = (SIZE * factor) // 2 - SIZE // 2
+        big[:, r0 : r0 + SIZE, r0 : r0 + SIZE] = obj
+        obj = big
+    fit = physics.intensity(obj)
+    chi = physics.chi2(torch.from_numpy(measured).to(device), fit)
+    return amp.cpu().numpy(), phase.cpu().numpy(), support.cpu().numpy(), chi.cpu().numpy()
+
+
+def predict(intensity, model=None, device="auto", batch_size=256, threshold=physics.SHAPE_THRESHOLD, precision="auto"):
+    """Shape and phase of the object behind each diffraction pattern, with a trust score.
+
+    Parameters
+    ----------
+    intensity : array-like, shape (H, W) or (N, H, W)
+        Measured, centred intensities on any scale; ``H == W == 32 k`` (see the module notes).
+        Any array supporting slicing (NumPy, dask, h5py) is read one batch at a time.
+    model : None, str or path
+        None: the shipped weights; a shipped name; a .safetensors file or a model directory.
+    device : "auto", "cpu", "cuda" or "mps"
+    batch_size : int
+        Frames per network call.
+    threshold : float
+        Relative amplitude defining the object; the phase is 0 outside it.
+    precision : "auto", "fp32" or "bf16"
+        bf16 autocast where the hardware has fast bf16 (``auto``), else float32.
+
+    Returns
+    -------
+    dict
+        ``amplitude`` float32 (N, 32, 32), max 1 per frame; ``phase`` float32 radians, 0 outside
+        the support; ``support`` bool; ``chi2`` float32 (N,); ``trusted`` bool (N,)
+        (``chi2 <= TRUST_CHI2``).  A single (H, W) frame gives unbatched arrays.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be a positive integer")
+    shape = tuple(intensity.shape) if hasattr(intensity, "shape") else np.shape(intensity)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"expected intensities shaped (H, W) or (N, H, W), got {len(shape)} dimensions")
+    single = len(shape) == 2
+    factor = oversampling_factor(shape)
+    dev = resolve_device(device)
+    bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(dev))
+    net, _ = _cached_model(model, dev)
+    n = 1 if single else shape[0]
+    out = {
+        "amplitude": np.empty((n, SIZE, SIZE), np.float32),
+        "phase": np.empty((n, SIZE, SIZE), np.float32),
+        "support": np.empty((n, SIZE, SIZE), bool),
+        "chi2": np.empty(n, np.float32),
+    }
+    with torch.inference_mode():
+        for lo in range(0, n, batch_size):
+            block = np.asarray(intensity) if single else np.asarray(intensity[lo : lo + batch_size])
+            inputs, measured, _ = prepare(block.reshape((-1,) + shape[-2:]))
+            res = _run_batch(net, inputs, measured, factor, dev, bf16, threshold)
+            hi = lo + len(inputs)
+            for key, val in zip(("amplitude", "phase", "support", "chi2"), res):
+                out[key][lo:hi] = val
+    out["trusted"] = out["chi2"] <= TRUST_CHI2
+    if single:
+        out = {k: v[0] for k, v in out.items()}
+    return out
+
+
+def predict_chunk(intensity, model=None, device="auto", batch_size=256):
+    """Chunk function for :func:`napari_cdinn.stream.process_stack` (picklable via ``partial``).
+
+    Returns ``amplitude``, ``phase``, ``chi2`` and ``trusted`` of :func:`predict` for an
+    ``(n, H, W)`` block; the network is loaded once per process.
+    """
+    res = predict(intensity, model=model, device=device, batch_size=batch_size)
+    return {k: res[k] for k in ("amplitude", "phase", "chi2", "trusted")}
