@@ -60,3 +60,54 @@ def test_quality_view_error_is_a_notification(make_napari_viewer, monkeypatch):
     widget.measured.value = None
     assert widget.update() is None
     assert len(errors) == 1 and "measured pattern layer" in errors[0]
+
+
+def _dock(viewer, name):
+    _dock_widget, widget = viewer.window.add_plugin_dock_widget("napari-cdinn", name)
+    return widget
+
+
+def test_phase_retrieval_adds_layers_live(make_napari_viewer, qtbot):
+    viewer = _viewer_with_stack(make_napari_viewer, truth=False)
+    widget = _dock(viewer, "Phase retrieval")
+    widget.patterns.value = viewer.layers["patterns"]
+    widget.algorithm.value = "er"
+    widget.iterations.value = 40
+    widget.block_frames.value = 4  # two blocks: layers appear after the first
+    widget.device.value = "cpu"
+    widget.controls.run_button.clicked.emit()
+    assert widget.runner.running  # the UI is not blocked while it runs
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
+    amp = viewer.layers["patterns PR amplitude"]
+    assert amp.data.shape == (6, 32, 32) and viewer.layers["patterns PR phase"].metadata["cdinn_kind"] == "phase"
+    chi2 = amp.metadata["chi2"]
+    assert chi2.shape == (6,) and np.all(np.isfinite(chi2)) and np.all(chi2 < 0.5)
+    assert widget.plot.axes.lines and "6 pattern(s)" in widget.controls.status.value
+
+
+def test_phase_retrieval_stop(make_napari_viewer, qtbot):
+    viewer = _viewer_with_stack(make_napari_viewer, truth=False)
+    widget = _dock(viewer, "Phase retrieval")
+    widget.patterns.value = viewer.layers["patterns"]
+    widget.iterations.value = 1_000_000
+    widget.device.value = "cpu"
+    seen = []
+    widget.runner._bridge.progress.connect(seen.append)
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: bool(seen), timeout=60_000)  # it is iterating
+    widget.controls.stop_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=30_000)
+    assert widget.controls.status.value.startswith("stopped")
+    assert widget.controls.run_button.enabled and not widget.controls.stop_button.enabled
+
+
+def test_phase_retrieval_bad_mask_is_a_notification(make_napari_viewer, monkeypatch):
+    viewer = _viewer_with_stack(make_napari_viewer, truth=False)
+    viewer.add_labels(np.zeros((5, 5), int), name="gaps")
+    widget = _dock(viewer, "Phase retrieval")
+    errors = []
+    monkeypatch.setattr("napari_cdinn._widgets._common.show_error", errors.append)
+    widget.patterns.value = viewer.layers["patterns"]
+    widget.mask.value = viewer.layers["gaps"]
+    widget.controls.run_button.clicked.emit()
+    assert not widget.runner.running and len(errors) == 1 and "does not match" in errors[0]

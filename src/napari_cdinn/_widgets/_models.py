@@ -1,0 +1,58 @@
+"""The models the inversion widgets offer: shipped weights plus those trained in this session.
+
+Listing needs no torch: shipped models are the ``*.safetensors`` files in ``nn/weights``.
+The training dock calls :func:`register_model`; every open model picker updates at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from magicgui import widgets
+from psygnal import Signal
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "nn" / "weights"
+
+
+class _Registry:
+    changed = Signal()
+
+    def __init__(self):
+        self.trained = {}  # label -> path
+
+    def choices(self):
+        shipped = [(f"{p.stem} (shipped)", p.stem) for p in sorted(WEIGHTS_DIR.glob("*.safetensors"))]
+        return shipped + [(label, str(path)) for label, path in self.trained.items()]
+
+
+REGISTRY = _Registry()
+
+
+def register_model(path, label=None):
+    """Offer the model at ``path`` (a model directory or .safetensors file) in every picker."""
+    path = Path(path)
+    REGISTRY.trained[label or f"{path.name} (trained)"] = path
+    REGISTRY.changed.emit()
+
+
+class ModelPicker(widgets.Container):
+    """A model ComboBox (shipped and trained) and an optional file/folder that overrides it."""
+
+    def __init__(self):
+        self.choice = widgets.ComboBox(label="model", choices=lambda _w=None: REGISTRY.choices(), nullable=True)
+        self.file = widgets.FileEdit(label="or model file", mode="r", filter="*.safetensors", value="")
+        super().__init__(widgets=[self.choice, self.file])
+        REGISTRY.changed.connect(self._refresh)
+
+    def _refresh(self):
+        self.choice.reset_choices()
+        if REGISTRY.trained:
+            self.choice.value = str(list(REGISTRY.trained.values())[-1])
+
+    @property
+    def model(self):
+        """What to pass as ``model=`` to the nn engine (None: the shipped default)."""
+        text = str(self.file.value or "").strip()
+        if text and text != "." and Path(text).exists():
+            return text
+        return self.choice.value
