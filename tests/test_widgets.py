@@ -111,3 +111,59 @@ def test_phase_retrieval_bad_mask_is_a_notification(make_napari_viewer, monkeypa
     widget.mask.value = viewer.layers["gaps"]
     widget.controls.run_button.clicked.emit()
     assert not widget.runner.running and len(errors) == 1 and "does not match" in errors[0]
+
+
+@pytest.fixture
+def random_model(tmp_path):
+    """An untrained model file: the widget tests check plumbing, not accuracy."""
+    from napari_cdinn.nn.checkpoint import save_model
+    from napari_cdinn.nn.networks import build_model
+
+    path = tmp_path / "random.safetensors"
+    save_model(build_model("paper"), path)
+    return path
+
+
+def test_inversion_adds_layers_and_flags(make_napari_viewer, qtbot, random_model):
+    viewer = _viewer_with_stack(make_napari_viewer, truth=False)
+    widget = _dock(viewer, "CDI NN inversion")
+    widget.patterns.value = viewer.layers["patterns"]
+    widget.models.file.value = random_model
+    widget.device.value = "cpu"
+    widget.batch_size.value = 4
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
+    amp, pha = viewer.layers["patterns NN amplitude"], viewer.layers["patterns NN phase"]
+    assert amp.data.shape == pha.data.shape == (6, 32, 32)
+    assert tuple(amp.translate) == (0.0, 0.0, 0.0)  # the 32-pixel frame fills the 32 x 32 pattern
+    chi2, trusted = amp.metadata["chi2"], amp.metadata["trusted"]
+    assert chi2.shape == (6,) and np.array_equal(trusted, chi2 <= widget.trust.value)
+    assert len(widget.plot.axes.collections) == 2
+
+
+def test_inversion_bad_shape_and_bad_model_are_notifications(make_napari_viewer, qtbot, monkeypatch, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.ones((3, 20, 20), np.float32), name="odd")
+    viewer.add_image(np.ones((3, 64, 64), np.float32), name="fine")
+    widget = _dock(viewer, "CDI NN inversion")
+    errors = []
+    monkeypatch.setattr("napari_cdinn._widgets._common.show_error", errors.append)
+    widget.patterns.value = viewer.layers["odd"]
+    widget.controls.run_button.clicked.emit()
+    assert len(errors) == 1 and "32k" in errors[0]
+    widget.patterns.value = viewer.layers["fine"]
+    widget.models.choice.value = None
+    widget.models.file.value = tmp_path  # a folder without a model
+    widget.device.value = "cpu"
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
+    assert len(errors) == 2 and "\n" not in errors[1]
+
+
+def test_inversion_job_stops_between_batches(random_model):
+    from napari_cdinn._widgets.inversion import inversion_job
+
+    calls = []
+    out = inversion_job(SIM["intensity"], dict(model=str(random_model), device="cpu", batch_size=2),
+                        calls.append, lambda: len(calls) >= 1)
+    assert out["stopped"] and out["chi2"].shape == (2,) and calls == [{"done": 2, "total": 6}]

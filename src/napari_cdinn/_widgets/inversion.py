@@ -1,0 +1,113 @@
+"""CDI NN inversion dock: the networks' amplitude and phase for a pattern or a stack.
+
+Wired to :func:`napari_cdinn.nn.predict`.  Frames are inverted in batches inside a thread
+worker (progress after each batch, Stop between batches).  Results keep the stack axis: a
+32 x 32 amplitude and phase per frame, centred in the pattern's frame (the 2x protocol), with the
+per-frame chi^2 trust score in the layers' metadata and in a plot; frames whose chi^2 exceeds
+the trust threshold are flagged (metadata ``trusted``, red in the plot, a notification).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from magicgui import widgets
+
+from .. import _layers
+from ..device import DEVICES
+from ..nn import TRUST_CHI2
+from ._common import JobControls, JobRunner, PlotCanvas, add_or_update, image_layer_picker, notify, notify_error, stack_of
+from ._models import ModelPicker
+
+
+def inversion_job(stack, options, progress, should_stop):
+    """Worker body: ``nn.predict`` batch by batch; returns the merged result and ``stopped``."""
+    from .. import nn
+
+    n, batch = stack.shape[0], max(1, int(options.pop("batch_size")))
+    parts = []
+    for lo in range(0, n, batch):
+        if should_stop():
+            break
+        parts.append(nn.predict(np.asarray(stack[lo : lo + batch], np.float32), batch_size=batch, **options))
+        progress({"done": min(lo + batch, n), "total": n})
+    if not parts:
+        return {"stopped": True}
+    out = {key: np.concatenate([p[key] for p in parts]) for key in ("amplitude", "phase", "chi2")}
+    out["stopped"] = sum(len(p["chi2"]) for p in parts) < n
+    return out
+
+
+class InversionWidget(widgets.Container):
+    """Dock widget: CDI NN inversion of a pattern layer with a chi^2 trust score per frame."""
+
+    def __init__(self, napari_viewer):
+        self.viewer = napari_viewer
+        self.patterns = image_layer_picker(napari_viewer, "patterns", kind="intensity")
+        self.models = ModelPicker()
+        self.device = widgets.ComboBox(label="device", choices=DEVICES, value="auto")
+        self.threshold = widgets.FloatSpinBox(label="shape threshold", value=0.1, min=0.0, max=1.0, step=0.01)
+        self.trust = widgets.FloatSpinBox(label="trust chi² below", value=TRUST_CHI2, min=0.0, max=10.0, step=0.01)
+        self.batch_size = widgets.SpinBox(label="batch", value=256, min=1, max=65536)
+        self.runner = JobRunner(self._on_progress, self._on_result, on_finish=self._on_finish)
+        self.controls = JobControls("Invert", self.run, self.runner)
+        super().__init__(widgets=[self.patterns, self.models, self.device, self.threshold, self.trust,
+                                  self.batch_size, self.controls])
+        self.plot = PlotCanvas()
+        self.plot.add_to(self)
+        self._source = None
+
+    def run(self):
+        """Start the inversion of the chosen layer (errors become notifications)."""
+        try:
+            stack, single = stack_of(self.patterns.value)
+        except ValueError as exc:
+            notify_error(exc)
+            return
+        side = stack.shape[-1]
+        if stack.shape[-2] != side or side % 32:
+            notify_error(f"the networks read square patterns of 32k x 32k pixels, not {stack.shape[-2]} x {side}")
+            return
+        options = dict(model=self.models.model, device=self.device.value, threshold=float(self.threshold.value),
+                       batch_size=self.batch_size.value)
+        self._source = (self.patterns.value.name, stack.shape, single)
+        self.controls.busy(f"inverting {stack.shape[0]} pattern(s)...")
+        self.runner.start(lambda progress, should_stop: inversion_job(stack, options, progress, should_stop))
+
+    def _on_progress(self, info):
+        self.controls.set_progress(info["done"], info["total"], f"{info['done']} of {info['total']} pattern(s)")
+
+    def _on_result(self, res):
+        if "chi2" not in res:
+            self.controls.idle("stopped before the first batch")
+            return
+        name, shape, single = self._source
+        chi2 = res["chi2"]
+        trusted = chi2 <= float(self.trust.value)
+        meta = {"cdinn_source": name, "chi2": chi2, "trusted": trusted, "model": str(self.models.model or "default")}
+        amp, pha = (res["amplitude"][0], res["phase"][0]) if single else (res["amplitude"], res["phase"])
+        offset = (0.0,) * (amp.ndim - 2) + _layers.centre_offset(shape, amp.shape)
+        add_or_update(self.viewer, _layers.amplitude_tuple(amp, f"{name} NN amplitude", translate=offset, **meta))
+        add_or_update(self.viewer, _layers.phase_tuple(pha, f"{name} NN phase", translate=offset, **meta))
+        self._draw(chi2, trusted)
+        bad = int((~trusted).sum())
+        text = f"{len(chi2)} pattern(s) inverted; {bad} over the trust threshold"
+        if res["stopped"]:
+            text = f"stopped: {len(chi2)} pattern(s) inverted"
+        if bad:
+            notify(f"{bad} of {len(chi2)} frame(s) have chi² above {self.trust.value:g}; check them in the Quality view.")
+        self.controls.idle(text)
+
+    def _draw(self, chi2, trusted):
+        ax = self.plot.axes
+        ax.clear()
+        frames = np.arange(len(chi2))
+        ax.scatter(frames[trusted], chi2[trusted], s=8, color="tab:blue", label="trusted")
+        ax.scatter(frames[~trusted], chi2[~trusted], s=8, color="tab:red", label="flagged")
+        ax.axhline(float(self.trust.value), color="gray", lw=0.8, ls="--")
+        ax.set_xlabel("frame")
+        ax.set_ylabel("chi²")
+        self.plot.draw()
+
+    def _on_finish(self):
+        if not self.controls.run_button.enabled:
+            self.controls.idle()
