@@ -9,13 +9,15 @@ No Qt or napari import.  The building blocks are small composable steps:
 * :func:`reconstruct` -- NumPy stacks in, centred and phase-normalised objects out.
 """
 
-from ._device import resolve_device
-from .api import default_batch_size, make_schedule, reconstruct
+from ..device import resolve_device
+from .api import default_batch_size, make_schedule, network_start, reconstruct, reconstruct_chunk
 from .engine import Cancelled, Shrinkwrap, iterate
 from .schedule import ALGORITHMS, STEPS, default_schedule, parse_schedule
 
 __all__ = [
     "reconstruct",
+    "reconstruct_chunk",
+    "network_start",
     "Cancelled",
     "Shrinkwrap",
     "iterate",

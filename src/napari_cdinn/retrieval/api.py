@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
 from .. import physics
 from . import steps as st
-from ._device import resolve_device
+from ..device import resolve_device
 from .engine import Cancelled, Shrinkwrap, iterate
-from .schedule import ALGORITHMS, default_schedule, parse_schedule, schedule_length
+from .schedule import ALGORITHMS, STEPS, default_schedule, parse_schedule, schedule_length
 from .support import autocorrelation_support
 
-__all__ = ["reconstruct", "make_schedule", "default_batch_size", "random_start", "centre_shifts", "finish_frames"]
+__all__ = ["reconstruct", "reconstruct_chunk", "network_start", "make_schedule", "default_batch_size", "random_start", "centre_shifts", "finish_frames"]
 
 #: Patterns per batch by device type (CPU: fits the caches; GPUs: fills them).
 _BATCH = {"cpu": 64, "cuda": 4096, "mps": 1024}
@@ -27,6 +29,10 @@ def make_schedule(algorithm="hio-er", iterations=620, average=20):
     """Schedule from a protocol name (:data:`ALGORITHMS`) or a one-line schedule string/list."""
     if isinstance(algorithm, str) and algorithm.lower() in ALGORITHMS:
         return default_schedule(algorithm, iterations, average)
+    if isinstance(algorithm, str) and re.fullmatch(r"\s*[A-Za-z_-]+\s*", algorithm) and algorithm.lower() not in STEPS:
+        raise ValueError(
+            f"unknown algorithm {algorithm!r}: use hio-er, er, hio, raar or a schedule such as '(hio:80,er:20)x6,er:20'"
+        )
     pairs = parse_schedule(algorithm)
     if schedule_length(pairs) < 1:
         raise ValueError("the schedule has no iterations")
@@ -167,8 +173,8 @@ def reconstruct(
     seed=0,
     shrinkwrap_every=20,
     sigma=(3.0, 1.0),
-    threshold=0.15,
-    autocorrelation_threshold=0.04,
+    threshold=0.12,
+    autocorrelation_threshold=0.1,
     block=20,
     error_every=10,
     progress=None,
@@ -387,3 +393,43 @@ def _assemble(results, n_starts, single, stopped):
         out = {k: (v[0] if k not in ("error_iterations",) else v) for k, v in out.items()}
     out["stopped"] = stopped
     return out
+
+
+def network_start(intensity, model=None, device="auto"):
+    """The CDI NN guess embedded in the pattern's frame: ``(init object, support)`` for :func:`reconstruct`.
+
+    Raises
+    ------
+    ValueError
+        When no trained weights are found (one sentence).
+    """
+    from ..nn import predict
+    from ..nn.inference import embed, oversampling_factor
+
+    guess = predict(intensity, model=model, device=device)
+    return embed(guess["amplitude"], guess["phase"], oversampling_factor(np.shape(intensity)))
+
+
+def reconstruct_chunk(intensity, init="random", model=None, **options):
+    """Chunk function for :func:`napari_cdinn.stream.process_stack` (picklable via ``partial``).
+
+    Parameters
+    ----------
+    intensity : ndarray, float32, (n, M, M)
+    init : {"random", "nn"}
+        Random phases, or the network's guess with its support (shrinkwrap may evolve it).
+    model : str, optional
+        Network weights for ``init="nn"``.
+    **options
+        Passed to :func:`reconstruct`.
+
+    Returns
+    -------
+    dict of ``amplitude``, ``phase``, ``support`` (n, M, M) and ``chi2`` (n,).
+    """
+    kwargs = dict(options)
+    if init == "nn":
+        obj, sup = network_start(intensity, model=model, device=kwargs.get("device", "auto"))
+        kwargs.update(init=obj, support=sup)
+    res = reconstruct(intensity, **kwargs)
+    return {k: res[k] for k in ("amplitude", "phase", "support", "chi2")}
