@@ -171,6 +171,7 @@ def reconstruct(
     device="auto",
     batch_size=None,
     seed=0,
+    first_frame=0,
     shrinkwrap_every=20,
     sigma=(3.0, 1.0),
     threshold=0.12,
@@ -218,7 +219,11 @@ def reconstruct(
     batch_size : int, optional
         Runs inverted together (default by device, :func:`default_batch_size`).
     seed : int
-        Random starts depend on ``(seed, frame index, start index)`` only.
+        Random starts depend on ``(seed, first_frame + frame index, start index)`` only, never on
+        the batch a pattern lands in.
+    first_frame : int
+        Index of the first pattern in a larger stack, so that inverting a stack piece by piece
+        gives the same random starts as inverting it whole.
     shrinkwrap_every : int
         Support update period in iterations (0: never).
     sigma : (float, float)
@@ -307,7 +312,7 @@ def reconstruct(
         init_b = None if init_obj is None else init_obj[frames]
         sup_b = _per_frame(support, frames)
         amp, free, x0, sup0, scale = _prepare_batch(
-            inten, _per_frame(mask, frames), init_b, sup_b, frames, starts, seed, autocorrelation_threshold
+            inten, _per_frame(mask, frames), init_b, sup_b, frames + int(first_frame), starts, seed, autocorrelation_threshold
         )
         amp_t = torch.from_numpy(amp / (m * m)).to(dev)
         free_t = None if free is None else torch.from_numpy(np.ascontiguousarray(free)).to(dev)

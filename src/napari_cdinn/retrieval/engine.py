@@ -154,6 +154,8 @@ def iterate(
     total = len(plan)
     average = min(max(int(average), 0), total)
     measured = None if free is None else 1.0 - free
+    # the inverse transform is unnormalised: free pixels keep their value through a gain 1 / M**2
+    free_gain = None if free is None else free / float(x.shape[-2] * x.shape[-1])
     outside = 1.0 - support
     field = torch.empty_like(x)
     y = torch.empty_like(x)
@@ -165,7 +167,7 @@ def iterate(
     estimate = x
     for it, step in enumerate(plan):
         st.fourier(x, out=field)
-        _, mag2 = st.modulus_projection(field, amp, free)
+        _, mag2 = st.modulus_projection(field, amp, free_gain)
         if (it + 1) % error_every == 0 or it + 1 == total:
             out.errors.append(st.fourier_error(mag2, amp, measured))
             out.error_iterations.append(it + 1)

@@ -60,7 +60,7 @@ def modulus_projection(field, amp, free=None):
     """Replace the modulus of a field by the measured one, in place.
 
     ``field <- field * amp / |field|`` on measured pixels; on free (unmeasured) pixels the field
-    is left unchanged.
+    is only multiplied by its gain ``free``.
 
     Parameters
     ----------
@@ -69,7 +69,8 @@ def modulus_projection(field, amp, free=None):
     amp : torch.Tensor, float32, shape (B, M, M) or (M, M)
         Measured amplitudes, 0 on free pixels.
     free : torch.Tensor, float32, same shape as ``amp``, optional
-        1 on unmeasured pixels, 0 elsewhere.
+        Gain of unmeasured pixels, 0 on measured ones: 1 leaves them unchanged; the engine
+        passes ``1 / M**2`` to undo the unnormalised inverse transform (see the module doc).
 
     Returns
     -------

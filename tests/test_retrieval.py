@@ -1,0 +1,254 @@
+"""Tests of the batched phase retrieval engine (CPU only, small, correctness only)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from napari_cdinn import physics  # noqa: E402
+from napari_cdinn.cli import main  # noqa: E402
+from napari_cdinn.retrieval import (  # noqa: E402
+    Cancelled,
+    default_schedule,
+    make_schedule,
+    parse_schedule,
+    reconstruct,
+)
+from napari_cdinn.retrieval import steps, support  # noqa: E402
+from napari_cdinn.simulate import simulate  # noqa: E402
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: small batches gain nothing from two, and a busy machine hurts them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Four paper-recipe patterns, 2x oversampled (64 x 64)."""
+    return simulate(4, size=SIZE, seed=11, oversampling=2)
+
+
+@pytest.fixture(scope="module")
+def solved(data):
+    """The default protocol with two starts on the four patterns."""
+    return reconstruct(data["intensity"], device="cpu", n_starts=2, seed=0)
+
+
+def _scores(result, data):
+    return physics.compare(physics.crop(result["object"], (SIZE, SIZE)), data["amplitude"], data["phase"])
+
+
+# --------------------------------------------------------------------------- schedules
+def test_schedule_one_liner():
+    pairs = parse_schedule("(hio:80, er:20) x6, er:20")
+    assert sum(n for _, n in pairs) == 620
+    assert pairs[0] == ("hio", 80) and pairs[-1] == ("er", 40)
+    assert parse_schedule("raar:5 er") == [("raar", 5), ("er", 1)]
+    assert parse_schedule("((er:1)x2 hio:3)x2") == [("er", 2), ("hio", 3), ("er", 2), ("hio", 3)]
+    assert default_schedule("hio-er", 620, 20) == pairs
+
+
+@pytest.mark.parametrize("bad", ["(hio:80", "hio:80)", "foo:3", "hio:-1", "er;2"])
+def test_schedule_errors(bad):
+    with pytest.raises(ValueError):
+        parse_schedule(bad)
+
+
+def test_unknown_algorithm_is_one_sentence():
+    with pytest.raises(ValueError, match="unknown algorithm 'magic'"):
+        make_schedule("magic")
+
+
+# --------------------------------------------------------------------------- steps
+def test_modulus_projection_sets_modulus_and_keeps_phase_and_free_pixels():
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 8, 8, dtype=torch.complex64, generator=gen)
+    amp = torch.rand(2, 8, 8, generator=gen)
+    free = torch.zeros(2, 8, 8)
+    free[:, :2] = 1
+    amp = amp * (1 - free)
+    before = f.clone()
+    out, _ = steps.modulus_projection(f, amp, free)
+    meas = free == 0
+    assert torch.allclose(out.abs()[meas], amp[meas], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(torch.angle(out)[meas], torch.angle(before)[meas], atol=1e-4)
+    assert torch.equal(out[~meas], before[~meas])
+
+
+def test_updates_inside_and_outside():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 6, 6, dtype=torch.complex64, generator=gen)
+    y = torch.randn(1, 6, 6, dtype=torch.complex64, generator=gen)
+    s = (torch.rand(1, 6, 6, generator=gen) > 0.5).float()
+    inside = s > 0
+    beta = 0.7
+    hio = steps.hio_update(x.clone(), y, 1 - s, beta)
+    assert torch.allclose(hio[inside], y[inside]) and torch.allclose(hio[~inside], (x - beta * y)[~inside])
+    raar = steps.raar_update(x.clone(), y, 1 - s, beta)
+    assert torch.allclose(raar[~inside], (beta * x + (1 - 2 * beta) * y)[~inside], atol=1e-6)
+    er = steps.er_update(x.clone(), y, s)
+    assert torch.allclose(er, y * s)
+
+
+def test_autocorrelation_support_contains_the_object(data):
+    inten = torch.from_numpy(np.fft.ifftshift(data["intensity"], axes=(-2, -1)))
+    sup = np.fft.fftshift(support.autocorrelation_support(inten, 0.1).numpy(), axes=(-2, -1)) > 0
+    obj = physics.pad(physics.support_from_amplitude(data["amplitude"]), 2)
+    # the autocorrelation support is centro-symmetric and larger than the object
+    assert (sup.sum(axis=(1, 2)) > obj.sum(axis=(1, 2))).all()
+
+
+# --------------------------------------------------------------------------- convergence
+def test_converges_to_the_object(solved, data):
+    assert solved["object"].shape == (4, 64, 64) and solved["object"].dtype == np.complex64
+    assert (solved["chi2"] < 1e-3).all()
+    s = _scores(solved, data)
+    assert np.median(s["phase_rms"]) < 0.3
+    assert np.median(s["iou"]) > 0.85
+    assert solved["start_chi2"].shape == (4, 2)
+    np.testing.assert_allclose(solved["chi2"], solved["start_chi2"].min(axis=1), rtol=1e-6)
+
+
+def test_output_conventions(solved):
+    amp, sup = solved["amplitude"], solved["support"]
+    np.testing.assert_allclose(amp.max(axis=(1, 2)), 1.0, rtol=1e-6)
+    assert solved["phase"].dtype == np.float32 and (solved["phase"][~sup] == 0).all()
+    # centred: support centre of mass within a pixel of the frame centre
+    yy, xx = np.mgrid[0:64, 0:64]
+    for s in sup:
+        assert abs((yy * s).sum() / s.sum() - 32) <= 1 and abs((xx * s).sum() / s.sum() - 32) <= 1
+    # mean phase (circular) inside the support is 0
+    unit = np.where(sup, solved["object"] / np.maximum(np.abs(solved["object"]), 1e-30), 0).sum(axis=(1, 2))
+    np.testing.assert_allclose(np.angle(unit), 0, atol=1e-4)
+    assert solved["errors"].shape == (4, len(solved["error_iterations"]))
+    assert solved["error_iterations"][-1] == 620
+    assert solved["stopped"] is False
+
+
+def test_scale_invariance(data):
+    # ER is contractive, so rounding differences between scales stay small
+    a = reconstruct(data["intensity"][:2], device="cpu", algorithm="er", iterations=60)
+    b = reconstruct(data["intensity"][:2] * 1e4, device="cpu", algorithm="er", iterations=60)
+    np.testing.assert_allclose(a["amplitude"], b["amplitude"], atol=1e-3)
+    np.testing.assert_allclose(a["chi2"], b["chi2"], rtol=1e-2, atol=1e-6)
+
+
+def test_single_frame_gives_2d_results(data):
+    r = reconstruct(data["intensity"][0], device="cpu", iterations=40)
+    assert r["object"].shape == (64, 64) and r["chi2"].shape == () and r["errors"].ndim == 1
+
+
+def test_starting_from_the_truth_with_a_fixed_support_stays_there(data):
+    truth = physics.pad(data["amplitude"] * np.exp(1j * data["phase"]), 2).astype(np.complex64)
+    sup = physics.pad(data["amplitude"] > 0, 2)
+    r = reconstruct(data["intensity"], device="cpu", iterations=20, init=truth, support=sup, fixed_support=True)
+    assert (r["chi2"] < 1e-6).all()
+    s = _scores(r, data)
+    assert (s["phase_rms"] < 1e-2).all() and (s["iou"] > 0.99).all()
+
+
+# --------------------------------------------------------------------------- mask
+def test_masked_pixels_do_not_pull_the_solution():
+    d = simulate(3, size=SIZE, seed=4, oversampling=2, beamstop=2.5)
+    mask = d["mask"]
+    clean = reconstruct(d["intensity"], device="cpu", mask=mask, iterations=200, seed=3)
+    garbage = d["intensity"].copy()
+    rng = np.random.default_rng(0)
+    garbage[:, mask] = rng.uniform(0, 10, size=(3, mask.sum())) * d["intensity"].max()
+    dirty = reconstruct(garbage, device="cpu", mask=mask, iterations=200, seed=3)
+    np.testing.assert_array_equal(clean["object"], dirty["object"])
+    np.testing.assert_array_equal(clean["chi2"], dirty["chi2"])
+    # without the mask the garbage does pull the solution
+    unmasked = reconstruct(garbage, device="cpu", iterations=200, seed=3)
+    assert not np.allclose(unmasked["object"], clean["object"], atol=1e-3)
+    # and on the measured pixels the masked run fits the data
+    assert np.median(clean["chi2"]) < 1e-2
+
+
+# --------------------------------------------------------------------------- batches
+def test_batches_equal_one_at_a_time(data):
+    whole = reconstruct(data["intensity"], device="cpu", iterations=100, batch_size=4, seed=7)
+    small = reconstruct(data["intensity"], device="cpu", iterations=100, batch_size=3, seed=7)
+    ones = [reconstruct(data["intensity"][i], device="cpu", iterations=100, seed=7, first_frame=i) for i in range(4)]
+    for i in range(4):
+        np.testing.assert_allclose(whole["object"][i], ones[i]["object"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(whole["object"][i], small["object"][i], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- progress and stop
+def test_progress_is_called_every_block(data):
+    calls = []
+    reconstruct(data["intensity"][:2], device="cpu", iterations=60, block=20, batch_size=1,
+                progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(20, 120), (40, 120), (60, 120), (80, 120), (100, 120), (120, 120)]
+
+
+def test_cancellation_raises_within_one_block(data):
+    stop = threading.Event()
+    seen = []
+
+    def progress(done, total):
+        seen.append(done)
+        stop.set()
+
+    with pytest.raises(Cancelled) as info:
+        reconstruct(data["intensity"], device="cpu", iterations=620, block=10, progress=progress, should_stop=stop)
+    assert info.value.iterations == 10 and seen == [10]
+
+
+def test_cancellation_can_return_partial_results(data):
+    r = reconstruct(data["intensity"], device="cpu", iterations=620, block=10, batch_size=2,
+                    should_stop=lambda: True, on_stop="return")
+    assert r["stopped"] is True
+    assert r["object"].shape == (2, 64, 64) and r["chi2"].shape == (2,)
+
+
+def test_cuda_request_without_cuda(data):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="CUDA was requested but no CUDA device is available"):
+        reconstruct(data["intensity"], device="cuda")
+
+
+@pytest.mark.parametrize("shape", [(3, 63, 63), (2, 64, 32)])
+def test_bad_pattern_shapes(shape):
+    with pytest.raises(ValueError, match="square with an even size"):
+        reconstruct(np.ones(shape, np.float32), device="cpu")
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_reconstruct_writes_results(tmp_path, data):
+    src = tmp_path / "in.npz"
+    np.savez(src, intensity=data["intensity"][:2])
+    out = tmp_path / "out.npz"
+    assert main([
+        "reconstruct", str(src), "-o", str(out), "--iterations", "60", "--device", "cpu", "--seed", "1",
+    ]) == 0
+    with np.load(out) as f:
+        assert {"amplitude", "phase", "chi2", "support"} <= set(f.files)
+        assert f["amplitude"].shape == (2, 64, 64) and f["amplitude"].dtype == np.float32
+        assert f["phase"].dtype == np.float32 and f["chi2"].shape == (2,)
+        np.testing.assert_allclose(f["amplitude"].max(axis=(1, 2)), 1.0, rtol=1e-6)
+
+
+def test_cli_reconstruct_bad_input(tmp_path, capsys):
+    src = tmp_path / "odd.npy"
+    np.save(src, np.ones((2, 63, 63), np.float32))
+    out = tmp_path / "out.npz"
+    out.write_bytes(b"keep me")
+    assert main(["reconstruct", str(src), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert out.read_bytes() == b"keep me"
+    assert main(["reconstruct", str(tmp_path / "missing.npz"), "-o", str(out)]) == 2
