@@ -174,6 +174,8 @@ def _add_train(sub):
 
 def _cmd_train(args):
     import shlex
+    import signal
+    import threading
 
     from .nn.train import PRESETS, train
 
@@ -198,10 +200,17 @@ def _cmd_train(args):
         elif kind in ("start", "stopped", "done"):
             print(f"{head} {kind}", file=sys.stderr, flush=True)
 
-    train(args.out, preset=args.preset, arch=args.arch, train_size=args.train_size, val_size=args.val_size,
-          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, device=args.device,
-          seed=args.seed, resume=args.resume, callback=progress, checkpoint_minutes=args.checkpoint_minutes,
-          precision=args.precision, command="cdinn " + shlex.join(sys.argv[1:]))
+    # SIGINT/SIGTERM stop training cleanly: a checkpoint is saved, --resume continues from it
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train(args.out, preset=args.preset, arch=args.arch, train_size=args.train_size, val_size=args.val_size,
+              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, device=args.device,
+              seed=args.seed, resume=args.resume, callback=progress, stop=stop, checkpoint_minutes=args.checkpoint_minutes,
+              precision=args.precision, command="cdinn " + shlex.join(sys.argv[1:]))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------- predict

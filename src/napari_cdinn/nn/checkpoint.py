@@ -32,14 +32,15 @@ def _atomic_write_text(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def save_model(model, path, card: dict | None = None):
+def save_model(model, path, card: dict | None = None, dtype=torch.float32):
     """Write ``model``'s weights to ``path`` (.safetensors) and ``card`` to the .json beside it.
 
     Both files are written under temporary names and renamed, so a reader never sees half a file.
+    ``dtype=torch.float16`` halves the file (the shipped weights); loading restores float32.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp.safetensors")
     save_file(state, str(tmp), metadata={"arch": model.arch, "format": "napari-cdinn/1"})
     os.replace(tmp, path)
@@ -101,6 +102,6 @@ def load_model(model=None, device="cpu"):
     card = read_card(path)
     arch = meta.get("arch") or card.get("arch", "paper")
     net = build_model(arch)
-    net.load_state_dict(load_file(str(path), device="cpu"))
+    net.load_state_dict({k: v.float() for k, v in load_file(str(path), device="cpu").items()})
     net.to(device).eval()
     return net, card

@@ -255,6 +255,7 @@ def train(
         saved["epochs"] = max(saved["epochs"], config["epochs"]) if epochs is not None else saved["epochs"]
         config = saved
     bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(dev))
+    torch.set_flush_denormal(True)  # denormal activations are very slow on CPUs
     torch.manual_seed(config["seed"])
     model = build_model(config["arch"])
     opt = torch.optim.Adam(model.parameters(), lr=config["lr"])

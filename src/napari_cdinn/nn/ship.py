@@ -1,0 +1,80 @@
+"""Copy a training checkpoint into the package as the shipped weights, with a measured card.
+
+Usage: ``python -m napari_cdinn.nn.ship runs/paper [--name model] [--count 1000]``
+
+The checkpoint (``best.safetensors`` of a model directory, or a file) is stored as float16
+safetensors in :data:`napari_cdinn.nn.checkpoint.WEIGHTS_DIR`, and its card gets the training
+record plus test metrics measured *with the stored weights* on fresh patterns
+(:func:`napari_cdinn.nn.evaluate.score_model`), clean and with Poisson noise (1e5 photons).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+
+from . import TRUST_CHI2
+from .checkpoint import WEIGHTS_DIR, load_model, read_card, resolve_model_path, save_model
+from .evaluate import TEST_SEED, score_model
+
+__all__ = ["ship", "card_from_state"]
+
+_KEEP = ("config", "epoch", "step", "examples", "elapsed_s", "parameters", "command", "torch", "best",
+         "train_loss", "val_loss", "val_metrics")
+
+
+def card_from_state(state: dict) -> dict:
+    """The training record kept in a shipped card (no per-step history)."""
+    card = {k: state[k] for k in _KEEP if k in state}
+    hist = [h for h in state.get("history", []) if h.get("full_validation")]
+    card["epoch_validations"] = [
+        {"epoch": h["epoch"], "examples": h["examples"], "val_loss": h["val_loss"], "metrics": h["metrics"]} for h in hist
+    ]
+    return card
+
+
+def ship(source, name="model", count=1000, device="cpu", photons=1e5):
+    """Store ``source``'s weights as ``WEIGHTS_DIR/name.safetensors`` (+ card); return the card."""
+    path = resolve_model_path(source)
+    net, state = load_model(path, device)
+    card = card_from_state(state)
+    card.update(
+        arch=net.arch,
+        source=str(path),
+        shipped=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        storage="float16 safetensors (loaded as float32)",
+        input="sqrt(intensity), decimated to 32 x 32, divided by its per-frame maximum",
+        output="amplitude (max 1), phase (radians, 0 outside amplitude 0.1); targets centred by bounding box",
+        trust_chi2=TRUST_CHI2,
+    )
+    target = WEIGHTS_DIR / f"{name}.safetensors"
+    tmp = WEIGHTS_DIR / f".{name}.tmp.safetensors"
+    save_model(net, tmp, None, dtype=torch.float16)
+    card["test_metrics"] = score_model(tmp, count=count, seed=TEST_SEED, device=device)
+    card["test_metrics_noisy"] = score_model(tmp, count=count, seed=TEST_SEED, photons=photons, device=device)
+    save_model(net, target, card, dtype=torch.float16)
+    os.remove(tmp)
+    return read_card(target)
+
+
+def main(argv=None):
+    """Command-line entry: ship a checkpoint and print its test metrics."""
+    p = argparse.ArgumentParser(prog="python -m napari_cdinn.nn.ship", description=__doc__.splitlines()[0])
+    p.add_argument("source", help="model directory or .safetensors checkpoint")
+    p.add_argument("--name", default="model")
+    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    card = ship(args.source, args.name, args.count)
+    print({k: card[k] for k in ("examples", "test_metrics", "test_metrics_noisy")}, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

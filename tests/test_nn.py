@@ -1,0 +1,181 @@
+"""Tests of the CDI NN networks, trainer and inference (CPU, small, correctness only)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from napari_cdinn import physics
+from napari_cdinn.cli import main
+from napari_cdinn.nn import TRUST_CHI2, load_model, predict
+from napari_cdinn.nn.checkpoint import WEIGHTS_DIR, save_model
+from napari_cdinn.nn.data import centre_objects, make_examples, twin_targets
+from napari_cdinn.nn.networks import build_model, count_parameters
+from napari_cdinn.nn.train import train
+from napari_cdinn.simulate import simulate
+
+SHIPPED = WEIGHTS_DIR / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def patterns():
+    return simulate(8, oversampling=2, seed=11)
+
+
+@pytest.mark.parametrize("arch, params", [("paper", 1_440_642), ("shared", 1_154_210)])
+def test_network_shapes_and_parameters(arch, params):
+    net = build_model(arch).eval()
+    assert count_parameters(net) == params
+    with torch.inference_mode():
+        amp, phase = net(torch.rand(3, 1, 32, 32))
+    assert amp.shape == phase.shape == (3, 1, 32, 32)
+    assert amp.dtype == torch.float32
+    assert float(amp.min()) >= 0 and float(amp.max()) <= 1
+
+
+def test_unknown_architecture():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_model("resnet")
+
+
+def test_targets_are_centred_and_consistent_with_the_input():
+    d = make_examples(64, seed=3)
+    for prefix in ("target", "twin"):
+        obj = d[f"{prefix}_amplitude"] * np.exp(1j * d[f"{prefix}_phase"])
+        amp = np.abs(physics.forward(obj))
+        np.testing.assert_allclose(amp / amp.max(axis=(1, 2), keepdims=True), d["input"], atol=1e-5)
+    # the twin of the twin is the (centred) truth
+    a2, p2 = twin_targets(d["twin_amplitude"], d["twin_phase"])
+    np.testing.assert_allclose(a2, d["target_amplitude"], atol=1e-6)
+    np.testing.assert_allclose(p2, d["target_phase"], atol=1e-6)
+    a, _ = centre_objects(d["target_amplitude"], d["target_phase"])
+    np.testing.assert_array_equal(a, d["target_amplitude"])  # centring is idempotent
+
+
+def test_shipped_weights_load_without_pickle(monkeypatch):
+    assert SHIPPED.is_file() and SHIPPED.with_suffix(".json").is_file()
+    assert not [p for p in WEIGHTS_DIR.iterdir() if p.suffix in (".pt", ".pth", ".pkl", ".ckpt")]
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("torch.load (pickle) must not be used for weights")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    net, card = load_model()
+    assert card["arch"] == net.arch
+    assert "test_metrics" in card and "command" in card
+
+
+def test_predict_shapes_dtypes_and_single_frame(patterns):
+    res = predict(patterns["intensity"], device="cpu")
+    assert res["amplitude"].shape == res["phase"].shape == (8, 32, 32)
+    assert res["amplitude"].dtype == res["phase"].dtype == np.float32
+    assert res["chi2"].shape == res["trusted"].shape == (8,)
+    np.testing.assert_allclose(res["amplitude"].max(axis=(1, 2)), 1.0, rtol=1e-6)
+    assert np.all(res["phase"][~res["support"]] == 0)
+    assert np.all(np.abs(res["phase"]) <= np.pi + 1e-6)
+    np.testing.assert_array_equal(res["trusted"], res["chi2"] <= TRUST_CHI2)
+    one = predict(patterns["intensity"][0], device="cpu")
+    assert one["amplitude"].shape == (32, 32) and one["chi2"].shape == ()
+    np.testing.assert_allclose(one["amplitude"], res["amplitude"][0], atol=1e-5)
+
+
+def test_predict_is_scale_invariant(patterns):
+    a = predict(patterns["intensity"], device="cpu", precision="fp32")
+    b = predict(patterns["intensity"] * 3.7e4, device="cpu", precision="fp32")
+    np.testing.assert_allclose(a["amplitude"], b["amplitude"], atol=1e-4)
+    np.testing.assert_allclose(a["chi2"], b["chi2"], rtol=1e-3, atol=1e-6)
+
+
+def test_predict_decimates_oversampled_patterns(patterns):
+    big = predict(patterns["intensity"], device="cpu", precision="fp32")
+    small = predict(physics.decimate(patterns["intensity"], 2), device="cpu", precision="fp32")
+    np.testing.assert_allclose(big["amplitude"], small["amplitude"], atol=1e-5)
+    np.testing.assert_allclose(big["phase"] * big["support"], small["phase"] * big["support"], atol=1e-3)
+
+
+def test_predict_rejects_bad_sizes_and_devices(patterns):
+    with pytest.raises(ValueError, match="32 x 32"):
+        predict(np.ones((2, 48, 48), np.float32))
+    with pytest.raises(ValueError, match="32 x 32"):
+        predict(np.ones((2, 64, 32), np.float32))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            predict(patterns["intensity"], device="cuda")
+
+
+def test_chi2_is_small_for_the_true_object():
+    d = simulate(4, oversampling=2, seed=2)
+    fit = physics.intensity(physics.pad(d["amplitude"] * np.exp(1j * d["phase"]), 2))
+    assert np.all(physics.chi2(d["intensity"], fit) < 1e-6)
+
+
+def test_tiny_training_loss_falls_and_resumes(tmp_path):
+    events = []
+    out = tmp_path / "model"
+    train(out, preset="tiny", train_size=1024, val_size=64, epochs=2, batch_size=32, lr=2e-3,
+          callback=events.append, quick_val_size=64)
+    steps = [e for e in events if e["event"] == "step"]
+    assert steps[0]["train_loss"] > steps[-1]["train_loss"]
+    vals = [e for e in events if e["event"] == "validation"]
+    assert len(vals) == 2 and {"iou_median", "phase_rms_median"} <= set(vals[0]["metrics"])
+    for name in ("best", "last"):
+        assert (out / f"{name}.safetensors").is_file()
+    state = json.loads((out / "last.json").read_text())
+    assert state["step"] == 64 and state["epoch"] == 2
+    net, _ = load_model(out)
+    assert net.arch == "paper"
+    # resume with more epochs continues from step 64
+    state = train(out, preset="tiny", train_size=1024, val_size=64, epochs=3, batch_size=32, resume=True, quick_val_size=64)
+    assert state["step"] == 96 and state["epoch"] == 3
+
+
+def test_stop_flag_saves_a_usable_checkpoint(tmp_path):
+    stop = threading.Event()
+    seen = []
+
+    def on_event(ev):
+        seen.append(ev)
+        if ev["event"] == "step":
+            stop.set()
+
+    state = train(tmp_path / "m", preset="tiny", train_size=1024, val_size=32, epochs=1, batch_size=32,
+                  callback=on_event, stop=stop, quick_val_size=32)
+    assert seen[-1]["event"] == "stopped"
+    assert 0 < state["step"] < 1024 // 32
+    resumed = train(tmp_path / "m", preset="tiny", train_size=1024, val_size=32, epochs=1, batch_size=32,
+                    resume=True, quick_val_size=32)
+    assert resumed["step"] == 1024 // 32 and resumed["examples"] == 1024
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    net = build_model("shared")
+    save_model(net, tmp_path / "m.safetensors", {"arch": "shared"})
+    back, card = load_model(tmp_path / "m.safetensors")
+    assert back.arch == "shared" and card == {"arch": "shared"}
+    for (k, v), (_, w) in zip(net.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def test_cli_predict(tmp_path, patterns):
+    src = tmp_path / "in.npz"
+    np.savez(src, intensity=patterns["intensity"])
+    out = tmp_path / "out.npz"
+    assert main(["predict", str(src), "-o", str(out), "--device", "cpu"]) == 0
+    with np.load(out) as f:
+        assert f["amplitude"].shape == (8, 32, 32) and f["chi2"].shape == (8,) and "trusted" in f.files
+
+
+def test_cli_predict_bad_input_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.ones((2, 40, 40), np.float32))
+    out = tmp_path / "out.npz"
+    assert main(["predict", str(bad), "-o", str(out)]) == 2
+    assert main(["predict", str(tmp_path / "missing.npy"), "-o", str(out)]) == 2
+    assert main(["predict", str(bad), "-o", str(out), "--model", str(tmp_path / "none.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 3 and "Traceback" not in err
+    assert not out.exists()
