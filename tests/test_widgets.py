@@ -167,3 +167,36 @@ def test_inversion_job_stops_between_batches(random_model):
     out = inversion_job(SIM["intensity"], dict(model=str(random_model), device="cpu", batch_size=2),
                         calls.append, lambda: len(calls) >= 1)
     assert out["stopped"] and out["chi2"].shape == (2,) and calls == [{"done": 2, "total": 6}]
+
+
+def test_training_dock_updates_plot_and_offers_the_model(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    widget = _dock(viewer, "Train CDI NN")
+    inversion = _dock(viewer, "CDI NN inversion")
+    widget.train_size.value, widget.val_size.value = 128, 64
+    widget.epochs.value, widget.batch_size.value = 1, 64
+    widget.device.value = "cpu"
+    widget.out.value = tmp_path / "tiny"
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
+    assert widget.history["train"] and widget.history["val"]
+    assert widget.plot.axes.lines
+    assert (tmp_path / "tiny" / "last.safetensors").is_file()
+    assert inversion.models.model == str(tmp_path / "tiny")  # selectable at once
+
+
+def test_training_stop_saves_a_checkpoint(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    widget = _dock(viewer, "Train CDI NN")
+    widget.train_size.value, widget.val_size.value = 1_000_000, 64
+    widget.epochs.value, widget.batch_size.value = 5, 64
+    widget.device.value = "cpu"
+    widget.out.value = tmp_path / "stopped"
+    seen = []
+    widget.runner._bridge.progress.connect(seen.append)
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: bool(seen), timeout=120_000)  # training started
+    widget.controls.stop_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
+    assert (tmp_path / "stopped" / "last.safetensors").is_file()
+    assert widget.controls.status.value.startswith("stopped")

@@ -45,7 +45,11 @@ class ModelPicker(widgets.Container):
         REGISTRY.changed.connect(self._refresh)
 
     def _refresh(self):
-        self.choice.reset_choices()
+        try:
+            self.choice.reset_choices()
+        except RuntimeError:  # the Qt widget was closed with its viewer: stop listening
+            REGISTRY.changed.disconnect(self._refresh)
+            return
         if REGISTRY.trained:
             self.choice.value = str(list(REGISTRY.trained.values())[-1])
 

@@ -1,0 +1,106 @@
+"""Training dock: train the CDI NN pair on simulated paper-recipe data, with a live loss plot.
+
+Wired to :func:`napari_cdinn.nn.train` and its callback events (``step``: running training
+loss; ``checkpoint``/``validation``: validation loss).  Training runs in a thread worker;
+Stop asks the trainer to stop, which saves a usable checkpoint (``last.safetensors``, and
+``best.safetensors`` when it is the best so far) in the output folder before returning.  The
+model folder is then offered at once in the inversion and retrieval widgets' model pickers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from magicgui import widgets
+
+from ..device import DEVICES
+from ._common import JobControls, JobRunner, PlotCanvas, notify, notify_error
+from ._models import register_model
+
+
+def training_job(out, options, progress, should_stop):
+    """Worker body: ``nn.train`` with events forwarded to ``progress``; returns its final state."""
+    from ..nn.train import train  # the module, not nn.train: that name is shadowed once imported
+
+    return train(out, callback=progress, stop=should_stop, **options)
+
+
+class TrainingWidget(widgets.Container):
+    """Dock widget: train the networks with a live plot of training and validation loss."""
+
+    def __init__(self, napari_viewer):
+        self.viewer = napari_viewer
+        self.train_size = widgets.SpinBox(label="training examples", value=180_000, min=1, max=100_000_000, step=1024)
+        self.val_size = widgets.SpinBox(label="validation examples", value=20_000, min=1, max=10_000_000, step=1024)
+        self.epochs = widgets.SpinBox(label="epochs", value=10, min=1, max=10_000)
+        self.batch_size = widgets.SpinBox(label="batch", value=256, min=1, max=65_536)
+        self.device = widgets.ComboBox(label="device", choices=DEVICES, value="auto")
+        self.out = widgets.FileEdit(label="model folder", mode="d", value="")
+        self.resume = widgets.CheckBox(label="resume", value=False)
+        self.runner = JobRunner(self._on_event, self._on_result, on_finish=self._on_finish)
+        self.controls = JobControls("Train", self.run, self.runner)
+        super().__init__(widgets=[self.train_size, self.val_size, self.epochs, self.batch_size, self.device,
+                                  self.out, self.resume, self.controls])
+        self.plot = PlotCanvas(height=2.8)
+        self.plot.add_to(self)
+        self.history = {"train": [], "val": []}
+        self._total = 1
+        self._folder = None
+
+    def run(self):
+        """Start training into the chosen model folder."""
+        text = str(self.out.value or "").strip()
+        if not text or text == ".":
+            notify_error("choose a model folder to write the checkpoints to")
+            return
+        folder = Path(text)
+        if folder.exists() and not folder.is_dir():
+            notify_error(f"{folder} exists and is not a folder")
+            return
+        options = dict(train_size=int(self.train_size.value), val_size=int(self.val_size.value),
+                       epochs=int(self.epochs.value), batch_size=int(self.batch_size.value),
+                       device=self.device.value, resume=bool(self.resume.value),
+                       quick_val_size=min(2000, int(self.val_size.value)))
+        self._folder = folder
+        self._total = options["train_size"] * options["epochs"]
+        self.history = {"train": [], "val": []}
+        self._draw()
+        self.controls.busy("simulating data and starting...")
+        self.runner.start(lambda progress, should_stop: training_job(folder, options, progress, should_stop))
+
+    def _on_event(self, event):
+        kind = event.get("event")
+        epochs = event.get("examples", 0) / max(self._total / max(int(self.epochs.value), 1), 1)
+        if kind in ("step", "epoch") and event.get("train_loss") is not None:
+            self.history["train"].append((epochs, event["train_loss"]))
+        if kind in ("checkpoint", "validation") and event.get("val_loss") is not None:
+            self.history["val"].append((epochs, event["val_loss"]))
+        if kind in ("step", "epoch", "checkpoint", "validation"):
+            self.controls.set_progress(event.get("examples", 0), self._total,
+                                       f"epoch {event.get('epoch', 0)}, {event.get('examples', 0)} examples")
+            self._draw()
+
+    def _draw(self):
+        ax = self.plot.axes
+        ax.clear()
+        for key, style in (("train", "-"), ("val", "o-")):
+            if self.history[key]:
+                x, y = zip(*self.history[key], strict=True)
+                ax.plot(x, y, style, label=f"{key} loss", ms=3)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        if any(self.history.values()):
+            ax.legend(fontsize="small")
+        self.plot.draw()
+
+    def _on_result(self, state):
+        label = f"{self._folder.name} (trained)"
+        register_model(self._folder, label)
+        stopped = state.get("epoch", 0) < int(self.epochs.value)
+        text = f"{'stopped, checkpoint saved' if stopped else 'done'}: {label} is ready in the model pickers"
+        notify(text[:1].upper() + text[1:] + ".")
+        self.controls.idle(text)
+
+    def _on_finish(self):
+        if not self.controls.run_button.enabled:
+            self.controls.idle()
