@@ -200,3 +200,23 @@ def test_training_stop_saves_a_checkpoint(make_napari_viewer, qtbot, tmp_path):
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
     assert (tmp_path / "stopped" / "last.safetensors").is_file()
     assert widget.controls.status.value.startswith("stopped")
+
+
+def test_phase_retrieval_from_the_shipped_network(make_napari_viewer, qtbot):
+    from napari_cdinn._widgets._models import REGISTRY
+
+    if not any(value == "model" for _label, value in REGISTRY.choices()):
+        pytest.skip("no shipped model")
+    sim = simulate(2, size=32, seed=5, oversampling=2)
+    viewer = make_napari_viewer()
+    data, kwargs, _ = _layers.intensity_tuple(sim["intensity"], "big")
+    viewer.add_image(data, **kwargs)
+    widget = _dock(viewer, "Phase retrieval")
+    widget.patterns.value = viewer.layers["big"]
+    widget.start.value = "CDI NN"
+    widget.models.choice.value = "model"
+    widget.algorithm.value, widget.iterations.value, widget.device.value = "er", 20, "cpu"
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
+    assert viewer.layers["big PR amplitude"].data.shape == (2, 64, 64)
+    assert np.all(viewer.layers["big PR amplitude"].metadata["chi2"] < 1)

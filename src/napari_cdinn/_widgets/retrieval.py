@@ -1,7 +1,8 @@
 """Phase retrieval dock: batched ER/HIO/RAAR with shrinkwrap on a pattern layer.
 
 Wired to :func:`napari_cdinn.retrieval.reconstruct`.  The stack is inverted in blocks of
-``frames per update`` patterns inside a thread worker; after each block the amplitude and phase
+``frames per update`` patterns inside a thread worker (random starts depend on the frame's
+index in the stack, not on the blocking: ``first_frame``); after each block the amplitude and phase
 layers are updated (frames not yet done are zero, their chi^2 NaN) and the median Fourier-error
 curve is redrawn, so long stacks fill in live.  Stop ends the running block at its next
 iteration block and keeps the frames reached so far.  Start "CDI NN" seeds every pattern with
@@ -63,7 +64,7 @@ def retrieval_job(stack, mask, options, nn_start, progress, should_stop):
         def report(it, total, _lo=lo, _hi=hi):
             progress({"kind": "progress", "done": _lo + (_hi - _lo) * it / max(total, 1), "total": n})
 
-        res = reconstruct(chunk, progress=report, should_stop=should_stop, on_stop="return", **kwargs)
+        res = reconstruct(chunk, progress=report, should_stop=should_stop, on_stop="return", first_frame=lo, **kwargs)
         done = lo + len(res["chi2"])
         progress({"kind": "block", "lo": lo, "total": n, **{k: res[k] for k in
                   ("amplitude", "phase", "chi2", "errors", "error_iterations")}})
