@@ -127,14 +127,7 @@ def read_stack(path, lazy=None):
         Unsupported extension; empty, truncated or mislabelled file; no suitable data set;
         data that are not 2-D or 3-D, are empty, complex or not numeric.  One sentence each.
     """
-    path = os.fspath(path)
-    ext = _ext(path)
-    if ext not in STACK_EXTENSIONS:
-        raise ValueError(f"{_name(path)!r} has an unsupported extension; expected one of {', '.join(STACK_EXTENSIONS)}")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such file: {path!r}")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path!r} is a folder, not a file")
+    path, ext = _input_path(path, STACK_EXTENSIONS)
     if os.path.getsize(path) == 0:
         raise ValueError(f"{_name(path)!r} is empty")
     opener = {".npy": _open_npy, ".npz": _open_npz, ".tif": _open_tiff, ".tiff": _open_tiff,
@@ -150,6 +143,29 @@ def read_stack(path, lazy=None):
         return np.array(data, dtype=np.float32)  # a copy: never a view of a memory map
     except (OSError, ValueError, EOFError) as exc:
         raise ValueError(f"{_name(path)!r} could not be read completely (truncated?): {_first_line(exc)}") from None
+
+
+def _input_path(path, extensions):
+    """``(path, extension)`` of an existing file with one of ``extensions``, else one clear error."""
+    path = os.fspath(path)
+    ext = _ext(path)
+    if ext not in extensions:
+        raise ValueError(f"{_name(path)!r} has an unsupported extension; expected one of {', '.join(extensions)}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path!r}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder, not a file")
+    return path, ext
+
+
+def _open_h5_file(path):
+    """An open read-only ``h5py.File``, or ValueError for a file that is not HDF5."""
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        raise ValueError(f"{_name(path)!r} is not a valid HDF5 file (truncated or another format)") from None
 
 
 def _first_line(exc):
@@ -302,11 +318,7 @@ class _H5Dataset(_LazySource):
 def _open_h5(path):
     import h5py
 
-    try:
-        fh = h5py.File(path, "r")
-    except OSError:
-        raise ValueError(f"{_name(path)!r} is not a valid HDF5 file (truncated or another format)") from None
-    with fh:
+    with _open_h5_file(path) as fh:
         name = _find_h5_dataset(fh, path)
         dset = fh[name]
         return _H5Dataset(path, name, dset.shape, dset.dtype)
@@ -490,12 +502,7 @@ def read_result(path, with_attrs=False, keys=None):
     -------
     dict of str -> ndarray, or (dict, attrs) when ``with_attrs``.
     """
-    path = os.fspath(path)
-    ext = _ext(path)
-    if ext not in RESULT_EXTENSIONS:
-        raise ValueError(f"{_name(path)!r} has an unsupported extension; results are read from {', '.join(RESULT_EXTENSIONS)}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path!r}")
+    path, ext = _input_path(path, RESULT_EXTENSIONS)
     keys = None if keys is None else set(keys)
     arrays, attrs = _read_npz_result(path, keys) if ext == ".npz" else _read_h5_result(path, keys)
     return (arrays, attrs) if with_attrs else arrays
@@ -516,11 +523,7 @@ def _read_npz_result(path, keys):
 def _read_h5_result(path, keys):
     import h5py
 
-    try:
-        fh = h5py.File(path, "r")
-    except OSError:
-        raise ValueError(f"{_name(path)!r} is not a valid HDF5 file (truncated or another format)") from None
-    with fh:
+    with _open_h5_file(path) as fh:
         group = fh
         names = [k for k, v in fh.items() if isinstance(v, h5py.Dataset) and k != "cxi_version"]
         if not names and isinstance(fh.get("entry_1/result_1"), h5py.Group):
