@@ -172,6 +172,7 @@ def reconstruct(
     batch_size=None,
     seed=0,
     first_frame=0,
+    retry_chi2=1e-4,
     shrinkwrap_every=20,
     sigma=(3.0, 1.0),
     threshold=0.12,
@@ -212,8 +213,13 @@ def reconstruct(
     mask : array_like bool, optional
         True on unmeasured pixels (beamstop, gaps); (M, M) or (N, M, M).  They are left free.
     n_starts : int
-        Runs per pattern; the one with the lowest chi^2 is kept.  With an ``init`` object, run 0
-        starts from it and the others from random phases.
+        Runs per pattern (at most, with ``retry_chi2``); the one with the lowest chi^2 is kept.
+        With an ``init`` object, run 0 starts from it and the others from random phases.
+    retry_chi2 : float, optional
+        When given, start ``k + 1`` runs only on the patterns whose best chi^2 after ``k + 1``
+        starts is still above this value (restarts where they are needed; each pattern's
+        decision depends on its own chi^2 only; the default 1e-4 sits well above the chi^2 of
+        converged noiseless patterns).  None: every pattern gets ``n_starts`` starts.
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``.
     batch_size : int, optional
@@ -237,7 +243,8 @@ def reconstruct(
     error_every : int
         Fourier-error sampling period of the error curves.
     progress : callable(done, total), optional
-        Called after every block with iterations done and to do, summed over batches.
+        Called after every block with iterations done and planned, summed over batches (with
+        ``retry_chi2`` the planned total grows when restarts are scheduled).
     should_stop : callable or threading.Event, optional
         Checked after every block.
     on_stop : {"raise", "return"}
@@ -252,7 +259,10 @@ def reconstruct(
         (``|forward(object)|**2 ~ intensity``); ``amplitude`` float32 (max 1 per frame);
         ``phase`` float32 (radians, 0 outside the support); ``support`` bool; ``chi2`` float32
         (N,) (:func:`napari_cdinn.physics.chi2`); ``errors`` float32 (N, E) Fourier-error curves
-        sampled at ``error_iterations`` (E,); ``start_chi2`` (N, n_starts); ``stopped`` bool.
+        sampled at ``error_iterations`` (E,) (NaN where a stopped run did not reach them);
+        ``start_chi2`` (N, n_starts) (NaN for starts not run); ``stopped`` bool.  After a stop
+        (``on_stop="return"``) the frames reached so far are returned, the running batch with
+        its current estimates.
         For a 2-D input the frame axis is dropped.
 
     Raises
@@ -296,90 +306,134 @@ def reconstruct(
     mask = None if mask is None else np.asarray(mask, dtype=bool)
     support = None if support is None else np.asarray(support, dtype=bool)
 
-    runs_f = np.repeat(np.arange(n), n_starts)
-    runs_k = np.tile(np.arange(n_starts), n)
-    batches = [slice(lo, min(lo + batch_size, len(runs_f))) for lo in range(0, len(runs_f), batch_size)]
-    grand_total = total_it * len(batches)
     shrink = None
     if not fixed_support and shrinkwrap_every > 0:
         shrink = Shrinkwrap(shrinkwrap_every, float(sigma[0]), float(sigma[1]), float(threshold), average)
-
-    results = []
+    ctx = {
+        "stack": stack, "mask": mask, "init": init_obj, "support": support, "seed": int(seed),
+        "first_frame": int(first_frame), "ac_threshold": autocorrelation_threshold, "device": dev,
+        "schedule": schedule, "beta": beta, "shrink": shrink, "average": average, "block": block,
+        "error_every": error_every, "should_stop": should_stop, "batch_size": batch_size,
+        "error_iterations": _error_iterations(total_it, error_every),
+    }
+    counter = _Progress(progress, total_it)
+    counter.plan(-(-n // batch_size) * (n_starts if retry_chi2 is None else 1))
+    start_chi2 = np.full((n, n_starts), np.nan, dtype=np.float32)
+    best = None
     stopped = False
-    for b, sl in enumerate(batches):
-        frames, starts = runs_f[sl], runs_k[sl]
-        inten = _frame_arrays(stack, frames)
-        init_b = None if init_obj is None else init_obj[frames]
-        sup_b = _per_frame(support, frames)
-        amp, free, x0, sup0, scale = _prepare_batch(
-            inten, _per_frame(mask, frames), init_b, sup_b, frames + int(first_frame), starts, seed, autocorrelation_threshold
-        )
-        amp_t = torch.from_numpy(amp / (m * m)).to(dev)
-        free_t = None if free is None else torch.from_numpy(np.ascontiguousarray(free)).to(dev)
-        if sup0 is None:
-            sup_t = autocorrelation_support(torch.from_numpy(amp * amp).to(dev), autocorrelation_threshold)
+    for k in range(n_starts):
+        if k == 0 or retry_chi2 is None:
+            todo = np.arange(n)
         else:
-            sup_t = torch.from_numpy(np.ascontiguousarray(sup0)).to(dev)
-        x = torch.from_numpy(x0).to(dev)
-        x.mul_(sup_t)
-        offset = b * total_it
-
-        def _progress(done, _offset=offset):
-            if progress is not None:
-                progress(_offset + done, grand_total)
-
-        outcome = iterate(
-            x,
-            amp_t,
-            sup_t,
-            schedule,
-            beta=beta,
-            free=free_t,
-            shrink=shrink,
-            average=average,
-            block=block,
-            error_every=error_every,
-            progress=_progress,
-            should_stop=should_stop,
-        )
-        est = outcome.estimate
-        pred = st.fourier(est)
-        pred = pred.real.square() + pred.imag.square()
-        meas = torch.from_numpy(amp * amp).to(dev)
-        chi = physics.chi2(meas, pred, None if free_t is None else free_t > 0)
-        results.append(
-            {
-                "object": st.to_centred_layout(est).cpu().numpy() * scale[:, None, None],
-                "support": st.to_centred_layout(outcome.support).cpu().numpy() > 0.5,
-                "chi2": chi.float().cpu().numpy(),
-                "errors": torch.stack(outcome.errors, dim=1).float().cpu().numpy()
-                if outcome.errors
-                else np.zeros((len(frames), 0), np.float32),
-                "error_iterations": np.asarray(outcome.error_iterations, dtype=np.int64),
-                "frames": frames,
-            }
-        )
-        if outcome.stopped:
+            todo = np.flatnonzero(~(best["chi2"] <= float(retry_chi2)))
+            counter.plan(-(-len(todo) // batch_size))
+        if not len(todo):
+            break
+        runs, stopped_after = _run_round(todo, k, ctx, counter)
+        start_chi2[runs["frames"], k] = runs["chi2"]
+        best = runs if best is None else _keep_better(best, runs)
+        if stopped_after is not None:
             if on_stop == "raise":
-                raise Cancelled(outcome.iterations)
+                raise Cancelled(stopped_after)
             stopped = True
             break
-    return _assemble(results, n_starts, single, stopped)
+    return _finish(best, start_chi2[: len(best["chi2"])], ctx["error_iterations"], single, stopped)
 
 
-def _assemble(results, n_starts, single, stopped):
-    """Merge batch results, keep the best start per frame, finish the frames."""
-    cat = {k: np.concatenate([r[k] for r in results]) for k in ("object", "support", "chi2", "frames")}
-    n_err = min(r["errors"].shape[1] for r in results)
-    errors = np.concatenate([r["errors"][:, :n_err] for r in results])
-    err_it = results[0]["error_iterations"][:n_err]
-    n_runs = len(cat["frames"])
-    n_frames = n_runs // n_starts if not stopped else -(-n_runs // n_starts)
-    chi_runs = np.full(n_frames * n_starts, np.inf, dtype=np.float32)
-    chi_runs[:n_runs] = cat["chi2"]
-    start_chi2 = chi_runs.reshape(n_frames, n_starts)
-    best = np.argmin(start_chi2, axis=1) + np.arange(n_frames) * n_starts
-    obj, sup = finish_frames(cat["object"][best], cat["support"][best])
+def _error_iterations(total, every):
+    """Iterations at which the engine samples the Fourier error."""
+    every = max(int(every), 1)
+    return np.asarray([i for i in range(1, total + 1) if i % every == 0 or i == total], dtype=np.int64)
+
+
+class _Progress:
+    """Turns per-batch iteration counts into ``progress(done, total)`` over the whole call."""
+
+    def __init__(self, callback, iterations):
+        self.callback, self.iterations = callback, iterations
+        self.planned = 0
+        self.finished = 0
+
+    def plan(self, batches):
+        self.planned += batches
+
+    def report(self, done):
+        if self.callback is not None:
+            self.callback(self.finished * self.iterations + done, self.planned * self.iterations)
+
+
+def _run_round(frames, start, ctx, counter):
+    """Invert ``frames`` from start index ``start``, batch by batch.
+
+    Returns the per-run arrays (frames completed or reached) and None, or the iteration count
+    at which a stop was seen.
+    """
+    parts = []
+    size = ctx["batch_size"]
+    for lo in range(0, len(frames), size):
+        part, outcome = _run_batch(frames[lo : lo + size], start, ctx, counter.report)
+        parts.append(part)
+        counter.finished += 1
+        if outcome.stopped:
+            break
+    runs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return runs, (outcome.iterations if outcome.stopped else None)
+
+
+def _run_batch(frames, start, ctx, report):
+    """One batch of runs on the device: prepare, iterate, score; NumPy results (centred)."""
+    dev, stack = ctx["device"], ctx["stack"]
+    m = stack.shape[-1]
+    starts = np.full(len(frames), start)
+    init_b = None if ctx["init"] is None else ctx["init"][frames]
+    amp, free, x0, sup0, scale = _prepare_batch(
+        _frame_arrays(stack, frames), _per_frame(ctx["mask"], frames), init_b, _per_frame(ctx["support"], frames),
+        frames + ctx["first_frame"], starts, ctx["seed"], ctx["ac_threshold"],
+    )
+    amp_t = torch.from_numpy(amp / (m * m)).to(dev)
+    free_t = None if free is None else torch.from_numpy(np.ascontiguousarray(free)).to(dev)
+    if sup0 is None:
+        sup_t = autocorrelation_support(torch.from_numpy(amp * amp).to(dev), ctx["ac_threshold"])
+    else:
+        sup_t = torch.from_numpy(np.ascontiguousarray(sup0)).to(dev)
+    x = torch.from_numpy(x0).to(dev).mul_(sup_t)
+    outcome = iterate(
+        x, amp_t, sup_t, ctx["schedule"], beta=ctx["beta"], free=free_t, shrink=ctx["shrink"],
+        average=ctx["average"], block=ctx["block"], error_every=ctx["error_every"], progress=report,
+        should_stop=ctx["should_stop"],
+    )
+    est = outcome.estimate
+    pred = st.fourier(est)
+    pred = pred.real.square() + pred.imag.square()
+    meas = torch.from_numpy(amp * amp).to(dev)
+    chi = physics.chi2(meas, pred, None if free_t is None else free_t > 0)
+    errors = np.full((len(frames), len(ctx["error_iterations"])), np.nan, dtype=np.float32)
+    if outcome.errors:
+        got = torch.stack(outcome.errors, dim=1).float().cpu().numpy()
+        errors[:, : got.shape[1]] = got
+    part = {
+        "object": st.to_centred_layout(est).cpu().numpy() * scale[:, None, None],
+        "support": st.to_centred_layout(outcome.support).cpu().numpy() > 0.5,
+        "chi2": chi.float().cpu().numpy(),
+        "errors": errors,
+        "frames": np.asarray(frames),
+    }
+    return part, outcome
+
+
+def _keep_better(best, runs):
+    """Replace the frames of ``best`` where ``runs`` reached a lower chi^2 (NaN never wins)."""
+    idx = runs["frames"]
+    better = runs["chi2"] < best["chi2"][idx]
+    better |= np.isnan(best["chi2"][idx]) & ~np.isnan(runs["chi2"])
+    for key in ("object", "support", "chi2", "errors"):
+        best[key][idx[better]] = runs[key][better]
+    return best
+
+
+def _finish(best, start_chi2, error_iterations, single, stopped):
+    """Centre and phase-normalise the kept runs; the output dict of :func:`reconstruct`."""
+    obj, sup = finish_frames(best["object"], best["support"])
     amp = np.abs(obj).astype(np.float32)
     peak = amp.max(axis=(1, 2), keepdims=True)
     amplitude = (amp / np.where(peak > 0, peak, 1.0)).astype(np.float32)
@@ -389,13 +443,13 @@ def _assemble(results, n_starts, single, stopped):
         "amplitude": amplitude,
         "phase": phase,
         "support": sup,
-        "chi2": cat["chi2"][best].astype(np.float32),
-        "errors": errors[best].astype(np.float32),
-        "error_iterations": err_it,
-        "start_chi2": start_chi2.astype(np.float32),
+        "chi2": best["chi2"].astype(np.float32),
+        "errors": best["errors"].astype(np.float32),
+        "start_chi2": start_chi2,
     }
     if single:
-        out = {k: (v[0] if k not in ("error_iterations",) else v) for k, v in out.items()}
+        out = {k: v[0] for k, v in out.items()}
+    out["error_iterations"] = error_iterations
     out["stopped"] = stopped
     return out
 
