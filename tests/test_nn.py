@@ -179,3 +179,16 @@ def test_cli_predict_bad_input_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("error:") == 3 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_short_refinement_from_the_network_lowers_chi2(patterns):
+    from napari_cdinn.nn.inference import embed
+    from napari_cdinn.retrieval import reconstruct
+
+    guess = predict(patterns["intensity"], device="cpu")
+    obj, sup = embed(guess["amplitude"], guess["phase"], 2)
+    assert obj.shape == sup.shape == (8, 64, 64)
+    np.testing.assert_array_equal(physics.crop(sup, (32, 32)), guess["support"])
+    refined = reconstruct(patterns["intensity"], init=obj, support=sup, iterations=20, average=5,
+                          fixed_support=True, device="cpu")
+    assert np.median(refined["chi2"]) < np.median(guess["chi2"])
