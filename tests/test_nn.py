@@ -192,3 +192,12 @@ def test_short_refinement_from_the_network_lowers_chi2(patterns):
     refined = reconstruct(patterns["intensity"], init=obj, support=sup, iterations=20, average=5,
                           fixed_support=True, device="cpu")
     assert np.median(refined["chi2"]) < np.median(guess["chi2"])
+
+
+def test_cli_report_writes_figures_and_json(tmp_path):
+    out = tmp_path / "rep"
+    assert main(["report", "--out", str(out), "--count", "16"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["test"]["count"] == 16 and len(rep["worst5"]) == 5 and 0 <= rep["twin_rate"] <= 1
+    for name in ("fig2_training", "fig3_examples", "fig45_chi2", "fig6_activations"):
+        assert (out / f"{name}.png").stat().st_size > 1000

@@ -324,8 +324,40 @@ def _cmd_reconstruct(args):
     print(f"wrote {args.out}: {n} reconstructions", file=sys.stderr)
 
 
+# --------------------------------------------------------------------------- report
+def _add_report(sub):
+    p = sub.add_parser(
+        "report",
+        help="reproduce the paper's figures for a model (PNG + JSON)",
+        description="Reproduce the paper's figures on fresh simulated test patterns: training curves (Fig. 2), "
+        "examples with iterative results (Fig. 3), the chi2 histogram with the 5 best and 5 worst (Fig. 4/5), "
+        "mean activation maps of conv layers 2 and 4 (Fig. 6) and the twin-image rate; PNGs and report.json "
+        "go to the folder --out.",
+    )
+    p.add_argument("--out", "-o", required=True, help="output folder (created)")
+    p.add_argument("--model", default=None, help="shipped model name, .safetensors file or model directory")
+    p.add_argument("--count", type=_positive_int, default=1000, help="test cases (default 1000)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default cpu)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args):
+    import os
+
+    from .nn.checkpoint import resolve_model_path
+    from .nn.report import make_report
+
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out must be a folder, got the file {args.out!r}")
+    resolve_model_path(args.model)
+    rep = make_report(args.out, model=args.model, count=args.count, device=args.device)
+    t = rep["test"]
+    print(f"wrote {args.out}: iou {t['iou_median']:.3f}, phase RMS {t['phase_rms_median']:.3f} rad, chi2 "
+          f"{t['chi2_median']:.3g}, twin rate {t['twin_rate']:.2f}", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- main
-_ADDERS = [_add_simulate, _add_bench, _add_train, _add_predict, _add_reconstruct]
+_ADDERS = [_add_simulate, _add_bench, _add_train, _add_predict, _add_reconstruct, _add_report]
 
 
 def build_parser():

@@ -3,7 +3,7 @@
 A model file ``NAME.safetensors`` holds the state dict (float32) and its architecture in the
 safetensors metadata; ``NAME.json`` beside it is the model card (command, seed, data sizes,
 epochs, losses, metrics).  A *model directory* (``cdinn train --out DIR``) holds
-``best.safetensors`` (best validation phase RMS so far), ``last.safetensors`` (latest
+``best.safetensors`` (best validation score so far), ``last.safetensors`` (latest
 checkpoint), their cards, and the optimizer state ``optimizer.pt`` used only by ``--resume``.
 """
 

@@ -28,9 +28,13 @@ _KEEP = ("config", "epoch", "step", "examples", "elapsed_s", "parameters", "comm
 
 
 def card_from_state(state: dict) -> dict:
-    """The training record kept in a shipped card (no per-step history)."""
+    """The training record kept in a shipped card (checkpoint-time history, epoch validations)."""
     card = {k: state[k] for k in _KEEP if k in state}
     hist = [h for h in state.get("history", []) if h.get("full_validation")]
+    card["history"] = [
+        {k: h.get(k) for k in ("event", "epoch", "step", "examples", "train_loss", "val_loss", "metrics", "full_validation")}
+        for h in state.get("history", [])
+    ]
     card["epoch_validations"] = [
         {"epoch": h["epoch"], "examples": h["examples"], "val_loss": h["val_loss"], "metrics": h["metrics"]} for h in hist
     ]

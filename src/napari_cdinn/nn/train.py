@@ -18,7 +18,7 @@ phase RMS inside the true support after alignment (``physics.compare``); judge b
 Checkpoints (``out`` is a directory): every ``checkpoint_minutes`` and at the end of every
 epoch, ``last.safetensors`` + ``last.json`` (state: position, history, config),
 ``optimizer.pt`` (the only pickle, for ``resume``), and ``best.safetensors`` + ``best.json``
-whenever the quick validation phase RMS median improves.
+whenever the quick validation score (phase RMS median + 1 - IoU median) improves.
 """
 
 from __future__ import annotations
@@ -171,6 +171,11 @@ def _lr_at(config, step, total_steps):
     return config["lr"]
 
 
+def _score(metrics):
+    """Model selection score (lower is better): phase RMS median (rad) + (1 - IoU median)."""
+    return metrics["phase_rms_median"] + (1.0 - metrics["iou_median"])
+
+
 def _should_stop(stop):
     if stop is None:
         return False
@@ -314,7 +319,7 @@ def train(
         save_model(model, out / "last.safetensors", card)
         torch.save(opt.state_dict(), out / "optimizer.pt")
         best = state.get("best")
-        if not full and (best is None or metrics["phase_rms_median"] < best["metrics"]["phase_rms_median"]):
+        if not full and (best is None or _score(metrics) < _score(best["metrics"])):
             state["best"] = {"step": state["step"], "examples": state["examples"], "metrics": metrics}
             save_model(model, out / "best.safetensors", dict(card, best=state["best"]))
             save_model(model, out / "last.safetensors", dict(card, best=state["best"]))
