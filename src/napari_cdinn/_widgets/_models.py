@@ -42,6 +42,9 @@ class ModelPicker(widgets.Container):
         self.choice = widgets.ComboBox(label="model", choices=lambda _w=None: REGISTRY.choices(), nullable=True)
         self.file = widgets.FileEdit(label="or model file", mode="r", filter="*.safetensors", value="")
         super().__init__(widgets=[self.choice, self.file])
+        choices = REGISTRY.choices()
+        if choices:  # show the default model rather than an empty choice
+            self.choice.value = choices[0][1]
         REGISTRY.changed.connect(self._refresh)
 
     def _refresh(self):
