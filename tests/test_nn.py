@@ -201,3 +201,9 @@ def test_cli_report_writes_figures_and_json(tmp_path):
     assert rep["test"]["count"] == 16 and len(rep["worst5"]) == 5 and 0 <= rep["twin_rate"] <= 1
     for name in ("fig2_training", "fig3_examples", "fig45_chi2", "fig6_activations"):
         assert (out / f"{name}.png").stat().st_size > 1000
+
+
+def test_blank_frames_are_not_trusted():
+    res = predict(np.zeros((2, 64, 64), np.float32), device="cpu")
+    assert np.all(res["chi2"] == 1) and not res["trusted"].any()
+    assert np.isfinite(res["amplitude"]).all() and np.isfinite(res["phase"]).all()

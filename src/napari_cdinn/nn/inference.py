@@ -18,7 +18,7 @@ Trust score
 compared to all measured pixels with :func:`napari_cdinn.physics.chi2` (least-squares scale).
 For ``k = 2`` this also tests the oversampled pixels, which carry the support information; it is
 invariant to the shift, twin and global phase ambiguities.  Frames with ``chi2 > TRUST_CHI2`` are
-flagged ``trusted = False``.
+flagged ``trusted = False``; a frame without signal (all zero) gets ``chi2 = 1``.
 """
 
 from __future__ import annotations
@@ -108,7 +108,9 @@ def _run_batch(net, inputs, measured, factor, device, bf16, threshold):
         big[:, r0 : r0 + SIZE, r0 : r0 + SIZE] = obj
         obj = big
     fit = physics.intensity(obj)
-    chi = physics.chi2(torch.from_numpy(measured).to(device), fit)
+    meas = torch.from_numpy(measured).to(device)
+    chi = physics.chi2(meas, fit)
+    chi = torch.where(meas.sum((-2, -1)) > 0, chi, torch.ones_like(chi))  # no signal: nothing to trust
     return amp.cpu().numpy(), phase.cpu().numpy(), support.cpu().numpy(), chi.cpu().numpy()
 
 
