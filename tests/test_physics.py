@@ -139,3 +139,9 @@ def test_amplitude_from_intensity_cleans_input():
     i = np.array([[4.0, -1.0], [np.nan, np.inf]])
     np.testing.assert_array_equal(physics.amplitude_from_intensity(i), [[2.0, 0.0], [0.0, 0.0]])
     assert physics.amplitude_from_intensity(i).dtype == np.float32
+
+
+def test_chi2_of_an_empty_frame_is_one():
+    z = np.zeros((2, 8, 8))
+    np.testing.assert_array_equal(physics.chi2(z, np.ones_like(z)), [1.0, 1.0])
+    np.testing.assert_array_equal(physics.chi2(torch.zeros(8, 8), torch.zeros(8, 8)).numpy(), 1.0)

@@ -303,7 +303,8 @@ def chi2(measured, predicted, mask=None):
 
     ``chi2 = sum (I_t - s I_p)**2 / sum I_t**2`` with ``s = sum I_t I_p / sum I_p**2``,
     so the score needs no ground truth and ignores the overall scale of either input.
-    0 means perfect data consistency; 1 means no better than predicting nothing.
+    0 means perfect data consistency; 1 means no better than predicting nothing.  A frame
+    with no measured signal (all zero) scores 1: there is nothing to trust it on.
 
     Parameters
     ----------
@@ -332,10 +333,10 @@ def chi2(measured, predicted, mask=None):
 
         s = torch.where(pp > 0, tp / torch.where(pp > 0, pp, torch.ones_like(pp)), torch.zeros_like(pp))
         num = ((it - s[..., None, None] * ip) ** 2).sum(-1).sum(-1)
-        return torch.where(tt > 0, num / torch.where(tt > 0, tt, torch.ones_like(tt)), torch.zeros_like(tt))
+        return torch.where(tt > 0, num / torch.where(tt > 0, tt, torch.ones_like(tt)), torch.ones_like(tt))
     s = np.where(pp > 0, tp / np.where(pp > 0, pp, 1), 0.0)
     num = ((it - s[..., None, None] * ip) ** 2).sum(-1).sum(-1)
-    return np.where(tt > 0, num / np.where(tt > 0, tt, 1), 0.0)
+    return np.where(tt > 0, num / np.where(tt > 0, tt, 1), 1.0)
 
 
 def compare(result, true_amplitude, true_phase, threshold: float = SHAPE_THRESHOLD):
