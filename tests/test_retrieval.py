@@ -262,3 +262,16 @@ def test_cli_reconstruct_bad_input(tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert out.read_bytes() == b"keep me"
     assert main(["reconstruct", str(tmp_path / "missing.npz"), "-o", str(out)]) == 2
+
+
+def test_nan_pixels_are_unmeasured_and_empty_frames_score_one(data):
+    inten = data["intensity"][:3].copy()
+    mask = np.zeros((64, 64), bool)
+    mask[30:34, 30:34] = True
+    with_mask = reconstruct(inten, device="cpu", iterations=60, mask=mask)
+    inten[:, mask] = np.nan
+    inten[2] = 0.0
+    r = reconstruct(inten, device="cpu", iterations=60)
+    np.testing.assert_array_equal(r["object"][:2], with_mask["object"][:2])
+    assert np.isfinite(r["amplitude"]).all() and np.isfinite(r["chi2"]).all()
+    assert (r["amplitude"][2] == 0).all() and r["chi2"][2] == 1.0

@@ -119,9 +119,18 @@ def _check_pattern_shape(shape):
 
 
 def _frame_arrays(stack, idx):
-    """``stack[idx]`` as float32 NumPy (works for dask too), non-finite and negative set to 0."""
-    a = np.asarray(stack[idx[0] : idx[-1] + 1], dtype=np.float32)[idx - idx[0]]
-    return np.where(np.isfinite(a) & (a > 0), a, 0.0).astype(np.float32)
+    """Frames ``idx`` (sorted) of a NumPy or dask stack as float32, and their non-finite pixels.
+
+    Returns
+    -------
+    values : ndarray, float32, negative and non-finite values set to 0
+    bad : ndarray of bool (True where the value was NaN or infinite), or None when there are none
+    """
+    lo, hi = int(idx[0]), int(idx[-1]) + 1
+    raw = np.asarray(stack[lo:hi] if hi - lo == len(idx) else stack[np.asarray(idx)], dtype=np.float32)
+    bad = ~np.isfinite(raw)
+    values = np.where(~bad & (raw > 0), raw, 0.0).astype(np.float32)
+    return values, (bad if bad.any() else None)
 
 
 def _per_frame(a, frames):
@@ -194,6 +203,7 @@ def reconstruct(
     ----------
     intensity : array_like, float, (M, M) or (N, M, M)
         Centred measured intensities (any non-negative scale; NumPy or dask).  ``M`` even.
+        Negative values count as 0; NaN and infinite pixels are unmeasured (added to ``mask``).
     algorithm : str or list of (str, int)
         ``"hio-er"``, ``"er"``, ``"hio"``, ``"raar"``, or a schedule such as
         ``"(hio:80, er:20) x6, er:20"`` (then ``iterations`` is ignored).
@@ -258,8 +268,8 @@ def reconstruct(
         ``(M // 2, M // 2)``), mean phase 0 inside the support, on the input's scale
         (``|forward(object)|**2 ~ intensity``); ``amplitude`` float32 (max 1 per frame);
         ``phase`` float32 (radians, 0 outside the support); ``support`` bool; ``chi2`` float32
-        (N,) (:func:`napari_cdinn.physics.chi2`); ``errors`` float32 (N, E) Fourier-error curves
-        sampled at ``error_iterations`` (E,) (NaN where a stopped run did not reach them);
+        (N,) (:func:`napari_cdinn.physics.chi2`; 1 for a frame without data); ``errors``
+        float32 (N, E) Fourier-error curves sampled at ``error_iterations`` (E,) (NaN where a stopped run did not reach them);
         ``start_chi2`` (N, n_starts) (NaN for starts not run); ``stopped`` bool.  After a stop
         (``on_stop="return"``) the frames reached so far are returned, the running batch with
         its current estimates.
@@ -386,8 +396,12 @@ def _run_batch(frames, start, ctx, report):
     m = stack.shape[-1]
     starts = np.full(len(frames), start)
     init_b = None if ctx["init"] is None else ctx["init"][frames]
+    values, bad = _frame_arrays(stack, frames)
+    mask = _per_frame(ctx["mask"], frames)
+    if bad is not None:  # NaN / inf pixels are unmeasured
+        mask = bad if mask is None else np.broadcast_to(mask, bad.shape) | bad
     amp, free, x0, sup0, scale = _prepare_batch(
-        _frame_arrays(stack, frames), _per_frame(ctx["mask"], frames), init_b, _per_frame(ctx["support"], frames),
+        values, mask, init_b, _per_frame(ctx["support"], frames),
         frames + ctx["first_frame"], starts, ctx["seed"], ctx["ac_threshold"],
     )
     amp_t = torch.from_numpy(amp / (m * m)).to(dev)
@@ -407,6 +421,7 @@ def _run_batch(frames, start, ctx, report):
     pred = pred.real.square() + pred.imag.square()
     meas = torch.from_numpy(amp * amp).to(dev)
     chi = physics.chi2(meas, pred, None if free_t is None else free_t > 0)
+    chi = torch.where(meas.sum(dim=(-2, -1)) > 0, chi, torch.ones_like(chi))  # no data: no consistency
     errors = np.full((len(frames), len(ctx["error_iterations"])), np.nan, dtype=np.float32)
     if outcome.errors:
         got = torch.stack(outcome.errors, dim=1).float().cpu().numpy()
