@@ -32,17 +32,20 @@ def _atomic_write_text(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def save_model(model, path, card: dict | None = None, dtype=torch.float32):
+def save_model(model, path, card: dict | None = None, dtype=torch.float32, input_transform=None):
     """Write ``model``'s weights to ``path`` (.safetensors) and ``card`` to the .json beside it.
 
     Both files are written under temporary names and renamed, so a reader never sees half a file.
     ``dtype=torch.float16`` halves the file (the shipped weights); loading restores float32.
+    ``input_transform`` (default: the model's ``input_transform`` attribute, else ``linear``) is
+    stored in the metadata, so inference encodes inputs as in training.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp.safetensors")
-    save_file(state, str(tmp), metadata={"arch": model.arch, "format": "napari-cdinn/1"})
+    transform = input_transform or getattr(model, "input_transform", "linear")
+    save_file(state, str(tmp), metadata={"arch": model.arch, "format": "napari-cdinn/1", "input": transform})
     os.replace(tmp, path)
     if card is not None:
         _atomic_write_text(path.with_suffix(".json"), json.dumps(card, indent=2, default=float) + "\n")
@@ -91,7 +94,7 @@ def load_model(model=None, device="cpu"):
 
     Returns
     -------
-    net : torch.nn.Module in eval mode
+    net : torch.nn.Module in eval mode, with ``net.input_transform`` (``linear`` or ``log``)
     card : dict
     """
     path = resolve_model_path(model)
@@ -103,5 +106,6 @@ def load_model(model=None, device="cpu"):
     arch = meta.get("arch") or card.get("arch", "paper")
     net = build_model(arch)
     net.load_state_dict({k: v.float() for k, v in load_file(str(path), device="cpu").items()})
+    net.input_transform = meta.get("input") or card.get("config", {}).get("input", "linear")
     net.to(device).eval()
     return net, card

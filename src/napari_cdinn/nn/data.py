@@ -22,10 +22,14 @@ import numpy as np
 from .. import physics
 from ..simulate import BLOCK, patterns_from_objects, simulate_objects
 
-__all__ = ["normalise_amplitudes", "centre_objects", "twin_targets", "make_examples", "SIZE"]
+__all__ = ["normalise_amplitudes", "encode_inputs", "centre_objects", "twin_targets", "make_examples", "SIZE",
+           "INPUT_TRANSFORMS"]
 
 #: Side of the networks' input and output frames (the paper's 32 x 32).
 SIZE = 32
+#: Input encodings: ``linear`` (amplitude / max, the paper) and ``log`` (its log10 over 4 decades, in 0..1).
+INPUT_TRANSFORMS = ("linear", "log")
+_LOG_DECADES = 4.0
 
 
 def normalise_amplitudes(amp):
@@ -38,6 +42,20 @@ def normalise_amplitudes(amp):
     a = np.asarray(amp, dtype=np.float32)
     peak = a.max(axis=(-2, -1), keepdims=True)
     return (a / np.where(peak > 0, peak, 1.0)).astype(np.float32)
+
+
+def encode_inputs(amp, transform: str = "linear"):
+    """Network inputs from amplitudes ``(..., H, W)``: per-frame max normalisation, then ``transform``.
+
+    ``linear`` keeps ``amp / max``; ``log`` maps it to ``1 + log10(max(amp / max, 1e-4)) / 4``, which
+    shows the weak high-frequency fringes that carry the phase.  Both are scale-free.
+    """
+    a = normalise_amplitudes(amp)
+    if transform == "linear":
+        return a
+    if transform == "log":
+        return (1.0 + np.log10(np.maximum(a, 10.0**-_LOG_DECADES)) / _LOG_DECADES).astype(np.float32)
+    raise ValueError(f"unknown input transform {transform!r}; expected one of {', '.join(INPUT_TRANSFORMS)}")
 
 
 def _bbox_shifts(support):
@@ -84,7 +102,7 @@ def twin_targets(amplitude, phase):
     return centre_objects(amp_t, pha_t)
 
 
-def make_examples(count: int, seed: int, start: int = 0, twins: bool = True):
+def make_examples(count: int, seed: int, start: int = 0, twins: bool = True, transform: str = "linear"):
     """Simulate ``count`` training examples from index ``start`` (a multiple of ``BLOCK``).
 
     Parameters
@@ -95,6 +113,8 @@ def make_examples(count: int, seed: int, start: int = 0, twins: bool = True):
     start : int
     twins : bool
         Also return the centred twin targets.
+    transform : str
+        Input encoding (:func:`encode_inputs`).
 
     Returns
     -------
@@ -107,7 +127,7 @@ def make_examples(count: int, seed: int, start: int = 0, twins: bool = True):
         raise ValueError(f"start must be a multiple of {BLOCK}")
     amp, pha = simulate_objects(count, SIZE, seed, start)
     inten = patterns_from_objects(amp, pha, oversampling=1)
-    out = {"input": normalise_amplitudes(physics.amplitude_from_intensity(inten)), "amplitude": amp, "phase": pha}
+    out = {"input": encode_inputs(physics.amplitude_from_intensity(inten), transform), "amplitude": amp, "phase": pha}
     out["target_amplitude"], out["target_phase"] = centre_objects(amp, pha)
     if twins:
         out["twin_amplitude"], out["twin_phase"] = twin_targets(out["target_amplitude"], out["target_phase"])

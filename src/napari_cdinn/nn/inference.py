@@ -9,7 +9,8 @@ The networks read 32 x 32 amplitudes of the *unpadded* object.  A square pattern
 Normalisation
 -------------
 Amplitudes ``sqrt(I)`` are divided by their per-frame maximum, so results do not depend on the
-overall scale of the input.
+overall scale of the input, then encoded as the model was trained (linear or log10,
+:func:`napari_cdinn.nn.data.encode_inputs`, recorded in the weights' metadata).
 
 Trust score
 -----------
@@ -29,7 +30,7 @@ import torch
 from .. import physics
 from . import TRUST_CHI2
 from .checkpoint import load_model, resolve_model_path
-from .data import SIZE
+from .data import SIZE, encode_inputs
 from .runtime import autocast, bf16_supported, resolve_device
 
 __all__ = ["predict", "predict_chunk", "oversampling_factor", "prepare", "embed", "TRUST_CHI2"]
@@ -53,20 +54,18 @@ def oversampling_factor(shape) -> int:
     return h // SIZE
 
 
-def prepare(intensity):
+def prepare(intensity, transform="linear"):
     """Measured intensities ``(N, H, W)`` to the networks' normalised 32 x 32 amplitudes.
 
     Returns
     -------
-    inputs : ndarray float32 (N, 32, 32)
+    inputs : ndarray float32 (N, 32, 32), encoded by :func:`napari_cdinn.nn.data.encode_inputs`
     measured : ndarray float32 (N, H, W), non-negative intensities (NaN and negatives as 0)
     factor : int
     """
     measured = physics.amplitude_from_intensity(intensity) ** 2
     factor = oversampling_factor(measured.shape)
-    amp = np.sqrt(physics.decimate(measured, factor))
-    peak = amp.max(axis=(-2, -1), keepdims=True)
-    inputs = (amp / np.where(peak > 0, peak, 1.0)).astype(np.float32)
+    inputs = encode_inputs(np.sqrt(physics.decimate(measured, factor)), transform)
     return np.ascontiguousarray(inputs), measured.astype(np.float32), factor
 
 
@@ -159,7 +158,7 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
     with torch.inference_mode():
         for lo in range(0, n, batch_size):
             block = np.asarray(intensity) if single else np.asarray(intensity[lo : lo + batch_size])
-            inputs, measured, _ = prepare(block.reshape((-1,) + shape[-2:]))
+            inputs, measured, _ = prepare(block.reshape((-1,) + shape[-2:]), net.input_transform)
             res = _run_batch(net, inputs, measured, factor, dev, bf16, threshold)
             hi = lo + len(inputs)
             for key, val in zip(("amplitude", "phase", "support", "chi2"), res):

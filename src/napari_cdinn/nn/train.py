@@ -48,9 +48,11 @@ CHUNK = 4 * BLOCK
 
 PRESETS = {
     "paper": dict(
-        arch="paper", train_size=180_000, val_size=20_000, epochs=10, batch_size=256, lr=1e-3, schedule="constant"
+        arch="paper", train_size=180_000, val_size=20_000, epochs=10, batch_size=256, lr=1e-3, schedule="constant",
+        input="linear",
     ),
-    "tiny": dict(arch="paper", train_size=2048, val_size=256, epochs=2, batch_size=64, lr=1e-3, schedule="constant"),
+    "tiny": dict(arch="paper", train_size=2048, val_size=256, epochs=2, batch_size=64, lr=1e-3, schedule="constant",
+                 input="linear"),
 }
 
 
@@ -135,7 +137,7 @@ def evaluate(model, data, device, bf16=False, batch_size=512):
     }
 
 
-def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0):
+def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, transform="linear"):
     """Yield training batches (dicts) of one epoch, skipping the first ``skip_examples``."""
     rng = np.random.default_rng([int(seed), 7, int(epoch)])
     starts = np.arange(0, train_size, CHUNK)
@@ -148,7 +150,7 @@ def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0):
             consumed += count
             rng.permutation(count)  # keep the shuffle stream identical to an unskipped run
             continue
-        chunk = make_examples(count, seed, start)
+        chunk = make_examples(count, seed, start, transform=transform)
         perm = rng.permutation(count)
         chunk = {k: v[perm] for k, v in chunk.items()}
         if consumed < skip_examples:
@@ -203,6 +205,7 @@ def train(
     quick_val_size=2000,
     precision="auto",
     command=None,
+    input_transform=None,
 ):
     """Train the networks and write checkpoints to the directory ``out``.
 
@@ -236,6 +239,8 @@ def train(
         bf16 autocast (weights stay float32); ``auto`` uses it where the hardware has bf16.
     command : str, optional
         Command line recorded in the card.
+    input_transform : {"linear", "log"}, optional
+        Input encoding (:func:`napari_cdinn.nn.data.encode_inputs`); the paper's is ``linear``.
 
     Returns
     -------
@@ -246,7 +251,8 @@ def train(
     config = dict(PRESETS[preset]) if preset in PRESETS else None
     if config is None:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
-    overrides = dict(arch=arch, train_size=train_size, val_size=val_size, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule)
+    overrides = dict(arch=arch, train_size=train_size, val_size=val_size, epochs=epochs, batch_size=batch_size, lr=lr,
+                     schedule=schedule, input=input_transform)
     config.update({k: v for k, v in overrides.items() if v is not None})
     config.update(preset=preset, seed=int(seed), precision=precision)
     if config["train_size"] < config["batch_size"]:
@@ -289,7 +295,7 @@ def train(
         for k, v in g.items():
             if torch.is_tensor(v):
                 g[k] = v.to(dev)
-    val = make_examples(config["val_size"], config["seed"] + VAL_SEED_OFFSET)
+    val = make_examples(config["val_size"], config["seed"] + VAL_SEED_OFFSET, transform=config.get("input", "linear"))
     quick = {k: v[: min(quick_val_size, config["val_size"])] for k, v in val.items()}
     steps_per_epoch = config["train_size"] // config["batch_size"]
     total_steps = steps_per_epoch * config["epochs"]
@@ -316,13 +322,14 @@ def train(
         record = dict(base_event(kind), val_loss=metrics["loss"], metrics=metrics, full_validation=full)
         state["history"].append(record)
         card = dict(state, arch=config["arch"], val_metrics=metrics, train_loss=record["train_loss"], val_loss=metrics["loss"])
-        save_model(model, out / "last.safetensors", card)
+        save_model(model, out / "last.safetensors", card, input_transform=config.get("input", "linear"))
         torch.save(opt.state_dict(), out / "optimizer.pt")
         best = state.get("best")
         if not full and (best is None or _score(metrics) < _score(best["metrics"])):
             state["best"] = {"step": state["step"], "examples": state["examples"], "metrics": metrics}
-            save_model(model, out / "best.safetensors", dict(card, best=state["best"]))
-            save_model(model, out / "last.safetensors", dict(card, best=state["best"]))
+            for name in ("best", "last"):
+                save_model(model, out / f"{name}.safetensors", dict(card, best=state["best"]),
+                           input_transform=config.get("input", "linear"))
         emit(dict(record, event="validation" if full else "checkpoint"))
         return metrics
 
@@ -330,7 +337,8 @@ def train(
     model.train()
     stopped = False
     while state["epoch"] < config["epochs"] and not stopped:
-        batches = _epoch_batches(config["seed"], state["epoch"], config["train_size"], config["batch_size"], state["step_in_epoch"] * config["batch_size"])
+        batches = _epoch_batches(config["seed"], state["epoch"], config["train_size"], config["batch_size"],
+                                 state["step_in_epoch"] * config["batch_size"], config.get("input", "linear"))
         for batch in batches:
             if _should_stop(stop):
                 stopped = True
