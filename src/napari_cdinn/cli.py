@@ -156,7 +156,8 @@ def _add_train(sub):
     )
     p.add_argument("--out", "-o", required=True, help="model directory (created)")
     p.add_argument("--preset", default="paper", help="base settings: paper (default) or tiny")
-    p.add_argument("--arch", choices=("paper", "shared"), default=None, help="paper pair or shared encoder")
+    p.add_argument("--arch", choices=("paper", "shared"), default=None,
+                   help="shared encoder (preset default) or the paper's separate pair")
     p.add_argument("--train-size", type=_positive_int, default=None, help="training examples (paper: 180000)")
     p.add_argument("--val-size", type=_positive_int, default=None, help="validation examples (paper: 20000)")
     p.add_argument("--epochs", type=_positive_int, default=None, help="epochs (paper: 10)")

@@ -2,7 +2,12 @@
 
 Recipe (``preset="paper"``): binary cross-entropy on the sigmoid outputs (phase scaled to
 0..1), Adam (lr 1e-3), batch 256, 10 epochs of 180,000 training examples, 20,000 validation
-examples.  Two changes make the recipe learn the phase at all (design.md):
+examples.  The preset's architecture is the shared-encoder variant (``arch="shared"``); the
+paper's separate pair is ``arch="paper"``.  Measured here: with the twin-invariant loss the
+pair's phase network stayed at the zero-phase answer (validation phase RMS 0.83 rad, the
+trivial value) for 460,000 examples, while the shared encoder, whose two heads read the same
+features and so agree on which twin to draw, was at 0.67 rad after 70,000 and kept improving.
+Two further changes make the recipe learn the phase at all (design.md):
 
 * **twin-invariant loss**: per example, the smaller of the joint (shape + phase) BCE against
   the truth and against its twin, so both outputs pick the same one of the two solutions;
@@ -48,7 +53,7 @@ CHUNK = 4 * BLOCK
 
 PRESETS = {
     "paper": dict(
-        arch="paper", train_size=180_000, val_size=20_000, epochs=10, batch_size=256, lr=1e-3, schedule="constant",
+        arch="shared", train_size=180_000, val_size=20_000, epochs=10, batch_size=256, lr=1e-3, schedule="constant",
         input="linear",
     ),
     "tiny": dict(arch="paper", train_size=2048, val_size=256, epochs=2, batch_size=64, lr=1e-3, schedule="constant",
