@@ -27,6 +27,7 @@ from scipy import ndimage
 from napari_cdinn import physics
 from napari_cdinn.device import machine_info, resolve_device
 from napari_cdinn.retrieval import default_batch_size, default_schedule, reconstruct
+from napari_cdinn.retrieval.api import single_threaded_ops
 from napari_cdinn.retrieval.schedule import expand_schedule
 from napari_cdinn.simulate import simulate
 
@@ -265,23 +266,20 @@ def run(count=256, numpy_count=16, device="cpu", batch_size=None, n_starts=4, re
     ratio_iterations : int
         Iterations timed for the iteration / FFT-pair ratio.
     threads : int, optional
-        ``torch.set_num_threads`` for the run (default: torch's choice).  On a loaded machine one
-        thread is steadier than two.
+        ``reconstruct(threads=...)``: worker threads with single-threaded operations (default:
+        torch's thread count); 0 uses torch's own multi-threading instead.
     """
     import torch
 
-    if threads:
-        torch.set_num_threads(int(threads))
-
     dev = resolve_device(device)
-    batch_size = batch_size or default_batch_size(dev)
     data = simulate(count, seed=seed, oversampling=2)
     inten = data["intensity"]
 
     load_before = os.getloadavg()[0]
-    reconstruct(inten[: min(8, count)], device=dev, iterations=40, batch_size=batch_size)  # warm-up
+    reconstruct(inten[: min(8, count)], device=dev, iterations=40, threads=threads)  # warm-up
     t0 = time.perf_counter()
-    res = reconstruct(inten, device=dev, batch_size=batch_size, n_starts=n_starts, retry_chi2=retry_chi2, seed=0)
+    res = reconstruct(inten, device=dev, batch_size=batch_size, n_starts=n_starts, retry_chi2=retry_chi2, seed=0,
+                      threads=threads)
     t_torch = time.perf_counter() - t0
     torch_runs = float(np.mean((~np.isnan(res["start_chi2"])).sum(axis=1)))
 
@@ -292,7 +290,9 @@ def run(count=256, numpy_count=16, device="cpu", batch_size=None, n_starts=4, re
     np_objs = np.stack([o for o, _ in np_out])
     numpy_runs = float(np.mean([r for _, r in np_out]))
 
-    ratio = iteration_cost_ratio(inten[: min(batch_size, count)], ratio_iterations, str(dev))
+    ratio_batch = batch_size or default_batch_size(dev)
+    with single_threaded_ops(dev.type == "cpu"):  # the cost of one iteration on one core
+        ratio = iteration_cost_ratio(inten[: min(ratio_batch, count)], ratio_iterations, str(dev))
     torch_pps = count / t_torch
     numpy_pps = n_np / t_numpy
     sub = {k: data[k][:n_np] for k in ("amplitude", "phase")}
@@ -302,7 +302,8 @@ def run(count=256, numpy_count=16, device="cpu", batch_size=None, n_starts=4, re
                     f"up to {n_starts} starts (restart while chi2 > {retry_chi2})",
         "count": count,
         "numpy_count": n_np,
-        "batch_size": batch_size,
+        "batch_size": batch_size or "auto",
+        "threads": "auto" if threads is None else threads,
         "n_starts": n_starts,
         "retry_chi2": retry_chi2,
         "torch_runs_per_pattern": torch_runs,
@@ -361,7 +362,7 @@ def _table(res):
     lines.append(f"speed-up {res['speedup']:.1f}x; one iteration = {res['iteration_over_fft_pair']:.2f} FFT pairs "
                  f"({res['iteration_s_per_pattern'] * 1e6:.1f} us vs {res['fft_pair_s_per_pattern'] * 1e6:.1f} us "
                  f"per pattern, batch {res['batch']}); chi2 median {q['chi2_median']:.2e}; "
-                 f"device {res['machine'].get('device')}, {res['torch_threads']} threads")
+                 f"device {res['machine'].get('device')}, threads {res['threads']}")
     coh = res["cohere"]
     if coh.get("available"):
         q = coh["quality"]
@@ -382,7 +383,8 @@ def main(argv=None):
     p.add_argument("--retry-chi2", type=float, default=1e-4,
                    help="restart only patterns above this chi2 (default 1e-4; 0 = every start)")
     p.add_argument("--seed", type=int, default=2024)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="worker threads of the engine (default: torch's thread count; 0: torch's own threading)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
     res = run(args.count, args.numpy_count, args.device, args.batch_size, args.starts,

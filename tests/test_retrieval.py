@@ -196,6 +196,19 @@ def test_batches_equal_one_at_a_time(data):
         np.testing.assert_allclose(whole["object"][i], small["object"][i], rtol=1e-5, atol=1e-6)
 
 
+def test_worker_threads_give_the_same_results(data):
+    one = reconstruct(data["intensity"], device="cpu", iterations=80, batch_size=1, seed=5)
+    two = reconstruct(data["intensity"], device="cpu", iterations=80, batch_size=1, seed=5, threads=2)
+    np.testing.assert_allclose(one["object"], two["object"], rtol=1e-5, atol=1e-6)
+    assert torch.get_num_threads() == 1  # restored (the module fixture set 1)
+
+
+def test_worker_threads_stop_and_keep_a_prefix(data):
+    r = reconstruct(data["intensity"], device="cpu", iterations=620, block=10, batch_size=1, threads=2,
+                    should_stop=lambda: True, on_stop="return")
+    assert r["stopped"] is True and 1 <= len(r["chi2"]) <= 2
+
+
 # --------------------------------------------------------------------------- progress and stop
 def test_progress_is_called_every_block(data):
     calls = []
