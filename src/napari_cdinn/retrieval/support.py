@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .steps import squared_modulus
+
 __all__ = [
     "gaussian_transfer",
     "gaussian_blur",
@@ -119,7 +121,7 @@ def shrinkwrap(estimate, sigma, threshold=0.15):
     -------
     torch.Tensor, float32, (B, M, M), the new support (1 inside).
     """
-    return threshold_support(gaussian_blur(estimate.abs(), sigma), threshold)
+    return threshold_support(gaussian_blur(squared_modulus(estimate).sqrt_(), sigma), threshold)
 
 
 def shrinkwrap_sigma(iteration, last, sigma_start=3.0, sigma_end=1.0):
