@@ -188,6 +188,7 @@ def run(model=None, count=1000, predict_count=4000, batch_sizes=_BATCHES, refine
                           "numpy_620_ms_per_pattern": 1e3 * t_np, "speedup_vs_numpy_620": t_np * predict_count / t_cli}
     test = {k: v[:count] for k, v in big.items()}
     res["quality"] = score_model(path, data=test, device=device)
+    res["quality_fp32"] = score_model(path, data=test, device=device, precision="fp32")
     noisy = simulate(count, seed=TEST_SEED, oversampling=2, photons=photons)
     res["quality_noisy"] = score_model(path, data=noisy, device=device, photons=photons)
     res["refinement"] = refinement(big, path, count=refine_count, device=device)

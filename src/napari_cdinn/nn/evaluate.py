@@ -38,7 +38,8 @@ def summarise(cmp, chi2):
     }
 
 
-def score_model(model=None, count=1000, seed=TEST_SEED, photons=None, device="cpu", oversampling=2, data=None):
+def score_model(model=None, count=1000, seed=TEST_SEED, photons=None, device="cpu", oversampling=2, data=None,
+                precision="auto"):
     """Quality of ``model`` on ``count`` fresh patterns, optionally with Poisson noise.
 
     Parameters
@@ -51,6 +52,8 @@ def score_model(model=None, count=1000, seed=TEST_SEED, photons=None, device="cp
         Mean photons per pattern (Poisson noise).
     data : dict, optional
         Pre-simulated patterns (``intensity``, ``amplitude``, ``phase``) instead.
+    precision : "auto", "fp32" or "bf16"
+        As in :func:`predict`.
 
     Returns
     -------
@@ -62,7 +65,7 @@ def score_model(model=None, count=1000, seed=TEST_SEED, photons=None, device="cp
     """
     if data is None:
         data = simulate(count, seed=seed, oversampling=oversampling, photons=photons)
-    res = predict(data["intensity"], model=model, device=device)
+    res = predict(data["intensity"], model=model, device=device, precision=precision)
     obj = res["amplitude"] * np.exp(1j * res["phase"])
     cmp = physics.compare(obj, data["amplitude"], data["phase"])
     out = summarise(cmp, res["chi2"])
