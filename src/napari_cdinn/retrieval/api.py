@@ -144,7 +144,7 @@ def _per_frame(a, frames):
     return np.broadcast_to(a, a.shape) if a.ndim == 2 else a[frames]
 
 
-def _prepare_batch(intens, mask, init, init_support, frames, starts, seed, ac_threshold):
+def _prepare_batch(intens, mask, init, init_support, frames, starts, seed):
     """Build the device-independent NumPy inputs of one batch of runs (FFT layout)."""
     m = intens.shape[-1]
     inten = np.fft.ifftshift(intens, axes=(-2, -1))
@@ -475,7 +475,7 @@ def _run_batch(frames, start, ctx, report):
         mask = bad if mask is None else np.broadcast_to(mask, bad.shape) | bad
     amp, free, x0, sup0, scale = _prepare_batch(
         values, mask, init_b, _per_frame(ctx["support"], frames),
-        frames + ctx["first_frame"], starts, ctx["seed"], ctx["ac_threshold"],
+        frames + ctx["first_frame"], starts, ctx["seed"],
     )
     amp_t = torch.from_numpy(amp / (m * m)).to(dev)
     free_t = None if free is None else torch.from_numpy(np.ascontiguousarray(free)).to(dev)
