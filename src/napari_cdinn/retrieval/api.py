@@ -17,7 +17,17 @@ from .engine import Cancelled, Shrinkwrap, iterate, stop_requested
 from .schedule import ALGORITHMS, STEPS, default_schedule, parse_schedule, schedule_length
 from .support import autocorrelation_support
 
-__all__ = ["reconstruct", "reconstruct_chunk", "network_start", "single_threaded_ops", "make_schedule", "default_batch_size", "random_start", "centre_shifts", "finish_frames"]
+__all__ = [
+    "reconstruct",
+    "reconstruct_chunk",
+    "network_start",
+    "single_threaded_ops",
+    "make_schedule",
+    "default_batch_size",
+    "random_start",
+    "centre_shifts",
+    "finish_frames",
+]
 
 #: Patterns per batch by device type (CPU: fits the caches; GPUs: fills them).
 _BATCH = {"cpu": 64, "cuda": 4096, "mps": 1024}
