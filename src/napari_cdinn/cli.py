@@ -276,7 +276,8 @@ def _add_reconstruct(sub):
     p.add_argument("-o", "--out", required=True, help="output .npz, .h5 or .cxi")
     p.add_argument("--algorithm", default="hio-er",
                    help="hio-er (default), er, hio, raar, or a schedule such as '(hio:80,er:20)x6,er:20'")
-    p.add_argument("--iterations", type=_positive_int, default=620, help="iterations (default 620)")
+    p.add_argument("--iterations", type=_positive_int, default=None,
+                   help="iterations (default 620; with --init nn a short refinement, 50)")
     p.add_argument("--init", choices=("random", "nn"), default="random",
                    help="random phases (default) or the CDI NN guess with its support")
     p.add_argument("--model", default=None, help="network weights for --init nn (default: the shipped model)")
@@ -306,7 +307,13 @@ def _cmd_reconstruct(args):
         raise UsageError(f"expected intensities shaped (H, W) or (N, H, W), got {len(shape)} dimensions")
     if shape[-1] != shape[-2] or shape[-1] % 2:
         raise UsageError(f"patterns must be square with an even size, got {shape[-2]} x {shape[-1]}")
-    make_schedule(args.algorithm, args.iterations)
+    refine = {}
+    if args.init == "nn":
+        from .nn.inference import REFINE_OPTIONS
+
+        refine = {k: v for k, v in REFINE_OPTIONS.items() if k != "iterations" or args.iterations is None}
+    iterations = refine.pop("iterations", args.iterations or 620)
+    make_schedule(args.algorithm, iterations)
     resolve_device(args.device)
     if args.init == "nn":
         from .nn.checkpoint import resolve_model_path
@@ -317,8 +324,8 @@ def _cmd_reconstruct(args):
             if args.model is None:
                 raise UsageError("--init nn needs the CDI NN networks, which are not installed yet") from None
             raise
-    options = {"algorithm": args.algorithm, "iterations": args.iterations, "init": args.init, "model": args.model,
-               "device": args.device, "batch_size": args.batch_size, "n_starts": args.starts, "seed": args.seed}
+    options = {"algorithm": args.algorithm, "iterations": iterations, "init": args.init, "model": args.model,
+               "device": args.device, "batch_size": args.batch_size, "n_starts": args.starts, "seed": args.seed, **refine}
     fn = functools.partial(reconstruct_chunk, **options)
     stream.process_stack(args.input, args.out, fn, chunk_size=args.chunk_size,
                          options={**options, "command": "reconstruct"}, attrs={**options, "command": "reconstruct"})

@@ -33,7 +33,13 @@ from .checkpoint import load_model, resolve_model_path
 from .data import SIZE, encode_inputs
 from .runtime import autocast, bf16_supported, resolve_device
 
-__all__ = ["predict", "predict_chunk", "oversampling_factor", "prepare", "embed", "TRUST_CHI2"]
+__all__ = ["predict", "predict_chunk", "oversampling_factor", "prepare", "embed", "TRUST_CHI2", "REFINE_OPTIONS"]
+
+#: :func:`napari_cdinn.retrieval.reconstruct` options of the NN-seeded refinement
+#: (``cdinn reconstruct --init nn``): a short HIO/ER run (the last 10 iterations ER, averaged)
+#: from the network's guess and support, the support shrink-wrapped every 10 iterations with a
+#: blur narrowing from 2 to 1 pixel.  Chosen on fresh test patterns (benchmarks/bench_nn.py).
+REFINE_OPTIONS = {"iterations": 50, "average": 10, "shrinkwrap_every": 10, "sigma": (2.0, 1.0)}
 
 _CACHE: dict = {}
 
