@@ -206,4 +206,4 @@ def test_cli_report_writes_figures_and_json(tmp_path):
 def test_blank_frames_are_not_trusted():
     res = predict(np.zeros((2, 64, 64), np.float32), device="cpu")
     assert np.all(res["chi2"] == 1) and not res["trusted"].any()
-    assert np.isfinite(res["amplitude"]).all() and np.isfinite(res["phase"]).all()
+    assert np.all(res["amplitude"] == 0) and np.all(res["phase"] == 0) and not res["support"].any()

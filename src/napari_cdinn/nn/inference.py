@@ -19,7 +19,8 @@ Trust score
 compared to all measured pixels with :func:`napari_cdinn.physics.chi2` (least-squares scale).
 For ``k = 2`` this also tests the oversampled pixels, which carry the support information; it is
 invariant to the shift, twin and global phase ambiguities.  Frames with ``chi2 > TRUST_CHI2`` are
-flagged ``trusted = False``; a frame without signal (all zero) gets ``chi2 = 1``.
+flagged ``trusted = False``; a frame without signal (all zero) gets ``chi2 = 1`` and an empty
+(all-zero) amplitude, phase and support.
 """
 
 from __future__ import annotations
@@ -115,7 +116,10 @@ def _run_batch(net, inputs, measured, factor, device, bf16, threshold):
     fit = physics.intensity(obj)
     meas = torch.from_numpy(measured).to(device)
     chi = physics.chi2(meas, fit)
-    chi = torch.where(meas.sum((-2, -1)) > 0, chi, torch.ones_like(chi))  # no signal: nothing to trust
+    signal = meas.sum((-2, -1)) > 0
+    chi = torch.where(signal, chi, torch.ones_like(chi))  # no signal: nothing to trust
+    keep = signal[:, None, None]
+    amp, phase, support = amp * keep, phase * keep, support & keep  # and nothing to show
     return amp.cpu().numpy(), phase.cpu().numpy(), support.cpu().numpy(), chi.cpu().numpy()
 
 
