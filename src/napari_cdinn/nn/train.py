@@ -61,8 +61,11 @@ PRESETS = {
 }
 
 
-def twin_invariant_loss(amp_logit, phase_logit, target_amp, target_phase, twin_amp, twin_phase):
+def twin_invariant_loss(amp_logit, phase_logit, target_amp, target_phase, twin_amp, twin_phase, shift=0):
     """Per-example min of the joint BCE against the truth and against its twin.
+
+    With ``shift > 0`` the minimum also runs over circular shifts of both targets by up to
+    ``shift`` pixels in each direction (the output's position is free within that range).
 
     Parameters
     ----------
@@ -72,6 +75,8 @@ def twin_invariant_loss(amp_logit, phase_logit, target_amp, target_phase, twin_a
         Amplitudes in 0..1.
     target_phase, twin_phase : Tensor (N, 1, H, W)
         Phases in radians (scaled to 0..1 here).
+    shift : int
+        Position tolerance in pixels (0: none).
 
     Returns
     -------
@@ -85,8 +90,16 @@ def twin_invariant_loss(amp_logit, phase_logit, target_amp, target_phase, twin_a
         lp = F.binary_cross_entropy_with_logits(phase_logit, unit, reduction="none").mean((1, 2, 3))
         return la + lp
 
-    l_true = joint(target_amp, target_phase)
-    l_twin = joint(twin_amp, twin_phase)
+    def best(amp, phase):
+        losses = [
+            joint(torch.roll(amp, (dy, dx), (-2, -1)), torch.roll(phase, (dy, dx), (-2, -1)))
+            for dy in range(-shift, shift + 1)
+            for dx in range(-shift, shift + 1)
+        ]
+        return torch.stack(losses).amin(0)
+
+    l_true = best(target_amp, target_phase)
+    l_twin = best(twin_amp, twin_phase)
     return torch.minimum(l_true, l_twin).mean(), l_twin < l_true
 
 
@@ -211,6 +224,7 @@ def train(
     precision="auto",
     command=None,
     input_transform=None,
+    shift=None,
 ):
     """Train the networks and write checkpoints to the directory ``out``.
 
@@ -246,6 +260,8 @@ def train(
         Command line recorded in the card.
     input_transform : {"linear", "log"}, optional
         Input encoding (:func:`napari_cdinn.nn.data.encode_inputs`); the paper's is ``linear``.
+    shift : int, optional
+        Position tolerance of the loss in pixels (:func:`twin_invariant_loss`; default 0).
 
     Returns
     -------
@@ -257,7 +273,7 @@ def train(
     if config is None:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     overrides = dict(arch=arch, train_size=train_size, val_size=val_size, epochs=epochs, batch_size=batch_size, lr=lr,
-                     schedule=schedule, input=input_transform)
+                     schedule=schedule, input=input_transform, shift=shift)
     config.update({k: v for k, v in overrides.items() if v is not None})
     config.update(preset=preset, seed=int(seed), precision=precision)
     if config["train_size"] < config["batch_size"]:
@@ -354,7 +370,7 @@ def train(
             t = [_to_tensor(batch[k], dev, False) for k in ("target_amplitude", "target_phase", "twin_amplitude", "twin_phase")]
             with autocast(dev, bf16):
                 la, lp = model.logits(x)
-            loss, _ = twin_invariant_loss(la, lp, *t)
+            loss, _ = twin_invariant_loss(la, lp, *t, shift=config.get("shift", 0))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
