@@ -11,7 +11,7 @@ from napari_cdinn import io, physics
 from napari_cdinn.stream import StreamCancelled, chunk_bounds, process_stack
 
 
-def _toy(intensity, gain=1.0):
+def _toy(intensity, first_frame=0, gain=1.0):
     """A chunk function with per-frame results of several shapes."""
     amp = physics.amplitude_from_intensity(intensity) * gain
     return {"amplitude": amp, "chi2": amp.mean(axis=(1, 2)).astype(np.float32), "support": amp > amp.mean()}
@@ -60,7 +60,7 @@ def test_resume_skips_finished_chunks(stack_file, tmp_path):
     out = str(tmp_path / "res.h5")
     calls = []
 
-    def counting(x):
+    def counting(x, first_frame):
         calls.append(len(x))
         return _toy(x)
 
@@ -87,7 +87,7 @@ def test_failed_run_keeps_existing_output(stack_file, tmp_path):
     out = tmp_path / "res.h5"
     out.write_bytes(b"precious")
 
-    def broken(x):
+    def broken(x, first_frame):
         raise ValueError("boom")
 
     with pytest.raises(ValueError):
@@ -105,7 +105,7 @@ def test_local_cluster_equals_local(stack_file, tmp_path):
     np.testing.assert_array_equal(io.read_result(out)["amplitude"], _toy(data, gain=2.0)["amplitude"])
 
 
-def _dies_once(intensity, marker):
+def _dies_once(intensity, marker, first_frame=0):
     """Kill the worker process the first time any worker runs a chunk."""
     if not os.path.exists(marker):
         with open(marker, "w"):
@@ -124,3 +124,14 @@ def test_killed_worker_loses_nothing(stack_file, tmp_path):
         process_stack(path, out, functools.partial(_dies_once, marker=marker), chunk_size=10, scheduler=client)
     assert os.path.exists(marker)  # a worker did die
     np.testing.assert_array_equal(io.read_result(out)["amplitude"], _toy(data)["amplitude"])
+
+
+def test_random_starts_do_not_depend_on_chunking(tmp_path):
+    from napari_cdinn.retrieval import reconstruct_chunk
+    from napari_cdinn.simulate import simulate
+
+    data = simulate(5, seed=9, oversampling=2)["intensity"]
+    fn = functools.partial(reconstruct_chunk, algorithm="hio", iterations=8, average=1, n_starts=1)
+    whole = process_stack(data, None, fn, chunk_size=5)
+    pieces = process_stack(data, None, fn, chunk_size=2)
+    np.testing.assert_allclose(pieces["amplitude"], whole["amplitude"], atol=1e-5)

@@ -1,8 +1,10 @@
 """Chunked processing of large stacks: bounded memory, incremental HDF5 output, resume, clusters.
 
-A *chunk function* ``fn(intensity) -> dict`` maps a NumPy block of frames ``(n, H, W)`` float32
-to per-frame result arrays with leading length ``n`` (for example ``amplitude``, ``phase``,
-``chi2``).  :func:`process_stack` runs it over a stack chunk by chunk:
+A *chunk function* ``fn(intensity, first_frame) -> dict`` maps a NumPy block of frames
+``(n, H, W)`` float32, whose first frame is frame ``first_frame`` of the stack, to per-frame
+result arrays with leading length ``n`` (for example ``amplitude``, ``phase``, ``chi2``).
+``first_frame`` lets a randomised method draw per-frame random numbers from the frame's index,
+so that results do not depend on the chunking (streamed, in-memory and cluster runs agree).  :func:`process_stack` runs it over a stack chunk by chunk:
 
 * the input is read lazily (:func:`napari_cdinn.io.read_stack` with ``lazy=True``), so memory
   stays bounded by a few chunks whatever the stack's length;
@@ -78,7 +80,7 @@ def _read_chunk(source, start, stop):
 
 def _run_chunk(fn, source, start, stop):
     """Worker task: read one chunk and run the chunk function on it."""
-    return start, stop, fn(_read_chunk(source, start, stop))
+    return start, stop, fn(_read_chunk(source, start, stop), first_frame=start)
 
 
 class _H5Sink:
@@ -182,7 +184,8 @@ def process_stack(
         Output file: ``.h5``/``.hdf5``/``.cxi`` (streamed, resumable) or ``.npz``.  None returns
         the results without writing.
     fn : callable
-        ``fn(intensity (n, H, W) float32) -> dict`` of per-frame arrays of leading length ``n``.
+        ``fn(intensity (n, H, W) float32, first_frame=int) -> dict`` of per-frame arrays of
+        leading length ``n``.
     chunk_size : int
         Frames per chunk (bounds memory; the unit of resume and of cluster tasks).
     resume : bool

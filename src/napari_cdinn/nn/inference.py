@@ -179,8 +179,10 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
     return out
 
 
-def predict_chunk(intensity, model=None, device="auto", batch_size=256):
+def predict_chunk(intensity, first_frame=0, model=None, device="auto", batch_size=256):
     """Chunk function for :func:`napari_cdinn.stream.process_stack` (picklable via ``partial``).
+
+    The prediction is deterministic, so ``first_frame`` (the chunk's place in the stack) is unused.
 
     Returns ``amplitude``, ``phase``, ``chi2`` and ``trusted`` of :func:`predict` for an
     ``(n, H, W)`` block; the network is loaded once per process.

@@ -567,12 +567,15 @@ def network_start(intensity, model=None, device="auto"):
     return embed(guess["amplitude"], guess["phase"], oversampling_factor(np.shape(intensity)))
 
 
-def reconstruct_chunk(intensity, init="random", model=None, **options):
+def reconstruct_chunk(intensity, first_frame=0, init="random", model=None, **options):
     """Chunk function for :func:`napari_cdinn.stream.process_stack` (picklable via ``partial``).
 
     Parameters
     ----------
     intensity : ndarray, float32, (n, M, M)
+    first_frame : int
+        Index of the chunk's first frame in the stack: random starts follow the frame index,
+        so the result does not depend on the chunk size.
     init : {"random", "nn"}
         Random phases, or the network's guess with its support (shrinkwrap may evolve it).
     model : str, optional
@@ -588,5 +591,5 @@ def reconstruct_chunk(intensity, init="random", model=None, **options):
     if init == "nn":
         obj, sup = network_start(intensity, model=model, device=kwargs.get("device", "auto"))
         kwargs.update(init=obj, support=sup)
-    res = reconstruct(intensity, **kwargs)
+    res = reconstruct(intensity, first_frame=first_frame, **kwargs)
     return {k: res[k] for k in ("amplitude", "phase", "support", "chi2")}
