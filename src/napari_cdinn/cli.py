@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["main", "build_parser", "UsageError"]
+__all__ = ["UsageError", "build_parser", "main"]
 
 
 class UsageError(Exception):
@@ -21,7 +21,7 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse that reports errors as one ``error: ...`` line and exit code 2."""
 
-    def error(self, message):  # noqa: D102 - argparse API
+    def error(self, message):
         raise UsageError(message)
 
 
@@ -217,6 +217,81 @@ def _cmd_train(args):
             signal.signal(sig, handler)
 
 
+# --------------------------------------------------------------------------- stacks
+def _add_stack_options(p, what):
+    """Input, output and streaming options shared by the commands that invert a stack."""
+    p.add_argument("input", help=f"intensities: .npy, .npz, .tif, .h5, .cxi ({what})")
+    p.add_argument("-o", "--out", required=True, help="output .npz, or .h5/.cxi (written as the job streams)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--chunk-size", type=_positive_int, default=4096, help="frames read and written at once")
+    p.add_argument("--scheduler", default=None,
+                   help="address of a dask.distributed scheduler to run the chunks on (e.g. tcp://host:8786)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted .h5/.cxi run, skipping the chunks it finished")
+
+
+def _check_stack_input(args):
+    """Validate input and output before any work; return the input's shape."""
+    import os
+
+    from . import io
+    from .device import resolve_device
+
+    if not os.path.isfile(args.input):
+        raise UsageError(f"the input file {args.input!r} does not exist")
+    if os.path.splitext(args.out)[1].lower() not in io.RESULT_EXTENSIONS:
+        raise UsageError(f"--out must end in one of {', '.join(io.RESULT_EXTENSIONS)}, got {args.out!r}")
+    io.check_writable(args.out)
+    shape = io.read_stack(args.input, lazy=True).shape
+    resolve_device(args.device)
+    return shape
+
+
+class _Progress:
+    """A one-line progress bar on stderr: frames done, rate and time left."""
+
+    #: True while a progress line is unfinished (an error message then starts on a new line).
+    open_line = False
+
+    def __init__(self, label):
+        self.label = label
+        self.t0 = None
+        self.last = 0.0
+
+    def __call__(self, done, total):
+        import time
+
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0, self.first = now, done
+        if done < total and (done == self.first or now - self.last < 0.5):
+            return
+        self.last = now
+        rate = (done - self.first) / max(now - self.t0, 1e-9)
+        left = (total - done) / rate if rate > 0 else float("nan")
+        width = 30
+        bar = "#" * int(width * done / max(total, 1))
+        end = "\n" if done >= total else ""
+        print(f"\r{self.label} [{bar:<{width}}] {done}/{total} frames, {rate:.0f}/s, {left:.0f} s left ",
+              end=end, file=sys.stderr, flush=True)
+        _Progress.open_line = done < total
+
+
+def _run_stack(args, fn, options, attrs, label):
+    """Stream a chunk function over the input stack with progress on stderr; report the result."""
+    from . import stream
+
+    try:
+        summary = stream.process_stack(args.input, args.out, fn, chunk_size=args.chunk_size, resume=args.resume,
+                                       scheduler=args.scheduler, options=options, attrs=attrs,
+                                       progress=_Progress(label))
+    except stream.StreamCancelled as exc:
+        raise UsageError(str(exc)) from None
+    skipped = summary.get("skipped", 0) if isinstance(summary, dict) and "skipped" in summary else 0
+    note = f" ({skipped} chunks resumed)" if skipped else ""
+    print(f"wrote {args.out}{note}", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- predict
 def _add_predict(sub):
     p = sub.add_parser(
@@ -227,42 +302,25 @@ def _add_predict(sub):
         "data-consistency score computed from the prediction) and trusted (chi2 below the trust "
         "threshold). .h5/.cxi outputs are written as the job streams.",
     )
-    p.add_argument("input", help="intensities: .npy, .npz, .tif, .h5, .cxi")
-    p.add_argument("-o", "--out", required=True, help="output .npz, .h5 or .cxi")
+    _add_stack_options(p, "32 x 32 patterns, or 2x oversampled 64 x 64")
     p.add_argument("--model", default=None, help="shipped model name, .safetensors file or model directory")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="frames per network call (default 256)")
-    p.add_argument("--chunk-size", type=_positive_int, default=4096, help="frames read and written at once")
-    p.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")
     p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_predict(args):
     import functools
-    import os
 
-    from . import io, stream
     from .nn import TRUST_CHI2
     from .nn.checkpoint import read_card, resolve_model_path
     from .nn.inference import oversampling_factor, predict_chunk
-    from .nn.runtime import resolve_device
 
-    if not os.path.isfile(args.input):
-        raise UsageError(f"the input file {args.input!r} does not exist")
-    io.check_writable(args.out)
-    shape = io.read_stack(args.input, lazy=True).shape
-    if len(shape) not in (2, 3):
-        raise UsageError(f"expected intensities shaped (H, W) or (N, H, W), got {len(shape)} dimensions")
-    oversampling_factor(shape)
-    resolve_device(args.device)
+    oversampling_factor(_check_stack_input(args))
     model = str(resolve_model_path(args.model).resolve())
     card = read_card(model)
     fn = functools.partial(predict_chunk, model=model, device=args.device, batch_size=args.batch_size)
     attrs = {"model": model, "arch": card.get("arch", ""), "trust_chi2": TRUST_CHI2}
-    stream.process_stack(args.input, args.out, fn, chunk_size=args.chunk_size, scheduler=args.scheduler,
-                         options={"model": model, "command": "predict"}, attrs=attrs)
-    n = 1 if len(shape) == 2 else shape[0]
-    print(f"wrote {args.out}: {n} predictions", file=sys.stderr)
+    _run_stack(args, fn, {"model": model, "command": "predict"}, attrs, "predict")
 
 
 # --------------------------------------------------------------------------- reconstruct
@@ -274,8 +332,7 @@ def _add_reconstruct(sub):
         "once on the CPU or a GPU. Default: the paper's protocol (HIO/ER cycles, shrinkwrap, 620 iterations, the "
         "final 20 averaged). Writes amplitude (max 1 per frame), phase (radians), support and chi2.",
     )
-    p.add_argument("input", help="intensities: .npy, .npz, .tif, .h5, .cxi (square, even-sized patterns)")
-    p.add_argument("-o", "--out", required=True, help="output .npz, .h5 or .cxi")
+    _add_stack_options(p, "square, even-sized, oversampled patterns")
     p.add_argument("--algorithm", default="hio-er",
                    help="hio-er (default), er, hio, raar, or a schedule such as '(hio:80,er:20)x6,er:20'")
     p.add_argument("--iterations", type=_positive_int, default=None,
@@ -283,30 +340,18 @@ def _add_reconstruct(sub):
     p.add_argument("--init", choices=("random", "nn"), default="random",
                    help="random phases (default) or the CDI NN guess with its support")
     p.add_argument("--model", default=None, help="network weights for --init nn (default: the shipped model)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="patterns inverted together")
     p.add_argument("--starts", type=_positive_int, default=1, help="random starts per pattern, best chi2 kept")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--chunk-size", type=_positive_int, default=4096, help="frames read and written at once")
     p.set_defaults(func=_cmd_reconstruct)
 
 
 def _cmd_reconstruct(args):
     import functools
-    import os
 
-    from . import io, stream
-    from .device import resolve_device
     from .retrieval import make_schedule, reconstruct_chunk
 
-    if not os.path.isfile(args.input):
-        raise UsageError(f"the input file {args.input!r} does not exist")
-    if os.path.splitext(args.out)[1].lower() not in io.RESULT_EXTENSIONS:
-        raise UsageError(f"--out must end in one of {', '.join(io.RESULT_EXTENSIONS)}, got {args.out!r}")
-    io.check_writable(args.out)
-    shape = io.read_stack(args.input, lazy=True).shape
-    if len(shape) not in (2, 3):
-        raise UsageError(f"expected intensities shaped (H, W) or (N, H, W), got {len(shape)} dimensions")
+    shape = _check_stack_input(args)
     if shape[-1] != shape[-2] or shape[-1] % 2:
         raise UsageError(f"patterns must be square with an even size, got {shape[-2]} x {shape[-1]}")
     refine = {}
@@ -316,7 +361,6 @@ def _cmd_reconstruct(args):
         refine = {k: v for k, v in REFINE_OPTIONS.items() if k != "iterations" or args.iterations is None}
     iterations = refine.pop("iterations", args.iterations or 620)
     make_schedule(args.algorithm, iterations)
-    resolve_device(args.device)
     if args.init == "nn":
         from .nn.checkpoint import resolve_model_path
 
@@ -329,10 +373,8 @@ def _cmd_reconstruct(args):
     options = {"algorithm": args.algorithm, "iterations": iterations, "init": args.init, "model": args.model,
                "device": args.device, "batch_size": args.batch_size, "n_starts": args.starts, "seed": args.seed, **refine}
     fn = functools.partial(reconstruct_chunk, **options)
-    stream.process_stack(args.input, args.out, fn, chunk_size=args.chunk_size,
-                         options={**options, "command": "reconstruct"}, attrs={**options, "command": "reconstruct"})
-    n = 1 if len(shape) == 2 else shape[0]
-    print(f"wrote {args.out}: {n} reconstructions", file=sys.stderr)
+    options["command"] = "reconstruct"
+    _run_stack(args, fn, options, options, "reconstruct")
 
 
 # --------------------------------------------------------------------------- report
@@ -380,20 +422,29 @@ def build_parser():
     return parser
 
 
+def _end_progress_line():
+    if _Progress.open_line:
+        print(file=sys.stderr)
+        _Progress.open_line = False
+
+
 def main(argv=None):
     """Entry point of the ``cdinn`` console script; returns the exit code."""
     try:
         args = build_parser().parse_args(argv)
         args.func(args)
     except UsageError as exc:
+        _end_progress_line()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (ValueError, OSError, KeyError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _end_progress_line()
         print(f"error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        _end_progress_line()
+        print("error: interrupted (an .h5/.cxi run continues with --resume)", file=sys.stderr)
         return 130
     return 0
 

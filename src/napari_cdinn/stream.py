@@ -267,7 +267,7 @@ def _execute_distributed(fn, source, bounds, todo, scheduler, should_stop):
 
     own = not isinstance(scheduler, Client)
     try:
-        client = Client(scheduler, timeout="20s") if own else scheduler
+        client = Client(scheduler, timeout="10s") if own else scheduler
     except (OSError, TimeoutError) as exc:
         raise OSError(f"could not reach the dask scheduler at {scheduler!r}: {io._first_line(exc)}") from None
     try:
