@@ -34,6 +34,7 @@ import numpy as np
 
 from napari_cdinn import physics
 from napari_cdinn.device import machine_info
+from napari_cdinn.io import write_json
 from napari_cdinn.simulate import simulate
 
 #: Arguments of ``run`` for a smoke run (``cdinn bench --quick``).
@@ -168,7 +169,7 @@ def run(model=None, count=1000, predict_count=4000, batch_sizes=_BATCHES, refine
     import torch
 
     from napari_cdinn.nn import load_model
-    from napari_cdinn.nn.checkpoint import read_card, resolve_model_path
+    from napari_cdinn.nn.checkpoint import resolve_model_path
     from napari_cdinn.nn.evaluate import TEST_SEED, score_model
 
     if threads:
@@ -241,8 +242,7 @@ def main(argv=None):
     res = run(**kw)
     print(json.dumps(summary(res), indent=1))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=2, default=str)
+        write_json(args.json, res)
     return res
 
 

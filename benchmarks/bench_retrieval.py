@@ -17,7 +17,6 @@ subset (:data:`COHERE_PARAMS`); otherwise that part is skipped with a note.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -26,6 +25,7 @@ from scipy import ndimage
 
 from napari_cdinn import physics
 from napari_cdinn.device import machine_info, resolve_device
+from napari_cdinn.io import write_json
 from napari_cdinn.retrieval import default_batch_size, default_schedule, reconstruct
 from napari_cdinn.retrieval.api import single_threaded_ops
 from napari_cdinn.retrieval.schedule import expand_schedule
@@ -391,8 +391,7 @@ def main(argv=None):
               args.retry_chi2 if args.retry_chi2 > 0 else None, args.seed, threads=args.threads)
     print(_table(res))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=2)
+        write_json(args.json, res)
     return res
 
 

@@ -10,12 +10,11 @@ Prints examples per second and writes the figures as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 from napari_cdinn.device import machine_info
+from napari_cdinn.io import write_json
 from napari_cdinn.simulate import simulate
-
 
 #: Arguments of ``run`` for a quick smoke run (``cdinn bench --quick``).
 QUICK = {"count": 20_000}
@@ -51,8 +50,7 @@ def main(argv=None):
         f"in {res['seconds']:.1f} s = {res['examples_per_s']:.0f} examples/s"
     )
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=2)
+        write_json(args.json, res)
     return res
 
 

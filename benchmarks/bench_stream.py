@@ -18,7 +18,6 @@ throughput at least 90 % of the in-memory one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import time
 import numpy as np
 
 from napari_cdinn.device import machine_info
+from napari_cdinn.io import write_json
 from napari_cdinn.simulate import simulate
 
 #: Arguments of ``run`` for a quick smoke run (``cdinn bench --quick``).
@@ -134,8 +134,7 @@ def main(argv=None):
           f"peak RSS {res['in_memory_peak_rss_mb']:.0f} MB")
     print(f"throughput ratio streamed / in memory: {res['throughput_ratio']:.2f}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=2)
+        write_json(args.json, res)
     return res
 
 

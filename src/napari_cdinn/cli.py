@@ -25,34 +25,25 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number(kind, minimum, inclusive, what):
+    """An argparse type: ``kind`` (int or float) finite and above ``minimum`` (or equal if inclusive)."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        ok = value is not None and value != float("inf") and (value >= minimum if inclusive else value > minimum)
+        if not ok:  # NaN fails both comparisons
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+_positive_int = _number(int, 1, True, "a positive integer")
+_positive_float = _number(float, 0.0, False, "a positive number")
+_non_negative_float = _number(float, 0.0, True, "a number >= 0")
 
 
 # --------------------------------------------------------------------------- simulate
@@ -140,8 +131,7 @@ def _cmd_bench(args):
         print(json.dumps(module.summary(results[name]) if hasattr(module, "summary") else results[name],
                          indent=1, default=str)[:2000])
     if args.json:
-        with io.atomic_output(args.json) as tmp, open(tmp, "w") as fh:
-            json.dump(results, fh, indent=2, default=str)
+        io.write_json(args.json, results)
         print(f"wrote {args.json}", file=sys.stderr)
 
 

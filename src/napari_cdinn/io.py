@@ -24,6 +24,7 @@ __all__ = [
     "atomic_output",
     "check_writable",
     "write_npz",
+    "write_json",
     "read_stack",
     "write_result",
     "read_result",
@@ -62,6 +63,12 @@ def atomic_output(path):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def write_json(path, obj):
+    """Write ``obj`` as indented JSON atomically (NumPy scalars and arrays become numbers and lists)."""
+    with atomic_output(path) as tmp, open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, default=_json_default)
 
 
 def write_npz(path, arrays):
@@ -316,7 +323,6 @@ class _H5Dataset(_LazySource):
 
 
 def _open_h5(path):
-    import h5py
 
     with _open_h5_file(path) as fh:
         name = _find_h5_dataset(fh, path)
