@@ -115,7 +115,7 @@ def cli_predict_time(intensity, model, threads):
         return time.perf_counter() - t0
 
 
-def refinement(data, model, iterations=(20, 50), count=200, device="cpu", batch_size=None):
+def refinement(data, model, iterations=(20, 50, 80), count=200, device="cpu", batch_size=None):
     """NN-seeded short runs against the 620-iteration protocol from random starts.
 
     Variants: ``nn_refine_<it>``, the ``cdinn reconstruct --init nn`` settings

@@ -326,7 +326,7 @@ def _add_reconstruct(sub):
     p.add_argument("--algorithm", default="hio-er",
                    help="hio-er (default), er, hio, raar, or a schedule such as '(hio:80,er:20)x6,er:20'")
     p.add_argument("--iterations", type=_positive_int, default=None,
-                   help="iterations (default 620; with --init nn a short refinement, 50)")
+                   help="iterations (default 620; with --init nn a short refinement, 80)")
     p.add_argument("--init", choices=("random", "nn"), default="random",
                    help="random phases (default) or the CDI NN guess with its support")
     p.add_argument("--model", default=None, help="network weights for --init nn (default: the shipped model)")
