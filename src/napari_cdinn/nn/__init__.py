@@ -15,6 +15,10 @@ from __future__ import annotations
 __all__ = ["predict", "load_model", "train", "TRUST_CHI2"]
 
 #: Frames whose data-consistency chi^2 (see :func:`predict`) exceeds this are flagged untrusted.
+#: With the shipped weights on 1,000 fresh test patterns, the 44 % of frames at or below it had
+#: phase RMS 0.34 rad median (p90 0.56) and support IoU 0.87; the others 0.79 rad and 0.81.
+#: (At 0.02: 25 % trusted, 0.26 rad median.)  Untrusted frames are the ones to refine
+#: (``cdinn reconstruct --init nn``).
 TRUST_CHI2 = 0.05
 
 
