@@ -15,7 +15,7 @@ from napari_cdinn.nn import TRUST_CHI2, load_model, predict
 from napari_cdinn.nn.checkpoint import WEIGHTS_DIR, save_model
 from napari_cdinn.nn.data import centre_objects, make_examples, twin_targets
 from napari_cdinn.nn.networks import build_model, count_parameters
-from napari_cdinn.nn.train import train
+from napari_cdinn.nn import train
 from napari_cdinn.simulate import simulate
 
 SHIPPED = WEIGHTS_DIR / "model.safetensors"
@@ -207,3 +207,10 @@ def test_blank_frames_are_not_trusted():
     res = predict(np.zeros((2, 64, 64), np.float32), device="cpu")
     assert np.all(res["chi2"] == 1) and not res["trusted"].any()
     assert np.all(res["amplitude"] == 0) and np.all(res["phase"] == 0) and not res["support"].any()
+
+
+def test_nn_train_stays_callable_after_the_trainer_is_imported():
+    import napari_cdinn.nn as nn
+    import napari_cdinn.nn.trainer  # noqa: F401
+
+    assert callable(nn.train)

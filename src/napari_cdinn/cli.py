@@ -170,7 +170,7 @@ def _cmd_train(args):
     import signal
     import threading
 
-    from .nn.train import PRESETS, train
+    from .nn.trainer import PRESETS, train
 
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")

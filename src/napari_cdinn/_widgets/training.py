@@ -20,7 +20,7 @@ from ._models import register_model
 
 def training_job(out, options, progress, should_stop):
     """Worker body: ``nn.train`` with events forwarded to ``progress``; returns its final state."""
-    from ..nn.train import train  # the module, not nn.train: that name is shadowed once imported
+    from ..nn import train
 
     return train(out, callback=progress, stop=should_stop, **options)
 

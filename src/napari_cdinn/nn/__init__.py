@@ -34,7 +34,7 @@ def load_model(*args, **kwargs):  # noqa: D103 - documented in .checkpoint
     return _load(*args, **kwargs)
 
 
-def train(*args, **kwargs):  # noqa: D103 - documented in .train
-    from .train import train as _train
+def train(*args, **kwargs):  # noqa: D103 - documented in .trainer
+    from .trainer import train as _train
 
     return _train(*args, **kwargs)

@@ -11,7 +11,7 @@ The 32 x 32 amplitude of an unpadded object determines it only up to a circular 
 global phase and the twin (``physics.twin``).  The shift ambiguity is removed from the targets
 by rolling every true object so that the bounding box of its support (amplitude > 0.1) is
 centred at pixel ``(16, 16)`` (:func:`centre_objects`); the twin ambiguity by the twin-invariant
-loss (:mod:`napari_cdinn.nn.train`), which needs the twin targets, centred the same way.  The
+loss (:mod:`napari_cdinn.nn.trainer`), which needs the twin targets, centred the same way.  The
 network input is unchanged by the roll (a circular shift only ramps the far-field phase).
 """
 
