@@ -288,3 +288,19 @@ def test_nan_pixels_are_unmeasured_and_empty_frames_score_one(data):
     np.testing.assert_array_equal(r["object"][:2], with_mask["object"][:2])
     assert np.isfinite(r["amplitude"]).all() and np.isfinite(r["chi2"]).all()
     assert (r["amplitude"][2] == 0).all() and r["chi2"][2] == 1.0
+
+
+def test_snapshot_shows_the_running_estimates():
+    from napari_cdinn.simulate import simulate
+
+    data = simulate(3, seed=31, oversampling=2)["intensity"]
+    seen = []
+    res = reconstruct(data, algorithm="hio", iterations=40, average=1, block=10,
+                      snapshot=lambda frames, amp, pha: seen.append((frames.copy(), amp, pha)))
+    assert len(seen) == 4  # one per block of 10 iterations
+    frames, amp, pha = seen[-1]
+    np.testing.assert_array_equal(frames, [0, 1, 2])
+    assert amp.shape == pha.shape == (3, 64, 64) and amp.dtype == np.float32
+    np.testing.assert_allclose(amp.max(axis=(1, 2)), 1.0, rtol=1e-5)
+    assert np.all(np.abs(pha) <= np.pi + 1e-6)
+    assert res["amplitude"].shape == (3, 64, 64)

@@ -95,6 +95,10 @@ def test_phase_retrieval_stop(make_napari_viewer, qtbot):
     widget.runner._bridge.progress.connect(seen.append)
     widget.controls.run_button.clicked.emit()
     qtbot.waitUntil(lambda: bool(seen), timeout=60_000)  # it is iterating
+    # the running estimates are shown long before the block of frames finishes
+    qtbot.waitUntil(lambda: any(i["kind"] == "snapshot" for i in seen), timeout=60_000)
+    qtbot.waitUntil(lambda: "patterns PR amplitude" in viewer.layers, timeout=10_000)
+    assert viewer.layers["patterns PR amplitude"].data.max() > 0
     widget.controls.stop_button.clicked.emit()
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=30_000)
     assert widget.controls.status.value.startswith("stopped")

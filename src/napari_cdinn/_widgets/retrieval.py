@@ -2,15 +2,20 @@
 
 Wired to :func:`napari_cdinn.retrieval.reconstruct`.  The stack is inverted in blocks of
 ``frames per update`` patterns inside a thread worker (random starts depend on the frame's
-index in the stack, not on the blocking: ``first_frame``); after each block the amplitude and phase
-layers are updated (frames not yet done are zero, their chi^2 NaN) and the median Fourier-error
-curve is redrawn, so long stacks fill in live.  Stop ends the running block at its next
+index in the stack, not on the blocking: ``first_frame``).  While a block iterates, its current
+estimates are shown every iteration block (20 iterations, at most ~3 times a second, through
+``reconstruct``'s ``snapshot``); after each block of frames the final amplitude, phase and chi^2
+replace them (frames not yet reached are zero, their chi^2 NaN) and the median Fourier-error
+curve is redrawn.  Stop ends the running block at its next
 iteration block and keeps the frames reached so far.  Start "CDI NN" seeds every pattern with
 the network's guess (embedded in the oversampled frame, its support as the first support).
 A Labels layer can mark unmeasured pixels (beamstop, gaps): label > 0 is masked.
 """
 
 from __future__ import annotations
+
+import threading
+import time
 
 import numpy as np
 from magicgui import widgets
@@ -64,13 +69,32 @@ def retrieval_job(stack, mask, options, nn_start, progress, should_stop):
         def report(it, total, _lo=lo, _hi=hi):
             progress({"kind": "progress", "done": _lo + (_hi - _lo) * it / max(total, 1), "total": n})
 
-        res = reconstruct(chunk, progress=report, should_stop=should_stop, on_stop="return", first_frame=lo, **kwargs)
+        res = reconstruct(chunk, progress=report, should_stop=should_stop, on_stop="return", first_frame=lo,
+                          snapshot=_Throttled(progress, lo, n), **kwargs)
         done = lo + len(res["chi2"])
         progress({"kind": "block", "lo": lo, "total": n, **{k: res[k] for k in
                   ("amplitude", "phase", "chi2", "errors", "error_iterations")}})
         if res["stopped"]:
             return {"frames": done, "stopped": True}
     return {"frames": done, "stopped": False}
+
+
+class _Throttled:
+    """``reconstruct``'s snapshot callback: forwards the current estimates at most every ``interval`` s."""
+
+    def __init__(self, progress, lo, total, interval=0.3):
+        self.progress, self.lo, self.total, self.interval = progress, lo, total, interval
+        self.last = float("-inf")
+        self.lock = threading.Lock()
+
+    def __call__(self, frames, amplitude, phase):
+        now = time.monotonic()
+        with self.lock:
+            if now - self.last < self.interval:
+                return
+            self.last = now
+        self.progress({"kind": "snapshot", "frames": self.lo + frames, "amplitude": amplitude, "phase": phase,
+                       "total": self.total})
 
 
 class PhaseRetrievalWidget(widgets.Container):
@@ -126,16 +150,26 @@ class PhaseRetrievalWidget(widgets.Container):
         if info["kind"] == "progress":
             self.controls.set_progress(info["done"], total)
             return
+        if info["kind"] == "snapshot":  # live view of the frames being iterated
+            res = self._result
+            res["amplitude"][info["frames"]] = info["amplitude"]
+            res["phase"][info["frames"]] = info["phase"]
+            self._show(res)
+            return
         lo, res = info["lo"], self._result
         hi = lo + len(info["chi2"])
         for key in ("amplitude", "phase", "chi2"):
             res[key][lo:hi] = info[key]
         res["errors"].append(info["errors"])
         self.controls.set_progress(hi, total, f"{hi} of {total} pattern(s) done")
+        self._show(res)
+        self._draw_errors(info["error_iterations"])
+
+    def _show(self, res):
+        """Add or refresh the amplitude and phase layers from the current results."""
         meta = dict(self._meta, chi2=res["chi2"].copy())
         add_or_update(self.viewer, _layers.amplitude_tuple(res["amplitude"], self._names[0], **meta))
         add_or_update(self.viewer, _layers.phase_tuple(res["phase"], self._names[1], **meta))
-        self._draw_errors(info["error_iterations"])
 
     def _draw_errors(self, iterations):
         errors = np.concatenate(self._result["errors"])

@@ -205,6 +205,7 @@ def reconstruct(
     progress=None,
     should_stop=None,
     on_stop="raise",
+    snapshot=None,
 ):
     """Iterative phase retrieval of a stack of oversampled diffraction patterns.
 
@@ -281,6 +282,11 @@ def reconstruct(
     on_stop : {"raise", "return"}
         On a stop, raise :class:`Cancelled`, or return the frames reached so far (the running
         batch with its current estimates) with ``stopped=True``.
+    snapshot : callable(frames, amplitude, phase), optional
+        Live view: called after every block of every batch with the indices of the batch's
+        frames (in this call), their current amplitudes (max 1, float32) and phases (radians,
+        0 outside the support), centred like the final results.  With worker threads it may be
+        called from several threads; keep it cheap.
 
     Returns
     -------
@@ -350,7 +356,7 @@ def reconstruct(
         "schedule": schedule, "beta": beta, "shrink": shrink, "average": average, "block": block,
         "error_every": error_every, "should_stop": should_stop, "batch_size": batch_size,
         "error_iterations": _error_iterations(total_it, error_every),
-        "workers": workers,
+        "workers": workers, "snapshot": snapshot,
     }
     counter = _Progress(progress, total_it)
     counter.plan(-(-n // batch_size) * (n_starts if retry_chi2 is None else 1))
@@ -497,7 +503,7 @@ def _run_batch(frames, start, ctx, report):
     outcome = iterate(
         x, amp_t, sup_t, ctx["schedule"], beta=ctx["beta"], free=free_t, shrink=ctx["shrink"],
         average=ctx["average"], block=ctx["block"], error_every=ctx["error_every"], progress=report,
-        should_stop=ctx["should_stop"],
+        should_stop=ctx["should_stop"], snapshot=_snapshot_reporter(ctx["snapshot"], frames, scale),
     )
     est = outcome.estimate
     pred = st.fourier(est)
@@ -517,6 +523,21 @@ def _run_batch(frames, start, ctx, report):
         "frames": np.asarray(frames),
     }
     return part, outcome
+
+
+def _snapshot_reporter(callback, frames, scale):
+    """Turn ``callback(frames, amplitude, phase)`` into the engine's ``snapshot(estimate, support)``."""
+    if callback is None:
+        return None
+
+    def report(estimate, support):
+        obj, sup = finish_frames(st.to_centred_layout(estimate).cpu().numpy() * scale[:, None, None],
+                                 st.to_centred_layout(support).cpu().numpy() > 0.5)
+        amp = np.abs(obj)
+        amp /= np.maximum(amp.max(axis=(1, 2), keepdims=True), 1e-30)
+        callback(np.asarray(frames), amp.astype(np.float32), np.where(sup, np.angle(obj), 0).astype(np.float32))
+
+    return report
 
 
 def _keep_better(best, runs):

@@ -114,6 +114,7 @@ def iterate(
     error_every=10,
     progress=None,
     should_stop=None,
+    snapshot=None,
 ):
     """Run a schedule of updates on a batch.
 
@@ -144,6 +145,9 @@ def iterate(
         Called after every block with the number of iterations done.
     should_stop : callable or threading.Event, optional
         Checked after every block; when set, the loop ends early (``stopped`` is True).
+    snapshot : callable(estimate, support), optional
+        Called after every block with the current estimate (the modulus projection inside the
+        support, FFT layout) and support, for live display.  The tensors must not be modified.
 
     Returns
     -------
@@ -188,6 +192,8 @@ def iterate(
         if (it + 1) % block == 0 or it + 1 == total:
             if progress is not None:
                 progress(it + 1)
+            if snapshot is not None:
+                snapshot(y * support, support)
             if it + 1 < total and stop_requested(should_stop):
                 out.stopped = True
                 break
