@@ -277,7 +277,7 @@ def _run_stack(args, fn, options, attrs, label):
                                        progress=_Progress(label))
     except stream.StreamCancelled as exc:
         raise UsageError(str(exc)) from None
-    skipped = summary.get("skipped", 0) if isinstance(summary, dict) and "skipped" in summary else 0
+    skipped = summary.get("skipped", 0)  # streamed runs report finished chunks they skipped
     note = f" ({skipped} chunks resumed)" if skipped else ""
     print(f"wrote {args.out}{note}", file=sys.stderr)
 

@@ -126,7 +126,7 @@ class _H5Sink:
     def finish(self, final_path, partial_path):
         del self.f[_DONE]
         if final_path.lower().endswith(".cxi"):
-            io._write_cxi_tree(self.f, [k for k in self.f if k != "cdinn_fingerprint"])
+            io._write_cxi_tree(self.f, list(self.f))
         self.f.close()
         os.replace(partial_path, final_path)
 
