@@ -14,7 +14,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 def resolve_device(name: str = "auto"):
     """Turn a device name into a ``torch.device``, with one clear sentence when unavailable.
 
-    ``auto`` picks CUDA, then Apple's MPS, then the CPU.  ``cuda:1`` style names are accepted.
+    ``auto`` picks CUDA, then Apple's MPS, then the CPU.  ``cuda:1`` style names are accepted;
+    a ``torch.device`` passes through unchanged.
 
     Raises
     ------
@@ -23,6 +24,8 @@ def resolve_device(name: str = "auto"):
     """
     import torch
 
+    if isinstance(name, torch.device):
+        return name
     name = str(name or "auto").lower()
     kind = name.split(":")[0]
     if kind not in DEVICES:

@@ -15,12 +15,12 @@ Uses matplotlib's Agg backend (no display, no Qt).
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from .. import physics
+from ..io import write_json
 from ..simulate import simulate
 from .evaluate import TEST_SEED, summarise
 from .inference import predict
@@ -178,6 +178,5 @@ def make_report(out_dir, model=None, count=1000, examples=4, device="cpu", itera
     fig.savefig(os.path.join(out_dir, "fig6_activations.png"), dpi=100)
     plt.close(fig)
 
-    with open(os.path.join(out_dir, "report.json"), "w") as fh:
-        json.dump(report, fh, indent=2, default=float)
+    write_json(os.path.join(out_dir, "report.json"), report)
     return report

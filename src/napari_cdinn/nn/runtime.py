@@ -6,19 +6,9 @@ import contextlib
 
 import torch
 
-from ..device import DEVICES
-from ..device import resolve_device as _resolve
+from ..device import DEVICES, resolve_device
 
 __all__ = ["resolve_device", "bf16_supported", "autocast", "DEVICES"]
-
-def resolve_device(device="auto") -> torch.device:
-    """A ``torch.device`` from ``auto|cpu|cuda|mps`` (:func:`napari_cdinn.device.resolve_device`).
-
-    A ``torch.device`` passes through; an absent accelerator raises ``ValueError`` (one sentence).
-    """
-    if isinstance(device, torch.device):
-        return device
-    return _resolve(device)
 
 
 def bf16_supported(device: torch.device) -> bool:
