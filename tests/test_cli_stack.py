@@ -63,3 +63,14 @@ def test_unreachable_scheduler_is_one_error_line(stack, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: ") and "Traceback" not in "".join(err)
     assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--only", "nosuch"], "unknown benchmark"),
+    (["bench", "--json", "no/such/folder/b.json"], "does not exist"),
+])
+def test_bench_bad_arguments_exit_2(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
