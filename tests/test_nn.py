@@ -151,6 +151,34 @@ def test_stop_flag_saves_a_usable_checkpoint(tmp_path):
     assert resumed["step"] == 1024 // 32 and resumed["examples"] == 1024
 
 
+def test_init_from_starts_at_the_given_weights(tmp_path):
+    start = build_model("shared")
+    save_model(start, tmp_path / "start.safetensors", {"arch": "shared", "examples": 123})
+    stop = threading.Event()
+    stop.set()  # stop before the first step: the checkpoint holds the initial weights
+    state = train(tmp_path / "m", preset="tiny", train_size=1024, val_size=32, epochs=1, batch_size=32,
+                  init_from=tmp_path / "start.safetensors", stop=stop, quick_val_size=32)
+    assert state["step"] == 0
+    assert state["config"]["arch"] == "shared" and state["config"]["init_examples"] == 123
+    back, _ = load_model(tmp_path / "m" / "last.safetensors")
+    for (k, v), (_, w) in zip(start.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(v, w), k
+    with pytest.raises(ValueError, match="conflicts"):
+        train(tmp_path / "n", preset="tiny", arch="paper", init_from=tmp_path / "start.safetensors")
+
+
+def test_fresh_data_draws_new_examples_every_epoch():
+    from napari_cdinn.nn.trainer import _epoch_batches
+
+    def first_inputs(epoch, fresh):
+        batches = _epoch_batches(0, epoch, 1024, 1024, fresh=fresh)
+        return np.sort(next(batches)["input"].reshape(1024, -1).sum(axis=1))
+
+    assert np.array_equal(first_inputs(0, False), first_inputs(1, False))
+    assert np.array_equal(first_inputs(0, True), first_inputs(0, False))
+    assert not np.allclose(first_inputs(0, True), first_inputs(1, True))
+
+
 def test_save_and_load_roundtrip(tmp_path):
     net = build_model("shared")
     save_model(net, tmp_path / "m.safetensors", {"arch": "shared"})

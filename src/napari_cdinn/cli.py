@@ -157,6 +157,10 @@ def _add_train(sub):
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="bf16 autocast where fast")
     p.add_argument("--input", choices=("linear", "log"), default=None, help="input encoding (paper: linear)")
     p.add_argument("--shift", type=int, default=None, help="position tolerance of the loss in pixels (default 0)")
+    p.add_argument("--fresh-data", action="store_true", default=None,
+                   help="new simulated examples every epoch (default: the paper's fixed training set)")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="start from these weights (model name, file or directory) with a fresh optimizer")
     p.add_argument("--checkpoint-minutes", type=_positive_float, default=5.0, help="minutes between checkpoints")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
@@ -201,7 +205,7 @@ def _cmd_train(args):
               epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, device=args.device,
               seed=args.seed, resume=args.resume, callback=progress, stop=stop, checkpoint_minutes=args.checkpoint_minutes,
               precision=args.precision, input_transform=args.input, shift=args.shift,
-              command="cdinn " + shlex.join(sys.argv[1:]))
+              fresh_data=args.fresh_data, init_from=args.init_from, command="cdinn " + shlex.join(sys.argv[1:]))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -155,9 +155,14 @@ def evaluate(model, data, device, bf16=False, batch_size=512):
     }
 
 
-def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, transform="linear"):
-    """Yield training batches (dicts) of one epoch, skipping the first ``skip_examples``."""
+def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, transform="linear", fresh=False):
+    """Yield training batches (dicts) of one epoch, skipping the first ``skip_examples``.
+
+    With ``fresh`` every epoch draws new examples: epoch ``e`` uses the simulator's examples from
+    ``e * train_size`` (rounded up to a whole ``BLOCK``) on, so no example is seen twice.
+    """
     rng = np.random.default_rng([int(seed), 7, int(epoch)])
+    offset = int(epoch) * (-(-int(train_size) // BLOCK) * BLOCK) if fresh else 0
     starts = np.arange(0, train_size, CHUNK)
     order = rng.permutation(len(starts))
     buffer, consumed = None, 0
@@ -168,7 +173,7 @@ def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, transfo
             consumed += count
             rng.permutation(count)  # keep the shuffle stream identical to an unskipped run
             continue
-        chunk = make_examples(count, seed, start, transform=transform)
+        chunk = make_examples(count, seed, offset + start, transform=transform)
         perm = rng.permutation(count)
         chunk = {k: v[perm] for k, v in chunk.items()}
         if consumed < skip_examples:
@@ -189,6 +194,26 @@ def _lr_at(config, step, total_steps):
         frac = min(step / max(total_steps, 1), 1.0)
         return config["lr"] * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
     return config["lr"]
+
+
+def _initial_weights(model, config, arch, input_transform):
+    """State dict of the model ``init_from`` names, and ``config`` updated to its architecture."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .checkpoint import read_card, resolve_model_path
+
+    path = resolve_model_path(model)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    card = read_card(path)
+    found = {"arch": meta.get("arch") or card.get("arch", "paper"),
+             "input": meta.get("input") or card.get("config", {}).get("input", "linear")}
+    for key, given in (("arch", arch), ("input", input_transform)):
+        if given is not None and given != found[key]:
+            raise ValueError(f"--{key} {given} conflicts with the {found[key]!r} of the initial weights {str(path)!r}")
+    config = dict(config, **found, init_from=str(path), init_examples=card.get("examples"))
+    return {k: v.float() for k, v in load_file(str(path), device="cpu").items()}, config
 
 
 def _score(metrics):
@@ -225,6 +250,8 @@ def train(
     command=None,
     input_transform=None,
     shift=None,
+    fresh_data=None,
+    init_from=None,
 ):
     """Train the networks and write checkpoints to the directory ``out``.
 
@@ -262,6 +289,14 @@ def train(
         Input encoding (:func:`napari_cdinn.nn.data.encode_inputs`); the paper's is ``linear``.
     shift : int, optional
         Position tolerance of the loss in pixels (:func:`twin_invariant_loss`; default 0).
+    fresh_data : bool, optional
+        Draw new simulated examples every epoch instead of repeating the same ``train_size``
+        (default False, the paper's fixed set); an "epoch" is then ``train_size`` examples.
+    init_from : str or path, optional
+        Start from these weights (a model name, file or directory, as ``cdinn predict --model``)
+        with a fresh optimizer and schedule: fine-tuning or continuing shipped weights.  Their
+        architecture and input encoding are used unless given; a conflict raises ``ValueError``.
+        Ignored when ``resume`` finds a checkpoint in ``out``.
 
     Returns
     -------
@@ -273,7 +308,7 @@ def train(
     if config is None:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     overrides = dict(arch=arch, train_size=train_size, val_size=val_size, epochs=epochs, batch_size=batch_size, lr=lr,
-                     schedule=schedule, input=input_transform, shift=shift)
+                     schedule=schedule, input=input_transform, shift=shift, fresh_data=fresh_data)
     config.update({k: v for k, v in overrides.items() if v is not None})
     config.update(preset=preset, seed=int(seed), precision=precision)
     if config["train_size"] < config["batch_size"]:
@@ -286,10 +321,16 @@ def train(
         saved = state["config"]
         saved["epochs"] = max(saved["epochs"], config["epochs"]) if epochs is not None else saved["epochs"]
         config = saved
+        init_from = None
+    init = None
+    if init_from is not None:
+        init, config = _initial_weights(init_from, config, arch, input_transform)
     bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(dev))
     torch.set_flush_denormal(True)  # denormal activations are very slow on CPUs
     torch.manual_seed(config["seed"])
     model = build_model(config["arch"])
+    if init is not None:
+        model.load_state_dict(init)
     opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
     if state is not None:
         from safetensors.torch import load_file
@@ -359,7 +400,8 @@ def train(
     stopped = False
     while state["epoch"] < config["epochs"] and not stopped:
         batches = _epoch_batches(config["seed"], state["epoch"], config["train_size"], config["batch_size"],
-                                 state["step_in_epoch"] * config["batch_size"], config.get("input", "linear"))
+                                 state["step_in_epoch"] * config["batch_size"], config.get("input", "linear"),
+                                 config.get("fresh_data", False))
         for batch in batches:
             if _should_stop(stop):
                 stopped = True
