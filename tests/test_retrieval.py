@@ -304,3 +304,14 @@ def test_snapshot_shows_the_running_estimates():
     np.testing.assert_allclose(amp.max(axis=(1, 2)), 1.0, rtol=1e-5)
     assert np.all(np.abs(pha) <= np.pi + 1e-6)
     assert res["amplitude"].shape == (3, 64, 64)
+
+
+def test_batches_are_balanced_over_the_worker_threads():
+    from napari_cdinn.retrieval.api import _batch_count, _split
+
+    assert [len(p) for p in _split(np.arange(10), 32, 2)] == [5, 5]  # a small round uses both workers
+    assert [len(p) for p in _split(np.arange(100), 32, 2)] == [25, 25, 25, 25]
+    assert [len(p) for p in _split(np.arange(1), 32, 2)] == [1]
+    parts = _split(np.arange(77), 16, 3)
+    assert len(parts) == _batch_count(77, 16, 3) and np.array_equal(np.concatenate(parts), np.arange(77))
+    assert _batch_count(0, 32, 2) == 0

@@ -30,7 +30,9 @@ __all__ = [
 ]
 
 #: Patterns per batch by device type (CPU: fits the caches; GPUs: fills them).
-_BATCH = {"cpu": 64, "cuda": 4096, "mps": 1024}
+#: Default batch per device.  On the CPU a batch of 32 64 x 64 frames keeps a worker's working
+#: set (about 6 MB) in cache: measured on 2 cores, 9.4 ms per run against 9.8 at 64 and 11.4 at 128.
+_BATCH = {"cpu": 32, "cuda": 4096, "mps": 1024}
 
 
 def default_batch_size(device):
@@ -359,7 +361,7 @@ def reconstruct(
         "workers": workers, "snapshot": snapshot,
     }
     counter = _Progress(progress, total_it)
-    counter.plan(-(-n // batch_size) * (n_starts if retry_chi2 is None else 1))
+    counter.plan(_batch_count(n, batch_size, workers) * (n_starts if retry_chi2 is None else 1))
     start_chi2 = np.full((n, n_starts), np.nan, dtype=np.float32)
     with single_threaded_ops(dev.type == "cpu" and threads != 0):
         best, stopped = _rounds(n, n_starts, retry_chi2, batch_size, ctx, counter, start_chi2, on_stop)
@@ -399,7 +401,7 @@ def _rounds(n, n_starts, retry_chi2, batch_size, ctx, counter, start_chi2, on_st
             todo = np.arange(n)
         else:
             todo = np.flatnonzero(~(best["chi2"] <= float(retry_chi2)))
-            counter.plan(-(-len(todo) // batch_size))
+            counter.plan(_batch_count(len(todo), batch_size, ctx["workers"]))
         if not len(todo):
             break
         runs, stopped_after = _run_round(todo, k, ctx, counter)
@@ -453,8 +455,7 @@ def _run_round(frames, start, ctx, counter):
     at which a stop was seen.  Batches start in order and a stop skips those not started, so
     the frames returned are always a prefix of ``frames``.
     """
-    size = ctx["batch_size"]
-    chunks = [frames[lo : lo + size] for lo in range(0, len(frames), size)]
+    chunks = _split(frames, ctx["batch_size"], ctx["workers"])
 
     def job(i):
         if i and stop_requested(ctx["should_stop"]):
@@ -477,6 +478,20 @@ def _run_round(frames, start, ctx, counter):
     if len(done) < len(chunks) and not stops:
         stops = [done[-1][1].iterations]
     return runs, (stops[0] if stops else None)
+
+
+def _split(frames, batch_size, workers):
+    """Split ``frames`` into batches of at most ``batch_size``, at least one per worker thread.
+
+    Sizes differ by at most one, so a small round (the restarts of a few frames) still keeps
+    every worker busy instead of running as one batch on one core.
+    """
+    return [part for part in np.array_split(frames, _batch_count(len(frames), batch_size, workers)) if len(part)]
+
+
+def _batch_count(n, batch_size, workers):
+    """Number of batches :func:`_split` makes of ``n`` frames."""
+    return max(-(-n // batch_size), min(workers, n))
 
 
 def _run_batch(frames, start, ctx, report):
