@@ -15,7 +15,12 @@ from magicgui import widgets
 
 from ..device import DEVICES
 from ._common import JobControls, JobRunner, PlotCanvas, notify, notify_error
-from ._models import register_model
+from ._models import REGISTRY, register_model
+
+
+def _start_choices(_widget=None):
+    """"random weights" (None), then every shipped and trained model."""
+    return [("random weights", None)] + REGISTRY.choices()
 
 
 def training_job(out, options, progress, should_stop):
@@ -37,10 +42,15 @@ class TrainingWidget(widgets.Container):
         self.device = widgets.ComboBox(label="device", choices=DEVICES, value="auto")
         self.out = widgets.FileEdit(label="model folder", mode="d", value="")
         self.resume = widgets.CheckBox(label="resume", value=False)
+        self.init_from = widgets.ComboBox(label="start from", choices=_start_choices, nullable=True,
+                                          tooltip="random weights, or continue training a shipped or trained model")
+        self.fresh = widgets.CheckBox(label="new examples every epoch", value=False,
+                                      tooltip="draw fresh simulated examples each epoch instead of repeating the set")
         self.runner = JobRunner(self._on_event, self._on_result, on_finish=self._on_finish)
         self.controls = JobControls("Train", self.run, self.runner)
         super().__init__(widgets=[self.train_size, self.val_size, self.epochs, self.batch_size, self.device,
-                                  self.out, self.resume, self.controls])
+                                  self.out, self.resume, self.init_from, self.fresh, self.controls])
+        REGISTRY.changed.connect(self._refresh_models)
         self.plot = PlotCanvas(height=2.8)
         self.plot.add_to(self)
         self.history = {"train": [], "val": []}
@@ -60,13 +70,20 @@ class TrainingWidget(widgets.Container):
         options = dict(train_size=int(self.train_size.value), val_size=int(self.val_size.value),
                        epochs=int(self.epochs.value), batch_size=int(self.batch_size.value),
                        device=self.device.value, resume=bool(self.resume.value),
-                       quick_val_size=min(2000, int(self.val_size.value)))
+                       quick_val_size=min(2000, int(self.val_size.value)),
+                       init_from=self.init_from.value, fresh_data=bool(self.fresh.value))
         self._folder = folder
         self._total = options["train_size"] * options["epochs"]
         self.history = {"train": [], "val": []}
         self._draw()
         self.controls.busy("simulating data and starting...")
         self.runner.start(lambda progress, should_stop: training_job(folder, options, progress, should_stop))
+
+    def _refresh_models(self):
+        try:
+            self.init_from.reset_choices()
+        except RuntimeError:  # the Qt widget was closed with its viewer: stop listening
+            REGISTRY.changed.disconnect(self._refresh_models)
 
     def _on_event(self, event):
         kind = event.get("event")
