@@ -167,6 +167,22 @@ def test_init_from_starts_at_the_given_weights(tmp_path):
         train(tmp_path / "n", preset="tiny", arch="paper", init_from=tmp_path / "start.safetensors")
 
 
+def test_phase_weight_scales_the_phase_term_of_the_loss():
+    import torch.nn.functional as F
+
+    from napari_cdinn.nn.trainer import twin_invariant_loss
+
+    g = torch.Generator().manual_seed(0)
+    la, lp = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    amp, phase = torch.rand(4, 1, 8, 8, generator=g), (torch.rand(4, 1, 8, 8, generator=g) - 0.5) * 6
+    args = (la, lp, amp, phase, amp, phase)  # the twin equals the truth: no minimum involved
+    l_amp = F.binary_cross_entropy_with_logits(la, amp)
+    l_phase = F.binary_cross_entropy_with_logits(lp, (phase + np.pi) / (2 * np.pi))
+    for w in (0.0, 1.0, 4.0):
+        loss, _ = twin_invariant_loss(*args, phase_weight=w)
+        assert torch.allclose(loss, l_amp + w * l_phase, atol=1e-6)
+
+
 def test_fresh_data_draws_new_examples_every_epoch():
     from napari_cdinn.nn.trainer import _epoch_batches
 

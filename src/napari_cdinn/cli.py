@@ -157,6 +157,8 @@ def _add_train(sub):
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="bf16 autocast where fast")
     p.add_argument("--input", choices=("linear", "log"), default=None, help="input encoding (paper: linear)")
     p.add_argument("--shift", type=int, default=None, help="position tolerance of the loss in pixels (default 0)")
+    p.add_argument("--phase-weight", type=_positive_float, default=None,
+                   help="weight of the phase term of the loss (paper: 1)")
     p.add_argument("--fresh-data", action="store_true", default=None,
                    help="new simulated examples every epoch (default: the paper's fixed training set)")
     p.add_argument("--init-from", default=None, metavar="MODEL",
@@ -205,7 +207,7 @@ def _cmd_train(args):
               epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, device=args.device,
               seed=args.seed, resume=args.resume, callback=progress, stop=stop, checkpoint_minutes=args.checkpoint_minutes,
               precision=args.precision, input_transform=args.input, shift=args.shift,
-              fresh_data=args.fresh_data, init_from=args.init_from, command="cdinn " + shlex.join(sys.argv[1:]))
+              fresh_data=args.fresh_data, init_from=args.init_from, phase_weight=args.phase_weight, command="cdinn " + shlex.join(sys.argv[1:]))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

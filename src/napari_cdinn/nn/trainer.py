@@ -61,7 +61,8 @@ PRESETS = {
 }
 
 
-def twin_invariant_loss(amp_logit, phase_logit, target_amp, target_phase, twin_amp, twin_phase, shift=0):
+def twin_invariant_loss(amp_logit, phase_logit, target_amp, target_phase, twin_amp, twin_phase, shift=0,
+                        phase_weight=1.0):
     """Per-example min of the joint BCE against the truth and against its twin.
 
     With ``shift > 0`` the minimum also runs over circular shifts of both targets by up to
@@ -77,6 +78,10 @@ def twin_invariant_loss(amp_logit, phase_logit, target_amp, target_phase, twin_a
         Phases in radians (scaled to 0..1 here).
     shift : int
         Position tolerance in pixels (0: none).
+    phase_weight : float
+        Weight of the phase BCE in the joint loss (1: the paper's plain sum).  The phase BCE
+        spans a narrow range (ln 2 for zero phase against ~0.686 for a perfect answer), so the
+        shared encoder hears little of it unless it is weighted up.
 
     Returns
     -------
@@ -88,7 +93,7 @@ def twin_invariant_loss(amp_logit, phase_logit, target_amp, target_phase, twin_a
         la = F.binary_cross_entropy_with_logits(amp_logit, amp, reduction="none").mean((1, 2, 3))
         unit = (phase + math.pi) / (2 * math.pi)
         lp = F.binary_cross_entropy_with_logits(phase_logit, unit, reduction="none").mean((1, 2, 3))
-        return la + lp
+        return la + phase_weight * lp
 
     def best(amp, phase):
         losses = [
@@ -252,6 +257,7 @@ def train(
     shift=None,
     fresh_data=None,
     init_from=None,
+    phase_weight=None,
 ):
     """Train the networks and write checkpoints to the directory ``out``.
 
@@ -289,6 +295,8 @@ def train(
         Input encoding (:func:`napari_cdinn.nn.data.encode_inputs`); the paper's is ``linear``.
     shift : int, optional
         Position tolerance of the loss in pixels (:func:`twin_invariant_loss`; default 0).
+    phase_weight : float, optional
+        Weight of the phase term of the loss (:func:`twin_invariant_loss`; default 1).
     fresh_data : bool, optional
         Draw new simulated examples every epoch instead of repeating the same ``train_size``
         (default False, the paper's fixed set); an "epoch" is then ``train_size`` examples.
@@ -308,7 +316,8 @@ def train(
     if config is None:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     overrides = dict(arch=arch, train_size=train_size, val_size=val_size, epochs=epochs, batch_size=batch_size, lr=lr,
-                     schedule=schedule, input=input_transform, shift=shift, fresh_data=fresh_data)
+                     schedule=schedule, input=input_transform, shift=shift, fresh_data=fresh_data,
+                     phase_weight=phase_weight)
     config.update({k: v for k, v in overrides.items() if v is not None})
     config.update(preset=preset, seed=int(seed), precision=precision)
     if config["train_size"] < config["batch_size"]:
@@ -412,7 +421,8 @@ def train(
             t = [_to_tensor(batch[k], dev, False) for k in ("target_amplitude", "target_phase", "twin_amplitude", "twin_phase")]
             with autocast(dev, bf16):
                 la, lp = model.logits(x)
-            loss, _ = twin_invariant_loss(la, lp, *t, shift=config.get("shift", 0))
+            loss, _ = twin_invariant_loss(la, lp, *t, shift=config.get("shift", 0),
+                                          phase_weight=config.get("phase_weight", 1.0))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
