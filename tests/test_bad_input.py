@@ -178,3 +178,21 @@ def test_random_arrays_never_traceback(arr, command, tmp_path_factory, capsys):
     else:
         _assert_clean_error(code, err)
         assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--init-from", "no-such-model"],
+        ["--init-from", "{tmp}/weights.txt"],
+        ["--init-from", "model", "--arch", "paper"],  # the shipped weights are the shared network
+        ["--phase-weight", "-1"],
+        ["--preset", "huge"],
+    ],
+)
+def test_train_bad_options_exit_2_without_writing(tmp_path, capsys, args):
+    (tmp_path / "weights.txt").write_text("not weights")
+    out = tmp_path / "model"
+    code = main(["train", "--out", str(out), *[a.format(tmp=tmp_path) for a in args]])
+    _assert_clean_error(code, capsys.readouterr().err)
+    assert not out.exists()
