@@ -183,6 +183,21 @@ def test_phase_weight_scales_the_phase_term_of_the_loss():
         assert torch.allclose(loss, l_amp + w * l_phase, atol=1e-6)
 
 
+def test_a_continued_run_inherits_the_record_of_its_initial_weights(tmp_path):
+    from napari_cdinn.nn.ship import card_from_state
+
+    record = {"event": "checkpoint", "epoch": 1, "examples": 100, "val_loss": 0.9, "metrics": {}, "full_validation": False}
+    parent = {"examples": 1000, "history": [record], "epoch_validations": [], "lineage": ["first run"]}
+    save_model(build_model("shared"), tmp_path / "parent.safetensors", parent)
+    state = {"config": {"init_from": str(tmp_path / "parent.safetensors")}, "examples": 500, "command": "cdinn train",
+             "history": [dict(record, examples=250), dict(record, examples=500, full_validation=True)]}
+    card = card_from_state(state)
+    assert card["examples"] == 1500 and card["run_examples"] == 500
+    assert [h["examples"] for h in card["history"]] == [100, 1250, 1500]
+    assert [h["examples"] for h in card["epoch_validations"]] == [1500]
+    assert card["lineage"][0] == "first run" and "1,000 examples" in card["lineage"][1]
+
+
 def test_fresh_data_draws_new_examples_every_epoch():
     from napari_cdinn.nn.trainer import _epoch_batches
 

@@ -28,7 +28,34 @@ _KEEP = ("config", "epoch", "step", "examples", "elapsed_s", "parameters", "comm
 
 
 def card_from_state(state: dict) -> dict:
-    """The training record kept in a shipped card (checkpoint-time history, epoch validations)."""
+    """The training record kept in a shipped card (checkpoint-time history, epoch validations).
+
+    A run started with ``--init-from`` inherits the record of the weights it started from, when
+    their card is still there: their ``history`` and ``epoch_validations`` come first and this
+    run's follow with ``examples`` counted on from theirs; ``lineage`` lists every run, and
+    ``examples`` is the total (``run_examples``: this run's).
+    """
+    card = _own_record(state)
+    config = state.get("config", {})
+    if config.get("init_from"):
+        card = _inherit(card, config["init_from"], state.get("command"))
+    return card
+
+
+def _inherit(card, init_from, command):
+    """``card`` continued from the card of the weights at ``init_from`` (see :func:`card_from_state`)."""
+    parent = read_card(init_from)
+    offset = int(parent.get("examples") or card.get("config", {}).get("init_examples") or 0)
+    run = card.get("examples", 0)
+    out = dict(card, examples=offset + run, run_examples=run)
+    for key in ("history", "epoch_validations"):
+        out[key] = parent.get(key, []) + [dict(r, examples=r["examples"] + offset) for r in card[key]]
+    step = f"continued from {init_from} ({offset:,} examples) by `{command}`: {run:,} more examples"
+    out["lineage"] = parent.get("lineage", []) + [step]
+    return out
+
+
+def _own_record(state):
     card = {k: state[k] for k in _KEEP if k in state}
     hist = [h for h in state.get("history", []) if h.get("full_validation")]
     card["history"] = [
