@@ -196,6 +196,11 @@ def test_a_continued_run_inherits_the_record_of_its_initial_weights(tmp_path):
     assert [h["examples"] for h in card["history"]] == [100, 1250, 1500]
     assert [h["examples"] for h in card["epoch_validations"]] == [1500]
     assert card["lineage"][0] == "first run" and "1,000 examples" in card["lineage"][1]
+    # a run continued from that run's checkpoint (not yet shipped) gets the whole chain
+    save_model(build_model("shared"), tmp_path / "child.safetensors", state)
+    grandchild = card_from_state(dict(state, config={"init_from": str(tmp_path / "child.safetensors")}))
+    assert grandchild["examples"] == 2000 and len(grandchild["lineage"]) == 3
+    assert [h["examples"] for h in grandchild["history"]] == [100, 1250, 1500, 1750, 2000]
 
 
 def test_fresh_data_draws_new_examples_every_epoch():

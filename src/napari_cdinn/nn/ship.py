@@ -45,6 +45,8 @@ def card_from_state(state: dict) -> dict:
 def _inherit(card, init_from, command):
     """``card`` continued from the card of the weights at ``init_from`` (see :func:`card_from_state`)."""
     parent = read_card(init_from)
+    if "run_examples" not in parent and parent.get("config", {}).get("init_from"):
+        parent = card_from_state(parent)  # a checkpoint of a continued run: merge its own ancestry first
     offset = int(parent.get("examples") or card.get("config", {}).get("init_examples") or 0)
     run = card.get("examples", 0)
     out = dict(card, examples=offset + run, run_examples=run)
