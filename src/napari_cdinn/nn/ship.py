@@ -14,6 +14,7 @@ import argparse
 import datetime
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -52,9 +53,17 @@ def _inherit(card, init_from, command):
     out = dict(card, examples=offset + run, run_examples=run)
     for key in ("history", "epoch_validations"):
         out[key] = parent.get(key, []) + [dict(r, examples=r["examples"] + offset) for r in card[key]]
-    step = f"continued from {init_from} ({offset:,} examples) by `{command}`: {run:,} more examples"
+    step = f"continued from {_display(init_from)} ({offset:,} examples) by `{command}`: {run:,} more examples"
     out["lineage"] = parent.get("lineage", []) + [step]
     return out
+
+
+def _display(path):
+    """``path`` relative to the working directory where it lies below it (cards stay readable)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _own_record(state):
