@@ -39,9 +39,10 @@ __all__ = ["predict", "predict_chunk", "oversampling_factor", "prepare", "embed"
 #: :func:`napari_cdinn.retrieval.reconstruct` options of the NN-seeded refinement
 #: (``cdinn reconstruct --init nn``): a short HIO/ER run (the last 10 iterations ER, averaged)
 #: from the network's guess and support, the support shrink-wrapped every 10 iterations with a
-#: blur narrowing from 2 to 1 pixel.  Chosen on 200 fresh test patterns with the shipped weights:
-#: 80 iterations gave phase RMS 0.160 rad median / 0.628 p90 against 0.182 / 0.833 for the
-#: 620-iteration protocol from random starts (50 iterations: 0.205 / 0.710).
+#: blur narrowing from 2 to 1 pixel.  Chosen on 200 fresh test patterns (``benchmarks/bench_nn.py``);
+#: with the shipped weights (7.45M examples) 80 iterations give phase RMS 0.143 rad median / 0.497
+#: p90 against 0.182 / 0.833 for the 620-iteration protocol from random starts; 50 give 0.174 / 0.559,
+#: which beats it only just at the median, so 80 is kept for margin.
 REFINE_OPTIONS = {"iterations": 80, "average": 10, "shrinkwrap_every": 10, "sigma": (2.0, 1.0)}
 
 _CACHE: dict = {}
