@@ -207,7 +207,8 @@ def _cmd_train(args):
               epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, device=args.device,
               seed=args.seed, resume=args.resume, callback=progress, stop=stop, checkpoint_minutes=args.checkpoint_minutes,
               precision=args.precision, input_transform=args.input, shift=args.shift,
-              fresh_data=args.fresh_data, init_from=args.init_from, phase_weight=args.phase_weight, command="cdinn " + shlex.join(sys.argv[1:]))
+              fresh_data=args.fresh_data, init_from=args.init_from, phase_weight=args.phase_weight,
+              command="cdinn " + shlex.join(sys.argv[1:]))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

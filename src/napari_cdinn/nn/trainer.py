@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .. import physics
 from ..simulate import BLOCK
-from .checkpoint import save_model
+from .checkpoint import load_model, resolve_model_path, save_model
 from .data import make_examples
 from .networks import build_model, count_parameters
 from .runtime import autocast, bf16_supported, resolve_device
@@ -203,22 +203,14 @@ def _lr_at(config, step, total_steps):
 
 def _initial_weights(model, config, arch, input_transform):
     """State dict of the model ``init_from`` names, and ``config`` updated to its architecture."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from .checkpoint import read_card, resolve_model_path
-
     path = resolve_model_path(model)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    card = read_card(path)
-    found = {"arch": meta.get("arch") or card.get("arch", "paper"),
-             "input": meta.get("input") or card.get("config", {}).get("input", "linear")}
+    net, card = load_model(path)
+    found = {"arch": net.arch, "input": net.input_transform}
     for key, given in (("arch", arch), ("input", input_transform)):
         if given is not None and given != found[key]:
             raise ValueError(f"--{key} {given} conflicts with the {found[key]!r} of the initial weights {str(path)!r}")
     config = dict(config, **found, init_from=str(path), init_examples=card.get("examples"))
-    return {k: v.float() for k, v in load_file(str(path), device="cpu").items()}, config
+    return net.state_dict(), config
 
 
 def _score(metrics):
