@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import physics
+from ..retrieval.engine import stop_requested
 from ..simulate import BLOCK
 from .checkpoint import load_model, resolve_model_path, save_model
 from .data import make_examples
@@ -218,14 +219,6 @@ def _score(metrics):
     return metrics["phase_rms_median"] + (1.0 - metrics["iou_median"])
 
 
-def _should_stop(stop):
-    if stop is None:
-        return False
-    if hasattr(stop, "is_set"):
-        return stop.is_set()
-    return bool(stop())
-
-
 def train(
     out,
     preset="paper",
@@ -404,7 +397,7 @@ def train(
                                  state["step_in_epoch"] * config["batch_size"], config.get("input", "linear"),
                                  config.get("fresh_data", False))
         for batch in batches:
-            if _should_stop(stop):
+            if stop_requested(stop):
                 stopped = True
                 break
             for g in opt.param_groups:
