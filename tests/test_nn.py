@@ -183,6 +183,56 @@ def test_phase_weight_scales_the_phase_term_of_the_loss():
         assert torch.allclose(loss, l_amp + w * l_phase, atol=1e-6)
 
 
+def _logits_of(amplitude, phase):
+    """Logits whose sigmoid outputs decode to ``amplitude`` (max 1) and ``phase``."""
+    a = torch.as_tensor(np.asarray(amplitude, np.float32)).clamp(1e-6, 1 - 1e-6)
+    u = ((torch.as_tensor(np.asarray(phase, np.float32)) + np.pi) / (2 * np.pi)).clamp(1e-6, 1 - 1e-6)
+    return torch.logit(a)[:, None], torch.logit(u)[:, None]
+
+
+def test_data_consistency_loss_is_blind_to_twin_and_shift_and_sees_wrong_phases():
+    from napari_cdinn.nn.trainer import data_consistency_loss, oversampled_amplitudes
+
+    ex = make_examples(16, seed=4)
+    measured = oversampled_amplitudes(ex["amplitude"], ex["phase"])
+    assert measured.shape == (16, 64, 64) and measured.dtype == torch.float32
+    # truth, its centred copy and its centred twin all fit the data (numerically 0)
+    for a, p in ((ex["amplitude"], ex["phase"]), (ex["target_amplitude"], ex["target_phase"]),
+                 (ex["twin_amplitude"], ex["twin_phase"])):
+        assert float(data_consistency_loss(*_logits_of(a, p), measured).max()) < 1e-4
+    # the right shape with the phase flattened does not
+    flat = data_consistency_loss(*_logits_of(ex["amplitude"], np.zeros_like(ex["phase"])), measured)
+    assert float(flat.median()) > 0.05
+
+
+def test_data_consistency_loss_is_differentiable_and_train_records_its_weight(tmp_path):
+    from napari_cdinn.nn.trainer import data_consistency_loss, oversampled_amplitudes
+
+    ex = make_examples(4, seed=5)
+    la, lp = _logits_of(ex["amplitude"], np.zeros_like(ex["phase"]))
+    la.requires_grad_(True)
+    lp.requires_grad_(True)
+    data_consistency_loss(la, lp, oversampled_amplitudes(ex["amplitude"], ex["phase"])).sum().backward()
+    assert torch.isfinite(lp.grad).all() and float(lp.grad.abs().max()) > 0
+    events = []
+    state = train(tmp_path / "m", preset="tiny", train_size=256, val_size=64, epochs=1, batch_size=32,
+                  data_weight=2.0, callback=events.append, quick_val_size=64)
+    assert state["config"]["data_weight"] == 2.0
+    val = [e for e in events if e["event"] == "validation"][-1]["metrics"]
+    assert 0 < val["chi2_median"] <= 1
+
+
+def test_evaluate_scores_chi2_as_predict_does():
+    from napari_cdinn.nn.trainer import evaluate
+
+    net, _ = load_model(SHIPPED)
+    ex = make_examples(32, seed=6)
+    m = evaluate(net, ex, torch.device("cpu"))
+    res = predict(simulate(32, oversampling=2, seed=6)["intensity"], model=SHIPPED, precision="fp32")
+    # same objects: the simulator's example i depends only on (seed, i)
+    assert m["chi2_median"] == pytest.approx(float(np.median(res["chi2"])), rel=0.05)
+
+
 def test_a_continued_run_inherits_the_record_of_its_initial_weights(tmp_path):
     from napari_cdinn.nn.ship import card_from_state
 

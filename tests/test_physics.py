@@ -57,6 +57,16 @@ def test_decimate_rejects_bad_size():
         physics.decimate(np.zeros((63, 63)), 2)
 
 
+def test_pad_of_a_tensor_matches_numpy_and_passes_gradients(objects):
+    import torch
+
+    t = torch.from_numpy(objects).requires_grad_(True)
+    big = physics.pad(t, 2)
+    np.testing.assert_array_equal(big.detach().numpy(), physics.pad(objects, 2))
+    (big.real.sum() + big.imag.sum()).backward()
+    assert torch.all(t.grad != 0)
+
+
 def test_pad_crop_roundtrip(objects):
     np.testing.assert_array_equal(physics.crop(physics.pad(objects, 2), (32, 32)), objects)
 

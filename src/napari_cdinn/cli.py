@@ -159,6 +159,9 @@ def _add_train(sub):
     p.add_argument("--shift", type=int, default=None, help="position tolerance of the loss in pixels (default 0)")
     p.add_argument("--phase-weight", type=_positive_float, default=None,
                    help="weight of the phase term of the loss (paper: 1)")
+    p.add_argument("--data-weight", type=_non_negative_float, default=None,
+                   help="weight of the data-consistency term (amplitude chi^2 of the prediction against the "
+                        "oversampled pattern) added to the loss (default 0: the paper's loss)")
     p.add_argument("--fresh-data", action="store_true", default=None,
                    help="new simulated examples every epoch (default: the paper's fixed training set)")
     p.add_argument("--init-from", default=None, metavar="MODEL",
@@ -194,7 +197,8 @@ def _cmd_train(args):
         elif kind in ("checkpoint", "validation"):
             m = ev["metrics"]
             print(f"{head} {kind} val_loss {ev['val_loss']:.4f} iou {m['iou_median']:.3f} phase_rms "
-                  f"{m['phase_rms_median']:.3f} p90 {m['phase_rms_p90']:.3f} twin {m['twin_rate']:.2f} (n={m['count']})",
+                  f"{m['phase_rms_median']:.3f} p90 {m['phase_rms_p90']:.3f} chi2 {m.get('chi2_median', float('nan')):.4f} "
+                  f"twin {m['twin_rate']:.2f} (n={m['count']})",
                   file=sys.stderr, flush=True)
         elif kind in ("start", "stopped", "done"):
             print(f"{head} {kind}", file=sys.stderr, flush=True)
@@ -208,6 +212,7 @@ def _cmd_train(args):
               seed=args.seed, resume=args.resume, callback=progress, stop=stop, checkpoint_minutes=args.checkpoint_minutes,
               precision=args.precision, input_transform=args.input, shift=args.shift,
               fresh_data=args.fresh_data, init_from=args.init_from, phase_weight=args.phase_weight,
+              data_weight=args.data_weight,
               command="cdinn " + shlex.join(sys.argv[1:]))
     finally:
         for sig, handler in previous.items():

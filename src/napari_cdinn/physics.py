@@ -120,21 +120,23 @@ def pad(obj, factor: int = 2):
 
     Parameters
     ----------
-    obj : ndarray, shape (..., H, W)
+    obj : ndarray or torch.Tensor, shape (..., H, W)
     factor : int
         Oversampling factor (1 returns a copy).
 
     Returns
     -------
-    ndarray, shape (..., factor * H, factor * W), same dtype.
+    ndarray or torch.Tensor (differentiable), shape (..., factor * H, factor * W), same dtype.
     """
     factor = int(factor)
     if factor < 1:
         raise ValueError("the oversampling factor must be a positive integer")
-    obj = np.asarray(obj)
+    if not _is_torch(obj):
+        obj = np.asarray(obj)
     h, w = obj.shape[-2:]
     big_h, big_w = factor * h, factor * w
-    out = np.zeros(obj.shape[:-2] + (big_h, big_w), dtype=obj.dtype)
+    shape = tuple(obj.shape[:-2]) + (big_h, big_w)
+    out = obj.new_zeros(shape) if _is_torch(obj) else np.zeros(shape, dtype=obj.dtype)
     r0 = big_h // 2 - h // 2
     c0 = big_w // 2 - w // 2
     out[..., r0 : r0 + h, c0 : c0 + w] = obj

@@ -46,10 +46,14 @@ class TrainingWidget(widgets.Container):
                                           tooltip="random weights, or continue training a shipped or trained model")
         self.fresh = widgets.CheckBox(label="new examples every epoch", value=False,
                                       tooltip="draw fresh simulated examples each epoch instead of repeating the set")
+        self.data_weight = widgets.FloatSpinBox(
+            label="data-consistency weight", value=0.0, min=0.0, max=100.0, step=0.5,
+            tooltip="weight of the chi^2 of each prediction against its own pattern, added to the loss (0: the paper's loss)")
         self.runner = JobRunner(self._on_event, self._on_result, on_finish=self._on_finish)
         self.controls = JobControls("Train", self.run, self.runner)
         super().__init__(widgets=[self.train_size, self.val_size, self.epochs, self.batch_size, self.device,
-                                  self.out, self.resume, self.init_from, self.fresh, self.controls])
+                                  self.out, self.resume, self.init_from, self.fresh, self.data_weight,
+                                  self.controls])
         REGISTRY.changed.connect(self._refresh_models)
         self.plot = PlotCanvas(height=2.8)
         self.plot.add_to(self)
@@ -71,7 +75,8 @@ class TrainingWidget(widgets.Container):
                        epochs=int(self.epochs.value), batch_size=int(self.batch_size.value),
                        device=self.device.value, resume=bool(self.resume.value),
                        quick_val_size=min(2000, int(self.val_size.value)),
-                       init_from=self.init_from.value, fresh_data=bool(self.fresh.value))
+                       init_from=self.init_from.value, fresh_data=bool(self.fresh.value),
+                       data_weight=float(self.data_weight.value))
         self._folder = folder
         self._total = options["train_size"] * options["epochs"]
         self.history = {"train": [], "val": []}

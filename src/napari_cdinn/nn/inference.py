@@ -34,7 +34,7 @@ from .checkpoint import load_model, resolve_model_path
 from .data import SIZE, encode_inputs
 from .runtime import autocast, bf16_supported, resolve_device
 
-__all__ = ["predict", "predict_chunk", "oversampling_factor", "prepare", "embed", "TRUST_CHI2", "REFINE_OPTIONS"]
+__all__ = ["predict", "decode_outputs", "predict_chunk", "oversampling_factor", "prepare", "embed", "TRUST_CHI2", "REFINE_OPTIONS"]
 
 #: :func:`napari_cdinn.retrieval.reconstruct` options of the NN-seeded refinement
 #: (``cdinn reconstruct --init nn``): a short HIO/ER run (the last 10 iterations ER, averaged)
@@ -102,21 +102,35 @@ def _cached_model(model, device):
     return _CACHE[key]
 
 
-def _run_batch(net, inputs, measured, factor, device, bf16, threshold):
-    x = torch.from_numpy(inputs)[:, None].to(device).contiguous(memory_format=torch.channels_last)
-    with autocast(device, bf16):
-        amp, unit = net(x)
+def decode_outputs(amp, unit, threshold=physics.SHAPE_THRESHOLD):
+    """The object a network's sigmoid outputs describe (differentiable).
+
+    Parameters
+    ----------
+    amp, unit : Tensor (N, 1, H, W)
+        Sigmoid outputs: shape, and phase scaled to 0..1.
+    threshold : float
+        Relative amplitude below which the phase is set to 0 (the paper's shape threshold).
+
+    Returns
+    -------
+    amplitude : Tensor float32 (N, H, W), divided by its per-frame maximum
+    phase : Tensor float32 (N, H, W), radians in -pi..pi, 0 outside the support
+    support : Tensor bool (N, H, W)
+    """
     amp = amp[:, 0].float()
     amp = amp / amp.amax((-2, -1), keepdim=True).clamp_min(1e-12)
     support = amp > threshold
     phase = torch.where(support, unit[:, 0].float() * (2 * np.pi) - np.pi, torch.zeros_like(amp))
-    obj = torch.polar(amp, phase)
-    if factor > 1:
-        big = torch.zeros(obj.shape[0], SIZE * factor, SIZE * factor, dtype=obj.dtype, device=device)
-        r0 = (SIZE * factor) // 2 - SIZE // 2
-        big[:, r0 : r0 + SIZE, r0 : r0 + SIZE] = obj
-        obj = big
-    fit = physics.intensity(obj)
+    return amp, phase, support
+
+
+def _run_batch(net, inputs, measured, factor, device, bf16, threshold):
+    x = torch.from_numpy(inputs)[:, None].to(device).contiguous(memory_format=torch.channels_last)
+    with autocast(device, bf16):
+        amp, unit = net(x)
+    amp, phase, support = decode_outputs(amp, unit, threshold)
+    fit = physics.intensity(physics.pad(torch.polar(amp, phase), factor))
     meas = torch.from_numpy(measured).to(device)
     chi = physics.chi2(meas, fit)
     signal = meas.sum((-2, -1)) > 0

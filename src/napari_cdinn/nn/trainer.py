@@ -42,13 +42,17 @@ from ..retrieval.engine import stop_requested
 from ..simulate import BLOCK
 from .checkpoint import load_model, resolve_model_path, save_model
 from .data import make_examples
+from .inference import decode_outputs
 from .networks import build_model, count_parameters
 from .runtime import autocast, bf16_supported, resolve_device
 
-__all__ = ["train", "PRESETS", "twin_invariant_loss", "evaluate", "VAL_SEED_OFFSET"]
+__all__ = ["train", "PRESETS", "twin_invariant_loss", "data_consistency_loss", "oversampled_amplitudes", "evaluate",
+           "VAL_SEED_OFFSET"]
 
 #: Validation data use the simulator seed ``seed + VAL_SEED_OFFSET``.
 VAL_SEED_OFFSET = 1_000_000
+#: Oversampling of the patterns the data-consistency loss compares with (the paper's measured frame).
+DATA_OVERSAMPLING = 2
 #: Examples simulated at once and shuffled together during training (a multiple of BLOCK).
 CHUNK = 4 * BLOCK
 
@@ -114,14 +118,48 @@ def _to_tensor(a, device, channels_last=True):
     return t.contiguous(memory_format=torch.channels_last) if channels_last else t
 
 
-def _outputs_to_object(amp, phase_unit, threshold=physics.SHAPE_THRESHOLD):
-    """Sigmoid outputs (N,1,H,W) tensors to numpy amplitude (max 1) and phase (0 outside)."""
-    a = amp[:, 0].float().cpu().numpy()
-    p = (phase_unit[:, 0].float().cpu().numpy() * 2 * np.pi - np.pi).astype(np.float32)
-    peak = a.max(axis=(1, 2), keepdims=True)
-    a = (a / np.where(peak > 0, peak, 1)).astype(np.float32)
-    p = np.where(a > threshold, p, 0.0).astype(np.float32)
-    return a, p
+def _outputs_to_object(amp, phase_unit):
+    """Sigmoid outputs (N,1,H,W) to numpy amplitude (max 1) and phase (0 outside), as ``predict`` does."""
+    a, p, _ = decode_outputs(amp, phase_unit)
+    return a.cpu().numpy(), p.cpu().numpy()
+
+
+def oversampled_amplitudes(amplitude, phase, factor=DATA_OVERSAMPLING):
+    """Far-field amplitudes of objects ``(N, H, W)`` zero-padded ``factor`` times (a float32 Tensor).
+
+    Accepts NumPy arrays or tensors; these are the measured data of :func:`data_consistency_loss`.
+    """
+    a = torch.as_tensor(np.asarray(amplitude, np.float32) if not torch.is_tensor(amplitude) else amplitude)
+    p = torch.as_tensor(np.asarray(phase, np.float32) if not torch.is_tensor(phase) else phase)
+    return physics.intensity(physics.pad(torch.polar(a.float(), p.float()), factor)).sqrt()
+
+
+def data_consistency_loss(amp_logit, phase_logit, measured, factor=DATA_OVERSAMPLING):
+    """Per-example misfit between the predicted object's far field and the measured amplitudes.
+
+    The object is decoded as ``predict`` decodes it (:func:`napari_cdinn.nn.inference.decode_outputs`:
+    amplitude over its maximum, phase zeroed outside the shape threshold), zero-padded ``factor``
+    times and Fourier transformed; its amplitudes ``|F|`` are compared with ``measured`` (same
+    frame) after the least-squares scale ``s``: ``sum (m - s |F|)**2 / sum m**2``.  This is the
+    trust score's chi^2 taken on amplitudes instead of intensities, so the weak high-frequency
+    fringes that carry the phase count, and it needs no target: it is blind to the twin, shift and
+    global phase ambiguities that make the supervised loss uncertain.
+
+    Parameters
+    ----------
+    amp_logit, phase_logit : Tensor (N, 1, H, W)
+    measured : Tensor (N, factor * H, factor * W)
+        Amplitudes of the oversampled patterns (:func:`oversampled_amplitudes`).
+
+    Returns
+    -------
+    Tensor (N,) float32
+    """
+    amp, phase, _ = decode_outputs(torch.sigmoid(amp_logit.float()), torch.sigmoid(phase_logit.float()))
+    fit = (physics.intensity(physics.pad(torch.polar(amp, phase), factor)) + 1e-12).sqrt()
+    m = measured.float()
+    scale = (m * fit).sum((-2, -1), keepdim=True) / (fit * fit).sum((-2, -1), keepdim=True).clamp_min(1e-12)
+    return ((m - scale * fit) ** 2).sum((-2, -1)) / (m * m).sum((-2, -1)).clamp_min(1e-12)
 
 
 def evaluate(model, data, device, bf16=False, batch_size=512):
@@ -131,6 +169,7 @@ def evaluate(model, data, device, bf16=False, batch_size=512):
     -------
     dict
         ``loss`` (twin-invariant), ``iou_median``, ``phase_rms_median``, ``phase_rms_p90``,
+        ``chi2_median`` (the trust score of ``predict`` on the 2x oversampled patterns),
         ``twin_rate`` (fraction of examples matching the twin better), ``count``.
     """
     model.eval()
@@ -151,11 +190,14 @@ def evaluate(model, data, device, bf16=False, batch_size=512):
     a, p = np.concatenate(amps), np.concatenate(phases)
     cmp = physics.compare(a * np.exp(1j * p), data["amplitude"], data["phase"])
     rms = cmp["phase_rms"]
+    measured = oversampled_amplitudes(data["amplitude"], data["phase"]) ** 2
+    chi2 = physics.chi2(measured, oversampled_amplitudes(a, p) ** 2).numpy()
     return {
         "loss": sum(losses) / n,
         "iou_median": float(np.median(cmp["iou"])),
         "phase_rms_median": float(np.nanmedian(rms)),
         "phase_rms_p90": float(np.nanpercentile(rms, 90)),
+        "chi2_median": float(np.median(chi2)),
         "twin_rate": float(np.mean(cmp["twin"])),
         "count": int(n),
     }
@@ -243,6 +285,7 @@ def train(
     fresh_data=None,
     init_from=None,
     phase_weight=None,
+    data_weight=None,
 ):
     """Train the networks and write checkpoints to the directory ``out``.
 
@@ -282,6 +325,9 @@ def train(
         Position tolerance of the loss in pixels (:func:`twin_invariant_loss`; default 0).
     phase_weight : float, optional
         Weight of the phase term of the loss (:func:`twin_invariant_loss`; default 1).
+    data_weight : float, optional
+        Weight of the data-consistency term (:func:`data_consistency_loss` against the 2x
+        oversampled pattern) added to the supervised loss (default 0: the paper's loss alone).
     fresh_data : bool, optional
         Draw new simulated examples every epoch instead of repeating the same ``train_size``
         (default False, the paper's fixed set); an "epoch" is then ``train_size`` examples.
@@ -302,7 +348,7 @@ def train(
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     overrides = dict(arch=arch, train_size=train_size, val_size=val_size, epochs=epochs, batch_size=batch_size, lr=lr,
                      schedule=schedule, input=input_transform, shift=shift, fresh_data=fresh_data,
-                     phase_weight=phase_weight)
+                     phase_weight=phase_weight, data_weight=data_weight)
     config.update({k: v for k, v in overrides.items() if v is not None})
     config.update(preset=preset, seed=int(seed), precision=precision)
     if config["train_size"] < config["batch_size"]:
@@ -408,6 +454,9 @@ def train(
                 la, lp = model.logits(x)
             loss, _ = twin_invariant_loss(la, lp, *t, shift=config.get("shift", 0),
                                           phase_weight=config.get("phase_weight", 1.0))
+            if config.get("data_weight", 0.0) > 0:
+                measured = oversampled_amplitudes(batch["amplitude"], batch["phase"]).to(dev)
+                loss = loss + config["data_weight"] * data_consistency_loss(la, lp, measured).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
