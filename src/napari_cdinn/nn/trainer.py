@@ -15,6 +15,12 @@ Two further changes make the recipe learn the phase at all (design.md):
   (:func:`napari_cdinn.nn.data.centre_objects`), which removes the shift ambiguity of
   unpadded patterns; the inputs are unchanged.
 
+Beyond the paper, ``data_weight`` adds a **data-consistency term** (:func:`data_consistency_loss`):
+the amplitude chi^2 of each prediction against its own 2x-oversampled pattern, the quantity the
+trust score measures.  It needs no target, so it is blind to the twin, shift and global phase
+ambiguities, and it rewards the weak high-frequency fringes that carry the phase, which the
+supervised BCE (whose optimum under ambiguity is a blurred average) does not.
+
 Data come from the simulator on the fly: training examples from ``seed`` (examples
 ``0 .. train_size - 1``, the same in every epoch, shuffled in chunks), validation examples from
 ``seed + VAL_SEED_OFFSET``.  Validation reports the twin-invariant loss, the support IoU and the
@@ -129,9 +135,9 @@ def oversampled_amplitudes(amplitude, phase, factor=DATA_OVERSAMPLING):
 
     Accepts NumPy arrays or tensors; these are the measured data of :func:`data_consistency_loss`.
     """
-    a = torch.as_tensor(np.asarray(amplitude, np.float32) if not torch.is_tensor(amplitude) else amplitude)
-    p = torch.as_tensor(np.asarray(phase, np.float32) if not torch.is_tensor(phase) else phase)
-    return physics.intensity(physics.pad(torch.polar(a.float(), p.float()), factor)).sqrt()
+    a, p = (torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v, dtype=torch.float32)
+            for v in (amplitude, phase))
+    return physics.intensity(physics.pad(torch.polar(a, p), factor)).sqrt()
 
 
 def data_consistency_loss(amp_logit, phase_logit, measured, factor=DATA_OVERSAMPLING):
