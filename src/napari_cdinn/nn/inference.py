@@ -39,11 +39,12 @@ __all__ = ["predict", "decode_outputs", "predict_chunk", "oversampling_factor", 
 #: :func:`napari_cdinn.retrieval.reconstruct` options of the NN-seeded refinement
 #: (``cdinn reconstruct --init nn``): a short HIO/ER run (the last 10 iterations ER, averaged)
 #: from the network's guess and support, the support shrink-wrapped every 10 iterations with a
-#: blur narrowing from 2 to 1 pixel.  Chosen on 200 fresh test patterns (``benchmarks/bench_nn.py``);
-#: with the shipped weights (7.45M examples) 80 iterations give phase RMS 0.143 rad median / 0.497
-#: p90 against 0.182 / 0.833 for the 620-iteration protocol from random starts; 50 give 0.174 / 0.559,
-#: which beats it only just at the median, so 80 is kept for margin.
-REFINE_OPTIONS = {"iterations": 80, "average": 10, "shrinkwrap_every": 10, "sigma": (2.0, 1.0)}
+#: blur narrowing from 2 to 1 pixel.  Chosen on 200 fresh test patterns (``benchmarks/bench_nn.py``):
+#: with the shipped weights (11.05M examples) 50 iterations give phase RMS 0.157 rad median / 0.445
+#: p90 against 0.182 / 0.833 for the 620-iteration protocol from random starts, in 1.54 ms per
+#: pattern against 9.9 ms (batched engine) and 97 ms (NumPy loop); 80 give 0.130 / 0.407 for 1.4x
+#: the time, 20 only 0.227 median.
+REFINE_OPTIONS = {"iterations": 50, "average": 10, "shrinkwrap_every": 10, "sigma": (2.0, 1.0)}
 
 _CACHE: dict = {}
 
