@@ -191,10 +191,10 @@ def _logits_of(amplitude, phase):
 
 
 def test_data_consistency_loss_is_blind_to_twin_and_shift_and_sees_wrong_phases():
-    from napari_cdinn.nn.trainer import data_consistency_loss, oversampled_amplitudes
+    from napari_cdinn.nn.trainer import data_consistency_loss, oversampled_intensity
 
     ex = make_examples(16, seed=4)
-    measured = oversampled_amplitudes(ex["amplitude"], ex["phase"])
+    measured = oversampled_intensity(ex["amplitude"], ex["phase"]).sqrt()
     assert measured.shape == (16, 64, 64) and measured.dtype == torch.float32
     # truth, its centred copy and its centred twin all fit the data (numerically 0)
     for a, p in ((ex["amplitude"], ex["phase"]), (ex["target_amplitude"], ex["target_phase"]),
@@ -206,13 +206,13 @@ def test_data_consistency_loss_is_blind_to_twin_and_shift_and_sees_wrong_phases(
 
 
 def test_data_consistency_loss_is_differentiable_and_train_records_its_weight(tmp_path):
-    from napari_cdinn.nn.trainer import data_consistency_loss, oversampled_amplitudes
+    from napari_cdinn.nn.trainer import data_consistency_loss, oversampled_intensity
 
     ex = make_examples(4, seed=5)
     la, lp = _logits_of(ex["amplitude"], np.zeros_like(ex["phase"]))
     la.requires_grad_(True)
     lp.requires_grad_(True)
-    data_consistency_loss(la, lp, oversampled_amplitudes(ex["amplitude"], ex["phase"])).sum().backward()
+    data_consistency_loss(la, lp, oversampled_intensity(ex["amplitude"], ex["phase"]).sqrt()).sum().backward()
     assert torch.isfinite(lp.grad).all() and float(lp.grad.abs().max()) > 0
     events = []
     state = train(tmp_path / "m", preset="tiny", train_size=256, val_size=64, epochs=1, batch_size=32,

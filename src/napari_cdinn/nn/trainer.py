@@ -52,7 +52,7 @@ from .inference import decode_outputs
 from .networks import build_model, count_parameters
 from .runtime import autocast, bf16_supported, resolve_device
 
-__all__ = ["train", "PRESETS", "twin_invariant_loss", "data_consistency_loss", "oversampled_amplitudes", "evaluate",
+__all__ = ["train", "PRESETS", "twin_invariant_loss", "data_consistency_loss", "oversampled_intensity", "evaluate",
            "VAL_SEED_OFFSET"]
 
 #: Validation data use the simulator seed ``seed + VAL_SEED_OFFSET``.
@@ -124,20 +124,15 @@ def _to_tensor(a, device, channels_last=True):
     return t.contiguous(memory_format=torch.channels_last) if channels_last else t
 
 
-def _outputs_to_object(amp, phase_unit):
-    """Sigmoid outputs (N,1,H,W) to numpy amplitude (max 1) and phase (0 outside), as ``predict`` does."""
-    a, p, _ = decode_outputs(amp, phase_unit)
-    return a.cpu().numpy(), p.cpu().numpy()
+def oversampled_intensity(amplitude, phase, factor=DATA_OVERSAMPLING):
+    """Diffraction intensities of objects ``(N, H, W)`` zero-padded ``factor`` times (a float32 Tensor).
 
-
-def oversampled_amplitudes(amplitude, phase, factor=DATA_OVERSAMPLING):
-    """Far-field amplitudes of objects ``(N, H, W)`` zero-padded ``factor`` times (a float32 Tensor).
-
-    Accepts NumPy arrays or tensors; these are the measured data of :func:`data_consistency_loss`.
+    Accepts NumPy arrays or tensors (differentiable); their square roots are the measured data
+    of :func:`data_consistency_loss`.
     """
     a, p = (torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v, dtype=torch.float32)
             for v in (amplitude, phase))
-    return physics.intensity(physics.pad(torch.polar(a, p), factor)).sqrt()
+    return physics.intensity(physics.pad(torch.polar(a, p), factor))
 
 
 def data_consistency_loss(amp_logit, phase_logit, measured, factor=DATA_OVERSAMPLING):
@@ -155,14 +150,14 @@ def data_consistency_loss(amp_logit, phase_logit, measured, factor=DATA_OVERSAMP
     ----------
     amp_logit, phase_logit : Tensor (N, 1, H, W)
     measured : Tensor (N, factor * H, factor * W)
-        Amplitudes of the oversampled patterns (:func:`oversampled_amplitudes`).
+        Amplitudes of the oversampled patterns (``oversampled_intensity(...).sqrt()``).
 
     Returns
     -------
     Tensor (N,) float32
     """
     amp, phase, _ = decode_outputs(torch.sigmoid(amp_logit.float()), torch.sigmoid(phase_logit.float()))
-    fit = (physics.intensity(physics.pad(torch.polar(amp, phase), factor)) + 1e-12).sqrt()
+    fit = (oversampled_intensity(amp, phase, factor) + 1e-12).sqrt()
     m = measured.float()
     scale = (m * fit).sum((-2, -1), keepdim=True) / (fit * fit).sum((-2, -1), keepdim=True).clamp_min(1e-12)
     return ((m - scale * fit) ** 2).sum((-2, -1)) / (m * m).sum((-2, -1)).clamp_min(1e-12)
@@ -179,7 +174,7 @@ def evaluate(model, data, device, bf16=False, batch_size=512):
         ``twin_rate`` (fraction of examples matching the twin better), ``count``.
     """
     model.eval()
-    losses, amps, phases = [], [], []
+    losses, amps, phases, chi2 = [], [], [], []
     n = len(data["input"])
     with torch.inference_mode():
         for lo in range(0, n, batch_size):
@@ -190,20 +185,20 @@ def evaluate(model, data, device, bf16=False, batch_size=512):
             t = [_to_tensor(data[k][sl], device, False) for k in ("target_amplitude", "target_phase", "twin_amplitude", "twin_phase")]
             loss, _ = twin_invariant_loss(la, lp, *t)
             losses.append(float(loss) * len(x))
-            a, p = _outputs_to_object(torch.sigmoid(la), torch.sigmoid(lp))
-            amps.append(a)
-            phases.append(p)
+            a, p, _ = decode_outputs(torch.sigmoid(la), torch.sigmoid(lp))  # as predict decodes them
+            measured = oversampled_intensity(data["amplitude"][sl], data["phase"][sl])
+            chi2.append(physics.chi2(measured, oversampled_intensity(a.cpu(), p.cpu())).numpy())
+            amps.append(a.cpu().numpy())
+            phases.append(p.cpu().numpy())
     a, p = np.concatenate(amps), np.concatenate(phases)
     cmp = physics.compare(a * np.exp(1j * p), data["amplitude"], data["phase"])
     rms = cmp["phase_rms"]
-    measured = oversampled_amplitudes(data["amplitude"], data["phase"]) ** 2
-    chi2 = physics.chi2(measured, oversampled_amplitudes(a, p) ** 2).numpy()
     return {
         "loss": sum(losses) / n,
         "iou_median": float(np.median(cmp["iou"])),
         "phase_rms_median": float(np.nanmedian(rms)),
         "phase_rms_p90": float(np.nanpercentile(rms, 90)),
-        "chi2_median": float(np.median(chi2)),
+        "chi2_median": float(np.median(np.concatenate(chi2))),
         "twin_rate": float(np.mean(cmp["twin"])),
         "count": int(n),
     }
@@ -461,7 +456,7 @@ def train(
             loss, _ = twin_invariant_loss(la, lp, *t, shift=config.get("shift", 0),
                                           phase_weight=config.get("phase_weight", 1.0))
             if config.get("data_weight", 0.0) > 0:
-                measured = oversampled_amplitudes(batch["amplitude"], batch["phase"]).to(dev)
+                measured = oversampled_intensity(batch["amplitude"], batch["phase"]).sqrt().to(dev)
                 loss = loss + config["data_weight"] * data_consistency_loss(la, lp, measured).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
