@@ -126,12 +126,23 @@ def decode_outputs(amp, unit, threshold=physics.SHAPE_THRESHOLD):
     return amp, phase, support
 
 
+def oversampled_intensity(amplitude, phase, factor: int = 2):
+    """Diffraction intensities of objects ``(N, H, W)`` zero-padded ``factor`` times (a float32 Tensor).
+
+    Accepts NumPy arrays or tensors (differentiable, kept on their device): the fit behind the
+    trust score here, and the data of the trainer's data-consistency loss.
+    """
+    a, p = (torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v, dtype=torch.float32)
+            for v in (amplitude, phase))
+    return physics.intensity(physics.pad(torch.polar(a, p), factor))
+
+
 def _run_batch(net, inputs, measured, factor, device, bf16, threshold):
     x = torch.from_numpy(inputs)[:, None].to(device).contiguous(memory_format=torch.channels_last)
     with autocast(device, bf16):
         amp, unit = net(x)
     amp, phase, support = decode_outputs(amp, unit, threshold)
-    fit = physics.intensity(physics.pad(torch.polar(amp, phase), factor))
+    fit = oversampled_intensity(amp, phase, factor)
     meas = torch.from_numpy(measured).to(device)
     chi = physics.chi2(meas, fit)
     signal = meas.sum((-2, -1)) > 0

@@ -48,7 +48,7 @@ from ..retrieval.engine import stop_requested
 from ..simulate import BLOCK
 from .checkpoint import load_model, resolve_model_path, save_model
 from .data import make_examples
-from .inference import decode_outputs
+from .inference import decode_outputs, oversampled_intensity
 from .networks import build_model, count_parameters
 from .runtime import autocast, bf16_supported, resolve_device
 
@@ -122,17 +122,6 @@ def twin_invariant_loss(amp_logit, phase_logit, target_amp, target_phase, twin_a
 def _to_tensor(a, device, channels_last=True):
     t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[:, None].to(device)
     return t.contiguous(memory_format=torch.channels_last) if channels_last else t
-
-
-def oversampled_intensity(amplitude, phase, factor=DATA_OVERSAMPLING):
-    """Diffraction intensities of objects ``(N, H, W)`` zero-padded ``factor`` times (a float32 Tensor).
-
-    Accepts NumPy arrays or tensors (differentiable); their square roots are the measured data
-    of :func:`data_consistency_loss`.
-    """
-    a, p = (torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v, dtype=torch.float32)
-            for v in (amplitude, phase))
-    return physics.intensity(physics.pad(torch.polar(a, p), factor))
 
 
 def data_consistency_loss(amp_logit, phase_logit, measured, factor=DATA_OVERSAMPLING):
