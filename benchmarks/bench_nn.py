@@ -80,7 +80,8 @@ def network_rates(net, batch_sizes=_BATCHES, min_seconds=1.0, device="cpu"):
         model = net.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
         rates = {}
         for b in batch_sizes:
-            x = torch.rand(b, 1, 32, 32, device=dev)
+            side = 32 * getattr(net, "input_factor", 1)
+            x = torch.rand(b, 1, side, side, device=dev)
             x = x.contiguous(memory_format=torch.channels_last) if cl else x
 
             def call(x=x, bf=bf, model=model):

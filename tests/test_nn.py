@@ -13,8 +13,8 @@ from napari_cdinn import physics
 from napari_cdinn.cli import main
 from napari_cdinn.nn import TRUST_CHI2, load_model, predict
 from napari_cdinn.nn.checkpoint import WEIGHTS_DIR, save_model
-from napari_cdinn.nn.data import centre_objects, make_examples, twin_targets
-from napari_cdinn.nn.networks import build_model, count_parameters
+from napari_cdinn.nn.data import centre_objects, make_examples, normalise_amplitudes, twin_targets
+from napari_cdinn.nn.networks import build_model, count_parameters, widen_state_dict
 from napari_cdinn.nn import train
 from napari_cdinn.simulate import simulate
 
@@ -26,12 +26,13 @@ def patterns():
     return simulate(8, oversampling=2, seed=11)
 
 
-@pytest.mark.parametrize("arch, params", [("paper", 1_440_642), ("shared", 1_154_210)])
-def test_network_shapes_and_parameters(arch, params):
+@pytest.mark.parametrize("arch, params, side", [("paper", 1_440_642, 32), ("shared", 1_154_210, 32),
+                                                ("shared2x", 1_155_074, 64)])
+def test_network_shapes_and_parameters(arch, params, side):
     net = build_model(arch).eval()
-    assert count_parameters(net) == params
+    assert count_parameters(net) == params and net.arch == arch and net.input_factor * 32 == side
     with torch.inference_mode():
-        amp, phase = net(torch.rand(3, 1, 32, 32))
+        amp, phase = net(torch.rand(3, 1, side, side))
     assert amp.shape == phase.shape == (3, 1, 32, 32)
     assert amp.dtype == torch.float32
     assert float(amp.min()) >= 0 and float(amp.max()) <= 1
@@ -328,3 +329,64 @@ def test_nn_train_stays_callable_after_the_trainer_is_imported():
     import napari_cdinn.nn.trainer  # noqa: F401
 
     assert callable(nn.train)
+
+
+def _shared2x_from(net):
+    wide = build_model("shared2x").eval()
+    wide.load_state_dict(widen_state_dict(net.state_dict()))
+    return wide
+
+
+def test_widened_weights_read_the_decimated_channel_exactly(patterns):
+    torch.manual_seed(0)
+    narrow = build_model("shared").eval()
+    wide = _shared2x_from(narrow)
+    amp = np.sqrt(patterns["intensity"])
+    amp /= amp.max(axis=(1, 2), keepdims=True)
+    with torch.inference_mode():
+        a1, p1 = narrow(torch.from_numpy(np.ascontiguousarray(physics.decimate(amp, 2)))[:, None])
+        a2, p2 = wide(torch.from_numpy(amp)[:, None])
+    torch.testing.assert_close(a1, a2)
+    torch.testing.assert_close(p1, p2)
+    with pytest.raises(ValueError, match="shared"):
+        widen_state_dict(wide.state_dict())
+
+
+def test_make_examples_gives_oversampled_inputs_for_2x_models():
+    d = make_examples(16, seed=3, input_factor=2)
+    assert d["input"].shape == (16, 64, 64) and d["target_amplitude"].shape == (16, 32, 32)
+    decimated = normalise_amplitudes(physics.decimate(d["input"], 2))  # the 64 x 64 maximum may lie off the sub-lattice
+    np.testing.assert_allclose(decimated, make_examples(16, seed=3)["input"], atol=1e-5)
+
+
+def test_a_2x_model_predicts_oversampled_patterns_and_rejects_32x32(tmp_path, patterns, capsys):
+    model = tmp_path / "wide.safetensors"
+    shipped, _ = load_model()
+    save_model(_shared2x_from(shipped), model, {"arch": "shared2x"})
+    ref = predict(patterns["intensity"], device="cpu")
+    res = predict(patterns["intensity"], model=model, device="cpu")
+    assert res["amplitude"].shape == (8, 32, 32)
+    # the widened shipped weights give the shipped answer (up to bf16 rounding)
+    assert np.median(np.abs(res["chi2"] - ref["chi2"])) < 0.2 * np.median(ref["chi2"])
+    four = simulate(2, oversampling=4, seed=11)["intensity"]  # 4x patterns are decimated by 2
+    assert predict(four, model=model, device="cpu")["amplitude"].shape == (2, 32, 32)
+    with pytest.raises(ValueError, match="2x-oversampled"):
+        predict(physics.decimate(patterns["intensity"], 2), model=model, device="cpu")
+    src, out = tmp_path / "in32.npy", tmp_path / "out.npz"
+    np.save(src, physics.decimate(patterns["intensity"], 2))
+    assert main(["predict", str(src), "-o", str(out), "--model", str(model)]) == 2
+    assert "2x-oversampled" in capsys.readouterr().err and not out.exists()
+
+
+def test_training_a_2x_model_from_shared_weights(tmp_path):
+    from napari_cdinn.nn.report import activation_maps
+
+    start = build_model("shared")
+    save_model(start, tmp_path / "start.safetensors", {"arch": "shared", "examples": 5})
+    state = train(tmp_path / "m", preset="tiny", arch="shared2x", train_size=64, val_size=32, epochs=1,
+                  batch_size=32, init_from=tmp_path / "start.safetensors", data_weight=1.0, quick_val_size=32)
+    assert state["config"]["arch"] == "shared2x" and state["step"] == 2
+    net, _ = load_model(tmp_path / "m")
+    assert net.arch == "shared2x" and net.input_factor == 2
+    maps = activation_maps(net, make_examples(3, seed=1, input_factor=2)["input"])
+    assert maps["shared"]["conv2"].shape == (3, 32, 32)

@@ -189,17 +189,18 @@ def test_training_dock_updates_plot_and_offers_the_model(make_napari_viewer, qtb
     assert widget.plot.axes.lines
     assert (tmp_path / "tiny" / "last.safetensors").is_file()
     assert inversion.models.model == str(tmp_path / "tiny")  # selectable at once
-    # continue from the model just trained, with fresh examples and the data-consistency term
+    # continue from the model just trained as the 2x-input variant, with fresh examples and the data term
     assert None in widget.init_from.choices and str(tmp_path / "tiny") in widget.init_from.choices
     widget.init_from.value = str(tmp_path / "tiny")
     widget.fresh.value = True
     widget.data_weight.value = 1.5
+    widget.arch.value = "shared2x"
     widget.out.value = tmp_path / "continued"
     widget.controls.run_button.clicked.emit()
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
     config = json.loads((tmp_path / "continued" / "last.json").read_text())["config"]
     assert config["fresh_data"] and config["init_from"].startswith(str(tmp_path / "tiny"))
-    assert config["data_weight"] == 1.5
+    assert config["data_weight"] == 1.5 and config["arch"] == "shared2x"
 
 
 def test_training_stop_saves_a_checkpoint(make_napari_viewer, qtbot, tmp_path):

@@ -146,8 +146,9 @@ def _add_train(sub):
     )
     p.add_argument("--out", "-o", required=True, help="model directory (created)")
     p.add_argument("--preset", default="paper", help="base settings: paper (default) or tiny")
-    p.add_argument("--arch", choices=("paper", "shared"), default=None,
-                   help="shared encoder (preset default) or the paper's separate pair")
+    p.add_argument("--arch", choices=("paper", "shared", "shared2x"), default=None,
+                   help="shared encoder (preset default), the paper's separate pair, or shared2x: the shared "
+                        "net reading the whole 2x-oversampled pattern (from --init-from shared weights: widened)")
     p.add_argument("--train-size", type=_positive_int, default=None, help="training examples (paper: 180000)")
     p.add_argument("--val-size", type=_positive_int, default=None, help="validation examples (paper: 20000)")
     p.add_argument("--epochs", type=_positive_int, default=None, help="epochs (paper: 10)")
@@ -314,12 +315,14 @@ def _cmd_predict(args):
     import functools
 
     from .nn import TRUST_CHI2
-    from .nn.checkpoint import read_card, resolve_model_path
-    from .nn.inference import oversampling_factor, predict_chunk
+    from .nn.checkpoint import model_arch, read_card, resolve_model_path
+    from .nn.inference import decimation_factor, predict_chunk
+    from .nn.networks import input_factor_of
 
-    oversampling_factor(_check_stack_input(args))
+    shape = _check_stack_input(args)
     model = str(resolve_model_path(args.model).resolve())
     card = read_card(model)
+    decimation_factor(shape, input_factor_of(model_arch(model)))
     fn = functools.partial(predict_chunk, model=model, device=args.device, batch_size=args.batch_size)
     attrs = {"model": model, "arch": card.get("arch", ""), "trust_chi2": TRUST_CHI2}
     _run_stack(args, fn, {"model": model, "command": "predict"}, attrs, "predict")
@@ -338,7 +341,7 @@ def _add_reconstruct(sub):
     p.add_argument("--algorithm", default="hio-er",
                    help="hio-er (default), er, hio, raar, or a schedule such as '(hio:80,er:20)x6,er:20'")
     p.add_argument("--iterations", type=_positive_int, default=None,
-                   help="iterations (default 620; with --init nn a short refinement, 80)")
+                   help="iterations (default 620; with --init nn a short refinement, 50)")
     p.add_argument("--init", choices=("random", "nn"), default="random",
                    help="random phases (default) or the CDI NN guess with its support")
     p.add_argument("--model", default=None, help="network weights for --init nn (default: the shipped model)")

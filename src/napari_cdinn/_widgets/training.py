@@ -1,4 +1,4 @@
-"""Training dock: train the CDI NN pair on simulated paper-recipe data, with a live loss plot.
+"""Training dock: train the CDI NN networks on simulated paper-recipe data, with a live loss plot.
 
 Wired to :func:`napari_cdinn.nn.train` and its callback events (``step``: running training
 loss; ``checkpoint``/``validation``: validation loss).  Training runs in a thread worker;
@@ -44,6 +44,11 @@ class TrainingWidget(widgets.Container):
         self.resume = widgets.CheckBox(label="resume", value=False)
         self.init_from = widgets.ComboBox(label="start from", choices=_start_choices, nullable=True,
                                           tooltip="random weights, or continue training a shipped or trained model")
+        self.arch = widgets.ComboBox(
+            label="architecture", value=None, nullable=True,
+            choices=[("as the start model (else shared)", None), ("shared encoder, 32 x 32 input", "shared"),
+                     ("shared encoder, 2x-oversampled input", "shared2x"), ("the paper's pair", "paper")],
+            tooltip="shared2x reads the whole 64 x 64 pattern; started from shared weights it begins where they stand")
         self.fresh = widgets.CheckBox(label="new examples every epoch", value=False,
                                       tooltip="draw fresh simulated examples each epoch instead of repeating the set")
         self.data_weight = widgets.FloatSpinBox(
@@ -52,7 +57,7 @@ class TrainingWidget(widgets.Container):
         self.runner = JobRunner(self._on_event, self._on_result, on_finish=self._on_finish)
         self.controls = JobControls("Train", self.run, self.runner)
         super().__init__(widgets=[self.train_size, self.val_size, self.epochs, self.batch_size, self.device,
-                                  self.out, self.resume, self.init_from, self.fresh, self.data_weight,
+                                  self.out, self.resume, self.init_from, self.arch, self.fresh, self.data_weight,
                                   self.controls])
         REGISTRY.changed.connect(self._refresh_models)
         self.plot = PlotCanvas(height=2.8)
@@ -75,7 +80,7 @@ class TrainingWidget(widgets.Container):
                        epochs=int(self.epochs.value), batch_size=int(self.batch_size.value),
                        device=self.device.value, resume=bool(self.resume.value),
                        quick_val_size=min(2000, int(self.val_size.value)),
-                       init_from=self.init_from.value, fresh_data=bool(self.fresh.value),
+                       init_from=self.init_from.value, arch=self.arch.value, fresh_data=bool(self.fresh.value),
                        data_weight=float(self.data_weight.value))
         self._folder = folder
         self._total = options["train_size"] * options["epochs"]

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .networks import build_model
 
-__all__ = ["save_model", "load_model", "resolve_model_path", "read_card", "WEIGHTS_DIR", "DEFAULT_MODEL"]
+__all__ = ["save_model", "load_model", "resolve_model_path", "read_card", "model_arch", "WEIGHTS_DIR", "DEFAULT_MODEL"]
 
 #: Folder of the weights shipped with the package.
 WEIGHTS_DIR = Path(__file__).with_name("weights")
@@ -83,6 +83,19 @@ def read_card(path) -> dict:
     return {}
 
 
+def _metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def model_arch(model=None) -> str:
+    """Architecture name of a model (see :func:`resolve_model_path`), read without loading its weights."""
+    path = resolve_model_path(model)
+    return _metadata(path).get("arch") or read_card(path).get("arch", "paper")
+
+
 def load_model(model=None, device="cpu"):
     """Load a model from safetensors (no pickle involved).
 
@@ -94,17 +107,14 @@ def load_model(model=None, device="cpu"):
 
     Returns
     -------
-    net : torch.nn.Module in eval mode, with ``net.input_transform`` (``linear`` or ``log``)
+    net : torch.nn.Module in eval mode, with ``net.input_transform`` (``linear`` or ``log``) and
+        ``net.input_factor`` (the oversampling of the patterns it reads)
     card : dict
     """
     path = resolve_model_path(model)
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = _metadata(path)
     card = read_card(path)
-    arch = meta.get("arch") or card.get("arch", "paper")
-    net = build_model(arch)
+    net = build_model(model_arch(path))
     net.load_state_dict({k: v.float() for k, v in load_file(str(path), device="cpu").items()})
     net.input_transform = meta.get("input") or card.get("config", {}).get("input", "linear")
     net.to(device).eval()

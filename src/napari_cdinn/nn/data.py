@@ -102,7 +102,8 @@ def twin_targets(amplitude, phase):
     return centre_objects(amp_t, pha_t)
 
 
-def make_examples(count: int, seed: int, start: int = 0, twins: bool = True, transform: str = "linear"):
+def make_examples(count: int, seed: int, start: int = 0, twins: bool = True, transform: str = "linear",
+                  input_factor: int = 1):
     """Simulate ``count`` training examples from index ``start`` (a multiple of ``BLOCK``).
 
     Parameters
@@ -115,18 +116,20 @@ def make_examples(count: int, seed: int, start: int = 0, twins: bool = True, tra
         Also return the centred twin targets.
     transform : str
         Input encoding (:func:`encode_inputs`).
+    input_factor : int
+        Oversampling of the input patterns (1: the paper's 32 x 32; 2: 64 x 64 for ``shared2x``).
 
     Returns
     -------
     dict of float32 arrays, shape (count, 32, 32)
-        ``input`` (normalised amplitudes), ``amplitude``/``phase`` (the raw truth),
+        ``input`` (normalised amplitudes, ``32 input_factor`` wide), ``amplitude``/``phase`` (the raw truth),
         ``target_amplitude``/``target_phase`` (centred truth) and, if ``twins``,
         ``twin_amplitude``/``twin_phase``.
     """
     if start % BLOCK:
         raise ValueError(f"start must be a multiple of {BLOCK}")
     amp, pha = simulate_objects(count, SIZE, seed, start)
-    inten = patterns_from_objects(amp, pha, oversampling=1)
+    inten = patterns_from_objects(amp, pha, oversampling=input_factor)
     out = {"input": encode_inputs(physics.amplitude_from_intensity(inten), transform), "amplitude": amp, "phase": pha}
     out["target_amplitude"], out["target_phase"] = centre_objects(amp, pha)
     if twins:

@@ -2,9 +2,12 @@
 
 Input sizes
 -----------
-The networks read 32 x 32 amplitudes of the *unpadded* object.  A square pattern of side
-``32 k`` (``k``-times oversampled, e.g. the paper's 2x frame of 64 x 64) is decimated exactly by
-``k`` (:func:`napari_cdinn.physics.decimate`); any other size raises ``ValueError``.
+The paper's networks (``paper``, ``shared``) read 32 x 32 amplitudes of the *unpadded* object.
+A square pattern of side ``32 k`` (``k``-times oversampled, e.g. the paper's 2x frame of 64 x 64)
+is decimated exactly by ``k`` (:func:`napari_cdinn.physics.decimate`); any other size raises
+``ValueError``.  A model reading ``m``-times oversampled patterns (``shared2x``: ``m = 2``) takes
+patterns with ``k`` a multiple of ``m``, decimated by ``k / m`` (:func:`decimation_factor`);
+others raise ``ValueError`` (a 32 x 32 pattern lacks the pixels it reads).
 
 Normalisation
 -------------
@@ -34,7 +37,7 @@ from .checkpoint import load_model, resolve_model_path
 from .data import SIZE, encode_inputs
 from .runtime import autocast, bf16_supported, resolve_device
 
-__all__ = ["predict", "decode_outputs", "predict_chunk", "oversampling_factor", "prepare", "embed", "TRUST_CHI2", "REFINE_OPTIONS"]
+__all__ = ["predict", "decode_outputs", "predict_chunk", "oversampling_factor", "decimation_factor", "prepare", "embed", "TRUST_CHI2", "REFINE_OPTIONS"]
 
 #: :func:`napari_cdinn.retrieval.reconstruct` options of the NN-seeded refinement
 #: (``cdinn reconstruct --init nn``): a short HIO/ER run (the last 10 iterations ER, averaged)
@@ -65,18 +68,45 @@ def oversampling_factor(shape) -> int:
     return h // SIZE
 
 
-def prepare(intensity, transform="linear"):
-    """Measured intensities ``(N, H, W)`` to the networks' normalised 32 x 32 amplitudes.
+def decimation_factor(shape, input_factor: int = 1) -> int:
+    """How much a pattern of ``shape`` is decimated for a model reading ``input_factor``-times oversampled patterns.
+
+    Raises
+    ------
+    ValueError
+        When the pattern's oversampling (:func:`oversampling_factor`) is not a multiple of ``input_factor``.
+    """
+    k = oversampling_factor(shape)
+    if k % input_factor:
+        side = SIZE * input_factor
+        raise ValueError(
+            f"this model reads {input_factor}x-oversampled patterns ({side} x {side}, or a multiple of it), "
+            f"got {int(shape[-2])} x {int(shape[-1])}"
+        )
+    return k // input_factor
+
+
+def prepare(intensity, transform="linear", input_factor=1):
+    """Measured intensities ``(N, H, W)`` to the networks' normalised amplitudes.
+
+    Parameters
+    ----------
+    intensity : array-like (N, H, W)
+    transform : str
+        Input encoding of the model (:func:`napari_cdinn.nn.data.encode_inputs`).
+    input_factor : int
+        Oversampling the model reads (``model.input_factor``; see the module notes).
 
     Returns
     -------
-    inputs : ndarray float32 (N, 32, 32), encoded by :func:`napari_cdinn.nn.data.encode_inputs`
+    inputs : ndarray float32 (N, 32 m, 32 m), ``m = input_factor``, encoded by :func:`napari_cdinn.nn.data.encode_inputs`
     measured : ndarray float32 (N, H, W), non-negative intensities (NaN and negatives as 0)
-    factor : int
+    factor : int, the oversampling of the measured patterns
     """
     measured = physics.amplitude_from_intensity(intensity) ** 2
     factor = oversampling_factor(measured.shape)
-    inputs = encode_inputs(np.sqrt(physics.decimate(measured, factor)), transform)
+    step = decimation_factor(measured.shape, input_factor)
+    inputs = encode_inputs(np.sqrt(physics.decimate(measured, step)), transform)
     return np.ascontiguousarray(inputs), measured.astype(np.float32), factor
 
 
@@ -187,6 +217,7 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
     dev = resolve_device(device)
     bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(dev))
     net, _ = _cached_model(model, dev)
+    decimation_factor(shape, net.input_factor)  # a shape this model cannot read fails before any work
     n = 1 if single else shape[0]
     out = {
         "amplitude": np.empty((n, SIZE, SIZE), np.float32),
@@ -197,7 +228,7 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
     with torch.inference_mode():
         for lo in range(0, n, batch_size):
             block = np.asarray(intensity) if single else np.asarray(intensity[lo : lo + batch_size])
-            inputs, measured, _ = prepare(block.reshape((-1,) + shape[-2:]), net.input_transform)
+            inputs, measured, _ = prepare(block.reshape((-1,) + shape[-2:]), net.input_transform, net.input_factor)
             res = _run_batch(net, inputs, measured, factor, dev, bf16, threshold)
             hi = lo + len(inputs)
             for key, val in zip(("amplitude", "phase", "support", "chi2"), res):

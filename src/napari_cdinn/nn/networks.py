@@ -23,6 +23,16 @@ Architectures
     agree on which of the twin solutions to draw, which the twin-invariant loss needs: trained
     the same way, the pair's phase network stayed at the trivial zero-phase answer for 460,000
     examples, while the shared net learned the phase within 70,000.
+``shared2x`` (:class:`SharedNet` with ``input_factor=2``, beyond the paper)
+    The shared net reading the whole 2x-oversampled 64 x 64 pattern instead of its decimated
+    32 x 32 sub-lattice.  The paper throws away three quarters of the measured pixels, and with
+    them the oversampling that makes the phase unique; here the pattern is split into its four
+    32 x 32 sub-lattices (``pixel_unshuffle``), stacked as four input channels of the same
+    encoder (only the first convolution grows: 1,155,074 parameters, the same compute within
+    1 %).  Channel 0 is the sub-lattice holding zero frequency, i.e. exactly the paper's input,
+    so :func:`widen_state_dict` turns trained ``shared`` weights into ``shared2x`` weights that
+    give the same output until fine-tuning teaches the other three channels.  Patterns must be
+    2k-times oversampled (64 x 64, 128 x 128, ...).
 
 No Qt or napari import; torch is imported by this module (import it lazily from UI code).
 """
@@ -30,12 +40,16 @@ No Qt or napari import; torch is imported by this module (import it lazily from 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Encoder", "Decoder", "CDINet", "PaperPair", "SharedNet", "build_model", "ARCHITECTURES", "count_parameters"]
+__all__ = ["Encoder", "Decoder", "CDINet", "PaperPair", "SharedNet", "build_model", "ARCHITECTURES", "count_parameters",
+           "input_factor_of", "widen_state_dict"]
 
 #: Names accepted by :func:`build_model`.
-ARCHITECTURES = ("paper", "shared")
+ARCHITECTURES = ("paper", "shared", "shared2x")
+#: Oversampling of the patterns each architecture reads (1: the decimated 32 x 32 input of the paper).
+_INPUT_FACTORS = {"paper": 1, "shared": 1, "shared2x": 2}
 
 _ENCODER_WIDTHS = (32, 64, 128)
 _DECODER_WIDTHS = (128, 64, 32)
@@ -48,9 +62,9 @@ def _conv_relu(c_in, c_out):
 class Encoder(nn.Module):
     """Three blocks of (conv 3x3 + ReLU) x 2 then 2 x 2 max-pooling: 32 x 32 -> 4 x 4 x 128."""
 
-    def __init__(self, widths=_ENCODER_WIDTHS):
+    def __init__(self, widths=_ENCODER_WIDTHS, in_channels=1):
         super().__init__()
-        layers, c = [], 1
+        layers, c = [], in_channels
         for w in widths:
             layers += _conv_relu(c, w) + _conv_relu(w, w) + [nn.MaxPool2d(2)]
             c = w
@@ -96,11 +110,16 @@ class PaperPair(nn.Module):
     """The paper's two networks side by side: ``shape`` (sCDI NN) and ``phase`` (pCDI NN)."""
 
     arch = "paper"
+    input_factor = 1
 
     def __init__(self):
         super().__init__()
         self.shape = CDINet()
         self.phase = CDINet()
+
+    def encoder_input(self, x):
+        """The encoders' input for network input ``x`` (unchanged)."""
+        return x
 
     def logits(self, x):
         """Pre-sigmoid ``(amplitude, phase_unit)`` maps, float32, each ``(N, 1, 32, 32)``."""
@@ -113,19 +132,30 @@ class PaperPair(nn.Module):
 
 
 class SharedNet(nn.Module):
-    """One shared encoder and two decoders (shape and phase heads)."""
+    """One shared encoder and two decoders (shape and phase heads).
 
-    arch = "shared"
+    Parameters
+    ----------
+    input_factor : int
+        Oversampling of the input patterns: 1 reads ``(N, 1, 32, 32)`` (``shared``), 2 reads the
+        2x-oversampled ``(N, 1, 64, 64)`` as four 32 x 32 sub-lattice channels (``shared2x``).
+    """
 
-    def __init__(self):
+    def __init__(self, input_factor=1):
         super().__init__()
-        self.encoder = Encoder()
+        self.input_factor = int(input_factor)
+        self.arch = "shared" if self.input_factor == 1 else f"shared{self.input_factor}x"
+        self.encoder = Encoder(in_channels=self.input_factor**2)
         self.shape = Decoder(self.encoder.out_channels)
         self.phase = Decoder(self.encoder.out_channels)
 
+    def encoder_input(self, x):
+        """The encoder's input for network input ``x``: its ``input_factor``-squared sub-lattices as channels."""
+        return F.pixel_unshuffle(x, self.input_factor) if self.input_factor > 1 else x
+
     def logits(self, x):
         """Pre-sigmoid ``(amplitude, phase_unit)`` maps, float32, each ``(N, 1, 32, 32)``."""
-        z = self.encoder(x)
+        z = self.encoder(self.encoder_input(x))
         return self.shape(z).float(), self.phase(z).float()
 
     def forward(self, x):
@@ -138,9 +168,33 @@ def build_model(arch: str = "paper") -> nn.Module:
     """A freshly initialised model of architecture ``arch`` (one of :data:`ARCHITECTURES`)."""
     if arch == "paper":
         return PaperPair()
-    if arch == "shared":
-        return SharedNet()
+    if arch in _INPUT_FACTORS:
+        return SharedNet(_INPUT_FACTORS[arch])
     raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+
+
+def input_factor_of(arch: str) -> int:
+    """Oversampling factor of the patterns architecture ``arch`` reads (1 or 2)."""
+    if arch not in _INPUT_FACTORS:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    return _INPUT_FACTORS[arch]
+
+
+def widen_state_dict(state: dict, factor: int = 2) -> dict:
+    """``shared`` weights as ``shared{factor}x`` weights with the same outputs (a warm start).
+
+    The first convolution gets ``factor**2`` input channels; channel 0, the sub-lattice that
+    holds zero frequency (:func:`napari_cdinn.physics.decimate` of a centred ``32 factor`` frame),
+    keeps the trained kernel and the others start at zero, so the widened net computes exactly
+    what the narrow one computed from the decimated pattern.
+    """
+    key = "encoder.layers.0.weight"
+    w = state[key]
+    if w.shape[1] != 1:
+        raise ValueError(f"expected weights of the 'shared' architecture (1 input channel), got {w.shape[1]}")
+    wide = w.new_zeros((w.shape[0], factor * factor) + tuple(w.shape[2:]))
+    wide[:, :1] = w
+    return dict(state, **{key: wide})
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -37,7 +37,7 @@ def activation_maps(net, inputs):
     Parameters
     ----------
     net : PaperPair or SharedNet
-    inputs : ndarray float32 (n, 32, 32), normalised amplitudes
+    inputs : ndarray float32 (n, 32 m, 32 m), normalised amplitudes (``m = net.input_factor``)
 
     Returns
     -------
@@ -47,7 +47,7 @@ def activation_maps(net, inputs):
     import torch
 
     encoders = {"shape": net.shape.encoder, "phase": net.phase.encoder} if net.arch == "paper" else {"shared": net.encoder}
-    x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))[:, None]
+    x = net.encoder_input(torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))[:, None])
     out = {}
     with torch.inference_mode():
         for name, enc in encoders.items():
@@ -125,7 +125,7 @@ def make_report(out_dir, model=None, count=1000, examples=4, device="cpu", itera
                       "nn_chi2": res["chi2"][idx].tolist(), "iterative_chi2": np.asarray(it["chi2"]).tolist()}
     cols = ["input log10 |F|", "true shape", "NN shape", "iterative shape", "true phase", "NN phase", "iterative phase"]
     fig, axes = plt.subplots(examples, len(cols), figsize=(2 * len(cols), 2 * examples), squeeze=False)
-    inputs = prepare(data["intensity"][idx], net.input_transform)[0]
+    inputs = prepare(data["intensity"][idx], net.input_transform, net.input_factor)[0]
     for r, i in enumerate(idx):
         nn_al, it_al = cmp["aligned"][i], it_cmp["aligned"][r]
         sup_t = data["amplitude"][i] > physics.SHAPE_THRESHOLD
@@ -163,7 +163,7 @@ def make_report(out_dir, model=None, count=1000, examples=4, device="cpu", itera
     plt.close(fig)
 
     # Fig. 6: activation maps
-    three = prepare(data["intensity"][:3], net.input_transform)[0]
+    three = prepare(data["intensity"][:3], net.input_transform, net.input_factor)[0]
     maps = activation_maps(net, three)
     rows = [(n, layer) for n in maps for layer in _CONV_LAYERS]
     fig, axes = plt.subplots(len(rows), 3, figsize=(6, 2 * len(rows)), squeeze=False)

@@ -49,7 +49,7 @@ from ..simulate import BLOCK
 from .checkpoint import load_model, resolve_model_path, save_model
 from .data import make_examples
 from .inference import decode_outputs, oversampled_intensity
-from .networks import build_model, count_parameters
+from .networks import build_model, count_parameters, input_factor_of, widen_state_dict
 from .runtime import autocast, bf16_supported, resolve_device
 
 __all__ = ["train", "PRESETS", "twin_invariant_loss", "data_consistency_loss", "oversampled_intensity", "evaluate",
@@ -193,7 +193,7 @@ def evaluate(model, data, device, bf16=False, batch_size=512):
     }
 
 
-def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, transform="linear", fresh=False):
+def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, transform="linear", fresh=False, input_factor=1):
     """Yield training batches (dicts) of one epoch, skipping the first ``skip_examples``.
 
     With ``fresh`` every epoch draws new examples: epoch ``e`` uses the simulator's examples from
@@ -211,7 +211,7 @@ def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, transfo
             consumed += count
             rng.permutation(count)  # keep the shuffle stream identical to an unskipped run
             continue
-        chunk = make_examples(count, seed, offset + start, transform=transform)
+        chunk = make_examples(count, seed, offset + start, transform=transform, input_factor=input_factor)
         perm = rng.permutation(count)
         chunk = {k: v[perm] for k, v in chunk.items()}
         if consumed < skip_examples:
@@ -235,15 +235,22 @@ def _lr_at(config, step, total_steps):
 
 
 def _initial_weights(model, config, arch, input_transform):
-    """State dict of the model ``init_from`` names, and ``config`` updated to its architecture."""
+    """State dict of the model ``init_from`` names, and ``config`` updated to its architecture.
+
+    ``shared`` weights started as ``arch="shared2x"`` are widened (:func:`widen_state_dict`): the
+    2x-input net then begins exactly where the 32 x 32 one stands.
+    """
     path = resolve_model_path(model)
     net, card = load_model(path)
+    state = net.state_dict()
     found = {"arch": net.arch, "input": net.input_transform}
+    if arch is not None and net.arch == "shared" and arch != "shared" and input_factor_of(arch) > 1:
+        state, found["arch"] = widen_state_dict(state, input_factor_of(arch)), arch
     for key, given in (("arch", arch), ("input", input_transform)):
         if given is not None and given != found[key]:
             raise ValueError(f"--{key} {given} conflicts with the {found[key]!r} of the initial weights {str(path)!r}")
     config = dict(config, **found, init_from=str(path), init_examples=card.get("examples"))
-    return net.state_dict(), config
+    return state, config
 
 
 def _score(metrics):
@@ -285,7 +292,9 @@ def train(
         Model directory (created): ``best``/``last`` .safetensors + .json, ``optimizer.pt``.
     preset : str
         Base settings (:data:`PRESETS`); any other argument given overrides them.
-    arch : {"paper", "shared"}
+    arch : {"paper", "shared", "shared2x"}
+        ``shared2x`` reads the 2x-oversampled patterns (:mod:`napari_cdinn.nn.networks`); with
+        ``init_from`` naming ``shared`` weights it starts from them, widened.
     train_size, val_size, epochs, batch_size, lr : optional overrides
     schedule : {"constant", "cosine"}
         Learning rate schedule (cosine decays to 2 % of ``lr`` over all epochs).
@@ -387,7 +396,9 @@ def train(
         for k, v in g.items():
             if torch.is_tensor(v):
                 g[k] = v.to(dev)
-    val = make_examples(config["val_size"], config["seed"] + VAL_SEED_OFFSET, transform=config.get("input", "linear"))
+    factor = input_factor_of(config["arch"])
+    val = make_examples(config["val_size"], config["seed"] + VAL_SEED_OFFSET, transform=config.get("input", "linear"),
+                        input_factor=factor)
     quick = {k: v[: min(quick_val_size, config["val_size"])] for k, v in val.items()}
     steps_per_epoch = config["train_size"] // config["batch_size"]
     total_steps = steps_per_epoch * config["epochs"]
@@ -431,7 +442,7 @@ def train(
     while state["epoch"] < config["epochs"] and not stopped:
         batches = _epoch_batches(config["seed"], state["epoch"], config["train_size"], config["batch_size"],
                                  state["step_in_epoch"] * config["batch_size"], config.get("input", "linear"),
-                                 config.get("fresh_data", False))
+                                 config.get("fresh_data", False), factor)
         for batch in batches:
             if stop_requested(stop):
                 stopped = True
