@@ -44,6 +44,18 @@ def test_read_every_format(tmp_path, ext, lazy):
     np.testing.assert_array_equal(np.asarray(out), STACK.astype(np.float32))
 
 
+@pytest.mark.parametrize("ext", io.STACK_EXTENSIONS)
+def test_read_frames_and_stack_shape_read_only_what_is_asked(tmp_path, ext):
+    path = _write_stack(str(tmp_path / f"stack{ext}"), STACK)
+    assert io.stack_shape(path) == STACK.shape
+    out = io.read_frames(path, 1, 3)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, STACK[1:3])
+    one = _write_stack(str(tmp_path / f"one{ext}"), STACK[0])
+    assert io.stack_shape(one) == STACK.shape[1:]
+    np.testing.assert_array_equal(io.read_frames(one, 0, 1), STACK[:1])
+
+
 def test_single_frame_and_fallback_names(tmp_path):
     frame = RNG.random((8, 8))  # float64 -> float32
     np.savez(tmp_path / "one.npz", only=frame)

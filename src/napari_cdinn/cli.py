@@ -245,7 +245,7 @@ def _check_stack_input(args):
     if os.path.splitext(args.out)[1].lower() not in io.RESULT_EXTENSIONS:
         raise UsageError(f"--out must end in one of {', '.join(io.RESULT_EXTENSIONS)}, got {args.out!r}")
     io.check_writable(args.out)
-    shape = io.read_stack(args.input, lazy=True).shape
+    shape = io.stack_shape(args.input)
     resolve_device(args.device)
     return shape
 

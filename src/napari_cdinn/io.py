@@ -26,6 +26,8 @@ __all__ = [
     "write_npz",
     "write_json",
     "read_stack",
+    "read_frames",
+    "stack_shape",
     "write_result",
     "read_result",
     "STACK_EXTENSIONS",
@@ -134,13 +136,7 @@ def read_stack(path, lazy=None):
         Unsupported extension; empty, truncated or mislabelled file; no suitable data set;
         data that are not 2-D or 3-D, are empty, complex or not numeric.  One sentence each.
     """
-    path, ext = _input_path(path, STACK_EXTENSIONS)
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"{_name(path)!r} is empty")
-    opener = {".npy": _open_npy, ".npz": _open_npz, ".tif": _open_tiff, ".tiff": _open_tiff,
-              ".h5": _open_h5, ".hdf5": _open_h5, ".cxi": _open_h5}[ext]
-    source = opener(path)
-    _check_stack(source, path)
+    path, source = _open_source(path)
     if lazy is None:
         lazy = source.size * source.dtype.itemsize > LAZY_THRESHOLD
     if lazy:
@@ -150,6 +146,35 @@ def read_stack(path, lazy=None):
         return np.array(data, dtype=np.float32)  # a copy: never a view of a memory map
     except (OSError, ValueError, EOFError) as exc:
         raise ValueError(f"{_name(path)!r} could not be read completely (truncated?): {_first_line(exc)}") from None
+
+
+def _open_source(path):
+    """``(path, source)``: the checked, sliceable array-like behind a stack file (nothing read yet)."""
+    path, ext = _input_path(path, STACK_EXTENSIONS)
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{_name(path)!r} is empty")
+    opener = {".npy": _open_npy, ".npz": _open_npz, ".tif": _open_tiff, ".tiff": _open_tiff,
+              ".h5": _open_h5, ".hdf5": _open_h5, ".cxi": _open_h5}[ext]
+    source = opener(path)
+    _check_stack(source, path)
+    return path, source
+
+
+def stack_shape(path):
+    """Shape ``(N, H, W)`` or ``(H, W)`` of a stack file, checked as :func:`read_stack` checks it, without reading it."""
+    return tuple(_open_source(path)[1].shape)
+
+
+def read_frames(path, start, stop):
+    """Frames ``start:stop`` of a stack file as float32 ``(n, H, W)``, reading only those frames.
+
+    A 2-D file is one frame.  The streaming jobs read their chunks this way: no dask graph and no
+    scheduler lookup per chunk (same formats and errors as :func:`read_stack`).
+    """
+    _, source = _open_source(path)
+    if len(source.shape) == 2:
+        return np.asarray(source[:, :], dtype=np.float32)[None][start:stop]
+    return np.asarray(source[start:stop], dtype=np.float32)
 
 
 def _input_path(path, extensions):

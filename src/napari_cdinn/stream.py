@@ -6,7 +6,7 @@ result arrays with leading length ``n`` (for example ``amplitude``, ``phase``, `
 ``first_frame`` lets a randomised method draw per-frame random numbers from the frame's index,
 so that results do not depend on the chunking (streamed, in-memory and cluster runs agree).  :func:`process_stack` runs it over a stack chunk by chunk:
 
-* the input is read lazily (:func:`napari_cdinn.io.read_stack` with ``lazy=True``), so memory
+* the input is read one chunk at a time (:func:`napari_cdinn.io.read_frames`), so memory
   stays bounded by a few chunks whatever the stack's length;
 * ``.h5``/``.hdf5``/``.cxi`` outputs are written as the job streams, into chunked, gzip-compressed
   datasets named by the result keys, in a *partial* file beside the target
@@ -72,9 +72,9 @@ def _fingerprint(source, shape, chunk_size, options):
 
 def _read_chunk(source, start, stop):
     """Frames ``start:stop`` of a path (read lazily) or of an array, as a float32 NumPy array."""
-    stack = io.read_stack(source, lazy=True) if isinstance(source, (str, os.PathLike)) else source
-    if stack.ndim == 2:
-        stack = stack[None]
+    if isinstance(source, (str, os.PathLike)):
+        return io.read_frames(source, start, stop)
+    stack = source[None] if source.ndim == 2 else source
     return np.asarray(stack[start:stop], dtype=np.float32)
 
 
@@ -157,8 +157,7 @@ class _MemorySink:
 
 
 def _source_shape(source):
-    stack = io.read_stack(source, lazy=True) if isinstance(source, (str, os.PathLike)) else source
-    return tuple(stack.shape)
+    return io.stack_shape(source) if isinstance(source, (str, os.PathLike)) else tuple(source.shape)
 
 
 def process_stack(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import numpy as np
 
 from .. import physics
-from ..simulate import BLOCK, patterns_from_objects, simulate_objects
 
 __all__ = ["normalise_amplitudes", "encode_inputs", "centre_objects", "twin_targets", "make_examples", "SIZE",
            "INPUT_TRANSFORMS"]
@@ -126,6 +125,8 @@ def make_examples(count: int, seed: int, start: int = 0, twins: bool = True, tra
         ``target_amplitude``/``target_phase`` (centred truth) and, if ``twins``,
         ``twin_amplitude``/``twin_phase``.
     """
+    from ..simulate import BLOCK, patterns_from_objects, simulate_objects  # scipy: only for training data
+
     if start % BLOCK:
         raise ValueError(f"start must be a multiple of {BLOCK}")
     amp, pha = simulate_objects(count, SIZE, seed, start)
