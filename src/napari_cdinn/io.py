@@ -3,6 +3,8 @@
 * :func:`read_stack` reads measured intensities from ``.npy .npz .tif .tiff .h5 .hdf5 .cxi``
   as float32 ``(N, H, W)`` or ``(H, W)``; big stacks come back as dask arrays that read whole
   frames on demand.  Bad input raises ``ValueError``/``OSError`` with one sentence.
+  :func:`stack_shape` and :func:`read_frames` give a file's shape and a range of its frames
+  without a dask graph (the streaming jobs read their chunks this way).
 * :func:`write_result` / :func:`read_result` write and read result arrays (``amplitude``,
   ``phase``, ``chi2``, ``support``...) as ``.npz``, ``.h5``/``.hdf5`` or ``.cxi``.
 
