@@ -68,6 +68,9 @@ def test_shipped_weights_load_without_pickle(monkeypatch):
     net, card = load_model()
     assert card["arch"] == net.arch
     assert "test_metrics" in card and "command" in card
+    for path in WEIGHTS_DIR.glob("*.safetensors"):  # every shipped model loads and has its card
+        net, card = load_model(path.stem)
+        assert card["config"]["arch"] == net.arch and "test_metrics" in card, path.name
 
 
 def test_predict_shapes_dtypes_and_single_frame(patterns):
