@@ -125,7 +125,8 @@ def make_examples(count: int, seed: int, start: int = 0, twins: bool = True, tra
         ``target_amplitude``/``target_phase`` (centred truth) and, if ``twins``,
         ``twin_amplitude``/``twin_phase``.
     """
-    from ..simulate import BLOCK, patterns_from_objects, simulate_objects  # scipy: only for training data
+    # imported here: the simulator pulls in scipy, which inference does not need
+    from ..simulate import BLOCK, patterns_from_objects, simulate_objects
 
     if start % BLOCK:
         raise ValueError(f"start must be a multiple of {BLOCK}")

@@ -244,7 +244,7 @@ def _initial_weights(model, config, arch, input_transform):
     net, card = load_model(path)
     state = net.state_dict()
     found = {"arch": net.arch, "input": net.input_transform}
-    if arch is not None and net.arch == "shared" and arch != "shared" and input_factor_of(arch) > 1:
+    if arch is not None and net.arch == "shared" and input_factor_of(arch) > 1:
         state, found["arch"] = widen_state_dict(state, input_factor_of(arch)), arch
     for key, given in (("arch", arch), ("input", input_transform)):
         if given is not None and given != found[key]:
