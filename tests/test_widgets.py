@@ -164,6 +164,15 @@ def test_inversion_bad_shape_and_bad_model_are_notifications(make_napari_viewer,
     widget.controls.run_button.clicked.emit()
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
     assert len(errors) == 2 and "\n" not in errors[1]
+    # the shipped 2x-input model on 32 x 32 patterns: one sentence, no layers
+    viewer.add_image(np.ones((3, 32, 32), np.float32), name="small")
+    widget.patterns.value = viewer.layers["small"]
+    widget.models.file.line_edit.value = ""  # clear the override
+    widget.models.choice.value = "model2x"
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
+    assert len(errors) == 3 and "2x-oversampled" in errors[2] and "\n" not in errors[2]
+    assert not [layer for layer in viewer.layers if "NN" in layer.name]
 
 
 def test_inversion_job_stops_between_batches(random_model):
