@@ -306,7 +306,9 @@ def _add_predict(sub):
         "threshold). .h5/.cxi outputs are written as the job streams.",
     )
     _add_stack_options(p, "32 x 32 patterns, or 2x oversampled 64 x 64")
-    p.add_argument("--model", default=None, help="shipped model name, .safetensors file or model directory")
+    p.add_argument("--model", default=None,
+                   help="shipped model name (model, the default; model2x reads the whole 2x-oversampled pattern), "
+                        ".safetensors file or model directory")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="frames per network call (default 256)")
     p.set_defaults(func=_cmd_predict)
 
