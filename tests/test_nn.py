@@ -155,6 +155,25 @@ def test_stop_flag_saves_a_usable_checkpoint(tmp_path):
     assert resumed["step"] == 1024 // 32 and resumed["examples"] == 1024
 
 
+def test_resume_with_epochs_sets_a_new_schedule_length(tmp_path):
+    stop = threading.Event()
+    lrs = []
+
+    def on_event(ev):
+        if ev["event"] == "step":
+            lrs.append(ev["lr"])
+        if ev["event"] == "epoch":
+            stop.set()
+
+    kw = dict(preset="tiny", train_size=1024, val_size=32, batch_size=32, schedule="cosine", quick_val_size=32)
+    state = train(tmp_path / "m", epochs=4, callback=on_event, stop=stop, **kw)
+    assert state["epoch"] == 1 and state["config"]["epochs"] == 4
+    # asking for fewer epochs than are done ends one epoch later, on the shortened cosine schedule
+    state = train(tmp_path / "m", epochs=1, resume=True, callback=on_event, **kw)
+    assert state["epoch"] == 2 and state["step"] == 64 and state["config"]["epochs"] == 2
+    assert lrs[-1] < 0.1 * lrs[0]
+
+
 def test_init_from_starts_at_the_given_weights(tmp_path):
     start = build_model("shared")
     save_model(start, tmp_path / "start.safetensors", {"arch": "shared", "examples": 123})

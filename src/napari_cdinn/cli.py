@@ -171,7 +171,7 @@ def _add_train(sub):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
     p.add_argument("--seed", type=int, default=0, help="simulator seed of the training data")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out (their settings; --epochs, if given, sets a new schedule length)")
     p.set_defaults(func=_cmd_train)
 
 

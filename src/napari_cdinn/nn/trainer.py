@@ -303,7 +303,9 @@ def train(
         Simulator seed of the training data (validation: ``seed + VAL_SEED_OFFSET``).
     resume : bool
         Continue from ``out/last.safetensors`` and ``out/optimizer.pt`` if they exist; the
-        settings stored there win, except ``epochs``, which may be raised.
+        settings stored there win, except an explicit ``epochs``: it sets the schedule's new
+        length (longer or shorter, at least one epoch past the current one), and a cosine
+        schedule continues from the fraction of it already done.
     callback : callable(dict), optional
         Receives events: ``{"event": "start"|"step"|"checkpoint"|"validation"|"epoch"|"stopped"|"done",
         "epoch", "step", "examples", "train_loss", "lr", "elapsed_s", "examples_per_s"}``, plus
@@ -358,7 +360,8 @@ def train(
     if resume and state_path.is_file() and (out / "last.safetensors").is_file():
         state = json.loads(state_path.read_text())
         saved = state["config"]
-        saved["epochs"] = max(saved["epochs"], config["epochs"]) if epochs is not None else saved["epochs"]
+        if epochs is not None:  # a new schedule length, never shorter than what is already done
+            saved["epochs"] = max(int(epochs), state["epoch"] + 1)
         config = saved
         init_from = None
     init = None
