@@ -73,6 +73,24 @@ def test_shipped_weights_load_without_pickle(monkeypatch):
         assert card["config"]["arch"] == net.arch and "test_metrics" in card, path.name
 
 
+def test_default_model_is_the_best_shipped_one_that_reads_the_size(patterns, tmp_path):
+    from napari_cdinn.io import read_result
+    from napari_cdinn.nn.inference import default_model
+
+    assert default_model((64, 64)) == default_model((5, 128, 128)) == "model2x"
+    assert default_model((32, 32)) == default_model((96, 96)) == default_model() == "model"
+    with pytest.raises(ValueError, match="32k"):
+        default_model((50, 50))
+    small = physics.decimate(patterns["intensity"], 2)
+    for inten, name in ((patterns["intensity"][:3], "model2x"), (small[:3], "model")):
+        auto, named = predict(inten, device="cpu"), predict(inten, model=name, device="cpu")
+        np.testing.assert_array_equal(auto["phase"], named["phase"])
+        np.save(tmp_path / f"{name}_in.npy", inten)
+        assert main(["predict", str(tmp_path / f"{name}_in.npy"), "-o", str(tmp_path / f"{name}.h5")]) == 0
+        _, attrs = read_result(tmp_path / f"{name}.h5", with_attrs=True)
+        assert attrs["model"].endswith(f"{name}.safetensors")
+
+
 def test_predict_shapes_dtypes_and_single_frame(patterns):
     res = predict(patterns["intensity"], device="cpu")
     assert res["amplitude"].shape == res["phase"].shape == (8, 32, 32)
@@ -95,8 +113,8 @@ def test_predict_is_scale_invariant(patterns):
 
 
 def test_predict_decimates_oversampled_patterns(patterns):
-    big = predict(patterns["intensity"], device="cpu", precision="fp32")
-    small = predict(physics.decimate(patterns["intensity"], 2), device="cpu", precision="fp32")
+    big = predict(patterns["intensity"], model="model", device="cpu", precision="fp32")
+    small = predict(physics.decimate(patterns["intensity"], 2), model="model", device="cpu", precision="fp32")
     np.testing.assert_allclose(big["amplitude"], small["amplitude"], atol=1e-5)
     np.testing.assert_allclose(big["phase"] * big["support"], small["phase"] * big["support"], atol=1e-3)
 
@@ -385,7 +403,7 @@ def test_a_2x_model_predicts_oversampled_patterns_and_rejects_32x32(tmp_path, pa
     model = tmp_path / "wide.safetensors"
     shipped, _ = load_model()
     save_model(_shared2x_from(shipped), model, {"arch": "shared2x"})
-    ref = predict(patterns["intensity"], device="cpu")
+    ref = predict(patterns["intensity"], model="model", device="cpu")
     res = predict(patterns["intensity"], model=model, device="cpu")
     assert res["amplitude"].shape == (8, 32, 32)
     # the widened shipped weights give the shipped answer (up to bf16 rounding)

@@ -147,6 +147,20 @@ def test_inversion_adds_layers_and_flags(make_napari_viewer, qtbot, random_model
     assert len(widget.plot.axes.collections) == 2
 
 
+def test_inversion_automatic_model_follows_the_pattern_size(make_napari_viewer, qtbot):
+    from napari_cdinn._widgets._models import AUTO_LABEL
+
+    viewer = make_napari_viewer()
+    viewer.add_image(simulate(2, oversampling=2, seed=4)["intensity"], name="wide")
+    widget = _dock(viewer, "CDI NN inversion")
+    assert widget.models.choice.value is None and widget.models.choice.native.currentText() == AUTO_LABEL
+    widget.patterns.value = viewer.layers["wide"]
+    widget.device.value = "cpu"
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
+    assert viewer.layers["wide NN amplitude"].metadata["model"] == "model2x"
+
+
 def test_inversion_bad_shape_and_bad_model_are_notifications(make_napari_viewer, qtbot, monkeypatch, tmp_path):
     viewer = make_napari_viewer()
     viewer.add_image(np.ones((3, 20, 20), np.float32), name="odd")

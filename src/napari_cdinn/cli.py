@@ -307,8 +307,8 @@ def _add_predict(sub):
     )
     _add_stack_options(p, "32 x 32 patterns, or 2x oversampled 64 x 64")
     p.add_argument("--model", default=None,
-                   help="shipped model name (model, the default; model2x reads the whole 2x-oversampled pattern), "
-                        ".safetensors file or model directory")
+                   help="shipped model name (default: model2x, which reads the whole 2x-oversampled pattern, "
+                        "for 64 x 64 and 128 x 128 patterns, else model), .safetensors file or model directory")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="frames per network call (default 256)")
     p.set_defaults(func=_cmd_predict)
 
@@ -318,11 +318,11 @@ def _cmd_predict(args):
 
     from .nn import TRUST_CHI2
     from .nn.checkpoint import model_arch, read_card, resolve_model_path
-    from .nn.inference import decimation_factor, predict_chunk
+    from .nn.inference import decimation_factor, default_model, predict_chunk
     from .nn.networks import input_factor_of
 
     shape = _check_stack_input(args)
-    model = str(resolve_model_path(args.model).resolve())
+    model = str(resolve_model_path(args.model or default_model(shape)).resolve())
     card = read_card(model)
     decimation_factor(shape, input_factor_of(model_arch(model)))
     fn = functools.partial(predict_chunk, model=model, device=args.device, batch_size=args.batch_size)
@@ -346,7 +346,7 @@ def _add_reconstruct(sub):
                    help="iterations (default 620; with --init nn a short refinement, 50)")
     p.add_argument("--init", choices=("random", "nn"), default="random",
                    help="random phases (default) or the CDI NN guess with its support")
-    p.add_argument("--model", default=None, help="network weights for --init nn (default: the shipped model)")
+    p.add_argument("--model", default=None, help="network weights for --init nn (default: the best shipped model for the pattern size)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="patterns inverted together")
     p.add_argument("--starts", type=_positive_int, default=1, help="random starts per pattern, best chi2 kept")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

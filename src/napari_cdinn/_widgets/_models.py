@@ -13,6 +13,10 @@ from psygnal import Signal
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "nn" / "weights"
 
+#: The first choice, ``None``: the nn engine picks the best shipped model for the pattern size
+#: (``napari_cdinn.nn.inference.default_model``).
+AUTO_LABEL = "automatic (best shipped for the size)"
+
 
 class _Registry:
     changed = Signal()
@@ -22,7 +26,7 @@ class _Registry:
 
     def choices(self):
         shipped = [(f"{p.stem} (shipped)", p.stem) for p in sorted(WEIGHTS_DIR.glob("*.safetensors"))]
-        return shipped + [(label, str(path)) for label, path in self.trained.items()]
+        return [(AUTO_LABEL, None)] + shipped + [(label, str(path)) for label, path in self.trained.items()]
 
 
 REGISTRY = _Registry()
@@ -39,12 +43,9 @@ class ModelPicker(widgets.Container):
     """A model ComboBox (shipped and trained) and an optional file/folder that overrides it."""
 
     def __init__(self):
-        self.choice = widgets.ComboBox(label="model", choices=lambda _w=None: REGISTRY.choices(), nullable=True)
+        self.choice = widgets.ComboBox(label="model", choices=lambda _w=None: REGISTRY.choices())
         self.file = widgets.FileEdit(label="or model file", mode="r", filter="*.safetensors", value="")
         super().__init__(widgets=[self.choice, self.file])
-        choices = REGISTRY.choices()
-        if choices:  # show the default model rather than an empty choice
-            self.choice.value = choices[0][1]
         REGISTRY.changed.connect(self._refresh)
 
     def _refresh(self):
@@ -58,7 +59,7 @@ class ModelPicker(widgets.Container):
 
     @property
     def model(self):
-        """What to pass as ``model=`` to the nn engine (None: the shipped default)."""
+        """What to pass as ``model=`` to the nn engine (None: the best shipped model for the pattern size)."""
         text = str(self.file.value or "").strip()
         if text and text != "." and Path(text).exists():
             return text

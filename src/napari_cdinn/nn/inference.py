@@ -9,6 +9,13 @@ is decimated exactly by ``k`` (:func:`napari_cdinn.physics.decimate`); any other
 patterns with ``k`` a multiple of ``m``, decimated by ``k / m`` (:func:`decimation_factor`);
 others raise ``ValueError`` (a 32 x 32 pattern lacks the pixels it reads).
 
+Default model
+-------------
+With no model named (``model=None``), :func:`default_model` picks the first shipped model of
+:data:`DEFAULT_MODELS` that can read the pattern's oversampling: ``model2x`` (``shared2x``, the
+better one, reading the whole 2x-oversampled pattern) for 64 x 64 and 128 x 128 patterns, and
+``model`` (``shared``, reading 32 x 32) for 32 x 32 and 96 x 96 patterns.
+
 Normalisation
 -------------
 Amplitudes ``sqrt(I)`` are divided by their per-frame maximum, so results do not depend on the
@@ -33,11 +40,13 @@ import torch
 
 from .. import physics
 from . import TRUST_CHI2
-from .checkpoint import load_model, resolve_model_path
+from .checkpoint import DEFAULT_MODEL, load_model, model_arch, resolve_model_path
 from .data import SIZE, encode_inputs
+from .networks import input_factor_of
 from .runtime import autocast, bf16_supported, resolve_device
 
-__all__ = ["predict", "decode_outputs", "predict_chunk", "oversampling_factor", "decimation_factor", "prepare", "embed", "TRUST_CHI2", "REFINE_OPTIONS"]
+__all__ = ["predict", "decode_outputs", "predict_chunk", "oversampling_factor", "decimation_factor", "prepare", "embed", "TRUST_CHI2", "REFINE_OPTIONS",
+           "DEFAULT_MODELS", "default_model"]
 
 #: :func:`napari_cdinn.retrieval.reconstruct` options of the NN-seeded refinement
 #: (``cdinn reconstruct --init nn``): a short HIO/ER run (the last 10 iterations ER, averaged)
@@ -50,6 +59,9 @@ __all__ = ["predict", "decode_outputs", "predict_chunk", "oversampling_factor", 
 REFINE_OPTIONS = {"iterations": 50, "average": 10, "shrinkwrap_every": 10, "sigma": (2.0, 1.0)}
 
 _CACHE: dict = {}
+
+#: Shipped models in order of preference when none is named (:func:`default_model`).
+DEFAULT_MODELS = ("model2x", DEFAULT_MODEL)
 
 
 def oversampling_factor(shape) -> int:
@@ -84,6 +96,30 @@ def decimation_factor(shape, input_factor: int = 1) -> int:
             f"got {int(shape[-2])} x {int(shape[-1])}"
         )
     return k // input_factor
+
+
+def default_model(shape=None) -> str:
+    """Name of the shipped model used for patterns of ``shape`` when none is named.
+
+    The first of :data:`DEFAULT_MODELS` that is installed and reads the pattern's oversampling
+    (:func:`decimation_factor`); ``DEFAULT_MODEL`` (reads every size) when ``shape`` is None.
+
+    Raises
+    ------
+    ValueError
+        When ``shape`` is not a size the networks read (:func:`oversampling_factor`).
+    """
+    if shape is None:
+        return DEFAULT_MODEL
+    k = oversampling_factor(shape)
+    for name in DEFAULT_MODELS:
+        try:
+            factor = input_factor_of(model_arch(name))
+        except ValueError:  # not installed
+            continue
+        if k % factor == 0:
+            return name
+    return DEFAULT_MODEL
 
 
 def prepare(intensity, transform="linear", input_factor=1):
@@ -191,7 +227,8 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
         Measured, centred intensities on any scale; ``H == W == 32 k`` (see the module notes).
         Any array supporting slicing (NumPy, dask, h5py) is read one batch at a time.
     model : None, str or path
-        None: the shipped weights; a shipped name; a .safetensors file or a model directory.
+        None: the best shipped model for the pattern size (:func:`default_model`); a shipped
+        name; a .safetensors file or a model directory.
     device : "auto", "cpu", "cuda" or "mps"
     batch_size : int
         Frames per network call.
@@ -216,7 +253,7 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
     factor = oversampling_factor(shape)
     dev = resolve_device(device)
     bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(dev))
-    net, _ = _cached_model(model, dev)
+    net, _ = _cached_model(default_model(shape) if model is None else model, dev)
     decimation_factor(shape, net.input_factor)  # a shape this model cannot read fails before any work
     n = 1 if single else shape[0]
     out = {
