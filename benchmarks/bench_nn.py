@@ -138,7 +138,7 @@ def refinement(data, model, iterations=(20, 50, 80), count=200, device="cpu", ba
                 "phase_rms_p90": float(np.nanpercentile(c["phase_rms"], 90)),
                 "iou_median": float(np.median(c["iou"]))}
 
-    out = {"count": int(len(inten))}
+    out = {"count": len(inten)}
     t0 = time.perf_counter()
     res = reconstruct(inten, device=device, batch_size=batch_size)
     t_full = time.perf_counter() - t0
@@ -197,7 +197,7 @@ def run(model=None, count=1000, predict_count=4000, batch_sizes=_BATCHES, refine
     noisy = simulate(count, seed=TEST_SEED, oversampling=2, photons=photons)
     res["quality_noisy"] = score_model(path, data=noisy, device=device, photons=photons)
     res["refinement"] = refinement(big, path, count=refine_count, device=device)
-    for key, val in res["refinement"].items():
+    for val in res["refinement"].values():
         if isinstance(val, dict) and "ms_per_pattern" in val:
             val["speedup_vs_numpy_620"] = 1e3 * t_np / val["ms_per_pattern"]
     res["targets"] = {"iou_median": 0.9, "phase_rms_median": 0.3, "chi2_median": 0.02, "cli_speedup": 100}
@@ -236,9 +236,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
-    kw = dict(model=args.model, count=args.count, predict_count=args.predict_count, refine_count=args.refine_count,
-              numpy_count=args.numpy_count, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
-              device=args.device, threads=args.threads, min_seconds=args.min_seconds)
+    kw = {"model": args.model, "count": args.count, "predict_count": args.predict_count, "refine_count": args.refine_count,
+              "numpy_count": args.numpy_count, "batch_sizes": tuple(int(b) for b in args.batch_sizes.split(",")),
+              "device": args.device, "threads": args.threads, "min_seconds": args.min_seconds}
     if args.quick:
         kw.update(QUICK)
     res = run(**kw)

@@ -209,7 +209,7 @@ def cohere_reconstruct(intensity, workdir):
     import contextlib
     import io as _io
 
-    import cohere_core.controller.phasing as phasing
+    from cohere_core.controller import phasing
 
     path = os.path.join(workdir, "cohere_data.npy")
     np.save(path, np.sqrt(np.maximum(intensity, 0)))

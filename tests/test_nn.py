@@ -11,11 +11,15 @@ import torch
 
 from napari_cdinn import physics
 from napari_cdinn.cli import main
-from napari_cdinn.nn import TRUST_CHI2, load_model, predict
+from napari_cdinn.nn import TRUST_CHI2, load_model, predict, train
 from napari_cdinn.nn.checkpoint import WEIGHTS_DIR, save_model
-from napari_cdinn.nn.data import centre_objects, make_examples, normalise_amplitudes, twin_targets
+from napari_cdinn.nn.data import (
+    centre_objects,
+    make_examples,
+    normalise_amplitudes,
+    twin_targets,
+)
 from napari_cdinn.nn.networks import build_model, count_parameters, widen_state_dict
-from napari_cdinn.nn import train
 from napari_cdinn.simulate import simulate
 
 SHIPPED = WEIGHTS_DIR / "model.safetensors"
@@ -183,7 +187,7 @@ def test_resume_with_epochs_sets_a_new_schedule_length(tmp_path):
         if ev["event"] == "epoch":
             stop.set()
 
-    kw = dict(preset="tiny", train_size=1024, val_size=32, batch_size=32, schedule="cosine", quick_val_size=32)
+    kw = {"preset": "tiny", "train_size": 1024, "val_size": 32, "batch_size": 32, "schedule": "cosine", "quick_val_size": 32}
     state = train(tmp_path / "m", epochs=4, callback=on_event, stop=stop, **kw)
     assert state["epoch"] == 1 and state["config"]["epochs"] == 4
     # asking for fewer epochs than are done ends one epoch later, on the shortened cosine schedule
@@ -365,8 +369,8 @@ def test_blank_frames_are_not_trusted():
 
 
 def test_nn_train_stays_callable_after_the_trainer_is_imported():
-    import napari_cdinn.nn as nn
     import napari_cdinn.nn.trainer  # noqa: F401
+    from napari_cdinn import nn
 
     assert callable(nn.train)
 

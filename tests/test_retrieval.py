@@ -9,17 +9,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from napari_cdinn import physics  # noqa: E402
-from napari_cdinn.cli import main  # noqa: E402
-from napari_cdinn.retrieval import (  # noqa: E402
+from napari_cdinn import physics
+from napari_cdinn.cli import main
+from napari_cdinn.retrieval import (
     Cancelled,
     default_schedule,
     make_schedule,
     parse_schedule,
     reconstruct,
+    steps,
+    support,
 )
-from napari_cdinn.retrieval import steps, support  # noqa: E402
-from napari_cdinn.simulate import simulate  # noqa: E402
+from napari_cdinn.simulate import simulate
 
 SIZE = 32
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from napari_cdinn import _layers, physics
+from napari_cdinn import _layers
 from napari_cdinn.simulate import simulate
 
 pytest.importorskip("pytestqt")
@@ -193,7 +193,7 @@ def test_inversion_job_stops_between_batches(random_model):
     from napari_cdinn._widgets.inversion import inversion_job
 
     calls = []
-    out = inversion_job(SIM["intensity"], dict(model=str(random_model), device="cpu", batch_size=2),
+    out = inversion_job(SIM["intensity"], {"model": str(random_model), "device": "cpu", "batch_size": 2},
                         calls.append, lambda: len(calls) >= 1)
     assert out["stopped"] and out["chi2"].shape == (2,) and calls == [{"done": 2, "total": 6}]
 

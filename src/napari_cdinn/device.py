@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 
-__all__ = ["resolve_device", "machine_info", "DEVICES"]
+__all__ = ["DEVICES", "machine_info", "resolve_device"]
 
 #: Device names accepted everywhere (``--device``, widget choices).
 DEVICES = ("auto", "cpu", "cuda", "mps")

@@ -23,17 +23,17 @@ import tempfile
 import numpy as np
 
 __all__ = [
+    "RESULT_EXTENSIONS",
+    "STACK_EXTENSIONS",
     "atomic_output",
     "check_writable",
-    "write_npz",
-    "write_json",
-    "read_stack",
     "read_frames",
-    "stack_shape",
-    "write_result",
     "read_result",
-    "STACK_EXTENSIONS",
-    "RESULT_EXTENSIONS",
+    "read_stack",
+    "stack_shape",
+    "write_json",
+    "write_npz",
+    "write_result",
 ]
 
 
@@ -77,9 +77,8 @@ def write_json(path, obj):
 
 def write_npz(path, arrays):
     """Write a dict of arrays to an ``.npz`` file atomically (uncompressed, fast to load)."""
-    with atomic_output(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
 # =========================================================================== reading stacks
@@ -270,7 +269,7 @@ def _open_tiff(path):
             series = tif.series[0]
             shape, dtype, axes = tuple(series.shape), series.dtype, series.axes
             n_pages = len(series.pages)
-    except Exception as exc:  # tifffile raises many types for foreign or broken files
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many types for foreign or broken files
         raise ValueError(f"{_name(path)!r} is not a readable TIFF file ({_first_line(exc)})") from None
     if axes.endswith("S") and len(shape) >= 3:
         raise ValueError(f"{_name(path)!r} is a colour (RGB) image; expected grey-level intensities")

@@ -21,24 +21,24 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
-    "forward",
-    "inverse",
-    "intensity",
-    "amplitude_from_intensity",
-    "intensity_from_amplitude",
-    "pad",
-    "crop",
-    "decimate",
-    "twin",
-    "shift",
+    "SHAPE_THRESHOLD",
     "align",
-    "support_from_amplitude",
-    "support_iou",
-    "phase_rms",
     "amplitude_error",
+    "amplitude_from_intensity",
     "chi2",
     "compare",
-    "SHAPE_THRESHOLD",
+    "crop",
+    "decimate",
+    "forward",
+    "intensity",
+    "intensity_from_amplitude",
+    "inverse",
+    "pad",
+    "phase_rms",
+    "shift",
+    "support_from_amplitude",
+    "support_iou",
+    "twin",
 ]
 
 #: Relative amplitude threshold that defines the object (the paper's 0.1).

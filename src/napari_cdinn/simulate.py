@@ -31,7 +31,7 @@ from scipy import ndimage
 
 from . import physics
 
-__all__ = ["simulate", "simulate_objects", "patterns_from_objects", "BLOCK"]
+__all__ = ["BLOCK", "patterns_from_objects", "simulate", "simulate_objects"]
 
 #: Examples per random block; example ``i`` is drawn from block ``i // BLOCK``.
 BLOCK = 1024

@@ -36,7 +36,7 @@ import numpy as np
 
 from . import io
 
-__all__ = ["process_stack", "chunk_bounds", "StreamCancelled", "STREAM_EXTENSIONS"]
+__all__ = ["STREAM_EXTENSIONS", "StreamCancelled", "chunk_bounds", "process_stack"]
 
 #: Output extensions written incrementally (and resumable).
 STREAM_EXTENSIONS = (".h5", ".hdf5", ".cxi")

@@ -151,7 +151,7 @@ class JobControls(widgets.Container):
 
     def set_progress(self, done, total, text=None):
         """Show ``done`` of ``total`` on the bar (and an optional status text)."""
-        self.progress.value = int(round(100 * done / max(total, 1)))
+        self.progress.value = round(100 * done / max(total, 1))
         if text is not None:
             self.status.value = text
 

@@ -15,7 +15,16 @@ from magicgui import widgets
 from .. import _layers
 from ..device import DEVICES
 from ..nn import TRUST_CHI2
-from ._common import JobControls, JobRunner, PlotCanvas, add_or_update, image_layer_picker, notify, notify_error, stack_of
+from ._common import (
+    JobControls,
+    JobRunner,
+    PlotCanvas,
+    add_or_update,
+    image_layer_picker,
+    notify,
+    notify_error,
+    stack_of,
+)
 from ._models import ModelPicker
 
 
@@ -67,8 +76,8 @@ class InversionWidget(widgets.Container):
         if stack.shape[-2] != side or side % 32:
             notify_error(f"the networks read square patterns of 32k x 32k pixels, not {stack.shape[-2]} x {side}")
             return
-        options = dict(model=self.models.model, device=self.device.value, threshold=float(self.threshold.value),
-                       batch_size=self.batch_size.value)
+        options = {"model": self.models.model, "device": self.device.value, "threshold": float(self.threshold.value),
+                       "batch_size": self.batch_size.value}
         self._source = (self.patterns.value.name, stack.shape, single)
         self.controls.busy(f"inverting {stack.shape[0]} pattern(s)...")
         self.runner.start(lambda progress, should_stop: inversion_job(stack, options, progress, should_stop))

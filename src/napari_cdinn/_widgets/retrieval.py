@@ -23,8 +23,16 @@ from napari.layers import Labels
 
 from .. import _layers
 from ..device import DEVICES
-from ._common import (JobControls, JobRunner, PlotCanvas, add_or_update, image_layer_picker, notify, notify_error,
-                      stack_of)
+from ._common import (
+    JobControls,
+    JobRunner,
+    PlotCanvas,
+    add_or_update,
+    image_layer_picker,
+    notify,
+    notify_error,
+    stack_of,
+)
 from ._models import ModelPicker
 
 #: The named protocols of :mod:`napari_cdinn.retrieval.schedule` (listed here to keep torch unimported).
@@ -134,8 +142,8 @@ class PhaseRetrievalWidget(widgets.Container):
             return
         n, m = stack.shape[0], stack.shape[-1]
         iterations = int(self.iterations.value)
-        options = dict(algorithm=self.algorithm.value, iterations=iterations, average=min(20, iterations // 2),
-                       device=self.device.value, block_frames=self.block_frames.value)
+        options = {"algorithm": self.algorithm.value, "iterations": iterations, "average": min(20, iterations // 2),
+                       "device": self.device.value, "block_frames": self.block_frames.value}
         nn_start = (self.models.model,) if self.start.value == "CDI NN" else None
         source = self.patterns.value.name
         self._names = (f"{source} PR amplitude", f"{source} PR phase")

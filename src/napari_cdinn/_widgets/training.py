@@ -76,12 +76,12 @@ class TrainingWidget(widgets.Container):
         if folder.exists() and not folder.is_dir():
             notify_error(f"{folder} exists and is not a folder")
             return
-        options = dict(train_size=int(self.train_size.value), val_size=int(self.val_size.value),
-                       epochs=int(self.epochs.value), batch_size=int(self.batch_size.value),
-                       device=self.device.value, resume=bool(self.resume.value),
-                       quick_val_size=min(2000, int(self.val_size.value)),
-                       init_from=self.init_from.value, arch=self.arch.value, fresh_data=bool(self.fresh.value),
-                       data_weight=float(self.data_weight.value))
+        options = {"train_size": int(self.train_size.value), "val_size": int(self.val_size.value),
+                       "epochs": int(self.epochs.value), "batch_size": int(self.batch_size.value),
+                       "device": self.device.value, "resume": bool(self.resume.value),
+                       "quick_val_size": min(2000, int(self.val_size.value)),
+                       "init_from": self.init_from.value, "arch": self.arch.value, "fresh_data": bool(self.fresh.value),
+                       "data_weight": float(self.data_weight.value)}
         self._folder = folder
         self._total = options["train_size"] * options["epochs"]
         self.history = {"train": [], "val": []}

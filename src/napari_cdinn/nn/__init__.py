@@ -12,7 +12,7 @@ train(out, preset="paper", ...) -> state
 
 from __future__ import annotations
 
-__all__ = ["predict", "load_model", "train", "TRUST_CHI2"]
+__all__ = ["TRUST_CHI2", "load_model", "predict", "train"]
 
 #: Frames whose data-consistency chi^2 (see :func:`predict`) exceeds this are flagged untrusted.
 #: With the shipped weights on 1,000 fresh test patterns, the 44 % of frames at or below it had
@@ -22,19 +22,19 @@ __all__ = ["predict", "load_model", "train", "TRUST_CHI2"]
 TRUST_CHI2 = 0.05
 
 
-def predict(*args, **kwargs):  # noqa: D103 - documented in .inference
+def predict(*args, **kwargs):
     from .inference import predict as _predict
 
     return _predict(*args, **kwargs)
 
 
-def load_model(*args, **kwargs):  # noqa: D103 - documented in .checkpoint
+def load_model(*args, **kwargs):
     from .checkpoint import load_model as _load
 
     return _load(*args, **kwargs)
 
 
-def train(*args, **kwargs):  # noqa: D103 - documented in .trainer
+def train(*args, **kwargs):
     from .trainer import train as _train
 
     return _train(*args, **kwargs)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .networks import build_model
 
-__all__ = ["save_model", "load_model", "resolve_model_path", "read_card", "model_arch", "WEIGHTS_DIR", "DEFAULT_MODEL"]
+__all__ = ["DEFAULT_MODEL", "WEIGHTS_DIR", "load_model", "model_arch", "read_card", "resolve_model_path", "save_model"]
 
 #: Folder of the weights shipped with the package.
 WEIGHTS_DIR = Path(__file__).with_name("weights")

@@ -21,8 +21,15 @@ import numpy as np
 
 from .. import physics
 
-__all__ = ["normalise_amplitudes", "encode_inputs", "centre_objects", "twin_targets", "make_examples", "SIZE",
-           "INPUT_TRANSFORMS"]
+__all__ = [
+    "INPUT_TRANSFORMS",
+    "SIZE",
+    "centre_objects",
+    "encode_inputs",
+    "make_examples",
+    "normalise_amplitudes",
+    "twin_targets",
+]
 
 #: Side of the networks' input and output frames (the paper's 32 x 32).
 SIZE = 32

@@ -15,7 +15,7 @@ from .. import physics
 from ..simulate import simulate
 from .inference import predict
 
-__all__ = ["score_model", "summarise", "TEST_SEED"]
+__all__ = ["TEST_SEED", "score_model", "summarise"]
 
 #: Simulator seed of the held-out test patterns.
 TEST_SEED = 20_241_000
@@ -27,7 +27,7 @@ def summarise(cmp, chi2):
     iou = np.asarray(cmp["iou"], dtype=np.float64)
     chi2 = np.asarray(chi2, dtype=np.float64)
     return {
-        "count": int(len(iou)),
+        "count": len(iou),
         "iou_median": float(np.median(iou)),
         "iou_p10": float(np.percentile(iou, 10)),
         "phase_rms_median": float(np.nanmedian(rms)),

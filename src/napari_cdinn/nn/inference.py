@@ -45,8 +45,19 @@ from .data import SIZE, encode_inputs
 from .networks import input_factor_of
 from .runtime import autocast, bf16_supported, resolve_device
 
-__all__ = ["predict", "decode_outputs", "predict_chunk", "oversampling_factor", "decimation_factor", "prepare", "embed", "TRUST_CHI2", "REFINE_OPTIONS",
-           "DEFAULT_MODELS", "default_model"]
+__all__ = [
+    "DEFAULT_MODELS",
+    "REFINE_OPTIONS",
+    "TRUST_CHI2",
+    "decimation_factor",
+    "decode_outputs",
+    "default_model",
+    "embed",
+    "oversampling_factor",
+    "predict",
+    "predict_chunk",
+    "prepare",
+]
 
 #: :func:`napari_cdinn.retrieval.reconstruct` options of the NN-seeded refinement
 #: (``cdinn reconstruct --init nn``): a short HIO/ER run (the last 10 iterations ER, averaged)

@@ -43,8 +43,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Encoder", "Decoder", "CDINet", "PaperPair", "SharedNet", "build_model", "ARCHITECTURES", "count_parameters",
-           "input_factor_of", "widen_state_dict"]
+__all__ = [
+    "ARCHITECTURES",
+    "CDINet",
+    "Decoder",
+    "Encoder",
+    "PaperPair",
+    "SharedNet",
+    "build_model",
+    "count_parameters",
+    "input_factor_of",
+    "widen_state_dict",
+]
 
 #: Names accepted by :func:`build_model`.
 ARCHITECTURES = ("paper", "shared", "shared2x")
@@ -71,7 +81,7 @@ class Encoder(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.out_channels = c
 
-    def forward(self, x):  # noqa: D102
+    def forward(self, x):
         return self.layers(x)
 
 
@@ -90,7 +100,7 @@ class Decoder(nn.Module):
         layers += [nn.Conv2d(c, 1, 3, padding=1)]
         self.layers = nn.Sequential(*layers)
 
-    def forward(self, x):  # noqa: D102
+    def forward(self, x):
         return self.layers(x)
 
 
@@ -102,7 +112,7 @@ class CDINet(nn.Module):
         self.encoder = Encoder()
         self.decoder = Decoder(self.encoder.out_channels)
 
-    def forward(self, x):  # noqa: D102
+    def forward(self, x):
         return self.decoder(self.encoder(x))
 
 

@@ -25,7 +25,7 @@ from ..simulate import simulate
 from .evaluate import TEST_SEED, summarise
 from .inference import predict
 
-__all__ = ["make_report", "activation_maps"]
+__all__ = ["activation_maps", "make_report"]
 
 #: Encoder indices of conv layers 2 and 4 (paper numbering) in ``Encoder.layers``.
 _CONV_LAYERS = {"conv2": 2, "conv4": 7}

@@ -8,7 +8,7 @@ import torch
 
 from ..device import DEVICES, resolve_device
 
-__all__ = ["resolve_device", "bf16_supported", "autocast", "DEVICES"]
+__all__ = ["DEVICES", "autocast", "bf16_supported", "resolve_device"]
 
 
 def bf16_supported(device: torch.device) -> bool:

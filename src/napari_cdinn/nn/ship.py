@@ -19,10 +19,16 @@ from pathlib import Path
 import torch
 
 from . import TRUST_CHI2
-from .checkpoint import WEIGHTS_DIR, load_model, read_card, resolve_model_path, save_model
+from .checkpoint import (
+    WEIGHTS_DIR,
+    load_model,
+    read_card,
+    resolve_model_path,
+    save_model,
+)
 from .evaluate import TEST_SEED, score_model
 
-__all__ = ["ship", "card_from_state"]
+__all__ = ["card_from_state", "ship"]
 
 _KEEP = ("config", "epoch", "step", "examples", "elapsed_s", "parameters", "command", "torch", "best",
          "train_loss", "val_loss", "val_metrics")

@@ -52,8 +52,15 @@ from .inference import decode_outputs, oversampled_intensity
 from .networks import build_model, count_parameters, input_factor_of, widen_state_dict
 from .runtime import autocast, bf16_supported, resolve_device
 
-__all__ = ["train", "PRESETS", "twin_invariant_loss", "data_consistency_loss", "oversampled_intensity", "evaluate",
-           "VAL_SEED_OFFSET"]
+__all__ = [
+    "PRESETS",
+    "VAL_SEED_OFFSET",
+    "data_consistency_loss",
+    "evaluate",
+    "oversampled_intensity",
+    "train",
+    "twin_invariant_loss",
+]
 
 #: Validation data use the simulator seed ``seed + VAL_SEED_OFFSET``.
 VAL_SEED_OFFSET = 1_000_000
@@ -63,12 +70,12 @@ DATA_OVERSAMPLING = 2
 CHUNK = 4 * BLOCK
 
 PRESETS = {
-    "paper": dict(
-        arch="shared", train_size=180_000, val_size=20_000, epochs=10, batch_size=256, lr=1e-3, schedule="constant",
-        input="linear",
-    ),
-    "tiny": dict(arch="paper", train_size=2048, val_size=256, epochs=2, batch_size=64, lr=1e-3, schedule="constant",
-                 input="linear"),
+    "paper": {
+        "arch": "shared", "train_size": 180_000, "val_size": 20_000, "epochs": 10, "batch_size": 256, "lr": 1e-3, "schedule": "constant",
+        "input": "linear",
+    },
+    "tiny": {"arch": "paper", "train_size": 2048, "val_size": 256, "epochs": 2, "batch_size": 64, "lr": 1e-3, "schedule": "constant",
+                 "input": "linear"},
 }
 
 
@@ -207,7 +214,7 @@ def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, transfo
     for j in order:
         start = int(starts[j])
         count = min(CHUNK, train_size - start)
-        if consumed + count <= skip_examples - (0 if buffer is None else 0):
+        if consumed + count <= skip_examples:
             consumed += count
             rng.permutation(count)  # keep the shuffle stream identical to an unskipped run
             continue
@@ -347,9 +354,9 @@ def train(
     config = dict(PRESETS[preset]) if preset in PRESETS else None
     if config is None:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
-    overrides = dict(arch=arch, train_size=train_size, val_size=val_size, epochs=epochs, batch_size=batch_size, lr=lr,
-                     schedule=schedule, input=input_transform, shift=shift, fresh_data=fresh_data,
-                     phase_weight=phase_weight, data_weight=data_weight)
+    overrides = {"arch": arch, "train_size": train_size, "val_size": val_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                     "schedule": schedule, "input": input_transform, "shift": shift, "fresh_data": fresh_data,
+                     "phase_weight": phase_weight, "data_weight": data_weight}
     config.update({k: v for k, v in overrides.items() if v is not None})
     config.update(preset=preset, seed=int(seed), precision=precision)
     if config["train_size"] < config["batch_size"]:

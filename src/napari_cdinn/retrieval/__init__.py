@@ -10,22 +10,28 @@ No Qt or napari import.  The building blocks are small composable steps:
 """
 
 from ..device import resolve_device
-from .api import default_batch_size, make_schedule, network_start, reconstruct, reconstruct_chunk
+from .api import (
+    default_batch_size,
+    make_schedule,
+    network_start,
+    reconstruct,
+    reconstruct_chunk,
+)
 from .engine import Cancelled, Shrinkwrap, iterate
 from .schedule import ALGORITHMS, STEPS, default_schedule, parse_schedule
 
 __all__ = [
-    "reconstruct",
-    "reconstruct_chunk",
-    "network_start",
-    "Cancelled",
-    "Shrinkwrap",
-    "iterate",
-    "make_schedule",
-    "default_schedule",
-    "parse_schedule",
-    "resolve_device",
-    "default_batch_size",
     "ALGORITHMS",
     "STEPS",
+    "Cancelled",
+    "Shrinkwrap",
+    "default_batch_size",
+    "default_schedule",
+    "iterate",
+    "make_schedule",
+    "network_start",
+    "parse_schedule",
+    "reconstruct",
+    "reconstruct_chunk",
+    "resolve_device",
 ]

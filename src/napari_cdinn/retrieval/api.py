@@ -11,22 +11,28 @@ import numpy as np
 import torch
 
 from .. import physics
-from . import steps as st
 from ..device import resolve_device
+from . import steps as st
 from .engine import Cancelled, Shrinkwrap, iterate, stop_requested
-from .schedule import ALGORITHMS, STEPS, default_schedule, parse_schedule, schedule_length
+from .schedule import (
+    ALGORITHMS,
+    STEPS,
+    default_schedule,
+    parse_schedule,
+    schedule_length,
+)
 from .support import autocorrelation_support
 
 __all__ = [
+    "centre_shifts",
+    "default_batch_size",
+    "finish_frames",
+    "make_schedule",
+    "network_start",
+    "random_start",
     "reconstruct",
     "reconstruct_chunk",
-    "network_start",
     "single_threaded_ops",
-    "make_schedule",
-    "default_batch_size",
-    "random_start",
-    "centre_shifts",
-    "finish_frames",
 ]
 
 #: Patterns per batch by device type (CPU: fits the caches; GPUs: fills them).

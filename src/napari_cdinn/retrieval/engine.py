@@ -15,7 +15,7 @@ from . import steps as st
 from .schedule import expand_schedule
 from .support import shrinkwrap, shrinkwrap_sigma
 
-__all__ = ["Shrinkwrap", "Cancelled", "iterate", "stop_requested", "align_global_phase"]
+__all__ = ["Cancelled", "Shrinkwrap", "align_global_phase", "iterate", "stop_requested"]
 
 
 class Cancelled(Exception):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["STEPS", "ALGORITHMS", "parse_schedule", "default_schedule", "expand_schedule", "schedule_length"]
+__all__ = ["ALGORITHMS", "STEPS", "default_schedule", "expand_schedule", "parse_schedule", "schedule_length"]
 
 #: Update rules the engine knows.
 STEPS = ("er", "hio", "raar")

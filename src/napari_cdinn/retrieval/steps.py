@@ -20,16 +20,16 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "to_fft_layout",
-    "to_centred_layout",
-    "fourier",
-    "inverse_fourier",
-    "squared_modulus",
-    "modulus_projection",
-    "fourier_error",
     "er_update",
+    "fourier",
+    "fourier_error",
     "hio_update",
+    "inverse_fourier",
+    "modulus_projection",
     "raar_update",
+    "squared_modulus",
+    "to_centred_layout",
+    "to_fft_layout",
     "update",
 ]
 

@@ -13,12 +13,12 @@ import torch
 from .steps import squared_modulus
 
 __all__ = [
-    "gaussian_transfer",
-    "gaussian_blur",
-    "threshold_support",
     "autocorrelation_support",
+    "gaussian_blur",
+    "gaussian_transfer",
     "shrinkwrap",
     "shrinkwrap_sigma",
+    "threshold_support",
 ]
 
 
