@@ -422,6 +422,17 @@ def test_a_2x_model_predicts_oversampled_patterns_and_rejects_32x32(tmp_path, pa
     assert "2x-oversampled" in capsys.readouterr().err and not out.exists()
 
 
+def test_data_term_reads_the_linear_2x_input_as_the_measured_amplitudes():
+    from napari_cdinn.nn.trainer import _measured_amplitudes, data_consistency_loss
+
+    batch = make_examples(6, seed=5, input_factor=2)
+    logits = [torch.randn(6, 1, 32, 32) for _ in range(2)]
+    reused = data_consistency_loss(*logits, _measured_amplitudes(batch, 2, "linear"))
+    recomputed = data_consistency_loss(*logits, _measured_amplitudes(batch, 1, "linear"))
+    assert _measured_amplitudes(batch, 2, "linear").shape == (6, 64, 64)
+    torch.testing.assert_close(reused, recomputed, rtol=1e-4, atol=1e-6)
+
+
 def test_training_a_2x_model_from_shared_weights(tmp_path):
     from napari_cdinn.nn.report import activation_maps
 

@@ -234,6 +234,18 @@ def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, transfo
         buffer = {k: v[full:] for k, v in chunk.items()} if full < m else None
 
 
+def _measured_amplitudes(batch, input_factor, transform):
+    """Oversampled amplitudes of a batch's true objects, for :func:`data_consistency_loss`.
+
+    The linear input of a model reading ``DATA_OVERSAMPLING``-times oversampled patterns already
+    holds them, normalised: the loss's least-squares scale removes the normalisation, so they are
+    not computed again.
+    """
+    if input_factor == DATA_OVERSAMPLING and transform == "linear":
+        return torch.from_numpy(np.ascontiguousarray(batch["input"]))
+    return oversampled_intensity(batch["amplitude"], batch["phase"]).sqrt()
+
+
 def _lr_at(config, step, total_steps):
     if config["schedule"] == "cosine":
         frac = min(step / max(total_steps, 1), 1.0)
@@ -466,7 +478,7 @@ def train(
             loss, _ = twin_invariant_loss(la, lp, *t, shift=config.get("shift", 0),
                                           phase_weight=config.get("phase_weight", 1.0))
             if config.get("data_weight", 0.0) > 0:
-                measured = oversampled_intensity(batch["amplitude"], batch["phase"]).sqrt().to(dev)
+                measured = _measured_amplitudes(batch, factor, config.get("input", "linear")).to(dev)
                 loss = loss + config["data_weight"] * data_consistency_loss(la, lp, measured).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
