@@ -196,6 +196,36 @@ def test_resume_with_epochs_sets_a_new_schedule_length(tmp_path):
     assert lrs[-1] < 0.1 * lrs[0]
 
 
+def test_data_workers_simulate_the_same_batches():
+    from napari_cdinn.nn.trainer import CHUNK, _epoch_batches, data_pool
+
+    args = (3, 1, 2 * CHUNK + 100, 512, 700, "linear", True, 2)  # skip into the first chunk, fresh data
+    inline = list(_epoch_batches(*args))
+    pool = data_pool(2)
+    try:
+        ahead = list(_epoch_batches(*args, pool=pool, ahead=2))
+    finally:
+        pool.shutdown()
+    assert len(inline) == len(ahead) == (2 * CHUNK + 100 - 700) // 512
+    for a, b in zip(inline, ahead):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert inline[0]["input"].shape == (512, 64, 64)
+
+
+def test_training_with_data_workers_gives_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    common = ["--preset", "tiny", "--train-size", "256", "--val-size", "32", "--batch-size", "32", "--epochs", "1",
+              "--fresh-data", "--seed", "4"]
+    for workers in ("0", "1"):
+        assert main(["train", "--out", str(tmp_path / workers), *common, "--data-workers", workers]) == 0
+    a, b = (load_file(str(tmp_path / w / "last.safetensors")) for w in ("0", "1"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert main(["train", "--out", str(tmp_path / "x"), *common, "--data-workers", "-1"]) == 2
+
+
 def test_init_from_starts_at_the_given_weights(tmp_path):
     start = build_model("shared")
     save_model(start, tmp_path / "start.safetensors", {"arch": "shared", "examples": 123})

@@ -44,6 +44,7 @@ def _number(kind, minimum, inclusive, what):
 _positive_int = _number(int, 1, True, "a positive integer")
 _positive_float = _number(float, 0.0, False, "a positive number")
 _non_negative_float = _number(float, 0.0, True, "a number >= 0")
+_non_negative_int = _number(int, 0, True, "an integer >= 0")
 
 
 # --------------------------------------------------------------------------- simulate
@@ -170,6 +171,9 @@ def _add_train(sub):
     p.add_argument("--checkpoint-minutes", type=_positive_float, default=5.0, help="minutes between checkpoints")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    p.add_argument("--data-workers", type=_non_negative_int, default=None, metavar="N",
+                   help="processes simulating examples ahead of the network (default: 0 on a CPU, "
+                        "up to 8 beside a GPU); the examples do not depend on it")
     p.add_argument("--seed", type=int, default=0, help="simulator seed of the training data")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out (their settings; --epochs, if given, sets a new schedule length)")
     p.set_defaults(func=_cmd_train)
@@ -213,7 +217,7 @@ def _cmd_train(args):
               seed=args.seed, resume=args.resume, callback=progress, stop=stop, checkpoint_minutes=args.checkpoint_minutes,
               precision=args.precision, input_transform=args.input, shift=args.shift,
               fresh_data=args.fresh_data, init_from=args.init_from, phase_weight=args.phase_weight,
-              data_weight=args.data_weight,
+              data_weight=args.data_weight, data_workers=args.data_workers,
               command="cdinn " + shlex.join(sys.argv[1:]))
     finally:
         for sig, handler in previous.items():

@@ -34,8 +34,10 @@ whenever the quick validation score (phase RMS median + 1 - IoU median) improves
 
 from __future__ import annotations
 
+import collections
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -200,26 +202,30 @@ def evaluate(model, data, device, bf16=False, batch_size=512):
     }
 
 
-def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, transform="linear", fresh=False, input_factor=1):
+def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, transform="linear", fresh=False, input_factor=1,
+                   pool=None, ahead=2):
     """Yield training batches (dicts) of one epoch, skipping the first ``skip_examples``.
 
     With ``fresh`` every epoch draws new examples: epoch ``e`` uses the simulator's examples from
-    ``e * train_size`` (rounded up to a whole ``BLOCK``) on, so no example is seen twice.
+    ``e * train_size`` (rounded up to a whole ``BLOCK``) on, so no example is seen twice.  With a
+    process ``pool`` the chunks are simulated ``ahead`` at a time, in parallel; the batches are the same.
     """
     rng = np.random.default_rng([int(seed), 7, int(epoch)])
     offset = int(epoch) * (-(-int(train_size) // BLOCK) * BLOCK) if fresh else 0
     starts = np.arange(0, train_size, CHUNK)
-    order = rng.permutation(len(starts))
-    buffer, consumed = None, 0
-    for j in order:
+    plan, consumed = [], 0
+    for j in rng.permutation(len(starts)):
         start = int(starts[j])
         count = min(CHUNK, train_size - start)
+        perm = rng.permutation(count)  # drawn for skipped chunks too: the stream matches an unskipped run
         if consumed + count <= skip_examples:
             consumed += count
-            rng.permutation(count)  # keep the shuffle stream identical to an unskipped run
             continue
-        chunk = make_examples(count, seed, offset + start, transform=transform, input_factor=input_factor)
-        perm = rng.permutation(count)
+        plan.append(({"count": count, "seed": seed, "start": offset + start, "transform": transform,
+                          "input_factor": input_factor}, perm))
+    buffer = None
+    chunks = _simulated([kw for kw, _ in plan], pool, ahead)
+    for chunk, (_, perm) in zip(chunks, plan):
         chunk = {k: v[perm] for k, v in chunk.items()}
         if consumed < skip_examples:
             drop = skip_examples - consumed
@@ -232,6 +238,43 @@ def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, transfo
         for lo in range(0, full, batch_size):
             yield {k: v[lo : lo + batch_size] for k, v in chunk.items()}
         buffer = {k: v[full:] for k, v in chunk.items()} if full < m else None
+
+
+def _simulated(jobs, pool=None, ahead=2):
+    """``make_examples(**job)`` for each job, in order; with a pool, ``ahead`` jobs in flight."""
+    if pool is None:
+        for job in jobs:
+            yield make_examples(**job)
+        return
+    pending = collections.deque(pool.submit(make_examples, **job) for job in jobs[:ahead])
+    for job in jobs[ahead:] + [None] * len(pending):
+        done = pending.popleft().result()
+        if job is not None:
+            pending.append(pool.submit(make_examples, **job))
+        yield done
+
+
+def default_data_workers(device) -> int:
+    """Simulator processes for training on ``device``: none on a CPU (its cores run the network),
+    else all cores but one, at most 8."""
+    return 0 if torch.device(device).type == "cpu" else min(8, max((os.cpu_count() or 2) - 1, 1))
+
+
+def data_pool(workers):
+    """A process pool that simulates training examples ahead of the network (None for 0 workers).
+
+    Worth it where the network outruns the simulator: on a GPU, or a CPU with many cores.
+    Processes are spawned (no fork of a process holding torch threads) and ignore Ctrl-C, which
+    stops the training process itself (a checkpoint, then the pool is shut down).
+    """
+    if not workers:
+        return None
+    import multiprocessing
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(int(workers), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
 
 
 def _measured_amplitudes(batch, input_factor, transform):
@@ -302,6 +345,7 @@ def train(
     init_from=None,
     phase_weight=None,
     data_weight=None,
+    data_workers=None,
 ):
     """Train the networks and write checkpoints to the directory ``out``.
 
@@ -356,6 +400,10 @@ def train(
         with a fresh optimizer and schedule: fine-tuning or continuing shipped weights.  Their
         architecture and input encoding are used unless given; a conflict raises ``ValueError``.
         Ignored when ``resume`` finds a checkpoint in ``out``.
+    data_workers : int, optional
+        Processes simulating the training examples ahead of the network (:func:`data_pool`;
+        default :func:`default_data_workers`: none on a CPU, up to 8 beside a GPU).  The
+        examples are the same for any number.
 
     Returns
     -------
@@ -435,7 +483,7 @@ def train(
             "epoch": state["epoch"],
             "step": state["step"],
             "examples": state["examples"],
-            "train_loss": run_loss / run_n if run_n else None,
+            "train_loss": float(run_loss) / run_n if run_n else None,
             "lr": opt.param_groups[0]["lr"],
             "elapsed_s": time.monotonic() - t0,
         }
@@ -459,53 +507,59 @@ def train(
         return metrics
 
     emit(dict(base_event("start"), config=config, parameters=count_parameters(model), device=str(dev), bf16=bf16))
+    workers = default_data_workers(dev) if data_workers is None else int(data_workers)
+    pool = data_pool(workers)
     model.train()
     stopped = False
-    while state["epoch"] < config["epochs"] and not stopped:
-        batches = _epoch_batches(config["seed"], state["epoch"], config["train_size"], config["batch_size"],
-                                 state["step_in_epoch"] * config["batch_size"], config.get("input", "linear"),
-                                 config.get("fresh_data", False), factor)
-        for batch in batches:
-            if stop_requested(stop):
-                stopped = True
+    try:
+        while state["epoch"] < config["epochs"] and not stopped:
+            batches = _epoch_batches(config["seed"], state["epoch"], config["train_size"], config["batch_size"],
+                                     state["step_in_epoch"] * config["batch_size"], config.get("input", "linear"),
+                                     config.get("fresh_data", False), factor, pool, 2 * workers)
+            for batch in batches:
+                if stop_requested(stop):
+                    stopped = True
+                    break
+                for g in opt.param_groups:
+                    g["lr"] = _lr_at(config, state["step"], total_steps)
+                x = _to_tensor(batch["input"], dev)
+                t = [_to_tensor(batch[k], dev, False) for k in ("target_amplitude", "target_phase", "twin_amplitude", "twin_phase")]
+                with autocast(dev, bf16):
+                    la, lp = model.logits(x)
+                loss, _ = twin_invariant_loss(la, lp, *t, shift=config.get("shift", 0),
+                                              phase_weight=config.get("phase_weight", 1.0))
+                if config.get("data_weight", 0.0) > 0:
+                    measured = _measured_amplitudes(batch, factor, config.get("input", "linear")).to(dev)
+                    loss = loss + config["data_weight"] * data_consistency_loss(la, lp, measured).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                n = len(x)
+                state["step"] += 1
+                state["step_in_epoch"] += 1
+                state["examples"] += n
+                run_loss, run_n = run_loss + loss.detach() * n, run_n + n  # no device sync per step
+                n_rate += n
+                if state["step"] % 20 == 0:
+                    now = time.monotonic()
+                    emit(dict(base_event("step"), examples_per_s=n_rate / max(now - t_rate, 1e-9)))
+                    t_rate, n_rate = now, 0
+                if time.monotonic() - last_ckpt > 60 * checkpoint_minutes:
+                    checkpoint("checkpoint")
+                    run_loss, run_n = 0.0, 0
+                    last_ckpt = time.monotonic()
+            if stopped:
                 break
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(config, state["step"], total_steps)
-            x = _to_tensor(batch["input"], dev)
-            t = [_to_tensor(batch[k], dev, False) for k in ("target_amplitude", "target_phase", "twin_amplitude", "twin_phase")]
-            with autocast(dev, bf16):
-                la, lp = model.logits(x)
-            loss, _ = twin_invariant_loss(la, lp, *t, shift=config.get("shift", 0),
-                                          phase_weight=config.get("phase_weight", 1.0))
-            if config.get("data_weight", 0.0) > 0:
-                measured = _measured_amplitudes(batch, factor, config.get("input", "linear")).to(dev)
-                loss = loss + config["data_weight"] * data_consistency_loss(la, lp, measured).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n = len(x)
-            state["step"] += 1
-            state["step_in_epoch"] += 1
-            state["examples"] += n
-            run_loss, run_n = run_loss + loss.item() * n, run_n + n
-            n_rate += n
-            if state["step"] % 20 == 0:
-                now = time.monotonic()
-                emit(dict(base_event("step"), examples_per_s=n_rate / max(now - t_rate, 1e-9)))
-                t_rate, n_rate = now, 0
-            if time.monotonic() - last_ckpt > 60 * checkpoint_minutes:
-                checkpoint("checkpoint")
-                run_loss, run_n = 0.0, 0
-                last_ckpt = time.monotonic()
-        if stopped:
-            break
-        state["epoch"] += 1
-        state["step_in_epoch"] = 0
-        checkpoint("checkpoint")
-        checkpoint("epoch", full=True)
-        emit(base_event("epoch"))
-        run_loss, run_n = 0.0, 0
-        last_ckpt = time.monotonic()
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+            checkpoint("checkpoint")
+            checkpoint("epoch", full=True)
+            emit(base_event("epoch"))
+            run_loss, run_n = 0.0, 0
+            last_ckpt = time.monotonic()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
     if stopped:
         checkpoint("checkpoint")
         emit(base_event("stopped"))
