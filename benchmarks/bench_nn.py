@@ -237,8 +237,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
     kw = {"model": args.model, "count": args.count, "predict_count": args.predict_count, "refine_count": args.refine_count,
-              "numpy_count": args.numpy_count, "batch_sizes": tuple(int(b) for b in args.batch_sizes.split(",")),
-              "device": args.device, "threads": args.threads, "min_seconds": args.min_seconds}
+          "numpy_count": args.numpy_count, "batch_sizes": tuple(int(b) for b in args.batch_sizes.split(",")),
+          "device": args.device, "threads": args.threads, "min_seconds": args.min_seconds}
     if args.quick:
         kw.update(QUICK)
     res = run(**kw)

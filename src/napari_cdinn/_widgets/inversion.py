@@ -77,7 +77,7 @@ class InversionWidget(widgets.Container):
             notify_error(f"the networks read square patterns of 32k x 32k pixels, not {stack.shape[-2]} x {side}")
             return
         options = {"model": self.models.model, "device": self.device.value, "threshold": float(self.threshold.value),
-                       "batch_size": self.batch_size.value}
+                   "batch_size": self.batch_size.value}
         self._source = (self.patterns.value.name, stack.shape, single)
         self.controls.busy(f"inverting {stack.shape[0]} pattern(s)...")
         self.runner.start(lambda progress, should_stop: inversion_job(stack, options, progress, should_stop))

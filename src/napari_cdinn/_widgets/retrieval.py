@@ -143,7 +143,7 @@ class PhaseRetrievalWidget(widgets.Container):
         n, m = stack.shape[0], stack.shape[-1]
         iterations = int(self.iterations.value)
         options = {"algorithm": self.algorithm.value, "iterations": iterations, "average": min(20, iterations // 2),
-                       "device": self.device.value, "block_frames": self.block_frames.value}
+                   "device": self.device.value, "block_frames": self.block_frames.value}
         nn_start = (self.models.model,) if self.start.value == "CDI NN" else None
         source = self.patterns.value.name
         self._names = (f"{source} PR amplitude", f"{source} PR phase")

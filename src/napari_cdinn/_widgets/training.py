@@ -77,11 +77,11 @@ class TrainingWidget(widgets.Container):
             notify_error(f"{folder} exists and is not a folder")
             return
         options = {"train_size": int(self.train_size.value), "val_size": int(self.val_size.value),
-                       "epochs": int(self.epochs.value), "batch_size": int(self.batch_size.value),
-                       "device": self.device.value, "resume": bool(self.resume.value),
-                       "quick_val_size": min(2000, int(self.val_size.value)),
-                       "init_from": self.init_from.value, "arch": self.arch.value, "fresh_data": bool(self.fresh.value),
-                       "data_weight": float(self.data_weight.value)}
+                   "epochs": int(self.epochs.value), "batch_size": int(self.batch_size.value),
+                   "device": self.device.value, "resume": bool(self.resume.value),
+                   "quick_val_size": min(2000, int(self.val_size.value)),
+                   "init_from": self.init_from.value, "arch": self.arch.value, "fresh_data": bool(self.fresh.value),
+                   "data_weight": float(self.data_weight.value)}
         self._folder = folder
         self._total = options["train_size"] * options["epochs"]
         self.history = {"train": [], "val": []}

@@ -415,8 +415,8 @@ def train(
     if config is None:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     overrides = {"arch": arch, "train_size": train_size, "val_size": val_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                     "schedule": schedule, "input": input_transform, "shift": shift, "fresh_data": fresh_data,
-                     "phase_weight": phase_weight, "data_weight": data_weight}
+                 "schedule": schedule, "input": input_transform, "shift": shift, "fresh_data": fresh_data,
+                 "phase_weight": phase_weight, "data_weight": data_weight}
     config.update({k: v for k, v in overrides.items() if v is not None})
     config.update(preset=preset, seed=int(seed), precision=precision)
     if config["train_size"] < config["batch_size"]:
