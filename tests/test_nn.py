@@ -188,11 +188,12 @@ def test_resume_with_epochs_sets_a_new_schedule_length(tmp_path):
             stop.set()
 
     kw = {"preset": "tiny", "train_size": 1024, "val_size": 32, "batch_size": 32, "schedule": "cosine", "quick_val_size": 32}
-    state = train(tmp_path / "m", epochs=4, callback=on_event, stop=stop, **kw)
+    state = train(tmp_path / "m", epochs=4, callback=on_event, stop=stop, command="first", **kw)
     assert state["epoch"] == 1 and state["config"]["epochs"] == 4
     # asking for fewer epochs than are done ends one epoch later, on the shortened cosine schedule
-    state = train(tmp_path / "m", epochs=1, resume=True, callback=on_event, **kw)
+    state = train(tmp_path / "m", epochs=1, resume=True, callback=on_event, command="second", **kw)
     assert state["epoch"] == 2 and state["step"] == 64 and state["config"]["epochs"] == 2
+    assert state["commands"] == [{"command": "first", "from_examples": 0}, {"command": "second", "from_examples": 1024}]
     assert lrs[-1] < 0.1 * lrs[0]
 
 

@@ -30,7 +30,7 @@ from .evaluate import TEST_SEED, score_model
 
 __all__ = ["card_from_state", "ship"]
 
-_KEEP = ("config", "epoch", "step", "examples", "elapsed_s", "parameters", "command", "torch", "best",
+_KEEP = ("config", "epoch", "step", "examples", "elapsed_s", "parameters", "command", "commands", "torch", "best",
          "train_loss", "val_loss", "val_metrics")
 
 

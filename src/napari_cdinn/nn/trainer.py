@@ -382,7 +382,8 @@ def train(
     precision : {"auto", "fp32", "bf16"}
         bf16 autocast (weights stay float32); ``auto`` uses it where the hardware has bf16.
     command : str, optional
-        Command line recorded in the card.
+        Command line recorded in the card: ``command`` holds the latest, ``commands`` every start
+        and resume with the examples done when it began.
     input_transform : {"linear", "log"}, optional
         Input encoding (:func:`napari_cdinn.nn.data.encode_inputs`); the paper's is ``linear``.
     shift : int, optional
@@ -460,6 +461,8 @@ def train(
             "parameters": count_parameters(model),
         }
     state["command"] = command or state.get("command")
+    if command:  # every start and resume, with the examples done when it began
+        state.setdefault("commands", []).append({"command": command, "from_examples": state["examples"]})
     state["torch"] = torch.__version__
     model.to(dev).to(memory_format=torch.channels_last)
     for g in opt.state.values():
