@@ -63,10 +63,10 @@ __all__ = [
 #: (``cdinn reconstruct --init nn``): a short HIO/ER run (the last 10 iterations ER, averaged)
 #: from the network's guess and support, the support shrink-wrapped every 10 iterations with a
 #: blur narrowing from 2 to 1 pixel.  Chosen on 200 fresh test patterns (``benchmarks/bench_nn.py``):
-#: with the shipped weights (14.65M examples) 50 iterations give phase RMS 0.143 rad median / 0.430
-#: p90 against 0.182 / 0.833 for the 620-iteration protocol from random starts, in 1.83 ms per
-#: pattern against 11.0 ms (batched engine) and 107 ms (NumPy loop); 80 give 0.127 / 0.375 for 1.2x
-#: the time, 20 only 0.214 median (0.536 p90, short of the protocol's median).
+#: with the default ``model2x`` (5.76M examples) 50 iterations give phase RMS 0.146 rad median /
+#: 0.395 p90 against 0.182 / 0.833 for the 620-iteration protocol from random starts, in 1.51 ms
+#: per pattern against 10.6 ms (batched engine) and 104 ms (NumPy loop); 80 give 0.130 / 0.383 for
+#: 1.3x the time, 20 only 0.201 median (0.501 p90, short of the protocol's median).
 REFINE_OPTIONS = {"iterations": 50, "average": 10, "shrinkwrap_every": 10, "sigma": (2.0, 1.0)}
 
 _CACHE: dict = {}
