@@ -175,7 +175,9 @@ def _add_train(sub):
                    help="processes simulating examples ahead of the network (default: 0 on a CPU, "
                         "up to 8 beside a GPU); the examples do not depend on it")
     p.add_argument("--seed", type=int, default=0, help="simulator seed of the training data")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out (their settings; --epochs, if given, sets a new schedule length)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoints in --out (their settings; --epochs, if given, "
+                        "sets a new schedule length)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -350,7 +352,8 @@ def _add_reconstruct(sub):
                    help="iterations (default 620; with --init nn a short refinement, 50)")
     p.add_argument("--init", choices=("random", "nn"), default="random",
                    help="random phases (default) or the CDI NN guess with its support")
-    p.add_argument("--model", default=None, help="network weights for --init nn (default: the best shipped model for the pattern size)")
+    p.add_argument("--model", default=None,
+                   help="network weights for --init nn (default: the best shipped model for the pattern size)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="patterns inverted together")
     p.add_argument("--starts", type=_positive_int, default=1, help="random starts per pattern, best chi2 kept")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -72,12 +72,10 @@ DATA_OVERSAMPLING = 2
 CHUNK = 4 * BLOCK
 
 PRESETS = {
-    "paper": {
-        "arch": "shared", "train_size": 180_000, "val_size": 20_000, "epochs": 10, "batch_size": 256, "lr": 1e-3, "schedule": "constant",
-        "input": "linear",
-    },
-    "tiny": {"arch": "paper", "train_size": 2048, "val_size": 256, "epochs": 2, "batch_size": 64, "lr": 1e-3, "schedule": "constant",
-                 "input": "linear"},
+    "paper": {"arch": "shared", "train_size": 180_000, "val_size": 20_000, "epochs": 10, "batch_size": 256,
+              "lr": 1e-3, "schedule": "constant", "input": "linear"},
+    "tiny": {"arch": "paper", "train_size": 2048, "val_size": 256, "epochs": 2, "batch_size": 64,
+             "lr": 1e-3, "schedule": "constant", "input": "linear"},
 }
 
 
@@ -221,8 +219,9 @@ def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, transfo
         if consumed + count <= skip_examples:
             consumed += count
             continue
-        plan.append(({"count": count, "seed": seed, "start": offset + start, "transform": transform,
-                          "input_factor": input_factor}, perm))
+        job = {"count": count, "seed": seed, "start": offset + start, "transform": transform,
+               "input_factor": input_factor}
+        plan.append((job, perm))
     buffer = None
     chunks = _simulated([kw for kw, _ in plan], pool, ahead)
     for chunk, (_, perm) in zip(chunks, plan):
@@ -415,9 +414,9 @@ def train(
     config = dict(PRESETS[preset]) if preset in PRESETS else None
     if config is None:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
-    overrides = {"arch": arch, "train_size": train_size, "val_size": val_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                 "schedule": schedule, "input": input_transform, "shift": shift, "fresh_data": fresh_data,
-                 "phase_weight": phase_weight, "data_weight": data_weight}
+    overrides = {"arch": arch, "train_size": train_size, "val_size": val_size, "epochs": epochs,
+                 "batch_size": batch_size, "lr": lr, "schedule": schedule, "input": input_transform,
+                 "shift": shift, "fresh_data": fresh_data, "phase_weight": phase_weight, "data_weight": data_weight}
     config.update({k: v for k, v in overrides.items() if v is not None})
     config.update(preset=preset, seed=int(seed), precision=precision)
     if config["train_size"] < config["batch_size"]:
