@@ -324,11 +324,11 @@ def _cmd_predict(args):
 
     from .nn import TRUST_CHI2
     from .nn.checkpoint import model_arch, read_card, resolve_model_path
-    from .nn.inference import decimation_factor, default_model, predict_chunk
+    from .nn.inference import decimation_factor, model_for, predict_chunk
     from .nn.networks import input_factor_of
 
     shape = _check_stack_input(args)
-    model = str(resolve_model_path(args.model or default_model(shape)).resolve())
+    model = str(resolve_model_path(model_for(args.model, shape)).resolve())
     card = read_card(model)
     decimation_factor(shape, input_factor_of(model_arch(model)))
     fn = functools.partial(predict_chunk, model=model, device=args.device, batch_size=args.batch_size)

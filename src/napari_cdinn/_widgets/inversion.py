@@ -92,11 +92,10 @@ class InversionWidget(widgets.Container):
         name, shape, single = self._source
         chi2 = res["chi2"]
         trusted = chi2 <= float(self.trust.value)
-        model = self.models.model
-        if model is None:  # torch is loaded by now: the job ran the network
-            from ..nn.inference import default_model
+        # torch is loaded by now: the job ran the network
+        from ..nn.inference import model_for
 
-            model = default_model(shape)
+        model = model_for(self.models.model, shape)
         meta = {"cdinn_source": name, "chi2": chi2, "trusted": trusted, "model": str(model)}
         amp, pha = (res["amplitude"][0], res["phase"][0]) if single else (res["amplitude"], res["phase"])
         offset = (0.0,) * (amp.ndim - 2) + _layers.centre_offset(shape, amp.shape)

@@ -53,6 +53,7 @@ __all__ = [
     "decode_outputs",
     "default_model",
     "embed",
+    "model_for",
     "oversampling_factor",
     "predict",
     "predict_chunk",
@@ -131,6 +132,11 @@ def default_model(shape=None) -> str:
         if k % factor == 0:
             return name
     return DEFAULT_MODEL
+
+
+def model_for(model, shape):
+    """``model`` itself, or when it is None the shipped model :func:`default_model` picks for ``shape``."""
+    return default_model(shape) if model is None else model
 
 
 def prepare(intensity, transform="linear", input_factor=1):
@@ -264,7 +270,7 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
     factor = oversampling_factor(shape)
     dev = resolve_device(device)
     bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(dev))
-    net, _ = _cached_model(default_model(shape) if model is None else model, dev)
+    net, _ = _cached_model(model_for(model, shape), dev)
     decimation_factor(shape, net.input_factor)  # a shape this model cannot read fails before any work
     n = 1 if single else shape[0]
     out = {

@@ -83,11 +83,11 @@ def make_report(out_dir, model=None, count=1000, examples=4, device="cpu", itera
 
     from ..retrieval import reconstruct
     from .checkpoint import load_model, resolve_model_path
-    from .inference import default_model, prepare
+    from .inference import model_for, prepare
 
     os.makedirs(out_dir, exist_ok=True)
     data = simulate(count, seed=TEST_SEED, oversampling=2)
-    path = resolve_model_path(default_model(data["intensity"].shape) if model is None else model)
+    path = resolve_model_path(model_for(model, data["intensity"].shape))
     net, card = load_model(path)
     res = predict(data["intensity"], model=path, device=device)
     cmp = physics.compare(res["amplitude"] * np.exp(1j * res["phase"]), data["amplitude"], data["phase"])
