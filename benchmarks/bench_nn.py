@@ -87,6 +87,8 @@ def network_rates(net, batch_sizes=_BATCHES, min_seconds=1.0, device="cpu"):
             def call(x=x, bf=bf, model=model):
                 with torch.inference_mode(), autocast(dev, bf):
                     model(x)
+                if dev.type == "cuda":  # time the work, not its launch
+                    torch.cuda.synchronize(dev)
 
             rates[str(b)] = _rate(call, b, min_seconds)
         out[name] = rates

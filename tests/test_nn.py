@@ -197,6 +197,21 @@ def test_resume_with_epochs_sets_a_new_schedule_length(tmp_path):
     assert lrs[-1] < 0.1 * lrs[0]
 
 
+def test_time_limit_ends_the_schedule_by_the_deadline(tmp_path):
+    events = []
+    kw = {"preset": "tiny", "train_size": 1024, "val_size": 32, "batch_size": 32, "schedule": "cosine",
+          "quick_val_size": 32, "lr": 1e-3}
+    state = train(tmp_path / "m", epochs=10_000, time_limit=0.05, callback=events.append, **kw)
+    assert events[-1]["event"] == "done"
+    assert 0 < state["epoch"] < 10_000 and state["config"]["time_limit_min"] == 0.05
+    assert state["elapsed_s"] >= 3.0
+    last = state["history"][-1]
+    assert last["full_validation"] and last["lr"] < 0.1 * 1e-3  # the cosine decayed by the deadline
+    # a finished run resumed trains no further
+    again = train(tmp_path / "m", epochs=10_000, resume=True, **kw)
+    assert again["step"] == state["step"]
+
+
 def test_data_workers_simulate_the_same_batches():
     from napari_cdinn.nn.trainer import CHUNK, _epoch_batches, data_pool
 

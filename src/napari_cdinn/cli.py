@@ -174,6 +174,8 @@ def _add_train(sub):
     p.add_argument("--data-workers", type=_non_negative_int, default=None, metavar="N",
                    help="processes simulating examples ahead of the network (default: 0 on a CPU, "
                         "up to 8 beside a GPU); the examples do not depend on it")
+    p.add_argument("--time-limit", type=_positive_float, default=None, metavar="MIN",
+                   help="end training after MIN minutes, the cosine schedule decaying by then (give --epochs generously)")
     p.add_argument("--seed", type=int, default=0, help="simulator seed of the training data")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoints in --out (their settings; --epochs, if given, "
@@ -220,7 +222,7 @@ def _cmd_train(args):
               precision=args.precision, input_transform=args.input, shift=args.shift,
               fresh_data=args.fresh_data, init_from=args.init_from, phase_weight=args.phase_weight,
               data_weight=args.data_weight, data_workers=args.data_workers,
-              command="cdinn " + shlex.join(sys.argv[1:]))
+              time_limit=args.time_limit, command="cdinn " + shlex.join(sys.argv[1:]))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

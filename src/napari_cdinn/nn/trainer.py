@@ -288,9 +288,18 @@ def _measured_amplitudes(batch, input_factor, transform):
     return oversampled_intensity(batch["amplitude"], batch["phase"]).sqrt()
 
 
-def _lr_at(config, step, total_steps):
+def _progress(config, step, total_steps, elapsed_s=0.0):
+    """Fraction of the schedule done: of its steps or, with a ``time_limit_min``, of its time if further."""
+    frac = step / max(total_steps, 1)
+    limit = config.get("time_limit_min")
+    if limit:
+        frac = max(frac, elapsed_s / (60.0 * limit))
+    return min(frac, 1.0)
+
+
+def _lr_at(config, step, total_steps, elapsed_s=0.0):
     if config["schedule"] == "cosine":
-        frac = min(step / max(total_steps, 1), 1.0)
+        frac = _progress(config, step, total_steps, elapsed_s)
         return config["lr"] * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
     return config["lr"]
 
@@ -345,6 +354,7 @@ def train(
     phase_weight=None,
     data_weight=None,
     data_workers=None,
+    time_limit=None,
 ):
     """Train the networks and write checkpoints to the directory ``out``.
 
@@ -404,6 +414,13 @@ def train(
         Processes simulating the training examples ahead of the network (:func:`data_pool`;
         default :func:`default_data_workers`: none on a CPU, up to 8 beside a GPU).  The
         examples are the same for any number.
+    time_limit : float, optional
+        Minutes of training (validation included, across resumes) after which the run ends as
+        if its last epoch had: a final checkpoint and full validation.  The schedule's progress is
+        then the larger of its steps' and its time's fraction, so a cosine schedule decays to its
+        end by the deadline whatever the hardware's speed: give ``epochs`` generously.  The
+        examples seen then depend on the speed; the card records them.  Kept on ``resume``
+        unless given again.
 
     Returns
     -------
@@ -419,6 +436,8 @@ def train(
                  "shift": shift, "fresh_data": fresh_data, "phase_weight": phase_weight, "data_weight": data_weight}
     config.update({k: v for k, v in overrides.items() if v is not None})
     config.update(preset=preset, seed=int(seed), precision=precision)
+    if time_limit is not None:
+        config["time_limit_min"] = float(time_limit)
     if config["train_size"] < config["batch_size"]:
         raise ValueError("the training set must hold at least one batch")
     dev = resolve_device(device)
@@ -429,6 +448,8 @@ def train(
         saved = state["config"]
         if epochs is not None:  # a new schedule length, never shorter than what is already done
             saved["epochs"] = max(int(epochs), state["epoch"] + 1)
+        if time_limit is not None:
+            saved["time_limit_min"] = float(time_limit)
         config = saved
         init_from = None
     init = None
@@ -513,8 +534,9 @@ def train(
     pool = data_pool(workers)
     model.train()
     stopped = False
+    timed_out = _progress(config, state["step"], total_steps, state["elapsed_s"]) >= 1.0  # a finished run resumed
     try:
-        while state["epoch"] < config["epochs"] and not stopped:
+        while state["epoch"] < config["epochs"] and not (stopped or timed_out):
             batches = _epoch_batches(config["seed"], state["epoch"], config["train_size"], config["batch_size"],
                                      state["step_in_epoch"] * config["batch_size"], config.get("input", "linear"),
                                      config.get("fresh_data", False), factor, pool, 2 * workers)
@@ -523,7 +545,7 @@ def train(
                     stopped = True
                     break
                 for g in opt.param_groups:
-                    g["lr"] = _lr_at(config, state["step"], total_steps)
+                    g["lr"] = _lr_at(config, state["step"], total_steps, time.monotonic() - t0)
                 x = _to_tensor(batch["input"], dev)
                 t = [_to_tensor(batch[k], dev, False) for k in ("target_amplitude", "target_phase", "twin_amplitude", "twin_phase")]
                 with autocast(dev, bf16):
@@ -550,7 +572,14 @@ def train(
                     checkpoint("checkpoint")
                     run_loss, run_n = 0.0, 0
                     last_ckpt = time.monotonic()
+                if _progress(config, state["step"], total_steps, time.monotonic() - t0) >= 1.0:
+                    timed_out = True  # the schedule is done (by its steps or its time limit)
+                    break
             if stopped:
+                break
+            if timed_out and state["step_in_epoch"] < steps_per_epoch:  # mid-epoch: end as an epoch ends
+                checkpoint("checkpoint")
+                checkpoint("epoch", full=True)
                 break
             state["epoch"] += 1
             state["step_in_epoch"] = 0
