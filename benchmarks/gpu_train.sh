@@ -15,6 +15,7 @@ set -u
 OUT=${OUT:-runs/gpu}
 MIN=${MIN:-6.5}
 WORKERS=${WORKERS:-7}
+RUNS=${RUNS:-scratch warm}
 mkdir -p "$OUT"
 export PYTHONPATH=src
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc;
@@ -23,11 +24,17 @@ export PYTHONPATH=src
 common=(--preset paper --arch shared2x --fresh-data --shift 1 --phase-weight 4 --data-weight 1 --schedule cosine
         --train-size 1800000 --epochs 1000 --time-limit "$MIN" --checkpoint-minutes 2 --device cuda
         --data-workers "$WORKERS")
-python3 -m napari_cdinn.cli train --out "$OUT/scratch" "${common[@]}" --seed 21 > "$OUT/scratch.log" 2>&1 &
-python3 -m napari_cdinn.cli train --out "$OUT/warm" "${common[@]}" --init-from model2x --lr 3e-4 --seed 23 \
-  > "$OUT/warm.log" 2>&1 &
+case " $RUNS " in *" scratch "*)
+  python3 -m napari_cdinn.cli train --out "$OUT/scratch" "${common[@]}" --seed 21 > "$OUT/scratch.log" 2>&1 & ;;
+esac
+case " $RUNS " in *" warm "*)
+  python3 -m napari_cdinn.cli train --out "$OUT/warm" "${common[@]}" --init-from model2x --lr 3e-4 --seed 23 \
+    > "$OUT/warm.log" 2>&1 & ;;
+esac
 wait
+rm -f "$OUT"/*/optimizer.pt "$OUT"/*/last.*  # few files come back: the best weights and their card (history too)
+[ "${BENCH_S:-110}" -gt 0 ] || exit 0
 timeout "${BENCH_S:-110}" python3 benchmarks/bench_nn.py --device cuda --numpy-count 1 --min-seconds 0.5 \
   --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1
 echo "bench rc $?" >> "$OUT/bench_gpu.log"
-tail -3 "$OUT"/*.log
+tail -n 3 "$OUT"/*.log

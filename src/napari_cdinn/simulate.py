@@ -197,12 +197,17 @@ def simulate_objects(count: int, size: int = 32, seed: int = 0, start: int = 0):
     return amp, pha
 
 
+#: Threads of the simulator's FFTs (scipy's ``workers``; -1: all cores).  A process that is one
+#: of several simulating in parallel sets it to 1 (:func:`napari_cdinn.nn.trainer.data_pool`).
+FFT_WORKERS = -1
+
+
 def patterns_from_objects(amplitude, phase, oversampling: int = 2):
     """Centred diffraction intensities of objects padded ``oversampling`` times (float32)."""
     obj = (amplitude * np.exp(1j * phase)).astype(np.complex64)
     obj = physics.pad(obj, oversampling)
     ax = (-2, -1)
-    f = scipy.fft.fftshift(scipy.fft.fft2(scipy.fft.ifftshift(obj, axes=ax), axes=ax, workers=-1), axes=ax)
+    f = scipy.fft.fftshift(scipy.fft.fft2(scipy.fft.ifftshift(obj, axes=ax), axes=ax, workers=FFT_WORKERS), axes=ax)
     return (f.real**2 + f.imag**2).astype(np.float32)
 
 

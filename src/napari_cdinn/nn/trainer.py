@@ -263,17 +263,28 @@ def data_pool(workers):
     """A process pool that simulates training examples ahead of the network (None for 0 workers).
 
     Worth it where the network outruns the simulator: on a GPU, or a CPU with many cores.
-    Processes are spawned (no fork of a process holding torch threads) and ignore Ctrl-C, which
+    Processes are spawned (no fork of a process holding torch threads), run one thread each (many
+    processes each using every core would oversubscribe the CPU tenfold) and ignore Ctrl-C, which
     stops the training process itself (a checkpoint, then the pool is shut down).
     """
     if not workers:
         return None
     import multiprocessing
-    import signal
     from concurrent.futures import ProcessPoolExecutor
 
     return ProcessPoolExecutor(int(workers), mp_context=multiprocessing.get_context("spawn"),
-                               initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+                               initializer=_data_worker_init)
+
+
+def _data_worker_init():
+    """Set up a simulator process: one thread (the pool is the parallelism), Ctrl-C ignored."""
+    import signal
+
+    from .. import simulate
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    simulate.FFT_WORKERS = 1
+    torch.set_num_threads(1)
 
 
 def _measured_amplitudes(batch, input_factor, transform):
