@@ -61,6 +61,21 @@ def test_targets_are_centred_and_consistent_with_the_input():
     np.testing.assert_array_equal(a, d["target_amplitude"])  # centring is idempotent
 
 
+@pytest.mark.parametrize(("factor", "transform"), [(1, "log"), (2, "linear")])
+def test_prepare_examples_on_tensors_matches_the_numpy_examples(factor, transform):
+    from napari_cdinn.nn.data import make_objects, prepare_examples
+
+    ref = make_examples(64, seed=7, start=1024, input_factor=factor, transform=transform)
+    obj = make_objects(64, seed=7, start=1024)
+    out = prepare_examples(torch.from_numpy(obj["amplitude"]), torch.from_numpy(obj["phase"]), transform, factor)
+    assert set(out) == set(ref) and all(torch.is_tensor(v) for v in out.values())
+    for key, value in ref.items():
+        np.testing.assert_allclose(out[key].numpy(), value, atol=1e-6, err_msg=key)
+    # the same targets as the NumPy twin: physics.twin on arrays, inverted and negated phase
+    np.testing.assert_allclose(twin_targets(ref["twin_amplitude"], ref["twin_phase"])[0], ref["target_amplitude"], atol=1e-6)
+    np.testing.assert_allclose(physics.twin(torch.from_numpy(ref["phase"])).numpy(), physics.twin(ref["phase"]).real)
+
+
 def test_shipped_weights_load_without_pickle(monkeypatch):
     assert SHIPPED.is_file() and SHIPPED.with_suffix(".json").is_file()
     assert not [p for p in WEIGHTS_DIR.iterdir() if p.suffix in (".pt", ".pth", ".pkl", ".ckpt")]
@@ -215,7 +230,7 @@ def test_time_limit_ends_the_schedule_by_the_deadline(tmp_path):
 def test_data_workers_simulate_the_same_batches():
     from napari_cdinn.nn.trainer import CHUNK, _epoch_batches, data_pool
 
-    args = (3, 1, 2 * CHUNK + 100, 512, 700, "linear", True, 2)  # skip into the first chunk, fresh data
+    args = (3, 1, 2 * CHUNK + 100, 512, 700, True)  # skip into the first chunk, fresh data
     inline = list(_epoch_batches(*args))
     pool = data_pool(2)
     try:
@@ -226,7 +241,7 @@ def test_data_workers_simulate_the_same_batches():
     for a, b in zip(inline, ahead):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
-    assert inline[0]["input"].shape == (512, 64, 64)
+    assert inline[0]["amplitude"].shape == (512, 32, 32) and set(inline[0]) == {"amplitude", "phase"}
 
 
 def test_training_with_data_workers_gives_the_same_weights(tmp_path):
@@ -349,7 +364,7 @@ def test_fresh_data_draws_new_examples_every_epoch():
 
     def first_inputs(epoch, fresh):
         batches = _epoch_batches(0, epoch, 1024, 1024, fresh=fresh)
-        return np.sort(next(batches)["input"].reshape(1024, -1).sum(axis=1))
+        return np.sort(next(batches)["amplitude"].reshape(1024, -1).sum(axis=1))
 
     assert np.array_equal(first_inputs(0, False), first_inputs(1, False))
     assert np.array_equal(first_inputs(0, True), first_inputs(0, False))
@@ -471,7 +486,7 @@ def test_a_2x_model_predicts_oversampled_patterns_and_rejects_32x32(tmp_path, pa
 def test_data_term_reads_the_linear_2x_input_as_the_measured_amplitudes():
     from napari_cdinn.nn.trainer import _measured_amplitudes, data_consistency_loss
 
-    batch = make_examples(6, seed=5, input_factor=2)
+    batch = {k: torch.from_numpy(v) for k, v in make_examples(6, seed=5, input_factor=2).items()}
     logits = [torch.randn(6, 1, 32, 32) for _ in range(2)]
     reused = data_consistency_loss(*logits, _measured_amplitudes(batch, 2, "linear"))
     recomputed = data_consistency_loss(*logits, _measured_amplitudes(batch, 1, "linear"))

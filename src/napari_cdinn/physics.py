@@ -12,8 +12,9 @@ Conventions (used everywhere in the package)
 * Files and layers hold **intensities** ``|F|**2``; the networks read **amplitudes** ``|F|``.
 
 Every function here takes NumPy arrays; the ones the retrieval engine and the networks
-need on tensors (:func:`forward`, :func:`intensity`, :func:`chi2`, :func:`decimate`) take
-``torch.Tensor`` too and return the same type.  torch is never imported by this module.
+need on tensors (:func:`forward`, :func:`intensity`, :func:`chi2`, :func:`decimate`, :func:`pad`,
+:func:`twin`) take ``torch.Tensor`` too and return the same type.  This module never imports torch
+for NumPy input.
 """
 
 from __future__ import annotations
@@ -182,14 +183,17 @@ def decimate(pattern, factor: int = 2):
 def twin(obj):
     """Twin image: centro-symmetric inversion about the origin pixel plus complex conjugate.
 
-    ``|forward(twin(o))| == |forward(o)|`` exactly.
+    ``|forward(twin(o))| == |forward(o)|`` exactly.  NumPy or torch (a real tensor stays real).
     """
-    obj = np.asarray(obj)
     h, w = obj.shape[-2:]
-    flipped = obj[..., ::-1, ::-1]
     # flipping maps i -> n-1-i; inversion about n//2 maps i -> 2*(n//2)-i.
-    flipped = np.roll(flipped, (2 * (h // 2) - (h - 1), 2 * (w // 2) - (w - 1)), axis=(-2, -1))
-    return np.conj(flipped)
+    roll = (2 * (h // 2) - (h - 1), 2 * (w // 2) - (w - 1))
+    if _is_torch(obj):
+        import torch
+
+        flipped = torch.roll(obj.flip((-2, -1)), roll, (-2, -1))
+        return flipped.conj() if flipped.is_complex() else flipped
+    return np.conj(np.roll(np.asarray(obj)[..., ::-1, ::-1], roll, axis=(-2, -1)))
 
 
 def shift(obj, shifts):

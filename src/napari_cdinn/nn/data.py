@@ -18,6 +18,7 @@ network input is unchanged by the roll (a circular shift only ramps the far-fiel
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .. import physics
 
@@ -27,7 +28,9 @@ __all__ = [
     "centre_objects",
     "encode_inputs",
     "make_examples",
+    "make_objects",
     "normalise_amplitudes",
+    "prepare_examples",
     "twin_targets",
 ]
 
@@ -38,43 +41,62 @@ INPUT_TRANSFORMS = ("linear", "log")
 _LOG_DECADES = 4.0
 
 
+def _tensor(x):
+    """float32 tensor view of an array or tensor (kept on its device)."""
+    return x.float() if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def _same_kind(t, like):
+    """``t`` as the kind of ``like``: a tensor for a tensor, else a NumPy array."""
+    return t if torch.is_tensor(like) else t.cpu().numpy()
+
+
 def normalise_amplitudes(amp):
     """Divide each frame of ``(..., H, W)`` amplitudes by its maximum (all-zero frames stay 0).
 
     Returns
     -------
-    ndarray, float32, same shape.
+    float32, same shape and kind (NumPy array or tensor, on its device).
     """
-    a = np.asarray(amp, dtype=np.float32)
-    peak = a.max(axis=(-2, -1), keepdims=True)
-    return (a / np.where(peak > 0, peak, 1.0)).astype(np.float32)
+    a = _tensor(amp)
+    peak = a.amax((-2, -1), keepdim=True)
+    return _same_kind(a / torch.where(peak > 0, peak, torch.ones_like(peak)), amp)
 
 
 def encode_inputs(amp, transform: str = "linear"):
     """Network inputs from amplitudes ``(..., H, W)``: per-frame max normalisation, then ``transform``.
 
     ``linear`` keeps ``amp / max``; ``log`` maps it to ``1 + log10(max(amp / max, 1e-4)) / 4``, which
-    shows the weak high-frequency fringes that carry the phase.  Both are scale-free.
+    shows the weak high-frequency fringes that carry the phase.  Both are scale-free.  NumPy arrays
+    or tensors (same kind out).
     """
-    a = normalise_amplitudes(amp)
-    if transform == "linear":
-        return a
+    if transform not in INPUT_TRANSFORMS:
+        raise ValueError(f"unknown input transform {transform!r}; expected one of {', '.join(INPUT_TRANSFORMS)}")
+    a = _tensor(normalise_amplitudes(_tensor(amp)))
     if transform == "log":
-        return (1.0 + np.log10(np.maximum(a, 10.0**-_LOG_DECADES)) / _LOG_DECADES).astype(np.float32)
-    raise ValueError(f"unknown input transform {transform!r}; expected one of {', '.join(INPUT_TRANSFORMS)}")
+        a = 1.0 + torch.log10(a.clamp_min(10.0**-_LOG_DECADES)) / _LOG_DECADES
+    return _same_kind(a, amp)
 
 
 def _bbox_shifts(support):
-    """Per-frame ``(dy, dx)`` rolls that centre the bounding box of ``support (N, H, W)``."""
-    n, h, w = support.shape
-    shifts = np.zeros((n, 2), dtype=np.int64)
-    for axis, size in ((1, h), (2, w)):
-        prof = support.any(axis=3 - axis)  # (N, size): rows (axis 1) or columns (axis 2)
-        has = prof.any(axis=1)
-        first = np.argmax(prof, axis=1)
-        last = size - 1 - np.argmax(prof[:, ::-1], axis=1)
-        shifts[:, axis - 1] = np.where(has, size // 2 - (first + last) // 2, 0)
-    return shifts
+    """Per-frame ``(dy, dx)`` rolls (int64 tensor ``(N, 2)``) centring the bounding box of ``support``."""
+    shifts = []
+    for dim in (-2, -1):
+        size = support.shape[dim]
+        hit = support.any(dim=-1 if dim == -2 else -2)  # (N, size): rows, then columns
+        prof = hit.to(torch.uint8)
+        first = prof.argmax(1)  # torch returns the first maximum
+        last = size - 1 - prof.flip(1).argmax(1)
+        shifts.append(torch.where(hit.any(1), size // 2 - (first + last) // 2, torch.zeros_like(first)))
+    return torch.stack(shifts, 1)
+
+
+def _roll_frames(x, shifts):
+    """Roll each frame ``x[i]`` of ``(N, H, W)`` by its own ``shifts[i] = (dy, dx)`` (as ``np.roll``)."""
+    n, h, w = x.shape
+    rows = (torch.arange(h, device=x.device)[None, :] - shifts[:, :1]) % h  # np.roll: out[i] = x[i - s]
+    cols = (torch.arange(w, device=x.device)[None, :] - shifts[:, 1:]) % w
+    return x[torch.arange(n, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 def centre_objects(amplitude, phase, threshold: float = physics.SHAPE_THRESHOLD):
@@ -82,30 +104,63 @@ def centre_objects(amplitude, phase, threshold: float = physics.SHAPE_THRESHOLD)
 
     Parameters
     ----------
-    amplitude, phase : ndarray, shape (N, H, W)
+    amplitude, phase : ndarray or tensor, shape (N, H, W)
     threshold : float
         Relative amplitude threshold defining the support.
 
     Returns
     -------
-    amplitude, phase : ndarray, float32, shape (N, H, W)
+    amplitude, phase : float32, shape (N, H, W), the kind of ``amplitude`` (tensors stay on their device)
     """
-    amplitude = np.asarray(amplitude, dtype=np.float32)
-    phase = np.asarray(phase, dtype=np.float32)
-    shifts = _bbox_shifts(physics.support_from_amplitude(amplitude, threshold))
-    out_a, out_p = np.empty_like(amplitude), np.empty_like(phase)
-    for i, (dy, dx) in enumerate(shifts):
-        out_a[i] = np.roll(amplitude[i], (dy, dx), axis=(0, 1))
-        out_p[i] = np.roll(phase[i], (dy, dx), axis=(0, 1))
-    return out_a, out_p
+    a, p = _tensor(amplitude), _tensor(phase)
+    peak = a.amax((-2, -1), keepdim=True)
+    shifts = _bbox_shifts((a > threshold * peak) & (peak > 0))
+    return _same_kind(_roll_frames(a, shifts), amplitude), _same_kind(_roll_frames(p, shifts), amplitude)
 
 
 def twin_targets(amplitude, phase):
     """Amplitude and phase of the twins (``physics.twin``), re-centred by :func:`centre_objects`."""
     # twin = centro-inverted complex conjugate: inverted amplitude, inverted and negated phase
-    amp_t = physics.twin(np.asarray(amplitude, dtype=np.float32)).real.astype(np.float32)
-    pha_t = -physics.twin(np.asarray(phase, dtype=np.float32)).real.astype(np.float32)
-    return centre_objects(amp_t, pha_t)
+    amp_t, pha_t = physics.twin(_tensor(amplitude)), -physics.twin(_tensor(phase))
+    a, p = centre_objects(amp_t, pha_t)
+    return _same_kind(a, amplitude), _same_kind(p, amplitude)
+
+
+def prepare_examples(amplitude, phase, transform: str = "linear", input_factor: int = 1, twins: bool = True):
+    """Network inputs and targets of objects: all of :func:`make_examples` after the simulator.
+
+    Runs where the tensors are: the trainer feeds it the objects its simulator processes drew, on
+    the training device, so that the GPU, not the CPU, computes the patterns and targets.
+
+    Parameters
+    ----------
+    amplitude, phase : ndarray or tensor, shape (N, 32, 32)
+        Objects from :func:`napari_cdinn.simulate.simulate_objects`.
+    transform, input_factor, twins
+        As in :func:`make_examples`.
+
+    Returns
+    -------
+    dict of float32 tensors on the input's device (keys as :func:`make_examples`).
+    """
+    a, p = _tensor(amplitude), _tensor(phase)
+    inten = physics.intensity(physics.pad(torch.polar(a, p), input_factor))
+    out = {"input": encode_inputs(inten.clamp_min(0).sqrt(), transform), "amplitude": a, "phase": p}
+    out["target_amplitude"], out["target_phase"] = centre_objects(a, p)
+    if twins:
+        out["twin_amplitude"], out["twin_phase"] = twin_targets(out["target_amplitude"], out["target_phase"])
+    return out
+
+
+def make_objects(count: int, seed: int, start: int = 0):
+    """``{"amplitude", "phase"}``: the simulator's ``count`` objects from index ``start`` (as :func:`make_examples`)."""
+    # imported here: the simulator pulls in scipy, which inference does not need
+    from ..simulate import BLOCK, simulate_objects
+
+    if start % BLOCK:
+        raise ValueError(f"start must be a multiple of {BLOCK}")
+    amp, pha = simulate_objects(count, SIZE, seed, start)
+    return {"amplitude": amp, "phase": pha}
 
 
 def make_examples(count: int, seed: int, start: int = 0, twins: bool = True, transform: str = "linear",
@@ -132,15 +187,6 @@ def make_examples(count: int, seed: int, start: int = 0, twins: bool = True, tra
         ``target_amplitude``/``target_phase`` (centred truth) and, if ``twins``,
         ``twin_amplitude``/``twin_phase``.
     """
-    # imported here: the simulator pulls in scipy, which inference does not need
-    from ..simulate import BLOCK, patterns_from_objects, simulate_objects
-
-    if start % BLOCK:
-        raise ValueError(f"start must be a multiple of {BLOCK}")
-    amp, pha = simulate_objects(count, SIZE, seed, start)
-    inten = patterns_from_objects(amp, pha, oversampling=input_factor)
-    out = {"input": encode_inputs(physics.amplitude_from_intensity(inten), transform), "amplitude": amp, "phase": pha}
-    out["target_amplitude"], out["target_phase"] = centre_objects(amp, pha)
-    if twins:
-        out["twin_amplitude"], out["twin_phase"] = twin_targets(out["target_amplitude"], out["target_phase"])
-    return out
+    objects = make_objects(count, seed, start)
+    out = prepare_examples(objects["amplitude"], objects["phase"], transform, input_factor, twins)
+    return {k: v.numpy() for k, v in out.items()}

@@ -49,7 +49,7 @@ from .. import physics
 from ..retrieval.engine import stop_requested
 from ..simulate import BLOCK
 from .checkpoint import load_model, resolve_model_path, save_model
-from .data import make_examples
+from .data import make_examples, make_objects, prepare_examples
 from .inference import decode_outputs, oversampled_intensity
 from .networks import build_model, count_parameters, input_factor_of, widen_state_dict
 from .runtime import autocast, bf16_supported, resolve_device
@@ -126,9 +126,17 @@ def twin_invariant_loss(amp_logit, phase_logit, target_amp, target_phase, twin_a
     return torch.minimum(l_true, l_twin).mean(), l_twin < l_true
 
 
-def _to_tensor(a, device, channels_last=True):
-    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[:, None].to(device)
+def _nchw(t, channels_last=True):
+    """``(N, H, W)`` tensor as ``(N, 1, H, W)``, channels-last where the networks read it."""
+    t = t[:, None]
     return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+def _to_tensor(a, device, channels_last=True):
+    return _nchw(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device), channels_last)
+
+
+_TARGETS = ("target_amplitude", "target_phase", "twin_amplitude", "twin_phase")
 
 
 def data_consistency_loss(amp_logit, phase_logit, measured, factor=DATA_OVERSAMPLING):
@@ -178,7 +186,7 @@ def evaluate(model, data, device, bf16=False, batch_size=512):
             x = _to_tensor(data["input"][sl], device)
             with autocast(device, bf16):
                 la, lp = model.logits(x)
-            t = [_to_tensor(data[k][sl], device, False) for k in ("target_amplitude", "target_phase", "twin_amplitude", "twin_phase")]
+            t = [_to_tensor(data[k][sl], device, False) for k in _TARGETS]
             loss, _ = twin_invariant_loss(la, lp, *t)
             losses.append(float(loss) * len(x))
             a, p, _ = decode_outputs(torch.sigmoid(la), torch.sigmoid(lp))  # as predict decodes them
@@ -200,9 +208,9 @@ def evaluate(model, data, device, bf16=False, batch_size=512):
     }
 
 
-def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, transform="linear", fresh=False, input_factor=1,
-                   pool=None, ahead=2):
-    """Yield training batches (dicts) of one epoch, skipping the first ``skip_examples``.
+def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, fresh=False, pool=None, ahead=2):
+    """Yield the objects of one epoch's training batches (dicts of ``amplitude`` and ``phase`` arrays),
+    skipping the first ``skip_examples``; :func:`napari_cdinn.nn.data.prepare_examples` makes them examples.
 
     With ``fresh`` every epoch draws new examples: epoch ``e`` uses the simulator's examples from
     ``e * train_size`` (rounded up to a whole ``BLOCK``) on, so no example is seen twice.  With a
@@ -219,8 +227,7 @@ def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, transfo
         if consumed + count <= skip_examples:
             consumed += count
             continue
-        job = {"count": count, "seed": seed, "start": offset + start, "transform": transform,
-               "input_factor": input_factor}
+        job = {"count": count, "seed": seed, "start": offset + start}
         plan.append((job, perm))
     buffer = None
     chunks = _simulated([kw for kw, _ in plan], pool, ahead)
@@ -232,7 +239,7 @@ def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, transfo
             consumed = skip_examples
         if buffer is not None:
             chunk = {k: np.concatenate([buffer[k], chunk[k]]) for k in chunk}
-        m = len(chunk["input"])
+        m = len(chunk["amplitude"])
         full = (m // batch_size) * batch_size
         for lo in range(0, full, batch_size):
             yield {k: v[lo : lo + batch_size] for k, v in chunk.items()}
@@ -240,16 +247,16 @@ def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, transfo
 
 
 def _simulated(jobs, pool=None, ahead=2):
-    """``make_examples(**job)`` for each job, in order; with a pool, ``ahead`` jobs in flight."""
+    """``make_objects(**job)`` for each job, in order; with a pool, ``ahead`` jobs in flight."""
     if pool is None:
         for job in jobs:
-            yield make_examples(**job)
+            yield make_objects(**job)
         return
-    pending = collections.deque(pool.submit(make_examples, **job) for job in jobs[:ahead])
+    pending = collections.deque(pool.submit(make_objects, **job) for job in jobs[:ahead])
     for job in jobs[ahead:] + [None] * len(pending):
         done = pending.popleft().result()
         if job is not None:
-            pending.append(pool.submit(make_examples, **job))
+            pending.append(pool.submit(make_objects, **job))
         yield done
 
 
@@ -287,16 +294,17 @@ def _data_worker_init():
     torch.set_num_threads(1)
 
 
-def _measured_amplitudes(batch, input_factor, transform):
-    """Oversampled amplitudes of a batch's true objects, for :func:`data_consistency_loss`.
+def _measured_amplitudes(examples, input_factor, transform):
+    """Oversampled amplitudes of the true objects of :func:`prepare_examples` tensors, for
+    :func:`data_consistency_loss`.
 
     The linear input of a model reading ``DATA_OVERSAMPLING``-times oversampled patterns already
     holds them, normalised: the loss's least-squares scale removes the normalisation, so they are
     not computed again.
     """
     if input_factor == DATA_OVERSAMPLING and transform == "linear":
-        return torch.from_numpy(np.ascontiguousarray(batch["input"]))
-    return oversampled_intensity(batch["amplitude"], batch["phase"]).sqrt()
+        return examples["input"]
+    return oversampled_intensity(examples["amplitude"], examples["phase"]).sqrt()
 
 
 def _progress(config, step, total_steps, elapsed_s=0.0):
@@ -549,22 +557,25 @@ def train(
     try:
         while state["epoch"] < config["epochs"] and not (stopped or timed_out):
             batches = _epoch_batches(config["seed"], state["epoch"], config["train_size"], config["batch_size"],
-                                     state["step_in_epoch"] * config["batch_size"], config.get("input", "linear"),
-                                     config.get("fresh_data", False), factor, pool, 2 * workers)
+                                     state["step_in_epoch"] * config["batch_size"], config.get("fresh_data", False),
+                                     pool, 2 * workers)
             for batch in batches:
                 if stop_requested(stop):
                     stopped = True
                     break
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(config, state["step"], total_steps, time.monotonic() - t0)
-                x = _to_tensor(batch["input"], dev)
-                t = [_to_tensor(batch[k], dev, False) for k in ("target_amplitude", "target_phase", "twin_amplitude", "twin_phase")]
+                # the simulator processes drew the objects; their patterns and targets are computed here
+                ex = prepare_examples(*(torch.from_numpy(batch[k]).to(dev) for k in ("amplitude", "phase")),
+                                      config.get("input", "linear"), factor)
+                x = _nchw(ex["input"])
+                t = [_nchw(ex[k], False) for k in _TARGETS]
                 with autocast(dev, bf16):
                     la, lp = model.logits(x)
                 loss, _ = twin_invariant_loss(la, lp, *t, shift=config.get("shift", 0),
                                               phase_weight=config.get("phase_weight", 1.0))
                 if config.get("data_weight", 0.0) > 0:
-                    measured = _measured_amplitudes(batch, factor, config.get("input", "linear")).to(dev)
+                    measured = _measured_amplitudes(ex, factor, config.get("input", "linear"))
                     loss = loss + config["data_weight"] * data_consistency_loss(la, lp, measured).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
