@@ -171,7 +171,7 @@ def test_tiny_training_loss_falls_and_resumes(tmp_path):
     assert net.arch == "paper"
     # resume with more epochs continues from step 64
     state = train(out, preset="tiny", train_size=1024, val_size=64, epochs=3, batch_size=32, resume=True, quick_val_size=64)
-    assert state["step"] == 96 and state["epoch"] == 3
+    assert state["step"] == 96 and state["epoch"] == 3 and state["ended"] == "done"
 
 
 def test_stop_flag_saves_a_usable_checkpoint(tmp_path):
@@ -219,6 +219,7 @@ def test_time_limit_ends_the_schedule_by_the_deadline(tmp_path):
     state = train(tmp_path / "m", epochs=10_000, time_limit=0.05, callback=events.append, **kw)
     assert events[-1]["event"] == "done"
     assert 0 < state["epoch"] < 10_000 and state["config"]["time_limit_min"] == 0.05
+    assert state["ended"] == "time limit" == events[-1]["ended"]
     assert state["elapsed_s"] >= 3.0
     last = state["history"][-1]
     assert last["full_validation"] and last["lr"] < 0.1 * 1e-3  # the cosine decayed by the deadline

@@ -226,6 +226,21 @@ def test_training_dock_updates_plot_and_offers_the_model(make_napari_viewer, qtb
     assert config["data_weight"] == 1.5 and config["arch"] == "shared2x"
 
 
+def test_training_dock_time_limit_ends_the_run(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    widget = _dock(viewer, "Train CDI NN")
+    widget.train_size.value, widget.val_size.value = 1024, 32
+    widget.epochs.value, widget.batch_size.value = 10_000, 32
+    widget.device.value = "cpu"
+    widget.time_limit.value = 0.05
+    widget.out.value = tmp_path / "timed"
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
+    state = json.loads((tmp_path / "timed" / "last.json").read_text())
+    assert state["config"]["time_limit_min"] == 0.05 and 0 < state["epoch"] < 10_000
+    assert widget.controls.status.value.startswith("done (time limit)")
+
+
 def test_training_stop_saves_a_checkpoint(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
     widget = _dock(viewer, "Train CDI NN")

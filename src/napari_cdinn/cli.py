@@ -210,7 +210,8 @@ def _cmd_train(args):
                   f"twin {m['twin_rate']:.2f} (n={m['count']})",
                   file=sys.stderr, flush=True)
         elif kind in ("start", "stopped", "done"):
-            print(f"{head} {kind}", file=sys.stderr, flush=True)
+            why = " (time limit)" if ev.get("ended") == "time limit" else ""
+            print(f"{head} {kind}{why}", file=sys.stderr, flush=True)
 
     # SIGINT/SIGTERM stop training cleanly: a checkpoint is saved, --resume continues from it
     stop = threading.Event()

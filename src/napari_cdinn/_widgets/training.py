@@ -1,7 +1,8 @@
 """Training dock: train the CDI NN networks on simulated paper-recipe data, with a live loss plot.
 
 Wired to :func:`napari_cdinn.nn.train` and its callback events (``step``: running training
-loss; ``checkpoint``/``validation``: validation loss).  Training runs in a thread worker;
+loss; ``checkpoint``/``validation``: validation loss).  Training runs in a thread worker, for
+its epochs or until its time limit;
 Stop asks the trainer to stop, which saves a usable checkpoint (``last.safetensors``, and
 ``best.safetensors`` when it is the best so far) in the output folder before returning.  The
 model folder is then offered at once in the inversion and retrieval widgets' model pickers.
@@ -54,11 +55,14 @@ class TrainingWidget(widgets.Container):
         self.data_weight = widgets.FloatSpinBox(
             label="data-consistency weight", value=0.0, min=0.0, max=100.0, step=0.5,
             tooltip="weight of the chi^2 of each prediction against its own pattern, added to the loss (0: the paper's loss)")
+        self.time_limit = widgets.FloatSpinBox(
+            label="time limit (min)", value=0.0, min=0.0, max=100_000.0, step=5.0,
+            tooltip="end training after this many minutes, a cosine schedule decaying by then (0: no limit)")
         self.runner = JobRunner(self._on_event, self._on_result, on_finish=self._on_finish)
         self.controls = JobControls("Train", self.run, self.runner)
         super().__init__(widgets=[self.train_size, self.val_size, self.epochs, self.batch_size, self.device,
                                   self.out, self.resume, self.init_from, self.arch, self.fresh, self.data_weight,
-                                  self.controls])
+                                  self.time_limit, self.controls])
         REGISTRY.changed.connect(self._refresh_models)
         self.plot = PlotCanvas(height=2.8)
         self.plot.add_to(self)
@@ -81,7 +85,8 @@ class TrainingWidget(widgets.Container):
                    "device": self.device.value, "resume": bool(self.resume.value),
                    "quick_val_size": min(2000, int(self.val_size.value)),
                    "init_from": self.init_from.value, "arch": self.arch.value, "fresh_data": bool(self.fresh.value),
-                   "data_weight": float(self.data_weight.value)}
+                   "data_weight": float(self.data_weight.value),
+                   "time_limit": float(self.time_limit.value) or None}
         self._folder = folder
         self._total = options["train_size"] * options["epochs"]
         self.history = {"train": [], "val": []}
@@ -103,7 +108,10 @@ class TrainingWidget(widgets.Container):
         if kind in ("checkpoint", "validation") and event.get("val_loss") is not None:
             self.history["val"].append((epochs, event["val_loss"]))
         if kind in ("step", "epoch", "checkpoint", "validation"):
-            self.controls.set_progress(event.get("examples", 0), self._total,
+            done = event.get("examples", 0) / self._total
+            if self.time_limit.value:  # whichever ends first: the epochs or the time
+                done = max(done, event.get("elapsed_s", 0.0) / (60 * float(self.time_limit.value)))
+            self.controls.set_progress(min(int(1000 * done), 1000), 1000,
                                        f"epoch {event.get('epoch', 0)}, {event.get('examples', 0)} examples")
             self._draw()
 
@@ -123,8 +131,8 @@ class TrainingWidget(widgets.Container):
     def _on_result(self, state):
         label = f"{self._folder.name} (trained)"
         register_model(self._folder, label)
-        stopped = state.get("epoch", 0) < int(self.epochs.value)
-        text = f"{'stopped, checkpoint saved' if stopped else 'done'}: {label} is ready in the model pickers"
+        ended = {"stopped": "stopped, checkpoint saved", "time limit": "done (time limit)"}.get(state.get("ended"), "done")
+        text = f"{ended}: {label} is ready in the model pickers"
         notify(text[:1].upper() + text[1:] + ".")
         self.controls.idle(text)
 

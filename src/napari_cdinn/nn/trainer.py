@@ -443,7 +443,8 @@ def train(
 
     Returns
     -------
-    dict : the final training state (as in ``last.json``).
+    dict : the final training state (as in ``last.json``), with ``ended``: ``"done"`` (all
+        epochs), ``"time limit"`` or ``"stopped"`` (also in the last event).
     """
     out = Path(out)
     emit = callback or (lambda event: None)
@@ -615,7 +616,6 @@ def train(
             pool.shutdown(wait=False, cancel_futures=True)
     if stopped:
         checkpoint("checkpoint")
-        emit(base_event("stopped"))
-    else:
-        emit(base_event("done"))
+    state["ended"] = "stopped" if stopped else "time limit" if state["epoch"] < config["epochs"] else "done"
+    emit(dict(base_event("stopped" if stopped else "done"), ended=state["ended"]))
     return state
