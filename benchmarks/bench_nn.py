@@ -13,6 +13,8 @@ Measured (CPU unless ``--device``):
   (``numpy_reconstruct`` of ``benchmarks/bench_retrieval.py``);
 * quality on ``count`` fresh test patterns (seed ``TEST_SEED``) and on the same patterns with
   Poisson noise (1e5 photons): support IoU, phase RMS inside the object (median, p90), chi^2;
+  also with the test-time ensemble of 2, 4 and 8 views (``predict(views=V)``), and the whole
+  ``cdinn predict --views 8`` command;
 * refinement: the network's guess embedded in the 2x frame then a short ER/HIO run
   (:func:`napari_cdinn.retrieval.reconstruct`), against the 620-iteration protocol from random
   starts on the same patterns (phase RMS median/p90, time per pattern).
@@ -104,12 +106,13 @@ def predict_rates(intensity, model, batch_sizes=(64, 256, 1024), device="cpu", m
                           min_seconds) for b in batch_sizes}
 
 
-def cli_predict_time(intensity, model, threads):
-    """Wall seconds of the whole ``cdinn predict`` command on ``intensity`` (written to a temp dir)."""
+def cli_predict_time(intensity, model, threads, views=1):
+    """Wall seconds of the whole ``cdinn predict --views V`` command on ``intensity`` (written to a temp dir)."""
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = os.path.join(tmp, "in.npy"), os.path.join(tmp, "out.npz")
         np.save(src, intensity)
-        cmd = [sys.executable, "-m", "napari_cdinn.cli", "predict", src, "-o", dst, "--device", "cpu"]
+        cmd = [sys.executable, "-m", "napari_cdinn.cli", "predict", src, "-o", dst, "--device", "cpu",
+               "--views", str(views)]
         if model is not None:
             cmd += ["--model", str(model)]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
@@ -193,9 +196,13 @@ def run(model=None, count=1000, predict_count=4000, batch_sizes=_BATCHES, refine
     t_np = (time.perf_counter() - t0) / numpy_count
     res["cli_predict"] = {"patterns": int(predict_count), "seconds": t_cli, "ms_per_pattern": 1e3 * t_cli / predict_count,
                           "numpy_620_ms_per_pattern": 1e3 * t_np, "speedup_vs_numpy_620": t_np * predict_count / t_cli}
+    t_views = cli_predict_time(big["intensity"][:predict_count], path, threads, views=8)
+    res["cli_predict_views8"] = {"ms_per_pattern": 1e3 * t_views / predict_count,
+                                 "speedup_vs_numpy_620": t_np * predict_count / t_views}
     test = {k: v[:count] for k, v in big.items()}
     res["quality"] = score_model(path, data=test, device=device)
     res["quality_fp32"] = score_model(path, data=test, device=device, precision="fp32")
+    res["quality_views"] = {str(v): score_model(path, data=test, device=device, views=v) for v in (2, 4, 8)}
     noisy = simulate(count, seed=TEST_SEED, oversampling=2, photons=photons)
     res["quality_noisy"] = score_model(path, data=noisy, device=device, photons=photons)
     res["refinement"] = refinement(big, path, count=refine_count, device=device)
@@ -219,6 +226,9 @@ def summary(res):
         "phase_rms_p90": round(q["phase_rms_p90"], 3),
         "chi2_median": round(q["chi2_median"], 4),
         "noisy_phase_rms_median": round(res["quality_noisy"]["phase_rms_median"], 3),
+        "views8_iou_phase_phase90_chi2": [round(res["quality_views"]["8"][k], 4) for k in
+                                          ("iou_median", "phase_rms_median", "phase_rms_p90", "chi2_median")],
+        "views8_cli_ms_per_pattern": round(res["cli_predict_views8"]["ms_per_pattern"], 3),
         "random_620_phase_rms": [round(r["random_620"][k], 3) for k in ("phase_rms_median", "phase_rms_p90")],
         "refined_phase_rms": {k: [round(v[k2], 3) for k2 in ("phase_rms_median", "phase_rms_p90")] for k, v in best.items()},
     }

@@ -148,6 +148,57 @@ def test_predict_rejects_bad_sizes_and_devices(patterns):
             predict(patterns["intensity"], device="cuda")
 
 
+def test_dihedral_views_are_symmetries_of_the_forward_model():
+    from napari_cdinn.nn.inference import VIEWS, align_objects, dihedral
+
+    d = simulate(3, oversampling=2, seed=9)
+    obj = torch.from_numpy((d["amplitude"] * np.exp(1j * d["phase"])).astype(np.complex64))
+    inten = torch.from_numpy(d["intensity"])
+    assert len(set(VIEWS)) == 8
+    for v in range(8):
+        fit = physics.intensity(physics.pad(dihedral(obj, v), 2))
+        torch.testing.assert_close(fit / fit.amax(), dihedral(inten, v) / inten.amax(), atol=1e-5, rtol=0)
+        assert torch.equal(dihedral(dihedral(obj, v), v, inverse=True), obj)
+    moved = physics.twin(torch.roll(obj, (3, -5), (-2, -1))) * np.exp(0.7j)
+    torch.testing.assert_close(align_objects(moved, obj), obj, atol=1e-5, rtol=0)
+
+
+def test_view_ensemble_keeps_the_contract_and_is_symmetric(patterns):
+    from napari_cdinn.nn.inference import dihedral
+
+    inten = patterns["intensity"][:4]
+    res = predict(inten, device="cpu", precision="fp32", views=8)
+    assert res["amplitude"].shape == res["phase"].shape == (4, 32, 32) and res["chi2"].dtype == np.float32
+    np.testing.assert_allclose(res["amplitude"].max(axis=(1, 2)), 1.0, rtol=1e-6)
+    assert np.all(res["phase"][~res["support"]] == 0)
+    np.testing.assert_array_equal(res["trusted"], res["chi2"] <= TRUST_CHI2)
+    single = predict(inten, device="cpu", precision="fp32")
+    assert np.median(res["chi2"]) < np.median(single["chi2"])  # the averaged answer fits the data better
+    # with all eight views, a mirrored pattern gives the mirrored answer
+    mirrored = predict(dihedral(torch.from_numpy(inten), 3).numpy(), device="cpu", precision="fp32", views=8)
+    back = dihedral(torch.from_numpy(mirrored["amplitude"] * np.exp(1j * mirrored["phase"])), 3, inverse=True).numpy()
+    cmp = physics.compare(back, res["amplitude"], res["phase"])
+    assert np.all(cmp["iou"] > 0.99) and np.all(cmp["phase_rms"] < 1e-3)
+    np.testing.assert_allclose(mirrored["chi2"], res["chi2"], rtol=1e-3, atol=1e-7)
+    for bad in (0, 9, 2.5):
+        with pytest.raises(ValueError, match="views"):
+            predict(inten, views=bad)
+
+
+def test_cli_predict_views_are_recorded_and_checked(patterns, tmp_path, capsys):
+    from napari_cdinn.io import read_result
+
+    np.save(tmp_path / "in.npy", patterns["intensity"][:3])
+    assert main(["predict", str(tmp_path / "in.npy"), "-o", str(tmp_path / "v.h5"), "--views", "4"]) == 0
+    res, attrs = read_result(tmp_path / "v.h5", with_attrs=True)
+    assert attrs["views"] == 4
+    np.testing.assert_allclose(res["chi2"], predict(patterns["intensity"][:3], views=4)["chi2"], rtol=1e-5)
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "in.npy"), "-o", str(tmp_path / "bad.h5"), "--views", "9"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: argument --views")
+    assert not (tmp_path / "bad.h5").exists()
+
+
 def test_chi2_is_small_for_the_true_object():
     d = simulate(4, oversampling=2, seed=2)
     fit = physics.intensity(physics.pad(d["amplitude"] * np.exp(1j * d["phase"]), 2))

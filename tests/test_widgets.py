@@ -137,9 +137,11 @@ def test_inversion_adds_layers_and_flags(make_napari_viewer, qtbot, random_model
     widget.models.file.value = random_model
     widget.device.value = "cpu"
     widget.batch_size.value = 4
+    widget.views.value = 2
     widget.controls.run_button.clicked.emit()
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
     amp, pha = viewer.layers["patterns NN amplitude"], viewer.layers["patterns NN phase"]
+    assert amp.metadata["views"] == 2
     assert amp.data.shape == pha.data.shape == (6, 32, 32)
     assert tuple(amp.translate) == (0.0, 0.0, 0.0)  # the 32-pixel frame fills the 32 x 32 pattern
     chi2, trusted = amp.metadata["chi2"], amp.metadata["trusted"]

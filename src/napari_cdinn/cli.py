@@ -319,6 +319,10 @@ def _add_predict(sub):
                    help="shipped model name (default: model2x, which reads the whole 2x-oversampled pattern, "
                         "for 64 x 64 and 128 x 128 patterns, else model), .safetensors file or model directory")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="frames per network call (default 256)")
+    p.add_argument("--views", type=int, choices=range(1, 9), default=1, metavar="V",
+                   help="test-time ensemble: the network also reads V-1 mirrored or transposed views of each "
+                        "pattern and the aligned answers are averaged (1..8; default 1, the network alone; "
+                        "8 is the most accurate, about 8x the network time)")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -334,9 +338,10 @@ def _cmd_predict(args):
     model = str(resolve_model_path(model_for(args.model, shape)).resolve())
     card = read_card(model)
     decimation_factor(shape, input_factor_of(model_arch(model)))
-    fn = functools.partial(predict_chunk, model=model, device=args.device, batch_size=args.batch_size)
-    attrs = {"model": model, "arch": card.get("arch", ""), "trust_chi2": TRUST_CHI2}
-    _run_stack(args, fn, {"model": model, "command": "predict"}, attrs, "predict")
+    fn = functools.partial(predict_chunk, model=model, device=args.device, batch_size=args.batch_size,
+                           views=args.views)
+    attrs = {"model": model, "arch": card.get("arch", ""), "trust_chi2": TRUST_CHI2, "views": args.views}
+    _run_stack(args, fn, {"model": model, "command": "predict", "views": args.views}, attrs, "predict")
 
 
 # --------------------------------------------------------------------------- reconstruct

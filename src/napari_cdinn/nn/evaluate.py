@@ -39,7 +39,7 @@ def summarise(cmp, chi2):
 
 
 def score_model(model=None, count=1000, seed=TEST_SEED, photons=None, device="cpu", oversampling=2, data=None,
-                precision="auto"):
+                precision="auto", views=1):
     """Quality of ``model`` on ``count`` fresh patterns, optionally with Poisson noise.
 
     Parameters
@@ -54,6 +54,8 @@ def score_model(model=None, count=1000, seed=TEST_SEED, photons=None, device="cp
         Pre-simulated patterns (``intensity``, ``amplitude``, ``phase``) instead.
     precision : "auto", "fp32" or "bf16"
         As in :func:`predict`.
+    views : int
+        Test-time views, as in :func:`predict` (1: the network alone).
 
     Returns
     -------
@@ -65,7 +67,7 @@ def score_model(model=None, count=1000, seed=TEST_SEED, photons=None, device="cp
     """
     if data is None:
         data = simulate(count, seed=seed, oversampling=oversampling, photons=photons)
-    res = predict(data["intensity"], model=model, device=device, precision=precision)
+    res = predict(data["intensity"], model=model, device=device, precision=precision, views=views)
     obj = res["amplitude"] * np.exp(1j * res["phase"])
     cmp = physics.compare(obj, data["amplitude"], data["phase"])
     out = summarise(cmp, res["chi2"])
@@ -77,5 +79,6 @@ def score_model(model=None, count=1000, seed=TEST_SEED, photons=None, device="cp
         trusted_fraction=float(np.mean(res["trusted"])),
         photons=photons,
         seed=int(seed),
+        views=int(views),
     )
     return out

@@ -22,6 +22,17 @@ Amplitudes ``sqrt(I)`` are divided by their per-frame maximum, so results do not
 overall scale of the input, then encoded as the model was trained (linear or log10,
 :func:`napari_cdinn.nn.data.encode_inputs`, recorded in the weights' metadata).
 
+Test-time views
+---------------
+A pattern and its object share the symmetries of the square pixel grid about the origin pixel
+(transposition and the two mirrors, :func:`dihedral`): the pattern of a mirrored object is the
+mirrored pattern.  The network is not exactly equivariant, so each view gives a slightly
+different answer.  With ``views = V`` the network reads the first ``V`` of the eight views
+(:data:`VIEWS`), each answer is mapped back, aligned to the one with the best trust score (up to
+twin, shift and global phase, :func:`align_objects`) and averaged with weights
+``(chi2_best / chi2)**2``; the trust score is then computed for the average.  Decision: the
+default stays 1 (the network alone, the fastest); measured gains are in the README.
+
 Trust score
 -----------
 ``chi2`` is computed from the prediction itself, in the *measured* frame: the predicted
@@ -41,7 +52,7 @@ import torch
 from .. import physics
 from . import TRUST_CHI2
 from .checkpoint import DEFAULT_MODEL, load_model, model_arch, resolve_model_path
-from .data import SIZE, encode_inputs
+from .data import SIZE, encode_inputs, roll_frames
 from .networks import input_factor_of
 from .runtime import autocast, bf16_supported, resolve_device
 
@@ -49,9 +60,13 @@ __all__ = [
     "DEFAULT_MODELS",
     "REFINE_OPTIONS",
     "TRUST_CHI2",
+    "VIEWS",
+    "align_objects",
+    "check_views",
     "decimation_factor",
     "decode_outputs",
     "default_model",
+    "dihedral",
     "embed",
     "model_for",
     "oversampling_factor",
@@ -71,6 +86,10 @@ __all__ = [
 REFINE_OPTIONS = {"iterations": 50, "average": 10, "shrinkwrap_every": 10, "sigma": (2.0, 1.0)}
 
 _CACHE: dict = {}
+
+#: The eight symmetries of the square grid as (transpose, mirror rows, mirror columns), in the order
+#: ``predict(views=V)`` uses the first ``V``: identity, the mirrors, the transposes, the inversion.
+VIEWS = ((0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (1, 1, 1), (1, 0, 1), (1, 1, 0), (0, 1, 1))
 
 #: Shipped models in order of preference when none is named (:func:`default_model`).
 DEFAULT_MODELS = ("model2x", DEFAULT_MODEL)
@@ -220,13 +239,77 @@ def oversampled_intensity(amplitude, phase, factor: int = 2):
     return physics.intensity(physics.pad(torch.polar(a, p), factor))
 
 
-def _run_batch(net, inputs, measured, factor, device, bf16, threshold):
-    x = torch.from_numpy(inputs)[:, None].to(device).contiguous(memory_format=torch.channels_last)
+def _grid_flip(x, dim):
+    """Mirror a centred frame about its origin pixel ``n // 2`` along ``dim`` (``i -> 2 (n // 2) - i``)."""
+    n = x.shape[dim]
+    return torch.roll(x.flip(dim), 2 * (n // 2) - (n - 1), dim)
+
+
+def dihedral(x, view: int, inverse: bool = False):
+    """Symmetry ``VIEWS[view]`` of the square pixel grid about the origin pixel, on ``(..., H, W)`` tensors.
+
+    The far field of a transformed object is the same transform of its far field, so a pattern's
+    view is the pattern of the object's view (``inverse=True`` undoes it).
+    """
+    ops = list(zip(("transpose", "rows", "columns"), VIEWS[view], strict=True))
+    for op, on in reversed(ops) if inverse else ops:
+        if on:
+            x = x.transpose(-2, -1) if op == "transpose" else _grid_flip(x, -2 if op == "rows" else -1)
+    return x
+
+
+def align_objects(obj, reference):
+    """Complex objects ``(N, H, W)`` aligned to ``reference`` up to twin, circular shift and global phase.
+
+    The batched torch counterpart of :func:`napari_cdinn.physics.align`: the peak of the complex
+    cross-correlation with the object or its twin gives the shift, its phase the constant.
+    """
+    ref_f = torch.fft.fft2(reference)
+    cands = torch.stack([obj, physics.twin(obj)])  # (2, N, H, W)
+    corr = torch.fft.ifft2(ref_f * torch.fft.fft2(cands).conj()).flatten(2)  # (2, N, H W)
+    mag, idx = corr.abs().max(-1)
+    use_twin = (mag[1] > mag[0]).long()
+    rows = torch.arange(obj.shape[0], device=obj.device)
+    idx = idx[use_twin, rows]
+    peak = corr[use_twin, rows, idx]
+    width = obj.shape[-1]
+    shifted = roll_frames(cands[use_twin, rows], torch.stack([idx // width, idx % width], 1))
+    return shifted * torch.exp(1j * torch.angle(peak))[:, None, None]
+
+
+def _network_object(net, x, device, bf16, threshold, view):
+    """The complex object the network predicts from the ``view`` of inputs ``x`` (N, 1, h, w), back in the input's frame."""
     with autocast(device, bf16):
-        amp, unit = net(x)
-    amp, phase, support = decode_outputs(amp, unit, threshold)
-    fit = oversampled_intensity(amp, phase, factor)
+        amp, unit = net(dihedral(x, view).contiguous(memory_format=torch.channels_last))
+    amp, phase, _ = decode_outputs(amp, unit, threshold)
+    return dihedral(torch.polar(amp, phase), view, inverse=True)
+
+
+def _view_ensemble(net, x, meas, factor, device, bf16, threshold, views):
+    """Amplitude, phase and support of the views' predictions, aligned and averaged (see :func:`predict`)."""
+    objs = torch.stack([_network_object(net, x, device, bf16, threshold, v) for v in range(views)])  # (V, N, 32, 32)
+    chis = torch.stack([physics.chi2(meas, physics.intensity(physics.pad(o, factor))) for o in objs])
+    rows = torch.arange(objs.shape[1], device=objs.device)
+    best = chis.argmin(0)
+    weights = (chis[best, rows] / chis.clamp_min(1e-12)) ** 2  # (chi2_best / chi2)^2: 1 for the best view
+    mean = sum(w[:, None, None] * align_objects(o, objs[best, rows]) for o, w in zip(objs, weights)) / weights.sum(0)[
+        :, None, None]
+    amp = mean.abs()
+    amp = amp / amp.amax((-2, -1), keepdim=True).clamp_min(1e-12)
+    support = amp > threshold
+    return amp, torch.where(support, mean.angle(), torch.zeros_like(amp)), support
+
+
+def _run_batch(net, inputs, measured, factor, device, bf16, threshold, views=1):
+    x = torch.from_numpy(inputs)[:, None].to(device).contiguous(memory_format=torch.channels_last)
     meas = torch.from_numpy(measured).to(device)
+    if views == 1:
+        with autocast(device, bf16):
+            amp, unit = net(x)
+        amp, phase, support = decode_outputs(amp, unit, threshold)
+    else:
+        amp, phase, support = _view_ensemble(net, x, meas, factor, device, bf16, threshold, views)
+    fit = oversampled_intensity(amp, phase, factor)
     chi = physics.chi2(meas, fit)
     signal = meas.sum((-2, -1)) > 0
     chi = torch.where(signal, chi, torch.ones_like(chi))  # no signal: nothing to trust
@@ -235,7 +318,8 @@ def _run_batch(net, inputs, measured, factor, device, bf16, threshold):
     return amp.cpu().numpy(), phase.cpu().numpy(), support.cpu().numpy(), chi.cpu().numpy()
 
 
-def predict(intensity, model=None, device="auto", batch_size=256, threshold=physics.SHAPE_THRESHOLD, precision="auto"):
+def predict(intensity, model=None, device="auto", batch_size=256, threshold=physics.SHAPE_THRESHOLD, precision="auto",
+            views=1):
     """Shape and phase of the object behind each diffraction pattern, with a trust score.
 
     Parameters
@@ -253,6 +337,11 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
         Relative amplitude defining the object; the phase is 0 outside it.
     precision : "auto", "fp32" or "bf16"
         bf16 autocast where the hardware has fast bf16 (``auto``), else float32.
+    views : int, 1..8
+        Test-time ensemble (see the module notes): the network also reads the first ``views``
+        symmetric views of each pattern (:data:`VIEWS`), and the predictions are aligned and
+        averaged, weighted by their trust scores.  1 (default) is the network alone; 8 costs
+        about 8 network calls and is the most accurate.
 
     Returns
     -------
@@ -263,6 +352,7 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
     """
     if batch_size < 1:
         raise ValueError("batch_size must be a positive integer")
+    check_views(views)
     shape = tuple(intensity.shape) if hasattr(intensity, "shape") else np.shape(intensity)
     if len(shape) not in (2, 3):
         raise ValueError(f"expected intensities shaped (H, W) or (N, H, W), got {len(shape)} dimensions")
@@ -283,7 +373,7 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
         for lo in range(0, n, batch_size):
             block = np.asarray(intensity) if single else np.asarray(intensity[lo : lo + batch_size])
             inputs, measured, _ = prepare(block.reshape((-1,) + shape[-2:]), net.input_transform, net.input_factor)
-            res = _run_batch(net, inputs, measured, factor, dev, bf16, threshold)
+            res = _run_batch(net, inputs, measured, factor, dev, bf16, threshold, int(views))
             hi = lo + len(inputs)
             for key, val in zip(("amplitude", "phase", "support", "chi2"), res):
                 out[key][lo:hi] = val
@@ -293,7 +383,13 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
     return out
 
 
-def predict_chunk(intensity, first_frame=0, model=None, device="auto", batch_size=256):
+def check_views(views):
+    """Raise ``ValueError`` unless ``views`` is a whole number of views, 1 to ``len(VIEWS)``."""
+    if isinstance(views, bool) or int(views) != views or not 1 <= views <= len(VIEWS):
+        raise ValueError(f"views must be a whole number from 1 to {len(VIEWS)}, got {views!r}")
+
+
+def predict_chunk(intensity, first_frame=0, model=None, device="auto", batch_size=256, views=1):
     """Chunk function for :func:`napari_cdinn.stream.process_stack` (picklable via ``partial``).
 
     The prediction is deterministic, so ``first_frame`` (the chunk's place in the stack) is unused.
@@ -301,5 +397,5 @@ def predict_chunk(intensity, first_frame=0, model=None, device="auto", batch_siz
     Returns ``amplitude``, ``phase``, ``chi2`` and ``trusted`` of :func:`predict` for an
     ``(n, H, W)`` block; the network is loaded once per process.
     """
-    res = predict(intensity, model=model, device=device, batch_size=batch_size)
+    res = predict(intensity, model=model, device=device, batch_size=batch_size, views=views)
     return {k: res[k] for k in ("amplitude", "phase", "chi2", "trusted")}
