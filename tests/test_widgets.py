@@ -200,14 +200,20 @@ def test_inversion_job_stops_between_batches(random_model):
     assert out["stopped"] and out["chi2"].shape == (2,) and calls == [{"done": 2, "total": 6}]
 
 
+def _training_dock(viewer, out, train_size, val_size, epochs, batch_size):
+    """The training dock of ``viewer`` set up for a small CPU run into ``out``."""
+    widget = _dock(viewer, "Train CDI NN")
+    widget.train_size.value, widget.val_size.value = train_size, val_size
+    widget.epochs.value, widget.batch_size.value = epochs, batch_size
+    widget.device.value = "cpu"
+    widget.out.value = out
+    return widget
+
+
 def test_training_dock_updates_plot_and_offers_the_model(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
-    widget = _dock(viewer, "Train CDI NN")
+    widget = _training_dock(viewer, tmp_path / "tiny", 128, 64, 1, 64)
     inversion = _dock(viewer, "CDI NN inversion")
-    widget.train_size.value, widget.val_size.value = 128, 64
-    widget.epochs.value, widget.batch_size.value = 1, 64
-    widget.device.value = "cpu"
-    widget.out.value = tmp_path / "tiny"
     widget.controls.run_button.clicked.emit()
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
     assert widget.history["train"] and widget.history["val"]
@@ -229,13 +235,8 @@ def test_training_dock_updates_plot_and_offers_the_model(make_napari_viewer, qtb
 
 
 def test_training_dock_time_limit_ends_the_run(make_napari_viewer, qtbot, tmp_path):
-    viewer = make_napari_viewer()
-    widget = _dock(viewer, "Train CDI NN")
-    widget.train_size.value, widget.val_size.value = 1024, 32
-    widget.epochs.value, widget.batch_size.value = 10_000, 32
-    widget.device.value = "cpu"
+    widget = _training_dock(make_napari_viewer(), tmp_path / "timed", 1024, 32, 10_000, 32)
     widget.time_limit.value = 0.05
-    widget.out.value = tmp_path / "timed"
     widget.controls.run_button.clicked.emit()
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
     state = json.loads((tmp_path / "timed" / "last.json").read_text())
@@ -244,12 +245,7 @@ def test_training_dock_time_limit_ends_the_run(make_napari_viewer, qtbot, tmp_pa
 
 
 def test_training_stop_saves_a_checkpoint(make_napari_viewer, qtbot, tmp_path):
-    viewer = make_napari_viewer()
-    widget = _dock(viewer, "Train CDI NN")
-    widget.train_size.value, widget.val_size.value = 1_000_000, 64
-    widget.epochs.value, widget.batch_size.value = 5, 64
-    widget.device.value = "cpu"
-    widget.out.value = tmp_path / "stopped"
+    widget = _training_dock(make_napari_viewer(), tmp_path / "stopped", 1_000_000, 64, 5, 64)
     seen = []
     widget.runner._bridge.progress.connect(seen.append)
     widget.controls.run_button.clicked.emit()
