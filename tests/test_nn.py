@@ -409,6 +409,13 @@ def test_a_continued_run_inherits_the_record_of_its_initial_weights(tmp_path):
     grandchild = card_from_state(dict(state, config={"init_from": str(tmp_path / "child.safetensors")}))
     assert grandchild["examples"] == 2000 and len(grandchild["lineage"]) == 3
     assert [h["examples"] for h in grandchild["history"]] == [100, 1250, 1500, 1750, 2000]
+    # a parent trained from random weights starts the lineage with its own commands
+    first = {"examples": 1000, "history": [], "commands": [{"command": "cdinn train A", "from_examples": 0},
+                                                          {"command": "cdinn train A --resume", "from_examples": 600}]}
+    save_model(build_model("shared"), tmp_path / "first.safetensors", first)
+    card = card_from_state(dict(state, config={"init_from": str(tmp_path / "first.safetensors")}))
+    assert card["lineage"][:2] == ["`cdinn train A` from 0 examples", "`cdinn train A --resume` from 600 examples"]
+    assert len(card["lineage"]) == 3
 
 
 def test_fresh_data_draws_new_examples_every_epoch():

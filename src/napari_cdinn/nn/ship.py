@@ -5,7 +5,8 @@ Usage: ``python -m napari_cdinn.nn.ship runs/paper [--name model] [--count 1000]
 The checkpoint (``best.safetensors`` of a model directory, or a file) is stored as float16
 safetensors in :data:`napari_cdinn.nn.checkpoint.WEIGHTS_DIR`, and its card gets the training
 record plus test metrics measured *with the stored weights* on fresh patterns
-(:func:`napari_cdinn.nn.evaluate.score_model`), clean and with Poisson noise (1e5 photons).
+(:func:`napari_cdinn.nn.evaluate.score_model`): clean, with Poisson noise (1e5 photons), and clean
+with the 8-view test-time ensemble (``predict(views=8)``).
 """
 
 from __future__ import annotations
@@ -60,8 +61,14 @@ def _inherit(card, init_from, command):
     for key in ("history", "epoch_validations"):
         out[key] = parent.get(key, []) + [dict(r, examples=r["examples"] + offset) for r in card[key]]
     step = f"continued from {_display(init_from)} ({offset:,} examples) by `{command}`: {run:,} more examples"
-    out["lineage"] = parent.get("lineage", []) + [step]
+    out["lineage"] = (parent.get("lineage") or _first_run(parent)) + [step]
     return out
+
+
+def _first_run(card):
+    """Lineage entries of a run that started from random weights: its commands as the card records them."""
+    runs = card.get("commands") or ([{"command": card["command"], "from_examples": 0}] if card.get("command") else [])
+    return [f"`{r['command']}` from {r['from_examples']:,} examples" for r in runs]
 
 
 def _display(path):
@@ -104,6 +111,7 @@ def ship(source, name="model", count=1000, device="cpu", photons=1e5):
     save_model(net, tmp, None, dtype=torch.float16)
     card["test_metrics"] = score_model(tmp, count=count, seed=TEST_SEED, device=device)
     card["test_metrics_noisy"] = score_model(tmp, count=count, seed=TEST_SEED, photons=photons, device=device)
+    card["test_metrics_views8"] = score_model(tmp, count=count, seed=TEST_SEED, device=device, views=8)
     save_model(net, target, card, dtype=torch.float16)
     os.remove(tmp)
     return read_card(target)
@@ -120,7 +128,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     card = ship(args.source, args.name, args.count)
-    print({k: card[k] for k in ("examples", "test_metrics", "test_metrics_noisy")}, file=sys.stderr)
+    print({k: card[k] for k in ("examples", "test_metrics", "test_metrics_noisy", "test_metrics_views8")}, file=sys.stderr)
     return 0
 
 
