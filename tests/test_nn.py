@@ -183,6 +183,8 @@ def test_view_ensemble_keeps_the_contract_and_is_symmetric(patterns):
     for bad in (0, 9, 2.5):
         with pytest.raises(ValueError, match="views"):
             predict(inten, views=bad)
+    blank = predict(np.zeros((1, 64, 64), np.float32), views=8)  # no signal: nothing to show or trust
+    assert blank["chi2"][0] == 1 and not blank["amplitude"].any() and not blank["trusted"][0]
 
 
 def test_cli_predict_views_are_recorded_and_checked(patterns, tmp_path, capsys):
