@@ -123,6 +123,25 @@ def test_alignment_recovers_shifted_twin(objects):
     assert np.abs(no_twin - truth).max() > 0.1
 
 
+def test_alignment_of_stacks_in_chunks_and_on_tensors(objects, monkeypatch):
+    import torch
+
+    truth = physics.pad(objects, 2).astype(np.complex128)
+    result = physics.shift(physics.twin(truth), (5, -7)) * np.exp(-2.1j)
+    result[1] = physics.shift(truth[1], (2, 3))  # one frame without its twin
+    whole, params = physics.align(result, truth, return_params=True)
+    monkeypatch.setattr(physics, "_ALIGN_CHUNK", 4)  # chunks of 4 frames give the same answer
+    np.testing.assert_array_equal(physics.align(result, truth), whole)
+    on_tensors, tensor_params = physics.align(torch.from_numpy(result), torch.from_numpy(truth), return_params=True)
+    assert torch.is_tensor(on_tensors) and on_tensors.dtype == torch.complex128
+    np.testing.assert_allclose(on_tensors.numpy(), whole, atol=1e-9)
+    assert [p[:2] for p in tensor_params] == [p[:2] for p in params] and not params[1][0] and params[0][0]
+    shifts = np.array([[1, -2], [0, 5], [-3, 0]])
+    rolled = physics.roll_frames(truth[:3], shifts)
+    for frame, s, r in zip(truth[:3], shifts, rolled, strict=True):
+        np.testing.assert_array_equal(r, np.roll(frame, tuple(s), axis=(0, 1)))
+
+
 def test_scores(objects):
     amp, pha = np.abs(objects), np.angle(objects) * (np.abs(objects) > 0.1)
     truth = amp * np.exp(1j * pha)

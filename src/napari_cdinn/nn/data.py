@@ -31,7 +31,6 @@ __all__ = [
     "make_objects",
     "normalise_amplitudes",
     "prepare_examples",
-    "roll_frames",
     "twin_targets",
 ]
 
@@ -92,14 +91,6 @@ def _bbox_shifts(support):
     return torch.stack(shifts, 1)
 
 
-def roll_frames(x, shifts):
-    """Roll each frame ``x[i]`` of a ``(N, H, W)`` tensor by its own ``shifts[i] = (dy, dx)`` (as ``np.roll``)."""
-    n, h, w = x.shape
-    rows = (torch.arange(h, device=x.device)[None, :] - shifts[:, :1]) % h  # np.roll: out[i] = x[i - s]
-    cols = (torch.arange(w, device=x.device)[None, :] - shifts[:, 1:]) % w
-    return x[torch.arange(n, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
-
-
 def centre_objects(amplitude, phase, threshold: float = physics.SHAPE_THRESHOLD):
     """Roll each object so the bounding box of its support is centred in the frame.
 
@@ -116,7 +107,7 @@ def centre_objects(amplitude, phase, threshold: float = physics.SHAPE_THRESHOLD)
     a, p = _tensor(amplitude), _tensor(phase)
     peak = a.amax((-2, -1), keepdim=True)
     shifts = _bbox_shifts((a > threshold * peak) & (peak > 0))
-    return _same_kind(roll_frames(a, shifts), amplitude), _same_kind(roll_frames(p, shifts), amplitude)
+    return _same_kind(physics.roll_frames(a, shifts), amplitude), _same_kind(physics.roll_frames(p, shifts), amplitude)
 
 
 def twin_targets(amplitude, phase):

@@ -29,7 +29,7 @@ A pattern and its object share the symmetries of the square pixel grid about the
 mirrored pattern.  The network is not exactly equivariant, so each view gives a slightly
 different answer.  With ``views = V`` the network reads the first ``V`` of the eight views
 (:data:`VIEWS`), each answer is mapped back, aligned to the one with the best trust score (up to
-twin, shift and global phase, :func:`align_objects`) and averaged with weights
+twin, shift and global phase, :func:`napari_cdinn.physics.align`) and averaged with weights
 ``(chi2_best / chi2)**2``; the trust score is then computed for the average.  Decision: the
 default stays 1 (the network alone, the fastest); measured gains are in the README.
 
@@ -52,7 +52,7 @@ import torch
 from .. import physics
 from . import TRUST_CHI2
 from .checkpoint import DEFAULT_MODEL, load_model, model_arch, resolve_model_path
-from .data import SIZE, encode_inputs, roll_frames
+from .data import SIZE, encode_inputs
 from .networks import input_factor_of
 from .runtime import autocast, bf16_supported, resolve_device
 
@@ -61,7 +61,6 @@ __all__ = [
     "REFINE_OPTIONS",
     "TRUST_CHI2",
     "VIEWS",
-    "align_objects",
     "check_views",
     "decimation_factor",
     "decode_outputs",
@@ -259,25 +258,6 @@ def dihedral(x, view: int, inverse: bool = False):
     return x
 
 
-def align_objects(obj, reference):
-    """Complex objects ``(N, H, W)`` aligned to ``reference`` up to twin, circular shift and global phase.
-
-    The batched torch counterpart of :func:`napari_cdinn.physics.align`: the peak of the complex
-    cross-correlation with the object or its twin gives the shift, its phase the constant.
-    """
-    ref_f = torch.fft.fft2(reference)
-    cands = torch.stack([obj, physics.twin(obj)])  # (2, N, H, W)
-    corr = torch.fft.ifft2(ref_f * torch.fft.fft2(cands).conj()).flatten(2)  # (2, N, H W)
-    mag, idx = corr.abs().max(-1)
-    use_twin = (mag[1] > mag[0]).long()
-    rows = torch.arange(obj.shape[0], device=obj.device)
-    idx = idx[use_twin, rows]
-    peak = corr[use_twin, rows, idx]
-    width = obj.shape[-1]
-    shifted = roll_frames(cands[use_twin, rows], torch.stack([idx // width, idx % width], 1))
-    return shifted * torch.exp(1j * torch.angle(peak))[:, None, None]
-
-
 def _network_object(net, x, device, bf16, threshold, view):
     """The complex object the network predicts from the ``view`` of inputs ``x`` (N, 1, h, w), back in the input's frame."""
     with autocast(device, bf16):
@@ -293,7 +273,7 @@ def _view_ensemble(net, x, meas, factor, device, bf16, threshold, views):
     rows = torch.arange(objs.shape[1], device=objs.device)
     best = chis.argmin(0)
     weights = (chis[best, rows] / chis.clamp_min(1e-12)) ** 2  # (chi2_best / chi2)^2: 1 for the best view
-    mean = sum(w[:, None, None] * align_objects(o, objs[best, rows]) for o, w in zip(objs, weights)) / weights.sum(0)[
+    mean = sum(w[:, None, None] * physics.align(o, objs[best, rows]) for o, w in zip(objs, weights)) / weights.sum(0)[
         :, None, None]
     amp = mean.abs()
     amp = amp / amp.amax((-2, -1), keepdim=True).clamp_min(1e-12)
