@@ -10,35 +10,41 @@
 # limits a small network's training speed):
 #   scratch: shared2x from random weights, paper lr, cosine schedule ending at MIN minutes;
 #   warm:    shared2x from the shipped model2x, lr 3e-4, the same kind of schedule.
-# Each writes a model directory (best/last safetensors + json, optimizer.pt), packed in $OUT/models.tgz, that
-# `cdinn train --resume --out DIR` continues and `python -m napari_cdinn.nn.ship DIR` ships.
+# Each writes a model directory, of which $OUT/<run>.tgz brings back the best weights and the cards:
+# `python -m napari_cdinn.nn.ship DIR` ships them, `cdinn train --init-from DIR/best.safetensors` continues.
 # An "epoch" is 1.8M fresh examples here so that the full validation (20,000) stays a small part.
 set -u
 OUT=${OUT:-runs/gpu}
 MIN=${MIN:-6.5}
 WORKERS=${WORKERS:-7}
 RUNS=${RUNS:-scratch warm}
+DEVICE=${DEVICE:-cuda}  # cpu: a local smoke run of this script
 mkdir -p "$OUT"
 export PYTHONPATH=src
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc;
   python3 -c "import torch, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__)"; } \
   > "$OUT/machine.txt" 2>&1
+# the trainer ends itself at MIN minutes; Ctrl-C (SIGINT) 90 s later still leaves a usable checkpoint
+guard=$(awk -v m="$MIN" 'BEGIN { print int(m * 60 + 90) }')
 common=(--preset paper --arch shared2x --fresh-data --shift 1 --phase-weight 4 --data-weight 1 --schedule cosine
-        --train-size 1800000 --epochs 1000 --time-limit "$MIN" --checkpoint-minutes 2 --device cuda
+        --train-size 1800000 --epochs 1000 --time-limit "$MIN" --checkpoint-minutes 2 --device "$DEVICE"
         --data-workers "$WORKERS")
 case " $RUNS " in *" scratch "*)
-  python3 -m napari_cdinn.cli train --out "$OUT/scratch" "${common[@]}" --seed 21 > "$OUT/scratch.log" 2>&1 & ;;
+  timeout -s INT "$guard" python3 -m napari_cdinn.cli train --out "$OUT/scratch" "${common[@]}" --seed 21 > "$OUT/scratch.log" 2>&1 & ;;
 esac
 case " $RUNS " in *" warm "*)
-  python3 -m napari_cdinn.cli train --out "$OUT/warm" "${common[@]}" --init-from model2x --lr 3e-4 --seed 23 \
+  timeout -s INT "$guard" python3 -m napari_cdinn.cli train --out "$OUT/warm" "${common[@]}" --init-from model2x --lr 3e-4 --seed 23 \
     > "$OUT/warm.log" 2>&1 & ;;
 esac
 wait
-# few files come back from the machine: one archive of the model directories (optimizer state too)
-runs=$(cd "$OUT" && ls -d scratch warm 2>/dev/null)
-[ -n "$runs" ] && tar czf "$OUT/models.tgz" -C "$OUT" $runs && (cd "$OUT" && rm -rf $runs)
+# at most 8 files of 16 MiB come back from the machine: one archive per run of its best weights and
+# cards (about 5 MB; the optimizer state stays behind: a continuation starts a fresh one)
+for run in scratch warm; do
+  [ -d "$OUT/$run" ] || continue
+  tar czf "$OUT/$run.tgz" -C "$OUT" "$run/best.safetensors" "$run/best.json" "$run/last.json" && rm -rf "${OUT:?}/$run"
+done
 [ "${BENCH_S:-110}" -gt 0 ] || exit 0
-timeout "${BENCH_S:-110}" python3 benchmarks/bench_nn.py --device cuda --numpy-count 1 --min-seconds 0.5 \
+timeout "${BENCH_S:-110}" python3 benchmarks/bench_nn.py --device "$DEVICE" --numpy-count 1 --min-seconds 0.5 \
   --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1
 echo "bench rc $?" >> "$OUT/bench_gpu.log"
 tail -n 3 "$OUT"/*.log
