@@ -15,6 +15,7 @@ from napari_cdinn.nn import TRUST_CHI2, load_model, predict, train
 from napari_cdinn.nn.checkpoint import WEIGHTS_DIR, save_model
 from napari_cdinn.nn.data import (
     centre_objects,
+    encode_inputs,
     make_examples,
     normalise_amplitudes,
     twin_targets,
@@ -71,6 +72,15 @@ def test_prepare_examples_on_tensors_matches_the_numpy_examples(factor, transfor
     assert set(out) == set(ref) and all(torch.is_tensor(v) for v in out.values())
     for key, value in ref.items():
         np.testing.assert_allclose(out[key].numpy(), value, atol=1e-6, err_msg=key)
+    # the inputs are the simulator's own patterns (SciPy FFTs), encoded
+    from napari_cdinn.simulate import patterns_from_objects
+
+    amp = np.sqrt(patterns_from_objects(obj["amplitude"], obj["phase"], factor))
+    np.testing.assert_allclose(ref["input"], encode_inputs(amp, transform), atol=1e-4 if transform == "log" else 1e-6)
+    # each target is the object rolled so that its support's bounding box is centred
+    sup = physics.support_from_amplitude(ref["target_amplitude"])
+    rows, cols = np.flatnonzero(sup[0].any(1)), np.flatnonzero(sup[0].any(0))
+    assert ((rows[0] + rows[-1]) // 2, (cols[0] + cols[-1]) // 2) == (16, 16)
     # the same targets as the NumPy twin: physics.twin on arrays, inverted and negated phase
     np.testing.assert_allclose(twin_targets(ref["twin_amplitude"], ref["twin_phase"])[0], ref["target_amplitude"], atol=1e-6)
     np.testing.assert_allclose(physics.twin(torch.from_numpy(ref["phase"])).numpy(), physics.twin(ref["phase"]).real)

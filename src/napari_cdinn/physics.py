@@ -13,8 +13,8 @@ Conventions (used everywhere in the package)
 
 Every function here takes NumPy arrays; the ones the retrieval engine and the networks
 need on tensors (:func:`forward`, :func:`intensity`, :func:`chi2`, :func:`decimate`, :func:`pad`,
-:func:`twin`, :func:`align`, :func:`roll_frames`) take ``torch.Tensor`` too and return the same
-type.  This module never imports torch for NumPy input.
+:func:`twin`, :func:`align`, :func:`roll_frames`, :func:`support_from_amplitude`) take
+``torch.Tensor`` too and return the same type.  This module never imports torch for NumPy input.
 """
 
 from __future__ import annotations
@@ -298,7 +298,11 @@ def align(result, reference, allow_twin: bool = True, return_params: bool = Fals
 
 
 def support_from_amplitude(amp, threshold: float = SHAPE_THRESHOLD):
-    """Object support: amplitude above ``threshold`` times its per-frame maximum."""
+    """Object support: amplitude above ``threshold`` times its per-frame maximum (NumPy or torch)."""
+    if _is_torch(amp):
+        a = amp.abs()
+        peak = a.amax((-2, -1), keepdim=True)
+        return (a > threshold * peak) & (peak > 0)
     a = np.abs(np.asarray(amp))
     peak = a.max(axis=(-2, -1), keepdims=True)
     return a > threshold * np.where(peak > 0, peak, np.inf)

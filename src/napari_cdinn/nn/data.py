@@ -72,7 +72,7 @@ def encode_inputs(amp, transform: str = "linear"):
     """
     if transform not in INPUT_TRANSFORMS:
         raise ValueError(f"unknown input transform {transform!r}; expected one of {', '.join(INPUT_TRANSFORMS)}")
-    a = _tensor(normalise_amplitudes(_tensor(amp)))
+    a = normalise_amplitudes(_tensor(amp))
     if transform == "log":
         a = 1.0 + torch.log10(a.clamp_min(10.0**-_LOG_DECADES)) / _LOG_DECADES
     return _same_kind(a, amp)
@@ -105,8 +105,7 @@ def centre_objects(amplitude, phase, threshold: float = physics.SHAPE_THRESHOLD)
     amplitude, phase : float32, shape (N, H, W), the kind of ``amplitude`` (tensors stay on their device)
     """
     a, p = _tensor(amplitude), _tensor(phase)
-    peak = a.amax((-2, -1), keepdim=True)
-    shifts = _bbox_shifts((a > threshold * peak) & (peak > 0))
+    shifts = _bbox_shifts(physics.support_from_amplitude(a, threshold))
     return _same_kind(physics.roll_frames(a, shifts), amplitude), _same_kind(physics.roll_frames(p, shifts), amplitude)
 
 
