@@ -112,6 +112,13 @@ def test_chi2_mask_ignores_masked_pixels(objects):
     assert physics.chi2(bad, i, mask=mask) < 1e-12
 
 
+def test_mirror_about_the_origin_pixel_mirrors_the_pattern(objects):
+    for dims in ((-2,), (-1,), (-2, -1)):
+        np.testing.assert_allclose(physics.intensity(physics.mirror(objects, dims)),
+                                   physics.mirror(physics.intensity(objects), dims), rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(physics.mirror(physics.mirror(objects, (-1,)), (-1,)), objects)
+
+
 def test_alignment_recovers_shifted_twin(objects):
     truth = physics.pad(objects, 2)  # room to shift
     result = physics.shift(physics.twin(truth), (5, -7)) * np.exp(-2.1j)

@@ -13,7 +13,7 @@ Conventions (used everywhere in the package)
 
 Every function here takes NumPy arrays; the ones the retrieval engine and the networks
 need on tensors (:func:`forward`, :func:`intensity`, :func:`chi2`, :func:`decimate`, :func:`pad`,
-:func:`twin`, :func:`align`, :func:`roll_frames`, :func:`support_from_amplitude`) take
+:func:`twin`, :func:`mirror`, :func:`align`, :func:`roll_frames`, :func:`support_from_amplitude`) take
 ``torch.Tensor`` too and return the same type.  This module never imports torch for NumPy input.
 """
 
@@ -34,6 +34,7 @@ __all__ = [
     "intensity",
     "intensity_from_amplitude",
     "inverse",
+    "mirror",
     "pad",
     "phase_rms",
     "roll_frames",
@@ -181,20 +182,28 @@ def decimate(pattern, factor: int = 2):
     return pattern[..., r0::factor, c0::factor]
 
 
+def mirror(obj, dims=(-2, -1)):
+    """Mirror a centred frame about its origin pixel along ``dims`` (``i -> 2 (n // 2) - i``), NumPy or torch.
+
+    The far field of a mirrored object is the same mirror of its far field.
+    """
+    # flipping maps i -> n-1-i; the mirror about n//2 maps i -> 2*(n//2)-i: a flip, then a roll
+    dims = tuple(dims)
+    roll = tuple(2 * (obj.shape[d] // 2) - (obj.shape[d] - 1) for d in dims)
+    if _is_torch(obj):
+        return _lib(obj).roll(obj.flip(dims), roll, dims)
+    return np.roll(np.flip(np.asarray(obj), dims), roll, axis=dims)
+
+
 def twin(obj):
     """Twin image: centro-symmetric inversion about the origin pixel plus complex conjugate.
 
     ``|forward(twin(o))| == |forward(o)|`` exactly.  NumPy or torch (a real tensor stays real).
     """
-    h, w = obj.shape[-2:]
-    # flipping maps i -> n-1-i; inversion about n//2 maps i -> 2*(n//2)-i.
-    roll = (2 * (h // 2) - (h - 1), 2 * (w // 2) - (w - 1))
+    inverted = mirror(obj)
     if _is_torch(obj):
-        import torch
-
-        flipped = torch.roll(obj.flip((-2, -1)), roll, (-2, -1))
-        return flipped.conj() if flipped.is_complex() else flipped
-    return np.conj(np.roll(np.asarray(obj)[..., ::-1, ::-1], roll, axis=(-2, -1)))
+        return inverted.conj() if inverted.is_complex() else inverted
+    return np.conj(inverted)
 
 
 def shift(obj, shifts):

@@ -239,12 +239,6 @@ def oversampled_intensity(amplitude, phase, factor: int = 2):
     return physics.intensity(physics.pad(torch.polar(a, p), factor))
 
 
-def _grid_flip(x, dim):
-    """Mirror a centred frame about its origin pixel ``n // 2`` along ``dim`` (``i -> 2 (n // 2) - i``)."""
-    n = x.shape[dim]
-    return torch.roll(x.flip(dim), 2 * (n // 2) - (n - 1), dim)
-
-
 def dihedral(x, view: int, inverse: bool = False):
     """Symmetry ``VIEWS[view]`` of the square pixel grid about the origin pixel, on ``(..., H, W)`` tensors.
 
@@ -254,7 +248,7 @@ def dihedral(x, view: int, inverse: bool = False):
     ops = list(zip(("transpose", "rows", "columns"), VIEWS[view], strict=True))
     for op, on in reversed(ops) if inverse else ops:
         if on:
-            x = x.transpose(-2, -1) if op == "transpose" else _grid_flip(x, -2 if op == "rows" else -1)
+            x = x.transpose(-2, -1) if op == "transpose" else physics.mirror(x, (-2 if op == "rows" else -1,))
     return x
 
 
