@@ -291,6 +291,40 @@ def test_time_limit_ends_the_schedule_by_the_deadline(tmp_path):
     assert again["step"] == state["step"]
 
 
+def test_weight_averaging_keeps_the_mean_of_the_last_steps_across_resume(tmp_path):
+    from safetensors.torch import load_file
+
+    kw = {"preset": "tiny", "train_size": 512, "val_size": 32, "batch_size": 32, "epochs": 2, "quick_val_size": 32,
+          "lr": 2e-3}
+    events = []
+    state = train(tmp_path / "a", average_from=0.5, callback=events.append, **kw)
+    assert state["step"] == 32 and state["config"]["average_from"] == 0.5
+    card = json.loads((tmp_path / "a" / "average.json").read_text())
+    assert card["averaged_steps"] == 17  # the weights after steps 16..32: from half the schedule on
+    scored = [e for e in events if "average_metrics" in e]
+    assert scored and {"iou_median", "phase_rms_median"} <= set(scored[-1]["average_metrics"])
+    assert state["best"]["weights"] in ("current", "average")
+    average = load_file(str(tmp_path / "a" / "average.safetensors"))
+    last = load_file(str(tmp_path / "a" / "last.safetensors"))
+    assert any(not torch.equal(average[k], last[k]) for k in last)
+    # stopped after 20 steps (5 averaged) and resumed: the same average as the run without a stop
+    stop = threading.Event()
+    part = train(tmp_path / "b", average_from=0.5, stop=stop,
+                 callback=lambda e: e["event"] == "step" and stop.set(), **kw)
+    assert part["step"] == 20 and json.loads((tmp_path / "b" / "average.json").read_text())["averaged_steps"] == 5
+    train(tmp_path / "b", resume=True, **kw)
+    assert json.loads((tmp_path / "b" / "average.json").read_text())["averaged_steps"] == 17
+    resumed = load_file(str(tmp_path / "b" / "average.safetensors"))
+    for k in average:
+        torch.testing.assert_close(resumed[k], average[k], rtol=1e-5, atol=1e-6)
+    # averaging only the last step gives the last weights; the CLI refuses fractions outside [0, 1)
+    train(tmp_path / "c", average_from=0.97, **kw)
+    only = load_file(str(tmp_path / "c" / "average.safetensors"))
+    assert all(torch.equal(only[k], v) for k, v in load_file(str(tmp_path / "c" / "last.safetensors")).items())
+    assert main(["train", "--out", str(tmp_path / "d"), "--preset", "tiny", "--average-from", "1"]) == 2
+    assert not (tmp_path / "d").exists()
+
+
 def test_data_workers_simulate_the_same_batches():
     from napari_cdinn.nn.trainer import CHUNK, _epoch_batches, data_pool
 

@@ -234,13 +234,15 @@ def test_training_dock_updates_plot_and_offers_the_model(make_napari_viewer, qtb
     assert config["data_weight"] == 1.5 and config["arch"] == "shared2x"
 
 
-def test_training_dock_time_limit_ends_the_run(make_napari_viewer, qtbot, tmp_path):
+def test_training_dock_time_limit_and_averaging(make_napari_viewer, qtbot, tmp_path):
     widget = _training_dock(make_napari_viewer(), tmp_path / "timed", 1024, 32, 10_000, 32)
     widget.time_limit.value = 0.05
+    widget.average.value = 50  # average the weights over the last half of the schedule
     widget.controls.run_button.clicked.emit()
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
     state = json.loads((tmp_path / "timed" / "last.json").read_text())
     assert state["config"]["time_limit_min"] == 0.05 and state["step"] > 0 and state["epoch"] < 10_000
+    assert state["config"]["average_from"] == 0.5 and (tmp_path / "timed" / "average.safetensors").is_file()
     assert widget.controls.status.value.startswith("done (time limit)")
 
 

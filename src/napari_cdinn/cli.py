@@ -25,15 +25,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _number(kind, minimum, inclusive, what):
-    """An argparse type: ``kind`` (int or float) finite and above ``minimum`` (or equal if inclusive)."""
+def _number(kind, minimum, inclusive, what, below=float("inf")):
+    """An argparse type: ``kind`` (int or float) finite, above ``minimum`` (or equal if inclusive), below ``below``."""
 
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             value = None
-        ok = value is not None and value != float("inf") and (value >= minimum if inclusive else value > minimum)
+        ok = value is not None and value < below and (value >= minimum if inclusive else value > minimum)
         if not ok:  # NaN fails both comparisons
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
@@ -45,6 +45,7 @@ _positive_int = _number(int, 1, True, "a positive integer")
 _positive_float = _number(float, 0.0, False, "a positive number")
 _non_negative_float = _number(float, 0.0, True, "a number >= 0")
 _non_negative_int = _number(int, 0, True, "an integer >= 0")
+_fraction = _number(float, 0.0, True, "a fraction in [0, 1)", below=1.0)
 
 
 # --------------------------------------------------------------------------- simulate
@@ -176,6 +177,9 @@ def _add_train(sub):
                         "up to 8 beside a GPU); the examples do not depend on it")
     p.add_argument("--time-limit", type=_positive_float, default=None, metavar="MIN",
                    help="end training after MIN minutes, the cosine schedule decaying by then (give --epochs generously)")
+    p.add_argument("--average-from", type=_fraction, default=None, metavar="F",
+                   help="stochastic weight averaging from this fraction (0..1) of the schedule on: the mean of the "
+                        "weights is saved as average.safetensors and becomes best when it validates better")
     p.add_argument("--seed", type=int, default=0, help="simulator seed of the training data")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoints in --out (their settings; --epochs, if given, "
@@ -209,6 +213,11 @@ def _cmd_train(args):
                   f"{m['phase_rms_median']:.3f} p90 {m['phase_rms_p90']:.3f} chi2 {m.get('chi2_median', float('nan')):.4f} "
                   f"twin {m['twin_rate']:.2f} (n={m['count']})",
                   file=sys.stderr, flush=True)
+            if "average_metrics" in ev:
+                a = ev["average_metrics"]
+                print(f"{head} average of {ev['averaged_steps']} steps: iou {a['iou_median']:.3f} phase_rms "
+                      f"{a['phase_rms_median']:.3f} p90 {a['phase_rms_p90']:.3f} chi2 {a['chi2_median']:.4f}",
+                      file=sys.stderr, flush=True)
         elif kind in ("start", "stopped", "done"):
             why = " (time limit)" if ev.get("ended") == "time limit" else ""
             print(f"{head} {kind}{why}", file=sys.stderr, flush=True)
@@ -223,7 +232,7 @@ def _cmd_train(args):
               precision=args.precision, input_transform=args.input, shift=args.shift,
               fresh_data=args.fresh_data, init_from=args.init_from, phase_weight=args.phase_weight,
               data_weight=args.data_weight, data_workers=args.data_workers,
-              time_limit=args.time_limit, command="cdinn " + shlex.join(sys.argv[1:]))
+              time_limit=args.time_limit, average_from=args.average_from, command="cdinn " + shlex.join(sys.argv[1:]))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

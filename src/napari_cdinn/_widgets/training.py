@@ -2,10 +2,10 @@
 
 Wired to :func:`napari_cdinn.nn.train` and its callback events (``step``: running training
 loss; ``checkpoint``/``validation``: validation loss).  Training runs in a thread worker, for
-its epochs or until its time limit;
-Stop asks the trainer to stop, which saves a usable checkpoint (``last.safetensors``, and
-``best.safetensors`` when it is the best so far) in the output folder before returning.  The
-model folder is then offered at once in the inversion and retrieval widgets' model pickers.
+its epochs or until its time limit, optionally keeping the mean of the weights over the last part
+of the schedule (stochastic weight averaging).  Stop asks the trainer to stop, which saves a
+usable checkpoint (``last.safetensors``, and ``best.safetensors`` when it is the best so far) in
+the output folder before returning.  The model folder is then offered at once in the inversion and retrieval widgets' model pickers.
 """
 
 from __future__ import annotations
@@ -58,11 +58,15 @@ class TrainingWidget(widgets.Container):
         self.time_limit = widgets.FloatSpinBox(
             label="time limit (min)", value=0.0, min=0.0, max=100_000.0, step=5.0,
             tooltip="end training after this many minutes, a cosine schedule decaying by then (0: no limit)")
+        self.average = widgets.SpinBox(
+            label="average last (%)", value=0, min=0, max=99, step=10,
+            tooltip="keep the mean of the weights over this last part of the schedule (stochastic weight "
+                    "averaging, average.safetensors); it becomes the best model when it validates better (0: off)")
         self.runner = JobRunner(self._on_event, self._on_result, on_finish=self._on_finish)
         self.controls = JobControls("Train", self.run, self.runner)
         super().__init__(widgets=[self.train_size, self.val_size, self.epochs, self.batch_size, self.device,
                                   self.out, self.resume, self.init_from, self.arch, self.fresh, self.data_weight,
-                                  self.time_limit, self.controls])
+                                  self.time_limit, self.average, self.controls])
         REGISTRY.changed.connect(self._refresh_models)
         self.plot = PlotCanvas(height=2.8)
         self.plot.add_to(self)
@@ -86,7 +90,8 @@ class TrainingWidget(widgets.Container):
                    "quick_val_size": min(2000, int(self.val_size.value)),
                    "init_from": self.init_from.value, "arch": self.arch.value, "fresh_data": bool(self.fresh.value),
                    "data_weight": float(self.data_weight.value),
-                   "time_limit": float(self.time_limit.value) or None}
+                   "time_limit": float(self.time_limit.value) or None,
+                   "average_from": 1.0 - int(self.average.value) / 100 if self.average.value else None}
         self._folder = folder
         self._total = options["train_size"] * options["epochs"]
         self.history = {"train": [], "val": []}

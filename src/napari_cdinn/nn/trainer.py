@@ -29,7 +29,9 @@ phase RMS inside the true support after alignment (``physics.compare``); judge b
 Checkpoints (``out`` is a directory): every ``checkpoint_minutes`` and at the end of every
 epoch, ``last.safetensors`` + ``last.json`` (state: position, history, config),
 ``optimizer.pt`` (the only pickle, for ``resume``), and ``best.safetensors`` + ``best.json``
-whenever the quick validation score (phase RMS median + 1 - IoU median) improves.
+whenever the quick validation score (phase RMS median + 1 - IoU median) improves.  With
+``average_from``, ``average.safetensors`` + ``average.json`` hold the running mean of the weights
+over the schedule's last part (stochastic weight averaging), a candidate for ``best`` too.
 """
 
 from __future__ import annotations
@@ -342,6 +344,19 @@ def _initial_weights(model, config, arch, input_transform):
     return state, config
 
 
+def _load_average(out, model, device):
+    """The weight average a resumed run continues (``average.safetensors`` in ``out``), or None."""
+    path = Path(out) / "average.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    average = torch.optim.swa_utils.AveragedModel(model)
+    average.module.load_state_dict(load_file(str(path)))
+    average.n_averaged.fill_(int(json.loads(path.with_suffix(".json").read_text())["averaged_steps"]))
+    return average.to(device)
+
+
 def _score(metrics):
     """Model selection score (lower is better): phase RMS median (rad) + (1 - IoU median)."""
     return metrics["phase_rms_median"] + (1.0 - metrics["iou_median"])
@@ -374,6 +389,7 @@ def train(
     data_weight=None,
     data_workers=None,
     time_limit=None,
+    average_from=None,
 ):
     """Train the networks and write checkpoints to the directory ``out``.
 
@@ -440,6 +456,14 @@ def train(
         end by the deadline whatever the hardware's speed: give ``epochs`` generously.  The
         examples seen then depend on the speed; the card records them.  Kept on ``resume``
         unless given again.
+    average_from : float, optional
+        Stochastic weight averaging (Izmailov et al. 2018, ``torch.optim.swa_utils.AveragedModel``):
+        from this fraction of the schedule on (0 <= f < 1, see ``time_limit``), the running mean of
+        the weights after every step is kept and saved beside ``last`` as ``average.safetensors``
+        (+ ``.json``: ``averaged_steps``).  Every checkpoint's quick validation also scores the
+        average (``average_metrics`` in the history and the events), and ``best`` is whichever of
+        the current and the averaged weights scored best (``best["weights"]``: ``"current"`` or
+        ``"average"``).  Default: off.  Kept on ``resume`` (with the average so far) unless given again.
 
     Returns
     -------
@@ -458,6 +482,10 @@ def train(
     config.update(preset=preset, seed=int(seed), precision=precision)
     if time_limit is not None:
         config["time_limit_min"] = float(time_limit)
+    if average_from is not None:
+        if not 0.0 <= float(average_from) < 1.0:
+            raise ValueError(f"average_from must be a fraction of the schedule in [0, 1), got {average_from}")
+        config["average_from"] = float(average_from)
     if config["train_size"] < config["batch_size"]:
         raise ValueError("the training set must hold at least one batch")
     dev = resolve_device(device)
@@ -468,10 +496,12 @@ def train(
         saved = state["config"]
         if epochs is not None:  # a new schedule length, never shorter than what is already done
             saved["epochs"] = max(int(epochs), state["epoch"] + 1)
-        if time_limit is not None:
-            saved["time_limit_min"] = float(time_limit)
+        for key in ("time_limit_min", "average_from"):
+            if key in config:  # given again with this resume
+                saved[key] = config[key]
         config = saved
         init_from = None
+    resumed = state is not None
     init = None
     if init_from is not None:
         init, config = _initial_weights(init_from, config, arch, input_transform)
@@ -509,6 +539,7 @@ def train(
         for k, v in g.items():
             if torch.is_tensor(v):
                 g[k] = v.to(dev)
+    average = _load_average(out, model, dev) if resumed and config.get("average_from") is not None else None
     factor = input_factor_of(config["arch"])
     val = make_examples(config["val_size"], config["seed"] + VAL_SEED_OFFSET, transform=config.get("input", "linear"),
                         input_factor=factor)
@@ -534,18 +565,30 @@ def train(
     def checkpoint(kind, full=False):
         state["elapsed_s"] = time.monotonic() - t0
         metrics = evaluate(model, val if full else quick, dev, bf16)
-        model.train()
         record = dict(base_event(kind), val_loss=metrics["loss"], metrics=metrics, full_validation=full)
+        candidates = [("current", model, metrics)]
+        if average is not None and not full:  # the average is scored by the quick validation only
+            avg_metrics = evaluate(average.module, quick, dev, bf16)
+            record.update(average_metrics=avg_metrics, averaged_steps=int(average.n_averaged))
+            candidates.append(("average", average.module, avg_metrics))
+        model.train()
         state["history"].append(record)
         card = dict(state, arch=config["arch"], val_metrics=metrics, train_loss=record["train_loss"], val_loss=metrics["loss"])
-        save_model(model, out / "last.safetensors", card, input_transform=config.get("input", "linear"))
+        transform = config.get("input", "linear")
+        save_model(model, out / "last.safetensors", card, input_transform=transform)
         torch.save(opt.state_dict(), out / "optimizer.pt")
-        best = state.get("best")
-        if not full and (best is None or _score(metrics) < _score(best["metrics"])):
-            state["best"] = {"step": state["step"], "examples": state["examples"], "metrics": metrics}
-            for name in ("best", "last"):
-                save_model(model, out / f"{name}.safetensors", dict(card, best=state["best"]),
-                           input_transform=config.get("input", "linear"))
+        if average is not None:
+            save_model(average.module, out / "average.safetensors",
+                       dict(card, averaged_steps=int(average.n_averaged), average_from=config["average_from"]),
+                       input_transform=transform)
+        for name, net, m in (candidates if not full else ()):  # best: by the quick validation
+            best = state.get("best")
+            if best is None or _score(m) < _score(best["metrics"]):
+                state["best"] = {"step": state["step"], "examples": state["examples"], "metrics": m, "weights": name}
+                if name == "average":
+                    state["best"]["averaged_steps"] = int(average.n_averaged)
+                save_model(net, out / "best.safetensors", dict(card, best=state["best"]), input_transform=transform)
+                save_model(model, out / "last.safetensors", dict(card, best=state["best"]), input_transform=transform)
         emit(dict(record, event="validation" if full else "checkpoint"))
         return metrics
 
@@ -583,6 +626,11 @@ def train(
                 opt.step()
                 n = len(x)
                 state["step"] += 1
+                if config.get("average_from") is not None and average is None and (
+                        _progress(config, state["step"], total_steps, time.monotonic() - t0) >= config["average_from"]):
+                    average = torch.optim.swa_utils.AveragedModel(model)
+                if average is not None:
+                    average.update_parameters(model)
                 state["step_in_epoch"] += 1
                 state["examples"] += n
                 run_loss, run_n = run_loss + loss.detach() * n, run_n + n  # no device sync per step
