@@ -462,6 +462,11 @@ def test_a_continued_run_inherits_the_record_of_its_initial_weights(tmp_path):
     card = card_from_state(dict(state, config={"init_from": str(tmp_path / "first.safetensors")}))
     assert card["lineage"][:2] == ["`cdinn train A` from 0 examples", "`cdinn train A --resume` from 600 examples"]
     assert len(card["lineage"]) == 3
+    # a continued run that was resumed names both of its commands
+    resumed = dict(state, commands=[{"command": "cdinn train B", "from_examples": 0},
+                                    {"command": "cdinn train B --resume", "from_examples": 300}])
+    assert card_from_state(resumed)["lineage"][-1].endswith(
+        "by `cdinn train B`, then `cdinn train B --resume` from 300 examples: 500 more examples")
 
 
 def test_fresh_data_draws_new_examples_every_epoch():

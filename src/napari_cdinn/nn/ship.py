@@ -46,11 +46,11 @@ def card_from_state(state: dict) -> dict:
     card = _own_record(state)
     config = state.get("config", {})
     if config.get("init_from"):
-        card = _inherit(card, config["init_from"], state.get("command"))
+        card = _inherit(card, config["init_from"], _commands(state))
     return card
 
 
-def _inherit(card, init_from, command):
+def _inherit(card, init_from, commands):
     """``card`` continued from the card of the weights at ``init_from`` (see :func:`card_from_state`)."""
     parent = read_card(init_from)
     if "run_examples" not in parent and parent.get("config", {}).get("init_from"):
@@ -60,15 +60,21 @@ def _inherit(card, init_from, command):
     out = dict(card, examples=offset + run, run_examples=run)
     for key in ("history", "epoch_validations"):
         out[key] = parent.get(key, []) + [dict(r, examples=r["examples"] + offset) for r in card[key]]
-    step = f"continued from {_display(init_from)} ({offset:,} examples) by `{command}`: {run:,} more examples"
+    how = ", then ".join(f"`{c['command']}`" + (f" from {c['from_examples']:,} examples" if c["from_examples"] else "")
+                         for c in commands)
+    step = f"continued from {_display(init_from)} ({offset:,} examples) by {how}: {run:,} more examples"
     out["lineage"] = (parent.get("lineage") or _first_run(parent)) + [step]
     return out
 
 
+def _commands(card):
+    """A run's commands (start and resumes) with the examples done when each began, as its card records them."""
+    return card.get("commands") or ([{"command": card["command"], "from_examples": 0}] if card.get("command") else [])
+
+
 def _first_run(card):
-    """Lineage entries of a run that started from random weights: its commands as the card records them."""
-    runs = card.get("commands") or ([{"command": card["command"], "from_examples": 0}] if card.get("command") else [])
-    return [f"`{r['command']}` from {r['from_examples']:,} examples" for r in runs]
+    """Lineage entries of a run that started from random weights: its commands."""
+    return [f"`{r['command']}` from {r['from_examples']:,} examples" for r in _commands(card)]
 
 
 def _display(path):
