@@ -5,7 +5,8 @@ loss; ``checkpoint``/``validation``: validation loss).  Training runs in a threa
 its epochs or until its time limit, optionally keeping the mean of the weights over the last part
 of the schedule (stochastic weight averaging).  Stop asks the trainer to stop, which saves a
 usable checkpoint (``last.safetensors``, and ``best.safetensors`` when it is the best so far) in
-the output folder before returning.  The model folder is then offered at once in the inversion and retrieval widgets' model pickers.
+the output folder before returning.  The model folder is then offered at once in the inversion
+and retrieval widgets' model pickers.
 """
 
 from __future__ import annotations
