@@ -573,6 +573,13 @@ def train(
             candidates.append(("average", average.module, avg_metrics))
         model.train()
         state["history"].append(record)
+        name, net, m = min(candidates, key=lambda c: _score(c[2]))  # the current weights win a tie
+        best = state.get("best")
+        improved = not full and (best is None or _score(m) < _score(best["metrics"]))  # by the quick validation
+        if improved:
+            state["best"] = {"step": state["step"], "examples": state["examples"], "metrics": m, "weights": name}
+            if name == "average":
+                state["best"]["averaged_steps"] = int(average.n_averaged)
         card = dict(state, arch=config["arch"], val_metrics=metrics, train_loss=record["train_loss"], val_loss=metrics["loss"])
         transform = config.get("input", "linear")
         save_model(model, out / "last.safetensors", card, input_transform=transform)
@@ -581,14 +588,8 @@ def train(
             save_model(average.module, out / "average.safetensors",
                        dict(card, averaged_steps=int(average.n_averaged), average_from=config["average_from"]),
                        input_transform=transform)
-        for name, net, m in (candidates if not full else ()):  # best: by the quick validation
-            best = state.get("best")
-            if best is None or _score(m) < _score(best["metrics"]):
-                state["best"] = {"step": state["step"], "examples": state["examples"], "metrics": m, "weights": name}
-                if name == "average":
-                    state["best"]["averaged_steps"] = int(average.n_averaged)
-                save_model(net, out / "best.safetensors", dict(card, best=state["best"]), input_transform=transform)
-                save_model(model, out / "last.safetensors", dict(card, best=state["best"]), input_transform=transform)
+        if improved:
+            save_model(net, out / "best.safetensors", card, input_transform=transform)
         emit(dict(record, event="validation" if full else "checkpoint"))
         return metrics
 
