@@ -78,10 +78,10 @@ __all__ = [
 #: (``cdinn reconstruct --init nn``): a short HIO/ER run (the last 10 iterations ER, averaged)
 #: from the network's guess and support, the support shrink-wrapped every 10 iterations with a
 #: blur narrowing from 2 to 1 pixel.  Chosen on 200 fresh test patterns (``benchmarks/bench_nn.py``):
-#: with the default ``model2x`` (16.35M examples) 50 iterations give phase RMS 0.145 rad median /
-#: 0.392 p90 against 0.182 / 0.833 for the 620-iteration protocol from random starts, in 1.64 ms
-#: per pattern against 9.9 ms (batched engine) and 98 ms (NumPy loop); 80 give 0.129 / 0.375 for
-#: 1.2x the time, 20 only 0.199 median (0.491 p90, short of the protocol's median).
+#: with the default ``model2x`` (22.98M examples) 50 iterations give phase RMS 0.130 rad median /
+#: 0.385 p90 against 0.182 / 0.833 for the 620-iteration protocol from random starts, in 1.61 ms
+#: per pattern against 11.0 ms (batched engine) and 99 ms (NumPy loop); 80 give 0.130 / 0.371 for
+#: 1.3x the time, 20 only 0.182 median (0.462 p90, a tie with the protocol's median).
 REFINE_OPTIONS = {"iterations": 50, "average": 10, "shrinkwrap_every": 10, "sigma": (2.0, 1.0)}
 
 _CACHE: dict = {}
