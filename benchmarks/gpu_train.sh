@@ -6,8 +6,8 @@
 # The whole script takes about 60 * MIN + 40 s, plus BENCH_S (default 110; 0 skips the benchmark):
 # give the machine's call a limit above that, or the archive below is never written.
 #
-# Two runs share the GPU, each with its own simulator processes (a small network's step is
-# short, so the host side, not the GPU, limits the training speed):
+# Two runs share the GPU, each with its own simulator processes (the host side, not the GPU,
+# limits the training speed: see BATCH below):
 #   scratch: shared2x from random weights, lr SCRATCH_LR, cosine schedule ending at MIN minutes;
 #   warm:    shared2x from the shipped model2x, lr WARM_LR, the same kind of schedule.
 # RUNS=warm WORKERS=14 gives the whole machine to the warm run (the better use of a short lease).
