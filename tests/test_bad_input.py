@@ -188,6 +188,7 @@ def test_random_arrays_never_traceback(arr, command, tmp_path_factory, capsys):
         ["--init-from", "model", "--arch", "paper"],  # the shipped weights are the shared network
         ["--phase-weight", "-1"],
         ["--data-weight", "-0.5"],
+        ["--support-weight", "-1"],
         ["--time-limit", "0"],
         ["--preset", "huge"],
     ],

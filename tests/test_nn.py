@@ -387,6 +387,32 @@ def test_phase_weight_scales_the_phase_term_of_the_loss():
         assert torch.allclose(loss, l_amp + w * l_phase, atol=1e-6)
 
 
+def test_support_weight_adds_the_threshold_classifier_term():
+    import torch.nn.functional as F
+
+    from napari_cdinn.nn.trainer import SUPPORT_LOGIT, twin_invariant_loss
+
+    g = torch.Generator().manual_seed(1)
+    amp = torch.zeros(2, 1, 8, 8)
+    amp[:, :, 2:6, 2:6] = 0.05 + torch.rand(2, 1, 4, 4, generator=g)  # some object pixels under 0.1 of the peak
+    phase = torch.zeros_like(amp)
+    support = (amp > 0.1 * amp.amax((-2, -1), keepdim=True)).float()
+    assert 0 < support.sum() < (amp > 0).sum()
+    la, lp = torch.randn(2, 1, 8, 8, generator=g), torch.zeros(2, 1, 8, 8)
+    args = (la, lp, amp, phase, amp, phase)
+    base, _ = twin_invariant_loss(*args)
+    for w in (0.0, 2.0):
+        loss, _ = twin_invariant_loss(*args, support_weight=w)
+        extra = w * F.binary_cross_entropy_with_logits(la - SUPPORT_LOGIT, support)
+        assert torch.allclose(loss, base + extra, atol=1e-6)
+    # the term is small where the shape output's 0.1 threshold draws the true support
+    sure = torch.where(support > 0, SUPPORT_LOGIT + 8, SUPPORT_LOGIT - 8)
+    assert 1 / (1 + np.exp(-SUPPORT_LOGIT)) == pytest.approx(0.1)
+    fit, _ = twin_invariant_loss(sure, lp, amp, phase, amp, phase, support_weight=1.0)
+    plain, _ = twin_invariant_loss(sure, lp, amp, phase, amp, phase)
+    assert float(fit - plain) < 1e-3
+
+
 def _logits_of(amplitude, phase):
     """Logits whose sigmoid outputs decode to ``amplitude`` (max 1) and ``phase``."""
     a = torch.as_tensor(np.asarray(amplitude, np.float32)).clamp(1e-6, 1 - 1e-6)
@@ -420,8 +446,8 @@ def test_data_consistency_loss_is_differentiable_and_train_records_its_weight(tm
     assert torch.isfinite(lp.grad).all() and float(lp.grad.abs().max()) > 0
     events = []
     state = train(tmp_path / "m", preset="tiny", train_size=256, val_size=64, epochs=1, batch_size=32,
-                  data_weight=2.0, callback=events.append, quick_val_size=64)
-    assert state["config"]["data_weight"] == 2.0
+                  data_weight=2.0, support_weight=1.0, callback=events.append, quick_val_size=64)
+    assert state["config"]["data_weight"] == 2.0 and state["config"]["support_weight"] == 1.0
     val = [e for e in events if e["event"] == "validation"][-1]["metrics"]
     assert 0 < val["chi2_median"] <= 1
 
@@ -440,7 +466,8 @@ def test_evaluate_scores_chi2_as_predict_does():
 def test_a_continued_run_inherits_the_record_of_its_initial_weights(tmp_path):
     from napari_cdinn.nn.ship import card_from_state
 
-    record = {"event": "checkpoint", "epoch": 1, "examples": 100, "val_loss": 0.9, "metrics": {}, "full_validation": False}
+    record = {"event": "checkpoint", "epoch": 1, "examples": 100, "val_loss": 0.912345678,
+              "metrics": {"phase_rms_median": 0.30712345}, "full_validation": False}
     parent = {"examples": 1000, "history": [record], "epoch_validations": [], "lineage": ["first run"]}
     save_model(build_model("shared"), tmp_path / "parent.safetensors", parent)
     state = {"config": {"init_from": str(tmp_path / "parent.safetensors")}, "examples": 500, "command": "cdinn train",
@@ -449,6 +476,8 @@ def test_a_continued_run_inherits_the_record_of_its_initial_weights(tmp_path):
     assert card["examples"] == 1500 and card["run_examples"] == 500
     assert [h["examples"] for h in card["history"]] == [100, 1250, 1500]
     assert [h["examples"] for h in card["epoch_validations"]] == [1500]
+    # the chain's curves keep 4 significant digits; counts stay exact
+    assert card["history"][-1]["val_loss"] == 0.9123 and card["history"][0]["metrics"]["phase_rms_median"] == 0.3071
     assert card["lineage"][0] == "first run" and "1,000 examples" in card["lineage"][1]
     # a run continued from that run's checkpoint (not yet shipped) gets the whole chain
     save_model(build_model("shared"), tmp_path / "child.safetensors", state)

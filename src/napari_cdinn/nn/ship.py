@@ -41,13 +41,27 @@ def card_from_state(state: dict) -> dict:
     A run started with ``--init-from`` inherits the record of the weights it started from, when
     their card is still there: their ``history`` and ``epoch_validations`` come first and this
     run's follow with ``examples`` counted on from theirs; ``lineage`` lists every run, and
-    ``examples`` is the total (``run_examples``: this run's).
+    ``examples`` is the total (``run_examples``: this run's).  Their floats keep 4 significant
+    digits (the record of a long chain of runs would otherwise grow the card by ~50 KB a run).
     """
     card = _own_record(state)
     config = state.get("config", {})
     if config.get("init_from"):
         card = _inherit(card, config["init_from"], _commands(state))
+    for key in ("history", "epoch_validations"):  # the curves of every run in the chain: 4 digits suffice
+        card[key] = _rounded(card[key])
     return card
+
+
+def _rounded(record, digits=4):
+    """``record`` (nested lists and dicts) with every float rounded to ``digits`` significant digits."""
+    if isinstance(record, float):
+        return float(f"{record:.{digits}g}")
+    if isinstance(record, dict):
+        return {k: _rounded(v, digits) for k, v in record.items()}
+    if isinstance(record, list):
+        return [_rounded(v, digits) for v in record]
+    return record
 
 
 def _inherit(card, init_from, commands):

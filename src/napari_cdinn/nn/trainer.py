@@ -70,6 +70,8 @@ __all__ = [
 VAL_SEED_OFFSET = 1_000_000
 #: Oversampling of the patterns the data-consistency loss compares with (the paper's measured frame).
 DATA_OVERSAMPLING = 2
+#: Logit of the shape threshold: ``sigmoid(logit) > SHAPE_THRESHOLD`` where ``logit > SUPPORT_LOGIT``.
+SUPPORT_LOGIT = math.log(physics.SHAPE_THRESHOLD / (1 - physics.SHAPE_THRESHOLD))
 #: Examples simulated at once and shuffled together during training (a multiple of BLOCK).
 CHUNK = 4 * BLOCK
 
@@ -82,7 +84,7 @@ PRESETS = {
 
 
 def twin_invariant_loss(amp_logit, phase_logit, target_amp, target_phase, twin_amp, twin_phase, shift=0,
-                        phase_weight=1.0):
+                        phase_weight=1.0, support_weight=0.0):
     """Per-example min of the joint BCE against the truth and against its twin.
 
     With ``shift > 0`` the minimum also runs over circular shifts of both targets by up to
@@ -102,6 +104,13 @@ def twin_invariant_loss(amp_logit, phase_logit, target_amp, target_phase, twin_a
         Weight of the phase BCE in the joint loss (1: the paper's plain sum).  The phase BCE
         spans a narrow range (ln 2 for zero phase against ~0.686 for a perfect answer), so the
         shared encoder hears little of it unless it is weighted up.
+    support_weight : float
+        Weight of a **support term** (0: none, the paper's loss): the BCE of the shape output's
+        own 0.1 threshold as a classifier of the target's support, i.e. of
+        ``amp_logit - logit(SHAPE_THRESHOLD)`` against ``support_from_amplitude(target)``.  The
+        amplitude BCE's optimum under an uncertain edge is a blurred average that falls under
+        the threshold on the object's rim, where the masked phase is then 0; this term asks the
+        threshold itself to draw the most probable support.
 
     Returns
     -------
@@ -113,7 +122,12 @@ def twin_invariant_loss(amp_logit, phase_logit, target_amp, target_phase, twin_a
         la = F.binary_cross_entropy_with_logits(amp_logit, amp, reduction="none").mean((1, 2, 3))
         unit = (phase + math.pi) / (2 * math.pi)
         lp = F.binary_cross_entropy_with_logits(phase_logit, unit, reduction="none").mean((1, 2, 3))
-        return la + phase_weight * lp
+        loss = la + phase_weight * lp
+        if support_weight:
+            support = physics.support_from_amplitude(amp).to(amp_logit.dtype)
+            ls = F.binary_cross_entropy_with_logits(amp_logit - SUPPORT_LOGIT, support, reduction="none")
+            loss = loss + support_weight * ls.mean((1, 2, 3))
+        return loss
 
     def best(amp, phase):
         losses = [
@@ -387,6 +401,7 @@ def train(
     init_from=None,
     phase_weight=None,
     data_weight=None,
+    support_weight=None,
     data_workers=None,
     time_limit=None,
     average_from=None,
@@ -437,6 +452,8 @@ def train(
     data_weight : float, optional
         Weight of the data-consistency term (:func:`data_consistency_loss` against the 2x
         oversampled pattern) added to the supervised loss (default 0: the paper's loss alone).
+    support_weight : float, optional
+        Weight of the support term of the loss (:func:`twin_invariant_loss`; default 0: none).
     fresh_data : bool, optional
         Draw new simulated examples every epoch instead of repeating the same ``train_size``
         (default False, the paper's fixed set); an "epoch" is then ``train_size`` examples.
@@ -477,7 +494,8 @@ def train(
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     overrides = {"arch": arch, "train_size": train_size, "val_size": val_size, "epochs": epochs,
                  "batch_size": batch_size, "lr": lr, "schedule": schedule, "input": input_transform,
-                 "shift": shift, "fresh_data": fresh_data, "phase_weight": phase_weight, "data_weight": data_weight}
+                 "shift": shift, "fresh_data": fresh_data, "phase_weight": phase_weight, "data_weight": data_weight,
+                 "support_weight": support_weight}
     config.update({k: v for k, v in overrides.items() if v is not None})
     config.update(preset=preset, seed=int(seed), precision=precision)
     if time_limit is not None:
@@ -618,7 +636,8 @@ def train(
                 with autocast(dev, bf16):
                     la, lp = model.logits(x)
                 loss, _ = twin_invariant_loss(la, lp, *t, shift=config.get("shift", 0),
-                                              phase_weight=config.get("phase_weight", 1.0))
+                                              phase_weight=config.get("phase_weight", 1.0),
+                                              support_weight=config.get("support_weight", 0.0))
                 if config.get("data_weight", 0.0) > 0:
                     measured = _measured_amplitudes(ex, factor, config.get("input", "linear"))
                     loss = loss + config["data_weight"] * data_consistency_loss(la, lp, measured).mean()
