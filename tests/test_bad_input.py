@@ -189,6 +189,7 @@ def test_random_arrays_never_traceback(arr, command, tmp_path_factory, capsys):
         ["--phase-weight", "-1"],
         ["--data-weight", "-0.5"],
         ["--support-weight", "-1"],
+        ["--miss-weight", "0"],
         ["--time-limit", "0"],
         ["--preset", "huge"],
     ],

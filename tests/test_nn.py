@@ -401,9 +401,10 @@ def test_support_weight_adds_the_threshold_classifier_term():
     la, lp = torch.randn(2, 1, 8, 8, generator=g), torch.zeros(2, 1, 8, 8)
     args = (la, lp, amp, phase, amp, phase)
     base, _ = twin_invariant_loss(*args)
-    for w in (0.0, 2.0):
-        loss, _ = twin_invariant_loss(*args, support_weight=w)
-        extra = w * F.binary_cross_entropy_with_logits(la - SUPPORT_LOGIT, support)
+    for w, miss in ((0.0, 1.0), (2.0, 1.0), (0.5, 3.0)):
+        loss, _ = twin_invariant_loss(*args, support_weight=w, miss_weight=miss)
+        weights = 1 + (miss - 1) * support  # object pixels count ``miss`` times
+        extra = w * F.binary_cross_entropy_with_logits(la - SUPPORT_LOGIT, support, weight=weights)
         assert torch.allclose(loss, base + extra, atol=1e-6)
     # the term is small where the shape output's 0.1 threshold draws the true support
     sure = torch.where(support > 0, SUPPORT_LOGIT + 8, SUPPORT_LOGIT - 8)

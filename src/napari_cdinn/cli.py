@@ -168,6 +168,9 @@ def _add_train(sub):
     p.add_argument("--support-weight", type=_non_negative_float, default=None,
                    help="weight of the support term (BCE of the shape's 0.1 threshold against the true "
                         "support) added to the loss (default 0: the paper's loss)")
+    p.add_argument("--miss-weight", type=_positive_float, default=None,
+                   help="weight of object against background pixels in the support term (default 1; "
+                        "above 1 the shape threshold draws more of the object)")
     p.add_argument("--fresh-data", action="store_true", default=None,
                    help="new simulated examples every epoch (default: the paper's fixed training set)")
     p.add_argument("--init-from", default=None, metavar="MODEL",
@@ -234,7 +237,7 @@ def _cmd_train(args):
               seed=args.seed, resume=args.resume, callback=progress, stop=stop, checkpoint_minutes=args.checkpoint_minutes,
               precision=args.precision, input_transform=args.input, shift=args.shift,
               fresh_data=args.fresh_data, init_from=args.init_from, phase_weight=args.phase_weight,
-              data_weight=args.data_weight, support_weight=args.support_weight, data_workers=args.data_workers,
+              data_weight=args.data_weight, support_weight=args.support_weight, miss_weight=args.miss_weight, data_workers=args.data_workers,
               time_limit=args.time_limit, average_from=args.average_from, command="cdinn " + shlex.join(sys.argv[1:]))
     finally:
         for sig, handler in previous.items():
