@@ -225,6 +225,7 @@ def test_training_dock_updates_plot_and_offers_the_model(make_napari_viewer, qtb
     widget.init_from.value = str(tmp_path / "tiny")
     widget.fresh.value = True
     widget.data_weight.value = 1.5
+    widget.support_weight.value, widget.miss_weight.value = 0.5, 3.0
     widget.arch.value = "shared2x"
     widget.out.value = tmp_path / "continued"
     widget.controls.run_button.clicked.emit()
@@ -232,6 +233,7 @@ def test_training_dock_updates_plot_and_offers_the_model(make_napari_viewer, qtb
     config = json.loads((tmp_path / "continued" / "last.json").read_text())["config"]
     assert config["fresh_data"] and config["init_from"].startswith(str(tmp_path / "tiny"))
     assert config["data_weight"] == 1.5 and config["arch"] == "shared2x"
+    assert config["support_weight"] == 0.5 and config["miss_weight"] == 3.0
 
 
 def test_training_dock_time_limit_and_averaging(make_napari_viewer, qtbot, tmp_path):

@@ -56,6 +56,13 @@ class TrainingWidget(widgets.Container):
         self.data_weight = widgets.FloatSpinBox(
             label="data-consistency weight", value=0.0, min=0.0, max=100.0, step=0.5,
             tooltip="weight of the chi^2 of each prediction against its own pattern, added to the loss (0: the paper's loss)")
+        self.support_weight = widgets.FloatSpinBox(
+            label="support weight", value=0.0, min=0.0, max=100.0, step=0.5,
+            tooltip="weight of a loss term asking the shape's 0.1 threshold to draw the true support (0: the paper's loss)")
+        self.miss_weight = widgets.FloatSpinBox(
+            label="missed-pixel weight", value=1.0, min=0.01, max=100.0, step=0.5,
+            tooltip="weight of object against background pixels in the support term; above 1 the threshold "
+                    "draws more of the object, whose phase a missed pixel loses")
         self.time_limit = widgets.FloatSpinBox(
             label="time limit (min)", value=0.0, min=0.0, max=100_000.0, step=5.0,
             tooltip="end training after this many minutes, a cosine schedule decaying by then (0: no limit)")
@@ -67,7 +74,7 @@ class TrainingWidget(widgets.Container):
         self.controls = JobControls("Train", self.run, self.runner)
         super().__init__(widgets=[self.train_size, self.val_size, self.epochs, self.batch_size, self.device,
                                   self.out, self.resume, self.init_from, self.arch, self.fresh, self.data_weight,
-                                  self.time_limit, self.average, self.controls])
+                                  self.support_weight, self.miss_weight, self.time_limit, self.average, self.controls])
         REGISTRY.changed.connect(self._refresh_models)
         self.plot = PlotCanvas(height=2.8)
         self.plot.add_to(self)
@@ -91,6 +98,7 @@ class TrainingWidget(widgets.Container):
                    "quick_val_size": min(2000, int(self.val_size.value)),
                    "init_from": self.init_from.value, "arch": self.arch.value, "fresh_data": bool(self.fresh.value),
                    "data_weight": float(self.data_weight.value),
+                   "support_weight": float(self.support_weight.value), "miss_weight": float(self.miss_weight.value),
                    "time_limit": float(self.time_limit.value) or None,
                    "average_from": 1.0 - int(self.average.value) / 100 if self.average.value else None}
         self._folder = folder
