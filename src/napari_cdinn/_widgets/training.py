@@ -25,6 +25,11 @@ def _start_choices(_widget=None):
     return [("random weights", None)] + REGISTRY.choices()
 
 
+def _weight_box(label, tooltip, value=0.0, minimum=0.0):
+    """A spin box for one weight of the loss (0..100 in steps of 0.5)."""
+    return widgets.FloatSpinBox(label=label, value=value, min=minimum, max=100.0, step=0.5, tooltip=tooltip)
+
+
 def training_job(out, options, progress, should_stop):
     """Worker body: ``nn.train`` with events forwarded to ``progress``; returns its final state."""
     from ..nn import train
@@ -53,16 +58,16 @@ class TrainingWidget(widgets.Container):
             tooltip="shared2x reads the whole 64 x 64 pattern; started from shared weights it begins where they stand")
         self.fresh = widgets.CheckBox(label="new examples every epoch", value=False,
                                       tooltip="draw fresh simulated examples each epoch instead of repeating the set")
-        self.data_weight = widgets.FloatSpinBox(
-            label="data-consistency weight", value=0.0, min=0.0, max=100.0, step=0.5,
-            tooltip="weight of the chi^2 of each prediction against its own pattern, added to the loss (0: the paper's loss)")
-        self.support_weight = widgets.FloatSpinBox(
-            label="support weight", value=0.0, min=0.0, max=100.0, step=0.5,
-            tooltip="weight of a loss term asking the shape's 0.1 threshold to draw the true support (0: the paper's loss)")
-        self.miss_weight = widgets.FloatSpinBox(
-            label="missed-pixel weight", value=1.0, min=0.01, max=100.0, step=0.5,
-            tooltip="weight of object against background pixels in the support term; above 1 the threshold "
-                    "draws more of the object, whose phase a missed pixel loses")
+        self.data_weight = _weight_box(
+            "data-consistency weight",
+            "weight of the chi^2 of each prediction against its own pattern, added to the loss (0: the paper's loss)")
+        self.support_weight = _weight_box(
+            "support weight", "weight of a loss term asking the shape's 0.1 threshold to draw the true support "
+                              "(0: the paper's loss)")
+        self.miss_weight = _weight_box(
+            "missed-pixel weight", "weight of object against background pixels in the support term; above 1 the "
+                                   "threshold draws more of the object, whose phase a missed pixel loses",
+            value=1.0, minimum=0.01)
         self.time_limit = widgets.FloatSpinBox(
             label="time limit (min)", value=0.0, min=0.0, max=100_000.0, step=5.0,
             tooltip="end training after this many minutes, a cosine schedule decaying by then (0: no limit)")
