@@ -38,8 +38,8 @@ export PYTHONPATH=src
   > "$OUT/machine.txt" 2>&1
 # the trainer ends itself at MIN minutes; Ctrl-C (SIGINT) 90 s later still leaves a usable checkpoint
 guard=$(awk -v m="$MIN" 'BEGIN { print int(m * 60 + 90) }')
-common=(--preset paper --arch shared2x --fresh-data --shift 1 --phase-weight 4 --data-weight 1 --schedule cosine
-        --train-size 1800000 --epochs 1000 --time-limit "$MIN" --checkpoint-minutes 2 --device "$DEVICE"
+common=(--preset paper --arch shared2x --fresh-data --shift 1 --phase-weight 4 --data-weight 1 --support-weight 0.5 --miss-weight 3
+        --schedule cosine --train-size 1800000 --epochs 1000 --time-limit "$MIN" --checkpoint-minutes 2 --device "$DEVICE"
         --data-workers "$WORKERS" --batch-size "$BATCH")
 case " $RUNS " in *" scratch "*)
   timeout -s INT "$guard" python3 -m napari_cdinn.cli train --out "$OUT/scratch" "${common[@]}" --lr "$SCRATCH_LR" --seed 21 > "$OUT/scratch.log" 2>&1 & ;;
