@@ -78,10 +78,10 @@ __all__ = [
 #: (``cdinn reconstruct --init nn``): a short HIO/ER run (the last 10 iterations ER, averaged)
 #: from the network's guess and support, the support shrink-wrapped every 10 iterations with a
 #: blur narrowing from 2 to 1 pixel.  Chosen on 200 fresh test patterns (``benchmarks/bench_nn.py``):
-#: with the default ``model2x`` (28.20M examples) 50 iterations give phase RMS 0.132 rad median /
-#: 0.385 p90 against 0.182 / 0.833 for the 620-iteration protocol from random starts, in 1.68 ms
-#: per pattern against 10.8 ms (batched engine) and 106 ms (NumPy loop); 80 give 0.123 / 0.356 for
-#: 1.4x the time, 20 only 0.185 median (0.422 p90, no better than the protocol's median).
+#: with the default ``model2x`` (31.44M examples) 50 iterations give phase RMS 0.133 rad median /
+#: 0.369 p90 against 0.182 / 0.833 for the 620-iteration protocol from random starts, in 1.76 ms
+#: per pattern against 11.1 ms (batched engine) and 102 ms (NumPy loop); 80 give 0.130 / 0.356 for
+#: 1.3x the time, 20 only 0.185 median (0.410 p90, no better than the protocol's median).
 REFINE_OPTIONS = {"iterations": 50, "average": 10, "shrinkwrap_every": 10, "sigma": (2.0, 1.0)}
 
 _CACHE: dict = {}
