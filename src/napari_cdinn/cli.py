@@ -237,7 +237,8 @@ def _cmd_train(args):
               seed=args.seed, resume=args.resume, callback=progress, stop=stop, checkpoint_minutes=args.checkpoint_minutes,
               precision=args.precision, input_transform=args.input, shift=args.shift,
               fresh_data=args.fresh_data, init_from=args.init_from, phase_weight=args.phase_weight,
-              data_weight=args.data_weight, support_weight=args.support_weight, miss_weight=args.miss_weight, data_workers=args.data_workers,
+              data_weight=args.data_weight, support_weight=args.support_weight, miss_weight=args.miss_weight,
+              data_workers=args.data_workers,
               time_limit=args.time_limit, average_from=args.average_from, command="cdinn " + shlex.join(sys.argv[1:]))
     finally:
         for sig, handler in previous.items():
