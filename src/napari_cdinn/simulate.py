@@ -14,8 +14,20 @@ Recipe (the default everywhere)
 * **Pattern**: ``|forward(amplitude * exp(i phase))|**2``, centred (:mod:`napari_cdinn.physics`),
   of the object zero-padded ``oversampling`` times.
 
-Options: Poisson noise at a given mean number of photons per pattern, a beamstop that masks the
-central disc of the pattern (its pixels set to 0 and reported in ``mask``), the seed.
+Beyond the paper
+----------------
+* **Object families** (:data:`FAMILIES`): ``paper`` (the recipe above: convex, flat), ``textured``
+  (the paper's shape with a smooth random amplitude field inside, like a real particle's varying
+  thickness) and ``holes`` (non-convex: the union of 2-3 small convex hulls with 1-3 round holes
+  punched in).  ``families`` mixes them with given weights; the paper's examples are the same
+  whatever the mix (the other families draw from their own random stream).
+* **A detector model** (:class:`Detector`), applied to the pattern: Poisson counting at a total
+  photon count per pattern (log-uniform over a range, or noise-free for a fraction), a flat
+  background, a central beamstop disc of random radius, detector gaps (a row and a column band at
+  random offsets) and saturation (pixels above a fraction of the frame's brightest count).
+  Beamstop, gaps and saturated pixels are *unmeasured*: their intensity is set to 0 and they are
+  reported in ``mask`` (True = unmeasured).  Every part is off by default (the paper's ideal
+  pattern); :data:`DETECTORS` holds the named presets (``realistic`` is the training mixture).
 
 Determinism: examples are generated in blocks of :data:`BLOCK` from
 ``numpy.random.default_rng([seed, block])``, so example ``i`` depends only on the seed and ``i``
@@ -25,13 +37,16 @@ Determinism: examples are generated in blocks of :data:`BLOCK` from
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 import scipy.fft
 from scipy import ndimage
 
 from . import physics
 
-__all__ = ["BLOCK", "patterns_from_objects", "simulate", "simulate_objects"]
+__all__ = ["BLOCK", "DETECTORS", "FAMILIES", "MIXTURES", "Detector", "apply_detector", "detector_mask", "draw_detector",
+           "patterns_from_objects", "simulate", "simulate_objects"]
 
 #: Examples per random block; example ``i`` is drawn from block ``i // BLOCK``.
 BLOCK = 1024
@@ -160,8 +175,85 @@ def _phases(rng, count, size, support):
     return np.where(support, phase, 0.0).astype(np.float32)
 
 
-def simulate_objects(count: int, size: int = 32, seed: int = 0, start: int = 0):
-    """The paper's random objects (amplitude and phase).
+#: Object families of :func:`simulate_objects` (see the module notes).
+FAMILIES = ("paper", "textured", "holes")
+#: Named family mixes (weights); ``realistic`` is the training mixture of the shipped networks.
+MIXTURES = {"paper": {"paper": 1.0}, "textured": {"textured": 1.0}, "holes": {"holes": 1.0},
+            "realistic": {"paper": 0.5, "textured": 0.3, "holes": 0.2}}
+
+
+def _nonconvex(rng, count, size):
+    """Non-convex shapes with holes, ``(count, size, size)`` bool: the union of 2-3 small convex
+    hulls (4-8 points each in a box of 30-60 % of the usable span, centred within 20 % of the
+    span from the frame's centre, so the parts mostly overlap), minus up to 3 discs of
+    radius 1-2.5 pixels centred on object pixels.  Shapes covering less than 5 % are redrawn."""
+    margin = size // 16 + 1
+    span = size - 1 - 2 * margin
+    out = np.empty((count, size, size), dtype=bool)
+    yy, xx = np.mgrid[0:size, 0:size]
+    todo = np.arange(count)
+    while todo.size:
+        b, parts, npts = todo.size, 3, 8
+        side = rng.uniform(0.3, 0.6, size=(b, parts, 1, 1)) * span
+        centre = margin + span / 2 + rng.uniform(-0.2, 0.2, size=(b, parts, 1, 2)) * span  # parts overlap mostly
+        corner = np.clip(centre - side / 2, margin, margin + span - side)
+        pts = corner + rng.uniform(0, 1, size=(b, parts, npts, 2)) * side
+        n_pts = rng.integers(4, npts + 1, size=(b, parts))
+        unused = np.arange(npts)[None, None, :] >= n_pts[..., None]
+        pts = np.where(unused[..., None], pts[:, :, :1, :], pts)
+        fills = _fill_convex(_hull_vertices(pts.reshape(b * parts, npts, 2)), size).reshape(b, parts, size, size)
+        used = np.arange(parts)[None, :] < rng.integers(2, parts + 1, size=b)[:, None]
+        masks = (fills & used[..., None, None]).any(1)
+        for _ in range(3):  # holes, centred on random object pixels
+            score = np.where(masks, rng.uniform(size=masks.shape), -1.0).reshape(b, -1)
+            centre = score.argmax(1)
+            cy, cx = (centre // size)[:, None, None], (centre % size)[:, None, None]
+            r = rng.uniform(1.0, 2.5, size=(b, 1, 1))
+            on = (rng.uniform(size=(b, 1, 1)) < 0.7) & masks.any((1, 2))[:, None, None]
+            masks &= ~(on & ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r))
+        ok = masks.mean(axis=(1, 2)) >= _MIN_AREA_FRACTION
+        out[todo[ok]] = masks[ok]
+        todo = todo[~ok]
+    return out
+
+
+def _textures(rng, count, size):
+    """Smooth random fields in ``lo..1`` (float32, ``(count, size, size)``): Gaussian-filtered white
+    noise (correlation length 0.7-4 pixels), rescaled per frame so its minimum is ``lo``, drawn in 0.2..0.7."""
+    noise = rng.standard_normal((count, size, size)).astype(np.float32)
+    k = np.fft.fftfreq(size).astype(np.float32)
+    k2 = k[:, None] ** 2 + k[None, :] ** 2
+    sigma = rng.uniform(0.7, 4.0, size=(count, 1, 1)).astype(np.float32)
+    field = np.fft.ifft2(np.fft.fft2(noise) * np.exp(-2 * (np.pi * sigma) ** 2 * k2)).real
+    lo_f, hi_f = field.min(axis=(1, 2), keepdims=True), field.max(axis=(1, 2), keepdims=True)
+    unit = (field - lo_f) / np.maximum(hi_f - lo_f, 1e-12)
+    lo = rng.uniform(0.2, 0.7, size=(count, 1, 1))
+    return (lo + (1 - lo) * unit).astype(np.float32)
+
+
+def _family_weights(families):
+    """``{family: weight}`` from None (the paper), a family or mixture name, or a dict; validated."""
+    if families is None:
+        return {"paper": 1.0}
+    if isinstance(families, str):
+        if families not in MIXTURES:
+            raise ValueError(f"unknown object family {families!r}; expected one of {', '.join(MIXTURES)}")
+        return MIXTURES[families]
+    weights = {str(k): float(v) for k, v in dict(families).items()}
+    bad = sorted(set(weights) - set(FAMILIES))
+    if bad or any(not v >= 0 for v in weights.values()) or not sum(weights.values()) > 0:
+        raise ValueError(f"families must map {', '.join(FAMILIES)} to non-negative weights, got {families!r}")
+    return weights
+
+
+def _draw_families(rng, count, weights):
+    """Index into :data:`FAMILIES` of each of ``count`` examples (int8)."""
+    p = np.array([weights.get(f, 0.0) for f in FAMILIES])
+    return rng.choice(len(FAMILIES), size=count, p=p / p.sum()).astype(np.int8)
+
+
+def simulate_objects(count: int, size: int = 32, seed: int = 0, start: int = 0, families=None):
+    """Random objects (amplitude and phase): the paper's, or a mix of :data:`FAMILIES`.
 
     Parameters
     ----------
@@ -170,17 +262,21 @@ def simulate_objects(count: int, size: int = 32, seed: int = 0, start: int = 0):
     size : int
         Side of the square object frame in pixels (>= 8).
     seed : int
-        Random seed; example ``i`` depends only on ``seed`` and ``start + i``.
+        Random seed; example ``i`` depends only on ``seed`` and ``start + i`` (and the mix).
     start : int
         Index of the first example, to continue a sequence (must be a multiple of BLOCK).
+    families : None, str or dict, optional
+        None: the paper's objects.  A name of :data:`MIXTURES` (a family, or ``realistic``) or a
+        ``{family: weight}`` dict draws each object's family with these weights.
 
     Returns
     -------
     amplitude, phase : ndarray, float32, shape (count, size, size)
-        Amplitude in 0..1 (max 1 where the object is thick); phase in radians, 0 outside.
+        Amplitude in 0..1 (max 1 per object); phase in radians, 0 outside the object.
     """
     if start % BLOCK:
         raise ValueError(f"start must be a multiple of {BLOCK}")
+    weights = _family_weights(families)
     amp = np.empty((count, size, size), dtype=np.float32)
     pha = np.empty((count, size, size), dtype=np.float32)
     first_block = start // BLOCK
@@ -188,13 +284,198 @@ def simulate_objects(count: int, size: int = 32, seed: int = 0, start: int = 0):
         n = min(BLOCK, count - lo)
         rng = np.random.default_rng([int(seed), first_block + j])
         shapes = _shapes(rng, BLOCK, size)[:n]
+        texture = None
+        if set(weights) != {"paper"}:  # the other families draw from a stream of their own
+            extra = np.random.default_rng([int(seed), first_block + j, 1])
+            family = _draw_families(extra, BLOCK, weights)[:n]
+            holes = family == FAMILIES.index("holes")
+            if holes.any():
+                shapes[holes] = _nonconvex(extra, int(holes.sum()), size)
+            textured = family == FAMILIES.index("textured")
+            if textured.any():
+                texture = np.ones((n, size, size), np.float32)
+                texture[textured] = _textures(extra, int(textured.sum()), size)
         a = ndimage.gaussian_filter(shapes.astype(np.float32), sigma=(0, 1, 1), mode="constant")
+        if texture is not None:
+            a *= texture
         a /= np.maximum(a.max(axis=(1, 2), keepdims=True), 1e-12)
         support = a > physics.SHAPE_THRESHOLD
         p = _phases(rng, BLOCK, size, np.pad(support, ((0, BLOCK - n), (0, 0), (0, 0))))[:n]
         amp[lo : lo + n] = a
         pha[lo : lo + n] = p
     return amp, pha
+
+
+@dataclass(frozen=True)
+class Detector:
+    """What a detector does to an ideal pattern; every part off by default.
+
+    Parameters
+    ----------
+    photons : (float, float), optional
+        Total photon count per pattern, drawn log-uniformly in this range (equal ends: a fixed
+        count); the pattern is then ``Poisson(photons * I / sum I + background)``.  None: noise-free.
+    clean : float
+        Fraction of patterns left noise-free although ``photons`` is given.
+    background : (float, float)
+        Mean flat background in photons per pixel, drawn uniformly (noisy patterns only).
+    background_rate : float
+        Fraction of noisy patterns with a background.
+    beamstop : (float, float)
+        Radius in pixels of the unmeasured central disc, drawn uniformly (0: none).
+    beamstop_rate : float
+        Fraction of patterns with a beamstop.
+    gaps : float
+        Fraction of patterns with detector gaps: one row band and one column band, each of width
+        ``gap_width`` pixels (drawn), at random offsets within a quarter of the frame from the centre.
+    gap_width : (int, int)
+        Range of gap widths in pixels.
+    saturation : float
+        Fraction of patterns whose brightest pixels saturate (unmeasured).
+    saturation_level : (float, float)
+        Saturation level as a fraction of the frame's brightest count, drawn log-uniformly.
+    """
+
+    photons: tuple | None = None
+    clean: float = 0.0
+    background: tuple = (0.0, 0.0)
+    background_rate: float = 1.0
+    beamstop: tuple = (0.0, 0.0)
+    beamstop_rate: float = 1.0
+    gaps: float = 0.0
+    gap_width: tuple = (1, 2)
+    saturation: float = 0.0
+    saturation_level: tuple = (0.05, 0.5)
+
+    def __post_init__(self):
+        if self.photons is not None and not (0 < self.photons[0] <= self.photons[1] < np.inf):
+            raise ValueError(f"photons must be a positive range, got {self.photons!r}")
+        if not (0 <= self.background[0] <= self.background[1] < np.inf):
+            raise ValueError(f"the background must be a non-negative range, got {self.background!r}")
+        if not (0 <= self.beamstop[0] <= self.beamstop[1] < np.inf):
+            raise ValueError(f"the beamstop radius must be a non-negative range, got {self.beamstop!r}")
+        if not (1 <= self.gap_width[0] <= self.gap_width[1]):
+            raise ValueError(f"gap widths must be a range of at least 1 pixel, got {self.gap_width!r}")
+        if not (0 < self.saturation_level[0] <= self.saturation_level[1] <= 1):
+            raise ValueError(f"saturation levels must be a range of fractions in (0, 1], got {self.saturation_level!r}")
+        for name in ("clean", "background_rate", "beamstop_rate", "gaps", "saturation"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a fraction in [0, 1], got {getattr(self, name)!r}")
+
+    @property
+    def ideal(self) -> bool:
+        """True when the detector changes nothing."""
+        no_beamstop = self.beamstop[1] == 0 or self.beamstop_rate == 0
+        return self.photons is None and no_beamstop and not self.gaps and not self.saturation
+
+
+#: Named detector presets.  ``realistic`` is the training mixture of the shipped networks: counts
+#: from 1e3 to 1e9 photons per pattern (15 % noise-free), a background on 30 % of the noisy
+#: patterns, a beamstop of radius 0.5-3.5 pixels on half, gaps on 20 %, saturation on 10 %.
+DETECTORS = {
+    "ideal": Detector(),
+    "realistic": Detector(photons=(1e3, 1e9), clean=0.15, background=(0.0, 0.3), background_rate=0.3,
+                          beamstop=(0.5, 3.5), beamstop_rate=0.5, gaps=0.2, saturation=0.1),
+}
+
+
+def draw_detector(detector: Detector, count: int, seed: int = 0, start: int = 0) -> dict:
+    """Per-pattern detector settings, deterministic per ``(seed, start + i)`` (blocks of :data:`BLOCK`).
+
+    Returns
+    -------
+    dict of ``(count,)`` arrays: ``photons`` (inf: noise-free), ``background`` (photons per pixel),
+    ``beamstop`` (radius, 0: none), ``gap_row`` and ``gap_col`` (offsets from the centre),
+    ``gap_width`` (0: no gaps), ``saturation`` (fraction of the brightest count; inf: none).
+    """
+    if start % BLOCK:
+        raise ValueError(f"start must be a multiple of {BLOCK}")
+    d = detector
+    parts = []
+    for j, lo in enumerate(range(0, int(count), BLOCK)):
+        rng = np.random.default_rng([int(seed), start // BLOCK + j, 2])
+        u = rng.uniform(size=(8, BLOCK))
+        out = {"photons": np.full(BLOCK, np.inf), "background": np.zeros(BLOCK)}
+        if d.photons is not None:
+            lo_p, hi_p = np.log(d.photons[0]), np.log(d.photons[1])
+            out["photons"] = np.where(u[0] < d.clean, np.inf, np.exp(lo_p + (hi_p - lo_p) * u[1]))
+            out["background"] = np.where(u[2] < d.background_rate,
+                                         d.background[0] + (d.background[1] - d.background[0]) * u[3], 0.0)
+        out["beamstop"] = np.where(u[4] < d.beamstop_rate, d.beamstop[0] + (d.beamstop[1] - d.beamstop[0]) * u[5], 0.0)
+        gapped = rng.uniform(size=BLOCK) < d.gaps
+        out["gap_width"] = np.where(gapped, rng.integers(d.gap_width[0], d.gap_width[1] + 1, size=BLOCK), 0)
+        out["gap_row"] = rng.uniform(-0.25, 0.25, size=BLOCK)
+        out["gap_col"] = rng.uniform(-0.25, 0.25, size=BLOCK)
+        lo_s, hi_s = np.log(d.saturation_level[0]), np.log(d.saturation_level[1])
+        out["saturation"] = np.where(u[6] < d.saturation, np.exp(lo_s + (hi_s - lo_s) * u[7]), np.inf)
+        parts.append({k: v[: min(BLOCK, count - lo)] for k, v in out.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def detector_mask(settings: dict, m: int, like=None):
+    """Unmeasured pixels (beamstop and gaps) of ``M x M`` centred patterns, ``(N, M, M)`` bool.
+
+    ``settings`` as :func:`draw_detector` returns; with a tensor ``like`` the mask is a tensor on its device.
+    """
+    grid = physics._arange(m, like if like is not None else np.zeros(1)) - m // 2
+    lib = physics._lib(grid)
+
+    def col(key):  # (N, 1, 1) in the library of the grid
+        v = np.asarray(settings[key], dtype=np.float32)[:, None, None]
+        return v if lib is np else lib.as_tensor(v, device=grid.device)
+
+    yy, xx = grid[None, :, None], grid[None, None, :]
+    r = col("beamstop")
+    mask = (yy * yy + xx * xx <= r * r) & (r > 0)
+    w = col("gap_width")
+    row, cl = (col("gap_row") * m).round(), (col("gap_col") * m).round()
+    in_row = (yy >= row) & (yy < row + w)
+    in_col = (xx >= cl) & (xx < cl + w)
+    return mask | ((in_row | in_col) & (w > 0))
+
+
+def apply_detector(intensity, settings: dict, rng=None):
+    """Counts and unmeasured pixels of ideal patterns under per-pattern detector ``settings``.
+
+    Parameters
+    ----------
+    intensity : ndarray or Tensor, (N, M, M), centred ideal intensities
+    settings : dict
+        Per-pattern settings from :func:`draw_detector`.
+    rng : numpy.random.Generator or torch.Generator, optional
+        Source of the Poisson draws (NumPy input: a Generator is required when any pattern is noisy).
+
+    Returns
+    -------
+    counts : float32, same kind, unmeasured pixels set to 0 (noise-free patterns keep their scale)
+    mask : bool, same kind, True = unmeasured (beamstop, gaps, saturated)
+    """
+    lib = physics._lib(intensity)
+    m = intensity.shape[-1]
+    photons = np.asarray(settings["photons"], dtype=np.float64)
+    noisy = np.isfinite(photons)
+
+    def col(v):
+        v = np.asarray(v, dtype=np.float32)[:, None, None]
+        return v if lib is np else lib.as_tensor(v, device=intensity.device)
+
+    counts = intensity
+    if noisy.any():
+        total = intensity.sum(axis=(-2, -1), keepdims=True) if lib is np else intensity.sum((-2, -1), keepdim=True)
+        total = total + (total == 0) if lib is np else total.clamp_min(1e-30)
+        lam = intensity * col(np.where(noisy, photons, 0.0)) / total + col(np.where(noisy, settings["background"], 0.0))
+        if lib is np:
+            drawn = rng.poisson(lam).astype(np.float32)
+        else:
+            drawn = lib.poisson(lam.float(), generator=rng)
+        keep = col(noisy) > 0
+        counts = lib.where(keep, drawn, intensity)
+    mask = detector_mask(settings, m, intensity if lib is not np else None)
+    peak = counts.max(axis=(-2, -1), keepdims=True) if lib is np else counts.amax((-2, -1), keepdim=True)
+    mask = mask | (counts > col(settings["saturation"]) * peak)
+    zero = 0.0 if lib is np else lib.zeros((), dtype=counts.dtype, device=counts.device)
+    counts = lib.where(mask, zero, counts)
+    return (counts.astype(np.float32) if lib is np else counts.float()), mask
 
 
 #: Threads of the simulator's FFTs (scipy's ``workers``; -1: all cores).  A process that is one
@@ -218,8 +499,11 @@ def simulate(
     oversampling: int = 1,
     photons: float | None = None,
     beamstop: float = 0.0,
+    *,
+    families=None,
+    detector: Detector | str | None = None,
 ):
-    """Simulate the paper's training data: objects and their diffraction intensities.
+    """Simulate objects and their diffraction intensities as a detector records them.
 
     Parameters
     ----------
@@ -233,15 +517,24 @@ def simulate(
         Zero-padding factor of the object before the FFT; the pattern is
         ``oversampling * size`` pixels wide (1: the networks' input, 2: the iterative protocol).
     photons : float, optional
-        Mean total photon count per pattern; Poisson noise is applied (counts returned).
+        Total photon count per pattern; Poisson noise is applied (counts returned).  Shorthand
+        for ``detector=Detector(photons=(photons, photons))``.
     beamstop : float
-        Radius in pattern pixels of a central disc that is not measured (0: none).
+        Radius in pattern pixels of a central disc that is not measured (0: none); shorthand for
+        ``Detector(beamstop=(beamstop, beamstop))``.
+    families : None, str or dict, optional
+        Object families (:func:`simulate_objects`); None: the paper's.
+    detector : Detector or str, optional
+        The detector model (:class:`Detector`, or a name of :data:`DETECTORS`); ``photons`` and
+        ``beamstop``, when given, override its counts and beamstop.
 
     Returns
     -------
     dict
-        ``intensity`` (count, M, M) float32, ``amplitude`` and ``phase`` (count, size, size)
-        float32 (the truth), and ``mask`` (M, M) bool when ``beamstop > 0`` (True = masked).
+        ``intensity`` (count, M, M) float32 (unmeasured pixels 0), ``amplitude`` and ``phase``
+        (count, size, size) float32 (the truth), ``mask`` bool when any pixel is unmeasured
+        (True = unmeasured): (M, M) when it is the same for every frame, else (count, M, M);
+        ``photons`` (count,) float64 (inf: noise-free) when the patterns are noisy.
     """
     count, size, oversampling = int(count), int(size), int(oversampling)
     if count < 1:
@@ -254,21 +547,40 @@ def simulate(
         raise ValueError("photons must be positive")
     if beamstop < 0:
         raise ValueError("the beamstop radius must not be negative")
-    amp, pha = simulate_objects(count, size, seed)
+    det = _detector(detector, photons, beamstop)
+    amp, pha = simulate_objects(count, size, seed, families=families)
     out = {"amplitude": amp, "phase": pha}
-    inten = np.empty((count, size * oversampling, size * oversampling), dtype=np.float32)
+    m = size * oversampling
+    inten = np.empty((count, m, m), dtype=np.float32)
     chunk = 8192
     for lo in range(0, count, chunk):
         inten[lo : lo + chunk] = patterns_from_objects(amp[lo : lo + chunk], pha[lo : lo + chunk], oversampling)
-    if photons is not None:
-        rng = np.random.default_rng([int(seed), 2**31 - 1])
-        total = inten.sum(axis=(1, 2), keepdims=True)
-        inten = rng.poisson(inten * (photons / np.maximum(total, 1e-30))).astype(np.float32)
-    if beamstop > 0:
-        m = size * oversampling
-        yy, xx = np.mgrid[0:m, 0:m]
-        mask = (yy - m // 2) ** 2 + (xx - m // 2) ** 2 <= beamstop**2
-        inten[:, mask] = 0.0
-        out["mask"] = mask
+    if not det.ideal:
+        settings = draw_detector(det, count, seed)
+        mask = np.empty(inten.shape, dtype=bool)
+        for j, lo in enumerate(range(0, count, BLOCK)):
+            sl = slice(lo, lo + BLOCK)
+            rng = np.random.default_rng([int(seed), j, 3])
+            inten[sl], mask[sl] = apply_detector(inten[sl], {k: v[sl] for k, v in settings.items()}, rng)
+        if mask.any():
+            out["mask"] = mask[0] if (mask == mask[:1]).all() else mask
+        if det.photons is not None:
+            out["photons"] = settings["photons"]
     out["intensity"] = inten
     return out
+
+
+def _detector(detector, photons, beamstop) -> Detector:
+    """The :class:`Detector` that ``simulate``'s arguments describe."""
+    if detector is None:
+        detector = Detector()
+    elif isinstance(detector, str):
+        if detector not in DETECTORS:
+            raise ValueError(f"unknown detector {detector!r}; expected one of {', '.join(DETECTORS)}")
+        detector = DETECTORS[detector]
+    changes = {}
+    if photons is not None:
+        changes.update(photons=(float(photons), float(photons)), clean=0.0)
+    if beamstop > 0:
+        changes.update(beamstop=(float(beamstop), float(beamstop)), beamstop_rate=1.0)
+    return replace(detector, **changes) if changes else detector
