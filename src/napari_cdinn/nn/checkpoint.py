@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .networks import build_model
+from .networks import build_model, mask_channel_of
 
 __all__ = ["DEFAULT_MODEL", "WEIGHTS_DIR", "load_model", "model_arch", "read_card", "resolve_model_path", "save_model"]
 
@@ -45,7 +45,9 @@ def save_model(model, path, card: dict | None = None, dtype=torch.float32, input
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp.safetensors")
     transform = input_transform or getattr(model, "input_transform", "linear")
-    save_file(state, str(tmp), metadata={"arch": model.arch, "format": "napari-cdinn/1", "input": transform})
+    meta = {"arch": model.arch, "format": "napari-cdinn/1", "input": transform,
+            "mask": "1" if getattr(model, "mask_channel", False) else "0"}
+    save_file(state, str(tmp), metadata=meta)
     os.replace(tmp, path)
     if card is not None:
         _atomic_write_text(path.with_suffix(".json"), json.dumps(card, indent=2, default=float) + "\n")
@@ -107,15 +109,18 @@ def load_model(model=None, device="cpu"):
 
     Returns
     -------
-    net : torch.nn.Module in eval mode, with ``net.input_transform`` (``linear`` or ``log``) and
-        ``net.input_factor`` (the oversampling of the patterns it reads)
+    net : torch.nn.Module in eval mode, with ``net.input_transform`` (``linear`` or ``log``),
+        ``net.input_factor`` (the oversampling of the patterns it reads) and ``net.mask_channel``
+        (whether it reads the unmeasured-pixel map beside the amplitudes)
     card : dict
     """
     path = resolve_model_path(model)
     meta = _metadata(path)
     card = read_card(path)
-    net = build_model(model_arch(path))
-    net.load_state_dict({k: v.float() for k, v in load_file(str(path), device="cpu").items()})
+    arch = model_arch(path)
+    state = {k: v.float() for k, v in load_file(str(path), device="cpu").items()}
+    net = build_model(arch, mask_channel_of(state, arch))
+    net.load_state_dict(state)
     net.input_transform = meta.get("input") or card.get("config", {}).get("input", "linear")
     net.to(device).eval()
     return net, card

@@ -13,6 +13,15 @@ by rolling every true object so that the bounding box of its support (amplitude 
 centred at pixel ``(16, 16)`` (:func:`centre_objects`); the twin ambiguity by the twin-invariant
 loss (:mod:`napari_cdinn.nn.trainer`), which needs the twin targets, centred the same way.  The
 network input is unchanged by the roll (a circular shift only ramps the far-field phase).
+
+Realistic data
+--------------
+With ``families`` and ``detector`` (:mod:`napari_cdinn.simulate`) the objects are drawn from a
+mix of families and the pattern the network reads goes through the detector model: counts,
+background, unmeasured pixels.  The per-pattern detector settings are drawn with the objects
+(deterministic per example); the Poisson draws are made where the patterns are computed (the
+training device), from a generator seeded per chunk.  Unmeasured pixels read 0 in ``input`` and 1
+in ``mask``.
 """
 
 from __future__ import annotations
@@ -29,8 +38,10 @@ __all__ = [
     "encode_inputs",
     "make_examples",
     "make_objects",
+    "network_input",
     "normalise_amplitudes",
     "prepare_examples",
+    "split_detector",
     "twin_targets",
 ]
 
@@ -117,7 +128,22 @@ def twin_targets(amplitude, phase):
     return _same_kind(a, amplitude), _same_kind(p, amplitude)
 
 
-def prepare_examples(amplitude, phase, transform: str = "linear", input_factor: int = 1, twins: bool = True):
+def network_input(inputs, mask=None, mask_channel=False):
+    """The ``(N, C, H, W)`` float32 tensor a network reads: encoded amplitudes ``(N, H, W)`` and, for a
+    model with the mask channel, the unmeasured-pixel map (1 = unmeasured; all 0 when ``mask`` is None)."""
+    x = _tensor(inputs)[:, None]
+    if mask_channel:
+        m = torch.zeros_like(x) if mask is None else _tensor(mask).to(x.device)[:, None]
+        x = torch.cat([x, m.expand_as(x)], 1)
+    return x
+
+
+#: Keys of the per-example detector settings carried beside the objects (``det_`` + the settings' names).
+DETECTOR_PREFIX = "det_"
+
+
+def prepare_examples(amplitude, phase, transform: str = "linear", input_factor: int = 1, twins: bool = True,
+                     detector=None, generator=None):
     """Network inputs and targets of objects: all of :func:`make_examples` after the simulator.
 
     Runs where the tensors are: the trainer feeds it the objects its simulator processes drew, on
@@ -129,33 +155,61 @@ def prepare_examples(amplitude, phase, transform: str = "linear", input_factor: 
         Objects from :func:`napari_cdinn.simulate.simulate_objects`.
     transform, input_factor, twins
         As in :func:`make_examples`.
+    detector : dict, optional
+        Per-example detector settings (:func:`napari_cdinn.simulate.draw_detector`); None: ideal patterns.
+    generator : torch.Generator, optional
+        Source of the Poisson draws (on the tensors' device).
 
     Returns
     -------
-    dict of float32 tensors on the input's device (keys as :func:`make_examples`).
+    dict of float32 tensors on the input's device (keys as :func:`make_examples`), with ``mask``
+    (1 on unmeasured pixels of the input pattern).
     """
+    from ..simulate import apply_detector
+
     a, p = _tensor(amplitude), _tensor(phase)
     inten = physics.intensity(physics.pad(torch.polar(a, p), input_factor))
-    out = {"input": encode_inputs(inten.clamp_min(0).sqrt(), transform), "amplitude": a, "phase": p}
+    mask = torch.zeros_like(inten)
+    if detector is not None:
+        inten, unmeasured = apply_detector(inten, {k: np.asarray(v) for k, v in detector.items()}, generator)
+        mask = unmeasured.float()
+    out = {"input": encode_inputs(inten.clamp_min(0).sqrt(), transform), "mask": mask, "amplitude": a, "phase": p}
     out["target_amplitude"], out["target_phase"] = centre_objects(a, p)
     if twins:
         out["twin_amplitude"], out["twin_phase"] = twin_targets(out["target_amplitude"], out["target_phase"])
     return out
 
 
-def make_objects(count: int, seed: int, start: int = 0):
-    """``{"amplitude", "phase"}``: the simulator's ``count`` objects from index ``start`` (as :func:`make_examples`)."""
+def split_detector(batch):
+    """The detector settings carried in a batch of :func:`make_objects` (None when there are none)."""
+    found = {k[len(DETECTOR_PREFIX):]: v for k, v in batch.items() if k.startswith(DETECTOR_PREFIX)}
+    return found or None
+
+
+def make_objects(count: int, seed: int, start: int = 0, families=None, detector=None):
+    """The simulator's ``count`` objects from index ``start`` (as :func:`make_examples`).
+
+    Returns ``{"amplitude", "phase"}`` and, with a ``detector`` (a
+    :class:`napari_cdinn.simulate.Detector` or a name of ``DETECTORS``), its per-example settings
+    under ``det_`` keys.
+    """
     # imported here: the simulator pulls in scipy, which inference does not need
-    from ..simulate import BLOCK, simulate_objects
+    from ..simulate import BLOCK, DETECTORS, draw_detector, simulate_objects
 
     if start % BLOCK:
         raise ValueError(f"start must be a multiple of {BLOCK}")
-    amp, pha = simulate_objects(count, SIZE, seed, start)
-    return {"amplitude": amp, "phase": pha}
+    amp, pha = simulate_objects(count, SIZE, seed, start, families=families)
+    out = {"amplitude": amp, "phase": pha}
+    if detector is not None:
+        det = DETECTORS[detector] if isinstance(detector, str) else detector
+        if not det.ideal:
+            settings = draw_detector(det, count, seed, start)
+            out.update({DETECTOR_PREFIX + k: v for k, v in settings.items()})
+    return out
 
 
 def make_examples(count: int, seed: int, start: int = 0, twins: bool = True, transform: str = "linear",
-                  input_factor: int = 1):
+                  input_factor: int = 1, families=None, detector=None):
     """Simulate ``count`` training examples from index ``start`` (a multiple of ``BLOCK``).
 
     Parameters
@@ -170,14 +224,18 @@ def make_examples(count: int, seed: int, start: int = 0, twins: bool = True, tra
         Input encoding (:func:`encode_inputs`).
     input_factor : int
         Oversampling of the input patterns (1: the paper's 32 x 32; 2: 64 x 64 for ``shared2x``).
+    families, detector : optional
+        Object families and detector model (:func:`make_objects`); default: the paper's ideal data.
 
     Returns
     -------
     dict of float32 arrays, shape (count, 32, 32)
-        ``input`` (normalised amplitudes, ``32 input_factor`` wide), ``amplitude``/``phase`` (the raw truth),
-        ``target_amplitude``/``target_phase`` (centred truth) and, if ``twins``,
-        ``twin_amplitude``/``twin_phase``.
+        ``input`` (normalised amplitudes, ``32 input_factor`` wide) and ``mask`` (1 = unmeasured,
+        same shape), ``amplitude``/``phase`` (the raw truth), ``target_amplitude``/``target_phase``
+        (centred truth) and, if ``twins``, ``twin_amplitude``/``twin_phase``.
     """
-    objects = make_objects(count, seed, start)
-    out = prepare_examples(objects["amplitude"], objects["phase"], transform, input_factor, twins)
+    objects = make_objects(count, seed, start, families, detector)
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(start))
+    out = prepare_examples(objects["amplitude"], objects["phase"], transform, input_factor, twins,
+                           split_detector(objects), generator)
     return {k: v.numpy() for k, v in out.items()}

@@ -51,7 +51,7 @@ def score_model(model=None, count=1000, seed=TEST_SEED, photons=None, device="cp
     photons : float, optional
         Mean photons per pattern (Poisson noise).
     data : dict, optional
-        Pre-simulated patterns (``intensity``, ``amplitude``, ``phase``) instead.
+        Pre-simulated patterns (``intensity``, ``amplitude``, ``phase``, optionally ``mask``) instead.
     precision : "auto", "fp32" or "bf16"
         As in :func:`predict`.
     views : int
@@ -67,7 +67,7 @@ def score_model(model=None, count=1000, seed=TEST_SEED, photons=None, device="cp
     """
     if data is None:
         data = simulate(count, seed=seed, oversampling=oversampling, photons=photons)
-    res = predict(data["intensity"], model=model, device=device, precision=precision, views=views)
+    res = predict(data["intensity"], model=model, device=device, precision=precision, views=views, mask=data.get("mask"))
     obj = res["amplitude"] * np.exp(1j * res["phase"])
     cmp = physics.compare(obj, data["amplitude"], data["phase"])
     out = summarise(cmp, res["chi2"])

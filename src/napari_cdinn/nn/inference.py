@@ -33,15 +33,24 @@ twin, shift and global phase, :func:`napari_cdinn.physics.align`) and averaged w
 ``(chi2_best / chi2)**2``; the trust score is then computed for the average.  Decision: the
 default stays 1 (the network alone, the fastest); measured gains are in the README.
 
+Unmeasured pixels
+-----------------
+NaN and infinite pixels, and those of ``mask`` (True = unmeasured: beamstop, gaps, saturated
+pixels), are unmeasured: they read 0 in the network's amplitudes, a model with the mask channel
+(:mod:`napari_cdinn.nn.networks`) is told where they are, and they are left out of the scores.
+
 Trust score
 -----------
 ``chi2`` is computed from the prediction itself, in the *measured* frame: the predicted
 32 x 32 object is zero-padded ``k`` times (:func:`napari_cdinn.physics.pad`) and its intensity
-compared to all measured pixels with :func:`napari_cdinn.physics.chi2` (least-squares scale).
+compared to the measured pixels with :func:`napari_cdinn.physics.chi2` (least-squares scale).
 For ``k = 2`` this also tests the oversampled pixels, which carry the support information; it is
-invariant to the shift, twin and global phase ambiguities.  Frames with ``chi2 > TRUST_CHI2`` are
-flagged ``trusted = False``; a frame without signal (all zero) gets ``chi2 = 1`` and an empty
-(all-zero) amplitude, phase and support.
+invariant to the shift, twin and global phase ambiguities.  Counting noise alone gives a perfect
+fit a chi^2 of ``chi2_noise`` (:func:`napari_cdinn.physics.noise_chi2`, about 1e-2 at 1e4 photons;
+0 for data that are not whole counts), so a frame is ``trusted`` when the misfit beyond the
+noise, ``chi2 - chi2_noise``, is at most ``TRUST_CHI2``: one rule at every dose (the decision and
+its measurements: ``docs/decisions.md``).  A frame without signal (all zero or all unmeasured)
+gets ``chi2 = 1``, is never trusted and has an empty (all-zero) amplitude, phase and support.
 """
 
 from __future__ import annotations
@@ -52,7 +61,7 @@ import torch
 from .. import physics
 from . import TRUST_CHI2
 from .checkpoint import DEFAULT_MODEL, load_model, model_arch, resolve_model_path
-from .data import SIZE, encode_inputs
+from .data import SIZE, encode_inputs, network_input
 from .networks import input_factor_of
 from .runtime import autocast, bf16_supported, resolve_device
 
@@ -67,6 +76,7 @@ __all__ = [
     "default_model",
     "dihedral",
     "embed",
+    "is_trusted",
     "model_for",
     "oversampling_factor",
     "predict",
@@ -158,7 +168,7 @@ def model_for(model, shape):
     return default_model(shape) if model is None else model
 
 
-def prepare(intensity, transform="linear", input_factor=1):
+def prepare(intensity, transform="linear", input_factor=1, mask=None):
     """Measured intensities ``(N, H, W)`` to the networks' normalised amplitudes.
 
     Parameters
@@ -168,18 +178,27 @@ def prepare(intensity, transform="linear", input_factor=1):
         Input encoding of the model (:func:`napari_cdinn.nn.data.encode_inputs`).
     input_factor : int
         Oversampling the model reads (``model.input_factor``; see the module notes).
+    mask : array-like bool, (H, W) or (N, H, W), optional
+        True on unmeasured pixels; NaN and infinite pixels are unmeasured too.
 
     Returns
     -------
     inputs : ndarray float32 (N, 32 m, 32 m), ``m = input_factor``, encoded by :func:`napari_cdinn.nn.data.encode_inputs`
-    measured : ndarray float32 (N, H, W), non-negative intensities (NaN and negatives as 0)
+    measured : ndarray float32 (N, H, W), non-negative intensities (negatives and unmeasured pixels as 0)
     factor : int, the oversampling of the measured patterns
+    unmeasured : ndarray bool (N, H, W), True on unmeasured pixels
+    input_mask : ndarray float32 like ``inputs``, 1 on unmeasured pixels
     """
-    measured = physics.amplitude_from_intensity(intensity) ** 2
+    raw = np.asarray(intensity, dtype=np.float32)
+    unmeasured = ~np.isfinite(raw)
+    if mask is not None:
+        unmeasured = unmeasured | np.broadcast_to(np.asarray(mask, dtype=bool), raw.shape)
+    measured = np.where(unmeasured | ~(raw > 0), 0.0, raw).astype(np.float32)  # counts stay whole numbers
     factor = oversampling_factor(measured.shape)
     step = decimation_factor(measured.shape, input_factor)
     inputs = encode_inputs(np.sqrt(physics.decimate(measured, step)), transform)
-    return np.ascontiguousarray(inputs), measured.astype(np.float32), factor
+    input_mask = physics.decimate(unmeasured, step).astype(np.float32)
+    return np.ascontiguousarray(inputs), measured, factor, unmeasured, np.ascontiguousarray(input_mask)
 
 
 def embed(amplitude, phase, factor: int = 2):
@@ -260,10 +279,10 @@ def _network_object(net, x, device, bf16, threshold, view):
     return dihedral(torch.polar(amp, phase), view, inverse=True)
 
 
-def _view_ensemble(net, x, meas, factor, device, bf16, threshold, views):
+def _view_ensemble(net, x, meas, factor, device, bf16, threshold, views, unmeasured=None):
     """Amplitude, phase and support of the views' predictions, aligned and averaged (see :func:`predict`)."""
     objs = torch.stack([_network_object(net, x, device, bf16, threshold, v) for v in range(views)])  # (V, N, 32, 32)
-    chis = torch.stack([physics.chi2(meas, physics.intensity(physics.pad(o, factor))) for o in objs])
+    chis = torch.stack([physics.chi2(meas, physics.intensity(physics.pad(o, factor)), unmeasured) for o in objs])
     rows = torch.arange(objs.shape[1], device=objs.device)
     best = chis.argmin(0)
     weights = (chis[best, rows] / chis.clamp_min(1e-12)) ** 2  # (chi2_best / chi2)^2: 1 for the best view
@@ -275,26 +294,31 @@ def _view_ensemble(net, x, meas, factor, device, bf16, threshold, views):
     return amp, torch.where(support, mean.angle(), torch.zeros_like(amp)), support
 
 
-def _run_batch(net, inputs, measured, factor, device, bf16, threshold, views=1):
-    x = torch.from_numpy(inputs)[:, None].to(device).contiguous(memory_format=torch.channels_last)
+def _run_batch(net, prepared, device, bf16, threshold, views=1):
+    """Amplitude, phase, support, chi2 and chi2_noise (NumPy) of one batch of :func:`prepare`'s output."""
+    inputs, measured, factor, unmeasured, input_mask = prepared
+    x = network_input(inputs, input_mask, getattr(net, "mask_channel", False))
+    x = x.to(device).contiguous(memory_format=torch.channels_last)
     meas = torch.from_numpy(measured).to(device)
+    unmeasured = torch.from_numpy(unmeasured).to(device) if unmeasured.any() else None
     if views == 1:
         with autocast(device, bf16):
             amp, unit = net(x)
         amp, phase, support = decode_outputs(amp, unit, threshold)
     else:
-        amp, phase, support = _view_ensemble(net, x, meas, factor, device, bf16, threshold, views)
+        amp, phase, support = _view_ensemble(net, x, meas, factor, device, bf16, threshold, views, unmeasured)
     fit = oversampled_intensity(amp, phase, factor)
-    chi = physics.chi2(meas, fit)
+    chi = physics.chi2(meas, fit, unmeasured)
+    noise = physics.noise_chi2(meas, unmeasured)
     signal = meas.sum((-2, -1)) > 0
     chi = torch.where(signal, chi, torch.ones_like(chi))  # no signal: nothing to trust
     keep = signal[:, None, None]
     amp, phase, support = amp * keep, phase * keep, support & keep  # and nothing to show
-    return amp.cpu().numpy(), phase.cpu().numpy(), support.cpu().numpy(), chi.cpu().numpy()
+    return tuple(t.cpu().numpy() for t in (amp, phase, support, chi, noise))
 
 
 def predict(intensity, model=None, device="auto", batch_size=256, threshold=physics.SHAPE_THRESHOLD, precision="auto",
-            views=1):
+            views=1, mask=None):
     """Shape and phase of the object behind each diffraction pattern, with a trust score.
 
     Parameters
@@ -317,13 +341,16 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
         symmetric views of each pattern (:data:`VIEWS`), and the predictions are aligned and
         averaged, weighted by their trust scores.  1 (default) is the network alone; 8 costs
         about 8 network calls and is the most accurate.
+    mask : array-like bool, (H, W) or (N, H, W), optional
+        True on unmeasured pixels (beamstop, gaps); NaN and infinite pixels are unmeasured too.
 
     Returns
     -------
     dict
         ``amplitude`` float32 (N, 32, 32), max 1 per frame; ``phase`` float32 radians, 0 outside
-        the support; ``support`` bool; ``chi2`` float32 (N,); ``trusted`` bool (N,)
-        (``chi2 <= TRUST_CHI2``).  A single (H, W) frame gives unbatched arrays.
+        the support; ``support`` bool; ``chi2`` float32 (N,) (measured pixels only); ``chi2_noise``
+        float32 (N,), the chi^2 that counting noise alone gives; ``trusted`` bool (N,)
+        (``chi2 - chi2_noise <= TRUST_CHI2``).  A single (H, W) frame gives unbatched arrays.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be a positive integer")
@@ -332,7 +359,7 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
     if len(shape) not in (2, 3):
         raise ValueError(f"expected intensities shaped (H, W) or (N, H, W), got {len(shape)} dimensions")
     single = len(shape) == 2
-    factor = oversampling_factor(shape)
+    oversampling_factor(shape)  # a size no network reads fails first
     dev = resolve_device(device)
     bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(dev))
     net, _ = _cached_model(model_for(model, shape), dev)
@@ -343,19 +370,40 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
         "phase": np.empty((n, SIZE, SIZE), np.float32),
         "support": np.empty((n, SIZE, SIZE), bool),
         "chi2": np.empty(n, np.float32),
+        "chi2_noise": np.empty(n, np.float32),
     }
+    mask = _check_mask(mask, shape)
     with torch.inference_mode():
         for lo in range(0, n, batch_size):
             block = np.asarray(intensity) if single else np.asarray(intensity[lo : lo + batch_size])
-            inputs, measured, _ = prepare(block.reshape((-1,) + shape[-2:]), net.input_transform, net.input_factor)
-            res = _run_batch(net, inputs, measured, factor, dev, bf16, threshold, int(views))
-            hi = lo + len(inputs)
-            for key, val in zip(("amplitude", "phase", "support", "chi2"), res):
+            block_mask = None if mask is None else mask if mask.ndim == 2 else mask[lo : lo + batch_size]
+            prepared = prepare(block.reshape((-1,) + shape[-2:]), net.input_transform, net.input_factor, block_mask)
+            res = _run_batch(net, prepared, dev, bf16, threshold, int(views))
+            hi = lo + len(prepared[0])
+            for key, val in zip(("amplitude", "phase", "support", "chi2", "chi2_noise"), res):
                 out[key][lo:hi] = val
-    out["trusted"] = out["chi2"] <= TRUST_CHI2
+    out["trusted"] = is_trusted(out["chi2"], out["chi2_noise"])
     if single:
         out = {k: v[0] for k, v in out.items()}
     return out
+
+
+def is_trusted(chi2, chi2_noise=0.0):
+    """The trust rule: the misfit beyond counting noise, ``chi2 - chi2_noise``, is at most :data:`TRUST_CHI2`."""
+    return (np.asarray(chi2) - np.asarray(chi2_noise)) <= TRUST_CHI2
+
+
+def _check_mask(mask, shape):
+    """``mask`` as a bool array of shape ``(H, W)`` or ``(N, H, W)`` of the patterns ``shape``, or None."""
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.dtype.kind not in "bui":
+        raise ValueError(f"the mask must hold booleans or integers (True/1 = unmeasured), got {mask.dtype}")
+    frames = (1,) + tuple(shape) if len(shape) == 2 else tuple(shape)
+    if mask.shape not in (tuple(shape[-2:]), frames):
+        raise ValueError(f"the mask is shaped {mask.shape} but the patterns are {tuple(shape)}")
+    return mask.astype(bool).reshape(mask.shape if mask.ndim == 2 else frames)
 
 
 def check_views(views):
@@ -364,13 +412,13 @@ def check_views(views):
         raise ValueError(f"views must be a whole number from 1 to {len(VIEWS)}, got {views!r}")
 
 
-def predict_chunk(intensity, first_frame=0, model=None, device="auto", batch_size=256, views=1):
+def predict_chunk(intensity, first_frame=0, model=None, device="auto", batch_size=256, views=1, mask=None):
     """Chunk function for :func:`napari_cdinn.stream.process_stack` (picklable via ``partial``).
 
     The prediction is deterministic, so ``first_frame`` (the chunk's place in the stack) is unused.
 
-    Returns ``amplitude``, ``phase``, ``chi2`` and ``trusted`` of :func:`predict` for an
+    Returns ``amplitude``, ``phase``, ``chi2``, ``chi2_noise`` and ``trusted`` of :func:`predict` for an
     ``(n, H, W)`` block; the network is loaded once per process.
     """
-    res = predict(intensity, model=model, device=device, batch_size=batch_size, views=views)
-    return {k: res[k] for k in ("amplitude", "phase", "chi2", "trusted")}
+    res = predict(intensity, model=model, device=device, batch_size=batch_size, views=views, mask=mask)
+    return {k: res[k] for k in ("amplitude", "phase", "chi2", "chi2_noise", "trusted")}

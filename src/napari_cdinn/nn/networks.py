@@ -34,6 +34,16 @@ Architectures
     give the same output until fine-tuning teaches the other three channels.  Patterns must be
     2k-times oversampled (64 x 64, 128 x 128, ...).
 
+Mask channel (beyond the paper)
+-------------------------------
+With ``mask_channel=True`` a model reads ``(N, 2, H, W)``: the normalised amplitudes (0 where
+unmeasured) and a map that is 1 on unmeasured pixels (beamstop, gaps, saturation), so that a
+hole in the data is not read as "no photons".  The mask goes through the same sub-lattice split,
+so only the first convolution grows (``2 input_factor**2`` input channels).
+:func:`add_mask_channel` turns trained weights without it into weights with it that give the same
+output (the new kernels start at zero): the network then learns what the mask means by
+fine-tuning.  The loaders tell the two apart from the first convolution's shape.
+
 No Qt or napari import; torch is imported by this module (import it lazily from UI code).
 """
 
@@ -50,9 +60,11 @@ __all__ = [
     "Encoder",
     "PaperPair",
     "SharedNet",
+    "add_mask_channel",
     "build_model",
     "count_parameters",
     "input_factor_of",
+    "mask_channel_of",
     "widen_state_dict",
 ]
 
@@ -121,6 +133,7 @@ class PaperPair(nn.Module):
 
     arch = "paper"
     input_factor = 1
+    mask_channel = False
 
     def __init__(self):
         super().__init__()
@@ -149,13 +162,16 @@ class SharedNet(nn.Module):
     input_factor : int
         Oversampling of the input patterns: 1 reads ``(N, 1, 32, 32)`` (``shared``), 2 reads the
         2x-oversampled ``(N, 1, 64, 64)`` as four 32 x 32 sub-lattice channels (``shared2x``).
+    mask_channel : bool
+        Read ``(N, 2, H, W)``: amplitudes and the unmeasured-pixel map (see the module notes).
     """
 
-    def __init__(self, input_factor=1):
+    def __init__(self, input_factor=1, mask_channel=False):
         super().__init__()
         self.input_factor = int(input_factor)
+        self.mask_channel = bool(mask_channel)
         self.arch = "shared" if self.input_factor == 1 else f"shared{self.input_factor}x"
-        self.encoder = Encoder(in_channels=self.input_factor**2)
+        self.encoder = Encoder(in_channels=self.input_factor**2 * (2 if self.mask_channel else 1))
         self.shape = Decoder(self.encoder.out_channels)
         self.phase = Decoder(self.encoder.out_channels)
 
@@ -174,12 +190,15 @@ class SharedNet(nn.Module):
         return torch.sigmoid(a), torch.sigmoid(p)
 
 
-def build_model(arch: str = "paper") -> nn.Module:
-    """A freshly initialised model of architecture ``arch`` (one of :data:`ARCHITECTURES`)."""
+def build_model(arch: str = "paper", mask_channel: bool = False) -> nn.Module:
+    """A freshly initialised model of architecture ``arch`` (one of :data:`ARCHITECTURES`), with or
+    without the mask channel (the shared architectures only)."""
     if arch == "paper":
+        if mask_channel:
+            raise ValueError("the paper's separate pair has no mask channel; use the shared or shared2x architecture")
         return PaperPair()
     if arch in _INPUT_FACTORS:
-        return SharedNet(_INPUT_FACTORS[arch])
+        return SharedNet(_INPUT_FACTORS[arch], mask_channel)
     raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
 
 
@@ -205,6 +224,28 @@ def widen_state_dict(state: dict, factor: int = 2) -> dict:
     wide = w.new_zeros((w.shape[0], factor * factor) + tuple(w.shape[2:]))
     wide[:, :1] = w
     return dict(state, **{key: wide})
+
+
+def mask_channel_of(state: dict, arch: str) -> bool:
+    """Whether the weights ``state`` of architecture ``arch`` read the mask channel (from the first convolution)."""
+    if arch == "paper":
+        return False
+    return int(state["encoder.layers.0.weight"].shape[1]) == 2 * input_factor_of(arch) ** 2
+
+
+def add_mask_channel(state: dict, arch: str) -> dict:
+    """Weights of architecture ``arch`` without the mask channel as weights with it, giving the same outputs.
+
+    The first convolution gets one more set of ``input_factor**2`` input channels (the mask's
+    sub-lattices), its kernels zero.  Weights that already have it are returned unchanged.
+    """
+    if arch == "paper":
+        raise ValueError("the paper's separate pair has no mask channel; use the shared or shared2x architecture")
+    if mask_channel_of(state, arch):
+        return state
+    key = "encoder.layers.0.weight"
+    w = state[key]
+    return dict(state, **{key: torch.cat([w, torch.zeros_like(w)], 1)})
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -47,7 +47,9 @@ def activation_maps(net, inputs):
     import torch
 
     encoders = {"shape": net.shape.encoder, "phase": net.phase.encoder} if net.arch == "paper" else {"shared": net.encoder}
-    x = net.encoder_input(torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))[:, None])
+    from .data import network_input
+
+    x = net.encoder_input(network_input(inputs, None, getattr(net, "mask_channel", False)))
     out = {}
     with torch.inference_mode():
         for name, enc in encoders.items():

@@ -1,0 +1,176 @@
+"""Real detector data: object families, the detector model, the mask channel and the noise-aware trust rule."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_cdinn import physics
+from napari_cdinn.nn import predict
+from napari_cdinn.nn.checkpoint import load_model, save_model
+from napari_cdinn.nn.data import make_examples, make_objects, network_input
+from napari_cdinn.nn.inference import is_trusted
+from napari_cdinn.nn.networks import add_mask_channel, build_model, mask_channel_of
+from napari_cdinn.simulate import (
+    BLOCK,
+    DETECTORS,
+    Detector,
+    apply_detector,
+    detector_mask,
+    draw_detector,
+    simulate,
+    simulate_objects,
+)
+
+
+def test_families_keep_the_paper_examples_and_are_deterministic():
+    paper, _ = simulate_objects(64, seed=4)
+    mixed, _ = simulate_objects(64, seed=4, families="realistic")
+    again, _ = simulate_objects(64, seed=4, families="realistic")
+    np.testing.assert_array_equal(mixed, again)
+    same = (mixed == paper).all(axis=(1, 2))
+    assert 0.3 < same.mean() < 0.8  # the paper's half of the mix is the paper's objects, untouched
+    assert mixed.max(axis=(1, 2)).min() == pytest.approx(1.0)
+
+
+def test_textured_objects_vary_inside_and_holes_are_not_convex():
+    amp, pha = simulate_objects(32, seed=2, families="textured")
+    sup = amp > physics.SHAPE_THRESHOLD
+    inner = [a[s] for a, s in zip(amp, sup)]
+    assert np.median([np.percentile(v, 90) - np.percentile(v, 30) for v in inner]) > 0.2
+    assert np.all(pha[~sup] == 0)
+    from scipy.spatial import ConvexHull, Delaunay
+
+    yy, xx = np.mgrid[0:32, 0:32]
+    grid = np.stack([xx.ravel(), yy.ravel()], 1)
+
+    def hull_deficit(objects):  # median fraction of the support's convex hull outside the support
+        out = []
+        for a in objects:
+            pts = np.argwhere(a > physics.SHAPE_THRESHOLD)[:, ::-1]
+            inside = (Delaunay(pts[ConvexHull(pts).vertices]).find_simplex(grid) >= 0).reshape(32, 32)
+            out.append(1 - (a > physics.SHAPE_THRESHOLD).sum() / inside.sum())
+        return np.median(out)
+
+    holes, _ = simulate_objects(32, seed=2, families="holes")
+    paper, _ = simulate_objects(32, seed=2)
+    assert hull_deficit(holes) > 0.05
+    assert hull_deficit(paper) < 0.02
+
+
+def test_detector_settings_are_deterministic_per_example():
+    det = DETECTORS["realistic"]
+    a = draw_detector(det, BLOCK + 10, seed=3)
+    b = draw_detector(det, 10, seed=3, start=BLOCK)
+    for key in a:
+        np.testing.assert_array_equal(a[key][BLOCK:], b[key])
+    noisy = np.isfinite(a["photons"])
+    assert 0.75 < noisy.mean() < 0.95
+    assert 1e3 <= a["photons"][noisy].min() and a["photons"][noisy].max() <= 1e9
+    assert 0.4 < np.mean(a["beamstop"] > 0) < 0.6
+
+
+def test_detector_model_counts_and_masks():
+    clean = simulate(20, seed=1, oversampling=2)["intensity"]
+    settings = {"photons": np.full(20, 1e4), "background": np.zeros(20), "beamstop": np.full(20, 2.0),
+                "gap_row": np.full(20, 0.1), "gap_col": np.full(20, -0.2), "gap_width": np.full(20, 2),
+                "saturation": np.full(20, np.inf)}
+    counts, mask = apply_detector(clean, settings, np.random.default_rng(0))
+    assert counts.dtype == np.float32 and np.all(counts == np.round(counts))
+    assert mask[:, 32, 32].all() and mask[:, 32 + 6, 5].all() and mask[:, 5, 32 - 13].all()
+    assert np.all(counts[mask] == 0)
+    assert 0.4e4 < np.median(counts.sum(axis=(1, 2))) < 1e4
+    # the same settings on tensors give the same mask
+    t_counts, t_mask = apply_detector(torch.from_numpy(clean), settings, torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(t_mask.numpy(), mask)
+    assert torch.all(t_counts[t_mask] == 0)
+    np.testing.assert_array_equal(detector_mask(settings, 64), mask)
+    # saturation masks the brightest pixels
+    sat = dict(settings, photons=np.full(20, np.inf), beamstop=np.zeros(20), gap_width=np.zeros(20),
+               saturation=np.full(20, 0.5))
+    out, m = apply_detector(clean, sat)
+    brightest = clean.reshape(20, -1).argmax(1)
+    assert m.reshape(20, -1)[np.arange(20), brightest].all()
+    assert np.all(out <= 0.5 * clean.max(axis=(1, 2))[:, None, None] + 1e-3)
+
+
+def test_simulate_with_a_detector_writes_per_frame_masks_and_photons():
+    d = simulate(16, seed=5, oversampling=2, families="realistic", detector="realistic")
+    assert d["intensity"].shape == (16, 64, 64)
+    if "mask" in d:
+        assert d["mask"].shape in ((64, 64), (16, 64, 64))
+        assert np.all(d["intensity"][np.broadcast_to(d["mask"], d["intensity"].shape)] == 0)
+    assert d["photons"].shape == (16,)
+    assert simulate(4, oversampling=2, detector=Detector(gaps=1.0))["mask"].ndim == 3
+    with pytest.raises(ValueError):
+        Detector(photons=(10.0, 1.0))
+    with pytest.raises(ValueError):
+        simulate(2, detector="nonsense")
+
+
+def test_examples_carry_the_mask_of_the_pattern():
+    ex = make_examples(32, seed=9, input_factor=2, detector=Detector(beamstop=(2.0, 2.0)))
+    assert ex["mask"].shape == ex["input"].shape == (32, 64, 64)
+    assert np.all(ex["mask"][:, 32, 32] == 1) and np.all(ex["input"][ex["mask"] > 0] == 0)
+    objects = make_objects(8, seed=9, detector="realistic")
+    assert {"det_photons", "det_beamstop"} <= set(objects)
+    x = network_input(ex["input"][:4], ex["mask"][:4], True)
+    assert tuple(x.shape) == (4, 2, 64, 64) and float(x[:, 1, 32, 32].min()) == 1.0
+
+
+def test_mask_channel_starts_where_the_weights_stand(tmp_path):
+    net, _ = load_model("model2x")
+    state = add_mask_channel(net.state_dict(), "shared2x")
+    assert mask_channel_of(state, "shared2x") and not mask_channel_of(net.state_dict(), "shared2x")
+    wide = build_model("shared2x", mask_channel=True)
+    wide.load_state_dict(state)
+    save_model(wide, tmp_path / "m.safetensors", {"arch": "shared2x"})
+    loaded, _ = load_model(tmp_path / "m.safetensors")
+    assert loaded.mask_channel
+    d = simulate(6, seed=3, oversampling=2, beamstop=2)
+    a = predict(d["intensity"], model="model2x", precision="fp32", mask=d["mask"])
+    b = predict(d["intensity"], model=tmp_path / "m.safetensors", precision="fp32", mask=d["mask"])
+    np.testing.assert_allclose(a["amplitude"], b["amplitude"], atol=1e-5)
+    with pytest.raises(ValueError):
+        build_model("paper", mask_channel=True)
+
+
+def test_predict_ignores_unmeasured_pixels_and_scores_against_the_noise():
+    d = simulate(8, seed=7, oversampling=2, photons=1e4)
+    res = predict(d["intensity"], model="model2x")
+    np.testing.assert_allclose(res["chi2_noise"], physics.noise_chi2(d["intensity"]), rtol=1e-4)
+    assert np.all(res["chi2_noise"] > 1e-3)
+    np.testing.assert_array_equal(res["trusted"], is_trusted(res["chi2"], res["chi2_noise"]))
+    # NaN pixels and a mask file's pixels are the same thing; their values never matter
+    mask = np.zeros((64, 64), bool)
+    mask[30:35, 30:35] = True
+    hot = d["intensity"].copy()
+    hot[:, mask] = 1e9
+    nan = d["intensity"].copy()
+    nan[:, mask] = np.nan
+    a = predict(hot, model="model2x", mask=mask)
+    b = predict(nan, model="model2x")
+    np.testing.assert_allclose(a["chi2"], b["chi2"], rtol=1e-5)
+    np.testing.assert_allclose(a["amplitude"], b["amplitude"], atol=1e-6)
+    with pytest.raises(ValueError, match="mask"):
+        predict(d["intensity"], model="model2x", mask=np.zeros((32, 32), bool))
+    with pytest.raises(ValueError, match="booleans or integers"):
+        predict(d["intensity"], model="model2x", mask=np.zeros((64, 64), np.float32))
+
+
+def test_an_all_masked_frame_is_empty_and_untrusted():
+    d = simulate(2, seed=7, oversampling=2)
+    mask = np.zeros((2, 64, 64), bool)
+    mask[1] = True
+    res = predict(d["intensity"], model="model2x", mask=mask)
+    assert res["chi2"][1] == 1 and not res["trusted"][1] and not res["amplitude"][1].any()
+    assert res["chi2"][0] < 1
+
+
+def test_noise_chi2_is_the_chi2_of_the_truth():
+    noisy = simulate(64, seed=2, oversampling=2, photons=1e4)["intensity"]
+    clean = simulate(64, seed=2, oversampling=2)["intensity"]
+    floor = physics.noise_chi2(noisy)
+    truth = physics.chi2(noisy, clean)
+    assert 0.8 < np.median(truth / floor) < 1.2
+    assert np.all(physics.noise_chi2(clean) == 0)  # not whole counts: no counting noise
+    np.testing.assert_allclose(physics.noise_chi2(torch.from_numpy(noisy)).numpy(), floor, rtol=1e-4)
