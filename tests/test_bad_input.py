@@ -112,6 +112,40 @@ def test_bad_output_extension_exits_2(tmp_path, capsys):
         _assert_clean_error(code, err)
 
 
+BAD_MASKS = {
+    "wrong_shape.npy": (lambda p: np.save(p, np.zeros((64, 32), bool)), "shaped (64, 32) but the data are (2, 64, 64)"),
+    "wrong_count.npy": (lambda p: np.save(p, np.zeros((3, 64, 64), bool)), "shaped (3, 64, 64)"),
+    "float.npy": (lambda p: np.save(p, np.zeros((64, 64), np.float32)), "booleans or integers"),
+    "missing.npy": (None, "does not exist"),
+    "text.npy": (_write_text, "mask"),
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("name", sorted(BAD_MASKS))
+def test_bad_mask_exits_2_without_output(command, name, tmp_path, capsys):
+    src = tmp_path / "x.npy"
+    np.save(src, simulate(2, oversampling=2)["intensity"])
+    write, message = BAD_MASKS[name]
+    if write is not None:
+        write(tmp_path / name)
+    code = main([command, str(src), "-o", str(tmp_path / "r.h5"), "--mask", str(tmp_path / name), *COMMANDS[command]])
+    err = capsys.readouterr().err
+    _assert_clean_error(code, err)
+    assert message in err
+    assert sorted(os.listdir(tmp_path)) == sorted({"x.npy", name} & set(os.listdir(tmp_path)))
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_bad_mask_in_the_input_exits_2(command, tmp_path, capsys):
+    src = tmp_path / "x.npz"
+    np.savez(src, intensity=simulate(2, oversampling=2)["intensity"], mask=np.zeros((64, 64), np.float64))
+    code, err = _run(command, src, tmp_path / "r.npz", capsys)
+    _assert_clean_error(code, err)
+    assert "the mask in 'x.npz' must hold booleans or integers (True/1 = unmeasured), got float64" in err
+    assert not (tmp_path / "r.npz").exists()
+
+
 @pytest.fixture(scope="module")
 def pattern64():
     return simulate(3, seed=4, oversampling=2)["intensity"]

@@ -1,5 +1,7 @@
 """`cdinn predict` / `cdinn reconstruct` over stacks: streamed output, resume, cluster, progress."""
 
+import re
+
 import h5py
 import numpy as np
 import pytest
@@ -74,3 +76,88 @@ def test_bench_bad_arguments_exit_2(argv, message, tmp_path, capsys, monkeypatch
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+# --------------------------------------------------------------------------- masks
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_mask_file_leaves_its_pixels_free(ndim, tmp_path, capsys):
+    clean = simulate(5, seed=22, oversampling=2)["intensity"]
+    rng = np.random.default_rng(ndim)
+    mask = np.zeros(clean.shape if ndim == 3 else clean.shape[1:], bool)
+    mask[..., 28:36, 28:36] = rng.random(mask[..., 28:36, 28:36].shape) < 0.5
+    dirty = clean.copy()
+    dirty[np.broadcast_to(mask, clean.shape)] = 1e6  # garbage where nothing was measured
+    np.save(tmp_path / "clean.npy", clean)
+    np.save(tmp_path / "dirty.npy", dirty)
+    np.save(tmp_path / "mask.npy", mask.astype(np.uint8))
+    argv = ["--mask", str(tmp_path / "mask.npy"), *FAST["reconstruct"]]
+    assert main(["reconstruct", str(tmp_path / "clean.npy"), "-o", str(tmp_path / "a.npz"), *argv]) == 0
+    assert main(["reconstruct", str(tmp_path / "dirty.npy"), "-o", str(tmp_path / "b.h5"), "--chunk-size", "2",
+                 *argv]) == 0
+    a, b = io.read_result(tmp_path / "a.npz"), io.read_result(tmp_path / "b.h5")
+    for key in ("amplitude", "phase", "chi2"):
+        np.testing.assert_allclose(b[key], a[key], atol=1e-5, err_msg=key)
+    assert "using the mask" not in capsys.readouterr().err
+
+
+def test_the_inputs_own_mask_is_used(tmp_path, capsys, monkeypatch):
+    from napari_cdinn import physics
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["simulate", "--count", "8", "--oversampling", "2", "--beamstop", "2", "--out", "f.npz"]) == 0
+    assert main(["reconstruct", "f.npz", "-o", "r.npz", "--iterations", "40"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"using the mask in f\.npz \(13 unmeasured pixels per frame( on average)?\)", err), err
+    with np.load("f.npz") as f:
+        inten, mask = f["intensity"], f["mask"]
+    res, attrs = io.read_result("r.npz", with_attrs=True)
+    assert "f.npz" in attrs["mask"]
+    fit = physics.intensity(res["amplitude"] * np.exp(1j * res["phase"]))
+    # chi2 is that of the measured pixels: the beamstop's zeros are not data
+    np.testing.assert_allclose(physics.chi2(inten, fit, np.broadcast_to(mask, inten.shape)), res["chi2"], rtol=0.05)
+    assert (physics.chi2(inten, fit) > 2 * res["chi2"]).all()
+
+
+def test_init_nn_records_its_start_and_is_never_worse(tmp_path, capsys):
+    from napari_cdinn.pipelines import FALLBACK_CHI2
+
+    data = simulate(6, seed=23, oversampling=2)["intensity"]
+    data[5] = np.roll(data[5], 9, axis=0)  # not a diffraction pattern the network knows: untrusted
+    np.save(tmp_path / "p.npy", data)
+    common = ["--device", "cpu", "--seed", "3"]
+    assert main(["reconstruct", str(tmp_path / "p.npy"), "-o", str(tmp_path / "random.npz"), *common]) == 0
+    random = io.read_result(tmp_path / "random.npz")
+    assert (random["start"] == 0).all()
+    runs = {}
+    for rule in ("always", "auto", "never"):
+        out = tmp_path / f"{rule}.h5"
+        assert main(["reconstruct", str(tmp_path / "p.npy"), "-o", str(out), "--init", "nn", "--iterations", "20",
+                     "--fallback", rule, *common]) == 0, capsys.readouterr().err
+        runs[rule] = io.read_result(out)
+        assert runs[rule]["start"].dtype == np.uint8 and runs[rule]["start"].shape == (6,)
+    assert (runs["never"]["start"] == 1).all()
+    assert (runs["always"]["chi2"] <= random["chi2"]).all()  # the same protocol runs on every frame
+    auto = runs["auto"]
+    kept = auto["start"] == 1
+    assert ((auto["chi2"] <= random["chi2"] * (1 + 1e-4)) | (kept & (auto["chi2"] <= FALLBACK_CHI2))).all()
+    assert auto["chi2"][5] <= random["chi2"][5] * (1 + 1e-4)  # an untrusted guess: the protocol ran too
+
+
+def test_predict_and_init_nn_read_the_mask(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["simulate", "--count", "4", "--oversampling", "2", "--beamstop", "3", "--out", "f.npz"]) == 0
+    with np.load("f.npz") as f:
+        clean, mask = f["intensity"], f["mask"]
+    dirty = clean.copy()
+    dirty[np.broadcast_to(mask, clean.shape)] = 1e6
+    np.save("dirty.npy", dirty)
+    np.save("mask.npy", mask)
+    assert main(["predict", "f.npz", "-o", "a.npz"]) == 0
+    assert "using the mask in f.npz" in capsys.readouterr().err
+    assert main(["predict", "dirty.npy", "-o", "b.h5", "--mask", "mask.npy", "--chunk-size", "3"]) == 0
+    a, b = io.read_result("a.npz"), io.read_result("b.h5")
+    for key in ("amplitude", "phase", "chi2"):
+        np.testing.assert_allclose(b[key], a[key], atol=1e-5, err_msg=key)
+    assert main(["reconstruct", "dirty.npy", "-o", "r.npz", "--mask", "mask.npy", "--init", "nn",
+                 "--iterations", "20", "--fallback", "never"]) == 0
+    assert (io.read_result("r.npz")["start"] == 1).all()

@@ -223,3 +223,81 @@ def test_read_result_selected_keys(tmp_path):
     for ext in (".npz", ".h5"):
         io.write_result(tmp_path / f"r{ext}", RESULT)
         assert set(io.read_result(tmp_path / f"r{ext}", keys=["phase", "nope"])) == {"phase"}
+
+
+# --------------------------------------------------------------------------- masks
+MASK3 = RNG.random(STACK.shape) < 0.2
+MASK2 = MASK3[0]
+
+
+def _write_mask(path, mask):
+    ext = os.path.splitext(path)[1]
+    if ext == ".npy":
+        np.save(path, mask)
+    elif ext == ".npz":
+        np.savez(path, mask=mask, other=np.ones(3))
+    elif ext in (".tif", ".tiff"):
+        tifffile.imwrite(path, mask.astype(np.uint8))
+    elif ext in (".h5", ".hdf5"):
+        with h5py.File(path, "w") as fh:
+            fh["meta/energy"] = np.arange(3.0)
+            fh["somewhere/pixels"] = mask.astype(np.int32) * 7  # the only 2-D/3-D data set; nonzero = unmeasured
+    elif ext == ".cxi":
+        with h5py.File(path, "w") as fh:
+            fh["entry_1/instrument_1/detector_1/mask"] = mask.astype(np.uint32) * 4  # CXI: nonzero = bad
+    return path
+
+
+@pytest.mark.parametrize("ext", io.STACK_EXTENSIONS)
+@pytest.mark.parametrize("mask", [MASK2, MASK3], ids=["2d", "3d"])
+def test_read_mask_every_format(tmp_path, ext, mask):
+    path = _write_mask(str(tmp_path / f"mask{ext}"), mask)
+    out = io.read_mask(path, STACK.shape)
+    assert out.dtype == bool
+    np.testing.assert_array_equal(out, mask)
+
+
+@pytest.mark.parametrize("mask, match", [
+    (MASK2.astype(np.float32), r"must hold booleans or integers \(True/1 = unmeasured\), got float32"),
+    (MASK2[:, :5], r"shaped \(16, 5\) but the data are \(5, 16, 12\)"),
+    (MASK3[:3], r"shaped \(3, 16, 12\) but the data are \(5, 16, 12\)"),
+    (np.zeros(12, bool), "shaped"),
+])
+def test_bad_masks_raise_one_sentence(tmp_path, mask, match):
+    path = tmp_path / "m.npy"
+    np.save(path, mask)
+    with pytest.raises(ValueError, match=match) as info:
+        io.read_mask(path, STACK.shape)
+    assert "\n" not in str(info.value)
+
+
+def test_file_mask_beside_the_data(tmp_path):
+    npz = tmp_path / "s.npz"
+    np.savez(npz, intensity=STACK, mask=MASK2)
+    np.testing.assert_array_equal(io.file_mask(npz), MASK2)
+    h5 = tmp_path / "s.h5"
+    with h5py.File(h5, "w") as fh:
+        fh["scan/frames"] = STACK  # the only image data set besides the mask
+        fh["scan/mask"] = MASK3.astype(np.uint8)
+    np.testing.assert_array_equal(io.read_stack(h5), STACK)
+    np.testing.assert_array_equal(io.file_mask(h5), MASK3)
+    for where in io.CXI_MASK_PATHS:
+        cxi = tmp_path / f"s{len(where)}.cxi"
+        with h5py.File(cxi, "w") as fh:
+            fh["entry_1/data_1/data"] = STACK
+            fh[where] = MASK2.astype(np.uint32) * 8
+        np.testing.assert_array_equal(io.file_mask(cxi), MASK2)
+    plain = _write_stack(str(tmp_path / "plain.h5"), STACK)
+    assert io.file_mask(plain) is None
+    assert io.file_mask(_write_stack(str(tmp_path / "plain.npy"), STACK)) is None
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, intensity=STACK, mask=MASK2.astype(np.float64))
+    with pytest.raises(ValueError, match="the mask in 'bad.npz' must hold booleans or integers"):
+        io.file_mask(bad)
+
+
+def test_a_mask_beside_unnamed_data_is_not_the_data(tmp_path):
+    npz = tmp_path / "s.npz"
+    np.savez(npz, frames=STACK, mask=MASK2)
+    np.testing.assert_array_equal(io.read_stack(npz), STACK)
+    np.testing.assert_array_equal(io.read_mask(npz, STACK.shape), MASK2)

@@ -316,3 +316,49 @@ def test_batches_are_balanced_over_the_worker_threads():
     parts = _split(np.arange(77), 16, 3)
     assert len(parts) == _batch_count(77, 16, 3) and np.array_equal(np.concatenate(parts), np.arange(77))
     assert _batch_count(0, 32, 2) == 0
+
+
+# --------------------------------------------------------------------------- NN-seeded refinement with a fallback
+def test_fallback_rule_is_a_pure_function():
+    from napari_cdinn.pipelines import FALLBACK_CHI2, fallback_frames
+
+    trusted = np.array([True, True, False, True])
+    chi2 = np.array([FALLBACK_CHI2 / 2, FALLBACK_CHI2 * 2, 1e-8, np.nan])
+    np.testing.assert_array_equal(fallback_frames(trusted, chi2), [False, True, True, True])
+    assert fallback_frames(trusted, chi2, "always").all() and not fallback_frames(trusted, chi2, "never").any()
+    with pytest.raises(ValueError, match="fallback must be one of auto, always, never"):
+        fallback_frames(trusted, chi2, "sometimes")
+
+
+def test_keep_lower_chi2_per_frame():
+    from napari_cdinn.pipelines import keep_lower_chi2
+
+    refined = {"chi2": np.array([0.1, 0.2, 0.3, np.nan], np.float32), "phase": np.zeros((4, 2, 2), np.float32)}
+    protocol = {"chi2": np.array([0.3, 0.1, 0.5], np.float32), "phase": np.ones((3, 2, 2), np.float32)}
+    out = keep_lower_chi2(refined, protocol, [1, 2, 3])
+    np.testing.assert_array_equal(out["chi2"], np.float32([0.1, 0.2, 0.1, 0.5]))
+    np.testing.assert_array_equal(out["start"], [1, 1, 0, 0])
+    assert out["start"].dtype == np.uint8
+    np.testing.assert_array_equal(out["phase"][:, 0, 0], [0, 0, 1, 1])
+    assert np.isnan(refined["chi2"][3])  # inputs untouched
+    np.testing.assert_array_equal(keep_lower_chi2(refined, None, [])["start"], 1)
+
+
+def test_frame_ids_give_the_starts_of_the_whole_stack(data):
+    whole = reconstruct(data["intensity"], device="cpu", algorithm="hio", iterations=10, average=1, first_frame=5)
+    picked = reconstruct(data["intensity"][[3, 1]], device="cpu", algorithm="hio", iterations=10, average=1,
+                         frame_ids=[8, 6])
+    np.testing.assert_allclose(picked["object"], whole["object"][[3, 1]], atol=1e-5)
+
+
+def test_reconstruct_chunk_passes_the_mask_and_records_random_starts(data):
+    from napari_cdinn.retrieval import reconstruct_chunk
+
+    inten = data["intensity"][:2].copy()
+    mask = np.zeros((64, 64), bool)
+    mask[28:36, 28:36] = True
+    opts = {"device": "cpu", "algorithm": "hio", "iterations": 20, "average": 1}
+    clean = reconstruct_chunk(inten, mask=mask, **opts)
+    inten[:, mask] = 1e6  # garbage on unmeasured pixels changes nothing
+    np.testing.assert_array_equal(reconstruct_chunk(inten, mask=mask, **opts)["amplitude"], clean["amplitude"])
+    assert clean["start"].dtype == np.uint8 and (clean["start"] == 0).all()

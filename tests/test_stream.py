@@ -135,3 +135,43 @@ def test_random_starts_do_not_depend_on_chunking(tmp_path):
     whole = process_stack(data, None, fn, chunk_size=5)
     pieces = process_stack(data, None, fn, chunk_size=2)
     np.testing.assert_allclose(pieces["amplitude"], whole["amplitude"], atol=1e-5)
+
+
+def _masked(intensity, first_frame=0, mask=None):
+    """A chunk function reporting the mask it was given, frame by frame."""
+    mask = np.broadcast_to(mask, intensity.shape)
+    return {"unmeasured": mask.sum(axis=(1, 2)).astype(np.int32), "frame": first_frame + np.arange(len(intensity))}
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_the_mask_travels_with_its_chunk(stack_file, tmp_path, ndim):
+    path, data = stack_file
+    rng = np.random.default_rng(3)
+    mask = rng.random(data.shape if ndim == 3 else data.shape[1:]) < 0.3
+    expected = np.broadcast_to(mask, data.shape).sum(axis=(1, 2))
+    res = process_stack(path, None, _masked, chunk_size=10, mask=mask)
+    np.testing.assert_array_equal(res["unmeasured"], expected)
+    np.testing.assert_array_equal(process_stack(path, None, _toy)["amplitude"], _toy(data)["amplitude"])  # no mask: no keyword
+    with pytest.raises(ValueError, match="the mask is shaped"):
+        process_stack(path, None, _masked, mask=mask[..., :5])
+
+
+def test_resume_refuses_another_mask(stack_file, tmp_path):
+    path, data = stack_file
+    out = str(tmp_path / "res.h5")
+    mask = np.zeros(data.shape[1:], bool)
+    with pytest.raises(StreamCancelled):
+        process_stack(path, out, _masked, chunk_size=10, mask=mask, should_stop=lambda: True)
+    mask[0, 0] = True
+    with pytest.raises(ValueError, match="other input or options"):
+        process_stack(path, out, _masked, chunk_size=10, mask=mask, resume=True)
+
+
+def test_local_cluster_gets_the_masks(stack_file, tmp_path):
+    distributed = pytest.importorskip("dask.distributed")
+    path, data = stack_file
+    mask = np.random.default_rng(4).random(data.shape) < 0.3
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        res = process_stack(path, None, _masked, chunk_size=10, scheduler=client, mask=mask)
+    np.testing.assert_array_equal(res["unmeasured"], mask.sum(axis=(1, 2)))

@@ -5,6 +5,8 @@
   frames on demand.  Bad input raises ``ValueError``/``OSError`` with one sentence.
   :func:`stack_shape` and :func:`read_frames` give a file's shape and a range of its frames
   without a dask graph (the streaming jobs read their chunks this way).
+* :func:`read_mask` reads a mask of unmeasured pixels (True = unmeasured) from a file of its
+  own; :func:`file_mask` finds the mask a stack file carries beside its data, if any.
 * :func:`write_result` / :func:`read_result` write and read result arrays (``amplitude``,
   ``phase``, ``chi2``, ``support``...) as ``.npz``, ``.h5``/``.hdf5`` or ``.cxi``.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import posixpath
 import tempfile
 
 import numpy as np
@@ -27,7 +30,9 @@ __all__ = [
     "STACK_EXTENSIONS",
     "atomic_output",
     "check_writable",
+    "file_mask",
     "read_frames",
+    "read_mask",
     "read_result",
     "read_stack",
     "stack_shape",
@@ -93,6 +98,10 @@ CHUNK_BYTES = 32 * 2**20
 #: HDF5 paths tried in a ``.cxi`` file, in order.
 CXI_PATHS = ("entry_1/data_1/data", "entry_1/instrument_1/detector_1/data")
 _ATTRS_KEY = "__attrs__"
+#: Name of a mask beside the data: an NPZ key, or an HDF5 dataset in the data's group.
+_MASK_KEY = "mask"
+#: HDF5 paths of the detector mask tried in a ``.cxi`` file, in order (CXI: nonzero = bad pixel).
+CXI_MASK_PATHS = ("entry_1/instrument_1/detector_1/mask", "entry_1/data_1/mask")
 
 
 def _ext(path):
@@ -252,12 +261,13 @@ def _open_npz(path):
             for key in ("intensity", "data"):
                 if key in keys:
                     return npz[key]
+            keys = [k for k in keys if k != _MASK_KEY]  # a mask beside the data is not the data
             if len(keys) == 1:
                 return npz[keys[0]]
     except (zipfile.BadZipFile, EOFError, ValueError) as exc:
         raise ValueError(f"{_name(path)!r} is truncated or not a valid .npz file ({_first_line(exc)})") from None
     if not keys:
-        raise ValueError(f"{_name(path)!r} holds no arrays")
+        raise ValueError(f"{_name(path)!r} holds no intensity arrays")
     raise ValueError(f"{_name(path)!r} holds several arrays ({', '.join(keys)}) and none named 'intensity' or 'data'")
 
 
@@ -371,7 +381,8 @@ def _find_h5_dataset(fh, path):
     found = []
 
     def visit(name, obj):
-        if isinstance(obj, h5py.Dataset) and obj.ndim in (2, 3) and obj.dtype.kind in "uifc":
+        if (isinstance(obj, h5py.Dataset) and obj.ndim in (2, 3) and obj.dtype.kind in "uifc"
+                and posixpath.basename(name) != _MASK_KEY):  # a mask beside the data is not the data
             found.append(name)
 
     fh.visititems(visit)
@@ -380,6 +391,167 @@ def _find_h5_dataset(fh, path):
     if not found:
         raise ValueError(f"{_name(path)!r} holds no 2-D or 3-D data set")
     raise ValueError(f"{_name(path)!r} holds several image data sets ({', '.join(found[:4])}) and none named 'data'")
+
+
+# =========================================================================== masks
+def read_mask(path, shape):
+    """Read a mask of unmeasured pixels (beamstop, gaps, bad pixels) from a file.
+
+    Formats: ``.npy``; ``.npz`` (key ``mask``, else the only array); ``.tif``/``.tiff``;
+    ``.h5``/``.hdf5`` (dataset ``mask``, else the only 2-D/3-D dataset); ``.cxi`` (the CXI
+    detector mask, :data:`CXI_MASK_PATHS`, else as ``.h5``).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    shape : tuple of int
+        Shape of the stack the mask belongs to, ``(N, H, W)`` or ``(H, W)``.
+
+    Returns
+    -------
+    ndarray, bool, (H, W) or (N, H, W)
+        True on unmeasured pixels.  Boolean masks are taken as they are; integer masks are
+        True where nonzero.  A 2-D mask holds for every frame.
+
+    Raises
+    ------
+    OSError
+        The file is missing or cannot be opened.
+    ValueError
+        Unsupported extension; an unreadable file; no suitable array; an array that is not
+        boolean or integer; a shape other than ``(H, W)`` or ``(N, H, W)`` of the stack.
+    """
+    path, ext = _input_path(path, STACK_EXTENSIONS)
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"the mask {_name(path)!r} is empty")
+    loader = {".npy": _mask_npy, ".npz": _mask_npz, ".tif": _mask_tiff, ".tiff": _mask_tiff,
+              ".h5": _mask_h5, ".hdf5": _mask_h5, ".cxi": _mask_h5}[ext]
+    name = repr(_name(path))
+    try:
+        raw = loader(path)
+    except ValueError as exc:  # say that it is the mask that is bad
+        text = str(exc)
+        raise ValueError(f"the mask {text}" if text.startswith(name) else f"the mask {name}: {text}") from None
+    return _check_mask(raw, shape, f"the mask {name}")
+
+
+def file_mask(path, shape=None):
+    """The mask a stack file carries beside its data, or None.
+
+    Looked for: the key ``mask`` of an ``.npz`` file (``cdinn simulate --beamstop`` writes it);
+    a dataset ``mask`` in the group of the data of an ``.h5``/``.hdf5`` file; in a ``.cxi`` file
+    the detector mask (:data:`CXI_MASK_PATHS`, CXI's convention: nonzero = bad pixel), else a
+    ``mask`` beside the data.  Checked as :func:`read_mask` checks a mask file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A stack file readable by :func:`read_stack`.
+    shape : tuple of int, optional
+        The stack's shape (default: :func:`stack_shape` of ``path``).
+
+    Returns
+    -------
+    ndarray of bool, (H, W) or (N, H, W), True = unmeasured; or None.
+    """
+    path, ext = _input_path(path, STACK_EXTENSIONS)
+    shape = stack_shape(path) if shape is None else tuple(shape)
+    raw = None
+    if ext == ".npz":
+        raw = _npz_mask_beside_data(path)
+    elif ext in (".h5", ".hdf5", ".cxi"):
+        raw = _h5_mask_beside_data(path, ext)
+    return None if raw is None else _check_mask(raw, shape, f"the mask in {_name(path)!r}")
+
+
+def _check_mask(mask, shape, what):
+    """``mask`` as bool after checking its dtype and its shape against the stack's ``shape``."""
+    mask = np.asarray(mask)
+    if mask.dtype.kind not in "bui":
+        raise ValueError(f"{what} must hold booleans or integers (True/1 = unmeasured), got {mask.dtype}")
+    shape = tuple(int(s) for s in shape)
+    frame = shape[-2:]
+    stack = ((shape[0] if len(shape) == 3 else 1),) + frame
+    if mask.shape not in (frame, stack):
+        raise ValueError(f"{what} is shaped {tuple(mask.shape)} but the data are {shape}; "
+                         f"expected {frame} or {stack}")
+    return mask != 0 if mask.dtype.kind != "b" else np.array(mask, dtype=bool)
+
+
+def _mask_npy(path):
+    return np.asarray(_open_npy(path))
+
+
+def _mask_npz(path):
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = [k for k in npz.files if k != _ATTRS_KEY]
+            if _MASK_KEY in keys:
+                return npz[_MASK_KEY]
+            if len(keys) == 1:
+                return npz[keys[0]]
+    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise ValueError(f"{_name(path)!r} is truncated or not a valid .npz file ({_first_line(exc)})") from None
+    if not keys:
+        raise ValueError(f"{_name(path)!r} holds no arrays")
+    raise ValueError(f"{_name(path)!r} holds several arrays ({', '.join(keys)}) and none named 'mask'")
+
+
+def _mask_tiff(path):
+    import tifffile
+
+    try:
+        return tifffile.imread(path)
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many types for foreign or broken files
+        raise ValueError(f"{_name(path)!r} is not a readable TIFF file ({_first_line(exc)})") from None
+
+
+def _mask_h5(path):
+    import h5py
+
+    with _open_h5_file(path) as fh:
+        names = list(CXI_MASK_PATHS) if _ext(path) == ".cxi" else []
+        for name in names + [_MASK_KEY]:
+            if isinstance(fh.get(name), h5py.Dataset):
+                return fh[name][()]
+        found = []
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset) and obj.ndim in (2, 3) and obj.dtype.kind in "buif":
+                found.append(name)
+
+        fh.visititems(visit)
+        if len(found) == 1:
+            return fh[found[0]][()]
+    if not found:
+        raise ValueError(f"{_name(path)!r} holds no 2-D or 3-D data set")
+    raise ValueError(f"{_name(path)!r} holds several data sets ({', '.join(found[:4])}) and none named 'mask'")
+
+
+def _npz_mask_beside_data(path):
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = [k for k in npz.files if k != _ATTRS_KEY]
+            return npz[_MASK_KEY] if _MASK_KEY in keys and len(keys) > 1 else None
+    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise ValueError(f"{_name(path)!r} is truncated or not a valid .npz file ({_first_line(exc)})") from None
+
+
+def _h5_mask_beside_data(path, ext):
+    import h5py
+
+    with _open_h5_file(path) as fh:
+        data = _find_h5_dataset(fh, path)
+        names = list(CXI_MASK_PATHS) if ext == ".cxi" else []
+        names.append(posixpath.join(posixpath.dirname(data), _MASK_KEY))
+        for name in names:
+            if name != data and isinstance(fh.get(name), h5py.Dataset):
+                return fh[name][()]
+    return None
 
 
 # =========================================================================== results

@@ -4,7 +4,10 @@ A *chunk function* ``fn(intensity, first_frame) -> dict`` maps a NumPy block of 
 ``(n, H, W)`` float32, whose first frame is frame ``first_frame`` of the stack, to per-frame
 result arrays with leading length ``n`` (for example ``amplitude``, ``phase``, ``chi2``).
 ``first_frame`` lets a randomised method draw per-frame random numbers from the frame's index,
-so that results do not depend on the chunking (streamed, in-memory and cluster runs agree).  :func:`process_stack` runs it over a stack chunk by chunk:
+so that results do not depend on the chunking (streamed, in-memory and cluster runs agree).
+Given a mask of unmeasured pixels, :func:`process_stack` also passes the chunk's part of it as
+the keyword ``mask`` (a 2-D mask whole, a 3-D one sliced like the frames); without one the
+keyword is not passed.  :func:`process_stack` runs the function over a stack chunk by chunk:
 
 * the input is read one chunk at a time (:func:`napari_cdinn.io.read_frames`), so memory
   stays bounded by a few chunks whatever the stack's length;
@@ -58,15 +61,17 @@ def _partial_path(out):
     return os.path.join(folder, f".{name}.partial")
 
 
-def _fingerprint(source, shape, chunk_size, options):
-    """A stable digest of what determines the output: input file, shape, chunking, options."""
+def _fingerprint(source, shape, chunk_size, options, mask=None):
+    """A stable digest of what determines the output: input file, shape, chunking, options, mask."""
     if isinstance(source, (str, os.PathLike)):
         st = os.stat(source)
         src = {"path": os.path.abspath(source), "size": st.st_size, "mtime": int(st.st_mtime)}
     else:
         src = {"array": True}
-    blob = json.dumps({"source": src, "shape": list(shape), "chunk": int(chunk_size), "options": options},
-                      sort_keys=True, default=str)
+    what = {"source": src, "shape": list(shape), "chunk": int(chunk_size), "options": options}
+    if mask is not None:
+        what["mask"] = [list(mask.shape), hashlib.sha256(np.packbits(mask).tobytes()).hexdigest()]
+    blob = json.dumps(what, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -78,9 +83,15 @@ def _read_chunk(source, start, stop):
     return np.asarray(stack[start:stop], dtype=np.float32)
 
 
-def _run_chunk(fn, source, start, stop):
-    """Worker task: read one chunk and run the chunk function on it."""
-    return start, stop, fn(_read_chunk(source, start, stop), first_frame=start)
+def _chunk_mask(mask, start, stop):
+    """The part of a mask for frames ``start:stop``: a 2-D mask whole, a 3-D one sliced."""
+    return mask if mask is None or mask.ndim == 2 else mask[start:stop]
+
+
+def _run_chunk(fn, source, start, stop, mask=None):
+    """Worker task: read one chunk and run the chunk function on it (with its mask, if any)."""
+    extra = {} if mask is None else {"mask": mask}
+    return start, stop, fn(_read_chunk(source, start, stop), first_frame=start, **extra)
 
 
 class _H5Sink:
@@ -172,6 +183,7 @@ def process_stack(
     attrs=None,
     progress=None,
     should_stop=None,
+    mask=None,
 ):
     """Run a chunk function over a whole stack and write the results to ``out``.
 
@@ -200,6 +212,10 @@ def process_stack(
     should_stop : callable, optional
         Checked before every chunk; when it returns True the run stops with
         :class:`StreamCancelled`, keeping the partial file for ``resume``.
+    mask : array_like of bool, optional
+        True on unmeasured pixels, ``(H, W)`` (every frame) or ``(N, H, W)``.  Each chunk
+        function call then gets ``mask=`` its part (see the module notes); the mask is part of
+        the resume fingerprint.
 
     Returns
     -------
@@ -219,9 +235,11 @@ def process_stack(
         raise ValueError("--resume needs an .h5 or .cxi output; .npz results are written at the end")
     if out is not None:
         io.check_writable(out)
+    if mask is not None:
+        mask = io._check_mask(mask, shape, "the mask")
 
     partial = _partial_path(out) if streamed else None
-    fingerprint = _fingerprint(source, shape, chunk_size, options or {})
+    fingerprint = _fingerprint(source, shape, chunk_size, options or {}, mask)
     sink = _H5Sink(partial, n, fingerprint, resume, attrs) if streamed else _MemorySink(n)
     t0 = time.perf_counter()
     try:
@@ -230,7 +248,7 @@ def process_stack(
         frames = sum(b - a for i, (a, b) in enumerate(bounds) if done[i])
         if progress:
             progress(frames, n)
-        for index, (a, b, res) in _execute(fn, source, bounds, todo, scheduler, should_stop):
+        for index, (a, b, res) in _execute(fn, source, bounds, todo, scheduler, should_stop, mask):
             sink.write(index, a, b, res)
             frames += b - a
             if progress:
@@ -250,18 +268,18 @@ def process_stack(
     return results
 
 
-def _execute(fn, source, bounds, todo, scheduler, should_stop):
+def _execute(fn, source, bounds, todo, scheduler, should_stop, mask=None):
     """Yield ``(chunk index, (start, stop, results))`` locally or on a dask.distributed cluster."""
     if scheduler is None:
         for i in todo:
             if should_stop and should_stop():
                 raise StreamCancelled("stopped; the finished chunks are kept for --resume")
-            yield i, _run_chunk(fn, source, *bounds[i])
+            yield i, _run_chunk(fn, source, *bounds[i], _chunk_mask(mask, *bounds[i]))
         return
-    yield from _execute_distributed(fn, source, bounds, todo, scheduler, should_stop)
+    yield from _execute_distributed(fn, source, bounds, todo, scheduler, should_stop, mask)
 
 
-def _execute_distributed(fn, source, bounds, todo, scheduler, should_stop):
+def _execute_distributed(fn, source, bounds, todo, scheduler, should_stop, mask=None):
     from dask.distributed import Client, as_completed
 
     own = not isinstance(scheduler, Client)
@@ -276,7 +294,9 @@ def _execute_distributed(fn, source, bounds, todo, scheduler, should_stop):
             src = client.scatter(np.asarray(source), broadcast=False)
         futures = {}
         for i in todo:
-            fut = client.submit(_run_chunk, fn, src, *bounds[i], retries=3, pure=False, key=f"cdinn-chunk-{i}-{id(futures)}")
+            # the chunk's mask travels inside its task (not scattered: a task must survive its worker)
+            fut = client.submit(_run_chunk, fn, src, *bounds[i], _chunk_mask(mask, *bounds[i]), retries=3,
+                                pure=False, key=f"cdinn-chunk-{i}-{id(futures)}")
             futures[fut] = i
         for fut in as_completed(futures):
             if should_stop and should_stop():

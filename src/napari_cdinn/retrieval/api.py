@@ -203,6 +203,7 @@ def reconstruct(
     threads=None,
     seed=0,
     first_frame=0,
+    frame_ids=None,
     retry_chi2=1e-4,
     shrinkwrap_every=20,
     sigma=(3.0, 1.0),
@@ -270,6 +271,9 @@ def reconstruct(
     first_frame : int
         Index of the first pattern in a larger stack, so that inverting a stack piece by piece
         gives the same random starts as inverting it whole.
+    frame_ids : array_like of int, (N,), optional
+        Index of each pattern in a larger stack, for patterns picked from it out of order (the
+        random starts then equal those of inverting the whole stack); overrides ``first_frame``.
     shrinkwrap_every : int
         Support update period in iterations (0: never).
     sigma : (float, float)
@@ -327,6 +331,11 @@ def reconstruct(
     n_starts = int(n_starts)
     if n_starts < 1:
         raise ValueError("n_starts must be at least 1")
+    if frame_ids is None:
+        frame_ids = int(first_frame) + np.arange(n)
+    frame_ids = np.asarray(frame_ids, dtype=np.int64).reshape(-1)
+    if frame_ids.shape != (n,):
+        raise ValueError(f"frame_ids must hold one index per pattern ({n}), got {frame_ids.size}")
     schedule = make_schedule(algorithm, iterations, average)
     total_it = schedule_length(schedule)
     dev = resolve_device(device)
@@ -360,7 +369,7 @@ def reconstruct(
         shrink = Shrinkwrap(shrinkwrap_every, float(sigma[0]), float(sigma[1]), float(threshold), average)
     ctx = {
         "stack": stack, "mask": mask, "init": init_obj, "support": support, "seed": int(seed),
-        "first_frame": int(first_frame), "ac_threshold": autocorrelation_threshold, "device": dev,
+        "frame_ids": frame_ids, "ac_threshold": autocorrelation_threshold, "device": dev,
         "schedule": schedule, "beta": beta, "shrink": shrink, "average": average, "block": block,
         "error_every": error_every, "should_stop": should_stop, "batch_size": batch_size,
         "error_iterations": _error_iterations(total_it, error_every),
@@ -512,7 +521,7 @@ def _run_batch(frames, start, ctx, report):
         mask = bad if mask is None else np.broadcast_to(mask, bad.shape) | bad
     amp, free, x0, sup0, scale = _prepare_batch(
         values, mask, init_b, _per_frame(ctx["support"], frames),
-        frames + ctx["first_frame"], starts, ctx["seed"],
+        ctx["frame_ids"][frames], starts, ctx["seed"],
     )
     amp_t = torch.from_numpy(amp / (m * m)).to(dev)
     free_t = None if free is None else torch.from_numpy(np.ascontiguousarray(free)).to(dev)
@@ -594,22 +603,24 @@ def _finish(best, start_chi2, error_iterations, single, stopped):
     return out
 
 
-def network_start(intensity, model=None, device="auto"):
+def network_start(intensity, model=None, device="auto", mask=None):
     """The CDI NN guess embedded in the pattern's frame: ``(init object, support)`` for :func:`reconstruct`.
+
+    Kept here for compatibility: :func:`napari_cdinn.pipelines.network_start` (``mask``: True on
+    unmeasured pixels, given to the network).
 
     Raises
     ------
     ValueError
         When no trained weights are found (one sentence).
     """
-    from ..nn import predict
-    from ..nn.inference import embed, oversampling_factor
+    from ..pipelines import network_start as _network_start
 
-    guess = predict(intensity, model=model, device=device)
-    return embed(guess["amplitude"], guess["phase"], oversampling_factor(np.shape(intensity)))
+    return _network_start(intensity, model=model, device=device, mask=mask)
 
 
-def reconstruct_chunk(intensity, first_frame=0, init="random", model=None, **options):
+def reconstruct_chunk(intensity, first_frame=0, init="random", model=None, mask=None, fallback="auto", refine=None,
+                      **options):
     """Chunk function for :func:`napari_cdinn.stream.process_stack` (picklable via ``partial``).
 
     Parameters
@@ -619,19 +630,34 @@ def reconstruct_chunk(intensity, first_frame=0, init="random", model=None, **opt
         Index of the chunk's first frame in the stack: random starts follow the frame index,
         so the result does not depend on the chunk size.
     init : {"random", "nn"}
-        Random phases, or the network's guess with its support (shrinkwrap may evolve it).
+        Random phases (the protocol given by ``options``), or the network's guess with its
+        support refined by a short run (``refine``), with a fallback to the protocol:
+        :func:`napari_cdinn.pipelines.refine_with_fallback`.
     model : str, optional
         Network weights for ``init="nn"``.
+    mask : ndarray of bool, (M, M) or (n, M, M), optional
+        True on unmeasured pixels (left free by the modulus step, out of chi^2).
+    fallback : {"auto", "always", "never"}
+        ``init="nn"``: which frames also get the protocol (see :mod:`napari_cdinn.pipelines`).
+    refine : dict, optional
+        ``init="nn"``: the refinement's options over ``options`` (default
+        :data:`napari_cdinn.nn.inference.REFINE_OPTIONS`).
     **options
-        Passed to :func:`reconstruct`.
+        Passed to :func:`reconstruct` (with ``init="nn"``, the protocol's options).
 
     Returns
     -------
-    dict of ``amplitude``, ``phase``, ``support`` (n, M, M) and ``chi2`` (n,).
+    dict of ``amplitude``, ``phase``, ``support`` (n, M, M), ``chi2`` (n,) and ``start`` uint8
+    (n,): 1 where the result started from the network, 0 from random phases.
     """
-    kwargs = dict(options)
-    if init == "nn":
-        obj, sup = network_start(intensity, model=model, device=kwargs.get("device", "auto"))
-        kwargs.update(init=obj, support=sup)
-    res = reconstruct(intensity, first_frame=first_frame, **kwargs)
-    return {k: res[k] for k in ("amplitude", "phase", "support", "chi2")}
+    keys = ("amplitude", "phase", "support", "chi2")
+    if isinstance(init, str) and init == "nn":
+        from ..pipelines import refine_with_fallback
+
+        res = refine_with_fallback(intensity, model=model, mask=mask, fallback=fallback, refine=refine,
+                                   first_frame=first_frame, **options)
+        return {k: res[k] for k in (*keys, "start")}
+    res = reconstruct(intensity, first_frame=first_frame, init=init, mask=mask, **options)
+    out = {k: res[k] for k in keys}
+    out["start"] = np.zeros(np.shape(out["chi2"]), dtype=np.uint8)
+    return out

@@ -1,0 +1,227 @@
+"""What uses both engines: iterative phase retrieval seeded by the network's guess.
+
+:mod:`napari_cdinn.nn` and :mod:`napari_cdinn.retrieval` never import each other; this module
+sits above both and imports them only when a function is called (torch stays unimported).
+
+NN-seeded refinement with a fallback (:func:`refine_with_fallback`)
+-------------------------------------------------------------------
+Every frame is refined from the network's guess and support by a short run
+(:data:`napari_cdinn.nn.inference.REFINE_OPTIONS`).  The frames :func:`fallback_frames`
+selects are also inverted by the full protocol from random starts (the caller's reconstruct
+options: by default the paper's 620 iterations, not the refinement's), and each of them keeps
+the result with the lower chi^2; ``start`` records which one won (1 = network, 0 = protocol).
+Rules:
+
+* ``"auto"`` (default): the protocol runs on the frames whose network guess is not trusted
+  (:func:`napari_cdinn.nn.inference.is_trusted`) or whose refined chi^2 exceeds the chi^2 of
+  counting noise alone (:func:`napari_cdinn.physics.noise_chi2`, 0 for data that are not counts)
+  by more than :data:`FALLBACK_CHI2` (or is not finite).  A trusted guess refined that far is
+  kept without paying for the protocol.
+* ``"always"``: the protocol runs on every frame; the result is then never worse by chi^2 than
+  the protocol alone with the same options and seed (its random starts are those of the whole
+  stack), at the cost of both runs.
+* ``"never"``: the refinement alone (start 1 everywhere).
+
+Why this rule: :data:`FALLBACK_CHI2` is the threshold under which :func:`reconstruct` itself
+stops restarting a frame (``retry_chi2``): a frame refined below it has converged as far as a
+restart could tell, and a trusted network guess makes a twin-free, well-placed start likely.
+Everything else (an untrusted guess, a refinement stuck above it) may be beaten by the
+protocol, so the protocol is run and the better chi^2 kept.  On counts the threshold is taken
+beyond the noise floor, which is far above it (about 1e-2 at 1e4 photons): measured on the
+held-out sets in ``benchmarks/bench_realistic.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "FALLBACK_CHI2",
+    "FALLBACK_RULES",
+    "fallback_frames",
+    "keep_lower_chi2",
+    "network_guess",
+    "network_start",
+    "refine_with_fallback",
+]
+
+#: Fallback rules of :func:`refine_with_fallback` (see the module notes).
+FALLBACK_RULES = ("auto", "always", "never")
+#: Refined frames above this chi^2 also get the protocol (rule ``"auto"``): ``reconstruct``'s
+#: default ``retry_chi2``, the level under which it deems a frame converged.
+FALLBACK_CHI2 = 1e-4
+#: Per-frame arrays a refinement returns (besides ``start``).
+RESULT_KEYS = ("amplitude", "phase", "support", "chi2")
+
+
+def network_guess(intensity, model=None, device="auto", mask=None):
+    """The CDI NN guess embedded in the pattern's frame, with its trust flag.
+
+    Parameters
+    ----------
+    intensity : array_like, (H, W) or (N, H, W)
+        Measured, centred intensities, ``H == W == 32 k``.
+    model : str or path, optional
+        Network weights (default: the best shipped model for the pattern size).
+    device : str
+    mask : array_like of bool, (H, W) or (N, H, W), optional
+        True on unmeasured pixels (given to the network).
+
+    Returns
+    -------
+    obj : ndarray complex64, like ``intensity``: the guess zero-padded into the pattern's frame
+    support : ndarray bool, same shape
+    trusted : ndarray bool, (N,) (or a scalar for one frame)
+
+    Raises
+    ------
+    ValueError
+        When no trained weights are found, or the pattern size is not one the networks read.
+    """
+    from .nn import predict
+    from .nn.inference import embed, oversampling_factor
+
+    guess = predict(intensity, model=model, device=device, mask=mask)
+    obj, support = embed(guess["amplitude"], guess["phase"], oversampling_factor(np.shape(intensity)))
+    return obj, support, np.asarray(guess["trusted"], dtype=bool)
+
+
+def network_start(intensity, model=None, device="auto", mask=None):
+    """The CDI NN guess embedded in the pattern's frame: ``(init object, support)`` for ``reconstruct``.
+
+    See :func:`network_guess`.
+    """
+    obj, support, _ = network_guess(intensity, model=model, device=device, mask=mask)
+    return obj, support
+
+
+def fallback_frames(trusted, chi2, rule="auto", threshold=FALLBACK_CHI2, chi2_noise=0.0):
+    """Which refined frames also get the protocol (see the module notes).
+
+    Parameters
+    ----------
+    trusted : array_like of bool, (N,)
+        The network's trust flags.
+    chi2 : array_like of float, (N,)
+        chi^2 of the refined frames.
+    rule : {"auto", "always", "never"}
+    threshold : float
+        ``"auto"``: frames refined above it (beyond the counting noise) fall back.
+    chi2_noise : array_like of float, (N,), optional
+        The chi^2 counting noise alone gives each frame (:func:`napari_cdinn.physics.noise_chi2`).
+
+    Returns
+    -------
+    ndarray of bool, (N,)
+    """
+    if rule not in FALLBACK_RULES:
+        raise ValueError(f"fallback must be one of {', '.join(FALLBACK_RULES)}, got {rule!r}")
+    chi2 = np.asarray(chi2, dtype=np.float64).reshape(-1)
+    if rule == "never":
+        return np.zeros(chi2.shape, dtype=bool)
+    if rule == "always":
+        return np.ones(chi2.shape, dtype=bool)
+    trusted = np.broadcast_to(np.asarray(trusted, dtype=bool).reshape(-1), chi2.shape)
+    excess = chi2 - np.broadcast_to(np.asarray(chi2_noise, dtype=np.float64).reshape(-1), chi2.shape)
+    return ~trusted | ~(excess <= float(threshold))  # NaN falls back
+
+
+def keep_lower_chi2(refined, protocol, frames):
+    """Per frame, the refined result or the protocol's, whichever has the lower chi^2.
+
+    Parameters
+    ----------
+    refined : dict of per-frame arrays with leading length N, ``chi2`` among them
+    protocol : dict of the same keys for ``frames`` only (leading length ``len(frames)``), or None
+    frames : array_like of int
+        The frames the protocol ran on.
+
+    Returns
+    -------
+    dict
+        The keys of ``refined`` (copies), the protocol's frames swapped in where its chi^2 is
+        lower (a NaN chi^2 never wins; on a tie the refined result stays), plus ``start`` uint8
+        (N,): 1 where the network-seeded refinement was kept, 0 where the protocol was.
+    """
+    out = {k: np.array(v, copy=True) for k, v in refined.items()}
+    start = np.ones(len(out["chi2"]), dtype=np.uint8)
+    frames = np.asarray(frames, dtype=np.int64).reshape(-1)
+    if protocol is not None and len(frames):
+        new, old = np.asarray(protocol["chi2"]), out["chi2"][frames]
+        better = (new < old) | (np.isnan(old) & ~np.isnan(new))
+        picked = frames[better]
+        for key, value in out.items():
+            value[picked] = np.asarray(protocol[key])[better]
+        start[picked] = 0
+    out["start"] = start
+    return out
+
+
+def _noise(stack, mask):
+    """:func:`napari_cdinn.physics.noise_chi2` of each frame's measured pixels (NaN/inf and ``mask`` left out)."""
+    from . import physics
+
+    bad = ~np.isfinite(stack)
+    if mask is not None:
+        bad = bad | np.broadcast_to(mask, stack.shape)
+    return physics.noise_chi2(np.where(bad | ~(stack > 0), 0.0, stack), bad)
+
+
+def refine_with_fallback(intensity, *, model=None, mask=None, fallback="auto", refine=None, first_frame=0,
+                         fallback_chi2=FALLBACK_CHI2, **options):
+    """Invert patterns from the network's guess, falling back to the protocol where it may do better.
+
+    See the module notes for the rules.
+
+    Parameters
+    ----------
+    intensity : array_like, float, (N, M, M) or (M, M)
+        Centred measured intensities, ``M = 32 k`` (the networks' sizes).
+    model : str or path, optional
+        Network weights (default: the best shipped model for the pattern size).
+    mask : array_like of bool, (M, M) or (N, M, M), optional
+        True on unmeasured pixels: given to the network and to both runs.
+    fallback : {"auto", "always", "never"}
+    refine : dict, optional
+        :func:`napari_cdinn.retrieval.reconstruct` options of the refinement, over ``options``
+        (default :data:`napari_cdinn.nn.inference.REFINE_OPTIONS`).
+    first_frame : int
+        Index of the first pattern in a larger stack (random starts follow it).
+    fallback_chi2 : float
+        Threshold of the ``"auto"`` rule (:data:`FALLBACK_CHI2`).
+    **options
+        :func:`napari_cdinn.retrieval.reconstruct` options of both runs (``algorithm``,
+        ``device``, ``n_starts``, ``seed``...); the protocol runs with these alone.
+
+    Returns
+    -------
+    dict
+        ``amplitude``, ``phase``, ``support`` (N, M, M), ``chi2`` (N,) and ``start`` uint8 (N,)
+        (1: the refinement from the network was kept; 0: the protocol from random starts);
+        unbatched for a 2-D input.
+    """
+    from .nn.inference import REFINE_OPTIONS
+    from .retrieval import reconstruct
+
+    if fallback not in FALLBACK_RULES:
+        raise ValueError(f"fallback must be one of {', '.join(FALLBACK_RULES)}, got {fallback!r}")
+    for key in ("init", "support", "frame_ids"):
+        if key in options:
+            raise ValueError(f"refine_with_fallback sets {key!r} itself")
+    single = np.ndim(intensity) == 2
+    stack = np.asarray(intensity, dtype=np.float32)
+    stack = stack[None] if single else stack
+    mask = None if mask is None else np.asarray(mask, dtype=bool)
+    ids = int(first_frame) + np.arange(stack.shape[0])
+
+    obj, sup, trusted = network_guess(stack, model=model, device=options.get("device", "auto"), mask=mask)
+    settings = {**options, **(REFINE_OPTIONS if refine is None else refine)}
+    refined = reconstruct(stack, init=obj, support=sup, mask=mask, frame_ids=ids, **settings)
+    todo = np.flatnonzero(fallback_frames(trusted, refined["chi2"], fallback, fallback_chi2, _noise(stack, mask)))
+    protocol = None
+    if len(todo):
+        part = mask if mask is None or mask.ndim == 2 else mask[todo]
+        protocol = reconstruct(stack[todo], mask=part, frame_ids=ids[todo], **options)
+    out = keep_lower_chi2({k: refined[k] for k in RESULT_KEYS},
+                          None if protocol is None else {k: protocol[k] for k in RESULT_KEYS}, todo)
+    return {k: v[0] for k, v in out.items()} if single else out
