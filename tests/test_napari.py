@@ -72,6 +72,33 @@ def test_reader_every_format(make_napari_viewer, tmp_path):
             assert kinds == ["amplitude", "intensity", "phase"]
 
 
+def test_reader_opens_the_files_own_mask(make_napari_viewer, tmp_path):
+    from napari_cdinn.cli import main
+
+    path = tmp_path / "stopped.npz"
+    assert main(["simulate", "--count", "2", "--size", "16", "--oversampling", "2", "--beamstop", "2",
+                 "--out", str(path)]) == 0
+    want = io.file_mask(path)
+    tuples = get_reader(str(path))(str(path))
+    labels = [t for t in tuples if t[2] == "labels"]
+    assert len(labels) == 1 and labels[0][1]["name"] == "stopped mask"
+    assert labels[0][1]["metadata"]["cdinn_kind"] == "mask"
+    assert labels[0][0].dtype == np.uint8 and np.array_equal(labels[0][0] == 1, want) and want.any()
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin="napari-cdinn")
+    mask = viewer.layers["stopped mask"]
+    assert type(mask).__name__ == "Labels"
+    assert tuple(mask.translate[-2:]) == tuple(viewer.layers["stopped intensity"].translate[-2:])
+    # the docks pick the file's own mask for its patterns
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-cdinn", "CDI NN inversion")
+    widget.patterns.value = viewer.layers["stopped intensity"]
+    assert widget.mask.value is mask
+    # a file without a mask opens none
+    plain = tmp_path / "plain.npy"
+    np.save(plain, SIM["intensity"])
+    assert not [t for t in get_reader(str(plain))(str(plain)) if t[2] == "labels"]
+
+
 def test_reader_is_lazy_for_big_stacks(tmp_path, monkeypatch):
     path = _files(tmp_path)["h5"]
     monkeypatch.setattr(io, "LAZY_THRESHOLD", 10)

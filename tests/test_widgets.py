@@ -116,7 +116,46 @@ def test_phase_retrieval_bad_mask_is_a_notification(make_napari_viewer, monkeypa
     widget.patterns.value = viewer.layers["patterns"]
     widget.mask.value = viewer.layers["gaps"]
     widget.controls.run_button.clicked.emit()
-    assert not widget.runner.running and len(errors) == 1 and "does not match" in errors[0]
+    assert not widget.runner.running and len(errors) == 1 and "matches neither" in errors[0]
+    assert "\n" not in errors[0]
+
+
+def _beamstop():
+    """A central beamstop of radius 2 on the 32 x 32 patterns of SIM, and SIM with garbage under it."""
+    mask = simulate(1, size=16, seed=3, oversampling=2, beamstop=2)["mask"]
+    garbage = SIM["intensity"].copy()
+    garbage[:, mask] = 1e6  # whatever lies under the beamstop must not matter
+    return mask, garbage
+
+
+def test_phase_retrieval_with_a_mask_layer_and_the_network_start(make_napari_viewer, qtbot, random_model):
+    from napari_cdinn.pipelines import network_start
+    from napari_cdinn.retrieval import reconstruct
+
+    mask, garbage = _beamstop()
+    viewer = make_napari_viewer()
+    viewer.add_image(garbage, name="patterns")
+    viewer.add_image(np.repeat(mask[None], 6, 0).astype(np.float32), name="beamstop")  # an Image layer, (N, H, W)
+    widget = _dock(viewer, "Phase retrieval")
+    assert widget.mask.value is None  # no mask unless chosen
+    widget.patterns.value = viewer.layers["patterns"]
+    widget.mask.value = viewer.layers["beamstop"]
+    widget.algorithm.value, widget.iterations.value, widget.device.value = "er", 20, "cpu"
+    widget.block_frames.value = 4
+    widget.start.value = "CDI NN"
+    widget.models.file.value = random_model
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
+    meta = viewer.layers["patterns PR amplitude"].metadata
+    assert meta["mask"] == "beamstop" and meta["nn_trusted"].shape == (6,)
+    # the same as the core calls with the mask, block by block: the masked garbage is ignored
+    want = []
+    for lo, hi in ((0, 4), (4, 6)):
+        obj, sup = network_start(SIM["intensity"][lo:hi], model=str(random_model), device="cpu", mask=mask)
+        want.append(reconstruct(SIM["intensity"][lo:hi], algorithm="er", iterations=20, average=10, device="cpu",
+                                mask=mask, init=obj, support=sup, first_frame=lo)["chi2"])
+    np.testing.assert_allclose(meta["chi2"], np.concatenate(want), rtol=1e-4)
+    assert "the network trusted" in widget.controls.status.value
 
 
 @pytest.fixture
@@ -145,8 +184,41 @@ def test_inversion_adds_layers_and_flags(make_napari_viewer, qtbot, random_model
     assert amp.data.shape == pha.data.shape == (6, 32, 32)
     assert tuple(amp.translate) == (0.0, 0.0, 0.0)  # the 32-pixel frame fills the 32 x 32 pattern
     chi2, trusted = amp.metadata["chi2"], amp.metadata["trusted"]
-    assert chi2.shape == (6,) and np.array_equal(trusted, chi2 <= widget.trust.value)
+    from napari_cdinn.nn.inference import is_trusted
+
+    assert chi2.shape == (6,) and np.array_equal(trusted, is_trusted(chi2, amp.metadata["chi2_noise"]))
     assert len(widget.plot.axes.collections) == 2
+
+
+def test_inversion_with_a_beamstop_mask_layer(make_napari_viewer, qtbot, monkeypatch, random_model):
+    from napari_cdinn import nn
+
+    mask, garbage = _beamstop()
+    viewer = make_napari_viewer()
+    viewer.add_image(garbage, name="patterns")
+    viewer.add_labels(mask.astype(np.uint8), name="beamstop")
+    viewer.add_labels(np.zeros((3, 32, 32), np.uint8), name="wrong")  # 3 frames, not 6
+    widget = _dock(viewer, "CDI NN inversion")
+    errors = []
+    monkeypatch.setattr("napari_cdinn._widgets._common.show_error", errors.append)
+    widget.patterns.value = viewer.layers["patterns"]
+    widget.models.file.value = random_model
+    widget.device.value, widget.batch_size.value = "cpu", 4
+    widget.mask.value = viewer.layers["wrong"]
+    widget.controls.run_button.clicked.emit()
+    assert not widget.runner.running and len(errors) == 1 and "matches neither" in errors[0]
+    assert "\n" not in errors[0] and "patterns NN amplitude" not in viewer.layers
+    widget.mask.value = viewer.layers["beamstop"]
+    widget.trust.value = 0.5
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
+    meta = viewer.layers["patterns NN amplitude"].metadata
+    # chi^2 ignores the masked pixels: the garbage under the beamstop changes nothing
+    want = nn.predict(SIM["intensity"], model=str(random_model), device="cpu", mask=mask)
+    np.testing.assert_allclose(meta["chi2"], want["chi2"], rtol=1e-4)
+    np.testing.assert_allclose(meta["chi2_noise"], want["chi2_noise"], rtol=1e-4)
+    assert meta["mask"] == "beamstop" and len(errors) == 1
+    assert np.array_equal(meta["trusted"], meta["chi2"] - meta["chi2_noise"] <= 0.5)  # the spin box's threshold
 
 
 def test_inversion_automatic_model_follows_the_pattern_size(make_napari_viewer, qtbot):

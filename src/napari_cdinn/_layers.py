@@ -10,7 +10,8 @@ for dask stacks; negative intensities are shown as 0, NaN stays NaN) with the me
 and every consumer gets the true intensities back through :func:`layer_intensities`, which
 also accepts any plain image layer (its data are then taken as linear intensities).
 Amplitude layers are ``gray`` on 0..1, phase layers ``twilight`` on -pi..pi; both carry
-``cdinn_kind`` and, when known, the per-frame ``chi2`` in their metadata.
+``cdinn_kind`` and, when known, the per-frame ``chi2`` in their metadata.  Masks of unmeasured
+pixels are Labels layers (1 = unmeasured) with ``cdinn_kind`` ``"mask"``.
 No Qt import here; napari only for layer types in annotations.
 """
 
@@ -93,6 +94,14 @@ def phase_tuple(phase, name, translate=None, **extra_metadata):
     if translate is not None:
         kwargs["translate"] = translate
     return (np.asarray(phase, dtype=np.float32), kwargs, "image")
+
+
+def mask_tuple(mask, name, translate=None, **extra_metadata):
+    """LayerDataTuple of a mask of unmeasured pixels: a Labels layer, 1 = unmeasured, 0 = measured."""
+    kwargs = {"name": name, "opacity": 0.5, "metadata": {KIND: "mask", **extra_metadata}}
+    if translate is not None:
+        kwargs["translate"] = translate
+    return ((np.asarray(mask) != 0).astype(np.uint8), kwargs, "labels")
 
 
 def centre_offset(pattern_shape, object_shape):

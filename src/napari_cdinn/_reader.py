@@ -5,6 +5,9 @@ foreign or broken file), so napari can try other readers; it never raises.  Inte
 a log scale (:mod:`napari_cdinn._layers`); big HDF5/CXI/TIFF/NPY stacks open lazily (dask), so
 the first frame shows at once.  Files holding ``amplitude``/``phase`` results (from
 ``cdinn predict``/``reconstruct``, ``cdinn simulate`` or the writer) also open those as layers.
+A file that carries its own mask of unmeasured pixels (:func:`napari_cdinn.io.file_mask`: the
+``mask`` of ``cdinn simulate --beamstop``, a CXI detector mask) also opens it as a Labels layer
+``"<name> mask"`` (1 = unmeasured) over the intensities, ready for the docks' mask picker.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ def _layer_tuples(path):
         layers.append(_layers.intensity_tuple(stack, f"{stem} intensity", cdinn_source=path))
     except (ValueError, OSError):
         stack = None
+    if stack is not None:
+        layers.extend(_mask_tuples(path, stem, stack.shape))
     layers = _result_tuples(path, stem, stack) + layers
     return layers
 
@@ -68,3 +73,14 @@ def _result_tuples(path, stem, stack):
                 offset = (0.0,) * (stack.ndim - 2) + _layers.centre_offset(stack.shape, res[key].shape)
             out.append(make(res[key], f"{stem} {key}", translate=offset, **meta))
     return out
+
+
+def _mask_tuples(path, stem, shape):
+    """The file's own mask as a Labels layer tuple (1 = unmeasured); [] when it has none or a bad one."""
+    try:
+        mask = io.file_mask(path, shape)
+    except (ValueError, OSError, KeyError):
+        return []
+    if mask is None:
+        return []
+    return [_layers.mask_tuple(mask, f"{stem} mask", cdinn_source=path)]

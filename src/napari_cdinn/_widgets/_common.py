@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 from magicgui import widgets
-from napari.layers import Image
+from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
@@ -48,6 +48,75 @@ def image_layer_picker(viewer, label, kind=None, nullable=False):
     for event in (events.inserted, events.removed, events.reordered):
         event.connect(lambda _e=None: box.reset_choices())
     return box
+
+
+def mask_layer_picker(viewer, patterns=None, label="mask"):
+    """A ComboBox of the viewer's Labels and Image layers that can mark unmeasured pixels.
+
+    The empty choice (the default) means no mask.  Labels layers are listed first.  When
+    ``patterns`` (the dock's pattern picker) changes, or a mask layer is added, the mask the
+    pattern file carries (a Labels layer the reader made from the same file) is chosen if no mask
+    is chosen yet.
+    """
+
+    def choices(_widget=None):
+        layers = [layer for layer in viewer.layers if isinstance(layer, Labels | Image)]
+        layers.sort(key=lambda layer: not isinstance(layer, Labels))
+        return [(layer.name, layer) for layer in layers]
+
+    box = widgets.ComboBox(label=label, choices=choices, nullable=True, value=None,
+                           tooltip="pixels that were not measured (beamstop, gaps): nonzero = unmeasured; "
+                                   "shaped like one pattern (H, W) or like the stack (N, H, W)")
+
+    def own_mask(_e=None):
+        source = getattr(patterns.value, "metadata", {}).get("cdinn_source") if patterns is not None else None
+        if box.value is not None or source is None:
+            return
+        for layer in viewer.layers:
+            if (isinstance(layer, Labels) and layer.metadata.get(_layers.KIND) == "mask"
+                    and layer.metadata.get("cdinn_source") == source):
+                box.value = layer
+                return
+
+    events = viewer.layers.events
+    for event in (events.inserted, events.removed, events.reordered):
+        event.connect(lambda _e=None: box.reset_choices())
+    events.inserted.connect(own_mask)
+    if patterns is not None:
+        patterns.changed.connect(own_mask)
+    own_mask()
+    return box
+
+
+def mask_of(layer, shape):
+    """Unmeasured pixels (True) from a mask ``layer`` for patterns of ``shape`` (N, H, W), or None.
+
+    Nonzero (and NaN) values are unmeasured.  A lazy (dask) layer stays lazy: compute it in a worker.
+
+    Raises
+    ------
+    ValueError
+        The layer is shaped neither like one pattern (H, W) nor like the stack (N, H, W).
+    """
+    if layer is None:
+        return None
+    data = layer.data
+    if getattr(layer, "multiscale", False) or getattr(layer, "rgb", False):
+        raise ValueError(f"the mask layer {layer.name!r} must be a plain (H, W) or (N, H, W) array")
+    frame, stack = tuple(shape[-2:]), (shape[0],) + tuple(shape[-2:])
+    if tuple(data.shape) not in (frame, stack):
+        raise ValueError(f"the mask layer {layer.name!r} is shaped {tuple(data.shape)}, which matches neither "
+                         f"one pattern {frame} nor the stack {stack}")
+    if np.dtype(data.dtype).kind == "c":
+        raise ValueError(f"the mask layer {layer.name!r} holds complex data, not a mask")
+    return data != 0  # a copy for NumPy data: painting the layer later does not change a running job
+
+
+def mask_block(mask, lo, hi):
+    """The part of a mask from :func:`mask_of` for frames ``lo:hi``, as a NumPy bool array (or None)."""
+    if mask is None:
+        return None
+    return np.asarray(mask if mask.ndim == 2 else mask[lo:hi], dtype=bool)
 
 
 def stack_of(layer):

@@ -3,8 +3,13 @@
 Wired to :func:`napari_cdinn.nn.predict`.  Frames are inverted in batches inside a thread
 worker (progress after each batch, Stop between batches).  Results keep the stack axis: a
 32 x 32 amplitude and phase per frame, centred in the pattern's frame (the 2x protocol), with the
-per-frame chi^2 trust score in the layers' metadata and in a plot; frames whose chi^2 exceeds
-the trust threshold are flagged (metadata ``trusted``, red in the plot, a notification).
+per-frame chi^2 trust score in the layers' metadata and in a plot.  The trust rule is
+:func:`napari_cdinn.nn.inference.is_trusted`: a frame is trusted when its misfit beyond counting
+noise, ``chi2 - chi2_noise``, is at most the "trust" threshold (default
+:data:`napari_cdinn.nn.TRUST_CHI2`); the others are flagged (metadata ``trusted``, red in the
+plot, a notification).  An optional mask layer (Labels or Image, nonzero = unmeasured, shaped like
+one pattern or like the stack) tells the network which pixels were not measured; NaN/inf pixels
+are unmeasured too.  Unmeasured pixels are left out of chi^2.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from ._common import (
     PlotCanvas,
     add_or_update,
     image_layer_picker,
+    mask_block,
+    mask_layer_picker,
+    mask_of,
     notify,
     notify_error,
     stack_of,
@@ -28,8 +36,19 @@ from ._common import (
 from ._models import ModelPicker
 
 
-def inversion_job(stack, options, progress, should_stop):
-    """Worker body: ``nn.predict`` batch by batch; returns the merged result and ``stopped``."""
+def trusted_frames(chi2, chi2_noise, threshold=TRUST_CHI2):
+    """The trust rule of :func:`napari_cdinn.nn.inference.is_trusted` at the dock's ``threshold``.
+
+    True where ``chi2 - chi2_noise <= threshold`` (NaN is never trusted).
+    """
+    return (np.asarray(chi2, np.float64) - np.asarray(chi2_noise, np.float64)) <= float(threshold)
+
+
+def inversion_job(stack, options, progress, should_stop, mask=None):
+    """Worker body: ``nn.predict`` batch by batch; returns the merged result and ``stopped``.
+
+    ``mask``: None, or True on unmeasured pixels, (H, W) or (N, H, W) (NumPy or dask).
+    """
     from .. import nn
 
     n, batch = stack.shape[0], max(1, int(options.pop("batch_size")))
@@ -37,11 +56,13 @@ def inversion_job(stack, options, progress, should_stop):
     for lo in range(0, n, batch):
         if should_stop():
             break
-        parts.append(nn.predict(np.asarray(stack[lo : lo + batch], np.float32), batch_size=batch, **options))
-        progress({"done": min(lo + batch, n), "total": n})
+        hi = min(lo + batch, n)
+        parts.append(nn.predict(np.asarray(stack[lo:hi], np.float32), batch_size=batch,
+                                mask=mask_block(mask, lo, hi), **options))
+        progress({"done": hi, "total": n})
     if not parts:
         return {"stopped": True}
-    out = {key: np.concatenate([p[key] for p in parts]) for key in ("amplitude", "phase", "chi2")}
+    out = {key: np.concatenate([p[key] for p in parts]) for key in ("amplitude", "phase", "chi2", "chi2_noise")}
     out["stopped"] = sum(len(p["chi2"]) for p in parts) < n
     return out
 
@@ -53,9 +74,13 @@ class InversionWidget(widgets.Container):
         self.viewer = napari_viewer
         self.patterns = image_layer_picker(napari_viewer, "patterns", kind="intensity")
         self.models = ModelPicker()
+        self.mask = mask_layer_picker(napari_viewer, self.patterns)
         self.device = widgets.ComboBox(label="device", choices=DEVICES, value="auto")
         self.threshold = widgets.FloatSpinBox(label="shape threshold", value=0.1, min=0.0, max=1.0, step=0.01)
-        self.trust = widgets.FloatSpinBox(label="trust chi² below", value=TRUST_CHI2, min=0.0, max=10.0, step=0.01)
+        self.trust = widgets.FloatSpinBox(
+            label="trust chi² − noise below", value=TRUST_CHI2, min=0.0, max=10.0, step=0.01,
+            tooltip="a frame is trusted when its chi² minus the chi² that counting noise alone gives "
+                    "(chi2_noise) is at most this")
         self.batch_size = widgets.SpinBox(label="batch", value=256, min=1, max=65536)
         self.views = widgets.SpinBox(
             label="views", value=1, min=1, max=8,
@@ -63,7 +88,7 @@ class InversionWidget(widgets.Container):
                     "aligned answers (1: the network alone; 8: the most accurate, 8x the time)")
         self.runner = JobRunner(self._on_progress, self._on_result, on_finish=self._on_finish)
         self.controls = JobControls("Invert", self.run, self.runner)
-        super().__init__(widgets=[self.patterns, self.models, self.device, self.threshold, self.trust,
+        super().__init__(widgets=[self.patterns, self.models, self.mask, self.device, self.threshold, self.trust,
                                   self.batch_size, self.views, self.controls])
         self.plot = PlotCanvas()
         self.plot.add_to(self)
@@ -73,6 +98,7 @@ class InversionWidget(widgets.Container):
         """Start the inversion of the chosen layer (errors become notifications)."""
         try:
             stack, single = stack_of(self.patterns.value)
+            mask = mask_of(self.mask.value, stack.shape)
         except ValueError as exc:
             notify_error(exc)
             return
@@ -82,9 +108,10 @@ class InversionWidget(widgets.Container):
             return
         options = {"model": self.models.model, "device": self.device.value, "threshold": float(self.threshold.value),
                    "batch_size": self.batch_size.value, "views": int(self.views.value)}
-        self._source = (self.patterns.value.name, stack.shape, single)
+        self._source = (self.patterns.value.name, stack.shape, single,
+                         None if self.mask.value is None else self.mask.value.name)
         self.controls.busy(f"inverting {stack.shape[0]} pattern(s)...")
-        self.runner.start(lambda progress, should_stop: inversion_job(stack, options, progress, should_stop))
+        self.runner.start(lambda progress, should_stop: inversion_job(stack, options, progress, should_stop, mask))
 
     def _on_progress(self, info):
         self.controls.set_progress(info["done"], info["total"], f"{info['done']} of {info['total']} pattern(s)")
@@ -93,37 +120,40 @@ class InversionWidget(widgets.Container):
         if "chi2" not in res:
             self.controls.idle("stopped before the first batch")
             return
-        name, shape, single = self._source
-        chi2 = res["chi2"]
-        trusted = chi2 <= float(self.trust.value)
+        name, shape, single, mask_name = self._source
+        chi2, chi2_noise = res["chi2"], res["chi2_noise"]
+        trusted = trusted_frames(chi2, chi2_noise, self.trust.value)
         # torch is loaded by now: the job ran the network
         from ..nn.inference import model_for
 
         model = model_for(self.models.model, shape)
-        meta = {"cdinn_source": name, "chi2": chi2, "trusted": trusted, "model": str(model),
+        meta = {"cdinn_source": name, "chi2": chi2, "chi2_noise": chi2_noise, "trusted": trusted,
+                "trust_chi2": float(self.trust.value), "mask": mask_name, "model": str(model),
                 "views": int(self.views.value)}
         amp, pha = (res["amplitude"][0], res["phase"][0]) if single else (res["amplitude"], res["phase"])
         offset = (0.0,) * (amp.ndim - 2) + _layers.centre_offset(shape, amp.shape)
         add_or_update(self.viewer, _layers.amplitude_tuple(amp, f"{name} NN amplitude", translate=offset, **meta))
         add_or_update(self.viewer, _layers.phase_tuple(pha, f"{name} NN phase", translate=offset, **meta))
-        self._draw(chi2, trusted)
+        self._draw(chi2 - chi2_noise, trusted)
         bad = int((~trusted).sum())
-        text = f"{len(chi2)} pattern(s) inverted; {bad} over the trust threshold"
+        text = f"{len(chi2)} pattern(s) inverted; {len(chi2) - bad} trusted, {bad} flagged"
         if res["stopped"]:
             text = f"stopped: {len(chi2)} pattern(s) inverted"
         if bad:
-            notify(f"{bad} of {len(chi2)} frame(s) have chi² above {self.trust.value:g}; check them in the Quality view.")
+            notify(f"{bad} of {len(chi2)} frame(s) have chi² more than {self.trust.value:g} above their noise floor; "
+                   "check them in the Quality view.")
         self.controls.idle(text)
 
-    def _draw(self, chi2, trusted):
+    def _draw(self, excess, trusted):
+        """Plot ``chi2 - chi2_noise`` per frame against the trust threshold."""
         ax = self.plot.axes
         ax.clear()
-        frames = np.arange(len(chi2))
-        ax.scatter(frames[trusted], chi2[trusted], s=8, color="tab:blue", label="trusted")
-        ax.scatter(frames[~trusted], chi2[~trusted], s=8, color="tab:red", label="flagged")
+        frames = np.arange(len(excess))
+        ax.scatter(frames[trusted], excess[trusted], s=8, color="tab:blue", label="trusted")
+        ax.scatter(frames[~trusted], excess[~trusted], s=8, color="tab:red", label="flagged")
         ax.axhline(float(self.trust.value), color="gray", lw=0.8, ls="--")
         ax.set_xlabel("frame")
-        ax.set_ylabel("chi²")
+        ax.set_ylabel("chi² − noise floor")
         self.plot.draw()
 
     def _on_finish(self):

@@ -8,8 +8,12 @@ estimates are shown every iteration block (20 iterations, at most ~3 times a sec
 replace them (frames not yet reached are zero, their chi^2 NaN) and the median Fourier-error
 curve is redrawn.  Stop ends the running block at its next
 iteration block and keeps the frames reached so far.  Start "CDI NN" seeds every pattern with
-the network's guess (embedded in the oversampled frame, its support as the first support).
-A Labels layer can mark unmeasured pixels (beamstop, gaps): label > 0 is masked.
+the network's guess (:func:`napari_cdinn.pipelines.network_guess`: embedded in the oversampled
+frame, its support as the first support); which guesses the network trusts is kept in the
+layers' metadata (``nn_trusted``) and said in the status line.
+An optional mask layer (Labels or Image, nonzero = unmeasured, shaped like one pattern or like the
+stack) marks unmeasured pixels (beamstop, gaps): they are left free by the modulus step, out of
+chi^2, and given to the network for the "CDI NN" start.  NaN/inf pixels are unmeasured too.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import time
 
 import numpy as np
 from magicgui import widgets
-from napari.layers import Labels
 
 from .. import _layers
 from ..device import DEVICES
@@ -29,6 +32,9 @@ from ._common import (
     PlotCanvas,
     add_or_update,
     image_layer_picker,
+    mask_block,
+    mask_layer_picker,
+    mask_of,
     notify,
     notify_error,
     stack_of,
@@ -39,24 +45,15 @@ from ._models import ModelPicker
 ALGORITHMS = ("hio-er", "er", "hio", "raar")
 
 
-def _mask_for(labels, shape):
-    """Boolean mask (True = unmeasured) from a Labels layer, (M, M) or (N, M, M), or None."""
-    if labels is None:
-        return None
-    mask = np.asarray(labels.data) > 0
-    if mask.shape[-2:] != tuple(shape[-2:]) or mask.ndim not in (2, 3) or (mask.ndim == 3 and mask.shape[0] != shape[0]):
-        raise ValueError(f"the mask {mask.shape} does not match the patterns {tuple(shape)}")
-    return mask
-
-
 def retrieval_job(stack, mask, options, nn_start, progress, should_stop):
     """Worker body: reconstruct ``stack`` block by block, reporting each block through ``progress``.
 
-    ``nn_start``: None for random starts, else ``(model,)`` to seed from the network's guess.
+    ``mask``: None, or True on unmeasured pixels, (M, M) or (N, M, M) (NumPy or dask).
+    ``nn_start``: None for random starts, else ``(model,)`` to seed from the network's guess
+    (the network reads the mask too).
 
     Returns ``{"frames": frames done, "stopped": bool}``.
     """
-    from .. import nn
     from ..retrieval import reconstruct
 
     n, block = stack.shape[0], max(1, int(options.pop("block_frames")))
@@ -65,13 +62,14 @@ def retrieval_job(stack, mask, options, nn_start, progress, should_stop):
         hi = min(lo + block, n)
         chunk = np.asarray(stack[lo:hi], dtype=np.float32)
         kwargs = dict(options)
-        if mask is not None:
-            kwargs["mask"] = mask if mask.ndim == 2 else mask[lo:hi]
+        block_mask = mask_block(mask, lo, hi)
+        if block_mask is not None:
+            kwargs["mask"] = block_mask
+        trusted = None
         if nn_start is not None:
-            from ..nn.inference import embed, oversampling_factor
+            from ..pipelines import network_guess
 
-            guess = nn.predict(chunk, model=nn_start[0], device=options["device"])
-            obj, sup = embed(guess["amplitude"], guess["phase"], oversampling_factor(chunk.shape))
+            obj, sup, trusted = network_guess(chunk, model=nn_start[0], device=options["device"], mask=block_mask)
             kwargs.update(init=obj, support=sup)
 
         def report(it, total, _lo=lo, _hi=hi):
@@ -80,7 +78,7 @@ def retrieval_job(stack, mask, options, nn_start, progress, should_stop):
         res = reconstruct(chunk, progress=report, should_stop=should_stop, on_stop="return", first_frame=lo,
                           snapshot=_Throttled(progress, lo, n), **kwargs)
         done = lo + len(res["chi2"])
-        progress({"kind": "block", "lo": lo, "total": n, **{k: res[k] for k in
+        progress({"kind": "block", "lo": lo, "total": n, "nn_trusted": trusted, **{k: res[k] for k in
                   ("amplitude", "phase", "chi2", "errors", "error_iterations")}})
         if res["stopped"]:
             return {"frames": done, "stopped": True}
@@ -115,7 +113,7 @@ class PhaseRetrievalWidget(widgets.Container):
         self.iterations = widgets.SpinBox(label="iterations", value=620, min=1, max=1_000_000)
         self.start = widgets.ComboBox(label="start", choices=["random", "CDI NN"], value="random")
         self.models = ModelPicker()
-        self.mask = widgets.ComboBox(label="mask (Labels)", nullable=True, choices=self._label_layers)
+        self.mask = mask_layer_picker(napari_viewer, self.patterns)
         self.device = widgets.ComboBox(label="device", choices=DEVICES, value="auto")
         self.block_frames = widgets.SpinBox(label="frames per update", value=64, min=1, max=1_000_000)
         self.runner = JobRunner(self._on_progress, self._on_result, on_finish=self._on_finish)
@@ -124,19 +122,13 @@ class PhaseRetrievalWidget(widgets.Container):
                                   self.mask, self.device, self.block_frames, self.controls])
         self.plot = PlotCanvas()
         self.plot.add_to(self)
-        events = napari_viewer.layers.events
-        for event in (events.inserted, events.removed):
-            event.connect(lambda _e=None: self.mask.reset_choices())
         self._names = self._result = None
-
-    def _label_layers(self, _widget=None):
-        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Labels)]
 
     def run(self):
         """Start the reconstruction of the chosen layer (errors become notifications)."""
         try:
             stack, _single = stack_of(self.patterns.value)
-            mask = _mask_for(self.mask.value, stack.shape)
+            mask = mask_of(self.mask.value, stack.shape)
         except ValueError as exc:
             notify_error(exc)
             return
@@ -149,7 +141,10 @@ class PhaseRetrievalWidget(widgets.Container):
         self._names = (f"{source} PR amplitude", f"{source} PR phase")
         self._result = {"amplitude": np.zeros((n, m, m), np.float32), "phase": np.zeros((n, m, m), np.float32),
                         "chi2": np.full(n, np.nan, np.float32), "errors": []}
-        self._meta = {"cdinn_source": source, "algorithm": options["algorithm"], "iterations": iterations}
+        if nn_start is not None:
+            self._result["nn_trusted"] = np.zeros(n, bool)
+        self._meta = {"cdinn_source": source, "algorithm": options["algorithm"], "iterations": iterations,
+                      "start": self.start.value, "mask": None if self.mask.value is None else self.mask.value.name}
         self.controls.busy(f"reconstructing {n} pattern(s)...")
         self.runner.start(lambda progress, should_stop: retrieval_job(stack, mask, options, nn_start, progress, should_stop))
 
@@ -168,6 +163,8 @@ class PhaseRetrievalWidget(widgets.Container):
         hi = lo + len(info["chi2"])
         for key in ("amplitude", "phase", "chi2"):
             res[key][lo:hi] = info[key]
+        if info.get("nn_trusted") is not None and "nn_trusted" in res:
+            res["nn_trusted"][lo:hi] = info["nn_trusted"]
         res["errors"].append(info["errors"])
         self.controls.set_progress(hi, total, f"{hi} of {total} pattern(s) done")
         self._show(res)
@@ -176,6 +173,8 @@ class PhaseRetrievalWidget(widgets.Container):
     def _show(self, res):
         """Add or refresh the amplitude and phase layers from the current results."""
         meta = dict(self._meta, chi2=res["chi2"].copy())
+        if "nn_trusted" in res:
+            meta["nn_trusted"] = res["nn_trusted"].copy()
         add_or_update(self.viewer, _layers.amplitude_tuple(res["amplitude"], self._names[0], **meta))
         add_or_update(self.viewer, _layers.phase_tuple(res["phase"], self._names[1], **meta))
 
@@ -191,6 +190,8 @@ class PhaseRetrievalWidget(widgets.Container):
 
     def _on_result(self, outcome):
         text = f"{outcome['frames']} pattern(s) reconstructed"
+        if "nn_trusted" in (self._result or {}):
+            text += f"; the network trusted {int(self._result['nn_trusted'][: outcome['frames']].sum())} start(s)"
         if outcome["stopped"]:
             text = f"stopped: {outcome['frames']} pattern(s) kept"
             notify(f"Phase retrieval stopped; {outcome['frames']} pattern(s) kept.")
