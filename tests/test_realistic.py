@@ -174,3 +174,25 @@ def test_noise_chi2_is_the_chi2_of_the_truth():
     assert 0.8 < np.median(truth / floor) < 1.2
     assert np.all(physics.noise_chi2(clean) == 0)  # not whole counts: no counting noise
     np.testing.assert_allclose(physics.noise_chi2(torch.from_numpy(noisy)).numpy(), floor, rtol=1e-4)
+
+
+def test_cli_simulate_detector_options(tmp_path, capsys):
+    from napari_cdinn.cli import main
+
+    out = tmp_path / "d.npz"
+    argv = ["simulate", "--count", "6", "--oversampling", "2", "--photons", "1e4", "--background", "0.05",
+            "--beamstop", "2", "--gaps", "1", "--saturation", "0.5", "--families", "holes", "--out", str(out)]
+    assert main(argv) == 0
+    with np.load(out) as f:
+        mask, inten = f["mask"], f["intensity"]
+        assert mask.shape == (6, 64, 64) and mask[:, 32, 32].all()
+        assert np.all(inten[mask] == 0) and np.all(inten == np.round(inten))
+        assert np.all(f["photons"] == 1e4)
+        # the gaps cross the whole frame: a full row and a full column unmeasured in every frame
+        assert mask.all(axis=2).any(axis=1).all() and mask.all(axis=1).any(axis=1).all()
+    capsys.readouterr()
+    bad = tmp_path / "bad.npz"
+    for extra in (["--background", "1"], ["--saturation", "0"], ["--saturation", "2"], ["--families", "x"]):
+        assert main(["simulate", "--count", "2", "--out", str(bad), *extra]) == 2
+        assert capsys.readouterr().err.startswith("error:")
+        assert not bad.exists()

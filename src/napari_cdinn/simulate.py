@@ -397,8 +397,7 @@ def draw_detector(detector: Detector, count: int, seed: int = 0, start: int = 0)
         u = rng.uniform(size=(8, BLOCK))
         out = {"photons": np.full(BLOCK, np.inf), "background": np.zeros(BLOCK)}
         if d.photons is not None:
-            lo_p, hi_p = np.log(d.photons[0]), np.log(d.photons[1])
-            out["photons"] = np.where(u[0] < d.clean, np.inf, np.exp(lo_p + (hi_p - lo_p) * u[1]))
+            out["photons"] = np.where(u[0] < d.clean, np.inf, _log_uniform(d.photons, u[1]))
             out["background"] = np.where(u[2] < d.background_rate,
                                          d.background[0] + (d.background[1] - d.background[0]) * u[3], 0.0)
         out["beamstop"] = np.where(u[4] < d.beamstop_rate, d.beamstop[0] + (d.beamstop[1] - d.beamstop[0]) * u[5], 0.0)
@@ -406,10 +405,15 @@ def draw_detector(detector: Detector, count: int, seed: int = 0, start: int = 0)
         out["gap_width"] = np.where(gapped, rng.integers(d.gap_width[0], d.gap_width[1] + 1, size=BLOCK), 0)
         out["gap_row"] = rng.uniform(-0.25, 0.25, size=BLOCK)
         out["gap_col"] = rng.uniform(-0.25, 0.25, size=BLOCK)
-        lo_s, hi_s = np.log(d.saturation_level[0]), np.log(d.saturation_level[1])
-        out["saturation"] = np.where(u[6] < d.saturation, np.exp(lo_s + (hi_s - lo_s) * u[7]), np.inf)
+        out["saturation"] = np.where(u[6] < d.saturation, _log_uniform(d.saturation_level, u[7]), np.inf)
         parts.append({k: v[: min(BLOCK, count - lo)] for k, v in out.items()})
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _log_uniform(bounds, u):
+    """``u`` (uniform in 0..1) mapped log-uniformly onto ``bounds``; equal bounds give that value exactly."""
+    lo, hi = float(bounds[0]), float(bounds[1])
+    return np.full(np.shape(u), lo) if lo == hi else np.exp(np.log(lo) + (np.log(hi) - np.log(lo)) * u)
 
 
 def detector_mask(settings: dict, m: int, like=None):

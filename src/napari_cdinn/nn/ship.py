@@ -6,12 +6,15 @@ The checkpoint (``best.safetensors`` of a model directory, or a file) is stored 
 safetensors in :data:`napari_cdinn.nn.checkpoint.WEIGHTS_DIR`, and its card gets the training
 record plus test metrics measured *with the stored weights* on fresh patterns
 (:func:`napari_cdinn.nn.evaluate.score_model`): clean, with Poisson noise (1e5 photons), and clean
-with the 8-view test-time ensemble (``predict(views=8)``).
+with the 8-view test-time ensemble (``predict(views=8)``), and on the realistic mixture (objects
+and detector, :data:`napari_cdinn.simulate.MIXTURES` / ``DETECTORS``).  The card also describes
+the training distribution (``training_data``: object families, detector model, mask channel).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import sys
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..simulate import simulate
 from . import TRUST_CHI2
 from .checkpoint import (
     WEIGHTS_DIR,
@@ -29,7 +33,7 @@ from .checkpoint import (
 )
 from .evaluate import TEST_SEED, score_model
 
-__all__ = ["card_from_state", "ship"]
+__all__ = ["card_from_state", "ship", "training_data"]
 
 _KEEP = ("config", "epoch", "step", "examples", "elapsed_s", "parameters", "command", "commands", "torch", "best",
          "train_loss", "val_loss", "val_metrics")
@@ -112,6 +116,21 @@ def _own_record(state):
     return card
 
 
+def training_data(config: dict) -> dict:
+    """What the networks were trained on, from a training ``config``: object families, detector, mask channel."""
+    from ..simulate import DETECTORS, MIXTURES
+
+    families = config.get("families") or "paper"
+    detector = config.get("detector") or "ideal"
+    return {
+        "families": {"name": families, "weights": MIXTURES.get(families, families)},
+        "detector": {"name": detector,
+                     "settings": dataclasses.asdict(DETECTORS[detector]) if detector in DETECTORS else detector},
+        "mask_channel": bool(config.get("mask_channel", False)),
+        "objects": "32 x 32 frames; patterns of the object zero-padded by the architecture's input factor",
+    }
+
+
 def ship(source, name="model", count=1000, device="cpu", photons=1e5):
     """Store ``source``'s weights as ``WEIGHTS_DIR/name.safetensors`` (+ card); return the card."""
     path = resolve_model_path(source)
@@ -125,13 +144,20 @@ def ship(source, name="model", count=1000, device="cpu", photons=1e5):
         input="sqrt(intensity), decimated to 32 x 32, divided by its per-frame maximum",
         output="amplitude (max 1), phase (radians, 0 outside amplitude 0.1); targets centred by bounding box",
         trust_chi2=TRUST_CHI2,
+        trust_rule="chi2 - chi2_noise <= trust_chi2 (chi2_noise: the chi^2 counting noise alone gives)",
+        training_data=training_data(card.get("config", {})),
     )
+    if getattr(net, "mask_channel", False):
+        card["input"] += "; a second channel marks the unmeasured pixels (1), whose amplitudes read 0"
     target = WEIGHTS_DIR / f"{name}.safetensors"
     tmp = WEIGHTS_DIR / f".{name}.tmp.safetensors"
     save_model(net, tmp, None, dtype=torch.float16)
     card["test_metrics"] = score_model(tmp, count=count, seed=TEST_SEED, device=device)
     card["test_metrics_noisy"] = score_model(tmp, count=count, seed=TEST_SEED, photons=photons, device=device)
     card["test_metrics_views8"] = score_model(tmp, count=count, seed=TEST_SEED, device=device, views=8)
+    mixture = simulate(count, seed=TEST_SEED, oversampling=2, families="realistic", detector="realistic")
+    card["test_metrics_realistic"] = dict(score_model(tmp, data=mixture, device=device), families="realistic",
+                                          detector="realistic")
     save_model(net, target, card, dtype=torch.float16)
     os.remove(tmp)
     return read_card(target)
@@ -148,7 +174,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     card = ship(args.source, args.name, args.count)
-    print({k: card[k] for k in ("examples", "test_metrics", "test_metrics_noisy", "test_metrics_views8")}, file=sys.stderr)
+    keys = ("examples", "test_metrics", "test_metrics_noisy", "test_metrics_views8", "test_metrics_realistic")
+    print({k: card[k] for k in keys}, file=sys.stderr)
     return 0
 
 
