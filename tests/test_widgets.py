@@ -282,6 +282,20 @@ def _training_dock(viewer, out, train_size, val_size, epochs, batch_size):
     return widget
 
 
+def test_training_dock_builds_a_train_config(make_napari_viewer, tmp_path):
+    from napari_cdinn.nn.config import PRESETS, option_help
+
+    widget = _training_dock(make_napari_viewer(), tmp_path / "m", 1024, 64, 3, 32)
+    assert widget.config() == PRESETS["paper"].replace(train_size=1024, val_size=64, epochs=3, batch_size=32)
+    widget.time_limit.value, widget.average.value, widget.fresh.value = 2.5, 25, True
+    widget.arch.value, widget.miss_weight.value = "shared2x", 3.0
+    config = widget.config()
+    assert config.time_limit_min == 2.5 and config.average_from == 0.75 and config.fresh_data
+    assert config.arch == "shared2x" and config.miss_weight == 3.0
+    assert widget.choices()["init_from"] is None  # unset: the preset's (random weights)
+    assert widget.data_weight.tooltip == option_help("data_weight")
+
+
 def test_training_dock_updates_plot_and_offers_the_model(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
     widget = _training_dock(viewer, tmp_path / "tiny", 128, 64, 1, 64)

@@ -45,23 +45,36 @@ _positive_int = _number(int, 1, True, "a positive integer")
 _positive_float = _number(float, 0.0, False, "a positive number")
 _non_negative_float = _number(float, 0.0, True, "a number >= 0")
 _non_negative_int = _number(int, 0, True, "an integer >= 0")
-_fraction = _number(float, 0.0, True, "a fraction in [0, 1)", below=1.0)
+_level = _number(float, 0.0, False, "a fraction in (0, 1]", below=1.0 + 1e-9)
 
 
 # --------------------------------------------------------------------------- simulate
 def _add_simulate(sub):
     p = sub.add_parser(
         "simulate",
-        help="simulate the paper's objects and their diffraction patterns",
-        description="Simulate the paper's training data (convex-hull shapes, sine/Gaussian phases) "
-        "and write intensity, amplitude and phase to an NPZ file.",
+        help="simulate objects and their diffraction patterns as a detector records them",
+        description="Simulate the paper's data (convex-hull shapes, sine/Gaussian phases), or other object "
+        "families, through an optional detector model (counting noise, background, beamstop, gaps, saturation), "
+        "and write intensity, amplitude and phase (the truth), mask (True = unmeasured) and photons to an NPZ file.",
     )
     p.add_argument("--count", type=_positive_int, required=True, help="number of examples")
     p.add_argument("--size", type=_positive_int, default=32, help="object frame side in pixels (default 32)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--oversampling", type=_positive_int, default=1, help="zero-padding factor (default 1)")
-    p.add_argument("--photons", type=_positive_float, default=None, help="mean photons per pattern (Poisson noise)")
+    p.add_argument("--families", default=None, choices=("paper", "textured", "holes", "realistic"),
+                   help="objects: paper (default: convex, flat), textured (varying amplitude inside), holes "
+                        "(non-convex with holes) or realistic (a mix of the three)")
+    p.add_argument("--detector", default=None, choices=("ideal", "realistic"),
+                   help="detector preset: ideal (default) or realistic (the training mixture: 1e3-1e9 photons, "
+                        "background, beamstop, gaps, saturation, drawn per pattern); the options below override it")
+    p.add_argument("--photons", type=_positive_float, default=None, help="total photons per pattern (Poisson noise)")
+    p.add_argument("--background", type=_non_negative_float, default=0.0,
+                   help="mean flat background in photons per pixel, with --photons (default 0)")
     p.add_argument("--beamstop", type=_non_negative_float, default=0.0, help="radius of a masked central disc (pixels)")
+    p.add_argument("--gaps", type=_positive_int, default=None, metavar="WIDTH",
+                   help="detector gaps: a row and a column band of this width (pixels) at random offsets, unmeasured")
+    p.add_argument("--saturation", type=_level, default=None, metavar="F",
+                   help="pixels above this fraction (0..1) of the frame's brightest count saturate (unmeasured)")
     p.add_argument("--out", "-o", required=True, help="output .npz file")
     p.set_defaults(func=_cmd_simulate)
 
@@ -82,10 +95,31 @@ def _cmd_simulate(args):
         oversampling=args.oversampling,
         photons=args.photons,
         beamstop=args.beamstop,
+        families=args.families,
+        detector=_simulate_detector(args),
     )
     io.write_npz(args.out, data)
     shape = data["intensity"].shape
     print(f"wrote {args.out}: {shape[0]} patterns of {shape[1]} x {shape[2]}", file=sys.stderr)
+
+
+def _simulate_detector(args):
+    """The :class:`napari_cdinn.simulate.Detector` of ``cdinn simulate``'s options (None: ideal)."""
+    import dataclasses
+
+    from .simulate import DETECTORS
+
+    det = DETECTORS[args.detector or "ideal"]
+    if args.background and args.photons is None and det.photons is None:
+        raise UsageError("--background needs --photons (a background is counted with the signal)")
+    changes = {}
+    if args.background:
+        changes.update(background=(args.background, args.background), background_rate=1.0)
+    if args.gaps:
+        changes.update(gaps=1.0, gap_width=(args.gaps, args.gaps))
+    if args.saturation is not None:
+        changes.update(saturation=1.0, saturation_level=(args.saturation, args.saturation))
+    return dataclasses.replace(det, **changes)
 
 
 # --------------------------------------------------------------------------- bench
@@ -138,6 +172,52 @@ def _cmd_bench(args):
 
 
 # --------------------------------------------------------------------------- train
+def _train_config_fields():
+    """``(field, flag)`` of the TrainConfig fields ``cdinn train`` sets (torch-free import)."""
+    from .nn.config import cli_fields
+
+    return cli_fields()
+
+
+def _train_help(f):
+    """A field's help, with its value in each preset where they differ, else its default."""
+    from .nn.config import PRESETS
+
+    def show(value):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    values = {name: getattr(preset, f.name) for name, preset in PRESETS.items()}
+    if f.name == "preset":
+        text = f"{f.metadata['help']}: {' or '.join(PRESETS)} (default {f.default})"
+    elif len(set(values.values())) > 1:
+        text = f"{f.metadata['help']} ({', '.join(f'{name}: {show(value)}' for name, value in values.items())})"
+    elif f.default is None or f.default is False:
+        text = f.metadata["help"]
+    else:
+        text = f"{f.metadata['help']} (default {show(f.default)})"
+    return text.replace("%", "%%")
+
+
+def _train_argument(f):
+    """argparse keywords (action or type, choices, metavar) for a TrainConfig field, checked as the config checks it."""
+    from .nn.config import check_option, describe_option
+
+    meta = f.metadata
+    if meta["kind"] is bool:
+        return {"action": argparse.BooleanOptionalAction}
+
+    def parse(text):
+        try:
+            return check_option(f.name, meta["kind"](text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {describe_option(f.name)}, got {text!r}") from None
+
+    out = {"type": parse, "metavar": meta["metavar"]}
+    if meta["choices"]:
+        out.update(choices=meta["choices"], metavar=None)
+    return out
+
+
 def _add_train(sub):
     p = sub.add_parser(
         "train",
@@ -147,49 +227,18 @@ def _add_train(sub):
         "minutes and every epoch; --resume continues from them. Progress is printed on stderr.",
     )
     p.add_argument("--out", "-o", required=True, help="model directory (created)")
-    p.add_argument("--preset", default="paper", help="base settings: paper (default) or tiny")
-    p.add_argument("--arch", choices=("paper", "shared", "shared2x"), default=None,
-                   help="shared encoder (preset default), the paper's separate pair, or shared2x: the shared "
-                        "net reading the whole 2x-oversampled pattern (from --init-from shared weights: widened)")
-    p.add_argument("--train-size", type=_positive_int, default=None, help="training examples (paper: 180000)")
-    p.add_argument("--val-size", type=_positive_int, default=None, help="validation examples (paper: 20000)")
-    p.add_argument("--epochs", type=_positive_int, default=None, help="epochs (paper: 10)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (paper: 256)")
-    p.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate (paper: 1e-3)")
-    p.add_argument("--schedule", choices=("constant", "cosine"), default=None, help="learning-rate schedule")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="bf16 autocast where fast")
-    p.add_argument("--input", choices=("linear", "log"), default=None, help="input encoding (paper: linear)")
-    p.add_argument("--shift", type=int, default=None, help="position tolerance of the loss in pixels (default 0)")
-    p.add_argument("--phase-weight", type=_positive_float, default=None,
-                   help="weight of the phase term of the loss (paper: 1)")
-    p.add_argument("--data-weight", type=_non_negative_float, default=None,
-                   help="weight of the data-consistency term (amplitude chi^2 of the prediction against the "
-                        "oversampled pattern) added to the loss (default 0: the paper's loss)")
-    p.add_argument("--support-weight", type=_non_negative_float, default=None,
-                   help="weight of the support term (BCE of the shape's 0.1 threshold against the true "
-                        "support) added to the loss (default 0: the paper's loss)")
-    p.add_argument("--miss-weight", type=_positive_float, default=None,
-                   help="weight of object against background pixels in the support term (default 1; "
-                        "above 1 the shape threshold draws more of the object)")
-    p.add_argument("--fresh-data", action="store_true", default=None,
-                   help="new simulated examples every epoch (default: the paper's fixed training set)")
-    p.add_argument("--init-from", default=None, metavar="MODEL",
-                   help="start from these weights (model name, file or directory) with a fresh optimizer")
+    for f, flag in _train_config_fields():  # the recipe: one option per TrainConfig field
+        p.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=_train_help(f), **_train_argument(f))
+    # how and where the run happens, not what it learns (not part of the recipe)
     p.add_argument("--checkpoint-minutes", type=_positive_float, default=5.0, help="minutes between checkpoints")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
     p.add_argument("--data-workers", type=_non_negative_int, default=None, metavar="N",
                    help="processes simulating examples ahead of the network (default: 0 on a CPU, "
                         "up to 8 beside a GPU); the examples do not depend on it")
-    p.add_argument("--time-limit", type=_positive_float, default=None, metavar="MIN",
-                   help="end training after MIN minutes, the cosine schedule decaying by then (give --epochs generously)")
-    p.add_argument("--average-from", type=_fraction, default=None, metavar="F",
-                   help="stochastic weight averaging from this fraction (0..1) of the schedule on: the mean of the "
-                        "weights is saved as average.safetensors and becomes best when it validates better")
-    p.add_argument("--seed", type=int, default=0, help="simulator seed of the training data")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoints in --out (their settings; --epochs, if given, "
-                        "sets a new schedule length)")
+                   help="continue from the checkpoints in --out (their settings; --epochs, --time-limit, "
+                        "--average-from and --precision, if given, change them)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -198,10 +247,15 @@ def _cmd_train(args):
     import signal
     import threading
 
-    from .nn.trainer import PRESETS, train
+    from .nn.config import PRESETS, TrainConfig
 
-    if args.preset not in PRESETS:
-        raise UsageError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    options = {f.name: getattr(args, f.name) for f, _ in _train_config_fields() if hasattr(args, f.name)}
+    preset = options.pop("preset", "paper")
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    TrainConfig.from_preset(preset, **options)  # a bad combination fails here, before anything starts
+    from .nn.trainer import train
+
     if args.threads:
         import torch
 
@@ -232,14 +286,9 @@ def _cmd_train(args):
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        train(args.out, preset=args.preset, arch=args.arch, train_size=args.train_size, val_size=args.val_size,
-              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, device=args.device,
-              seed=args.seed, resume=args.resume, callback=progress, stop=stop, checkpoint_minutes=args.checkpoint_minutes,
-              precision=args.precision, input_transform=args.input, shift=args.shift,
-              fresh_data=args.fresh_data, init_from=args.init_from, phase_weight=args.phase_weight,
-              data_weight=args.data_weight, support_weight=args.support_weight, miss_weight=args.miss_weight,
-              data_workers=args.data_workers,
-              time_limit=args.time_limit, average_from=args.average_from, command="cdinn " + shlex.join(sys.argv[1:]))
+        train(args.out, preset, device=args.device, resume=args.resume, callback=progress, stop=stop,
+              checkpoint_minutes=args.checkpoint_minutes, data_workers=args.data_workers,
+              command="cdinn " + shlex.join(sys.argv[1:]), **options)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -256,10 +305,17 @@ def _add_stack_options(p, what):
                    help="address of a dask.distributed scheduler to run the chunks on (e.g. tcp://host:8786)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted .h5/.cxi run, skipping the chunks it finished")
+    p.add_argument("--mask", default=None, metavar="FILE",
+                   help="unmeasured pixels (True/nonzero = unmeasured), (H, W) or (N, H, W), in any input format "
+                        "(.npz key or .h5 dataset 'mask'); default: the input's own mask, if it has one")
 
 
 def _check_stack_input(args):
-    """Validate input and output before any work; return the input's shape."""
+    """Validate input, mask and output before any work; return the input's shape.
+
+    Sets ``args.mask_array``: the ``--mask`` file's mask, else the input's own (announced on
+    stderr), else None.  NaN/inf pixels of the data are unmeasured too (the core adds them).
+    """
     import os
 
     from . import io
@@ -272,6 +328,21 @@ def _check_stack_input(args):
     io.check_writable(args.out)
     shape = io.stack_shape(args.input)
     resolve_device(args.device)
+    args.mask_array = None
+    if args.mask is not None:
+        if not os.path.isfile(args.mask):
+            raise UsageError(f"the mask file {args.mask!r} does not exist")
+        args.mask_array = io.read_mask(args.mask, shape)
+        args.mask_source = os.path.basename(args.mask)
+    else:
+        own = io.file_mask(args.input, shape)
+        if own is not None and own.any():
+            args.mask_array = own
+            args.mask_source = f"the input {os.path.basename(args.input)}"
+            counts = own.reshape(-1, *own.shape[-2:]).sum(axis=(1, 2))
+            varies = " on average" if counts.min() < counts.max() else ""
+            print(f"using the mask in {os.path.basename(args.input)} ({round(float(counts.mean()), 1):g} "
+                  f"unmeasured pixels per frame{varies})", file=sys.stderr)
     return shape
 
 
@@ -309,10 +380,12 @@ def _run_stack(args, fn, options, attrs, label):
     """Stream a chunk function over the input stack with progress on stderr; report the result."""
     from . import stream
 
+    if getattr(args, "mask_array", None) is not None:
+        attrs = {**attrs, "mask": args.mask_source}
     try:
         summary = stream.process_stack(args.input, args.out, fn, chunk_size=args.chunk_size, resume=args.resume,
                                        scheduler=args.scheduler, options=options, attrs=attrs,
-                                       progress=_Progress(label))
+                                       progress=_Progress(label), mask=getattr(args, "mask_array", None))
     except stream.StreamCancelled as exc:
         raise UsageError(str(exc)) from None
     skipped = summary.get("skipped", 0)  # streamed runs report finished chunks they skipped
@@ -376,6 +449,10 @@ def _add_reconstruct(sub):
                    help="iterations (default 620; with --init nn a short refinement, 50)")
     p.add_argument("--init", choices=("random", "nn"), default="random",
                    help="random phases (default) or the CDI NN guess with its support")
+    p.add_argument("--fallback", choices=("auto", "always", "never"), default="auto",
+                   help="with --init nn, which frames also get the 620-iteration protocol from random starts, "
+                        "keeping the lower chi2 (output 'start': 1 network, 0 protocol): auto (default) those whose "
+                        "network guess is untrusted or whose refined chi2 is above 1e-4; always; never")
     p.add_argument("--model", default=None,
                    help="network weights for --init nn (default: the best shipped model for the pattern size)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="patterns inverted together")
@@ -392,12 +469,16 @@ def _cmd_reconstruct(args):
     shape = _check_stack_input(args)
     if shape[-1] != shape[-2] or shape[-1] % 2:
         raise UsageError(f"patterns must be square with an even size, got {shape[-2]} x {shape[-1]}")
-    refine = {}
+    iterations = args.iterations or 620
+    nn_options = {}
     if args.init == "nn":
+        # --iterations sets the refinement; the fallback is the protocol (620 iterations)
         from .nn.inference import REFINE_OPTIONS
 
-        refine = {k: v for k, v in REFINE_OPTIONS.items() if k != "iterations" or args.iterations is None}
-    iterations = refine.pop("iterations", args.iterations or 620)
+        refine = dict(REFINE_OPTIONS, iterations=args.iterations or REFINE_OPTIONS["iterations"])
+        make_schedule(args.algorithm, refine["iterations"], refine["average"])
+        iterations = 620
+        nn_options = {"fallback": args.fallback, "refine": refine}
     make_schedule(args.algorithm, iterations)
     if args.init == "nn":
         from .nn.checkpoint import resolve_model_path
@@ -409,7 +490,8 @@ def _cmd_reconstruct(args):
                 raise UsageError("--init nn needs the CDI NN networks, which are not installed yet") from None
             raise
     options = {"algorithm": args.algorithm, "iterations": iterations, "init": args.init, "model": args.model,
-               "device": args.device, "batch_size": args.batch_size, "n_starts": args.starts, "seed": args.seed, **refine}
+               "device": args.device, "batch_size": args.batch_size, "n_starts": args.starts, "seed": args.seed,
+               **nn_options}
     fn = functools.partial(reconstruct_chunk, **options)
     options["command"] = "reconstruct"
     _run_stack(args, fn, options, options, "reconstruct")

@@ -7,6 +7,9 @@ of the schedule (stochastic weight averaging).  Stop asks the trainer to stop, w
 usable checkpoint (``last.safetensors``, and ``best.safetensors`` when it is the best so far) in
 the output folder before returning.  The model folder is then offered at once in the inversion
 and retrieval widgets' model pickers.
+
+The widgets' state is a :class:`~napari_cdinn.nn.config.TrainConfig` (the paper preset with the
+values chosen: :meth:`TrainingWidget.config`); the loss-weight tooltips are the fields' help.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from magicgui import widgets
 
 from ..device import DEVICES
+from ..nn.config import TrainConfig, option_help
 from ._common import JobControls, JobRunner, PlotCanvas, notify, notify_error
 from ._models import REGISTRY, register_model
 
@@ -25,13 +29,17 @@ def _start_choices(_widget=None):
     return [("random weights", None)] + REGISTRY.choices()
 
 
-def _weight_box(label, tooltip, value=0.0, minimum=0.0):
-    """A spin box for one weight of the loss (0..100 in steps of 0.5)."""
-    return widgets.FloatSpinBox(label=label, value=value, min=minimum, max=100.0, step=0.5, tooltip=tooltip)
+def _weight_box(label, name, value=0.0, minimum=0.0):
+    """A spin box for the loss weight ``name`` (a TrainConfig field; 0..100 in steps of 0.5)."""
+    return widgets.FloatSpinBox(label=label, value=value, min=minimum, max=100.0, step=0.5, tooltip=option_help(name))
 
 
 def training_job(out, options, progress, should_stop):
-    """Worker body: ``nn.train`` with events forwarded to ``progress``; returns its final state."""
+    """Worker body: ``nn.train`` with events forwarded to ``progress``; returns its final state.
+
+    ``options``: TrainConfig fields (None: the preset's or the initial weights' value) and the
+    trainer's run-control arguments (``device``, ``resume``, ``quick_val_size``).
+    """
     from ..nn import train
 
     return train(out, callback=progress, stop=should_stop, **options)
@@ -50,24 +58,16 @@ class TrainingWidget(widgets.Container):
         self.out = widgets.FileEdit(label="model folder", mode="d", value="")
         self.resume = widgets.CheckBox(label="resume", value=False)
         self.init_from = widgets.ComboBox(label="start from", choices=_start_choices, nullable=True,
-                                          tooltip="random weights, or continue training a shipped or trained model")
+                                          tooltip="random weights, or " + option_help("init_from"))
         self.arch = widgets.ComboBox(
             label="architecture", value=None, nullable=True,
             choices=[("as the start model (else shared)", None), ("shared encoder, 32 x 32 input", "shared"),
                      ("shared encoder, 2x-oversampled input", "shared2x"), ("the paper's pair", "paper")],
-            tooltip="shared2x reads the whole 64 x 64 pattern; started from shared weights it begins where they stand")
-        self.fresh = widgets.CheckBox(label="new examples every epoch", value=False,
-                                      tooltip="draw fresh simulated examples each epoch instead of repeating the set")
-        self.data_weight = _weight_box(
-            "data-consistency weight",
-            "weight of the chi^2 of each prediction against its own pattern, added to the loss (0: the paper's loss)")
-        self.support_weight = _weight_box(
-            "support weight", "weight of a loss term asking the shape's 0.1 threshold to draw the true support "
-                              "(0: the paper's loss)")
-        self.miss_weight = _weight_box(
-            "missed-pixel weight", "weight of object against background pixels in the support term; above 1 the "
-                                   "threshold draws more of the object, whose phase a missed pixel loses",
-            value=1.0, minimum=0.01)
+            tooltip=option_help("arch"))
+        self.fresh = widgets.CheckBox(label="new examples every epoch", value=False, tooltip=option_help("fresh_data"))
+        self.data_weight = _weight_box("data-consistency weight", "data_weight")
+        self.support_weight = _weight_box("support weight", "support_weight")
+        self.miss_weight = _weight_box("missed-pixel weight", "miss_weight", value=1.0, minimum=0.01)
         self.time_limit = widgets.FloatSpinBox(
             label="time limit (min)", value=0.0, min=0.0, max=100_000.0, step=5.0,
             tooltip="end training after this many minutes, a cosine schedule decaying by then (0: no limit)")
@@ -81,6 +81,15 @@ class TrainingWidget(widgets.Container):
                                   self.out, self.resume, self.init_from, self.arch, self.fresh, self.data_weight,
                                   self.support_weight, self.miss_weight, self.time_limit, self.average, self.controls])
         REGISTRY.changed.connect(self._refresh_models)
+        # TrainConfig field -> (widget, its value as the field holds it; None: the preset's or the initial weights')
+        self._fields = {
+            "train_size": (self.train_size, int), "val_size": (self.val_size, int), "epochs": (self.epochs, int),
+            "batch_size": (self.batch_size, int), "init_from": (self.init_from, None), "arch": (self.arch, None),
+            "fresh_data": (self.fresh, bool), "data_weight": (self.data_weight, float),
+            "support_weight": (self.support_weight, float), "miss_weight": (self.miss_weight, float),
+            "time_limit_min": (self.time_limit, lambda v: float(v) or None),
+            "average_from": (self.average, lambda v: 1.0 - int(v) / 100 if v else None),
+        }
         self.plot = PlotCanvas(height=2.8)
         self.plot.add_to(self)
         self.history = {"train": [], "val": []}
@@ -97,21 +106,28 @@ class TrainingWidget(widgets.Container):
         if folder.exists() and not folder.is_dir():
             notify_error(f"{folder} exists and is not a folder")
             return
-        options = {"train_size": int(self.train_size.value), "val_size": int(self.val_size.value),
-                   "epochs": int(self.epochs.value), "batch_size": int(self.batch_size.value),
-                   "device": self.device.value, "resume": bool(self.resume.value),
-                   "quick_val_size": min(2000, int(self.val_size.value)),
-                   "init_from": self.init_from.value, "arch": self.arch.value, "fresh_data": bool(self.fresh.value),
-                   "data_weight": float(self.data_weight.value),
-                   "support_weight": float(self.support_weight.value), "miss_weight": float(self.miss_weight.value),
-                   "time_limit": float(self.time_limit.value) or None,
-                   "average_from": 1.0 - int(self.average.value) / 100 if self.average.value else None}
+        try:
+            config = self.config()
+        except ValueError as exc:
+            notify_error(str(exc))
+            return
+        options = dict(self.choices(), device=self.device.value, resume=bool(self.resume.value),
+                       quick_val_size=min(2000, config.val_size))
         self._folder = folder
-        self._total = options["train_size"] * options["epochs"]
+        self._total = config.train_size * config.epochs
         self.history = {"train": [], "val": []}
         self._draw()
         self.controls.busy("simulating data and starting...")
         self.runner.start(lambda progress, should_stop: training_job(folder, options, progress, should_stop))
+
+    def choices(self) -> dict:
+        """The recipe chosen in the dock: TrainConfig fields (None: the preset's or the initial weights' value)."""
+        return {name: (w.value if convert is None or w.value is None else convert(w.value))
+                for name, (w, convert) in self._fields.items()}
+
+    def config(self) -> TrainConfig:
+        """The dock's recipe as a TrainConfig (the paper preset with :meth:`choices`; ``ValueError`` if invalid)."""
+        return TrainConfig.from_preset("paper", **self.choices())
 
     def _refresh_models(self):
         try:

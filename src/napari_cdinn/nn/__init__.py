@@ -7,12 +7,15 @@ Public API
 predict(intensity, model=None, device="auto", batch_size=256, threshold=0.1)
     Shape, phase and a chi^2 trust score per frame from measured intensities.
 load_model(model=None, device="cpu") -> (net, card)
-train(out, preset="paper", ...) -> state
+train(out, preset="paper", **options) -> state
+    Options are the fields of :class:`TrainConfig` (the recipe); ``PRESETS`` holds its named instances.
 """
 
 from __future__ import annotations
 
-__all__ = ["TRUST_CHI2", "load_model", "predict", "train"]
+from .config import PRESETS, TrainConfig
+
+__all__ = ["PRESETS", "TRUST_CHI2", "TrainConfig", "load_model", "predict", "train"]
 
 #: Frames whose data-consistency chi^2 (see :func:`predict`) exceeds this are flagged untrusted.
 #: With the shipped weights on 1,000 fresh test patterns, the 44 % of frames at or below it had

@@ -32,11 +32,15 @@ epoch, ``last.safetensors`` + ``last.json`` (state: position, history, config),
 whenever the quick validation score (phase RMS median + 1 - IoU median) improves.  With
 ``average_from``, ``average.safetensors`` + ``average.json`` hold the running mean of the weights
 over the schedule's last part (stochastic weight averaging), a candidate for ``best`` too.
+
+The recipe is one :class:`~napari_cdinn.nn.config.TrainConfig` (presets: ``PRESETS``), stored as
+``last.json``'s ``config``.  :func:`fit` runs it; :func:`train` builds it from a preset and keywords.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -51,16 +55,31 @@ from .. import physics
 from ..retrieval.engine import stop_requested
 from ..simulate import BLOCK
 from .checkpoint import load_model, resolve_model_path, save_model
-from .data import make_examples, make_objects, prepare_examples
+from .config import PRESETS, RESUMABLE, TrainConfig, chosen_fields, resolve_options
+from .data import (
+    make_examples,
+    make_objects,
+    network_input,
+    prepare_examples,
+    split_detector,
+)
 from .inference import decode_outputs, oversampled_intensity
-from .networks import build_model, count_parameters, input_factor_of, widen_state_dict
+from .networks import (
+    add_mask_channel,
+    build_model,
+    count_parameters,
+    input_factor_of,
+    widen_state_dict,
+)
 from .runtime import autocast, bf16_supported, resolve_device
 
 __all__ = [
     "PRESETS",
     "VAL_SEED_OFFSET",
+    "TrainConfig",
     "data_consistency_loss",
     "evaluate",
+    "fit",
     "oversampled_intensity",
     "train",
     "twin_invariant_loss",
@@ -74,14 +93,6 @@ DATA_OVERSAMPLING = 2
 SUPPORT_LOGIT = math.log(physics.SHAPE_THRESHOLD / (1 - physics.SHAPE_THRESHOLD))
 #: Examples simulated at once and shuffled together during training (a multiple of BLOCK).
 CHUNK = 4 * BLOCK
-
-PRESETS = {
-    "paper": {"arch": "shared", "train_size": 180_000, "val_size": 20_000, "epochs": 10, "batch_size": 256,
-              "lr": 1e-3, "schedule": "constant", "input": "linear"},
-    "tiny": {"arch": "paper", "train_size": 2048, "val_size": 256, "epochs": 2, "batch_size": 64,
-             "lr": 1e-3, "schedule": "constant", "input": "linear"},
-}
-
 
 def twin_invariant_loss(amp_logit, phase_logit, target_amp, target_phase, twin_amp, twin_phase, shift=0,
                         phase_weight=1.0, support_weight=0.0, miss_weight=1.0):
@@ -163,7 +174,7 @@ def _to_tensor(a, device, channels_last=True):
 _TARGETS = ("target_amplitude", "target_phase", "twin_amplitude", "twin_phase")
 
 
-def data_consistency_loss(amp_logit, phase_logit, measured, factor=DATA_OVERSAMPLING):
+def data_consistency_loss(amp_logit, phase_logit, measured, factor=DATA_OVERSAMPLING, mask=None):
     """Per-example misfit between the predicted object's far field and the measured amplitudes.
 
     The object is decoded as ``predict`` decodes it (:func:`napari_cdinn.nn.inference.decode_outputs`:
@@ -179,6 +190,8 @@ def data_consistency_loss(amp_logit, phase_logit, measured, factor=DATA_OVERSAMP
     amp_logit, phase_logit : Tensor (N, 1, H, W)
     measured : Tensor (N, factor * H, factor * W)
         Amplitudes of the oversampled patterns (``oversampled_intensity(...).sqrt()``).
+    mask : Tensor (N, factor * H, factor * W), optional
+        1 (or True) on unmeasured pixels, which are left out of the fit and the sums.
 
     Returns
     -------
@@ -187,6 +200,9 @@ def data_consistency_loss(amp_logit, phase_logit, measured, factor=DATA_OVERSAMP
     amp, phase, _ = decode_outputs(torch.sigmoid(amp_logit.float()), torch.sigmoid(phase_logit.float()))
     fit = (oversampled_intensity(amp, phase, factor) + 1e-12).sqrt()
     m = measured.float()
+    if mask is not None:
+        keep = 1.0 - mask.float()
+        m, fit = m * keep, fit * keep
     scale = (m * fit).sum((-2, -1), keepdim=True) / (fit * fit).sum((-2, -1), keepdim=True).clamp_min(1e-12)
     return ((m - scale * fit) ** 2).sum((-2, -1)) / (m * m).sum((-2, -1)).clamp_min(1e-12)
 
@@ -207,9 +223,10 @@ def evaluate(model, data, device, bf16=False, batch_size=512):
     with torch.inference_mode():
         for lo in range(0, n, batch_size):
             sl = slice(lo, lo + batch_size)
-            x = _to_tensor(data["input"][sl], device)
+            x = network_input(data["input"][sl], data["mask"][sl] if "mask" in data else None,
+                              getattr(model, "mask_channel", False)).to(device)
             with autocast(device, bf16):
-                la, lp = model.logits(x)
+                la, lp = model.logits(x.contiguous(memory_format=torch.channels_last))
             t = [_to_tensor(data[k][sl], device, False) for k in _TARGETS]
             loss, _ = twin_invariant_loss(la, lp, *t)
             losses.append(float(loss) * len(x))
@@ -232,13 +249,16 @@ def evaluate(model, data, device, bf16=False, batch_size=512):
     }
 
 
-def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, fresh=False, pool=None, ahead=2):
+def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, fresh=False, pool=None, ahead=2,
+                   families=None, detector=None):
     """Yield the objects of one epoch's training batches (dicts of ``amplitude`` and ``phase`` arrays),
     skipping the first ``skip_examples``; :func:`napari_cdinn.nn.data.prepare_examples` makes them examples.
 
     With ``fresh`` every epoch draws new examples: epoch ``e`` uses the simulator's examples from
     ``e * train_size`` (rounded up to a whole ``BLOCK``) on, so no example is seen twice.  With a
     process ``pool`` the chunks are simulated ``ahead`` at a time, in parallel; the batches are the same.
+    ``families`` and ``detector`` (:func:`napari_cdinn.nn.data.make_objects`) draw realistic data;
+    the batches then carry the detector settings of their examples.
     """
     rng = np.random.default_rng([int(seed), 7, int(epoch)])
     offset = int(epoch) * (-(-int(train_size) // BLOCK) * BLOCK) if fresh else 0
@@ -251,7 +271,7 @@ def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, fresh=F
         if consumed + count <= skip_examples:
             consumed += count
             continue
-        job = {"count": count, "seed": seed, "start": offset + start}
+        job = {"count": count, "seed": seed, "start": offset + start, "families": families, "detector": detector}
         plan.append((job, perm))
     buffer = None
     chunks = _simulated([kw for kw, _ in plan], pool, ahead)
@@ -334,35 +354,39 @@ def _measured_amplitudes(examples, input_factor, transform):
 def _progress(config, step, total_steps, elapsed_s=0.0):
     """Fraction of the schedule done: of its steps or, with a ``time_limit_min``, of its time if further."""
     frac = step / max(total_steps, 1)
-    limit = config.get("time_limit_min")
-    if limit:
-        frac = max(frac, elapsed_s / (60.0 * limit))
+    if config.time_limit_min:
+        frac = max(frac, elapsed_s / (60.0 * config.time_limit_min))
     return min(frac, 1.0)
 
 
 def _lr_at(config, step, total_steps, elapsed_s=0.0):
-    if config["schedule"] == "cosine":
+    if config.schedule == "cosine":
         frac = _progress(config, step, total_steps, elapsed_s)
-        return config["lr"] * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
-    return config["lr"]
+        return config.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return config.lr
 
 
-def _initial_weights(model, config, arch, input_transform):
-    """State dict of the model ``init_from`` names, and ``config`` updated to its architecture.
+def _initial_weights(config, chosen):
+    """State dict of the model ``config.init_from`` names, and ``config`` updated to its architecture.
 
-    ``shared`` weights started as ``arch="shared2x"`` are widened (:func:`widen_state_dict`): the
-    2x-input net then begins exactly where the 32 x 32 one stands.
+    Its architecture and input encoding replace the config's unless ``chosen`` names them: then a
+    conflict raises ``ValueError``, except that ``shared`` weights started as ``arch="shared2x"``
+    are widened (:func:`widen_state_dict`): the 2x-input net then begins exactly where the 32 x 32
+    one stands.
     """
-    path = resolve_model_path(model)
+    path = resolve_model_path(config.init_from)
     net, card = load_model(path)
     state = net.state_dict()
     found = {"arch": net.arch, "input": net.input_transform}
-    if arch is not None and net.arch == "shared" and input_factor_of(arch) > 1:
-        state, found["arch"] = widen_state_dict(state, input_factor_of(arch)), arch
-    for key, given in (("arch", arch), ("input", input_transform)):
-        if given is not None and given != found[key]:
-            raise ValueError(f"--{key} {given} conflicts with the {found[key]!r} of the initial weights {str(path)!r}")
-    config = dict(config, **found, init_from=str(path), init_examples=card.get("examples"))
+    given = {key: getattr(config, key) if key in chosen else None for key in found}
+    if given["arch"] is not None and net.arch == "shared" and input_factor_of(given["arch"]) > 1:
+        state, found["arch"] = widen_state_dict(state, input_factor_of(given["arch"])), given["arch"]
+    if config.mask_channel:
+        state = add_mask_channel(state, found["arch"])
+    for key, value in given.items():
+        if value is not None and value != found[key]:
+            raise ValueError(f"--{key} {value} conflicts with the {found[key]!r} of the initial weights {str(path)!r}")
+    config = dataclasses.replace(config, **found, init_from=str(path), init_examples=card.get("examples"))
     return state, config
 
 
@@ -384,37 +408,263 @@ def _score(metrics):
     return metrics["phase_rms_median"] + (1.0 - metrics["iou_median"])
 
 
-def train(
-    out,
-    preset="paper",
-    arch=None,
-    train_size=None,
-    val_size=None,
-    epochs=None,
-    batch_size=None,
-    lr=None,
-    schedule=None,
-    device="auto",
-    seed=0,
-    resume=False,
-    callback=None,
-    stop=None,
-    checkpoint_minutes=5.0,
-    quick_val_size=2000,
-    precision="auto",
-    command=None,
-    input_transform=None,
-    shift=None,
-    fresh_data=None,
-    init_from=None,
-    phase_weight=None,
-    data_weight=None,
-    support_weight=None,
-    miss_weight=None,
-    data_workers=None,
-    time_limit=None,
-    average_from=None,
-):
+def _resume_point(out, config, chosen):
+    """The config and the saved state a resumed run continues from; state None: no checkpoint, a new run.
+
+    The checkpoint's config wins (keys an older run lacks take their defaults), except for the
+    :data:`~napari_cdinn.nn.config.RESUMABLE` fields in ``chosen``; a new ``epochs`` is at least
+    one past the current epoch.
+    """
+    path = out / "last.json"
+    if not (path.is_file() and (out / "last.safetensors").is_file()):
+        return config, None
+    state = json.loads(path.read_text())
+    changes = {key: getattr(config, key) for key in RESUMABLE if key in chosen}
+    if "epochs" in changes:  # a new schedule length, never shorter than what is already done
+        changes["epochs"] = max(int(changes["epochs"]), state["epoch"] + 1)
+    return TrainConfig.from_dict(state["config"]).replace(**changes), state
+
+
+def _new_state(config, model):
+    """The training state of a run that starts now (``last.json`` without the card's extras)."""
+    return {"config": config.to_dict(), "epoch": 0, "step_in_epoch": 0, "step": 0, "examples": 0, "elapsed_s": 0.0,
+            "history": [], "best": None, "parameters": count_parameters(model)}
+
+
+class _Run:
+    """A training run under way: the model, its optimiser, the state saved as ``last.json``, the hooks.
+
+    :meth:`loop` runs the epochs; each is a sequence of :meth:`step` calls, with :meth:`checkpoint`
+    every ``checkpoint_minutes`` and at the epoch's end.
+    """
+
+    def __init__(self, out, config, state, init, dev, callback=None, quick_val_size=2000, command=None):
+        self.out, self.config, self.dev = Path(out), config, dev
+        self.emit = callback or (lambda event: None)
+        self.bf16 = config.precision == "bf16" or (config.precision == "auto" and bf16_supported(dev))
+        torch.set_flush_denormal(True)  # denormal activations are very slow on CPUs
+        torch.manual_seed(config.seed)
+        self.model = model = build_model(config.arch, config.mask_channel)
+        if init is not None:
+            model.load_state_dict(init)
+        self.opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+        resumed = state is not None
+        if resumed:
+            self._load_checkpoint()
+            state["config"] = config.to_dict()
+        else:
+            state = _new_state(config, model)
+        self.state = state
+        state["command"] = command or state.get("command")
+        if command:  # every start and resume, with the examples done when it began
+            state.setdefault("commands", []).append({"command": command, "from_examples": state["examples"]})
+        state["torch"] = torch.__version__
+        model.to(dev).to(memory_format=torch.channels_last)
+        for g in self.opt.state.values():
+            for k, v in g.items():
+                if torch.is_tensor(v):
+                    g[k] = v.to(dev)
+        self.average = _load_average(out, model, dev) if resumed and config.average_from is not None else None
+        self.factor = input_factor_of(config.arch)
+        self.val = make_examples(config.val_size, config.seed + VAL_SEED_OFFSET, transform=config.input,
+                                 input_factor=self.factor, families=config.families, detector=config.detector)
+        self.generator = torch.Generator(device=dev).manual_seed(int(config.seed) * 7919 + int(state["step"]))
+        self.quick = {k: v[: min(quick_val_size, config.val_size)] for k, v in self.val.items()}
+        self.steps_per_epoch = config.train_size // config.batch_size
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.t0 = time.monotonic() - state["elapsed_s"]
+        self.last_ckpt = time.monotonic()
+        self.run_loss, self.run_n = 0.0, 0
+        self.t_rate, self.n_rate = time.monotonic(), 0
+
+    def _load_checkpoint(self):
+        from safetensors.torch import load_file
+
+        self.model.load_state_dict(load_file(str(self.out / "last.safetensors")))
+        if (self.out / "optimizer.pt").is_file():
+            self.opt.load_state_dict(torch.load(self.out / "optimizer.pt", map_location="cpu", weights_only=True))
+
+    def elapsed(self):
+        """Seconds of training, across resumes."""
+        return time.monotonic() - self.t0
+
+    def progress(self):
+        """Fraction of the schedule done (:func:`_progress`)."""
+        return _progress(self.config, self.state["step"], self.total_steps, self.elapsed())
+
+    def event(self, name):
+        """The fields every event carries."""
+        s = self.state
+        return {"event": name, "epoch": s["epoch"], "step": s["step"], "examples": s["examples"],
+                "train_loss": float(self.run_loss) / self.run_n if self.run_n else None,
+                "lr": self.opt.param_groups[0]["lr"], "elapsed_s": self.elapsed()}
+
+    def _reset_running_loss(self):
+        self.run_loss, self.run_n = 0.0, 0
+        self.last_ckpt = time.monotonic()
+
+    def step(self, batch):
+        """One optimiser step on ``batch`` (objects from :func:`_epoch_batches`), then its bookkeeping."""
+        cfg, dev = self.config, self.dev
+        for g in self.opt.param_groups:
+            g["lr"] = _lr_at(cfg, self.state["step"], self.total_steps, self.elapsed())
+        # the simulator processes drew the objects; their patterns and targets are computed here
+        ex = prepare_examples(*(torch.from_numpy(batch[k]).to(dev) for k in ("amplitude", "phase")),
+                              cfg.input, self.factor, detector=split_detector(batch), generator=self.generator)
+        x = network_input(ex["input"], ex["mask"], self.model.mask_channel).contiguous(
+            memory_format=torch.channels_last)
+        t = [_nchw(ex[k], False) for k in _TARGETS]
+        with autocast(dev, self.bf16):
+            la, lp = self.model.logits(x)
+        loss, _ = twin_invariant_loss(la, lp, *t, shift=cfg.shift, phase_weight=cfg.phase_weight,
+                                      support_weight=cfg.support_weight, miss_weight=cfg.miss_weight)
+        if cfg.data_weight > 0:
+            measured = _measured_amplitudes(ex, self.factor, cfg.input)
+            mask = ex["mask"] if measured is ex["input"] else None  # the input's unmeasured pixels
+            loss = loss + cfg.data_weight * data_consistency_loss(la, lp, measured, mask=mask).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self._count(loss.detach(), len(x))
+
+    def _count(self, loss, n):
+        """Bookkeeping after a step of ``n`` examples: counters, weight average, running loss, step events."""
+        state, cfg = self.state, self.config
+        state["step"] += 1
+        if cfg.average_from is not None and self.average is None and self.progress() >= cfg.average_from:
+            self.average = torch.optim.swa_utils.AveragedModel(self.model)
+        if self.average is not None:
+            self.average.update_parameters(self.model)
+        state["step_in_epoch"] += 1
+        state["examples"] += n
+        self.run_loss, self.run_n = self.run_loss + loss * n, self.run_n + n  # no device sync per step
+        self.n_rate += n
+        if state["step"] % 20 == 0:
+            now = time.monotonic()
+            self.emit(dict(self.event("step"), examples_per_s=self.n_rate / max(now - self.t_rate, 1e-9)))
+            self.t_rate, self.n_rate = now, 0
+
+    def checkpoint(self, kind, full=False):
+        """Validate (quick, or ``full``), record it in the history, save ``last`` (and ``best``, ``average``)."""
+        state = self.state
+        state["elapsed_s"] = self.elapsed()
+        metrics = evaluate(self.model, self.val if full else self.quick, self.dev, self.bf16)
+        record = dict(self.event(kind), val_loss=metrics["loss"], metrics=metrics, full_validation=full)
+        candidates = [("current", self.model, metrics)]
+        if self.average is not None and not full:  # the average is scored by the quick validation only
+            avg_metrics = evaluate(self.average.module, self.quick, self.dev, self.bf16)
+            record.update(average_metrics=avg_metrics, averaged_steps=int(self.average.n_averaged))
+            candidates.append(("average", self.average.module, avg_metrics))
+        self.model.train()
+        state["history"].append(record)
+        best = None if full else self._new_best(candidates)  # best is chosen by the quick validation
+        self._save(record, metrics, best)
+        self.emit(dict(record, event="validation" if full else "checkpoint"))
+        return metrics
+
+    def _new_best(self, candidates):
+        """The best of ``candidates`` (name, net, metrics) if it beats ``state["best"]`` (recorded then), else None."""
+        name, net, m = min(candidates, key=lambda c: _score(c[2]))  # the current weights win a tie
+        best = self.state.get("best")
+        if best is not None and _score(m) >= _score(best["metrics"]):
+            return None
+        self.state["best"] = {"step": self.state["step"], "examples": self.state["examples"], "metrics": m,
+                              "weights": name}
+        if name == "average":
+            self.state["best"]["averaged_steps"] = int(self.average.n_averaged)
+        return net
+
+    def _save(self, record, metrics, best):
+        """Write ``last`` with its card and the optimizer state, the weight average, and ``best`` (a net or None)."""
+        cfg, out = self.config, self.out
+        card = dict(self.state, arch=cfg.arch, val_metrics=metrics, train_loss=record["train_loss"],
+                    val_loss=metrics["loss"])
+        save_model(self.model, out / "last.safetensors", card, input_transform=cfg.input)
+        torch.save(self.opt.state_dict(), out / "optimizer.pt")
+        if self.average is not None:
+            save_model(self.average.module, out / "average.safetensors",
+                       dict(card, averaged_steps=int(self.average.n_averaged), average_from=cfg.average_from),
+                       input_transform=cfg.input)
+        if best is not None:
+            save_model(best, out / "best.safetensors", card, input_transform=cfg.input)
+
+    def run_epoch(self, batches, stop, checkpoint_minutes):
+        """Train on ``batches``; returns ``"stopped"``, ``"timed out"`` (the schedule is done) or None (all done)."""
+        for batch in batches:
+            if stop_requested(stop):
+                return "stopped"
+            self.step(batch)
+            if time.monotonic() - self.last_ckpt > 60 * checkpoint_minutes:
+                self.checkpoint("checkpoint")
+                self._reset_running_loss()
+            if self.progress() >= 1.0:
+                return "timed out"  # by its steps or its time limit
+        return None
+
+    def loop(self, stop=None, checkpoint_minutes=5.0, data_workers=None):
+        """Run the remaining epochs (or until ``stop`` or the time limit); returns the final state."""
+        cfg, state = self.config, self.state
+        self.emit(dict(self.event("start"), config=cfg.to_dict(), parameters=count_parameters(self.model),
+                       device=str(self.dev), bf16=self.bf16))
+        workers = default_data_workers(self.dev) if data_workers is None else int(data_workers)
+        pool = data_pool(workers)
+        self.model.train()
+        ended = "timed out" if self.progress() >= 1.0 else None  # a finished run resumed
+        try:
+            while state["epoch"] < cfg.epochs and ended is None:
+                batches = _epoch_batches(cfg.seed, state["epoch"], cfg.train_size, cfg.batch_size,
+                                         state["step_in_epoch"] * cfg.batch_size, cfg.fresh_data, pool, 2 * workers,
+                                         cfg.families, cfg.detector)
+                ended = self.run_epoch(batches, stop, checkpoint_minutes)
+                if ended == "stopped":
+                    break
+                if ended == "timed out" and state["step_in_epoch"] < self.steps_per_epoch:
+                    self.checkpoint("checkpoint")  # mid-epoch: end as an epoch ends
+                    self.checkpoint("epoch", full=True)
+                    break
+                self._end_epoch()
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        stopped = ended == "stopped"
+        if stopped:
+            self.checkpoint("checkpoint")
+        state["ended"] = "stopped" if stopped else "time limit" if state["epoch"] < cfg.epochs else "done"
+        self.emit(dict(self.event("stopped" if stopped else "done"), ended=state["ended"]))
+        return state
+
+    def _end_epoch(self):
+        self.state["epoch"] += 1
+        self.state["step_in_epoch"] = 0
+        self.checkpoint("checkpoint")
+        self.checkpoint("epoch", full=True)
+        self.emit(self.event("epoch"))
+        self._reset_running_loss()
+
+
+def fit(out, config: TrainConfig, *, chosen=None, resume=False, device="auto", callback=None, stop=None,
+        checkpoint_minutes=5.0, quick_val_size=2000, command=None, data_workers=None) -> dict:
+    """Train the networks with the recipe ``config`` and write checkpoints to the directory ``out``.
+
+    ``chosen`` names the fields the caller set (default: those that differ from the preset
+    ``config.preset`` names): they win over the initial weights' architecture and input encoding,
+    and on ``resume`` the :data:`~napari_cdinn.nn.config.RESUMABLE` ones among them replace the
+    checkpoint's.  The other arguments are those of :func:`train`.
+    """
+    out = Path(out)
+    if chosen is None:
+        chosen = chosen_fields(config)
+    dev = resolve_device(device)
+    config, state = _resume_point(out, config, chosen) if resume else (config, None)
+    init = None
+    if state is None and config.init_from is not None:  # a resumed run has its weights
+        init, config = _initial_weights(config, chosen)
+    run = _Run(out, config, state, init, dev, callback=callback, quick_val_size=quick_val_size, command=command)
+    return run.loop(stop, checkpoint_minutes, data_workers)
+
+
+def train(out, preset="paper", *, device="auto", resume=False, callback=None, stop=None, checkpoint_minutes=5.0,
+          quick_val_size=2000, command=None, data_workers=None, **options) -> dict:
     """Train the networks and write checkpoints to the directory ``out``.
 
     Parameters
@@ -422,281 +672,42 @@ def train(
     out : str or Path
         Model directory (created): ``best``/``last`` .safetensors + .json, ``optimizer.pt``.
     preset : str
-        Base settings (:data:`PRESETS`); any other argument given overrides them.
-    arch : {"paper", "shared", "shared2x"}
-        ``shared2x`` reads the 2x-oversampled patterns (:mod:`napari_cdinn.nn.networks`); with
-        ``init_from`` naming ``shared`` weights it starts from them, widened.
-    train_size, val_size, epochs, batch_size, lr : optional overrides
-    schedule : {"constant", "cosine"}
-        Learning rate schedule (cosine decays to 2 % of ``lr`` over all epochs).
+        Base recipe (:data:`~napari_cdinn.nn.config.PRESETS`).
+    **options
+        Fields of :class:`~napari_cdinn.nn.config.TrainConfig` that change the preset (each one's
+        ``metadata["help"]`` says what it does; None: the preset's value).  ``input_transform`` and
+        ``time_limit`` are accepted for ``input`` and ``time_limit_min``.
     device : "auto", "cpu", "cuda", "mps"
-    seed : int
-        Simulator seed of the training data (validation: ``seed + VAL_SEED_OFFSET``).
     resume : bool
         Continue from ``out/last.safetensors`` and ``out/optimizer.pt`` if they exist; the
-        settings stored there win, except an explicit ``epochs``: it sets the schedule's new
-        length (longer or shorter, at least one epoch past the current one), and a cosine
-        schedule continues from the fraction of it already done.
+        settings stored there win, except ``epochs``, ``time_limit`` (``time_limit_min``),
+        ``average_from`` and ``precision`` when given: ``epochs`` sets the schedule's new length
+        (longer or shorter, at least one epoch past the current one), and a cosine schedule
+        continues from the fraction of it already done.
     callback : callable(dict), optional
         Receives events: ``{"event": "start"|"step"|"checkpoint"|"validation"|"epoch"|"stopped"|"done",
         "epoch", "step", "examples", "train_loss", "lr", "elapsed_s", "examples_per_s"}``, plus
-        ``val_loss`` and ``metrics`` on validation events.
+        ``val_loss`` and ``metrics`` on validation events (and ``average_metrics`` with averaging).
     stop : threading.Event or callable returning bool, optional
         Checked every step; when set, a checkpoint is saved and training returns.
     checkpoint_minutes : float
         Wall-clock interval between checkpoints (each with a quick validation).
     quick_val_size : int
         Validation examples used by the checkpoint-time validation.
-    precision : {"auto", "fp32", "bf16"}
-        bf16 autocast (weights stay float32); ``auto`` uses it where the hardware has bf16.
     command : str, optional
         Command line recorded in the card: ``command`` holds the latest, ``commands`` every start
         and resume with the examples done when it began.
-    input_transform : {"linear", "log"}, optional
-        Input encoding (:func:`napari_cdinn.nn.data.encode_inputs`); the paper's is ``linear``.
-    shift : int, optional
-        Position tolerance of the loss in pixels (:func:`twin_invariant_loss`; default 0).
-    phase_weight : float, optional
-        Weight of the phase term of the loss (:func:`twin_invariant_loss`; default 1).
-    data_weight : float, optional
-        Weight of the data-consistency term (:func:`data_consistency_loss` against the 2x
-        oversampled pattern) added to the supervised loss (default 0: the paper's loss alone).
-    support_weight : float, optional
-        Weight of the support term of the loss (:func:`twin_invariant_loss`; default 0: none).
-    miss_weight : float, optional
-        Weight of object against background pixels in the support term (:func:`twin_invariant_loss`;
-        default 1).
-    fresh_data : bool, optional
-        Draw new simulated examples every epoch instead of repeating the same ``train_size``
-        (default False, the paper's fixed set); an "epoch" is then ``train_size`` examples.
-    init_from : str or path, optional
-        Start from these weights (a model name, file or directory, as ``cdinn predict --model``)
-        with a fresh optimizer and schedule: fine-tuning or continuing shipped weights.  Their
-        architecture and input encoding are used unless given; a conflict raises ``ValueError``.
-        Ignored when ``resume`` finds a checkpoint in ``out``.
     data_workers : int, optional
         Processes simulating the training examples ahead of the network (:func:`data_pool`;
         default :func:`default_data_workers`: none on a CPU, up to 8 beside a GPU).  The
         examples are the same for any number.
-    time_limit : float, optional
-        Minutes of training (validation included, across resumes) after which the run ends as
-        if its last epoch had: a final checkpoint and full validation.  The schedule's progress is
-        then the larger of its steps' and its time's fraction, so a cosine schedule decays to its
-        end by the deadline whatever the hardware's speed: give ``epochs`` generously.  The
-        examples seen then depend on the speed; the card records them.  Kept on ``resume``
-        unless given again.
-    average_from : float, optional
-        Stochastic weight averaging (Izmailov et al. 2018, ``torch.optim.swa_utils.AveragedModel``):
-        from this fraction of the schedule on (0 <= f < 1, see ``time_limit``), the running mean of
-        the weights after every step is kept and saved beside ``last`` as ``average.safetensors``
-        (+ ``.json``: ``averaged_steps``).  Every checkpoint's quick validation also scores the
-        average (``average_metrics`` in the history and the events), and ``best`` is whichever of
-        the current and the averaged weights scored best (``best["weights"]``: ``"current"`` or
-        ``"average"``).  Default: off.  Kept on ``resume`` (with the average so far) unless given again.
 
     Returns
     -------
     dict : the final training state (as in ``last.json``), with ``ended``: ``"done"`` (all
         epochs), ``"time limit"`` or ``"stopped"`` (also in the last event).
     """
-    out = Path(out)
-    emit = callback or (lambda event: None)
-    config = dict(PRESETS[preset]) if preset in PRESETS else None
-    if config is None:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
-    overrides = {"arch": arch, "train_size": train_size, "val_size": val_size, "epochs": epochs,
-                 "batch_size": batch_size, "lr": lr, "schedule": schedule, "input": input_transform,
-                 "shift": shift, "fresh_data": fresh_data, "phase_weight": phase_weight, "data_weight": data_weight,
-                 "support_weight": support_weight, "miss_weight": miss_weight}
-    config.update({k: v for k, v in overrides.items() if v is not None})
-    config.update(preset=preset, seed=int(seed), precision=precision)
-    if time_limit is not None:
-        config["time_limit_min"] = float(time_limit)
-    if average_from is not None:
-        if not 0.0 <= float(average_from) < 1.0:
-            raise ValueError(f"average_from must be a fraction of the schedule in [0, 1), got {average_from}")
-        config["average_from"] = float(average_from)
-    if config["train_size"] < config["batch_size"]:
-        raise ValueError("the training set must hold at least one batch")
-    dev = resolve_device(device)
-    state_path = out / "last.json"
-    state = None
-    if resume and state_path.is_file() and (out / "last.safetensors").is_file():
-        state = json.loads(state_path.read_text())
-        saved = state["config"]
-        if epochs is not None:  # a new schedule length, never shorter than what is already done
-            saved["epochs"] = max(int(epochs), state["epoch"] + 1)
-        for key in ("time_limit_min", "average_from"):
-            if key in config:  # given again with this resume
-                saved[key] = config[key]
-        config = saved
-        init_from = None
-    resumed = state is not None
-    init = None
-    if init_from is not None:
-        init, config = _initial_weights(init_from, config, arch, input_transform)
-    bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(dev))
-    torch.set_flush_denormal(True)  # denormal activations are very slow on CPUs
-    torch.manual_seed(config["seed"])
-    model = build_model(config["arch"])
-    if init is not None:
-        model.load_state_dict(init)
-    opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
-    if state is not None:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(out / "last.safetensors")))
-        if (out / "optimizer.pt").is_file():
-            opt.load_state_dict(torch.load(out / "optimizer.pt", map_location="cpu", weights_only=True))
-    else:
-        state = {
-            "config": config,
-            "epoch": 0,
-            "step_in_epoch": 0,
-            "step": 0,
-            "examples": 0,
-            "elapsed_s": 0.0,
-            "history": [],
-            "best": None,
-            "parameters": count_parameters(model),
-        }
-    state["command"] = command or state.get("command")
-    if command:  # every start and resume, with the examples done when it began
-        state.setdefault("commands", []).append({"command": command, "from_examples": state["examples"]})
-    state["torch"] = torch.__version__
-    model.to(dev).to(memory_format=torch.channels_last)
-    for g in opt.state.values():
-        for k, v in g.items():
-            if torch.is_tensor(v):
-                g[k] = v.to(dev)
-    average = _load_average(out, model, dev) if resumed and config.get("average_from") is not None else None
-    factor = input_factor_of(config["arch"])
-    val = make_examples(config["val_size"], config["seed"] + VAL_SEED_OFFSET, transform=config.get("input", "linear"),
-                        input_factor=factor)
-    quick = {k: v[: min(quick_val_size, config["val_size"])] for k, v in val.items()}
-    steps_per_epoch = config["train_size"] // config["batch_size"]
-    total_steps = steps_per_epoch * config["epochs"]
-    t0 = time.monotonic() - state["elapsed_s"]
-    last_ckpt = time.monotonic()
-    run_loss, run_n = 0.0, 0
-    t_rate, n_rate = time.monotonic(), 0
-
-    def base_event(name):
-        return {
-            "event": name,
-            "epoch": state["epoch"],
-            "step": state["step"],
-            "examples": state["examples"],
-            "train_loss": float(run_loss) / run_n if run_n else None,
-            "lr": opt.param_groups[0]["lr"],
-            "elapsed_s": time.monotonic() - t0,
-        }
-
-    def checkpoint(kind, full=False):
-        state["elapsed_s"] = time.monotonic() - t0
-        metrics = evaluate(model, val if full else quick, dev, bf16)
-        record = dict(base_event(kind), val_loss=metrics["loss"], metrics=metrics, full_validation=full)
-        candidates = [("current", model, metrics)]
-        if average is not None and not full:  # the average is scored by the quick validation only
-            avg_metrics = evaluate(average.module, quick, dev, bf16)
-            record.update(average_metrics=avg_metrics, averaged_steps=int(average.n_averaged))
-            candidates.append(("average", average.module, avg_metrics))
-        model.train()
-        state["history"].append(record)
-        name, net, m = min(candidates, key=lambda c: _score(c[2]))  # the current weights win a tie
-        best = state.get("best")
-        improved = not full and (best is None or _score(m) < _score(best["metrics"]))  # by the quick validation
-        if improved:
-            state["best"] = {"step": state["step"], "examples": state["examples"], "metrics": m, "weights": name}
-            if name == "average":
-                state["best"]["averaged_steps"] = int(average.n_averaged)
-        card = dict(state, arch=config["arch"], val_metrics=metrics, train_loss=record["train_loss"], val_loss=metrics["loss"])
-        transform = config.get("input", "linear")
-        save_model(model, out / "last.safetensors", card, input_transform=transform)
-        torch.save(opt.state_dict(), out / "optimizer.pt")
-        if average is not None:
-            save_model(average.module, out / "average.safetensors",
-                       dict(card, averaged_steps=int(average.n_averaged), average_from=config["average_from"]),
-                       input_transform=transform)
-        if improved:
-            save_model(net, out / "best.safetensors", card, input_transform=transform)
-        emit(dict(record, event="validation" if full else "checkpoint"))
-        return metrics
-
-    emit(dict(base_event("start"), config=config, parameters=count_parameters(model), device=str(dev), bf16=bf16))
-    workers = default_data_workers(dev) if data_workers is None else int(data_workers)
-    pool = data_pool(workers)
-    model.train()
-    stopped = False
-    timed_out = _progress(config, state["step"], total_steps, state["elapsed_s"]) >= 1.0  # a finished run resumed
-    try:
-        while state["epoch"] < config["epochs"] and not (stopped or timed_out):
-            batches = _epoch_batches(config["seed"], state["epoch"], config["train_size"], config["batch_size"],
-                                     state["step_in_epoch"] * config["batch_size"], config.get("fresh_data", False),
-                                     pool, 2 * workers)
-            for batch in batches:
-                if stop_requested(stop):
-                    stopped = True
-                    break
-                for g in opt.param_groups:
-                    g["lr"] = _lr_at(config, state["step"], total_steps, time.monotonic() - t0)
-                # the simulator processes drew the objects; their patterns and targets are computed here
-                ex = prepare_examples(*(torch.from_numpy(batch[k]).to(dev) for k in ("amplitude", "phase")),
-                                      config.get("input", "linear"), factor)
-                x = _nchw(ex["input"])
-                t = [_nchw(ex[k], False) for k in _TARGETS]
-                with autocast(dev, bf16):
-                    la, lp = model.logits(x)
-                loss, _ = twin_invariant_loss(la, lp, *t, shift=config.get("shift", 0),
-                                              phase_weight=config.get("phase_weight", 1.0),
-                                              support_weight=config.get("support_weight", 0.0),
-                                              miss_weight=config.get("miss_weight", 1.0))
-                if config.get("data_weight", 0.0) > 0:
-                    measured = _measured_amplitudes(ex, factor, config.get("input", "linear"))
-                    loss = loss + config["data_weight"] * data_consistency_loss(la, lp, measured).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                n = len(x)
-                state["step"] += 1
-                if config.get("average_from") is not None and average is None and (
-                        _progress(config, state["step"], total_steps, time.monotonic() - t0) >= config["average_from"]):
-                    average = torch.optim.swa_utils.AveragedModel(model)
-                if average is not None:
-                    average.update_parameters(model)
-                state["step_in_epoch"] += 1
-                state["examples"] += n
-                run_loss, run_n = run_loss + loss.detach() * n, run_n + n  # no device sync per step
-                n_rate += n
-                if state["step"] % 20 == 0:
-                    now = time.monotonic()
-                    emit(dict(base_event("step"), examples_per_s=n_rate / max(now - t_rate, 1e-9)))
-                    t_rate, n_rate = now, 0
-                if time.monotonic() - last_ckpt > 60 * checkpoint_minutes:
-                    checkpoint("checkpoint")
-                    run_loss, run_n = 0.0, 0
-                    last_ckpt = time.monotonic()
-                if _progress(config, state["step"], total_steps, time.monotonic() - t0) >= 1.0:
-                    timed_out = True  # the schedule is done (by its steps or its time limit)
-                    break
-            if stopped:
-                break
-            if timed_out and state["step_in_epoch"] < steps_per_epoch:  # mid-epoch: end as an epoch ends
-                checkpoint("checkpoint")
-                checkpoint("epoch", full=True)
-                break
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-            checkpoint("checkpoint")
-            checkpoint("epoch", full=True)
-            emit(base_event("epoch"))
-            run_loss, run_n = 0.0, 0
-            last_ckpt = time.monotonic()
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-    if stopped:
-        checkpoint("checkpoint")
-    state["ended"] = "stopped" if stopped else "time limit" if state["epoch"] < config["epochs"] else "done"
-    emit(dict(base_event("stopped" if stopped else "done"), ended=state["ended"]))
-    return state
+    config, chosen = resolve_options(preset, **options)
+    return fit(out, config, chosen=chosen, resume=resume, device=device, callback=callback, stop=stop,
+               checkpoint_minutes=checkpoint_minutes, quick_val_size=quick_val_size, command=command,
+               data_workers=data_workers)
