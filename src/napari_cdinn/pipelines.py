@@ -6,10 +6,14 @@ sits above both and imports them only when a function is called (torch stays uni
 NN-seeded refinement with a fallback (:func:`refine_with_fallback`)
 -------------------------------------------------------------------
 Every frame is refined from the network's guess and support by a short run
-(:data:`napari_cdinn.nn.inference.REFINE_OPTIONS`).  The frames :func:`fallback_frames`
-selects are also inverted by the full protocol from random starts (the caller's reconstruct
-options: by default the paper's 620 iterations, not the refinement's), and each of them keeps
-the result with the lower chi^2; ``start`` records which one won (1 = network, 0 = protocol).
+(:data:`napari_cdinn.nn.inference.REFINE_OPTIONS`; on frames whose counting noise is above
+:data:`NOISY_CHI2`, by error reduction alone, :data:`NOISY_REFINE`).  The frames
+:func:`fallback_frames` selects are also inverted by the full protocol from random starts (the
+caller's reconstruct options: by default the paper's 620 iterations, not the refinement's), and
+each of them keeps the result that fits the data better beyond the counting noise
+(:func:`keep_lower_chi2`: the lower chi^2 on noise-free data; on counts, a fit under the noise
+floor counts as at it, so a protocol that follows the noise does not win by it); ``start``
+records which one won (1 = network, 0 = protocol).
 Rules:
 
 * ``"auto"`` (default): the protocol runs on the frames whose network guess is not trusted
@@ -40,8 +44,10 @@ __all__ = [
     "FALLBACK_RULES",
     "fallback_frames",
     "keep_lower_chi2",
+    "make_report",
     "network_guess",
     "network_start",
+    "reconstruct_chunk",
     "refine_with_fallback",
 ]
 
@@ -50,6 +56,12 @@ FALLBACK_RULES = ("auto", "always", "never")
 #: Refined frames above this chi^2 also get the protocol (rule ``"auto"``): ``reconstruct``'s
 #: default ``retry_chi2``, the level under which it deems a frame converged.
 FALLBACK_CHI2 = 1e-4
+#: Frames whose counting noise alone gives a chi^2 above this (:func:`napari_cdinn.physics.noise_chi2`;
+#: about 1e5 photons per 64 x 64 pattern) are refined by error reduction alone: HIO's feedback
+#: amplifies the noise (measured: ``benchmarks/README.md``, bench_realistic, and docs/decisions.md).
+NOISY_CHI2 = 2e-4
+#: What the refinement of noisy frames changes in the refinement options.
+NOISY_REFINE = {"algorithm": "er"}
 #: Per-frame arrays a refinement returns (besides ``start``).
 RESULT_KEYS = ("amplitude", "phase", "support", "chi2")
 
@@ -126,8 +138,15 @@ def fallback_frames(trusted, chi2, rule="auto", threshold=FALLBACK_CHI2, chi2_no
     return ~trusted | ~(excess <= float(threshold))  # NaN falls back
 
 
-def keep_lower_chi2(refined, protocol, frames):
-    """Per frame, the refined result or the protocol's, whichever has the lower chi^2.
+def keep_lower_chi2(refined, protocol, frames, chi2_noise=None):
+    """Per frame, the refined result or the protocol's, whichever fits the data better beyond the noise.
+
+    Without ``chi2_noise`` (or where it is 0: data that are not counts) the lower chi^2 wins.
+    On counts, a chi^2 under the counting-noise floor is no better than one at it: the fit has
+    begun to follow the noise (the discrepancy principle), which the 620-iteration protocol does
+    at low doses.  So each result's misfit is taken beyond the floor,
+    ``max(chi2 - chi2_noise, 0)``, and the protocol wins only where its misfit is lower; two fits
+    within the noise keep the network-seeded one.
 
     Parameters
     ----------
@@ -135,6 +154,8 @@ def keep_lower_chi2(refined, protocol, frames):
     protocol : dict of the same keys for ``frames`` only (leading length ``len(frames)``), or None
     frames : array_like of int
         The frames the protocol ran on.
+    chi2_noise : array_like of float, (N,), optional
+        The chi^2 counting noise alone gives each frame (:func:`napari_cdinn.physics.noise_chi2`).
 
     Returns
     -------
@@ -147,7 +168,9 @@ def keep_lower_chi2(refined, protocol, frames):
     start = np.ones(len(out["chi2"]), dtype=np.uint8)
     frames = np.asarray(frames, dtype=np.int64).reshape(-1)
     if protocol is not None and len(frames):
-        new, old = np.asarray(protocol["chi2"]), out["chi2"][frames]
+        floor = 0.0 if chi2_noise is None else np.asarray(chi2_noise, dtype=np.float64).reshape(-1)[frames]
+        new = np.maximum(np.asarray(protocol["chi2"], dtype=np.float64) - floor, 0.0)
+        old = np.maximum(out["chi2"][frames].astype(np.float64) - floor, 0.0)
         better = (new < old) | (np.isnan(old) & ~np.isnan(new))
         picked = frames[better]
         for key, value in out.items():
@@ -215,13 +238,87 @@ def refine_with_fallback(intensity, *, model=None, mask=None, fallback="auto", r
     ids = int(first_frame) + np.arange(stack.shape[0])
 
     obj, sup, trusted = network_guess(stack, model=model, device=options.get("device", "auto"), mask=mask)
+    noise = _noise(stack, mask)
     settings = {**options, **(REFINE_OPTIONS if refine is None else refine)}
-    refined = reconstruct(stack, init=obj, support=sup, mask=mask, frame_ids=ids, **settings)
-    todo = np.flatnonzero(fallback_frames(trusted, refined["chi2"], fallback, fallback_chi2, _noise(stack, mask)))
+    noisy = noise > NOISY_CHI2
+    refined = None
+    for frames, extra in ((np.flatnonzero(~noisy), {}), (np.flatnonzero(noisy), NOISY_REFINE)):
+        if len(frames):
+            part = reconstruct(stack[frames], init=obj[frames], support=sup[frames], mask=_frames_of(mask, frames),
+                               frame_ids=ids[frames], **{**settings, **extra})
+            refined = _merge(refined, {k: part[k] for k in RESULT_KEYS}, frames, len(stack))
+    todo = np.flatnonzero(fallback_frames(trusted, refined["chi2"], fallback, fallback_chi2, noise))
     protocol = None
     if len(todo):
-        part = mask if mask is None or mask.ndim == 2 else mask[todo]
-        protocol = reconstruct(stack[todo], mask=part, frame_ids=ids[todo], **options)
-    out = keep_lower_chi2({k: refined[k] for k in RESULT_KEYS},
-                          None if protocol is None else {k: protocol[k] for k in RESULT_KEYS}, todo)
+        protocol = reconstruct(stack[todo], mask=_frames_of(mask, todo), frame_ids=ids[todo], **options)
+    out = keep_lower_chi2(refined, None if protocol is None else {k: protocol[k] for k in RESULT_KEYS}, todo,
+                          chi2_noise=noise)
     return {k: v[0] for k, v in out.items()} if single else out
+
+
+def _frames_of(mask, frames):
+    """The mask of ``frames``: a 2-D mask serves every frame."""
+    return mask if mask is None or mask.ndim == 2 else mask[frames]
+
+
+def _merge(into, part, frames, n):
+    """Per-frame arrays ``part`` of ``frames`` written into ``into`` (created for ``n`` frames when None)."""
+    if into is None:
+        into = {k: np.zeros((n,) + np.shape(v)[1:], dtype=np.asarray(v).dtype) for k, v in part.items()}
+    for k, v in part.items():
+        into[k][frames] = v
+    return into
+
+
+def reconstruct_chunk(intensity, first_frame=0, init="random", model=None, mask=None, fallback="auto", refine=None,
+                      **options):
+    """Chunk function of ``cdinn reconstruct`` for :func:`napari_cdinn.stream.process_stack` (picklable via ``partial``).
+
+    Parameters
+    ----------
+    intensity : ndarray, float32, (n, M, M)
+    first_frame : int
+        Index of the chunk's first frame in the stack: random starts follow the frame index,
+        so the result does not depend on the chunk size.
+    init : {"random", "nn"}
+        Random phases (the protocol given by ``options``,
+        :func:`napari_cdinn.retrieval.reconstruct_chunk`), or the network's guess with its support
+        refined by a short run (``refine``), with a fallback to the protocol (:func:`refine_with_fallback`).
+    model : str, path or ModelInfo, optional
+        Network weights for ``init="nn"`` (ignored otherwise).
+    mask : ndarray of bool, (M, M) or (n, M, M), optional
+        True on unmeasured pixels (left free by the modulus step, out of chi^2).
+    fallback : {"auto", "always", "never"}
+        ``init="nn"``: which frames also get the protocol (see the module notes).
+    refine : dict, optional
+        ``init="nn"``: the refinement's options over ``options`` (default
+        :data:`napari_cdinn.nn.inference.REFINE_OPTIONS`).
+    **options
+        Passed to :func:`napari_cdinn.retrieval.reconstruct` (with ``init="nn"``, the protocol's options).
+
+    Returns
+    -------
+    dict of ``amplitude``, ``phase``, ``support`` (n, M, M), ``chi2`` (n,) and ``start`` uint8
+    (n,): 1 where the result started from the network, 0 from random phases.
+    """
+    if isinstance(init, str) and init == "nn":
+        res = refine_with_fallback(intensity, model=model, mask=mask, fallback=fallback, refine=refine,
+                                   first_frame=first_frame, **options)
+        return {k: res[k] for k in (*RESULT_KEYS, "start")}
+    from .retrieval import reconstruct_chunk as protocol_chunk
+
+    return protocol_chunk(intensity, first_frame=first_frame, init=init, mask=mask, **options)
+
+
+def make_report(out_dir, model=None, count=1000, examples=4, device="cpu", iterations=620):
+    """The paper-figure report of a model (:func:`napari_cdinn.nn.report.make_report`), with the
+    iterative results of Fig. 3 from :func:`napari_cdinn.retrieval.reconstruct`.
+
+    Writes ``fig2_training.png``, ``fig3_examples.png``, ``fig45_chi2.png``,
+    ``fig6_activations.png`` and ``report.json`` to ``out_dir``; returns the JSON dict.
+    """
+    from .nn.report import make_report as nn_report
+    from .retrieval import reconstruct
+
+    return nn_report(out_dir, model=model, count=count, examples=examples, device=device, iterations=iterations,
+                     reconstruct=reconstruct)
