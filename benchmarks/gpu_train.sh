@@ -15,13 +15,11 @@
 # `python -m napari_cdinn.nn.ship DIR` ships them, `cdinn train --init-from DIR/best.safetensors` continues.
 # An "epoch" is 1.8M fresh examples here so that the full validation (20,000) stays a small part.
 #
-# BATCH (default 2048): at the paper's batch of 256 the GPU waits on the Python side of each step.
-# Measured on a lent H100 (16 vCPUs, 14 simulator processes, one run alone, warm from model2x):
-# 10,000 examples/s at batch 256 (GPU 28% busy), 24,000 at 1,024, 36,000 at 2,048 (50% busy).
-# WARM_LR (default 3e-4, as at batch 256; measured from model2x on the CPU: 40 to 120 steps at
-# 3e-4 cost 0.005 to 0.02 rad of validation phase RMS, with a linear ramp up or without, and 200
-# at 3e-5 nothing; a larger batch is a quieter step at the same rate) and SCRATCH_LR (default
-# 2e-3, twice the paper's 1e-3 at 256).
+# BATCH (default 2048): at the paper's batch of 256 the GPU waits on the Python side of each step
+# (measured on a lent H100: docs/decisions.md, "Simulator processes draw only the objects").
+# WARM_LR (default 3e-4, as at batch 256; a larger batch is a quieter step at the same rate:
+# docs/decisions.md, "Learning rates of GPU runs") and SCRATCH_LR (default 2e-3, twice the
+# paper's 1e-3 at 256).
 set -u
 OUT=${OUT:-runs/gpu}
 MIN=${MIN:-6.5}
