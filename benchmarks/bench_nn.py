@@ -174,15 +174,13 @@ def run(model=None, count=1000, predict_count=4000, batch_sizes=_BATCHES, refine
     """Run every measurement and return the figures as a dict (see the module notes)."""
     import torch
 
-    from napari_cdinn.nn import load_model
-    from napari_cdinn.nn.checkpoint import resolve_model_path
+    from napari_cdinn.nn import load_model, resolve_model
     from napari_cdinn.nn.evaluate import TEST_SEED, score_model
-    from napari_cdinn.nn.inference import model_for
 
     if threads:
         torch.set_num_threads(int(threads))
     big = simulate(max(predict_count, count, refine_count), seed=TEST_SEED, oversampling=2)
-    path = resolve_model_path(model_for(model, big["intensity"].shape))
+    path = resolve_model(model, big["intensity"].shape).path
     net, card = load_model(path, device)
     res = {"benchmark": "nn", "model": str(path), "arch": net.arch, "examples_trained": card.get("examples"),
            "torch_threads": torch.get_num_threads(), "machine": machine_info(device)}

@@ -175,3 +175,60 @@ def test_local_cluster_gets_the_masks(stack_file, tmp_path):
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         res = process_stack(path, None, _masked, chunk_size=10, scheduler=client, mask=mask)
     np.testing.assert_array_equal(res["unmeasured"], mask.sum(axis=(1, 2)))
+
+
+def _with_phase(intensity, first_frame=0, gain=1.0):
+    """:func:`_toy` with a phase, so that a CXI file gets its complex image."""
+    res = _toy(intensity, first_frame, gain)
+    return dict(res, phase=np.arctan(intensity - intensity.mean()).astype(np.float32))
+
+
+def _h5_layout(path):
+    """Everything a result file holds: per dataset its bytes, dtype, shape and storage; the attributes."""
+    out = {}
+    with h5py.File(path) as f:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                out[name] = (obj[()].tobytes(), obj.dtype.str, obj.shape, obj.chunks, obj.compression,
+                             obj.compression_opts, obj.shuffle, dict(obj.attrs))
+        f.visititems(visit)
+        attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f.attrs.items()}
+    return out, attrs
+
+
+@pytest.mark.parametrize("ext", [".h5", ".cxi"])
+@pytest.mark.parametrize("frames, chunk_size, rows", [(53, 16, 8), (53, 100, None), (4100, 4096, None)])
+def test_streamed_and_in_memory_results_are_the_same_file(tmp_path, monkeypatch, ext, frames, chunk_size, rows):
+    if rows is not None:  # small storage chunks, so that a small stack is written in several run chunks
+        monkeypatch.setattr(io, "H5_CHUNK_FRAMES", rows)
+    data = np.random.default_rng(5).poisson(3.0, size=(frames, 8, 8)).astype(np.float32)
+    attrs = {"model": "m", "views": 2, "trust_chi2": 0.05, "sizes": [1, 2], "refine": {"a": 1}, "none": None}
+    fn = functools.partial(_with_phase, gain=1.5)
+    streamed, memory = tmp_path / f"s{ext}", tmp_path / f"m{ext}"
+    process_stack(data, str(streamed), fn, chunk_size=chunk_size, attrs=attrs)
+    io.write_result(memory, process_stack(data, None, fn, chunk_size=chunk_size), attrs=attrs)
+    got, want = _h5_layout(streamed), _h5_layout(memory)
+    assert got == want
+    assert got[0]["amplitude"][4] == "gzip" and got[0]["amplitude"][3][0] <= chunk_size
+    if ext == ".cxi":
+        assert "entry_1/image_1/data" in got[0]
+
+
+def test_storage_chunks_never_straddle_two_run_chunks():
+    assert io.h5_chunk_frames(10_000, 4096, run_chunk=1000) == 250  # 1,000-frame runs: 250-frame chunks
+    assert io.h5_chunk_frames(10_000, 4096, run_chunk=4096) == 256  # the default: the in-memory chunks
+    assert io.h5_chunk_frames(10_000, 4096) == 256
+    assert io.h5_chunk_frames(10_000, 4096, run_chunk=4099) is None  # a prime: contiguous, uncompressed
+    assert io.h5_dataset_options((10_000, 32, 32), np.float32, run_chunk=4099) == {}
+    for run in (3, 10, 1000, 1024, 4096, 5000):
+        rows = io.h5_chunk_frames(20_000, 4, run_chunk=run)
+        assert rows is None or run % rows == 0
+
+
+def test_a_single_frame_gives_the_same_unbatched_result_in_every_format(tmp_path):
+    frame = np.random.default_rng(2).random((16, 16)).astype(np.float32)
+    summary = process_stack(frame, str(tmp_path / "one.h5"), _toy)
+    process_stack(frame, str(tmp_path / "one.npz"), _toy)
+    assert summary["frames"] == 1
+    a, b = io.read_result(tmp_path / "one.h5"), io.read_result(tmp_path / "one.npz")
+    assert a["amplitude"].shape == b["amplitude"].shape == (16, 16)

@@ -174,14 +174,14 @@ def _cmd_bench(args):
 # --------------------------------------------------------------------------- train
 def _train_config_fields():
     """``(field, flag)`` of the TrainConfig fields ``cdinn train`` sets (torch-free import)."""
-    from .nn.config import cli_fields
+    from .nn import cli_fields
 
     return cli_fields()
 
 
 def _train_help(f):
     """A field's help, with its value in each preset where they differ, else its default."""
-    from .nn.config import PRESETS
+    from .nn import PRESETS
 
     def show(value):
         return f"{value:g}" if isinstance(value, float) else str(value)
@@ -200,7 +200,7 @@ def _train_help(f):
 
 def _train_argument(f):
     """argparse keywords (action or type, choices, metavar) for a TrainConfig field, checked as the config checks it."""
-    from .nn.config import check_option, describe_option
+    from .nn import check_option, describe_option
 
     meta = f.metadata
     if meta["kind"] is bool:
@@ -247,15 +247,13 @@ def _cmd_train(args):
     import signal
     import threading
 
-    from .nn.config import PRESETS, TrainConfig
+    from .nn import PRESETS, TrainConfig, train
 
     options = {f.name: getattr(args, f.name) for f, _ in _train_config_fields() if hasattr(args, f.name)}
     preset = options.pop("preset", "paper")
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     TrainConfig.from_preset(preset, **options)  # a bad combination fails here, before anything starts
-    from .nn.trainer import train
-
     if args.threads:
         import torch
 
@@ -347,7 +345,11 @@ def _check_stack_input(args):
 
 
 class _Progress:
-    """A one-line progress bar on stderr: frames done, rate and time left."""
+    """A one-line progress bar on stderr: frames done, rate and time left.
+
+    A listener of :class:`napari_cdinn.jobs.ProgressEvent`; :func:`napari_cdinn.jobs.progress_events`
+    turns it into the ``progress(done, total)`` callback of the core.
+    """
 
     #: True while a progress line is unfinished (an error message then starts on a new line).
     open_line = False
@@ -357,9 +359,10 @@ class _Progress:
         self.t0 = None
         self.last = 0.0
 
-    def __call__(self, done, total):
+    def __call__(self, event):
         import time
 
+        done, total = event.done, event.total
         now = time.perf_counter()
         if self.t0 is None:
             self.t0, self.first = now, done
@@ -379,14 +382,16 @@ class _Progress:
 def _run_stack(args, fn, options, attrs, label):
     """Stream a chunk function over the input stack with progress on stderr; report the result."""
     from . import stream
+    from .jobs import Cancelled, progress_events
 
     if getattr(args, "mask_array", None) is not None:
         attrs = {**attrs, "mask": args.mask_source}
     try:
         summary = stream.process_stack(args.input, args.out, fn, chunk_size=args.chunk_size, resume=args.resume,
                                        scheduler=args.scheduler, options=options, attrs=attrs,
-                                       progress=_Progress(label), mask=getattr(args, "mask_array", None))
-    except stream.StreamCancelled as exc:
+                                       progress=progress_events(_Progress(label)),
+                                       mask=getattr(args, "mask_array", None))
+    except Cancelled as exc:
         raise UsageError(str(exc)) from None
     skipped = summary.get("skipped", 0)  # streamed runs report finished chunks they skipped
     note = f" ({skipped} chunks resumed)" if skipped else ""
@@ -418,18 +423,14 @@ def _add_predict(sub):
 def _cmd_predict(args):
     import functools
 
-    from .nn import TRUST_CHI2
-    from .nn.checkpoint import model_arch, read_card, resolve_model_path
-    from .nn.inference import decimation_factor, model_for, predict_chunk
-    from .nn.networks import input_factor_of
+    from . import nn
 
     shape = _check_stack_input(args)
-    model = str(resolve_model_path(model_for(args.model, shape)).resolve())
-    card = read_card(model)
-    decimation_factor(shape, input_factor_of(model_arch(model)))
-    fn = functools.partial(predict_chunk, model=model, device=args.device, batch_size=args.batch_size,
+    info = nn.resolve_model(args.model, shape)  # the model for this size, checked once
+    model = str(info.path)
+    fn = functools.partial(nn.predict_chunk, model=info, device=args.device, batch_size=args.batch_size,
                            views=args.views)
-    attrs = {"model": model, "arch": card.get("arch", ""), "trust_chi2": TRUST_CHI2, "views": args.views}
+    attrs = {"model": model, "arch": info.card.get("arch", ""), "trust_chi2": nn.TRUST_CHI2, "views": args.views}
     _run_stack(args, fn, {"model": model, "command": "predict", "views": args.views}, attrs, "predict")
 
 
@@ -464,7 +465,9 @@ def _add_reconstruct(sub):
 def _cmd_reconstruct(args):
     import functools
 
-    from .retrieval import make_schedule, reconstruct_chunk
+    from . import nn
+    from .pipelines import reconstruct_chunk
+    from .retrieval import make_schedule
 
     shape = _check_stack_input(args)
     if shape[-1] != shape[-2] or shape[-1] % 2:
@@ -473,26 +476,21 @@ def _cmd_reconstruct(args):
     nn_options = {}
     if args.init == "nn":
         # --iterations sets the refinement; the fallback is the protocol (620 iterations)
-        from .nn.inference import REFINE_OPTIONS
-
-        refine = dict(REFINE_OPTIONS, iterations=args.iterations or REFINE_OPTIONS["iterations"])
+        refine = dict(nn.REFINE_OPTIONS, iterations=args.iterations or nn.REFINE_OPTIONS["iterations"])
         make_schedule(args.algorithm, refine["iterations"], refine["average"])
         iterations = 620
         nn_options = {"fallback": args.fallback, "refine": refine}
     make_schedule(args.algorithm, iterations)
+    model = args.model
     if args.init == "nn":
-        from .nn.checkpoint import resolve_model_path
-
-        try:
-            resolve_model_path(args.model)
-        except (ValueError, OSError):
-            if args.model is None:
-                raise UsageError("--init nn needs the CDI NN networks, which are not installed yet") from None
-            raise
+        installed = any((nn.WEIGHTS_DIR / f"{name}.safetensors").is_file() for name in nn.DEFAULT_MODELS)
+        if args.model is None and not installed:
+            raise UsageError("--init nn needs the CDI NN networks, which are not installed yet")
+        model = nn.resolve_model(args.model, shape)  # the network for this size, checked once
     options = {"algorithm": args.algorithm, "iterations": iterations, "init": args.init, "model": args.model,
                "device": args.device, "batch_size": args.batch_size, "n_starts": args.starts, "seed": args.seed,
                **nn_options}
-    fn = functools.partial(reconstruct_chunk, **options)
+    fn = functools.partial(reconstruct_chunk, **dict(options, model=model))
     options["command"] = "reconstruct"
     _run_stack(args, fn, options, options, "reconstruct")
 
@@ -517,12 +515,12 @@ def _add_report(sub):
 def _cmd_report(args):
     import os
 
-    from .nn.checkpoint import resolve_model_path
-    from .nn.report import make_report
+    from . import nn
+    from .pipelines import make_report
 
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out must be a folder, got the file {args.out!r}")
-    resolve_model_path(args.model)
+    nn.resolve_model(args.model, (64, 64))  # the report's patterns are 2x-oversampled 64 x 64
     rep = make_report(args.out, model=args.model, count=args.count, device=args.device)
     t = rep["test"]
     print(f"wrote {args.out}: iou {t['iou_median']:.3f}, phase RMS {t['phase_rms_median']:.3f} rad, chi2 "

@@ -28,9 +28,12 @@ import numpy as np
 __all__ = [
     "RESULT_EXTENSIONS",
     "STACK_EXTENSIONS",
+    "H5ResultWriter",
     "atomic_output",
     "check_writable",
     "file_mask",
+    "h5_chunk_frames",
+    "h5_dataset_options",
     "read_frames",
     "read_mask",
     "read_result",
@@ -563,7 +566,9 @@ def write_result(path, arrays, attrs=None):
     * ``.npz``: one array per key (uncompressed, fast to load); ``attrs`` as JSON text under
       the key ``__attrs__``.
     * ``.h5``/``.hdf5``: one dataset per key at the root, gzip-compressed (level 4, shuffle)
-      and chunked by whole frames; ``attrs`` as root attributes.
+      and chunked by whole frames (:func:`h5_chunk_frames`); ``attrs`` as root attributes.
+      Written by :class:`H5ResultWriter`, the writer of streamed results too, so a result
+      streamed by :func:`napari_cdinn.stream.process_stack` gives the same file.
     * ``.cxi``: the ``.h5`` layout plus a minimal CXI tree: ``cxi_version`` (150), and
       ``entry_1/result_1/<key>`` hard links to every dataset (no data are duplicated);
       ``entry_1/data_1/data`` links to ``intensity`` when it is written, so that
@@ -625,30 +630,115 @@ def _json_default(obj):
     return str(obj)
 
 
-def _h5_chunks(arr):
-    """Whole-frame chunks of about 1 MiB for a stack; None (contiguous) for scalars."""
-    if arr.ndim == 0:
-        return None
-    if arr.ndim < 3:
-        return arr.shape
-    frame = int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
-    return (max(1, min(arr.shape[0], 2**20 // max(frame, 1))),) + arr.shape[1:]
+#: HDF5 results are stored in whole-frame chunks of about this many bytes...
+H5_CHUNK_BYTES = 2**20
+#: ...and at most this many frames: a power of two, so that it divides the default run chunk of
+#: ``cdinn predict``/``reconstruct`` (4096 frames).
+H5_CHUNK_FRAMES = 4096
+
+
+def h5_chunk_frames(n, frame_bytes, run_chunk=None):
+    """Frames per HDF5 storage chunk of a result dataset of ``n`` frames of ``frame_bytes`` each.
+
+    The largest power of two up to :data:`H5_CHUNK_FRAMES` whose chunk stays within
+    :data:`H5_CHUNK_BYTES`, at most ``n``.  When the frames are written in several runs of
+    ``run_chunk`` frames (:func:`napari_cdinn.stream.process_stack`), the storage chunk must divide
+    the run chunk, so that no compressed chunk is ever shared by two runs (rewriting half of one
+    when a killed run is resumed can corrupt the other half): it is then the largest divisor of
+    ``run_chunk`` not above that size, or None (store contiguous and uncompressed) when that
+    divisor is under a sixteenth of it (a prime ``run_chunk``, say).  Any ``run_chunk`` that is
+    a multiple of the in-memory choice (every multiple of 4096 frames is) gives the in-memory
+    layout: the streamed file then equals the file :func:`write_result` writes.
+
+    Returns
+    -------
+    int, or None for a contiguous dataset.
+    """
+    n = max(int(n), 1)
+    rows = 1
+    while rows * 2 <= H5_CHUNK_FRAMES and rows * 2 * frame_bytes <= H5_CHUNK_BYTES:
+        rows *= 2
+    rows = min(rows, n)
+    if run_chunk is None or run_chunk >= n or run_chunk % rows == 0:
+        return rows
+    fit = max(d for d in range(1, rows + 1) if run_chunk % d == 0)
+    return fit if 16 * fit >= rows else None
+
+
+def h5_dataset_options(shape, dtype, run_chunk=None):
+    """``h5py.Group.create_dataset`` keywords of a result dataset: gzip (level 4, shuffle) in
+    whole-frame chunks of :func:`h5_chunk_frames` frames along the first axis; contiguous and
+    uncompressed for scalars, empty arrays, or where :func:`h5_chunk_frames` says so."""
+    shape = tuple(int(s) for s in shape)
+    if not shape or 0 in shape:
+        return {}
+    frame_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+    rows = h5_chunk_frames(shape[0], frame_bytes, run_chunk)
+    if rows is None:
+        return {}
+    return {"chunks": (rows,) + shape[1:], "compression": "gzip", "compression_opts": 4, "shuffle": True}
+
+
+class H5ResultWriter:
+    """The one writer of HDF5/CXI results, for streamed and in-memory output alike.
+
+    Datasets are created at their first write with :func:`h5_dataset_options`, attributes are
+    encoded by one rule (:meth:`set_attrs`) and :meth:`finish` adds the CXI tree.  A stream
+    (:func:`napari_cdinn.stream.process_stack`) calls :meth:`write_frames` once per run chunk of
+    ``run_chunk`` frames; an in-memory result (:func:`write_result`) is the one-chunk case,
+    :meth:`write_arrays`.  So a streamed file and an in-memory file of the same results hold the
+    same datasets (values, dtypes, shapes, chunks, filters) and attributes whenever the run
+    chunk is a multiple of the in-memory storage chunk (:func:`h5_chunk_frames`).
+
+    Parameters
+    ----------
+    fh : h5py.File
+        Open for writing.
+    frames : int, optional
+        Frames of the whole result (streams: the datasets' first dimension).
+    run_chunk : int, optional
+        Frames per :meth:`write_frames` call (the last may be shorter); storage chunks divide it.
+    """
+
+    def __init__(self, fh, frames=None, run_chunk=None):
+        self.fh, self.frames, self.run_chunk = fh, frames, run_chunk
+
+    def write_frames(self, start, stop, arrays):
+        """Write frames ``start:stop`` of every per-frame array of ``arrays`` (leading length ``stop - start``)."""
+        for key, value in arrays.items():
+            value = np.asarray(value)
+            if key not in self.fh:
+                shape = (self.frames,) + value.shape[1:]
+                self.fh.create_dataset(key, shape=shape, dtype=value.dtype,
+                                       **h5_dataset_options(shape, value.dtype, self.run_chunk))
+            self.fh[key][start:stop] = value
+
+    def write_arrays(self, arrays):
+        """Write whole arrays of any shape (the in-memory, one-chunk case)."""
+        for key, arr in arrays.items():
+            arr = np.asarray(arr)
+            self.fh.create_dataset(key, data=arr, **h5_dataset_options(arr.shape, arr.dtype))
+
+    def set_attrs(self, attrs):
+        """Store metadata as root attributes: str, bool, numbers and numeric lists as they are,
+        anything else as its JSON text."""
+        for key, value in (attrs or {}).items():
+            self.fh.attrs[key] = _h5_attr(value)
+
+    def finish(self, cxi=False):
+        """Add the minimal CXI tree over the root datasets (``cxi``: the output is a ``.cxi`` file)."""
+        if cxi:
+            _write_cxi_tree(self.fh, [k for k in self.fh if k != "cxi_version"])
 
 
 def _write_h5(tmp, arrays, attrs, cxi):
     import h5py
 
     with h5py.File(tmp, "w") as fh:
-        for key, arr in arrays.items():
-            if arr.ndim == 0 or arr.size == 0:
-                fh.create_dataset(key, data=arr)
-            else:
-                fh.create_dataset(key, data=arr, chunks=_h5_chunks(arr), compression="gzip",
-                                  compression_opts=4, shuffle=True)
-        for key, value in attrs.items():
-            fh.attrs[key] = _h5_attr(value)
-        if cxi:
-            _write_cxi_tree(fh, list(arrays))
+        writer = H5ResultWriter(fh)
+        writer.write_arrays(arrays)
+        writer.set_attrs(attrs)
+        writer.finish(cxi)
 
 
 def _h5_attr(value):
@@ -679,11 +769,11 @@ def _write_cxi_tree(fh, names):
         if amp.ndim < 3:  # one frame: small
             data = image.create_dataset("data", data=(amp[()] * np.exp(1j * pha[()])).astype(np.complex64))
         else:
-            chunks = _h5_chunks(np.broadcast_to(np.complex64(0), amp.shape))
-            data = image.create_dataset("data", shape=amp.shape, dtype=np.complex64, chunks=chunks,
-                                        compression="gzip", compression_opts=4)
-            for a in range(0, amp.shape[0], chunks[0]):
-                b = a + chunks[0]
+            options = h5_dataset_options(amp.shape, np.complex64)
+            data = image.create_dataset("data", shape=amp.shape, dtype=np.complex64, **options)
+            step = options["chunks"][0] if options else max(amp.shape[0], 1)
+            for a in range(0, amp.shape[0], step):
+                b = a + step
                 data[a:b] = (amp[a:b] * np.exp(1j * pha[a:b])).astype(np.complex64)
         data.attrs["data_type"] = "reconstruction"
 

@@ -243,8 +243,8 @@ _ALIGN_CHUNK = 4096
 
 def _align_frames(res, ref, allow_twin):
     """:func:`align` of ``(N, H, W)`` stacks, vectorised: NumPy arrays or tensors (on their device)."""
-    # stacks of frames: scipy.fft (the same pocketfft, here in double precision) is 4x faster than
-    # numpy.fft, which transforms a stack axis by axis
+    # stacks of frames: scipy.fft (the same pocketfft, here in double precision) is faster than
+    # numpy.fft, which transforms a stack axis by axis (docs/decisions.md, "Batched FFTs")
     if _is_torch(res):
         fft = _fft_pair(res)[0]
     else:

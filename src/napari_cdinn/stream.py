@@ -11,12 +11,20 @@ keyword is not passed.  :func:`process_stack` runs the function over a stack chu
 
 * the input is read one chunk at a time (:func:`napari_cdinn.io.read_frames`), so memory
   stays bounded by a few chunks whatever the stack's length;
-* ``.h5``/``.hdf5``/``.cxi`` outputs are written as the job streams, into chunked, gzip-compressed
-  datasets named by the result keys, in a *partial* file beside the target
-  (``.NAME.partial``) that is renamed to the target only when every chunk is done;
+* ``.h5``/``.hdf5``/``.cxi`` outputs are written as the job streams, into datasets named by the
+  result keys, in a *partial* file beside the target (``.NAME.partial``) that is renamed to the
+  target only when every chunk is done.  They are written by the writer of in-memory results,
+  :class:`napari_cdinn.io.H5ResultWriter`: gzip-compressed in whole-frame storage chunks that
+  divide the run's chunk size (:func:`napari_cdinn.io.h5_chunk_frames`), so a run chunk never
+  rewrites part of a compressed chunk another run chunk wrote (resuming after a kill cannot mix
+  frames), and a chunk size that is a multiple of 4096 frames (the CLI's default) gives the very
+  file :func:`napari_cdinn.io.write_result` writes of the same results; a single frame (2-D input)
+  is written as an in-memory result, unbatched like the ``.npz`` output;
 * ``resume=True`` continues from that partial file, skipping the chunks it records as done,
   provided it was made from the same input, shape, chunk size and options (its fingerprint);
 * ``.npz`` outputs are collected in memory and written at the end (no resume);
+* :func:`iter_chunks` runs the same loop over an array or a file without writing, and yields
+  each chunk's results as it finishes (the docks show them as they come);
 * with ``scheduler`` (a dask.distributed address or ``Client``), chunks run on the cluster's
   workers, which read their frames from the file themselves (the input path must be visible to
   the workers, e.g. on a shared file system), each chunk retried on another worker if one dies;
@@ -38,16 +46,19 @@ import time
 import numpy as np
 
 from . import io
+from .jobs import Cancelled, check_stop, stop_requested
 
-__all__ = ["STREAM_EXTENSIONS", "StreamCancelled", "chunk_bounds", "process_stack"]
+__all__ = ["STREAM_EXTENSIONS", "StreamCancelled", "chunk_bounds", "iter_chunks", "process_stack"]
 
 #: Output extensions written incrementally (and resumable).
 STREAM_EXTENSIONS = (".h5", ".hdf5", ".cxi")
 _DONE = "_chunks_done"
+_FINGERPRINT = "cdinn_fingerprint"
+_RESUME_NOTE = "stopped; the finished chunks are kept for --resume"
 
-
-class StreamCancelled(RuntimeError):
-    """Raised when ``should_stop()`` asks a run to stop; the partial output is kept for resume."""
+#: Raised when ``should_stop`` asks a run to stop; the partial output is kept for resume.
+#: The one :class:`napari_cdinn.jobs.Cancelled` (``done``: frames finished in this run).
+StreamCancelled = Cancelled
 
 
 def chunk_bounds(n, chunk_size):
@@ -84,8 +95,10 @@ def _read_chunk(source, start, stop):
 
 
 def _chunk_mask(mask, start, stop):
-    """The part of a mask for frames ``start:stop``: a 2-D mask whole, a 3-D one sliced."""
-    return mask if mask is None or mask.ndim == 2 else mask[start:stop]
+    """The part of a mask for frames ``start:stop`` as NumPy bool: a 2-D mask whole, a 3-D one sliced."""
+    if mask is None:
+        return None
+    return np.asarray(mask if mask.ndim == 2 else mask[start:stop], dtype=bool)
 
 
 def _run_chunk(fn, source, start, stop, mask=None):
@@ -95,17 +108,16 @@ def _run_chunk(fn, source, start, stop, mask=None):
 
 
 class _H5Sink:
-    """Incremental writer of per-frame results into a partial HDF5 file."""
+    """Streams per-frame results into a partial HDF5 file through :class:`napari_cdinn.io.H5ResultWriter`."""
 
-    def __init__(self, path, n, fingerprint, resume, attrs):
+    def __init__(self, path, n, fingerprint, resume, attrs, chunk_size):
         import h5py
 
-        self.n = n
         self.f = None
         if resume and os.path.exists(path):
             with contextlib.suppress(OSError):
                 self.f = h5py.File(path, "a")
-            if self.f is not None and self.f.attrs.get("cdinn_fingerprint") != fingerprint:
+            if self.f is not None and self.f.attrs.get(_FINGERPRINT) != fingerprint:
                 self.f.close()
                 raise ValueError(
                     "the partial output was made from other input or options; run without --resume to start over"
@@ -114,9 +126,9 @@ class _H5Sink:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
             self.f = h5py.File(path, "w")
-            self.f.attrs["cdinn_fingerprint"] = fingerprint
-            for k, v in (attrs or {}).items():
-                self.f.attrs[k] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str)
+            self.f.attrs[_FINGERPRINT] = fingerprint
+            io.H5ResultWriter(self.f).set_attrs(attrs)
+        self.writer = io.H5ResultWriter(self.f, frames=n, run_chunk=chunk_size)
 
     def done_chunks(self, n_chunks):
         if _DONE not in self.f:
@@ -124,20 +136,15 @@ class _H5Sink:
         return np.asarray(self.f[_DONE][...], dtype=bool)
 
     def write(self, index, start, stop, results):
-        for key, value in results.items():
-            value = np.asarray(value)
-            if key not in self.f:
-                chunks = (max(1, min(self.n, 1024 if value.ndim > 1 else 65536)),) + value.shape[1:]
-                self.f.create_dataset(key, shape=(self.n,) + value.shape[1:], dtype=value.dtype,
-                                      chunks=chunks, compression="gzip", compression_opts=4, shuffle=True)
-            self.f[key][start:stop] = value
+        self.writer.write_frames(start, stop, results)
+        self.f.flush()  # the frames are on disk before the chunk is marked done
         self.f[_DONE][index] = True
         self.f.flush()
 
     def finish(self, final_path, partial_path):
         del self.f[_DONE]
-        if final_path.lower().endswith(".cxi"):
-            io._write_cxi_tree(self.f, list(self.f))
+        del self.f.attrs[_FINGERPRINT]  # the finished file is the result alone, as an in-memory one
+        self.writer.finish(cxi=final_path.lower().endswith(".cxi"))
         self.f.close()
         os.replace(partial_path, final_path)
 
@@ -209,9 +216,10 @@ def process_stack(
         Metadata stored as attributes of streamed files.
     progress : callable, optional
         ``progress(frames_done, frames_total)`` after every chunk.
-    should_stop : callable, optional
-        Checked before every chunk; when it returns True the run stops with
-        :class:`StreamCancelled`, keeping the partial file for ``resume``.
+    should_stop : callable or threading.Event, optional
+        Checked before every chunk; when it asks for a stop the run stops with
+        :class:`StreamCancelled` (:class:`napari_cdinn.jobs.Cancelled`), keeping the partial file
+        for ``resume``.
     mask : array_like of bool, optional
         True on unmeasured pixels, ``(H, W)`` (every frame) or ``(N, H, W)``.  Each chunk
         function call then gets ``mask=`` its part (see the module notes); the mask is part of
@@ -221,17 +229,17 @@ def process_stack(
     -------
     dict
         The results in memory for ``.npz``/None outputs (2-D input gives unbatched results);
-        for streamed outputs a summary ``{"frames": N, "chunks": C, "skipped": K, "seconds": t}``.
+        for ``.h5``/``.hdf5``/``.cxi`` outputs a summary ``{"frames": N, "chunks": C, "skipped": K, "seconds": t}``.
     """
     shape = _source_shape(source)
     single = len(shape) == 2
     n = 1 if single else shape[0]
     bounds = chunk_bounds(n, chunk_size)
     ext = os.path.splitext(str(out))[1].lower() if out is not None else None
-    streamed = ext in STREAM_EXTENSIONS
+    streamed = ext in STREAM_EXTENSIONS and not single  # one frame: an in-memory result, unbatched
     if out is not None and ext not in io.RESULT_EXTENSIONS:
         raise ValueError(f"the output must end in one of {', '.join(io.RESULT_EXTENSIONS)}, got {os.path.basename(out)!r}")
-    if resume and not streamed:
+    if resume and ext not in STREAM_EXTENSIONS:
         raise ValueError("--resume needs an .h5 or .cxi output; .npz results are written at the end")
     if out is not None:
         io.check_writable(out)
@@ -240,7 +248,7 @@ def process_stack(
 
     partial = _partial_path(out) if streamed else None
     fingerprint = _fingerprint(source, shape, chunk_size, options or {}, mask)
-    sink = _H5Sink(partial, n, fingerprint, resume, attrs) if streamed else _MemorySink(n)
+    sink = _H5Sink(partial, n, fingerprint, resume, attrs, chunk_size) if streamed else _MemorySink(n)
     t0 = time.perf_counter()
     try:
         done = sink.done_chunks(len(bounds))
@@ -248,7 +256,7 @@ def process_stack(
         frames = sum(b - a for i, (a, b) in enumerate(bounds) if done[i])
         if progress:
             progress(frames, n)
-        for index, (a, b, res) in _execute(fn, source, bounds, todo, scheduler, should_stop, mask):
+        for index, (a, b, res) in _execute(fn, source, bounds, todo, scheduler, should_stop, mask, _RESUME_NOTE):
             sink.write(index, a, b, res)
             frames += b - a
             if progress:
@@ -265,21 +273,67 @@ def process_stack(
         results = {k: v[0] for k, v in results.items()}
     if out is not None:
         io.write_result(out, results, attrs=attrs)
+    if ext in STREAM_EXTENSIONS:
+        return {"frames": n, "chunks": len(bounds), "skipped": 0, "seconds": time.perf_counter() - t0}
     return results
 
 
-def _execute(fn, source, bounds, todo, scheduler, should_stop, mask=None):
+def iter_chunks(source, fn, *, chunk_size=1024, mask=None, should_stop=None):
+    """Run a chunk function over a stack chunk by chunk, yielding each chunk's results as it finishes.
+
+    The loop of :func:`process_stack` without an output: the docks run their stacks through it.
+
+    Parameters
+    ----------
+    source : str, os.PathLike or array-like
+        A readable stack file, or an ``(N, H, W)``/``(H, W)`` array (NumPy or dask: each chunk is
+        read as float32 NumPy when its turn comes).
+    fn : callable
+        ``fn(intensity (n, H, W) float32, first_frame=int[, mask=...]) -> dict`` of per-frame arrays.
+    chunk_size : int
+        Frames per chunk.
+    mask : array_like of bool, optional
+        True on unmeasured pixels, ``(H, W)`` or ``(N, H, W)`` (NumPy or dask, sliced per chunk);
+        each call of ``fn`` then gets ``mask=`` its part.
+    should_stop : callable or threading.Event, optional
+        Checked before every chunk (:func:`napari_cdinn.jobs.stop_requested`).
+
+    Yields
+    ------
+    (start, stop, results) : the chunk's frames ``start:stop`` of the stack and ``fn``'s results.
+
+    Raises
+    ------
+    napari_cdinn.jobs.Cancelled
+        When ``should_stop`` asks for a stop; ``done`` is the frames finished.
+    ValueError
+        A mask shaped neither like one frame nor like the stack.
+    """
+    shape = _source_shape(source)
+    n = 1 if len(shape) == 2 else shape[0]
+    if mask is not None:
+        frame, stack = tuple(shape[-2:]), (n,) + tuple(shape[-2:])
+        if tuple(np.shape(mask)) not in (frame, stack):
+            raise ValueError(f"the mask is shaped {tuple(np.shape(mask))} but the data are {tuple(shape)}; "
+                             f"expected {frame} or {stack}")
+    bounds = chunk_bounds(n, chunk_size)
+    for _, chunk in _execute(fn, source, bounds, range(len(bounds)), None, should_stop, mask, "stopped"):
+        yield chunk
+
+
+def _execute(fn, source, bounds, todo, scheduler, should_stop, mask=None, note=_RESUME_NOTE):
     """Yield ``(chunk index, (start, stop, results))`` locally or on a dask.distributed cluster."""
     if scheduler is None:
+        done = 0
         for i in todo:
-            if should_stop and should_stop():
-                raise StreamCancelled("stopped; the finished chunks are kept for --resume")
+            check_stop(should_stop, done, note)
             yield i, _run_chunk(fn, source, *bounds[i], _chunk_mask(mask, *bounds[i]))
+            done += bounds[i][1] - bounds[i][0]
         return
-    yield from _execute_distributed(fn, source, bounds, todo, scheduler, should_stop, mask)
+    yield from _execute_distributed(fn, source, bounds, todo, scheduler, should_stop, mask, note)
 
 
-def _execute_distributed(fn, source, bounds, todo, scheduler, should_stop, mask=None):
+def _execute_distributed(fn, source, bounds, todo, scheduler, should_stop, mask=None, note=_RESUME_NOTE):
     from dask.distributed import Client, as_completed
 
     own = not isinstance(scheduler, Client)
@@ -298,12 +352,15 @@ def _execute_distributed(fn, source, bounds, todo, scheduler, should_stop, mask=
             fut = client.submit(_run_chunk, fn, src, *bounds[i], _chunk_mask(mask, *bounds[i]), retries=3,
                                 pure=False, key=f"cdinn-chunk-{i}-{id(futures)}")
             futures[fut] = i
+        done = 0
         for fut in as_completed(futures):
-            if should_stop and should_stop():
+            if stop_requested(should_stop):
                 for f in futures:
                     f.cancel()
-                raise StreamCancelled("stopped; the finished chunks are kept for --resume")
-            yield futures[fut], fut.result()
+                raise StreamCancelled(note, done=done)
+            index = futures[fut]
+            yield index, fut.result()
+            done += bounds[index][1] - bounds[index][0]
     finally:
         if own:
             client.close()

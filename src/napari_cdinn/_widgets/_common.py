@@ -91,7 +91,8 @@ def mask_layer_picker(viewer, patterns=None, label="mask"):
 def mask_of(layer, shape):
     """Unmeasured pixels (True) from a mask ``layer`` for patterns of ``shape`` (N, H, W), or None.
 
-    Nonzero (and NaN) values are unmeasured.  A lazy (dask) layer stays lazy: compute it in a worker.
+    Nonzero (and NaN) values are unmeasured.  A lazy (dask) layer stays lazy: the worker's chunked
+    loop (:func:`napari_cdinn.stream.iter_chunks`) reads it chunk by chunk.
 
     Raises
     ------
@@ -110,13 +111,6 @@ def mask_of(layer, shape):
     if np.dtype(data.dtype).kind == "c":
         raise ValueError(f"the mask layer {layer.name!r} holds complex data, not a mask")
     return data != 0  # a copy for NumPy data: painting the layer later does not change a running job
-
-
-def mask_block(mask, lo, hi):
-    """The part of a mask from :func:`mask_of` for frames ``lo:hi``, as a NumPy bool array (or None)."""
-    if mask is None:
-        return None
-    return np.asarray(mask if mask.ndim == 2 else mask[lo:hi], dtype=bool)
 
 
 def stack_of(layer):

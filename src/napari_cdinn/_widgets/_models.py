@@ -11,10 +11,10 @@ from pathlib import Path
 from magicgui import widgets
 from psygnal import Signal
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "nn" / "weights"
+from ..nn import WEIGHTS_DIR  # torch-free: listing the shipped models needs no torch
 
 #: The first choice, ``None``: the nn engine picks the best shipped model for the pattern size
-#: (``napari_cdinn.nn.inference.default_model``).
+#: (:func:`napari_cdinn.nn.resolve_model`).
 AUTO_LABEL = "automatic (best shipped for the size)"
 
 

@@ -1,7 +1,10 @@
 """CDI NN inversion dock: the networks' amplitude and phase for a pattern or a stack.
 
-Wired to :func:`napari_cdinn.nn.predict`.  Frames are inverted in batches inside a thread
-worker (progress after each batch, Stop between batches).  Results keep the stack axis: a
+Wired to :func:`napari_cdinn.nn.predict`.  The model is resolved for the pattern size when Invert
+is pressed (:func:`napari_cdinn.nn.resolve_model`: a size or model that cannot work is a
+notification at once).  Frames are inverted in batches inside a thread worker, through the chunked
+loop of the command line (:func:`napari_cdinn.stream.iter_chunks`: progress events after each
+batch, Stop between batches).  Results keep the stack axis: a
 32 x 32 amplitude and phase per frame, centred in the pattern's frame (the 2x protocol), with the
 per-frame chi^2 trust score in the layers' metadata and in a plot.  The trust rule is
 :func:`napari_cdinn.nn.inference.is_trusted`: a frame is trusted when its misfit beyond counting
@@ -17,8 +20,9 @@ from __future__ import annotations
 import numpy as np
 from magicgui import widgets
 
-from .. import _layers
+from .. import _layers, nn
 from ..device import DEVICES
+from ..jobs import Cancelled, Kind, ProgressEvent
 from ..nn import TRUST_CHI2
 from ._common import (
     JobControls,
@@ -26,7 +30,6 @@ from ._common import (
     PlotCanvas,
     add_or_update,
     image_layer_picker,
-    mask_block,
     mask_layer_picker,
     mask_of,
     notify,
@@ -44,27 +47,41 @@ def trusted_frames(chi2, chi2_noise, threshold=TRUST_CHI2):
     return (np.asarray(chi2, np.float64) - np.asarray(chi2_noise, np.float64)) <= float(threshold)
 
 
-def inversion_job(stack, options, progress, should_stop, mask=None):
-    """Worker body: ``nn.predict`` batch by batch; returns the merged result and ``stopped``.
+def run_inversion(stack, options, emit, should_stop, mask=None):
+    """Worker body: ``nn.predict`` batch by batch over the stack (:func:`napari_cdinn.stream.iter_chunks`).
 
-    ``mask``: None, or True on unmeasured pixels, (H, W) or (N, H, W) (NumPy or dask).
+    ``options``: :func:`napari_cdinn.nn.predict` keywords and ``batch_size`` (frames per batch);
+    ``emit`` gets a :class:`napari_cdinn.jobs.ProgressEvent` (``PROGRESS``, frames done) after each
+    batch; ``mask``: None, or True on unmeasured pixels, (H, W) or (N, H, W) (NumPy or dask).
+
+    Returns the merged result and ``stopped``.
     """
-    from .. import nn
+    from ..stream import iter_chunks
 
+    options = dict(options)
     n, batch = stack.shape[0], max(1, int(options.pop("batch_size")))
+
+    def chunk(intensity, first_frame=0, mask=None):
+        return nn.predict(intensity, batch_size=batch, mask=mask, **options)
+
     parts = []
-    for lo in range(0, n, batch):
-        if should_stop():
-            break
-        hi = min(lo + batch, n)
-        parts.append(nn.predict(np.asarray(stack[lo:hi], np.float32), batch_size=batch,
-                                mask=mask_block(mask, lo, hi), **options))
-        progress({"done": hi, "total": n})
+    try:
+        for _lo, hi, res in iter_chunks(stack, chunk, chunk_size=batch, mask=mask, should_stop=should_stop):
+            parts.append(res)
+            emit(ProgressEvent(Kind.PROGRESS, hi, n))
+    except Cancelled:
+        pass
     if not parts:
         return {"stopped": True}
     out = {key: np.concatenate([p[key] for p in parts]) for key in ("amplitude", "phase", "chi2", "chi2_noise")}
     out["stopped"] = sum(len(p["chi2"]) for p in parts) < n
     return out
+
+
+def inversion_job(stack, options, progress, should_stop, mask=None):
+    """:func:`run_inversion` reporting ``progress({"done": frames, "total": N})`` after each batch."""
+    return run_inversion(stack, options, lambda ev: progress({"done": ev.done, "total": ev.total}), should_stop,
+                         mask)
 
 
 class InversionWidget(widgets.Container):
@@ -99,36 +116,30 @@ class InversionWidget(widgets.Container):
         try:
             stack, single = stack_of(self.patterns.value)
             mask = mask_of(self.mask.value, stack.shape)
-        except ValueError as exc:
+            model = nn.resolve_model(self.models.model, stack.shape)  # reads the header only: no torch
+        except (ValueError, OSError) as exc:
             notify_error(exc)
             return
-        side = stack.shape[-1]
-        if stack.shape[-2] != side or side % 32:
-            notify_error(f"the networks read square patterns of 32k x 32k pixels, not {stack.shape[-2]} x {side}")
-            return
-        options = {"model": self.models.model, "device": self.device.value, "threshold": float(self.threshold.value),
+        options = {"model": model, "device": self.device.value, "threshold": float(self.threshold.value),
                    "batch_size": self.batch_size.value, "views": int(self.views.value)}
         self._source = (self.patterns.value.name, stack.shape, single,
-                         None if self.mask.value is None else self.mask.value.name)
+                         None if self.mask.value is None else self.mask.value.name, model.name)
         self.controls.busy(f"inverting {stack.shape[0]} pattern(s)...")
-        self.runner.start(lambda progress, should_stop: inversion_job(stack, options, progress, should_stop, mask))
+        self.runner.start(lambda emit, should_stop: run_inversion(stack, options, emit, should_stop, mask))
 
-    def _on_progress(self, info):
-        self.controls.set_progress(info["done"], info["total"], f"{info['done']} of {info['total']} pattern(s)")
+    def _on_progress(self, event):
+        done, total = int(event.done), int(event.total)
+        self.controls.set_progress(done, total, f"{done} of {total} pattern(s)")
 
     def _on_result(self, res):
         if "chi2" not in res:
             self.controls.idle("stopped before the first batch")
             return
-        name, shape, single, mask_name = self._source
+        name, shape, single, mask_name, model = self._source
         chi2, chi2_noise = res["chi2"], res["chi2_noise"]
         trusted = trusted_frames(chi2, chi2_noise, self.trust.value)
-        # torch is loaded by now: the job ran the network
-        from ..nn.inference import model_for
-
-        model = model_for(self.models.model, shape)
         meta = {"cdinn_source": name, "chi2": chi2, "chi2_noise": chi2_noise, "trusted": trusted,
-                "trust_chi2": float(self.trust.value), "mask": mask_name, "model": str(model),
+                "trust_chi2": float(self.trust.value), "mask": mask_name, "model": model,
                 "views": int(self.views.value)}
         amp, pha = (res["amplitude"][0], res["phase"][0]) if single else (res["amplitude"], res["phase"])
         offset = (0.0,) * (amp.ndim - 2) + _layers.centre_offset(shape, amp.shape)

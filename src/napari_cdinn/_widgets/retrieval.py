@@ -1,8 +1,10 @@
 """Phase retrieval dock: batched ER/HIO/RAAR with shrinkwrap on a pattern layer.
 
 Wired to :func:`napari_cdinn.retrieval.reconstruct`.  The stack is inverted in blocks of
-``frames per update`` patterns inside a thread worker (random starts depend on the frame's
-index in the stack, not on the blocking: ``first_frame``).  While a block iterates, its current
+``frames per update`` patterns inside a thread worker, through the chunked loop of the command
+line (:func:`napari_cdinn.stream.iter_chunks`; random starts depend on the frame's index in the
+stack, not on the blocking: ``first_frame``), which reports typed progress events
+(:class:`napari_cdinn.jobs.ProgressEvent`: ``PROGRESS``, ``SNAPSHOT`` and ``CHUNK``).  While a block iterates, its current
 estimates are shown every iteration block (20 iterations, at most ~3 times a second, through
 ``reconstruct``'s ``snapshot``); after each block of frames the final amplitude, phase and chi^2
 replace them (frames not yet reached are zero, their chi^2 NaN) and the median Fourier-error
@@ -24,15 +26,15 @@ import time
 import numpy as np
 from magicgui import widgets
 
-from .. import _layers
+from .. import _layers, nn
 from ..device import DEVICES
+from ..jobs import Cancelled, Kind, ProgressEvent
 from ._common import (
     JobControls,
     JobRunner,
     PlotCanvas,
     add_or_update,
     image_layer_picker,
-    mask_block,
     mask_layer_picker,
     mask_of,
     notify,
@@ -45,51 +47,60 @@ from ._models import ModelPicker
 ALGORITHMS = ("hio-er", "er", "hio", "raar")
 
 
-def retrieval_job(stack, mask, options, nn_start, progress, should_stop):
-    """Worker body: reconstruct ``stack`` block by block, reporting each block through ``progress``.
+def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
+    """Worker body: reconstruct ``stack`` block by block (:func:`napari_cdinn.stream.iter_chunks`).
 
     ``mask``: None, or True on unmeasured pixels, (M, M) or (N, M, M) (NumPy or dask).
+    ``options``: :func:`napari_cdinn.retrieval.reconstruct` keywords and ``block_frames``.
     ``nn_start``: None for random starts, else ``(model,)`` to seed from the network's guess
-    (the network reads the mask too).
+    (the network reads the mask too).  ``emit`` gets :class:`napari_cdinn.jobs.ProgressEvent`:
+    ``PROGRESS`` (frames, fractional, while a block iterates), ``SNAPSHOT`` (the current estimates
+    of a block's frames, at most every 0.3 s) and ``CHUNK`` (a finished block: ``lo`` and its
+    ``amplitude``, ``phase``, ``chi2``, ``errors``, ``error_iterations``, ``nn_trusted``).
 
     Returns ``{"frames": frames done, "stopped": bool}``.
     """
     from ..retrieval import reconstruct
+    from ..stream import iter_chunks
 
+    options = dict(options)
     n, block = stack.shape[0], max(1, int(options.pop("block_frames")))
-    done = 0
-    for lo in range(0, n, block):
-        hi = min(lo + block, n)
-        chunk = np.asarray(stack[lo:hi], dtype=np.float32)
-        kwargs = dict(options)
-        block_mask = mask_block(mask, lo, hi)
-        if block_mask is not None:
-            kwargs["mask"] = block_mask
+
+    def invert(chunk, first_frame=0, mask=None):
+        lo, hi = first_frame, first_frame + len(chunk)
+        kwargs = dict(options) if mask is None else dict(options, mask=mask)
         trusted = None
         if nn_start is not None:
             from ..pipelines import network_guess
 
-            obj, sup, trusted = network_guess(chunk, model=nn_start[0], device=options["device"], mask=block_mask)
+            obj, sup, trusted = network_guess(chunk, model=nn_start[0], device=options["device"], mask=mask)
             kwargs.update(init=obj, support=sup)
 
-        def report(it, total, _lo=lo, _hi=hi):
-            progress({"kind": "progress", "done": _lo + (_hi - _lo) * it / max(total, 1), "total": n})
+        def report(it, total):
+            emit(ProgressEvent(Kind.PROGRESS, lo + (hi - lo) * it / max(total, 1), n))
 
         res = reconstruct(chunk, progress=report, should_stop=should_stop, on_stop="return", first_frame=lo,
-                          snapshot=_Throttled(progress, lo, n), **kwargs)
-        done = lo + len(res["chi2"])
-        progress({"kind": "block", "lo": lo, "total": n, "nn_trusted": trusted, **{k: res[k] for k in
-                  ("amplitude", "phase", "chi2", "errors", "error_iterations")}})
-        if res["stopped"]:
-            return {"frames": done, "stopped": True}
+                          snapshot=_Throttled(emit, lo, n), **kwargs)
+        return dict(res, nn_trusted=None if trusted is None else trusted[: len(res["chi2"])])
+
+    done = 0
+    try:
+        for lo, _hi, res in iter_chunks(stack, invert, chunk_size=block, mask=mask, should_stop=should_stop):
+            done = lo + len(res["chi2"])
+            emit(ProgressEvent(Kind.CHUNK, done, n, payload={"lo": lo, **{k: res[k] for k in (
+                "amplitude", "phase", "chi2", "errors", "error_iterations", "nn_trusted")}}))
+            if res["stopped"]:
+                return {"frames": done, "stopped": True}
+    except Cancelled:
+        return {"frames": done, "stopped": True}
     return {"frames": done, "stopped": False}
 
 
 class _Throttled:
-    """``reconstruct``'s snapshot callback: forwards the current estimates at most every ``interval`` s."""
+    """``reconstruct``'s snapshot callback: emits the current estimates at most every ``interval`` s."""
 
-    def __init__(self, progress, lo, total, interval=0.3):
-        self.progress, self.lo, self.total, self.interval = progress, lo, total, interval
+    def __init__(self, emit, lo, total, interval=0.3):
+        self.emit, self.lo, self.total, self.interval = emit, lo, total, interval
         self.last = float("-inf")
         self.lock = threading.Lock()
 
@@ -99,8 +110,8 @@ class _Throttled:
             if now - self.last < self.interval:
                 return
             self.last = now
-        self.progress({"kind": "snapshot", "frames": self.lo + frames, "amplitude": amplitude, "phase": phase,
-                       "total": self.total})
+        self.emit(ProgressEvent(Kind.SNAPSHOT, total=self.total, payload={
+            "frames": self.lo + frames, "amplitude": amplitude, "phase": phase}))
 
 
 class PhaseRetrievalWidget(widgets.Container):
@@ -129,14 +140,16 @@ class PhaseRetrievalWidget(widgets.Container):
         try:
             stack, _single = stack_of(self.patterns.value)
             mask = mask_of(self.mask.value, stack.shape)
-        except ValueError as exc:
+            nn_start = None
+            if self.start.value == "CDI NN":  # the network for this size, resolved at once (no torch)
+                nn_start = (nn.resolve_model(self.models.model, stack.shape),)
+        except (ValueError, OSError) as exc:
             notify_error(exc)
             return
         n, m = stack.shape[0], stack.shape[-1]
         iterations = int(self.iterations.value)
         options = {"algorithm": self.algorithm.value, "iterations": iterations, "average": min(20, iterations // 2),
                    "device": self.device.value, "block_frames": self.block_frames.value}
-        nn_start = (self.models.model,) if self.start.value == "CDI NN" else None
         source = self.patterns.value.name
         self._names = (f"{source} PR amplitude", f"{source} PR phase")
         self._result = {"amplitude": np.zeros((n, m, m), np.float32), "phase": np.zeros((n, m, m), np.float32),
@@ -146,14 +159,14 @@ class PhaseRetrievalWidget(widgets.Container):
         self._meta = {"cdinn_source": source, "algorithm": options["algorithm"], "iterations": iterations,
                       "start": self.start.value, "mask": None if self.mask.value is None else self.mask.value.name}
         self.controls.busy(f"reconstructing {n} pattern(s)...")
-        self.runner.start(lambda progress, should_stop: retrieval_job(stack, mask, options, nn_start, progress, should_stop))
+        self.runner.start(lambda emit, should_stop: retrieval_job(stack, mask, options, nn_start, emit, should_stop))
 
-    def _on_progress(self, info):
-        total = info["total"]
-        if info["kind"] == "progress":
-            self.controls.set_progress(info["done"], total)
+    def _on_progress(self, event):
+        total, info = event.total, event.payload
+        if event.kind is Kind.PROGRESS:
+            self.controls.set_progress(event.done, total)
             return
-        if info["kind"] == "snapshot":  # live view of the frames being iterated
+        if event.kind is Kind.SNAPSHOT:  # live view of the frames being iterated
             res = self._result
             res["amplitude"][info["frames"]] = info["amplitude"]
             res["phase"][info["frames"]] = info["phase"]

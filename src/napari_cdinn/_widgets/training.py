@@ -19,7 +19,7 @@ from pathlib import Path
 from magicgui import widgets
 
 from ..device import DEVICES
-from ..nn.config import TrainConfig, option_help
+from ..nn import TrainConfig, option_help
 from ._common import JobControls, JobRunner, PlotCanvas, notify, notify_error
 from ._models import REGISTRY, register_model
 

@@ -9,19 +9,50 @@ predict(intensity, model=None, device="auto", batch_size=256, threshold=0.1)
 load_model(model=None, device="cpu") -> (net, card)
 train(out, preset="paper", **options) -> state
     Options are the fields of :class:`TrainConfig` (the recipe); ``PRESETS`` holds its named instances.
+resolve_model(model=None, shape=None) -> ModelInfo
+    Which model reads patterns of ``shape`` (file, architecture, input), checked once, without torch.
+predict_chunk, is_trusted, REFINE_OPTIONS
+    The chunk function of ``cdinn predict``, the trust rule, the NN-seeded refinement's options.
+
+The command line and the docks use only the names here.
 """
 
 from __future__ import annotations
 
-from .config import PRESETS, TrainConfig
+from .config import (
+    PRESETS,
+    TrainConfig,
+    check_option,
+    cli_fields,
+    describe_option,
+    option_help,
+)
+from .models import DEFAULT_MODELS, WEIGHTS_DIR, ModelInfo, resolve_model
 
-__all__ = ["PRESETS", "TRUST_CHI2", "TrainConfig", "load_model", "predict", "train"]
+__all__ = [
+    "DEFAULT_MODELS",
+    "PRESETS",
+    "REFINE_OPTIONS",
+    "TRUST_CHI2",
+    "WEIGHTS_DIR",
+    "ModelInfo",
+    "TrainConfig",
+    "check_option",
+    "cli_fields",
+    "describe_option",
+    "is_trusted",
+    "load_model",
+    "option_help",
+    "predict",
+    "predict_chunk",
+    "resolve_model",
+    "train",
+]
 
-#: Frames whose data-consistency chi^2 (see :func:`predict`) exceeds this are flagged untrusted.
-#: With the shipped weights on 1,000 fresh test patterns, the 44 % of frames at or below it had
-#: phase RMS 0.34 rad median (p90 0.56) and support IoU 0.87; the others 0.79 rad and 0.81.
-#: (At 0.02: 25 % trusted, 0.26 rad median.)  Untrusted frames are the ones to refine
-#: (``cdinn reconstruct --init nn``).
+#: Frames whose data-consistency chi^2 beyond counting noise (``chi2 - chi2_noise``, see
+#: :func:`predict`) exceeds this are flagged untrusted; they are the ones to refine
+#: (``cdinn reconstruct --init nn``).  Why 0.05: docs/decisions.md ("Trust threshold"); the
+#: trusted fraction of each shipped model: docs/model_card.md and benchmarks/README.md (bench_nn).
 TRUST_CHI2 = 0.05
 
 
@@ -41,3 +72,24 @@ def train(*args, **kwargs):
     from .trainer import train as _train
 
     return _train(*args, **kwargs)
+
+
+def predict_chunk(*args, **kwargs):
+    from .inference import predict_chunk as _predict_chunk
+
+    return _predict_chunk(*args, **kwargs)
+
+
+def is_trusted(*args, **kwargs):
+    from .inference import is_trusted as _is_trusted
+
+    return _is_trusted(*args, **kwargs)
+
+
+def __getattr__(name):
+    # constants defined beside torch code, read only when asked for (keeps this import torch-free)
+    if name == "REFINE_OPTIONS":
+        from .inference import REFINE_OPTIONS
+
+        return REFINE_OPTIONS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

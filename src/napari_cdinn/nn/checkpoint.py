@@ -16,14 +16,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .models import (
+    DEFAULT_MODEL,
+    WEIGHTS_DIR,
+    model_arch,
+    read_card,
+    read_metadata,
+    resolve_model_path,
+)
 from .networks import build_model, mask_channel_of
 
+# DEFAULT_MODEL, WEIGHTS_DIR, model_arch, read_card and resolve_model_path live in .models (torch-free);
+# re-exported here for older imports
 __all__ = ["DEFAULT_MODEL", "WEIGHTS_DIR", "load_model", "model_arch", "read_card", "resolve_model_path", "save_model"]
-
-#: Folder of the weights shipped with the package.
-WEIGHTS_DIR = Path(__file__).with_name("weights")
-#: Name of the default shipped model (``WEIGHTS_DIR / "model.safetensors"``).
-DEFAULT_MODEL = "model"
 
 
 def _atomic_write_text(path: Path, text: str):
@@ -53,51 +58,6 @@ def save_model(model, path, card: dict | None = None, dtype=torch.float32, input
         _atomic_write_text(path.with_suffix(".json"), json.dumps(card, indent=2, default=float) + "\n")
 
 
-def resolve_model_path(model=None) -> Path:
-    """The .safetensors file meant by ``model``: None (shipped default), a shipped name, a file or a directory.
-
-    A directory resolves to its ``best.safetensors``, else ``last.safetensors``, else
-    ``model.safetensors``.  Raises ``ValueError`` (one sentence) when nothing is found.
-    """
-    if model is None:
-        model = DEFAULT_MODEL
-    p = Path(model)
-    if p.is_dir():
-        for name in ("best", "last", "model"):
-            if (p / f"{name}.safetensors").is_file():
-                return p / f"{name}.safetensors"
-        raise ValueError(f"no best/last/model.safetensors in the model directory {str(p)!r}")
-    if p.is_file():
-        if p.suffix != ".safetensors":
-            raise ValueError(f"model files must be .safetensors, got {str(p)!r}")
-        return p
-    shipped = WEIGHTS_DIR / f"{model}.safetensors"
-    if p.name == str(model) and shipped.is_file():
-        return shipped
-    raise ValueError(f"no model named or found at {str(model)!r}")
-
-
-def read_card(path) -> dict:
-    """The JSON card beside a .safetensors file ({} if there is none)."""
-    card = Path(path).with_suffix(".json")
-    if card.is_file():
-        return json.loads(card.read_text())
-    return {}
-
-
-def _metadata(path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
-
-
-def model_arch(model=None) -> str:
-    """Architecture name of a model (see :func:`resolve_model_path`), read without loading its weights."""
-    path = resolve_model_path(model)
-    return _metadata(path).get("arch") or read_card(path).get("arch", "paper")
-
-
 def load_model(model=None, device="cpu"):
     """Load a model from safetensors (no pickle involved).
 
@@ -115,7 +75,7 @@ def load_model(model=None, device="cpu"):
     card : dict
     """
     path = resolve_model_path(model)
-    meta = _metadata(path)
+    meta = read_metadata(path)
     card = read_card(path)
     arch = model_arch(path)
     state = {k: v.float() for k, v in load_file(str(path), device="cpu").items()}

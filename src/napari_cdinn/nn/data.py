@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .. import physics
+from .models import SIZE  # the networks' frame side (32)
 
 __all__ = [
     "INPUT_TRANSFORMS",
@@ -45,8 +46,6 @@ __all__ = [
     "twin_targets",
 ]
 
-#: Side of the networks' input and output frames (the paper's 32 x 32).
-SIZE = 32
 #: Input encodings: ``linear`` (amplitude / max, the paper) and ``log`` (its log10 over 4 decades, in 0..1).
 INPUT_TRANSFORMS = ("linear", "log")
 _LOG_DECADES = 4.0

@@ -31,7 +31,8 @@ different answer.  With ``views = V`` the network reads the first ``V`` of the e
 (:data:`VIEWS`), each answer is mapped back, aligned to the one with the best trust score (up to
 twin, shift and global phase, :func:`napari_cdinn.physics.align`) and averaged with weights
 ``(chi2_best / chi2)**2``; the trust score is then computed for the average.  Decision: the
-default stays 1 (the network alone, the fastest); measured gains are in the README.
+default stays 1 (the network alone, the fastest): docs/decisions.md ("Test-time views"); gains and
+costs measured: benchmarks/README.md, bench_nn.
 
 Unmeasured pixels
 -----------------
@@ -60,9 +61,16 @@ import torch
 
 from .. import physics
 from . import TRUST_CHI2
-from .checkpoint import DEFAULT_MODEL, load_model, model_arch, resolve_model_path
+from .checkpoint import load_model, resolve_model_path
 from .data import SIZE, encode_inputs, network_input
-from .networks import input_factor_of
+from .models import (  # which model reads which pattern: resolved in one place, without torch
+    DEFAULT_MODELS,
+    decimation_factor,
+    default_model,
+    model_for,
+    oversampling_factor,
+    resolve_model,
+)
 from .runtime import autocast, bf16_supported, resolve_device
 
 __all__ = [
@@ -87,11 +95,9 @@ __all__ = [
 #: :func:`napari_cdinn.retrieval.reconstruct` options of the NN-seeded refinement
 #: (``cdinn reconstruct --init nn``): a short HIO/ER run (the last 10 iterations ER, averaged)
 #: from the network's guess and support, the support shrink-wrapped every 10 iterations with a
-#: blur narrowing from 2 to 1 pixel.  Chosen on 200 fresh test patterns (``benchmarks/bench_nn.py``):
-#: with the default ``model2x`` (31.44M examples) 50 iterations give phase RMS 0.133 rad median /
-#: 0.369 p90 against 0.182 / 0.833 for the 620-iteration protocol from random starts, in 1.76 ms
-#: per pattern against 11.1 ms (batched engine) and 102 ms (NumPy loop); 80 give 0.130 / 0.356 for
-#: 1.3x the time, 20 only 0.185 median (0.410 p90, no better than the protocol's median).
+#: blur narrowing from 2 to 1 pixel.  Chosen on 200 fresh test patterns against 20 and 80
+#: iterations and the 620-iteration protocol (measured: benchmarks/README.md, bench_nn,
+#: "NN-seeded refinement"; the decision: docs/decisions.md).
 REFINE_OPTIONS = {"iterations": 50, "average": 10, "shrinkwrap_every": 10, "sigma": (2.0, 1.0)}
 
 _CACHE: dict = {}
@@ -100,72 +106,6 @@ _CACHE: dict = {}
 #: order, in the order ``predict(views=V)`` uses the first ``V``: identity, the two axis mirrors, the
 #: two diagonal mirrors, the two quarter turns, the half turn (the centro-inversion).
 VIEWS = ((0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (1, 1, 1), (1, 0, 1), (1, 1, 0), (0, 1, 1))
-
-#: Shipped models in order of preference when none is named (:func:`default_model`).
-DEFAULT_MODELS = ("model2x", DEFAULT_MODEL)
-
-
-def oversampling_factor(shape) -> int:
-    """Decimation factor ``k`` for a pattern of ``shape (..., H, W)``: ``H == W == 32 k``.
-
-    Raises
-    ------
-    ValueError
-        When the pattern is not square with a side that is a multiple of 32.
-    """
-    h, w = int(shape[-2]), int(shape[-1])
-    if h != w or h % SIZE or h == 0:
-        raise ValueError(
-            f"the networks read square patterns of 32 x 32 or k-times oversampled 32k x 32k pixels, got {h} x {w}"
-        )
-    return h // SIZE
-
-
-def decimation_factor(shape, input_factor: int = 1) -> int:
-    """How much a pattern of ``shape`` is decimated for a model reading ``input_factor``-times oversampled patterns.
-
-    Raises
-    ------
-    ValueError
-        When the pattern's oversampling (:func:`oversampling_factor`) is not a multiple of ``input_factor``.
-    """
-    k = oversampling_factor(shape)
-    if k % input_factor:
-        side = SIZE * input_factor
-        raise ValueError(
-            f"this model reads {input_factor}x-oversampled patterns ({side} x {side}, or a multiple of it), "
-            f"got {int(shape[-2])} x {int(shape[-1])}"
-        )
-    return k // input_factor
-
-
-def default_model(shape=None) -> str:
-    """Name of the shipped model used for patterns of ``shape`` when none is named.
-
-    The first of :data:`DEFAULT_MODELS` that is installed and reads the pattern's oversampling
-    (:func:`decimation_factor`); ``DEFAULT_MODEL`` (reads every size) when ``shape`` is None.
-
-    Raises
-    ------
-    ValueError
-        When ``shape`` is not a size the networks read (:func:`oversampling_factor`).
-    """
-    if shape is None:
-        return DEFAULT_MODEL
-    k = oversampling_factor(shape)
-    for name in DEFAULT_MODELS:
-        try:
-            factor = input_factor_of(model_arch(name))
-        except ValueError:  # not installed
-            continue
-        if k % factor == 0:
-            return name
-    return DEFAULT_MODEL
-
-
-def model_for(model, shape):
-    """``model`` itself, or when it is None the shipped model :func:`default_model` picks for ``shape``."""
-    return default_model(shape) if model is None else model
 
 
 def prepare(intensity, transform="linear", input_factor=1, mask=None):
@@ -326,9 +266,10 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
     intensity : array-like, shape (H, W) or (N, H, W)
         Measured, centred intensities on any scale; ``H == W == 32 k`` (see the module notes).
         Any array supporting slicing (NumPy, dask, h5py) is read one batch at a time.
-    model : None, str or path
+    model : None, str, path or ModelInfo
         None: the best shipped model for the pattern size (:func:`default_model`); a shipped
-        name; a .safetensors file or a model directory.
+        name; a .safetensors file or a model directory; or a model already resolved by
+        :func:`napari_cdinn.nn.resolve_model`.
     device : "auto", "cpu", "cuda" or "mps"
     batch_size : int
         Frames per network call.
@@ -359,11 +300,10 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
     if len(shape) not in (2, 3):
         raise ValueError(f"expected intensities shaped (H, W) or (N, H, W), got {len(shape)} dimensions")
     single = len(shape) == 2
-    oversampling_factor(shape)  # a size no network reads fails first
+    info = resolve_model(model, shape)  # the model for this size, checked once before any work
     dev = resolve_device(device)
     bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(dev))
-    net, _ = _cached_model(model_for(model, shape), dev)
-    decimation_factor(shape, net.input_factor)  # a shape this model cannot read fails before any work
+    net, _ = _cached_model(info.path, dev)
     n = 1 if single else shape[0]
     out = {
         "amplitude": np.empty((n, SIZE, SIZE), np.float32),

@@ -18,11 +18,11 @@ Architectures
     Conv layer 2 is the second 32-filter convolution (32 x 32), conv layer 4 the second
     64-filter one (16 x 16).  Parameters: 720,321 per network, 1,440,642 for the pair.
 ``shared`` (:class:`SharedNet`, the shipped default)
-    One encoder of the same shape feeding both decoders: 1,154,210 parameters and about
-    2/3 of the pair's training time on this CPU.  Because both heads read the same features they
-    agree on which of the twin solutions to draw, which the twin-invariant loss needs: trained
-    the same way, the pair's phase network stayed at the trivial zero-phase answer for 460,000
-    examples, while the shared net learned the phase within 70,000.
+    One encoder of the same shape feeding both decoders: 1,154,210 parameters and less training
+    time than the pair.  Because both heads read the same features they agree on which of the
+    twin solutions to draw, which the twin-invariant loss needs: trained the same way, the
+    pair's phase network stayed at the trivial zero-phase answer while the shared net learned
+    the phase (measured: docs/decisions.md, "--preset paper trains the shared encoder").
 ``shared2x`` (:class:`SharedNet` with ``input_factor=2``, beyond the paper)
     The shared net reading the whole 2x-oversampled 64 x 64 pattern instead of its decimated
     32 x 32 sub-lattice.  The paper throws away three quarters of the measured pixels, and with
@@ -53,6 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models import ARCHITECTURES, input_factor_of
+from .models import INPUT_FACTORS as _INPUT_FACTORS
+
 __all__ = [
     "ARCHITECTURES",
     "CDINet",
@@ -68,10 +71,8 @@ __all__ = [
     "widen_state_dict",
 ]
 
-#: Names accepted by :func:`build_model`.
-ARCHITECTURES = ("paper", "shared", "shared2x")
-#: Oversampling of the patterns each architecture reads (1: the decimated 32 x 32 input of the paper).
-_INPUT_FACTORS = {"paper": 1, "shared": 1, "shared2x": 2}
+# ARCHITECTURES (the names build_model accepts), the input factors and input_factor_of are in
+# .models, which resolves a model without importing torch.
 
 _ENCODER_WIDTHS = (32, 64, 128)
 _DECODER_WIDTHS = (128, 64, 32)
@@ -200,13 +201,6 @@ def build_model(arch: str = "paper", mask_channel: bool = False) -> nn.Module:
     if arch in _INPUT_FACTORS:
         return SharedNet(_INPUT_FACTORS[arch], mask_channel)
     raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
-
-
-def input_factor_of(arch: str) -> int:
-    """Oversampling factor of the patterns architecture ``arch`` reads (1 or 2)."""
-    if arch not in _INPUT_FACTORS:
-        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
-    return _INPUT_FACTORS[arch]
 
 
 def widen_state_dict(state: dict, factor: int = 2) -> dict:

@@ -10,7 +10,9 @@ Reproduces, on fresh simulated test patterns (:data:`napari_cdinn.nn.evaluate.TE
 * Fig. 6: mean activation maps of conv layers 2 and 4 of both networks for 3 inputs;
 * the twin-image rate (fraction of predictions closer to the twin of the truth).
 
-Uses matplotlib's Agg backend (no display, no Qt).
+Uses matplotlib's Agg backend (no display, no Qt).  The iterative results come from a function
+the caller passes (:func:`napari_cdinn.pipelines.make_report` passes
+:func:`napari_cdinn.retrieval.reconstruct`): this package does not import the retrieval engine.
 """
 
 from __future__ import annotations
@@ -75,23 +77,29 @@ def _curves(card):
     }
 
 
-def make_report(out_dir, model=None, count=1000, examples=4, device="cpu", iterations=620):
+def make_report(out_dir, model=None, count=1000, examples=4, device="cpu", iterations=620, *, reconstruct):
     """Write ``fig2_training.png``, ``fig3_examples.png``, ``fig45_chi2.png``, ``fig6_activations.png``
-    and ``report.json`` to ``out_dir``; return the JSON dict."""
+    and ``report.json`` to ``out_dir``; return the JSON dict.
+
+    ``reconstruct(intensity, iterations=, device=)`` gives the iterative results of Fig. 3 (a dict
+    with ``object`` and ``chi2``, as :func:`napari_cdinn.retrieval.reconstruct`); call
+    :func:`napari_cdinn.pipelines.make_report`, which passes it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..retrieval import reconstruct
-    from .checkpoint import load_model, resolve_model_path
-    from .inference import model_for, prepare
+    from .checkpoint import load_model
+    from .inference import prepare
+    from .models import resolve_model
 
     os.makedirs(out_dir, exist_ok=True)
     data = simulate(count, seed=TEST_SEED, oversampling=2)
-    path = resolve_model_path(model_for(model, data["intensity"].shape))
+    info = resolve_model(model, data["intensity"].shape)
+    path = info.path
     net, card = load_model(path)
-    res = predict(data["intensity"], model=path, device=device)
+    res = predict(data["intensity"], model=info, device=device)
     cmp = physics.compare(res["amplitude"] * np.exp(1j * res["phase"]), data["amplitude"], data["phase"])
     summary = summarise(cmp, res["chi2"])
     order = np.argsort(res["chi2"])

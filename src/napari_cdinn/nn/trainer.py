@@ -3,10 +3,10 @@
 Recipe (``preset="paper"``): binary cross-entropy on the sigmoid outputs (phase scaled to
 0..1), Adam (lr 1e-3), batch 256, 10 epochs of 180,000 training examples, 20,000 validation
 examples.  The preset's architecture is the shared-encoder variant (``arch="shared"``); the
-paper's separate pair is ``arch="paper"``.  Measured here: with the twin-invariant loss the
-pair's phase network stayed at the zero-phase answer (validation phase RMS 0.83 rad, the
-trivial value) for 460,000 examples, while the shared encoder, whose two heads read the same
-features and so agree on which twin to draw, was at 0.67 rad after 70,000 and kept improving.
+paper's separate pair is ``arch="paper"``: with the twin-invariant loss the pair's phase network
+stayed at the zero-phase answer, while the shared encoder, whose two heads read the same
+features and so agree on which twin to draw, learned the phase (measured: docs/decisions.md,
+"--preset paper trains the shared encoder").
 Two further changes make the recipe learn the phase at all (design.md):
 
 * **twin-invariant loss**: per example, the smaller of the joint (shape + phase) BCE against
@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import physics
-from ..retrieval.engine import stop_requested
+from ..jobs import Kind, ProgressEvent, stop_requested
 from ..simulate import BLOCK
 from .checkpoint import load_model, resolve_model_path, save_model
 from .config import PRESETS, RESUMABLE, TrainConfig, chosen_fields, resolve_options
@@ -125,10 +125,10 @@ def twin_invariant_loss(amp_logit, phase_logit, target_amp, target_phase, twin_a
     miss_weight : float
         Weight of the support term's object pixels against its background pixels (its
         ``pos_weight``): with ``w`` the threshold draws a pixel when it is in the object with
-        probability over ``1 / (1 + w)``.  Measured: at 1 (the most probable support) the
-        shipped network drew a tighter support, missing more of the object (3.6 % -> 4.8 % of
-        its pixels), and the masked phase got worse; a missed pixel costs the phase error, an
-        extra one only the IoU, so ``w > 1``.
+        probability over ``1 / (1 + w)``.  At 1 (the most probable support) the network drew a
+        tighter support, missing more of the object, and the masked phase got worse; a missed
+        pixel costs the phase error, an extra one only the IoU, so ``w > 1`` (measured:
+        docs/decisions.md, "A support term").
 
     Returns
     -------
@@ -440,7 +440,7 @@ class _Run:
 
     def __init__(self, out, config, state, init, dev, callback=None, quick_val_size=2000, command=None):
         self.out, self.config, self.dev = Path(out), config, dev
-        self.emit = callback or (lambda event: None)
+        self.emit = _event_sender(callback, config)
         self.bf16 = config.precision == "bf16" or (config.precision == "auto" and bf16_supported(dev))
         torch.set_flush_denormal(True)  # denormal activations are very slow on CPUs
         torch.manual_seed(config.seed)
@@ -642,6 +642,27 @@ class _Run:
         self._reset_running_loss()
 
 
+#: The trainer's events as the kinds of :class:`napari_cdinn.jobs.ProgressEvent`.
+_EVENT_KINDS = {"start": Kind.START, "step": Kind.PROGRESS, "epoch": Kind.PROGRESS, "checkpoint": Kind.CHECKPOINT,
+                "validation": Kind.CHECKPOINT, "stopped": Kind.STOPPED, "done": Kind.DONE}
+
+
+def _event_sender(callback, config):
+    """``emit(record)``: ``callback`` gets the record as a :class:`napari_cdinn.jobs.ProgressEvent`.
+
+    Its kind follows the record's ``event`` (:data:`_EVENT_KINDS`), ``done``/``total`` count the
+    examples done and planned, and the payload is the record (``event`` its name in the trainer).
+    """
+    if callback is None:
+        return lambda record: None
+    total = config.epochs * (config.train_size // config.batch_size) * config.batch_size
+
+    def emit(record):
+        callback(ProgressEvent(_EVENT_KINDS[record["event"]], record.get("examples", 0), total, payload=record))
+
+    return emit
+
+
 def fit(out, config: TrainConfig, *, chosen=None, resume=False, device="auto", callback=None, stop=None,
         checkpoint_minutes=5.0, quick_val_size=2000, command=None, data_workers=None) -> dict:
     """Train the networks with the recipe ``config`` and write checkpoints to the directory ``out``.
@@ -684,10 +705,12 @@ def train(out, preset="paper", *, device="auto", resume=False, callback=None, st
         ``average_from`` and ``precision`` when given: ``epochs`` sets the schedule's new length
         (longer or shorter, at least one epoch past the current one), and a cosine schedule
         continues from the fraction of it already done.
-    callback : callable(dict), optional
-        Receives events: ``{"event": "start"|"step"|"checkpoint"|"validation"|"epoch"|"stopped"|"done",
-        "epoch", "step", "examples", "train_loss", "lr", "elapsed_s", "examples_per_s"}``, plus
-        ``val_loss`` and ``metrics`` on validation events (and ``average_metrics`` with averaging).
+    callback : callable(ProgressEvent), optional
+        Receives :class:`napari_cdinn.jobs.ProgressEvent` (``done``/``total``: examples) whose
+        payload, also read as ``event[key]``, is ``{"event": "start"|"step"|"checkpoint"|"validation"|
+        "epoch"|"stopped"|"done", "epoch", "step", "examples", "train_loss", "lr", "elapsed_s",
+        "examples_per_s"}``, plus ``val_loss`` and ``metrics`` on validation events (and
+        ``average_metrics`` with averaging).
     stop : threading.Event or callable returning bool, optional
         Checked every step; when set, a checkpoint is saved and training returns.
     checkpoint_minutes : float

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,8 +11,9 @@ import torch
 
 from .. import physics
 from ..device import resolve_device
+from ..jobs import Cancelled, PartsProgress, stop_requested
 from . import steps as st
-from .engine import Cancelled, Shrinkwrap, iterate, stop_requested
+from .engine import Shrinkwrap, iterate
 from .schedule import (
     ALGORITHMS,
     STEPS,
@@ -28,7 +28,6 @@ __all__ = [
     "default_batch_size",
     "finish_frames",
     "make_schedule",
-    "network_start",
     "random_start",
     "reconstruct",
     "reconstruct_chunk",
@@ -37,7 +36,7 @@ __all__ = [
 
 #: Patterns per batch by device type (CPU: fits the caches; GPUs: fills them).
 #: Default batch per device.  On the CPU a batch of 32 64 x 64 frames keeps a worker's working
-#: set (about 6 MB) in cache: measured on 2 cores, 9.4 ms per run against 9.8 at 64 and 11.4 at 128.
+#: set (about 6 MB) in cache (measured against 64 and 128: docs/decisions.md, "CPU retrieval").
 _BATCH = {"cpu": 32, "cuda": 4096, "mps": 1024}
 
 
@@ -262,8 +261,8 @@ def reconstruct(
         CPU only: run batches on this many worker threads, each with single-threaded torch
         operations (``torch.set_num_threads(1)`` for the duration of the call, restored after;
         the setting is process-wide).  Unlike torch's own multi-threading of these small
-        operations, this does not collapse when other programs load the CPU (measured on a busy
-        2-core machine: 20 ms per pattern against 350-1200 ms).  None (default): as many workers
+        operations, this does not collapse when other programs load the CPU (measured:
+        docs/decisions.md, "CPU retrieval").  None (default): as many workers
         as ``torch.get_num_threads()``; 0: torch's own multi-threading.
     seed : int
         Random starts depend on ``(seed, first_frame + frame index, start index)`` only, never on
@@ -375,7 +374,7 @@ def reconstruct(
         "error_iterations": _error_iterations(total_it, error_every),
         "workers": workers, "snapshot": snapshot,
     }
-    counter = _Progress(progress, total_it)
+    counter = PartsProgress(progress, total_it)
     counter.plan(_batch_count(n, batch_size, workers) * (n_starts if retry_chi2 is None else 1))
     start_chi2 = np.full((n, n_starts), np.nan, dtype=np.float32)
     with single_threaded_ops(dev.type == "cpu" and threads != 0):
@@ -424,7 +423,7 @@ def _rounds(n, n_starts, retry_chi2, batch_size, ctx, counter, start_chi2, on_st
         best = runs if best is None else _keep_better(best, runs)
         if stopped_after is not None:
             if on_stop == "raise":
-                raise Cancelled(stopped_after)
+                raise Cancelled(f"the reconstruction was stopped after {stopped_after} iterations", done=stopped_after)
             stopped = True
             break
     return best, stopped
@@ -434,33 +433,6 @@ def _error_iterations(total, every):
     """Iterations at which the engine samples the Fourier error."""
     every = max(int(every), 1)
     return np.asarray([i for i in range(1, total + 1) if i % every == 0 or i == total], dtype=np.int64)
-
-
-class _Progress:
-    """Turns per-batch iteration counts into ``progress(done, total)`` over the whole call.
-
-    Thread-safe: batches running on worker threads report through :meth:`reporter`.
-    """
-
-    def __init__(self, callback, iterations):
-        self.callback, self.iterations = callback, iterations
-        self.planned = 0
-        self.done = {}
-        self.lock = threading.Lock()
-
-    def plan(self, batches):
-        self.planned += batches
-
-    def reporter(self, key):
-        """A ``progress(iterations)`` callable for the batch ``key``."""
-
-        def report(done):
-            with self.lock:
-                self.done[key] = done
-                if self.callback is not None:
-                    self.callback(sum(self.done.values()), self.planned * self.iterations)
-
-        return report
 
 
 def _run_round(frames, start, ctx, counter):
@@ -603,25 +575,11 @@ def _finish(best, start_chi2, error_iterations, single, stopped):
     return out
 
 
-def network_start(intensity, model=None, device="auto", mask=None):
-    """The CDI NN guess embedded in the pattern's frame: ``(init object, support)`` for :func:`reconstruct`.
+def reconstruct_chunk(intensity, first_frame=0, init="random", mask=None, **options):
+    """Chunk function for :func:`napari_cdinn.stream.process_stack` (picklable via ``partial``): the protocol.
 
-    Kept here for compatibility: :func:`napari_cdinn.pipelines.network_start` (``mask``: True on
-    unmeasured pixels, given to the network).
-
-    Raises
-    ------
-    ValueError
-        When no trained weights are found (one sentence).
-    """
-    from ..pipelines import network_start as _network_start
-
-    return _network_start(intensity, model=model, device=device, mask=mask)
-
-
-def reconstruct_chunk(intensity, first_frame=0, init="random", model=None, mask=None, fallback="auto", refine=None,
-                      **options):
-    """Chunk function for :func:`napari_cdinn.stream.process_stack` (picklable via ``partial``).
+    The network-seeded variant (``init="nn"``, with its fallback to the protocol) is
+    :func:`napari_cdinn.pipelines.reconstruct_chunk`: this package does not import the networks.
 
     Parameters
     ----------
@@ -629,35 +587,22 @@ def reconstruct_chunk(intensity, first_frame=0, init="random", model=None, mask=
     first_frame : int
         Index of the chunk's first frame in the stack: random starts follow the frame index,
         so the result does not depend on the chunk size.
-    init : {"random", "nn"}
-        Random phases (the protocol given by ``options``), or the network's guess with its
-        support refined by a short run (``refine``), with a fallback to the protocol:
-        :func:`napari_cdinn.pipelines.refine_with_fallback`.
-    model : str, optional
-        Network weights for ``init="nn"``.
+    init : "random" or array_like complex
+        As in :func:`reconstruct`.
     mask : ndarray of bool, (M, M) or (n, M, M), optional
         True on unmeasured pixels (left free by the modulus step, out of chi^2).
-    fallback : {"auto", "always", "never"}
-        ``init="nn"``: which frames also get the protocol (see :mod:`napari_cdinn.pipelines`).
-    refine : dict, optional
-        ``init="nn"``: the refinement's options over ``options`` (default
-        :data:`napari_cdinn.nn.inference.REFINE_OPTIONS`).
     **options
-        Passed to :func:`reconstruct` (with ``init="nn"``, the protocol's options).
+        Passed to :func:`reconstruct`.
 
     Returns
     -------
     dict of ``amplitude``, ``phase``, ``support`` (n, M, M), ``chi2`` (n,) and ``start`` uint8
-    (n,): 1 where the result started from the network, 0 from random phases.
+    (n,), 0: every result started from random phases (the key :func:`napari_cdinn.pipelines.reconstruct_chunk`
+    also writes).
     """
-    keys = ("amplitude", "phase", "support", "chi2")
     if isinstance(init, str) and init == "nn":
-        from ..pipelines import refine_with_fallback
-
-        res = refine_with_fallback(intensity, model=model, mask=mask, fallback=fallback, refine=refine,
-                                   first_frame=first_frame, **options)
-        return {k: res[k] for k in (*keys, "start")}
+        raise ValueError("init='nn' needs the networks: use napari_cdinn.pipelines.reconstruct_chunk")
     res = reconstruct(intensity, first_frame=first_frame, init=init, mask=mask, **options)
-    out = {k: res[k] for k in keys}
+    out = {k: res[k] for k in ("amplitude", "phase", "support", "chi2")}
     out["start"] = np.zeros(np.shape(out["chi2"]), dtype=np.uint8)
     return out

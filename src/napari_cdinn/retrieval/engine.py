@@ -11,25 +11,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..jobs import Cancelled, stop_requested
 from . import steps as st
 from .schedule import expand_schedule
 from .support import shrinkwrap, shrinkwrap_sigma
 
+# ``Cancelled`` and ``stop_requested`` live in :mod:`napari_cdinn.jobs`; re-exported for older imports
 __all__ = ["Cancelled", "Shrinkwrap", "align_global_phase", "iterate", "stop_requested"]
-
-
-class Cancelled(Exception):
-    """Raised by the engine when ``should_stop`` asked for a stop (``on_stop="raise"``).
-
-    Attributes
-    ----------
-    iterations : int
-        Iterations completed in the batch that was running when the stop was seen.
-    """
-
-    def __init__(self, iterations=0):
-        super().__init__(f"the reconstruction was stopped after {iterations} iterations")
-        self.iterations = iterations
 
 
 @dataclass
@@ -62,16 +50,6 @@ class Shrinkwrap:
     def sigma(self, iteration, total):
         """Blur width after ``iteration``."""
         return shrinkwrap_sigma(iteration + 1, max(total - self.stop_before_end, 1), self.sigma_start, self.sigma_end)
-
-
-def stop_requested(should_stop):
-    """True when ``should_stop`` (a callable, a ``threading.Event`` or None) asks for a stop."""
-    if should_stop is None:
-        return False
-    is_set = getattr(should_stop, "is_set", None)
-    if is_set is not None:
-        return bool(is_set())
-    return bool(should_stop())
 
 
 def align_global_phase(estimate, reference):

@@ -1,0 +1,292 @@
+"""Which model reads which pattern: one call, without torch (:func:`resolve_model`).
+
+A model is named by ``None`` (the best shipped model for the pattern size), a shipped name
+(``model``, ``model2x``), a ``.safetensors`` file or a model directory.  :func:`resolve_model`
+finds the file, reads its architecture, input encoding and mask channel from the safetensors
+header (no weights are loaded, torch is not imported) and checks once that the model can read
+patterns of the given shape.  The CLI, the docks, :func:`napari_cdinn.nn.predict` and the report
+all go through it.
+
+Input sizes
+-----------
+The paper's networks read 32 x 32 amplitudes of the *unpadded* object.  A square pattern of side
+``32 k`` (``k``-times oversampled) is decimated exactly by ``k``; a model reading ``m``-times
+oversampled patterns (``shared2x``: ``m = 2``) takes patterns with ``k`` a multiple of ``m``,
+decimated by ``k / m`` (:func:`decimation_factor`).  Other sizes raise ``ValueError``.
+
+Default model
+-------------
+With no model named, :func:`default_model` picks the first shipped model of
+:data:`DEFAULT_MODELS` that is installed and reads the pattern's oversampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "ARCHITECTURES",
+    "DEFAULT_MODEL",
+    "DEFAULT_MODELS",
+    "SIZE",
+    "WEIGHTS_DIR",
+    "ModelInfo",
+    "decimation_factor",
+    "default_model",
+    "input_factor_of",
+    "model_arch",
+    "model_for",
+    "oversampling_factor",
+    "read_card",
+    "read_metadata",
+    "resolve_model",
+    "resolve_model_path",
+]
+
+#: Side of the networks' input and output frames (the paper's 32 x 32).
+SIZE = 32
+#: Folder of the weights shipped with the package.
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+#: Name of the default shipped model (``WEIGHTS_DIR / "model.safetensors"``), which reads every size.
+DEFAULT_MODEL = "model"
+#: Shipped models in order of preference when none is named (:func:`default_model`).
+DEFAULT_MODELS = ("model2x", DEFAULT_MODEL)
+#: Architecture names (:func:`napari_cdinn.nn.networks.build_model`).
+ARCHITECTURES = ("paper", "shared", "shared2x")
+#: Oversampling of the patterns each architecture reads.
+INPUT_FACTORS = {"paper": 1, "shared": 1, "shared2x": 2}
+#: The first convolution, whose input channels tell whether a model reads the mask channel.
+_FIRST_CONV = "encoder.layers.0.weight"
+
+
+def input_factor_of(arch: str) -> int:
+    """Oversampling factor of the patterns architecture ``arch`` reads (1 or 2)."""
+    if arch not in INPUT_FACTORS:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    return INPUT_FACTORS[arch]
+
+
+def oversampling_factor(shape) -> int:
+    """Decimation factor ``k`` for a pattern of ``shape (..., H, W)``: ``H == W == 32 k``.
+
+    Raises
+    ------
+    ValueError
+        When the pattern is not square with a side that is a multiple of 32.
+    """
+    h, w = int(shape[-2]), int(shape[-1])
+    if h != w or h % SIZE or h == 0:
+        raise ValueError(
+            f"the networks read square patterns of 32 x 32 or k-times oversampled 32k x 32k pixels, got {h} x {w}"
+        )
+    return h // SIZE
+
+
+def decimation_factor(shape, input_factor: int = 1) -> int:
+    """How much a pattern of ``shape`` is decimated for a model reading ``input_factor``-times oversampled patterns.
+
+    Raises
+    ------
+    ValueError
+        When the pattern's oversampling (:func:`oversampling_factor`) is not a multiple of ``input_factor``.
+    """
+    k = oversampling_factor(shape)
+    if k % input_factor:
+        side = SIZE * input_factor
+        raise ValueError(
+            f"this model reads {input_factor}x-oversampled patterns ({side} x {side}, or a multiple of it), "
+            f"got {int(shape[-2])} x {int(shape[-1])}"
+        )
+    return k // input_factor
+
+
+def resolve_model_path(model=None) -> Path:
+    """The .safetensors file meant by ``model``: None (shipped default), a shipped name, a file or a directory.
+
+    A directory resolves to its ``best.safetensors``, else ``last.safetensors``, else
+    ``model.safetensors``.  Raises ``ValueError`` (one sentence) when nothing is found.
+    """
+    if model is None:
+        model = DEFAULT_MODEL
+    p = Path(model)
+    if p.is_dir():
+        for name in ("best", "last", "model"):
+            if (p / f"{name}.safetensors").is_file():
+                return p / f"{name}.safetensors"
+        raise ValueError(f"no best/last/model.safetensors in the model directory {str(p)!r}")
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise ValueError(f"model files must be .safetensors, got {str(p)!r}")
+        return p
+    shipped = WEIGHTS_DIR / f"{model}.safetensors"
+    if p.name == str(model) and shipped.is_file():
+        return shipped
+    raise ValueError(f"no model named or found at {str(model)!r}")
+
+
+def read_card(path) -> dict:
+    """The JSON card beside a .safetensors file ({} if there is none)."""
+    card = Path(path).with_suffix(".json")
+    if card.is_file():
+        return json.loads(card.read_text())
+    return {}
+
+
+def _header(path: Path) -> dict:
+    """The JSON header of a safetensors file (tensor names, dtypes, shapes and ``__metadata__``)."""
+    header = None
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        if 2 <= size <= path.stat().st_size - 8:
+            try:
+                header = json.loads(fh.read(size))
+            except (ValueError, UnicodeDecodeError):
+                header = None
+    valid = isinstance(header, dict)
+    if not valid:
+        raise ValueError(f"{path.name!r} is not a valid safetensors file (truncated or another format)")
+    return header
+
+
+def read_metadata(model=None) -> dict:
+    """The safetensors metadata of a model (``arch``, ``input``, ``mask``...), read without loading its weights."""
+    meta = _header(resolve_model_path(model)).get("__metadata__") or {}
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def model_arch(model=None) -> str:
+    """Architecture name of a model (see :func:`resolve_model_path`), read without loading its weights."""
+    path = resolve_model_path(model)
+    return read_metadata(path).get("arch") or read_card(path).get("arch", "paper")
+
+
+def default_model(shape=None) -> str:
+    """Name of the shipped model used for patterns of ``shape`` when none is named.
+
+    The first of :data:`DEFAULT_MODELS` that is installed and reads the pattern's oversampling
+    (:func:`decimation_factor`); ``DEFAULT_MODEL`` (reads every size) when ``shape`` is None.
+
+    Raises
+    ------
+    ValueError
+        When ``shape`` is not a size the networks read (:func:`oversampling_factor`).
+    """
+    if shape is None:
+        return DEFAULT_MODEL
+    k = oversampling_factor(shape)
+    for name in DEFAULT_MODELS:
+        try:
+            factor = input_factor_of(model_arch(name))
+        except ValueError:  # not installed
+            continue
+        if k % factor == 0:
+            return name
+    return DEFAULT_MODEL
+
+
+def model_for(model, shape):
+    """``model`` itself, or when it is None the shipped model :func:`default_model` picks for ``shape``."""
+    return default_model(shape) if model is None else model
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model resolved for a pattern shape (:func:`resolve_model`).
+
+    Attributes
+    ----------
+    path : Path
+        The ``.safetensors`` file, absolute.
+    name : str
+        The model as named: the shipped model chosen for the shape, or what was given.
+    arch : str
+        Architecture (:data:`ARCHITECTURES`).
+    input_factor : int
+        Oversampling of the patterns the model reads.
+    mask_channel : bool
+        Whether the model reads the map of unmeasured pixels beside the amplitudes.
+    input_transform : str
+        Input encoding (``linear`` or ``log``, :func:`napari_cdinn.nn.data.encode_inputs`).
+    card : dict
+        The model card beside the weights ({} if none).
+    frame : tuple of int or None
+        The pattern size ``(H, W)`` the model was checked against (None: not checked).
+    decimation : int or None
+        How much patterns of that size are decimated for the model (:func:`decimation_factor`).
+    """
+
+    path: Path
+    name: str
+    arch: str
+    input_factor: int
+    mask_channel: bool
+    input_transform: str = "linear"
+    card: dict = field(default_factory=dict, compare=False, repr=False)
+    frame: tuple | None = None
+    decimation: int | None = None
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def _mask_channel(header: dict, arch: str, factor: int) -> bool:
+    """Whether the weights read the mask channel: from the first convolution's input channels."""
+    if arch == "paper":
+        return False
+    shape = (header.get(_FIRST_CONV) or {}).get("shape") or []
+    if len(shape) > 1:
+        return int(shape[1]) == 2 * factor**2
+    return str((header.get("__metadata__") or {}).get("mask", "0")) == "1"
+
+
+def resolve_model(model=None, shape=None) -> ModelInfo:
+    """The model that reads patterns of ``shape``: its file, architecture and input, checked once.
+
+    Parameters
+    ----------
+    model : None, str, os.PathLike or ModelInfo
+        None: the best shipped model for ``shape`` (:func:`default_model`); a shipped name; a
+        ``.safetensors`` file or a model directory; or a :class:`ModelInfo` already resolved
+        (then only checked against ``shape``).
+    shape : tuple of int, optional
+        The patterns' shape ``(..., H, W)``.
+
+    Returns
+    -------
+    ModelInfo
+
+    Raises
+    ------
+    ValueError
+        One sentence: a pattern size no network reads, no model found, a file that is not
+        safetensors, an unknown architecture, or a size this model cannot read.
+    """
+    frame = None if shape is None else (int(shape[-2]), int(shape[-1]))
+    if isinstance(model, ModelInfo):
+        if frame is None or frame == model.frame:
+            return model
+        return dataclasses.replace(model, frame=frame, decimation=decimation_factor(frame, model.input_factor))
+    if frame is not None:
+        oversampling_factor(frame)  # a size no network reads fails first
+    name = str(model_for(model, frame))
+    path = resolve_model_path(name).resolve()
+    header = _header(path)
+    meta = header.get("__metadata__") if isinstance(header.get("__metadata__"), dict) else {}
+    card = read_card(path)
+    arch = meta.get("arch") or card.get("arch", "paper")
+    factor = input_factor_of(arch)
+    info = ModelInfo(
+        path=path,
+        name=name,
+        arch=arch,
+        input_factor=factor,
+        mask_channel=_mask_channel(header, arch, factor),
+        input_transform=meta.get("input") or (card.get("config") or {}).get("input", "linear"),
+        card=card,
+    )
+    if frame is None:
+        return info
+    return dataclasses.replace(info, frame=frame, decimation=decimation_factor(frame, factor))

@@ -1,0 +1,122 @@
+"""Where each concern lives: the engines' imports, the jobs module, one model resolver."""
+
+import ast
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import napari_cdinn
+from napari_cdinn import jobs
+
+PACKAGE = Path(napari_cdinn.__file__).parent
+
+
+def _imports(path):
+    """Absolute names of the ``napari_cdinn`` modules a source file imports (anywhere in it)."""
+    module = ".".join(("napari_cdinn",) + path.relative_to(PACKAGE).with_suffix("").parts)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    package = package.removesuffix(".__init__")
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names.add(target)
+            names.update(f"{target}.{alias.name}" for alias in node.names)
+    return {n for n in names if n == "napari_cdinn" or n.startswith("napari_cdinn.")}
+
+
+@pytest.mark.parametrize("package, others", [("nn", ("retrieval", "pipelines")), ("retrieval", ("nn", "pipelines"))])
+def test_nn_and_retrieval_do_not_import_each_other(package, others):
+    banned = {f"napari_cdinn.{other}" for other in others}
+    found = {}
+    for path in sorted((PACKAGE / package).rglob("*.py")):
+        bad = sorted(n for n in _imports(path) if ".".join(n.split(".")[:2]) in banned)
+        if bad:
+            found[str(path.relative_to(PACKAGE))] = bad
+    assert not found, f"{package} imports what sits above or beside it: {found}"
+
+
+def test_the_import_scan_sees_relative_imports():
+    # the pipelines module imports both engines (lazily): the scan must see that
+    names = _imports(PACKAGE / "pipelines.py")
+    assert "napari_cdinn.retrieval" in names and "napari_cdinn.nn" in names
+
+
+def test_jobs_nn_and_model_resolution_need_no_torch():
+    code = ("import sys; from napari_cdinn import jobs, nn, stream; "
+            "info = nn.resolve_model(None, (3, 64, 64)); "
+            "assert info.name in nn.DEFAULT_MODELS and info.decimation is not None; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_one_stop_flag_and_one_cancellation():
+    from napari_cdinn import retrieval, stream
+    from napari_cdinn.retrieval import engine
+
+    assert retrieval.Cancelled is engine.Cancelled is stream.StreamCancelled is jobs.Cancelled
+    assert engine.stop_requested is jobs.stop_requested
+    event = threading.Event()
+    assert not jobs.stop_requested(None) and not jobs.stop_requested(event) and not jobs.stop_requested(lambda: False)
+    event.set()
+    assert jobs.stop_requested(event) and jobs.stop_requested(lambda: True)
+    with pytest.raises(jobs.Cancelled) as info:
+        jobs.check_stop(event, done=7, unit="frames")
+    assert info.value.done == info.value.iterations == 7 and str(info.value) == "stopped after 7 frames"
+
+
+def test_progress_events_are_typed_and_read_like_the_old_messages():
+    seen = []
+    report = jobs.progress_events(seen.append, offset=10, scale=2, total=100, label="x")
+    report(5, 20)
+    event = seen[0]
+    assert event.kind is jobs.Kind.PROGRESS and (event.done, event.total) == (20, 100) and event.fraction == 0.2
+    assert event["kind"] == "progress" and event["done"] == 20 and event["label"] == "x" and event.get("nope") is None
+    calls = []
+    parts = jobs.PartsProgress(lambda done, total: calls.append((done, total)), units=10)
+    parts.plan(2)
+    parts.reporter("a")(10)
+    parts.reporter("b")(5)
+    assert calls == [(10, 20), (15, 20)]
+
+
+def test_one_call_resolves_a_model_for_a_shape(tmp_path):
+    from napari_cdinn import nn
+
+    info = nn.resolve_model(None, (64, 64))
+    assert info.name == "model2x" and info.input_factor == 2 and info.decimation == 1 and info.frame == (64, 64)
+    assert info.path.is_absolute() and info.path.suffix == ".safetensors" and not info.mask_channel
+    small = nn.resolve_model(None, (5, 32, 32))
+    assert small.name == "model" and small.decimation == 1
+    assert nn.resolve_model(small, (96, 96)).decimation == 3  # a resolved model is only checked again
+    assert nn.resolve_model("model", (128, 128)).decimation == 4
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    for model, shape, words in [(None, (20, 20), "32k"), ("model2x", (32, 32), "2x-oversampled"),
+                                (str(tmp_path), (64, 64), "no best/last/model"), ("nope", (64, 64), "no model named"),
+                                (str(bad), (64, 64), "not a valid safetensors")]:
+        with pytest.raises(ValueError, match=words) as err:
+            nn.resolve_model(model, shape)
+        assert "\n" not in str(err.value)
+
+
+def test_predict_takes_a_resolved_model():
+    from napari_cdinn import nn
+    from napari_cdinn.simulate import simulate
+
+    data = simulate(3, seed=5, oversampling=2)["intensity"]
+    info = nn.resolve_model(None, data.shape)
+    a = nn.predict(data, model=info, device="cpu")
+    b = nn.predict(data, model=str(info.path), device="cpu")
+    np.testing.assert_array_equal(a["amplitude"], b["amplitude"])
