@@ -1,20 +1,9 @@
 """Fast inference: shape, phase and a trust score per frame from measured intensities.
 
-Input sizes
------------
-The paper's networks (``paper``, ``shared``) read 32 x 32 amplitudes of the *unpadded* object.
-A square pattern of side ``32 k`` (``k``-times oversampled, e.g. the paper's 2x frame of 64 x 64)
-is decimated exactly by ``k`` (:func:`napari_cdinn.physics.decimate`); any other size raises
-``ValueError``.  A model reading ``m``-times oversampled patterns (``shared2x``: ``m = 2``) takes
-patterns with ``k`` a multiple of ``m``, decimated by ``k / m`` (:func:`decimation_factor`);
-others raise ``ValueError`` (a 32 x 32 pattern lacks the pixels it reads).
-
-Default model
--------------
-With no model named (``model=None``), :func:`default_model` picks the first shipped model of
-:data:`DEFAULT_MODELS` that can read the pattern's oversampling: ``model2x`` (``shared2x``, the
-better one, reading the whole 2x-oversampled pattern) for 64 x 64 and 128 x 128 patterns, and
-``model`` (``shared``, reading 32 x 32) for 32 x 32 and 96 x 96 patterns.
+Input sizes and the default model
+---------------------------------
+Which model reads which pattern, and how the pattern is decimated for it, is decided once by
+:func:`napari_cdinn.nn.models.resolve_model` (see :mod:`napari_cdinn.nn.models`).
 
 Normalisation
 -------------
