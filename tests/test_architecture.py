@@ -17,6 +17,11 @@ PACKAGE = Path(napari_cdinn.__file__).parent
 
 def _imports(path):
     """Absolute names of the ``napari_cdinn`` modules a source file imports (anywhere in it)."""
+    return {n for n in _all_imports(path) if n == "napari_cdinn" or n.startswith("napari_cdinn.")}
+
+
+def _all_imports(path):
+    """Absolute names of every module (and imported name) a source file imports, anywhere in it."""
     module = ".".join(("napari_cdinn",) + path.relative_to(PACKAGE).with_suffix("").parts)
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     package = package.removesuffix(".__init__")
@@ -33,7 +38,7 @@ def _imports(path):
                 target = node.module or ""
             names.add(target)
             names.update(f"{target}.{alias.name}" for alias in node.names)
-    return {n for n in names if n == "napari_cdinn" or n.startswith("napari_cdinn.")}
+    return names
 
 
 @pytest.mark.parametrize("package, others", [("nn", ("retrieval", "pipelines")), ("retrieval", ("nn", "pipelines"))])
@@ -45,6 +50,47 @@ def test_nn_and_retrieval_do_not_import_each_other(package, others):
         if bad:
             found[str(path.relative_to(PACKAGE))] = bad
     assert not found, f"{package} imports what sits above or beside it: {found}"
+
+
+#: What only the napari face (``napari_cdinn._napari``) may import: napari, Qt and GUI toolkits.
+GUI = ("napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui", "superqt", "vispy", "napari_cdinn._napari")
+CORE = sorted(p for p in PACKAGE.rglob("*.py") if "_napari" not in p.relative_to(PACKAGE).parts)
+
+
+def test_the_napari_face_lives_in_one_subpackage():
+    face = PACKAGE / "_napari"
+    assert (face / "__init__.py").is_file() and (face / "widgets" / "__init__.py").is_file()
+    assert not [p.name for p in PACKAGE.glob("_*.py") if p.name != "__init__.py"], "face modules at the package root"
+    assert not (PACKAGE / "_widgets").exists()
+    manifest = (PACKAGE / "napari.yaml").read_text()
+    names = [line.split("python_name:")[1].strip() for line in manifest.splitlines() if "python_name:" in line]
+    assert names and all(n.startswith("napari_cdinn._napari.") for n in names), names
+    for name in names:  # every npe2 command points at a module file that defines the name
+        module, attr = name.split(":")
+        path = PACKAGE.parent.joinpath(*module.split("."))
+        source = (path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).read_text()
+        assert f"def {attr}(" in source or f"class {attr}(" in source, name
+
+
+def test_the_core_imports_neither_qt_nor_napari_in_its_source():
+    assert len(CORE) > 20 and PACKAGE / "cli.py" in CORE
+    found = {}
+    for path in CORE:
+        bad = sorted(n for n in _all_imports(path) if any(n == g or n.startswith(g + ".") for g in GUI))
+        if bad:
+            found[str(path.relative_to(PACKAGE))] = bad
+    assert not found, f"core modules import the GUI: {found}"
+
+
+def test_importing_the_whole_core_loads_neither_qt_nor_napari():
+    modules = [".".join(("napari_cdinn",) + p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+               for p in CORE]
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}: importlib.import_module(name)\n"
+            f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {GUI[:-1]!r}"
+            " or m.startswith('napari_cdinn._napari'))\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_the_import_scan_sees_relative_imports():

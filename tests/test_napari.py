@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_cdinn import _layers, io
-from napari_cdinn._reader import get_reader
+from napari_cdinn import io
+from napari_cdinn._napari import layers as _layers
+from napari_cdinn._napari.reader import get_reader
 from napari_cdinn.simulate import simulate
 
 pytest.importorskip("napari")
@@ -146,7 +147,7 @@ def test_writer_round_trip(make_napari_viewer, tmp_path, ext):
 
 
 def test_writer_complex_and_log_intensity(tmp_path):
-    from napari_cdinn._writer import write_layers
+    from napari_cdinn._napari.writer import write_layers
 
     obj = SIM["amplitude"] * np.exp(1j * SIM["phase"])
     inten = _layers.intensity_tuple(SIM["intensity"], "I")

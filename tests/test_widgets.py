@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from napari_cdinn import _layers
+from napari_cdinn._napari import layers as _layers
 from napari_cdinn.simulate import simulate
 
 pytest.importorskip("pytestqt")
@@ -56,7 +56,7 @@ def test_quality_view_error_is_a_notification(make_napari_viewer, monkeypatch):
     viewer = _viewer_with_stack(make_napari_viewer)
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-cdinn", "Quality view")
     errors = []
-    monkeypatch.setattr("napari_cdinn._widgets._common.show_error", errors.append)
+    monkeypatch.setattr("napari_cdinn._napari.widgets._common.show_error", errors.append)
     widget.amplitude.value = viewer.layers["amp"]
     widget.phase.value = viewer.layers["pha"]
     widget.measured.value = None
@@ -112,7 +112,7 @@ def test_phase_retrieval_bad_mask_is_a_notification(make_napari_viewer, monkeypa
     viewer.add_labels(np.zeros((5, 5), int), name="gaps")
     widget = _dock(viewer, "Phase retrieval")
     errors = []
-    monkeypatch.setattr("napari_cdinn._widgets._common.show_error", errors.append)
+    monkeypatch.setattr("napari_cdinn._napari.widgets._common.show_error", errors.append)
     widget.patterns.value = viewer.layers["patterns"]
     widget.mask.value = viewer.layers["gaps"]
     widget.controls.run_button.clicked.emit()
@@ -200,7 +200,7 @@ def test_inversion_with_a_beamstop_mask_layer(make_napari_viewer, qtbot, monkeyp
     viewer.add_labels(np.zeros((3, 32, 32), np.uint8), name="wrong")  # 3 frames, not 6
     widget = _dock(viewer, "CDI NN inversion")
     errors = []
-    monkeypatch.setattr("napari_cdinn._widgets._common.show_error", errors.append)
+    monkeypatch.setattr("napari_cdinn._napari.widgets._common.show_error", errors.append)
     widget.patterns.value = viewer.layers["patterns"]
     widget.models.file.value = random_model
     widget.device.value, widget.batch_size.value = "cpu", 4
@@ -222,7 +222,7 @@ def test_inversion_with_a_beamstop_mask_layer(make_napari_viewer, qtbot, monkeyp
 
 
 def test_inversion_automatic_model_follows_the_pattern_size(make_napari_viewer, qtbot):
-    from napari_cdinn._widgets._models import AUTO_LABEL
+    from napari_cdinn._napari.widgets._models import AUTO_LABEL
 
     viewer = make_napari_viewer()
     viewer.add_image(simulate(2, oversampling=2, seed=4)["intensity"], name="wide")
@@ -241,7 +241,7 @@ def test_inversion_bad_shape_and_bad_model_are_notifications(make_napari_viewer,
     viewer.add_image(np.ones((3, 64, 64), np.float32), name="fine")
     widget = _dock(viewer, "CDI NN inversion")
     errors = []
-    monkeypatch.setattr("napari_cdinn._widgets._common.show_error", errors.append)
+    monkeypatch.setattr("napari_cdinn._napari.widgets._common.show_error", errors.append)
     widget.patterns.value = viewer.layers["odd"]
     widget.controls.run_button.clicked.emit()
     assert len(errors) == 1 and "32k" in errors[0]
@@ -264,7 +264,7 @@ def test_inversion_bad_shape_and_bad_model_are_notifications(make_napari_viewer,
 
 
 def test_inversion_job_stops_between_batches(random_model):
-    from napari_cdinn._widgets.inversion import inversion_job
+    from napari_cdinn._napari.widgets.inversion import inversion_job
 
     calls = []
     out = inversion_job(SIM["intensity"], {"model": str(random_model), "device": "cpu", "batch_size": 2},
@@ -347,7 +347,7 @@ def test_training_stop_saves_a_checkpoint(make_napari_viewer, qtbot, tmp_path):
 
 
 def test_phase_retrieval_from_the_shipped_network(make_napari_viewer, qtbot):
-    from napari_cdinn._widgets._models import REGISTRY
+    from napari_cdinn._napari.widgets._models import REGISTRY
 
     if not any(value == "model" for _label, value in REGISTRY.choices()):
         pytest.skip("no shipped model")

@@ -30,8 +30,11 @@ __all__ = [
     "stop_requested",
 ]
 
+#: What asks a job to stop: a ``threading.Event``, a callable returning a bool, or None (never).
+StopFlag = threading.Event | Callable[[], bool] | None
 
-def stop_requested(stop) -> bool:
+
+def stop_requested(stop: StopFlag) -> bool:
     """True when ``stop`` (a ``threading.Event``, a callable returning a bool, or None) asks for a stop."""
     if stop is None:
         return False
@@ -70,7 +73,7 @@ class Cancelled(RuntimeError):
         return self.done
 
 
-def check_stop(stop, done: int = 0, message: str | None = None, unit: str = "steps") -> None:
+def check_stop(stop: StopFlag, done: int = 0, message: str | None = None, unit: str = "steps") -> None:
     """Raise :class:`Cancelled` (with ``done``) when ``stop`` asks for a stop (:func:`stop_requested`)."""
     if stop_requested(stop):
         raise Cancelled(message, done=done, unit=unit)
@@ -176,7 +179,7 @@ class PartsProgress:
         """Schedule ``parts`` more parts."""
         self.planned += parts
 
-    def reporter(self, key) -> Callable[[float], None]:
+    def reporter(self, key: Any) -> Callable[[float], None]:
         """A ``progress(done)`` callable for the part ``key`` (its units done so far)."""
 
         def report(done):

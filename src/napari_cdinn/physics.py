@@ -19,7 +19,17 @@ need on tensors (:func:`forward`, :func:`intensity`, :func:`chi2`, :func:`decima
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from numpy.typing import ArrayLike
+
+    #: What the functions here take and give back: a NumPy array or a torch tensor (same type out).
+    Array = np.ndarray | torch.Tensor
 
 __all__ = [
     "SHAPE_THRESHOLD",
@@ -62,7 +72,7 @@ def _fft_pair(x):
     return np.fft, "axes"
 
 
-def forward(obj):
+def forward(obj: Array) -> Array:
     """Centred far-field of a real-space object: ``fftshift(fft2(ifftshift(obj)))``.
 
     Parameters
@@ -80,20 +90,20 @@ def forward(obj):
     return fft.fftshift(fft.fft2(fft.ifftshift(obj, **ax), **ax), **ax)
 
 
-def inverse(field):
+def inverse(field: Array) -> Array:
     """Inverse of :func:`forward`: centred field to centred real-space object."""
     fft, kw = _fft_pair(field)
     ax = {kw: (-2, -1)}
     return fft.fftshift(fft.ifft2(fft.ifftshift(field, **ax), **ax), **ax)
 
 
-def intensity(obj):
+def intensity(obj: Array) -> Array:
     """Diffraction intensity ``|forward(obj)|**2`` (float, same type as ``obj``)."""
     f = forward(obj)
     return f.real**2 + f.imag**2
 
 
-def amplitude_from_intensity(intens):
+def amplitude_from_intensity(intens: Array) -> Array:
     """Amplitudes ``sqrt(max(I, 0))``; negative and NaN intensities become 0.
 
     Parameters
@@ -110,13 +120,13 @@ def amplitude_from_intensity(intens):
     return np.sqrt(a)
 
 
-def intensity_from_amplitude(amp):
+def intensity_from_amplitude(amp: Array) -> Array:
     """Intensities ``amp**2`` as float32."""
     a = np.asarray(amp, dtype=np.float32)
     return a * a
 
 
-def pad(obj, factor: int = 2):
+def pad(obj: Array, factor: int = 2) -> Array:
     """Zero-pad a centred object ``factor`` times in each direction, keeping it centred.
 
     The object's origin pixel ``(H // 2, W // 2)`` lands on the origin pixel of the
@@ -147,7 +157,7 @@ def pad(obj, factor: int = 2):
     return out
 
 
-def crop(obj, shape):
+def crop(obj: Array, shape: Sequence[int]) -> Array:
     """Central crop of ``(..., H, W)`` to ``shape = (h, w)``; inverse of :func:`pad`."""
     h, w = shape
     big_h, big_w = obj.shape[-2:]
@@ -156,7 +166,7 @@ def crop(obj, shape):
     return obj[..., r0 : r0 + h, c0 : c0 + w]
 
 
-def decimate(pattern, factor: int = 2):
+def decimate(pattern: Array, factor: int = 2) -> Array:
     """Exact decimation of an oversampled, centred pattern to the unpadded object's.
 
     Takes every ``factor``-th pixel on the sub-lattice that contains zero frequency.
@@ -183,7 +193,7 @@ def decimate(pattern, factor: int = 2):
     return pattern[..., r0::factor, c0::factor]
 
 
-def mirror(obj, dims=(-2, -1)):
+def mirror(obj: Array, dims: tuple[int, ...] = (-2, -1)) -> Array:
     """Mirror a centred frame about its origin pixel along ``dims`` (``i -> 2 (n // 2) - i``), NumPy or torch.
 
     The far field of a mirrored object is the same mirror of its far field.
@@ -196,7 +206,7 @@ def mirror(obj, dims=(-2, -1)):
     return np.roll(np.flip(np.asarray(obj), dims), roll, axis=dims)
 
 
-def twin(obj):
+def twin(obj: Array) -> Array:
     """Twin image: centro-symmetric inversion about the origin pixel plus complex conjugate.
 
     ``|forward(twin(o))| == |forward(o)|`` exactly.  NumPy or torch (a real tensor stays real).
@@ -207,7 +217,7 @@ def twin(obj):
     return np.conj(inverted)
 
 
-def shift(obj, shifts):
+def shift(obj: ArrayLike, shifts: Sequence[int]) -> np.ndarray:
     """Circular integer shift by ``shifts = (dy, dx)`` over the last two axes."""
     return np.roll(np.asarray(obj), tuple(int(s) for s in shifts), axis=(-2, -1))
 
@@ -226,7 +236,7 @@ def _arange(n, like):
     return np.arange(n) if _lib(like) is np else _lib(like).arange(n, device=like.device)
 
 
-def roll_frames(x, shifts):
+def roll_frames(x: Array, shifts: Array) -> Array:
     """Roll each frame ``x[i]`` of ``(N, H, W)`` by its own ``shifts[i] = (dy, dx)``, as ``np.roll``.
 
     NumPy arrays or tensors (``shifts`` integer, ``(N, 2)``, of the same kind).
@@ -263,7 +273,9 @@ def _align_frames(res, ref, allow_twin):
     return aligned, choice, k, phase
 
 
-def align(result, reference, allow_twin: bool = True, return_params: bool = False):
+def align(
+    result: Array, reference: Array, allow_twin: bool = True, return_params: bool = False
+) -> Array | tuple[Array, Any]:
     """Align a complex result to a reference up to twin, integer shift and global phase.
 
     The least-squares match ``min || reference - c * T(result) ||`` over the unit-modulus
@@ -307,7 +319,7 @@ def align(result, reference, allow_twin: bool = True, return_params: bool = Fals
     return out, (params[0] if single else params)
 
 
-def support_from_amplitude(amp, threshold: float = SHAPE_THRESHOLD):
+def support_from_amplitude(amp: Array, threshold: float = SHAPE_THRESHOLD) -> Array:
     """Object support: amplitude above ``threshold`` times its per-frame maximum (NumPy or torch)."""
     if _is_torch(amp):
         a = amp.abs()
@@ -318,7 +330,7 @@ def support_from_amplitude(amp, threshold: float = SHAPE_THRESHOLD):
     return a > threshold * np.where(peak > 0, peak, np.inf)
 
 
-def support_iou(a, b):
+def support_iou(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     """Intersection over union of two boolean supports, per frame (1.0 when both empty)."""
     a = np.asarray(a, dtype=bool)
     b = np.asarray(b, dtype=bool)
@@ -327,7 +339,7 @@ def support_iou(a, b):
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
-def phase_rms(phase, true_phase, support):
+def phase_rms(phase: ArrayLike, true_phase: ArrayLike, support: ArrayLike) -> np.ndarray:
     """RMS of the wrapped phase difference inside ``support``, global offset removed.
 
     The constant offset is the circular mean of the difference inside the support, so the
@@ -343,7 +355,7 @@ def phase_rms(phase, true_phase, support):
         return np.sqrt((err**2 * s).sum(axis=(-2, -1)) / n)
 
 
-def amplitude_error(amp, true_amp):
+def amplitude_error(amp: ArrayLike, true_amp: ArrayLike) -> np.ndarray:
     """Relative RMS amplitude error after the least-squares scale, per frame.
 
     ``|| s * amp - true || / || true ||`` with ``s = <amp, true> / <amp, amp>``.
@@ -357,7 +369,7 @@ def amplitude_error(amp, true_amp):
     return np.sqrt(num / np.where(den > 0, den, 1))
 
 
-def chi2(measured, predicted, mask=None):
+def chi2(measured: Array, predicted: Array, mask: Array | None = None) -> Array:
     """Reciprocal-space chi^2 with a least-squares scale, per frame.
 
     ``chi2 = sum (I_t - s I_p)**2 / sum I_t**2`` with ``s = sum I_t I_p / sum I_p**2``,
@@ -398,7 +410,7 @@ def chi2(measured, predicted, mask=None):
     return np.where(tt > 0, num / np.where(tt > 0, tt, 1), 1.0)
 
 
-def noise_chi2(measured, mask=None):
+def noise_chi2(measured: Array, mask: Array | None = None) -> Array:
     """Expected :func:`chi2` of a perfect fit under counting noise, per frame.
 
     A pattern of photon counts ``I ~ Poisson(lam)`` misses even the true intensity by
@@ -431,7 +443,9 @@ def noise_chi2(measured, mask=None):
     return np.where(counts, it.sum(axis=(-2, -1)) / np.where(power > 0, power, 1.0), 0.0)
 
 
-def compare(result, true_amplitude, true_phase, threshold: float = SHAPE_THRESHOLD):
+def compare(
+    result: ArrayLike, true_amplitude: ArrayLike, true_phase: ArrayLike, threshold: float = SHAPE_THRESHOLD
+) -> dict[str, np.ndarray]:
     """Score complex results against the truth, up to twin, shift and global phase.
 
     Parameters

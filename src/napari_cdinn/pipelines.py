@@ -37,7 +37,19 @@ held-out sets in ``benchmarks/bench_realistic.py``.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+    from .nn import ModelInfo
+
+    #: A model as the engines take it: a shipped name, a weights file or folder, a resolved model.
+    Model = str | os.PathLike | ModelInfo | None
 
 __all__ = [
     "FALLBACK_CHI2",
@@ -66,7 +78,9 @@ NOISY_REFINE = {"algorithm": "er"}
 RESULT_KEYS = ("amplitude", "phase", "support", "chi2")
 
 
-def network_guess(intensity, model=None, device="auto", mask=None):
+def network_guess(
+    intensity: ArrayLike, model: Model = None, device: str = "auto", mask: ArrayLike | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The CDI NN guess embedded in the pattern's frame, with its trust flag.
 
     Parameters
@@ -98,7 +112,9 @@ def network_guess(intensity, model=None, device="auto", mask=None):
     return obj, support, np.asarray(guess["trusted"], dtype=bool)
 
 
-def network_start(intensity, model=None, device="auto", mask=None):
+def network_start(
+    intensity: ArrayLike, model: Model = None, device: str = "auto", mask: ArrayLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The CDI NN guess embedded in the pattern's frame: ``(init object, support)`` for ``reconstruct``.
 
     See :func:`network_guess`.
@@ -107,7 +123,10 @@ def network_start(intensity, model=None, device="auto", mask=None):
     return obj, support
 
 
-def fallback_frames(trusted, chi2, rule="auto", threshold=FALLBACK_CHI2, chi2_noise=0.0):
+def fallback_frames(
+    trusted: ArrayLike, chi2: ArrayLike, rule: str = "auto", threshold: float = FALLBACK_CHI2,
+    chi2_noise: ArrayLike = 0.0,
+) -> np.ndarray:
     """Which refined frames also get the protocol (see the module notes).
 
     Parameters
@@ -138,7 +157,10 @@ def fallback_frames(trusted, chi2, rule="auto", threshold=FALLBACK_CHI2, chi2_no
     return ~trusted | ~(excess <= float(threshold))  # NaN falls back
 
 
-def keep_lower_chi2(refined, protocol, frames, chi2_noise=None):
+def keep_lower_chi2(
+    refined: dict[str, np.ndarray], protocol: dict[str, np.ndarray] | None, frames: ArrayLike,
+    chi2_noise: ArrayLike | None = None,
+) -> dict[str, np.ndarray]:
     """Per frame, the refined result or the protocol's, whichever fits the data better beyond the noise.
 
     Without ``chi2_noise`` (or where it is 0: data that are not counts) the lower chi^2 wins.
@@ -190,8 +212,9 @@ def _noise(stack, mask):
     return physics.noise_chi2(np.where(bad | ~(stack > 0), 0.0, stack), bad)
 
 
-def refine_with_fallback(intensity, *, model=None, mask=None, fallback="auto", refine=None, first_frame=0,
-                         fallback_chi2=FALLBACK_CHI2, **options):
+def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: ArrayLike | None = None,
+                         fallback: str = "auto", refine: Mapping[str, Any] | None = None, first_frame: int = 0,
+                         fallback_chi2: float = FALLBACK_CHI2, **options: Any) -> dict[str, np.ndarray]:
     """Invert patterns from the network's guess, falling back to the protocol where it may do better.
 
     See the module notes for the rules.
@@ -270,8 +293,9 @@ def _merge(into, part, frames, n):
     return into
 
 
-def reconstruct_chunk(intensity, first_frame=0, init="random", model=None, mask=None, fallback="auto", refine=None,
-                      **options):
+def reconstruct_chunk(intensity: ArrayLike, first_frame: int = 0, init: str = "random", model: Model = None,
+                      mask: ArrayLike | None = None, fallback: str = "auto", refine: Mapping[str, Any] | None = None,
+                      **options: Any) -> dict[str, np.ndarray]:
     """Chunk function of ``cdinn reconstruct`` for :func:`napari_cdinn.stream.process_stack` (picklable via ``partial``).
 
     Parameters
@@ -310,7 +334,10 @@ def reconstruct_chunk(intensity, first_frame=0, init="random", model=None, mask=
     return protocol_chunk(intensity, first_frame=first_frame, init=init, mask=mask, **options)
 
 
-def make_report(out_dir, model=None, count=1000, examples=4, device="cpu", iterations=620):
+def make_report(
+    out_dir: str | os.PathLike, model: Model = None, count: int = 1000, examples: int = 4, device: str = "cpu",
+    iterations: int = 620,
+) -> dict[str, Any]:
     """The paper-figure report of a model (:func:`napari_cdinn.nn.report.make_report`), with the
     iterative results of Fig. 3 from :func:`napari_cdinn.retrieval.reconstruct`.
 

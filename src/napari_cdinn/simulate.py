@@ -37,13 +37,18 @@ Determinism: examples are generated in blocks of :data:`BLOCK` from
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.fft
 from scipy import ndimage
 
 from . import physics
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["BLOCK", "DETECTORS", "FAMILIES", "MIXTURES", "Detector", "apply_detector", "detector_mask", "draw_detector",
            "patterns_from_objects", "simulate", "simulate_objects"]
@@ -252,7 +257,9 @@ def _draw_families(rng, count, weights):
     return rng.choice(len(FAMILIES), size=count, p=p / p.sum()).astype(np.int8)
 
 
-def simulate_objects(count: int, size: int = 32, seed: int = 0, start: int = 0, families=None):
+def simulate_objects(
+    count: int, size: int = 32, seed: int = 0, start: int = 0, families: str | Mapping[str, float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Random objects (amplitude and phase): the paper's, or a mix of :data:`FAMILIES`.
 
     Parameters
@@ -416,7 +423,7 @@ def _log_uniform(bounds, u):
     return np.full(np.shape(u), lo) if lo == hi else np.exp(np.log(lo) + (np.log(hi) - np.log(lo)) * u)
 
 
-def detector_mask(settings: dict, m: int, like=None):
+def detector_mask(settings: dict, m: int, like: np.ndarray | torch.Tensor | None = None) -> np.ndarray | torch.Tensor:
     """Unmeasured pixels (beamstop and gaps) of ``M x M`` centred patterns, ``(N, M, M)`` bool.
 
     ``settings`` as :func:`draw_detector` returns; with a tensor ``like`` the mask is a tensor on its device.
@@ -438,7 +445,9 @@ def detector_mask(settings: dict, m: int, like=None):
     return mask | ((in_row | in_col) & (w > 0))
 
 
-def apply_detector(intensity, settings: dict, rng=None):
+def apply_detector(
+    intensity: np.ndarray | torch.Tensor, settings: dict, rng: np.random.Generator | torch.Generator | None = None
+) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]:
     """Counts and unmeasured pixels of ideal patterns under per-pattern detector ``settings``.
 
     Parameters
@@ -487,7 +496,7 @@ def apply_detector(intensity, settings: dict, rng=None):
 FFT_WORKERS = -1
 
 
-def patterns_from_objects(amplitude, phase, oversampling: int = 2):
+def patterns_from_objects(amplitude: np.ndarray, phase: np.ndarray, oversampling: int = 2) -> np.ndarray:
     """Centred diffraction intensities of objects padded ``oversampling`` times (float32)."""
     obj = (amplitude * np.exp(1j * phase)).astype(np.complex64)
     obj = physics.pad(obj, oversampling)
@@ -504,9 +513,9 @@ def simulate(
     photons: float | None = None,
     beamstop: float = 0.0,
     *,
-    families=None,
+    families: str | Mapping[str, float] | None = None,
     detector: Detector | str | None = None,
-):
+) -> dict[str, np.ndarray]:
     """Simulate objects and their diffraction intensities as a detector records them.
 
     Parameters

@@ -19,6 +19,8 @@ The command line and the docks use only the names here.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .config import (
     PRESETS,
     TrainConfig,
@@ -28,6 +30,10 @@ from .config import (
     option_help,
 )
 from .models import DEFAULT_MODELS, WEIGHTS_DIR, ModelInfo, resolve_model
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -56,31 +62,31 @@ __all__ = [
 TRUST_CHI2 = 0.05
 
 
-def predict(*args, **kwargs):
+def predict(*args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
     from .inference import predict as _predict
 
     return _predict(*args, **kwargs)
 
 
-def load_model(*args, **kwargs):
+def load_model(*args: Any, **kwargs: Any) -> tuple[torch.nn.Module, dict]:
     from .checkpoint import load_model as _load
 
     return _load(*args, **kwargs)
 
 
-def train(*args, **kwargs):
+def train(*args: Any, **kwargs: Any) -> dict:
     from .trainer import train as _train
 
     return _train(*args, **kwargs)
 
 
-def predict_chunk(*args, **kwargs):
+def predict_chunk(*args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
     from .inference import predict_chunk as _predict_chunk
 
     return _predict_chunk(*args, **kwargs)
 
 
-def is_trusted(*args, **kwargs):
+def is_trusted(*args: Any, **kwargs: Any) -> np.ndarray:
     from .inference import is_trusted as _is_trusted
 
     return _is_trusted(*args, **kwargs)

@@ -13,7 +13,8 @@ import re
 
 import numpy as np
 
-from . import _layers, io
+from .. import io
+from . import layers as _layers
 
 
 def write_layers(path, layer_data):

@@ -20,10 +20,11 @@ from __future__ import annotations
 import numpy as np
 from magicgui import widgets
 
-from .. import _layers, nn
-from ..device import DEVICES
-from ..jobs import Cancelled, Kind, ProgressEvent
-from ..nn import TRUST_CHI2
+from ... import nn
+from ...device import DEVICES
+from ...jobs import Cancelled, Kind, ProgressEvent
+from ...nn import TRUST_CHI2
+from .. import layers as _layers
 from ._common import (
     JobControls,
     JobRunner,
@@ -56,7 +57,7 @@ def run_inversion(stack, options, emit, should_stop, mask=None):
 
     Returns the merged result and ``stopped``.
     """
-    from ..stream import iter_chunks
+    from ...stream import iter_chunks
 
     options = dict(options)
     n, batch = stack.shape[0], max(1, int(options.pop("batch_size")))

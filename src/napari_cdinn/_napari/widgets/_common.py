@@ -11,7 +11,7 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 
-from .. import _layers
+from .. import layers as _layers
 
 
 def one_sentence(exc):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from . import _layers
-from .simulate import simulate
+from ..simulate import simulate
+from . import layers as _layers
 
 #: Frames, object size and oversampling of the sample (the paper's 2x iterative protocol).
 SAMPLE_COUNT, SAMPLE_SIZE, SAMPLE_OVERSAMPLING = 16, 32, 2
@@ -13,7 +13,7 @@ def paper_stack():
     """Paper-recipe diffraction stack: 16 noise-free 64 x 64 patterns of 2x-padded objects.
 
     Returns LayerDataTuples: the true amplitude and phase (32 x 32, centred in the pattern's
-    frame) and, on top, the intensities on a log scale (see :mod:`napari_cdinn._layers`).
+    frame) and, on top, the intensities on a log scale (see :mod:`napari_cdinn._napari.layers`).
     """
     data = simulate(SAMPLE_COUNT, size=SAMPLE_SIZE, seed=0, oversampling=SAMPLE_OVERSAMPLING)
     offset = (0.0,) + _layers.centre_offset(data["intensity"].shape, data["amplitude"].shape)

@@ -26,9 +26,10 @@ import time
 import numpy as np
 from magicgui import widgets
 
-from .. import _layers, nn
-from ..device import DEVICES
-from ..jobs import Cancelled, Kind, ProgressEvent
+from ... import nn
+from ...device import DEVICES
+from ...jobs import Cancelled, Kind, ProgressEvent
+from .. import layers as _layers
 from ._common import (
     JobControls,
     JobRunner,
@@ -60,8 +61,8 @@ def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
 
     Returns ``{"frames": frames done, "stopped": bool}``.
     """
-    from ..retrieval import reconstruct
-    from ..stream import iter_chunks
+    from ...retrieval import reconstruct
+    from ...stream import iter_chunks
 
     options = dict(options)
     n, block = stack.shape[0], max(1, int(options.pop("block_frames")))
@@ -71,7 +72,7 @@ def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
         kwargs = dict(options) if mask is None else dict(options, mask=mask)
         trusted = None
         if nn_start is not None:
-            from ..pipelines import network_guess
+            from ...pipelines import network_guess
 
             obj, sup, trusted = network_guess(chunk, model=nn_start[0], device=options["device"], mask=mask)
             kwargs.update(init=obj, support=sup)

@@ -2,7 +2,7 @@
 
 ``get_reader`` returns ``None`` for anything it does not understand (an unknown extension, a
 foreign or broken file), so napari can try other readers; it never raises.  Intensities open on
-a log scale (:mod:`napari_cdinn._layers`); big HDF5/CXI/TIFF/NPY stacks open lazily (dask), so
+a log scale (:mod:`napari_cdinn._napari.layers`); big HDF5/CXI/TIFF/NPY stacks open lazily (dask), so
 the first frame shows at once.  Files holding ``amplitude``/``phase`` results (from
 ``cdinn predict``/``reconstruct``, ``cdinn simulate`` or the writer) also open those as layers.
 A file that carries its own mask of unmeasured pixels (:func:`napari_cdinn.io.file_mask`: the
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 
-from . import _layers, io
+from .. import io
+from . import layers as _layers
 
 _RESULT_KEYS = ("amplitude", "phase", "chi2")
 

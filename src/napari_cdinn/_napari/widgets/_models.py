@@ -11,7 +11,7 @@ from pathlib import Path
 from magicgui import widgets
 from psygnal import Signal
 
-from ..nn import WEIGHTS_DIR  # torch-free: listing the shipped models needs no torch
+from ...nn import WEIGHTS_DIR  # torch-free: listing the shipped models needs no torch
 
 #: The first choice, ``None``: the nn engine picks the best shipped model for the pattern size
 #: (:func:`napari_cdinn.nn.resolve_model`).

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from magicgui import widgets
 
-from .. import physics
+from ... import physics
 from ._common import PlotCanvas, image_layer_picker, notify_error, stack_of
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from magicgui import widgets
 
-from ..device import DEVICES
-from ..nn import TrainConfig, option_help
+from ...device import DEVICES
+from ...nn import TrainConfig, option_help
 from ._common import JobControls, JobRunner, PlotCanvas, notify, notify_error
 from ._models import REGISTRY, register_model
 
@@ -40,7 +40,7 @@ def training_job(out, options, progress, should_stop):
     ``options``: TrainConfig fields (None: the preset's or the initial weights' value) and the
     trainer's run-control arguments (``device``, ``resume``, ``quick_val_size``).
     """
-    from ..nn import train
+    from ...nn import train
 
     return train(out, callback=progress, stop=should_stop, **options)
 
