@@ -21,9 +21,9 @@ Methods, each timed per pattern on the same patterns:
   random start (``cdinn reconstruct``).
 
 Scores (up to twin, shift and global phase, retrieval results cropped to 32 x 32): support IoU
-(median), phase RMS inside the true object (median, p90), the trusted fraction
-(:func:`napari_cdinn.nn.inference.is_trusted` of each method's own chi^2) and the fraction of
-frames that are trusted but wrong (IoU < 0.7).  ``numpy_ms_per_pattern`` times the plain NumPy
+(median), phase RMS inside the true object (median, p90), chi^2 (median) and, for the network,
+whose ``trusted`` flag users act on, the trusted fraction and the fraction of frames that are
+trusted but wrong (IoU < 0.7).  ``numpy_ms_per_pattern`` times the plain NumPy
 620-iteration loop (``benchmarks/bench_retrieval.py``) on a few noise-free patterns, the
 reference of the speed-up.
 """
@@ -76,23 +76,25 @@ def _numpy_loop():
     return module.numpy_reconstruct
 
 
-def score(obj, data, chi2, chi2_noise, seconds):
-    """Quality of complex results ``obj`` (cropped to the truth's frame) against ``data``'s truth."""
-    from napari_cdinn.nn.inference import is_trusted
+def score(obj, data, chi2, seconds, trusted=None):
+    """Quality of complex results ``obj`` (cropped to the truth's frame) against ``data``'s truth.
 
+    ``trusted`` (the network's flags) adds the trusted and the trusted-but-wrong fractions.
+    """
     truth_shape = data["amplitude"].shape[-2:]
     cmp = physics.compare(physics.crop(obj, truth_shape), data["amplitude"], data["phase"])
     iou, rms = np.asarray(cmp["iou"]), np.asarray(cmp["phase_rms"], dtype=np.float64)
-    trusted = is_trusted(chi2, chi2_noise)
-    return {
+    out = {
         "iou_median": float(np.median(iou)),
         "phase_rms_median": float(np.nanmedian(rms)),
         "phase_rms_p90": float(np.nanpercentile(rms, 90)),
         "chi2_median": float(np.median(chi2)),
-        "trusted": float(np.mean(trusted)),
-        "trusted_but_wrong": float(np.mean(trusted & (iou < WRONG_IOU))),
         "ms_per_pattern": 1e3 * seconds / len(iou),
     }
+    if trusted is not None:
+        trusted = np.asarray(trusted, dtype=bool)
+        out.update(trusted=float(np.mean(trusted)), trusted_but_wrong=float(np.mean(trusted & (iou < WRONG_IOU))))
+    return out
 
 
 def run_condition(data, model=None, device="cpu", iterations=620):
@@ -102,20 +104,18 @@ def run_condition(data, model=None, device="cpu", iterations=620):
     from napari_cdinn.retrieval import reconstruct
 
     inten, mask = data["intensity"], data.get("mask")
-    noise = physics.noise_chi2(inten, mask)
     out = {}
     t0 = time.perf_counter()
     res = predict(inten, model=model, device=device, mask=mask)
-    out["network"] = score(res["amplitude"] * np.exp(1j * res["phase"]), data, res["chi2"], res["chi2_noise"],
-                           time.perf_counter() - t0)
+    out["network"] = score(res["amplitude"] * np.exp(1j * res["phase"]), data, res["chi2"],
+                           time.perf_counter() - t0, res["trusted"])
     t0 = time.perf_counter()
     ref = refine_with_fallback(inten, model=model, mask=mask, device=device, iterations=iterations)
-    out["refined"] = score(ref["amplitude"] * np.exp(1j * ref["phase"]), data, ref["chi2"], noise,
-                           time.perf_counter() - t0)
+    out["refined"] = score(ref["amplitude"] * np.exp(1j * ref["phase"]), data, ref["chi2"], time.perf_counter() - t0)
     out["refined"]["network_start_kept"] = float(np.mean(ref["start"] == 1))
     t0 = time.perf_counter()
     pro = reconstruct(inten, mask=mask, device=device, iterations=iterations)
-    out["protocol"] = score(pro["object"], data, pro["chi2"], noise, time.perf_counter() - t0)
+    out["protocol"] = score(pro["object"], data, pro["chi2"], time.perf_counter() - t0)
     for key in ("iou_median", "phase_rms_median"):
         better = np.greater_equal if key == "iou_median" else np.less_equal
         out["refined"][f"{key}_at_least_protocol"] = bool(better(out["refined"][key], out["protocol"][key]))
@@ -152,9 +152,9 @@ def summary(res):
     rows = {}
     for name, cond in res["conditions"].items():
         for method, q in cond.items():
+            trust = f"trusted {q['trusted']:.2f} wrong {q['trusted_but_wrong']:.3f} " if "trusted" in q else ""
             rows[f"{name}/{method}"] = (f"iou {q['iou_median']:.3f} phase {q['phase_rms_median']:.3f}/"
-                                        f"{q['phase_rms_p90']:.3f} trusted {q['trusted']:.2f} "
-                                        f"wrong {q['trusted_but_wrong']:.3f} {q['ms_per_pattern']:.2f} ms")
+                                        f"{q['phase_rms_p90']:.3f} {trust}{q['ms_per_pattern']:.2f} ms")
     for key in ("numpy_ms_per_pattern", "refined_speedup_vs_numpy_noise_free"):
         if key in res:
             rows[key] = round(res[key], 2)

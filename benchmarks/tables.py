@@ -143,8 +143,10 @@ def nn_tables(name, res):
 
 
 def _cell(q):
-    return (f"{_f(q.get('iou_median'))} / {_f(q.get('phase_rms_median'))} ({_f(q.get('phase_rms_p90'))}) / "
-            f"{_pct(q.get('trusted'))} / {_pct(q.get('trusted_but_wrong'))}")
+    cell = f"{_f(q.get('iou_median'))} / {_f(q.get('phase_rms_median'))} ({_f(q.get('phase_rms_p90'))})"
+    if "trusted" in q:  # the network's flags; retrieval results carry a chi^2 but no trust flag
+        cell += f" / {_pct(q.get('trusted'))} / {_pct(q.get('trusted_but_wrong'))}"
+    return cell
 
 
 def realistic_tables(name, res):
@@ -152,7 +154,7 @@ def realistic_tables(name, res):
     out = [f"### `{name}`: {_machine(res)}", "",
            (f"Model: {_model(res)}; {_f(res.get('count'))} patterns per set (2x-oversampled 64 x 64, 32-pixel objects, "
            f"seed {res.get('seed', '?')} + the set's index); protocol: {res.get('iterations', '?')} iterations."), "",
-           ("Each cell: IoU / phase RMS rad median (p90) / trusted / trusted but wrong (IoU < 0.7). "
+           ("Each cell: IoU / phase RMS rad median (p90); for the network also trusted / trusted but wrong (IoU < 0.7). "
            "`refined` is `cdinn reconstruct --init nn` (fallback `auto`; *kept*: frames whose network start won)."), "",
            ("| set | network alone | refined | protocol (620 it.) | refined >= protocol | ms per pattern: "
            "network / refined / protocol |"), "|---|---|---|---|---|---|"]
