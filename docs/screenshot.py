@@ -1,9 +1,9 @@
-"""Take the README screenshot: a paper-recipe stack, its CDI NN inversion and the quality view.
+"""Take the README screenshot: a paper-recipe stack, its CDI NN inversion and its phase retrieval.
 
 Run under a display, e.g. ``xvfb-run -a python docs/screenshot.py [docs/screenshot.png]``.
-It opens the plugin's sample data, runs the CDI NN inversion dock with the shipped model and
-the quality view on its result, shows the layers side by side (grid mode) and saves a picture
-of the whole window.
+It opens the plugin's sample data, runs the CDI NN inversion dock (the shipped model) and the
+phase-retrieval dock on it; the docks show pattern | network | retrieval side by side as complex
+images (brightness = amplitude, hue = phase) with a colour wheel, the same frame in all; a picture of the whole window is saved.
 """
 
 from __future__ import annotations
@@ -28,24 +28,26 @@ def _wait(condition, timeout=120.0):
 
 def main(out="docs/screenshot.png"):
     """Build the scene and write the screenshot to ``out``."""
+    from napari.settings import get_settings
+
+    get_settings().application.gui_notification_level = "none"  # no toasts over the canvas
     viewer = napari.Viewer(show=True)
-    viewer.window.resize(1400, 820)
+    viewer.window.resize(1900, 900)
     viewer.open_sample("napari-cdinn", "paper_stack")
-    _dock, inversion = viewer.window.add_plugin_dock_widget("napari-cdinn", "CDI NN inversion")
+    inversion_dock, inversion = viewer.window.add_plugin_dock_widget("napari-cdinn", "CDI NN inversion")
     inversion.patterns.value = viewer.layers["paper-recipe intensity"]
     inversion.device.value = "cpu"
     inversion.controls.run_button.clicked.emit()
     _wait(lambda: not inversion.runner.running)
-    _dock, quality = viewer.window.add_plugin_dock_widget("napari-cdinn", "Quality view")
-    quality.amplitude.value = viewer.layers["paper-recipe intensity NN amplitude"]
-    quality.phase.value = viewer.layers["paper-recipe intensity NN phase"]
-    quality.update()
-    quality.jump_to_rank(0)
-    for layer in viewer.layers:
-        layer.translate = (0.0,) * layer.ndim  # side by side, not nested, in grid mode
-    grid = viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid
-    grid.enabled = True
-    grid.shape = (2, 3)
+    _dock, retrieval = viewer.window.add_plugin_dock_widget("napari-cdinn", "Phase retrieval")
+    retrieval.patterns.value = viewer.layers["paper-recipe intensity"]
+    retrieval.device.value, retrieval.iterations.value = "cpu", 200
+    retrieval.controls.run_button.clicked.emit()
+    _wait(lambda: not retrieval.runner.running)
+    for name in ("true amplitude", "true phase"):
+        viewer.layers[name].visible = False
+    viewer.window.remove_dock_widget(inversion_dock)  # one dock: the window keeps its size
+    viewer.dims.set_current_step(0, 3)
     viewer.reset_view()
     QApplication.processEvents()
     Path(out).parent.mkdir(parents=True, exist_ok=True)

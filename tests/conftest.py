@@ -12,3 +12,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _dock_settings(tmp_path, monkeypatch):
+    """Each test's docks start from their defaults: persisted settings go to a fresh folder."""
+    monkeypatch.setenv("NAPARI_CDINN_SETTINGS_DIR", str(tmp_path / "settings"))

@@ -56,6 +56,14 @@ def _write_h5_without_data(path):
         f.attrs["note"] = "no data here"
 
 
+def _write_mixed_tiff(path):
+    import tifffile
+
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.ones((64, 64), np.float32))
+        tif.write(np.ones((32, 32), np.float32))
+
+
 BAD = {
     "missing.npy": None,
     "empty.npy": lambda p: p.write_bytes(b""),
@@ -72,6 +80,9 @@ BAD = {
     "garbage.h5": _write_text,
     "empty.tif": lambda p: p.write_bytes(b""),
     "foreign.txt": _write_text,
+    "mixed_sizes.tif": _write_mixed_tiff,
+    "beyond_float32.npy": lambda p: np.save(p, np.full((2, 64, 64), 1e39)),
+    "null.h5": lambda p: h5py.File(p, "w").create_dataset("data", data=h5py.Empty("f4")).file.close(),
 }
 
 

@@ -97,6 +97,49 @@ def test_compressed_tiff_is_read_page_by_page(tmp_path):
     out = io.read_stack(path, lazy=True)
     assert isinstance(out, da.Array)
     np.testing.assert_array_equal(out[1:4, 2:5].compute(), STACK[1:4, 2:5])
+    np.testing.assert_array_equal(io.read_stack(path, lazy=False), STACK)  # whole: indexed with `...`
+
+
+def test_tiff_pages_of_different_sizes_are_refused(tmp_path):
+    with tifffile.TiffWriter(tmp_path / "mixed.tif") as tif:
+        tif.write(STACK[0])
+        tif.write(STACK[0, :8, :8])
+    with pytest.raises(ValueError, match="holds images of different sizes .8 x 8, 16 x 12.; expected one stack"):
+        io.read_stack(tmp_path / "mixed.tif")
+
+
+def test_npz_members_open_without_reading_them(tmp_path):
+    np.savez(tmp_path / "s.npz", intensity=STACK, mask=np.zeros(STACK.shape[1:], bool))
+    np.savez_compressed(tmp_path / "c.npz", intensity=STACK, mask=np.ones(STACK.shape[1:], bool))
+    assert isinstance(io._open_source(tmp_path / "s.npz")[1], np.memmap)
+    for name in ("s.npz", "c.npz"):
+        np.testing.assert_array_equal(io.read_frames(tmp_path / name, 1, 4), STACK[1:4])
+        np.testing.assert_array_equal(io.read_stack(tmp_path / name, lazy=True).compute(), STACK)
+        assert io.file_mask(tmp_path / name).shape == STACK.shape[1:]
+    np.savez(tmp_path / "obj.npz", intensity=np.array([{}, 1], dtype=object))
+    with pytest.raises(ValueError, match="holds Python objects"):
+        io.read_stack(tmp_path / "obj.npz")
+
+
+def test_values_beyond_float32_and_empty_data_sets_raise_one_sentence(tmp_path):
+    np.save(tmp_path / "big.npy", np.array([[[1.0, -1e300]]]))
+    with pytest.raises(ValueError, match="beyond float32's range .such as -1e.300, frame 0."):
+        io.read_stack(tmp_path / "big.npy", lazy=False)
+    np.save(tmp_path / "inf.npy", np.array([[[1.0, np.inf]]]))  # infinite stays infinite: unmeasured
+    assert np.isinf(io.read_frames(tmp_path / "inf.npy", 0, 1)).any()
+    with h5py.File(tmp_path / "null.h5", "w") as fh:
+        fh.create_dataset("data", data=h5py.Empty("f4"))
+    with pytest.raises(ValueError, match="is empty"):
+        io.stack_shape(tmp_path / "null.h5")
+
+
+def test_an_output_that_is_its_input_is_refused(tmp_path):
+    src = _write_stack(str(tmp_path / "a.h5"), STACK)
+    os.symlink(src, tmp_path / "b.h5")
+    for out in (src, tmp_path / "b.h5"):
+        with pytest.raises(ValueError, match="is the input file"):
+            io.check_not_input(out, src)
+    io.check_not_input(tmp_path / "new.h5", src)
 
 
 def _bad(tmp_path, name, content=None, array=None):

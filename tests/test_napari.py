@@ -73,6 +73,24 @@ def test_reader_every_format(make_napari_viewer, tmp_path):
             assert kinds == ["amplitude", "intensity", "phase"]
 
 
+def test_dropped_cxi_opens_with_this_plugin(make_napari_viewer, tmp_path, monkeypatch):
+    """Drag and drop is ``viewer.open`` without a plugin: no other reader claims .cxi, so no choice is asked.
+
+    (.h5, .npy and .tif are claimed by napari's built-in reader too: the README says how to prefer this one.)
+    """
+    from napari.settings import get_settings
+
+    viewer = make_napari_viewer()
+    paths = _files(tmp_path)
+    layers = viewer.open(str(paths["cxi"]), plugin=None)  # plugin=None: what a drop does
+    assert [layer.metadata.get("cdinn_kind") for layer in layers] == ["intensity"]
+    # the README's recipe for the extensions napari's own reader claims too
+    readers = get_settings().plugins.extension2reader
+    monkeypatch.setattr(get_settings().plugins, "extension2reader", {**readers, "*.h5": "napari-cdinn"})
+    layers = viewer.open(str(paths["h5"]), plugin=None)
+    assert [layer.metadata.get("cdinn_kind") for layer in layers] == ["intensity"]
+
+
 def test_reader_opens_the_files_own_mask(make_napari_viewer, tmp_path):
     from napari_cdinn.cli import main
 

@@ -145,6 +145,8 @@ def test_output_conventions(solved):
     assert solved["errors"].shape == (4, len(solved["error_iterations"]))
     assert solved["error_iterations"][-1] == 620
     assert solved["stopped"] is False
+    # a normalised Fourier R-factor: from ~1 at the start to ~1e-4 at convergence (noise-free)
+    assert np.all(solved["errors"][:, -1] < 1e-2) and np.all(solved["errors"][:, 0] < 2)
 
 
 def test_scale_invariance(data):
@@ -264,6 +266,30 @@ def test_cli_reconstruct_writes_results(tmp_path, data):
         assert f["amplitude"].shape == (2, 64, 64) and f["amplitude"].dtype == np.float32
         assert f["phase"].dtype == np.float32 and f["chi2"].shape == (2,)
         np.testing.assert_allclose(f["amplitude"].max(axis=(1, 2)), 1.0, rtol=1e-6)
+
+
+def test_cli_reconstruct_shrinkwrap_options(tmp_path, data, capsys):
+    src = tmp_path / "in.npz"
+    np.savez(src, intensity=data["intensity"][:1])
+    out = tmp_path / "out.npz"
+    argv = ["reconstruct", str(src), "-o", str(out), "--iterations", "40", "--device", "cpu"]
+    assert main([*argv, "--beta", "0.7", "--threshold", "0.2", "--sigma", "2,0.5"]) == 0
+    want = reconstruct(data["intensity"][:1], iterations=40, device="cpu", beta=0.7, threshold=0.2, sigma=(2, 0.5))
+    with np.load(out) as f:
+        np.testing.assert_allclose(f["chi2"], want["chi2"], rtol=1e-4)
+    # post-processing: the same result, centred, without its phase ramp, unwrapped
+    assert main([*argv, "--beta", "0.7", "--threshold", "0.2", "--sigma", "2,0.5", "--post", "centre,ramp,unwrap",
+                 "-o", str(tmp_path / "post.npz")]) == 0
+    from napari_cdinn.postprocess import apply_steps
+
+    amp, pha, sup = apply_steps(want["amplitude"], want["phase"], ("centre", "ramp", "unwrap"), support=want["support"])
+    with np.load(tmp_path / "post.npz") as f:
+        np.testing.assert_allclose(f["phase"], pha, atol=1e-3)
+        np.testing.assert_array_equal(f["support"], sup)
+    capsys.readouterr()
+    for bad in (["--beta", "2.5"], ["--threshold", "0"], ["--sigma", "x"], ["--post", "smooth"]):
+        assert main([*argv, *bad]) == 2
+        assert capsys.readouterr().err.startswith("error: ")
 
 
 def test_cli_reconstruct_bad_input(tmp_path, capsys):

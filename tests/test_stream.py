@@ -232,3 +232,37 @@ def test_a_single_frame_gives_the_same_unbatched_result_in_every_format(tmp_path
     assert summary["frames"] == 1
     a, b = io.read_result(tmp_path / "one.h5"), io.read_result(tmp_path / "one.npz")
     assert a["amplitude"].shape == b["amplitude"].shape == (16, 16)
+
+
+def test_resume_redoes_a_chunk_that_does_not_read_back(stack_file, tmp_path):
+    """A kept chunk is verified before it is trusted: one whose compressed bytes were damaged (a write
+    cut short by a kill) is done again, and the result equals an uninterrupted run."""
+    path, data = stack_file
+    out = str(tmp_path / "res.h5")
+    calls = []
+
+    def counting(x, first_frame):
+        calls.append(first_frame)
+        return _toy(x)
+
+    with pytest.raises(StreamCancelled):
+        process_stack(path, out, counting, chunk_size=8, should_stop=lambda: len(calls) >= 3)
+    partial = tmp_path / ".res.h5.partial"
+    with h5py.File(partial, "r") as f:
+        info = f["amplitude"].id.get_chunk_info(1)  # the storage chunk of frames 8..15
+        assert f["amplitude"].chunks[0] == 8 and info.chunk_offset == (8, 0, 0)
+    with open(partial, "r+b") as fh:
+        fh.seek(info.byte_offset)
+        fh.write(b"\xff" * min(info.size, 64))
+    calls.clear()
+    summary = process_stack(path, out, counting, chunk_size=8, resume=True)
+    assert summary["skipped"] == 2 and 8 in calls and 0 not in calls
+    np.testing.assert_array_equal(io.read_result(out)["amplitude"], _toy(data)["amplitude"])
+
+
+def test_resume_reports_a_partial_it_cannot_open(stack_file, tmp_path):
+    path, _ = stack_file
+    (tmp_path / ".res.h5.partial").write_bytes(b"not HDF5 at all")
+    with pytest.raises(ValueError, match=r"partial output .*\.res\.h5\.partial cannot be opened"):
+        process_stack(path, str(tmp_path / "res.h5"), _toy, chunk_size=8, resume=True)
+    assert (tmp_path / ".res.h5.partial").exists()

@@ -52,6 +52,34 @@ def test_quality_view(make_napari_viewer):
     np.testing.assert_allclose(viewer.layers["amp"].data[4], before, atol=1e-7)
 
 
+def test_quality_view_best_after_update_and_a_new_layer(make_napari_viewer):
+    viewer = _viewer_with_stack(make_napari_viewer)
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-cdinn", "Quality view")
+    widget.amplitude.value, widget.phase.value = viewer.layers["amp"], viewer.layers["pha"]
+    widget.measured.value = viewer.layers["patterns"]
+    viewer.layers["pha"].data[1] = 0.0
+    widget.update_button.clicked.emit()
+    best = int(np.argmin(widget.chi2))
+    viewer.dims.set_current_step(0, 1 if best != 1 else 2)
+    widget.best_button.clicked.emit()  # the list already shows the best frame: it must jump all the same
+    assert viewer.dims.current_step[0] == best
+    viewer.add_image(np.zeros((6, 16, 16), np.float32), name="another")  # the frame list survives
+    assert len(widget.frames.choices) == 6
+    widget.worst_button.clicked.emit()
+    assert viewer.dims.current_step[0] == 1
+    # the twin toggle acts on the result selected in the layer list, and shows it
+    viewer.add_image(SIM["amplitude"].copy(), name="other amplitude", metadata={"cdinn_kind": "amplitude"})
+    viewer.add_image(SIM["phase"].copy(), name="other phase", metadata={"cdinn_kind": "phase"})
+    viewer.layers["other amplitude"].visible = False
+    viewer.layers.selection.active = viewer.layers["other amplitude"]
+    assert widget.amplitude.value is viewer.layers["other amplitude"]
+    assert widget.phase.value is viewer.layers["other phase"]
+    before = viewer.layers["other amplitude"].data[1].copy()
+    widget.twin_button.clicked.emit()
+    assert not np.allclose(viewer.layers["other amplitude"].data[1], before)
+    assert viewer.layers["other amplitude"].visible and "other amplitude" in widget.summary.value
+
+
 def test_quality_view_error_is_a_notification(make_napari_viewer, monkeypatch):
     viewer = _viewer_with_stack(make_napari_viewer)
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-cdinn", "Quality view")
@@ -85,6 +113,35 @@ def test_phase_retrieval_adds_layers_live(make_napari_viewer, qtbot):
     chi2 = amp.metadata["chi2"]
     assert chi2.shape == (6,) and np.all(np.isfinite(chi2)) and np.all(chi2 < 0.5)
     assert widget.plot.axes.lines and "6 pattern(s)" in widget.controls.status.value
+    # readable plots: a normalised error on a log axis, chi^2 per frame; the support as Labels
+    errors = widget.plot.axes.lines[0].get_ydata()
+    assert widget.plot.axes.get_yscale() == "log" and widget.plot.axes.get_xlabel() == "iteration"
+    assert 0 < errors[-1] < 1 and errors[-1] < errors[0]
+    assert len(widget.plot.all_axes[1].collections[0].get_offsets()) == 6
+    support = viewer.layers["patterns PR support"]
+    assert support.metadata["cdinn_kind"] == "support" and support.data.shape == (6, 32, 32)
+    assert support.data.any() and type(support).__name__ == "Labels"
+
+
+def test_phase_retrieval_options_and_a_support_layer(make_napari_viewer, qtbot):
+    from napari_cdinn.retrieval import reconstruct
+
+    viewer = _viewer_with_stack(make_napari_viewer, truth=False)
+    box = np.zeros((32, 32), np.uint8)
+    box[6:26, 6:26] = 1
+    viewer.add_labels(box, name="box")
+    widget = _dock(viewer, "Phase retrieval")
+    widget.patterns.value, widget.support.value = viewer.layers["patterns"], viewer.layers["box"]
+    widget.algorithm.value, widget.iterations.value, widget.device.value = "hio", 20, "cpu"
+    widget.beta.value, widget.threshold.value = 0.7, 0.2
+    widget.sigma_start.value, widget.sigma_end.value = 2.0, 0.5
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
+    meta = viewer.layers["patterns PR amplitude"].metadata
+    want = reconstruct(SIM["intensity"], algorithm="hio", iterations=20, average=10, device="cpu", beta=0.7,
+                       threshold=0.2, sigma=(2.0, 0.5), support=box.astype(bool))
+    np.testing.assert_allclose(meta["chi2"], want["chi2"], rtol=1e-4)
+    assert meta["support_layer"] == "box" and meta["beta"] == 0.7
 
 
 def test_phase_retrieval_stop(make_napari_viewer, qtbot):
@@ -182,7 +239,12 @@ def test_inversion_adds_layers_and_flags(make_napari_viewer, qtbot, random_model
     amp, pha = viewer.layers["patterns NN amplitude"], viewer.layers["patterns NN phase"]
     assert amp.metadata["views"] == 2
     assert amp.data.shape == pha.data.shape == (6, 32, 32)
-    assert tuple(amp.translate) == (0.0, 0.0, 0.0)  # the 32-pixel frame fills the 32 x 32 pattern
+    # side by side: the 32-pixel frame fills the 32 x 32 pattern, one column (32 + a gap of 4) to the right
+    assert tuple(amp.translate) == (0.0, 0.0, 36.0)
+    complex_ = viewer.layers["patterns NN complex"]
+    assert complex_.rgb and complex_.data.shape == (6, 32, 32, 4) and complex_.visible and not amp.visible
+    assert tuple(complex_.translate) == (0.0, 0.0, 36.0) and viewer.dims.axis_labels[0] == "frame"
+    assert "CDI NN" in viewer.text_overlay.text and viewer.layers[-1].metadata["cdinn_kind"] == "legend"
     chi2, trusted = amp.metadata["chi2"], amp.metadata["trusted"]
     from napari_cdinn.nn.inference import is_trusted
 
@@ -305,7 +367,10 @@ def test_training_dock_updates_plot_and_offers_the_model(make_napari_viewer, qtb
     assert widget.history["train"] and widget.history["val"]
     assert widget.plot.axes.lines
     assert (tmp_path / "tiny" / "last.safetensors").is_file()
-    assert inversion.models.model == str(tmp_path / "tiny")  # selectable at once
+    assert str(tmp_path / "tiny") in inversion.models.choice.choices  # offered at once...
+    assert inversion.models.model is None  # ...but not chosen: the picker keeps the user's choice
+    assert widget.init_from.native.currentText() == "random weights"  # labels, not "-----"
+    assert widget.arch.native.currentText().startswith("as the start model")
     # continue from the model just trained as the 2x-input variant, with fresh examples and the data term
     assert None in widget.init_from.choices and str(tmp_path / "tiny") in widget.init_from.choices
     widget.init_from.value = str(tmp_path / "tiny")
@@ -364,3 +429,51 @@ def test_phase_retrieval_from_the_shipped_network(make_napari_viewer, qtbot):
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
     assert viewer.layers["big PR amplitude"].data.shape == (2, 64, 64)
     assert np.all(viewer.layers["big PR amplitude"].metadata["chi2"] < 1)
+
+
+def _close_and_flush(viewer):
+    """Close the viewer as a user does and let Qt delete its widgets (deferred deletes)."""
+    from qtpy.QtCore import QCoreApplication, QEvent
+
+    viewer.close()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    QCoreApplication.processEvents()
+
+
+def test_closing_the_viewer_stops_training_with_a_checkpoint(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    widget = _training_dock(viewer, tmp_path / "closed", 1_000_000, 64, 5, 64)
+    seen = []
+    widget.runner._bridge.progress.connect(seen.append)
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: bool(seen), timeout=120_000)  # training started
+    runner = widget.runner
+    _close_and_flush(viewer)
+    assert runner.closed and (tmp_path / "closed" / "last.safetensors").is_file()
+    qtbot.waitUntil(lambda: not runner.running, timeout=30_000)  # its late callbacks touch no deleted widget
+
+
+def test_closing_the_viewer_during_retrieval(make_napari_viewer, qtbot):
+    viewer = _viewer_with_stack(make_napari_viewer, truth=False)
+    widget = _dock(viewer, "Phase retrieval")
+    widget.patterns.value = viewer.layers["patterns"]
+    widget.iterations.value, widget.device.value = 1_000_000, "cpu"
+    seen = []
+    widget.runner._bridge.progress.connect(seen.append)
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: len(seen) > 2, timeout=60_000)
+    runner = widget.runner
+    _close_and_flush(viewer)
+    assert runner.closed
+    qtbot.waitUntil(lambda: not runner.running, timeout=30_000)
+    qtbot.wait(200)  # queued progress events arrive after the close and are dropped
+
+
+def test_dock_settings_persist_to_the_next_launch(make_napari_viewer):
+    first = _dock(make_napari_viewer(), "Phase retrieval")
+    first.iterations.value, first.beta.value, first.algorithm.value = 77, 0.75, "raar"
+    training = _dock(make_napari_viewer(), "Train CDI NN")
+    training.epochs.value = 3
+    again = _dock(make_napari_viewer(), "Phase retrieval")
+    assert (again.iterations.value, again.beta.value, again.algorithm.value) == (77, 0.75, "raar")
+    assert _dock(make_napari_viewer(), "Train CDI NN").epochs.value == 3

@@ -9,6 +9,7 @@ at the end (:func:`napari_cdinn.io.atomic_output`), so a failed run never overwr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["UsageError", "build_parser", "main"]
@@ -59,7 +60,7 @@ def _add_simulate(sub):
     )
     p.add_argument("--count", type=_positive_int, required=True, help="number of examples")
     p.add_argument("--size", type=_positive_int, default=32, help="object frame side in pixels (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
     p.add_argument("--oversampling", type=_positive_int, default=1, help="zero-padding factor (default 1)")
     p.add_argument("--families", default=None, choices=("paper", "textured", "holes", "realistic"),
                    help="objects: paper (default: convex, flat), textured (varying amplitude inside), holes "
@@ -88,6 +89,13 @@ def _cmd_simulate(args):
     if args.size < 8:
         raise UsageError("--size must be at least 8 pixels")
     io.check_writable(args.out)
+    side = args.size * args.oversampling
+    # intensity and mask (side^2), amplitude and phase (size^2): all held until written, and a margin
+    each, budget = int(1.25 * (5 * side * side + 8 * args.size * args.size)), io.memory_budget()
+    if args.count * each > budget:
+        raise UsageError(f"--count {args.count} patterns of {side} x {side} need about "
+                         f"{io.format_bytes(args.count * each)} in memory, more than the memory budget of "
+                         f"{io.format_bytes(budget)} (at most {budget // each} per file; CDINN_MEMORY sets the budget)")
     data = simulate(
         args.count,
         size=args.size,
@@ -254,6 +262,11 @@ def _cmd_train(args):
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     TrainConfig.from_preset(preset, **options)  # a bad combination fails here, before anything starts
+    if args.resume:
+        if not os.path.isdir(args.out):
+            raise UsageError(f"--resume: the model directory {args.out!r} does not exist (run without --resume to start)")
+        if not os.path.isfile(os.path.join(args.out, "last.json")):
+            print(f"no checkpoint in {args.out}: a new run starts", file=sys.stderr)
     if args.threads:
         import torch
 
@@ -303,6 +316,11 @@ def _add_stack_options(p, what):
                    help="address of a dask.distributed scheduler to run the chunks on (e.g. tcp://host:8786)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted .h5/.cxi run, skipping the chunks it finished")
+    p.add_argument("--memory", default=None, metavar="SIZE",
+                   help="memory budget that bounds chunk and batch sizes, e.g. 512M or 4G (default: $CDINN_MEMORY, "
+                        "else 1G)")
+    p.add_argument("--scheduler-timeout", type=_positive_float, default=60.0, metavar="S",
+                   help="seconds a --scheduler cluster may go without workers or without answering (default 60)")
     p.add_argument("--mask", default=None, metavar="FILE",
                    help="unmeasured pixels (True/nonzero = unmeasured), (H, W) or (N, H, W), in any input format "
                         "(.npz key or .h5 dataset 'mask'); default: the input's own mask, if it has one")
@@ -324,7 +342,10 @@ def _check_stack_input(args):
     if os.path.splitext(args.out)[1].lower() not in io.RESULT_EXTENSIONS:
         raise UsageError(f"--out must end in one of {', '.join(io.RESULT_EXTENSIONS)}, got {args.out!r}")
     io.check_writable(args.out)
+    io.check_not_input(args.out, args.input, args.mask, what="--out")
+    args.memory = io.memory_budget(args.memory)
     shape = io.stack_shape(args.input)
+    io.frames_in_budget(shape[-2:], args.memory, what=repr(os.path.basename(args.input)))
     resolve_device(args.device)
     args.mask_array = None
     if args.mask is not None:
@@ -386,13 +407,27 @@ def _run_stack(args, fn, options, attrs, label):
 
     if getattr(args, "mask_array", None) is not None:
         attrs = {**attrs, "mask": args.mask_source}
+    # the resume fingerprint: every option as given, and the weights by their contents (not their path)
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("func", "resume", "scheduler", "scheduler_timeout", "mask_array", "memory")}
+    model = getattr(fn, "keywords", {}).get("model")
+    weights = _sha256(model.path) if hasattr(model, "path") else None
+    if args.scheduler:
+        _quiet_dask()
     try:
         summary = stream.process_stack(args.input, args.out, fn, chunk_size=args.chunk_size, resume=args.resume,
-                                       scheduler=args.scheduler, options=options, attrs=attrs,
-                                       progress=progress_events(_Progress(label)),
-                                       mask=getattr(args, "mask_array", None))
+                                       scheduler=args.scheduler, options={**options, "args": given, "weights": weights},
+                                       attrs=attrs, progress=progress_events(_Progress(label)),
+                                       mask=getattr(args, "mask_array", None), memory=args.memory,
+                                       scheduler_timeout=args.scheduler_timeout)
     except Cancelled as exc:
         raise UsageError(str(exc)) from None
+    except stream.PartialError as exc:
+        import shlex
+
+        again = [a for a in _ARGV if a != "--resume"]
+        how = f": cdinn {shlex.join(again)}" if again else ""
+        raise UsageError(f"{exc}; delete it, or run without --resume, to start over{how}") from None
     skipped = summary.get("skipped", 0)  # streamed runs report finished chunks they skipped
     note = f" ({skipped} chunks resumed)" if skipped else ""
     print(f"wrote {args.out}{note}", file=sys.stderr)
@@ -418,6 +453,28 @@ def _add_predict(sub):
                         "pattern and the aligned answers are averaged (1..8; default 1, the network alone; "
                         "8 is the most accurate, about 8x the network time)")
     p.set_defaults(func=_cmd_predict)
+
+
+def _quiet_dask():
+    """Silence dask.distributed's own log lines (reconnection tracebacks...): the run ends with one line of its own."""
+    import logging
+
+    import distributed  # noqa: F401 - configures its loggers
+
+    for name in ["distributed", *logging.root.manager.loggerDict]:
+        if name == "distributed" or name.startswith("distributed."):
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
+def _sha256(path):
+    """Hex SHA-256 of a file's contents (read in blocks)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _cmd_predict(args):
@@ -458,8 +515,37 @@ def _add_reconstruct(sub):
                    help="network weights for --init nn (default: the best shipped model for the pattern size)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="patterns inverted together")
     p.add_argument("--starts", type=_positive_int, default=1, help="random starts per pattern, best chi2 kept")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
+    p.add_argument("--beta", type=_number(float, 0.0, False, "a number in (0, 2)", below=2.0), default=0.9,
+                   help="HIO/RAAR feedback parameter (default 0.9)")
+    p.add_argument("--threshold", type=_number(float, 0.0, False, "a fraction in (0, 1)", below=1.0), default=0.12,
+                   help="shrinkwrap threshold, relative to the blurred modulus's maximum (default 0.12)")
+    p.add_argument("--sigma", type=_sigma, default=(3.0, 1.0), metavar="S[,S_END]",
+                   help="shrinkwrap blur in pixels, at the first and the last update (default 3,1; one value: fixed)")
+    p.add_argument("--post", type=_post_steps, default=(), metavar="STEPS",
+                   help="post-processing, comma-separated: centre (centre of mass to the frame centre), ramp "
+                        "(remove the linear phase ramp and the mean phase), unwrap (unwrap the phase in the support)")
     p.set_defaults(func=_cmd_reconstruct)
+
+
+def _post_steps(text):
+    """``centre,ramp,unwrap`` (any subset): post-processing steps of ``cdinn reconstruct``."""
+    from .postprocess import STEPS
+
+    steps = tuple(t for t in text.replace(" ", "").split(",") if t)
+    bad = [t for t in steps if t not in STEPS]
+    if bad or not steps:
+        raise argparse.ArgumentTypeError(f"expected steps from {', '.join(STEPS)}, got {text!r}")
+    return steps
+
+
+def _sigma(text):
+    """``S`` or ``S0,S1``: shrinkwrap blur (pixels) at the first and the last update."""
+    parts = [t for t in text.replace(" ", "").split(",") if t]
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected S or S0,S1 (pixels), got {text!r}")
+    values = [_positive_float(t) for t in parts]
+    return (values[0], values[-1])
 
 
 def _cmd_reconstruct(args):
@@ -472,6 +558,9 @@ def _cmd_reconstruct(args):
     shape = _check_stack_input(args)
     if shape[-1] != shape[-2] or shape[-1] % 2:
         raise UsageError(f"patterns must be square with an even size, got {shape[-2]} x {shape[-1]}")
+    if shape[-1] < 8:
+        raise UsageError(f"patterns must be at least 8 x 8 pixels to be inverted, got {shape[-2]} x {shape[-1]}")
+    _check_iterations(args, shape)
     iterations = args.iterations or 620
     nn_options = {}
     if args.init == "nn":
@@ -489,10 +578,31 @@ def _cmd_reconstruct(args):
         model = nn.resolve_model(args.model, shape)  # the network for this size, checked once
     options = {"algorithm": args.algorithm, "iterations": iterations, "init": args.init, "model": args.model,
                "device": args.device, "batch_size": args.batch_size, "n_starts": args.starts, "seed": args.seed,
-               **nn_options}
+               "beta": args.beta, "threshold": args.threshold, "sigma": list(args.sigma), **nn_options}
     fn = functools.partial(reconstruct_chunk, **dict(options, model=model))
+    if args.post:
+        from .postprocess import chunk_with_steps
+
+        fn = functools.partial(chunk_with_steps, fn, steps=args.post)
+        options["post"] = list(args.post)
     options["command"] = "reconstruct"
     _run_stack(args, fn, options, options, "reconstruct")
+
+
+def _check_iterations(args, shape):
+    """``--iterations`` within what memory allows: the retrieval keeps a few bytes per iteration, and an
+    error record per frame every 10 iterations, for a batch of up to a chunk of frames."""
+    from . import io
+
+    if args.iterations is None:
+        return
+    chunk = min(args.chunk_size, io.frames_in_budget(shape[-2:], args.memory))
+    per_iteration = 16 + (80 + 4 * chunk) / 10
+    most = int(args.memory // per_iteration)
+    if args.iterations > most:
+        raise UsageError(f"--iterations {args.iterations} is more than the memory budget of "
+                         f"{io.format_bytes(args.memory)} allows for chunks of {chunk} frames (at most {most}; "
+                         "--memory or CDINN_MEMORY sets the budget)")
 
 
 # --------------------------------------------------------------------------- report
@@ -547,7 +657,28 @@ def _end_progress_line():
 
 
 def main(argv=None):
-    """Entry point of the ``cdinn`` console script; returns the exit code."""
+    """Entry point of the ``cdinn`` console script; returns the exit code (see :func:`_main`)."""
+    code = _main(argv)
+    stream = sys.modules.get("napari_cdinn.stream")
+    if code and stream is not None and stream.FAILED_FILES:  # HDF5 would crash closing a file whose write failed
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv=None):
+    """Entry point of the ``cdinn`` console script; returns the exit code.
+
+    Bad input and arguments: one line ``error: ...`` and exit code 2; an interrupt: 130; anything
+    unexpected: one line and exit code 1 (``CDINN_DEBUG=1`` shows its traceback instead).
+    """
+    import signal
+
+    global _ARGV
+    _ARGV = list(sys.argv[1:] if argv is None else argv)
+    if hasattr(signal, "SIGXFSZ"):  # past `ulimit -f` a write fails (EFBIG, reported) instead of killing us
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         args = build_parser().parse_args(argv)
         args.func(args)
@@ -560,11 +691,32 @@ def main(argv=None):
         _end_progress_line()
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except MemoryError as exc:
+        _end_progress_line()
+        print(f"error: out of memory ({_first_line(exc) or 'MemoryError'}); lower --memory, --chunk-size or "
+              "--batch-size", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         _end_progress_line()
         print("error: interrupted (an .h5/.cxi run continues with --resume)", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if os.environ.get("CDINN_DEBUG"):
+            raise
+        _end_progress_line()
+        print(f"error: unexpected {type(exc).__name__}: {_first_line(exc)} (CDINN_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+#: The arguments of the running command (to print the command that starts a run over).
+_ARGV: list = []
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 if __name__ == "__main__":

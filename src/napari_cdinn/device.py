@@ -39,7 +39,15 @@ def resolve_device(name: str = "auto"):
         raise ValueError("CUDA was requested but no CUDA device is available")
     if kind == "mps" and not has_mps:
         raise ValueError("MPS was requested but no Apple MPS device is available")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}, or cuda:N") from None
+    if kind == "cpu" and dev.index not in (None, 0):
+        raise ValueError(f"unknown device {name!r}; the CPU is 'cpu'")
+    if kind == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"there is no device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def machine_info(device=None) -> dict:

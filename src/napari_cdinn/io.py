@@ -12,7 +12,14 @@
 
 Writing is atomic: every writer writes to a temporary file beside the target and renames it
 at the end, so a failed or interrupted run never leaves a half-written file under the final
-name, nor overwrites an existing one.
+name, nor overwrites an existing one; the file follows the umask, and a full disk is one
+``OSError`` naming it (:func:`disk_full`).
+
+Memory is bounded by bytes, not frames: :func:`memory_budget` (``CDINN_MEMORY``, default 1 GiB)
+bounds the frames a job holds at once (:func:`frames_in_budget`), a whole read
+(``read_stack(lazy=False)``, :func:`read_result`) and a mask; ``.npz`` members are memory-mapped
+where stored and decompressed frame range by frame range where compressed (a member whose size
+exceeds the budget is refused before it is read).
 """
 
 from __future__ import annotations
@@ -22,16 +29,28 @@ import json
 import os
 import posixpath
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import dask.array as da
+    from numpy.typing import ArrayLike
 
 __all__ = [
     "RESULT_EXTENSIONS",
     "STACK_EXTENSIONS",
     "H5ResultWriter",
+    "MEMORY_BUDGET",
     "atomic_output",
+    "check_not_input",
     "check_writable",
+    "disk_full",
     "file_mask",
+    "frames_in_budget",
+    "memory_budget",
+    "parse_size",
     "h5_chunk_frames",
     "h5_dataset_options",
     "read_frames",
@@ -45,7 +64,7 @@ __all__ = [
 ]
 
 
-def check_writable(path):
+def check_writable(path: str | os.PathLike) -> None:
     """Raise ``OSError`` with one clear sentence when ``path`` cannot be written."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -57,7 +76,7 @@ def check_writable(path):
 
 
 @contextlib.contextmanager
-def atomic_output(path):
+def atomic_output(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only on success.
 
     The temporary name keeps the extension (``.name.XXXX.tmp.npz``) so that libraries that
@@ -68,22 +87,121 @@ def atomic_output(path):
     stem, ext = os.path.splitext(name)
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=folder)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600: a result follows the umask
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if disk_full(exc):
+            raise OSError(f"could not write {os.fspath(path)!r}: {disk_full(exc)}") from None
         raise
 
 
-def write_json(path, obj):
+def current_umask() -> int:
+    """The process's file-creation mask (read without changing it for long)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """The reason when ``exc`` is a write that failed for want of space (full disk, quota, ``ulimit -f``), else None.
+
+    h5py reports HDF5's failed writes as ``OSError`` or ``RuntimeError`` with the errno in its text.
+    """
+    import errno
+
+    reasons = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EFBIG: "the file size limit is reached (ulimit -f)"}
+    if not isinstance(exc, OSError | RuntimeError):
+        return None
+    if isinstance(exc, OSError) and exc.errno in reasons:
+        return reasons[exc.errno]
+    text = str(exc)
+    for code, reason in reasons.items():
+        if f"errno = {code}," in text or os.strerror(code) in text:
+            return reason
+    return None
+
+
+def check_not_input(out: str | os.PathLike, *inputs: str | os.PathLike | None, what: str = "the output") -> None:
+    """Raise ``ValueError`` when ``out`` is (or links to) one of ``inputs``: a result never replaces its data."""
+    if not os.path.exists(out):
+        return
+    for src in inputs:
+        if src is None or not isinstance(src, str | os.PathLike) or not os.path.exists(src):
+            continue
+        if os.path.samefile(out, src) or os.path.realpath(out) == os.path.realpath(src):
+            raise ValueError(f"{what} {os.fspath(out)!r} is the input file {os.fspath(src)!r}; "
+                             "choose another output name (the input is never overwritten)")
+
+
+#: Default memory budget in bytes (``CDINN_MEMORY`` or ``--memory`` change it): chunk and batch
+#: sizes are chosen so that a run's arrays stay within it.
+MEMORY_BUDGET = 2**30
+#: Bytes of working memory per byte of a float32 input frame that a chunk costs (input, results,
+#: complex intermediates of the retrieval): a chunk of ``k`` frames needs about ``k * frame * WORK_FACTOR``.
+WORK_FACTOR = 16
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
+          "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
+
+
+def parse_size(text: str | int | float, what: str = "size") -> int:
+    """Bytes of a size such as ``512M``, ``2G``, ``1.5GiB`` or ``1000000`` (ValueError naming ``what``)."""
+    import re
+
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        value, unit = (float(m.group(1)), m.group(2).upper()) if m else (0.0, "?")
+    if unit not in _UNITS or not np.isfinite(value) or value * _UNITS[unit] < 2**20:
+        raise ValueError(f"{what}: expected a size of at least 1M, such as 512M or 2G, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
+def memory_budget(value: str | int | None = None) -> int:
+    """The memory budget in bytes: ``value`` if given, else the ``CDINN_MEMORY`` variable, else :data:`MEMORY_BUDGET`."""
+    if value is not None:
+        return parse_size(value, "--memory")
+    env = os.environ.get("CDINN_MEMORY")
+    return parse_size(env, "CDINN_MEMORY") if env else MEMORY_BUDGET
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in words: ``1.5 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def frames_in_budget(frame_shape: Sequence[int], budget: int | None = None, factor: int = WORK_FACTOR,
+                     what: str = "the data") -> int:
+    """Frames of ``frame_shape`` that fit a memory budget at ``factor`` bytes of work per float32 byte (at least 1).
+
+    Raises ``ValueError`` (one sentence) when a single frame does not fit.
+    """
+    budget = memory_budget() if budget is None else int(budget)
+    frame = int(np.prod([int(s) for s in frame_shape], dtype=np.int64)) * 4
+    count = budget // max(frame * factor, 1)
+    if count < 1:
+        size = " x ".join(str(int(s)) for s in frame_shape)
+        raise ValueError(f"one frame of {what} ({size}) needs about {format_bytes(frame * factor)} of memory, "
+                         f"more than the memory budget of {format_bytes(budget)} (CDINN_MEMORY or --memory sets it)")
+    return int(count)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON atomically (NumPy scalars and arrays become numbers and lists)."""
     with atomic_output(path) as tmp, open(tmp, "w") as fh:
         json.dump(obj, fh, indent=2, default=_json_default)
 
 
-def write_npz(path, arrays):
+def write_npz(path: str | os.PathLike, arrays: Mapping[str, ArrayLike]) -> None:
     """Write a dict of arrays to an ``.npz`` file atomically (uncompressed, fast to load)."""
     with atomic_output(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
@@ -115,7 +233,7 @@ def _name(path):
     return os.path.basename(str(path))
 
 
-def read_stack(path, lazy=None):
+def read_stack(path: str | os.PathLike, lazy: bool | None = None) -> np.ndarray | da.Array:
     """Read measured diffraction intensities from a file as ``(N, H, W)`` or ``(H, W)`` float32.
 
     Formats (design.md): ``.npy``; ``.npz`` (key ``intensity``, else ``data``, else the only
@@ -152,13 +270,38 @@ def read_stack(path, lazy=None):
     path, source = _open_source(path)
     if lazy is None:
         lazy = source.size * source.dtype.itemsize > LAZY_THRESHOLD
+    frames_in_budget(source.shape[-2:], factor=1, what=repr(_name(path)))  # one frame must fit, even lazily
     if lazy:
         return _to_dask(source).astype(np.float32)
+    budget = memory_budget()
+    if source.size * 4 > budget:
+        raise ValueError(f"{_name(path)!r} holds {format_bytes(source.size * 4)} as float32, more than the memory "
+                         f"budget of {format_bytes(budget)}; read it lazily (lazy=None) or set CDINN_MEMORY")
     try:
         data = source if isinstance(source, np.ndarray) else source[...]
-        return np.array(data, dtype=np.float32)  # a copy: never a view of a memory map
-    except (OSError, ValueError, EOFError) as exc:
+        return _as_float32(data, path)  # a copy: never a view of a memory map
+    except (OSError, EOFError) as exc:
         raise ValueError(f"{_name(path)!r} could not be read completely (truncated?): {_first_line(exc)}") from None
+    except ValueError as exc:
+        if "float32" in str(exc):
+            raise
+        raise ValueError(f"{_name(path)!r} could not be read completely (truncated?): {_first_line(exc)}") from None
+
+
+def _as_float32(data, path, first=0):
+    """``data`` as a float32 copy; values beyond float32's range raise ``ValueError`` (they would become
+    infinite, and so unmeasured, without a word).  ``first``: the stack index of ``data``'s first frame."""
+    data = np.asarray(data)
+    if data.dtype.kind == "f" and data.dtype.itemsize > 4:
+        with np.errstate(invalid="ignore"):
+            big = (np.abs(data) > np.finfo(np.float32).max) & np.isfinite(data)
+        if big.any():
+            where = np.argwhere(big)[0]
+            frame = f", frame {first + int(where[0])}" if data.ndim == 3 else ""
+            raise ValueError(f"{_name(path)!r} holds values beyond float32's range (such as "
+                             f"{float(data[tuple(where)]):.3g}{frame}); rescale the data (results do not depend "
+                             "on the scale)")
+    return data.astype(np.float32)
 
 
 def _open_source(path):
@@ -173,21 +316,21 @@ def _open_source(path):
     return path, source
 
 
-def stack_shape(path):
+def stack_shape(path: str | os.PathLike) -> tuple[int, ...]:
     """Shape ``(N, H, W)`` or ``(H, W)`` of a stack file, checked as :func:`read_stack` checks it, without reading it."""
     return tuple(_open_source(path)[1].shape)
 
 
-def read_frames(path, start, stop):
+def read_frames(path: str | os.PathLike, start: int, stop: int) -> np.ndarray:
     """Frames ``start:stop`` of a stack file as float32 ``(n, H, W)``, reading only those frames.
 
     A 2-D file is one frame.  The streaming jobs read their chunks this way: no dask graph and no
     scheduler lookup per chunk (same formats and errors as :func:`read_stack`).
     """
-    _, source = _open_source(path)
+    path, source = _open_source(path)
     if len(source.shape) == 2:
-        return np.asarray(source[:, :], dtype=np.float32)[None][start:stop]
-    return np.asarray(source[start:stop], dtype=np.float32)
+        return _as_float32(source[:, :], path)[None][start:stop]
+    return _as_float32(source[start:stop], path, start)
 
 
 def _input_path(path, extensions):
@@ -221,6 +364,8 @@ def _first_line(exc):
 def _check_stack(source, path):
     """Raise ValueError unless ``source`` holds a non-empty real numeric 2-D or 3-D array."""
     name = _name(path)
+    if source.shape is None:
+        raise ValueError(f"{name!r} holds an empty (null) data set")
     dtype = np.dtype(source.dtype)
     if dtype.kind == "c":
         raise ValueError(f"{name!r} holds complex data; expected real intensities")
@@ -256,22 +401,83 @@ def _open_npy(path):
 
 
 def _open_npz(path):
-    import zipfile
-
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            keys = [k for k in npz.files if k != _ATTRS_KEY]
-            for key in ("intensity", "data"):
-                if key in keys:
-                    return npz[key]
-            keys = [k for k in keys if k != _MASK_KEY]  # a mask beside the data is not the data
-            if len(keys) == 1:
-                return npz[keys[0]]
-    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
-        raise ValueError(f"{_name(path)!r} is truncated or not a valid .npz file ({_first_line(exc)})") from None
+    keys = [k for k in _npz_keys(path) if k != _ATTRS_KEY]
+    for key in ("intensity", "data"):
+        if key in keys:
+            return _npz_member(path, key)
+    keys = [k for k in keys if k != _MASK_KEY]  # a mask beside the data is not the data
+    if len(keys) == 1:
+        return _npz_member(path, keys[0])
     if not keys:
         raise ValueError(f"{_name(path)!r} holds no intensity arrays")
     raise ValueError(f"{_name(path)!r} holds several arrays ({', '.join(keys)}) and none named 'intensity' or 'data'")
+
+
+def _npz_bad(path, exc):
+    return ValueError(f"{_name(path)!r} is truncated or not a valid .npz file ({_first_line(exc)})")
+
+
+def _npz_keys(path):
+    """The array names of an ``.npz`` file (its ``.npy`` members), read from the zip directory alone."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise _npz_bad(path, exc) from None
+    return [n[:-4] if n.endswith(".npy") else n for n in names]
+
+
+def _npz_member(path, key):
+    """The array ``key`` of an ``.npz`` file, not read yet: a memory map where it is stored uncompressed,
+    else a source that decompresses the frames asked for (:class:`_NpzStream`), whose decompressed
+    size must fit the memory budget (:func:`memory_budget`)."""
+    import zipfile
+
+    name = repr(_name(path))
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo(key + ".npy") if key + ".npy" in zf.namelist() else zf.getinfo(key)
+            if info.flag_bits & 0x1:
+                raise ValueError(f"the array {key!r} in {name} is encrypted")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2,
+                                          zipfile.ZIP_LZMA):
+                raise ValueError(f"the array {key!r} in {name} uses an unsupported zip compression "
+                                 f"(method {info.compress_type})")
+            with zf.open(info) as fh:
+                version = np.lib.format.read_magic(fh)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read(fh)
+                header = fh.tell()
+            with open(path, "rb") as raw:  # where the member's bytes start: after its local header
+                raw.seek(info.header_offset)
+                local = raw.read(30)
+            start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+    except ValueError as exc:
+        if str(exc).startswith("the array"):
+            raise
+        raise _npz_bad(path, exc) from None
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError, NotImplementedError, RuntimeError) as exc:
+        raise _npz_bad(path, exc) from None
+    if dtype.hasobject:
+        raise ValueError(f"the array {key!r} in {name} holds Python objects, not numbers")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if info.file_size != header + nbytes or local[:4] != b"PK\x03\x04":
+        raise ValueError(f"{name} is truncated or not a valid .npz file (the array {key!r} is incomplete)")
+    if nbytes == 0:
+        return np.empty(shape, dtype)
+    if info.compress_type == zipfile.ZIP_STORED:
+        if start + header + nbytes > os.path.getsize(path):
+            raise ValueError(f"{name} is truncated (the array {key!r} is incomplete)")
+        return np.memmap(path, dtype=dtype, mode="r", offset=start + header, shape=shape,
+                         order="F" if fortran else "C")
+    budget = memory_budget()
+    if nbytes > budget or (fortran and len(shape) > 2 and nbytes > LAZY_THRESHOLD):
+        raise ValueError(f"the array {key!r} in {name} is compressed and decompresses to {format_bytes(nbytes)}, "
+                         f"more than the memory budget of {format_bytes(budget)} allows; save it uncompressed "
+                         "(numpy.savez) or as .h5 to stream it, or set CDINN_MEMORY")
+    return _NpzStream(path, info.filename, shape, dtype, header, fortran)
 
 
 def _open_tiff(path):
@@ -282,8 +488,13 @@ def _open_tiff(path):
             series = tif.series[0]
             shape, dtype, axes = tuple(series.shape), series.dtype, series.axes
             n_pages = len(series.pages)
+            sizes = sorted({tuple(s.shape[-2:]) for s in tif.series if not getattr(s, "is_reduced", False)})
     except Exception as exc:  # noqa: BLE001 - tifffile raises many types for foreign or broken files
         raise ValueError(f"{_name(path)!r} is not a readable TIFF file ({_first_line(exc)})") from None
+    if len(sizes) > 1:  # tifffile puts pages of another size in other series: never read page 1 alone
+        listed = ", ".join(f"{h} x {w}" for h, w in sizes[:4])
+        raise ValueError(f"{_name(path)!r} holds images of different sizes ({listed}); "
+                         "expected one stack of equal frames (save each size to its own file)")
     if axes.endswith("S") and len(shape) >= 3:
         raise ValueError(f"{_name(path)!r} is a colour (RGB) image; expected grey-level intensities")
     try:
@@ -322,6 +533,20 @@ class _Eager(_LazySource):
         return np.asarray(self._load())[key]
 
 
+def _first_axis(key, shape):
+    """Split an index into a stack of ``shape``: ``(frames, rest, squeeze)``, ``frames`` the list of
+    first-axis indices, ``rest`` the index into each frame, ``squeeze`` whether the first axis goes."""
+    key = key if isinstance(key, tuple) else (key,)
+    if any(k is Ellipsis for k in key):
+        at = next(i for i, k in enumerate(key) if k is Ellipsis)
+        fill = len(shape) - (len(key) - 1 - sum(k is None for k in key))
+        key = key[:at] + (slice(None),) * max(fill, 0) + key[at + 1:]
+    first = key[0] if key else slice(None)
+    if isinstance(first, int | np.integer):
+        return [int(first) % shape[0]], key[1:], True
+    return list(np.arange(shape[0])[first].reshape(-1)), key[1:], False
+
+
 class _TiffPages(_LazySource):
     """A multi-page TIFF stack read page by page (compressed TIFF that cannot be memory-mapped)."""
 
@@ -332,18 +557,42 @@ class _TiffPages(_LazySource):
     def __getitem__(self, key):
         import tifffile
 
-        key = key if isinstance(key, tuple) else (key,)
-        first = key[0] if key else slice(None)
-        if isinstance(first, int | np.integer):
-            pages = [int(first) % self.shape[0]]
-            rest, squeeze = key[1:], True
-        else:
-            pages = list(range(self.shape[0]))[first]
-            rest, squeeze = key[1:], False
+        pages, rest, squeeze = _first_axis(key, self.shape)
         if not pages:
             return np.empty((0,) + self.shape[1:], dtype=self.dtype)[(slice(None),) + rest]
         out = np.asarray(tifffile.imread(self.path, key=pages)).reshape((len(pages),) + self.shape[1:])
         out = out[(slice(None),) + rest]
+        return out[0] if squeeze else out
+
+
+class _NpzStream(_LazySource):
+    """A compressed ``.npz`` member read by decompressing up to the frames asked for (nothing kept)."""
+
+    def __init__(self, path, member, shape, dtype, header, fortran):
+        super().__init__(shape, dtype)
+        self.path, self.member, self.header, self.fortran = path, member, header, fortran
+
+    def _read(self, offset, count):
+        import zipfile
+
+        with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as fh:
+            fh.seek(self.header + offset)
+            data = fh.read(count)
+        if len(data) != count:
+            raise ValueError(f"{_name(self.path)!r} is truncated (the array {self.member!r} is incomplete)")
+        return data
+
+    def __getitem__(self, key):
+        if self.fortran or len(self.shape) < 3:  # small (checked when opened): read whole
+            whole = np.frombuffer(self._read(0, self.size * self.dtype.itemsize), self.dtype)
+            return whole.reshape(self.shape, order="F" if self.fortran else "C")[key]
+        frames, rest, squeeze = _first_axis(key, self.shape)
+        frame = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        if not frames:
+            return np.empty((0,) + self.shape[1:], dtype=self.dtype)[(slice(None),) + rest]
+        lo, hi = min(frames), max(frames) + 1
+        block = np.frombuffer(self._read(lo * frame, (hi - lo) * frame), self.dtype).reshape((hi - lo,) + self.shape[1:])
+        out = block[[f - lo for f in frames]][(slice(None),) + rest]
         return out[0] if squeeze else out
 
 
@@ -364,9 +613,7 @@ class _H5Dataset(_LazySource):
 def _open_h5(path):
 
     with _open_h5_file(path) as fh:
-        name = _find_h5_dataset(fh, path)
-        dset = fh[name]
-        return _H5Dataset(path, name, dset.shape, dset.dtype)
+        return _h5_lazy(path, fh, _find_h5_dataset(fh, path))
 
 
 def _find_h5_dataset(fh, path):
@@ -384,7 +631,7 @@ def _find_h5_dataset(fh, path):
     found = []
 
     def visit(name, obj):
-        if (isinstance(obj, h5py.Dataset) and obj.ndim in (2, 3) and obj.dtype.kind in "uifc"
+        if (isinstance(obj, h5py.Dataset) and obj.shape is not None and obj.ndim in (2, 3) and obj.dtype.kind in "uifc"
                 and posixpath.basename(name) != _MASK_KEY):  # a mask beside the data is not the data
             found.append(name)
 
@@ -397,7 +644,7 @@ def _find_h5_dataset(fh, path):
 
 
 # =========================================================================== masks
-def read_mask(path, shape):
+def read_mask(path: str | os.PathLike, shape: Sequence[int]) -> np.ndarray:
     """Read a mask of unmeasured pixels (beamstop, gaps, bad pixels) from a file.
 
     Formats: ``.npy``; ``.npz`` (key ``mask``, else the only array); ``.tif``/``.tiff``;
@@ -438,7 +685,7 @@ def read_mask(path, shape):
     return _check_mask(raw, shape, f"the mask {name}")
 
 
-def file_mask(path, shape=None):
+def file_mask(path: str | os.PathLike, shape: Sequence[int] | None = None) -> np.ndarray | None:
     """The mask a stack file carries beside its data, or None.
 
     Looked for: the key ``mask`` of an ``.npz`` file (``cdinn simulate --beamstop`` writes it);
@@ -468,35 +715,36 @@ def file_mask(path, shape=None):
 
 
 def _check_mask(mask, shape, what):
-    """``mask`` as bool after checking its dtype and its shape against the stack's ``shape``."""
-    mask = np.asarray(mask)
-    if mask.dtype.kind not in "bui":
+    """``mask`` as bool after checking its dtype, its shape against the stack's ``shape`` and its
+    size against the memory budget (a lazy source is read only then)."""
+    if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
+        mask = np.asarray(mask)
+    if np.dtype(mask.dtype).kind not in "bui":
         raise ValueError(f"{what} must hold booleans or integers (True/1 = unmeasured), got {mask.dtype}")
     shape = tuple(int(s) for s in shape)
     frame = shape[-2:]
     stack = ((shape[0] if len(shape) == 3 else 1),) + frame
-    if mask.shape not in (frame, stack):
+    if tuple(mask.shape) not in (frame, stack):
         raise ValueError(f"{what} is shaped {tuple(mask.shape)} but the data are {shape}; "
                          f"expected {frame} or {stack}")
+    budget = memory_budget()
+    if int(np.prod(mask.shape, dtype=np.int64)) > budget:
+        raise ValueError(f"{what} holds {format_bytes(int(np.prod(mask.shape, dtype=np.int64)))} of flags, more than "
+                         f"the memory budget of {format_bytes(budget)}; give one (H, W) mask or set CDINN_MEMORY")
+    mask = np.asarray(mask[...] if not isinstance(mask, np.ndarray) else mask)
     return mask != 0 if mask.dtype.kind != "b" else np.array(mask, dtype=bool)
 
 
 def _mask_npy(path):
-    return np.asarray(_open_npy(path))
+    return _open_npy(path)
 
 
 def _mask_npz(path):
-    import zipfile
-
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            keys = [k for k in npz.files if k != _ATTRS_KEY]
-            if _MASK_KEY in keys:
-                return npz[_MASK_KEY]
-            if len(keys) == 1:
-                return npz[keys[0]]
-    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
-        raise ValueError(f"{_name(path)!r} is truncated or not a valid .npz file ({_first_line(exc)})") from None
+    keys = [k for k in _npz_keys(path) if k != _ATTRS_KEY]
+    if _MASK_KEY in keys:
+        return _npz_member(path, _MASK_KEY)
+    if len(keys) == 1:
+        return _npz_member(path, keys[0])
     if not keys:
         raise ValueError(f"{_name(path)!r} holds no arrays")
     raise ValueError(f"{_name(path)!r} holds several arrays ({', '.join(keys)}) and none named 'mask'")
@@ -518,30 +766,25 @@ def _mask_h5(path):
         names = list(CXI_MASK_PATHS) if _ext(path) == ".cxi" else []
         for name in names + [_MASK_KEY]:
             if isinstance(fh.get(name), h5py.Dataset):
-                return fh[name][()]
+                return _h5_lazy(path, fh, name)
         found = []
 
         def visit(name, obj):
-            if isinstance(obj, h5py.Dataset) and obj.ndim in (2, 3) and obj.dtype.kind in "buif":
+            if (isinstance(obj, h5py.Dataset) and obj.shape is not None and obj.ndim in (2, 3)
+                    and obj.dtype.kind in "buif"):
                 found.append(name)
 
         fh.visititems(visit)
         if len(found) == 1:
-            return fh[found[0]][()]
+            return _h5_lazy(path, fh, found[0])
     if not found:
         raise ValueError(f"{_name(path)!r} holds no 2-D or 3-D data set")
     raise ValueError(f"{_name(path)!r} holds several data sets ({', '.join(found[:4])}) and none named 'mask'")
 
 
 def _npz_mask_beside_data(path):
-    import zipfile
-
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            keys = [k for k in npz.files if k != _ATTRS_KEY]
-            return npz[_MASK_KEY] if _MASK_KEY in keys and len(keys) > 1 else None
-    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
-        raise ValueError(f"{_name(path)!r} is truncated or not a valid .npz file ({_first_line(exc)})") from None
+    keys = [k for k in _npz_keys(path) if k != _ATTRS_KEY]
+    return _npz_member(path, _MASK_KEY) if _MASK_KEY in keys and len(keys) > 1 else None
 
 
 def _h5_mask_beside_data(path, ext):
@@ -553,12 +796,22 @@ def _h5_mask_beside_data(path, ext):
         names.append(posixpath.join(posixpath.dirname(data), _MASK_KEY))
         for name in names:
             if name != data and isinstance(fh.get(name), h5py.Dataset):
-                return fh[name][()]
+                return _h5_lazy(path, fh, name)
     return None
 
 
+def _h5_lazy(path, fh, name):
+    """A data set of an open file as a source read when needed (:class:`_H5Dataset`); an empty (null) one raises."""
+    dset = fh[name]
+    if dset.shape is None:
+        raise ValueError(f"the data set {name!r} in {_name(path)!r} is empty (it holds no array)")
+    return _H5Dataset(path, name, dset.shape, dset.dtype)
+
+
 # =========================================================================== results
-def write_result(path, arrays, attrs=None):
+def write_result(
+    path: str | os.PathLike, arrays: Mapping[str, ArrayLike], attrs: Mapping[str, Any] | None = None
+) -> None:
     """Write result arrays (``amplitude``, ``phase``, ``chi2``, ``support``...) atomically.
 
     The format follows the extension:
@@ -637,7 +890,7 @@ H5_CHUNK_BYTES = 2**20
 H5_CHUNK_FRAMES = 4096
 
 
-def h5_chunk_frames(n, frame_bytes, run_chunk=None):
+def h5_chunk_frames(n: int, frame_bytes: int, run_chunk: int | None = None) -> int | None:
     """Frames per HDF5 storage chunk of a result dataset of ``n`` frames of ``frame_bytes`` each.
 
     The largest power of two up to :data:`H5_CHUNK_FRAMES` whose chunk stays within
@@ -665,7 +918,7 @@ def h5_chunk_frames(n, frame_bytes, run_chunk=None):
     return fit if 16 * fit >= rows else None
 
 
-def h5_dataset_options(shape, dtype, run_chunk=None):
+def h5_dataset_options(shape: Sequence[int], dtype: Any, run_chunk: int | None = None) -> dict[str, Any]:
     """``h5py.Group.create_dataset`` keywords of a result dataset: gzip (level 4, shuffle) in
     whole-frame chunks of :func:`h5_chunk_frames` frames along the first axis; contiguous and
     uncompressed for scalars, empty arrays, or where :func:`h5_chunk_frames` says so."""
@@ -703,7 +956,7 @@ class H5ResultWriter:
     def __init__(self, fh, frames=None, run_chunk=None):
         self.fh, self.frames, self.run_chunk = fh, frames, run_chunk
 
-    def write_frames(self, start, stop, arrays):
+    def write_frames(self, start: int, stop: int, arrays: Mapping[str, ArrayLike]) -> None:
         """Write frames ``start:stop`` of every per-frame array of ``arrays`` (leading length ``stop - start``)."""
         for key, value in arrays.items():
             value = np.asarray(value)
@@ -713,19 +966,19 @@ class H5ResultWriter:
                                        **h5_dataset_options(shape, value.dtype, self.run_chunk))
             self.fh[key][start:stop] = value
 
-    def write_arrays(self, arrays):
+    def write_arrays(self, arrays: Mapping[str, ArrayLike]) -> None:
         """Write whole arrays of any shape (the in-memory, one-chunk case)."""
         for key, arr in arrays.items():
             arr = np.asarray(arr)
             self.fh.create_dataset(key, data=arr, **h5_dataset_options(arr.shape, arr.dtype))
 
-    def set_attrs(self, attrs):
+    def set_attrs(self, attrs: Mapping[str, Any]) -> None:
         """Store metadata as root attributes: str, bool, numbers and numeric lists as they are,
         anything else as its JSON text."""
         for key, value in (attrs or {}).items():
             self.fh.attrs[key] = _h5_attr(value)
 
-    def finish(self, cxi=False):
+    def finish(self, cxi: bool = False) -> None:
         """Add the minimal CXI tree over the root datasets (``cxi``: the output is a ``.cxi`` file)."""
         if cxi:
             _write_cxi_tree(self.fh, [k for k in self.fh if k != "cxi_version"])
@@ -778,7 +1031,9 @@ def _write_cxi_tree(fh, names):
         data.attrs["data_type"] = "reconstruction"
 
 
-def read_result(path, with_attrs=False, keys=None):
+def read_result(
+    path: str | os.PathLike, with_attrs: bool = False, keys: Iterable[str] | None = None
+) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read a file written by :func:`write_result` back into a dict of NumPy arrays.
 
     For ``.h5``/``.cxi`` the datasets at the root are returned (``cxi_version`` excepted); a
@@ -806,12 +1061,25 @@ def _read_npz_result(path, keys):
     import zipfile
 
     try:
+        with zipfile.ZipFile(path) as zf:
+            sizes = {(i.filename[:-4] if i.filename.endswith(".npy") else i.filename): i.file_size for i in zf.infolist()}
+        _check_result_size(path, sum(v for k, v in sizes.items() if keys is None or k in keys))
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files if keys is None or k in keys or k == _ATTRS_KEY}
-    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, RuntimeError, OSError) as exc:
+        if "memory budget" in str(exc):
+            raise
         raise ValueError(f"{_name(path)!r} is truncated or not a valid .npz file ({_first_line(exc)})") from None
     text = arrays.pop(_ATTRS_KEY, None)
     return arrays, (json.loads(str(text)) if text is not None else {})
+
+
+def _check_result_size(path, nbytes):
+    """Results are read whole: refuse more than the memory budget (:func:`memory_budget`) in one sentence."""
+    budget = memory_budget()
+    if nbytes > budget:
+        raise ValueError(f"{_name(path)!r} holds {format_bytes(nbytes)} of results, more than the memory budget of "
+                         f"{format_bytes(budget)} allows reading at once (CDINN_MEMORY sets it)")
 
 
 def _read_h5_result(path, keys):
@@ -823,7 +1091,9 @@ def _read_h5_result(path, keys):
         if not names and isinstance(fh.get("entry_1/result_1"), h5py.Group):
             group = fh["entry_1/result_1"]
             names = [k for k, v in group.items() if isinstance(v, h5py.Dataset)]
-        arrays = {k: group[k][()] for k in names if keys is None or k in keys}
+        names = [k for k in names if group[k].shape is not None and (keys is None or k in keys)]
+        _check_result_size(path, sum(group[k].size * group[k].dtype.itemsize for k in names))
+        arrays = {k: group[k][()] for k in names}
         attrs = {k: (v.item() if isinstance(v, np.generic) else v.tolist() if isinstance(v, np.ndarray) else v)
                  for k, v in fh.attrs.items()}
     if not arrays and keys is None:

@@ -396,6 +396,9 @@ def chi2(measured: Array, predicted: Array, mask: Array | None = None) -> Array:
         keep = ~mask
         it = it * keep
         ip = ip * keep
+    # each frame divided by its largest value first: the score ignores the scale, and squares of
+    # intensities scaled by 1e25 or 1e-22 would leave float32's range (inf, or 0)
+    it, ip = it / _frame_max(it), ip / _frame_max(ip)
     tp = (it * ip).sum(-1).sum(-1)
     pp = (ip * ip).sum(-1).sum(-1)
     tt = (it * it).sum(-1).sum(-1)
@@ -404,10 +407,25 @@ def chi2(measured: Array, predicted: Array, mask: Array | None = None) -> Array:
 
         s = torch.where(pp > 0, tp / torch.where(pp > 0, pp, torch.ones_like(pp)), torch.zeros_like(pp))
         num = ((it - s[..., None, None] * ip) ** 2).sum(-1).sum(-1)
-        return torch.where(tt > 0, num / torch.where(tt > 0, tt, torch.ones_like(tt)), torch.ones_like(tt))
-    s = np.where(pp > 0, tp / np.where(pp > 0, pp, 1), 0.0)
-    num = ((it - s[..., None, None] * ip) ** 2).sum(-1).sum(-1)
-    return np.where(tt > 0, num / np.where(tt > 0, tt, 1), 1.0)
+        out = torch.where(tt > 0, num / torch.where(tt > 0, tt, torch.ones_like(tt)), torch.ones_like(tt))
+        return torch.where(torch.isfinite(out), out, torch.ones_like(out))  # never NaN: no fit is 1
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = np.where(pp > 0, tp / np.where(pp > 0, pp, 1), 0.0)
+        num = ((it - s[..., None, None] * ip) ** 2).sum(-1).sum(-1)
+        out = np.where(tt > 0, num / np.where(tt > 0, tt, 1), 1.0)
+    return np.where(np.isfinite(out), out, 1.0)
+
+
+def _frame_max(x):
+    """Per-frame largest absolute value of ``x`` (..., H, W), shaped (..., 1, 1); 1 where it is 0 or not finite."""
+    if _is_torch(x):
+        import torch
+
+        m = x.abs().amax((-2, -1), keepdim=True)
+        return torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))
+    with np.errstate(invalid="ignore"):
+        m = np.abs(x).max(axis=(-2, -1), keepdims=True)
+    return np.where(np.isfinite(m) & (m > 0), m, 1.0)
 
 
 def noise_chi2(measured: Array, mask: Array | None = None) -> Array:
@@ -432,15 +450,22 @@ def noise_chi2(measured: Array, mask: Array | None = None) -> Array:
         import torch
 
         it = measured.float() if mask is None else measured.float() * ~mask
-        power = (it * it).sum((-2, -1))
-        counts = ((it - it.round()).abs().amax((-2, -1)) == 0) & (power > 0)
-        return torch.where(counts, it.sum((-2, -1)) / power.clamp_min(1e-30), torch.zeros_like(power))
+        counts = ((it - it.round()).abs().amax((-2, -1)) == 0) & (it.amax((-2, -1)) > 0)
+        m = _frame_max(it)  # sum I / sum I^2 = sum u / (m sum u^2), u = I / m: no overflow in float32
+        u = it / m
+        power = (u * u).sum((-2, -1)) * m[..., 0, 0]
+        out = torch.where(counts, u.sum((-2, -1)) / power.clamp_min(1e-30), torch.zeros_like(power))
+        return torch.where(torch.isfinite(out), out, torch.zeros_like(out))
     it = np.asarray(measured, dtype=np.float64)
     if mask is not None:
         it = it * ~np.asarray(mask, dtype=bool)
-    power = (it * it).sum(axis=(-2, -1))
-    counts = (np.abs(it - np.round(it)).max(axis=(-2, -1)) == 0) & (power > 0)
-    return np.where(counts, it.sum(axis=(-2, -1)) / np.where(power > 0, power, 1.0), 0.0)
+    counts = (np.abs(it - np.round(it)).max(axis=(-2, -1)) == 0) & (it.max(axis=(-2, -1)) > 0)
+    m = _frame_max(it)
+    u = it / m
+    power = (u * u).sum(axis=(-2, -1)) * m[..., 0, 0]
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = np.where(counts, u.sum(axis=(-2, -1)) / np.where(power > 0, power, 1.0), 0.0)
+    return np.where(np.isfinite(out), out, 0.0)
 
 
 def compare(

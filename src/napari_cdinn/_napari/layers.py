@@ -10,8 +10,11 @@ for dask stacks; negative intensities are shown as 0, NaN stays NaN) with the me
 and every consumer gets the true intensities back through :func:`layer_intensities`, which
 also accepts any plain image layer (its data are then taken as linear intensities).
 Amplitude layers are ``gray`` on 0..1, phase layers ``twilight`` on -pi..pi; both carry
-``cdinn_kind`` and, when known, the per-frame ``chi2`` in their metadata.  Masks of unmeasured
-pixels are Labels layers (1 = unmeasured) with ``cdinn_kind`` ``"mask"``.
+``cdinn_kind`` and, when known, the per-frame ``chi2`` in their metadata.  The docks show a result
+first as one RGBA "complex" layer (brightness = amplitude, hue = phase, transparent where the object
+is absent: :func:`complex_tuple`), its amplitude and phase layers added hidden beneath.  Masks of unmeasured
+pixels are Labels layers (1 = unmeasured) with ``cdinn_kind`` ``"mask"``; supports (the object's
+extent found by phase retrieval) Labels layers (1 = inside) with ``cdinn_kind`` ``"support"``.
 No Qt import here; napari only for layer types in annotations.
 """
 
@@ -102,6 +105,30 @@ def mask_tuple(mask, name, translate=None, **extra_metadata):
     if translate is not None:
         kwargs["translate"] = translate
     return ((np.asarray(mask) != 0).astype(np.uint8), kwargs, "labels")
+
+
+def complex_tuple(amplitude, phase, name, translate=None, **extra_metadata):
+    """LayerDataTuple of a complex result as one RGBA image: brightness = amplitude, hue = phase.
+
+    :func:`napari_cdinn.display.complex_to_rgb` on the HSV wheel, alpha = brightness (transparent
+    where the object is absent); ``cdinn_kind`` ``"complex"``.
+    """
+    from ..display import complex_to_rgb
+
+    rgba = complex_to_rgb(amplitude, phase, alpha=True)
+    kwargs = {"name": name, "rgb": True, "contrast_limits": (0.0, 1.0),
+              "metadata": {KIND: "complex", DISPLAY: "brightness = amplitude, hue = phase (hsv)", **extra_metadata}}
+    if translate is not None:
+        kwargs["translate"] = translate
+    return (rgba, kwargs, "image")
+
+
+def support_tuple(support, name, translate=None, **extra_metadata):
+    """LayerDataTuple of a support (the object's extent): a Labels layer, 1 = inside."""
+    kwargs = {"name": name, "opacity": 0.4, "metadata": {KIND: "support", **extra_metadata}}
+    if translate is not None:
+        kwargs["translate"] = translate
+    return ((np.asarray(support) != 0).astype(np.uint8), kwargs, "labels")
 
 
 def centre_offset(pattern_shape, object_shape):

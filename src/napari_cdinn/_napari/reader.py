@@ -22,15 +22,18 @@ _RESULT_KEYS = ("amplitude", "phase", "chi2")
 
 def get_reader(path):
     """Return a reader function for ``path`` (a path or a list of paths), or None."""
-    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
-    if not paths:
+    try:
+        paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+        layers = []
+        for p in paths:
+            found = _layer_tuples(os.fspath(p))
+            if not found:
+                return None
+            layers.extend(found)
+    except Exception:  # noqa: BLE001 - a reader never raises into napari: not ours, or unreadable
         return None
-    layers = []
-    for p in paths:
-        found = _layer_tuples(os.fspath(p))
-        if not found:
-            return None
-        layers.extend(found)
+    if not layers:
+        return None
 
     def reader(_path):
         return layers
@@ -47,7 +50,7 @@ def _layer_tuples(path):
     try:
         stack = io.read_stack(path)
         layers.append(_layers.intensity_tuple(stack, f"{stem} intensity", cdinn_source=path))
-    except (ValueError, OSError):
+    except Exception:  # noqa: BLE001 - any unreadable file (foreign, broken, too big for memory) is not ours
         stack = None
     if stack is not None:
         layers.extend(_mask_tuples(path, stem, stack.shape))
@@ -61,7 +64,7 @@ def _result_tuples(path, stem, stack):
         return []
     try:
         res = io.read_result(path, keys=_RESULT_KEYS)
-    except (ValueError, OSError, KeyError):
+    except Exception:  # noqa: BLE001 - see _layer_tuples
         return []
     meta = {"cdinn_source": path}
     if "chi2" in res:
@@ -80,7 +83,7 @@ def _mask_tuples(path, stem, shape):
     """The file's own mask as a Labels layer tuple (1 = unmeasured); [] when it has none or a bad one."""
     try:
         mask = io.file_mask(path, shape)
-    except (ValueError, OSError, KeyError):
+    except Exception:  # noqa: BLE001 - see _layer_tuples
         return []
     if mask is None:
         return []

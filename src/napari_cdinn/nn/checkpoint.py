@@ -78,9 +78,18 @@ def load_model(model=None, device="cpu"):
     meta = read_metadata(path)
     card = read_card(path)
     arch = model_arch(path)
-    state = {k: v.float() for k, v in load_file(str(path), device="cpu").items()}
-    net = build_model(arch, mask_channel_of(state, arch))
-    net.load_state_dict(state)
+    try:
+        state = {k: v.float() for k, v in load_file(str(path), device="cpu").items()}
+        net = build_model(arch, mask_channel_of(state, arch))
+        net.load_state_dict(state)
+    except (RuntimeError, KeyError, IndexError, OSError) as exc:  # safetensors' and torch's loading errors
+        text = str(exc).strip().splitlines()
+        why = text[-1].strip() if text else type(exc).__name__
+        raise ValueError(f"{path.name!r} does not hold the weights of a {arch!r} network ({why})") from None
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path.name!r} holds NaN or infinite weights ({bad[0]}...): the training that made it "
+                         "diverged; use another checkpoint")
     net.input_transform = meta.get("input") or card.get("config", {}).get("input", "linear")
     net.to(device).eval()
     return net, card

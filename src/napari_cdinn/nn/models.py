@@ -130,9 +130,15 @@ def resolve_model_path(model=None) -> Path:
 def read_card(path) -> dict:
     """The JSON card beside a .safetensors file ({} if there is none)."""
     card = Path(path).with_suffix(".json")
-    if card.is_file():
-        return json.loads(card.read_text())
-    return {}
+    if not card.is_file():
+        return {}
+    try:
+        value = json.loads(card.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"the model card {str(card)!r} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"the model card {str(card)!r} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def _header(path: Path) -> dict:
@@ -145,10 +151,34 @@ def _header(path: Path) -> dict:
                 header = json.loads(fh.read(size))
             except (ValueError, UnicodeDecodeError):
                 header = None
-    valid = isinstance(header, dict)
+    valid = isinstance(header, dict) and _tensors_fit(header, path.stat().st_size - 8 - size)
     if not valid:
         raise ValueError(f"{path.name!r} is not a valid safetensors file (truncated or another format)")
     return header
+
+
+#: Bytes per element of the safetensors dtypes.
+_ST_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+             "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _tensors_fit(header: dict, data_size: int) -> bool:
+    """Whether every tensor the header lists has a known dtype, a shape, and bytes of that size inside the file."""
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shape = [int(d) for d in entry["shape"]]
+            a, b = (int(x) for x in entry["data_offsets"])
+            width = _ST_BYTES[entry["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            return False
+        count = 1
+        for d in shape:
+            count *= d
+        if min(shape, default=0) < 0 or not 0 <= a <= b <= data_size or b - a != count * width:
+            return False
+    return True
 
 
 def read_metadata(model=None) -> dict:

@@ -482,7 +482,12 @@ class _Run:
 
         self.model.load_state_dict(load_file(str(self.out / "last.safetensors")))
         if (self.out / "optimizer.pt").is_file():
-            self.opt.load_state_dict(torch.load(self.out / "optimizer.pt", map_location="cpu", weights_only=True))
+            try:
+                saved = torch.load(self.out / "optimizer.pt", map_location="cpu", weights_only=True)
+                self.opt.load_state_dict(saved)
+            except Exception:  # noqa: BLE001 - unpickling refused (not plain tensors), truncated, foreign
+                raise ValueError(f"{str(self.out / 'optimizer.pt')!r} cannot be resumed from (it holds more than plain "
+                                 "tensors, or is damaged); delete it to resume without the optimizer's state") from None
 
     def elapsed(self):
         """Seconds of training, across resumes."""

@@ -170,7 +170,7 @@ def _prepare_batch(intens, mask, init, init_support, frames, starts, seed):
         free = np.fft.ifftshift(np.broadcast_to(mask, inten.shape), axes=(-2, -1)).astype(np.float32)
         inten = inten * (1.0 - free)
     amp = np.sqrt(inten)
-    scale = np.sqrt((amp * amp).sum(axis=(1, 2)) / (m * m)).astype(np.float32)
+    scale = np.sqrt((amp.astype(np.float64) ** 2).sum(axis=(1, 2)) / (m * m)).astype(np.float32)  # float64: no overflow
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
     amp = amp / scale[:, None, None]
     x0 = np.empty(amp.shape, dtype=np.complex64)
@@ -361,7 +361,7 @@ def reconstruct(
         if arr is not None and (np.shape(arr)[-2:] != (m, m) or np.ndim(arr) not in (2, 3)):
             raise ValueError(f"{name} must be shaped (M, M) or (N, M, M) like the patterns")
     mask = None if mask is None else np.asarray(mask, dtype=bool)
-    support = None if support is None else np.asarray(support, dtype=bool)
+    support = None if support is None else np.broadcast_to(np.asarray(support, dtype=bool), (n, m, m))
 
     shrink = None
     if not fixed_support and shrinkwrap_every > 0:

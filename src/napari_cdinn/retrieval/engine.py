@@ -151,7 +151,7 @@ def iterate(
         st.fourier(x, out=field)
         _, mag2 = st.modulus_projection(field, amp, free_gain)
         if (it + 1) % error_every == 0 or it + 1 == total:
-            out.errors.append(st.fourier_error(mag2, amp, measured))
+            out.errors.append(st.fourier_error(mag2, amp, measured, scale=float(x.shape[-2] * x.shape[-1])))
             out.error_iterations.append(it + 1)
         st.inverse_fourier(field, out=y)
         st.update(step, x, y, support, outside, beta)

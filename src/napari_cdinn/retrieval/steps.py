@@ -93,8 +93,10 @@ def modulus_projection(field, amp, free=None):
     return field, mag2
 
 
-def fourier_error(mag2, amp, measured=None):
-    """Relative Fourier-modulus error ``sum (|F| - A)**2 / sum A**2`` per frame.
+def fourier_error(mag2, amp, measured=None, scale=1.0):
+    """Relative Fourier-modulus error ``sum (|F| / scale - A)**2 / sum A**2`` per frame.
+
+    A Fourier R-factor on the measured pixels: scale-free, ~0 at convergence on noise-free data.
 
     Parameters
     ----------
@@ -104,12 +106,18 @@ def fourier_error(mag2, amp, measured=None):
         Measured amplitudes (0 on free pixels).
     measured : torch.Tensor, float32, optional
         1 on measured pixels, 0 on free ones.
+    scale : float
+        ``|F|`` is divided by it first: the engine passes ``M * M``, since its amplitudes are
+        stored pre-divided by the number of pixels (see the module doc).
 
     Returns
     -------
     torch.Tensor, float32, shape (B,)
     """
-    d = torch.sqrt(mag2).sub_(amp)
+    d = torch.sqrt(mag2)
+    if scale != 1.0:
+        d.mul_(1.0 / float(scale))
+    d.sub_(amp)
     if measured is not None:
         d.mul_(measured)
     num = d.square_().sum(dim=(-2, -1))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import threading
+from pathlib import Path
 
 import numpy as np
 from magicgui import widgets
@@ -10,6 +13,7 @@ from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import QApplication
 
 from .. import layers as _layers
 
@@ -34,13 +38,14 @@ def notify(text):
 def image_layer_picker(viewer, label, kind=None, nullable=False):
     """A ComboBox of the viewer's image layers, kept up to date as layers come and go.
 
-    Layers whose ``cdinn_kind`` metadata equals ``kind`` are listed first.
+    Layers whose ``cdinn_kind`` metadata equals ``kind`` are listed first, then visible ones, top
+    (last added) first: the default is the layer of that kind one sees.
     """
 
     def choices(_widget=None):
-        layers = [layer for layer in viewer.layers if isinstance(layer, Image)]
-        if kind is not None:
-            layers.sort(key=lambda layer: layer.metadata.get(_layers.KIND) != kind)
+        layers = [layer for layer in viewer.layers if isinstance(layer, Image)][::-1]
+        layers.sort(key=lambda layer: (kind is not None and layer.metadata.get(_layers.KIND) != kind,
+                                       not layer.visible))
         return [(layer.name, layer) for layer in layers]
 
     box = widgets.ComboBox(label=label, choices=choices, nullable=nullable)
@@ -50,7 +55,7 @@ def image_layer_picker(viewer, label, kind=None, nullable=False):
     return box
 
 
-def mask_layer_picker(viewer, patterns=None, label="mask"):
+def mask_layer_picker(viewer, patterns=None, label="mask", tooltip=None):
     """A ComboBox of the viewer's Labels and Image layers that can mark unmeasured pixels.
 
     The empty choice (the default) means no mask.  Labels layers are listed first.  When
@@ -65,8 +70,8 @@ def mask_layer_picker(viewer, patterns=None, label="mask"):
         return [(layer.name, layer) for layer in layers]
 
     box = widgets.ComboBox(label=label, choices=choices, nullable=True, value=None,
-                           tooltip="pixels that were not measured (beamstop, gaps): nonzero = unmeasured; "
-                                   "shaped like one pattern (H, W) or like the stack (N, H, W)")
+                           tooltip=tooltip or "pixels that were not measured (beamstop, gaps): nonzero = unmeasured; "
+                                              "shaped like one pattern (H, W) or like the stack (N, H, W)")
 
     def own_mask(_e=None):
         source = getattr(patterns.value, "metadata", {}).get("cdinn_source") if patterns is not None else None
@@ -134,19 +139,41 @@ class _Bridge(QObject):
     progress = Signal(object)
 
 
+#: Runners with a job under way, closed (stopped and waited for) when the application quits.
+_LIVE: set = set()
+_QUIT_HOOKED = []
+
+
+def _close_live_runners():
+    for runner in list(_LIVE):
+        runner.close()
+
+
 class JobRunner:
     """Run ``job(progress, should_stop)`` in a napari thread worker.
 
     ``progress(info)`` may be called from the worker thread; ``on_progress(info)`` receives it
     on the main thread.  ``on_result(value)`` and ``on_error(exc)`` run on the main thread;
     ``on_finish()`` always runs last.  :meth:`stop` sets the flag ``should_stop()`` reads.
+
+    Closing: :meth:`close_with` ties the runner to a Qt widget; when that widget is destroyed
+    (its dock or the viewer closed), or the application quits, :meth:`close` stops the job, waits
+    for it to end (training then writes its checkpoint) and drops every later callback, so that no
+    deleted widget is touched.
     """
+
+    #: Seconds :meth:`close` waits for a stopped job to end.
+    close_wait_s = 120.0
 
     def __init__(self, on_progress, on_result, on_error=notify_error, on_finish=None):
         self._bridge = _Bridge()
-        self._bridge.progress.connect(on_progress)
+        self._bridge.progress.connect(self._progress)
+        self._on_progress = on_progress
         self._on_result, self._on_error, self._on_finish = on_result, on_error, on_finish
         self._stop = threading.Event()
+        self._done = threading.Event()
+        self._done.set()
+        self.closed = False
         self.worker = None
 
     @property
@@ -154,31 +181,72 @@ class JobRunner:
         """True while a job runs."""
         return self.worker is not None
 
+    def close_with(self, qwidget):
+        """Stop and wait for the job when ``qwidget`` is destroyed or the application quits."""
+        qwidget.destroyed.connect(lambda *_: self.close())
+        app = QApplication.instance()
+        if app is not None and not _QUIT_HOOKED:
+            app.aboutToQuit.connect(_close_live_runners)
+            _QUIT_HOOKED.append(True)
+
     def start(self, job):
         """Start ``job`` in a thread worker (one at a time)."""
         if self.running:
             raise RuntimeError("a job is already running")
+        if self.closed:
+            raise RuntimeError("the dock was closed")
         self._stop.clear()
-        worker = create_worker(job, self._bridge.progress.emit, self._stop.is_set,
+        self._done.clear()
+
+        def body(emit, should_stop):
+            try:
+                return job(emit, should_stop)
+            finally:
+                self._done.set()
+
+        worker = create_worker(body, self._bridge.progress.emit, self._stop.is_set,
                                _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(self._on_result)
-        worker.errored.connect(self._on_error)
+        worker.returned.connect(self._returned)
+        worker.errored.connect(self._errored)
         worker.finished.connect(self._finished)
         self.worker = worker
+        _LIVE.add(self)
         worker.start()
 
     def stop(self):
         """Ask the running job to stop at its next check."""
         self._stop.set()
 
+    def close(self, timeout=None):
+        """Stop the job, wait for it to end (up to ``timeout`` s), ignore its later callbacks."""
+        if self.closed:
+            return
+        self.closed = True
+        self._stop.set()
+        self._done.wait(self.close_wait_s if timeout is None else timeout)
+        _LIVE.discard(self)
+
     @property
     def stopped(self):
         """True when Stop was pressed during the current or last job."""
         return self._stop.is_set()
 
+    def _progress(self, info):
+        if not self.closed:
+            self._on_progress(info)
+
+    def _returned(self, value):
+        if not self.closed:
+            self._on_result(value)
+
+    def _errored(self, exc):
+        if not self.closed:
+            self._on_error(exc)
+
     def _finished(self):
         self.worker = None
-        if self._on_finish is not None:
+        _LIVE.discard(self)
+        if self._on_finish is not None and not self.closed:
             self._on_finish()
 
 
@@ -193,6 +261,7 @@ class JobControls(widgets.Container):
         buttons = widgets.Container(widgets=[self.run_button, self.stop_button], layout="horizontal", labels=False)
         super().__init__(widgets=[buttons, self.progress, self.status], labels=False)
         self.runner = runner
+        runner.close_with(self.native)
         self.run_button.changed.connect(lambda _v=None: on_run())
         self.stop_button.changed.connect(lambda _v=None: self._stop())
 
@@ -220,14 +289,18 @@ class JobControls(widgets.Container):
 
 
 class PlotCanvas:
-    """A small matplotlib figure embedded in a magicgui container (Qt backend)."""
+    """A small matplotlib figure embedded in a magicgui container (Qt backend).
 
-    def __init__(self, height=2.4):
+    ``rows`` plots stacked vertically: ``axes`` is the first, ``all_axes`` lists them all.
+    """
+
+    def __init__(self, height=2.4, rows=1):
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
         self.figure = Figure(figsize=(4, height), tight_layout=True)
-        self.axes = self.figure.add_subplot(111)
+        self.all_axes = [self.figure.add_subplot(rows, 1, i + 1) for i in range(rows)]
+        self.axes = self.all_axes[0]
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(int(height * 60))
 
@@ -240,15 +313,135 @@ class PlotCanvas:
         self.canvas.draw_idle()
 
 
-def add_or_update(viewer, layer_tuple):
-    """Add a LayerDataTuple as a layer, or replace the data of the layer of the same name."""
-    data, kwargs, _kind = layer_tuple
+def add_or_update(viewer, layer_tuple, visible=True):
+    """Add a LayerDataTuple (image or labels) as a layer, or replace the data of the layer of the same name.
+
+    ``visible``: whether a newly added layer is shown (an updated layer keeps the user's choice).
+    """
+    data, kwargs, kind = layer_tuple
+    kwargs = dict(kwargs, visible=visible)
     name = kwargs["name"]
     if name in viewer.layers:
         layer = viewer.layers[name]
-        if layer.data.shape == np.shape(data):
+        if layer.data.shape == np.shape(data) and isinstance(layer, Labels) == (kind == "labels"):
             layer.data = data
             layer.metadata.update(kwargs.get("metadata", {}))
             return layer
         viewer.layers.remove(layer)
-    return viewer.add_image(data, **kwargs)
+    return viewer.add_labels(data, **kwargs) if kind == "labels" else viewer.add_image(data, **kwargs)
+
+
+ENGINES = {"NN": "CDI NN", "PR": "phase retrieval"}
+WHEEL = "phase wheel (hue = phase, brightness = amplitude)"
+
+
+def show_result(viewer, source, engine, amplitude, phase, translate=None, **meta):
+    """Show a result of ``engine`` ("NN" or "PR") on the pattern layer ``source``.
+
+    The complex RGBA layer ``"{source} {engine} complex"`` is shown; the amplitude and phase layers
+    are added hidden beneath it (the Quality view and the writer read them).
+    """
+    names = {key: f"{source} {engine} {key}" for key in ("amplitude", "phase", "complex")}
+    add_or_update(viewer, _layers.amplitude_tuple(amplitude, names["amplitude"], translate=translate, **meta),
+                  visible=False)
+    add_or_update(viewer, _layers.phase_tuple(phase, names["phase"], translate=translate, **meta), visible=False)
+    add_or_update(viewer, _layers.complex_tuple(amplitude, phase, names["complex"], translate=translate, **meta))
+    return names
+
+
+def refresh_complex(viewer, amplitude_layer, phase_layer):
+    """Recompute the complex layer paired with ``amplitude_layer`` (``"... amplitude"`` -> ``"... complex"``)."""
+    name = amplitude_layer.name
+    if not name.endswith(" amplitude"):
+        return
+    name = name[: -len("amplitude")] + "complex"
+    if name in viewer.layers and viewer.layers[name].data.shape[:-1] == amplitude_layer.data.shape:
+        from ...display import complex_to_rgb
+
+        viewer.layers[name].data = complex_to_rgb(np.asarray(amplitude_layer.data), np.asarray(phase_layer.data),
+                                                  alpha=True)
+
+
+def arrange_side_by_side(viewer, source, frame_view=True):
+    """Put the pattern ``source``, the network's and the retrieval's results of it next to each other.
+
+    Results (layers whose ``cdinn_source`` is ``source``, named ``"{source} NN ..."`` or
+    ``"{source} PR ..."``) move one column to the right per engine, centred on the pattern's frame
+    height; a colour wheel (the phase legend) follows; the stack axis is labelled ``frame`` (the
+    same frame is shown in all); a text overlay names the columns; the view is framed on them all
+    (``frame_view``).
+    """
+    if source not in viewer.layers:
+        return
+    pattern = viewer.layers[source]
+    h, w = pattern.data.shape[-2:]
+    gap = max(2, w // 8)
+    engines = [e for e in ENGINES if any(layer.name.startswith(f"{source} {e} ") for layer in viewer.layers)]
+    for layer in viewer.layers:
+        if layer is pattern or layer.metadata.get("cdinn_source") != source:
+            continue
+        for column, engine in enumerate(engines, 1):
+            if layer.name.startswith(f"{source} {engine} "):
+                shape = layer.data.shape[-3:-1] if getattr(layer, "rgb", False) else layer.data.shape[-2:]
+                dy, dx = _layers.centre_offset((h, w), shape)
+                layer.translate = (0.0,) * (layer.ndim - 2) + (dy, dx + column * (w + gap))
+    from ...display import colour_wheel
+
+    size = max(16, h // 2)
+    wheel = (colour_wheel(size), {"name": WHEEL, "rgb": True, "contrast_limits": (0.0, 1.0),
+                                  "metadata": {_layers.KIND: "legend"}}, "image")
+    layer = add_or_update(viewer, wheel)
+    layer.translate = (0.0, (len(engines) + 1) * (w + gap))
+    if viewer.dims.ndim == 3:
+        viewer.dims.axis_labels = ("frame", "y", "x")
+    viewer.text_overlay.text = "   |   ".join(["pattern (log10 1 + I)"] + [ENGINES[e] for e in engines])
+    viewer.text_overlay.position = "top_left"  # notifications come up bottom right
+    viewer.text_overlay.visible = True
+    if frame_view:
+        viewer.reset_view()
+
+
+#: Where the docks' settings persist between napari launches (overridable for tests).
+SETTINGS_ENV = "NAPARI_CDINN_SETTINGS_DIR"
+
+
+def _settings_path(key):
+    folder = os.environ.get(SETTINGS_ENV)
+    if not folder:
+        from platformdirs import user_config_dir
+
+        folder = user_config_dir("napari-cdinn")
+    return Path(folder) / f"{key}.json"
+
+
+def persist(dock, key, names):
+    """Restore the dock's widgets ``names`` from the last session and save them on every change.
+
+    Values that no longer fit a widget (a choice that went away) are skipped; a settings file that
+    cannot be read or written is ignored.
+    """
+    path = _settings_path(key)
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    for name in names:
+        if name in saved:
+            try:
+                getattr(dock, name).value = saved[name]
+            except (ValueError, TypeError, KeyError):
+                pass
+
+    def save(_value=None):
+        values = {}
+        for name in names:
+            value = getattr(dock, name).value
+            values[name] = str(value) if isinstance(value, Path) else value
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(values, default=str))
+        except (OSError, TypeError, ValueError):
+            pass
+
+    for name in names:
+        getattr(dock, name).changed.connect(save)

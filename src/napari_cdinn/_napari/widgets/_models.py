@@ -1,7 +1,8 @@
 """The models the inversion widgets offer: shipped weights plus those trained in this session.
 
 Listing needs no torch: shipped models are the ``*.safetensors`` files in ``nn/weights``.
-The training dock calls :func:`register_model`; every open model picker updates at once.
+The training dock calls :func:`register_model`; every open model picker offers it at once
+(without choosing it).
 """
 
 from __future__ import annotations
@@ -53,9 +54,7 @@ class ModelPicker(widgets.Container):
             self.choice.reset_choices()
         except RuntimeError:  # the Qt widget was closed with its viewer: stop listening
             REGISTRY.changed.disconnect(self._refresh)
-            return
-        if REGISTRY.trained:
-            self.choice.value = str(list(REGISTRY.trained.values())[-1])
+        # a new model is offered, not chosen: the next run still uses the model the user picked
 
     @property
     def model(self):

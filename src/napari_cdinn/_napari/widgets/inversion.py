@@ -6,7 +6,8 @@ notification at once).  Frames are inverted in batches inside a thread worker, t
 loop of the command line (:func:`napari_cdinn.stream.iter_chunks`: progress events after each
 batch, Stop between batches).  Results keep the stack axis: a
 32 x 32 amplitude and phase per frame, centred in the pattern's frame (the 2x protocol), with the
-per-frame chi^2 trust score in the layers' metadata and in a plot.  The trust rule is
+per-frame chi^2 trust score in the layers' metadata and in a plot; shown as one complex image
+(brightness = amplitude, hue = phase) beside the pattern (:func:`._common.arrange_side_by_side`).  The trust rule is
 :func:`napari_cdinn.nn.inference.is_trusted`: a frame is trusted when its misfit beyond counting
 noise, ``chi2 - chi2_noise``, is at most the "trust" threshold (default
 :data:`napari_cdinn.nn.TRUST_CHI2`); the others are flagged (metadata ``trusted``, red in the
@@ -29,12 +30,14 @@ from ._common import (
     JobControls,
     JobRunner,
     PlotCanvas,
-    add_or_update,
+    arrange_side_by_side,
     image_layer_picker,
     mask_layer_picker,
     mask_of,
     notify,
     notify_error,
+    persist,
+    show_result,
     stack_of,
 )
 from ._models import ModelPicker
@@ -111,6 +114,7 @@ class InversionWidget(widgets.Container):
         self.plot = PlotCanvas()
         self.plot.add_to(self)
         self._source = None
+        persist(self, "inversion", ("device", "threshold", "trust", "batch_size", "views"))
 
     def run(self):
         """Start the inversion of the chosen layer (errors become notifications)."""
@@ -144,8 +148,8 @@ class InversionWidget(widgets.Container):
                 "views": int(self.views.value)}
         amp, pha = (res["amplitude"][0], res["phase"][0]) if single else (res["amplitude"], res["phase"])
         offset = (0.0,) * (amp.ndim - 2) + _layers.centre_offset(shape, amp.shape)
-        add_or_update(self.viewer, _layers.amplitude_tuple(amp, f"{name} NN amplitude", translate=offset, **meta))
-        add_or_update(self.viewer, _layers.phase_tuple(pha, f"{name} NN phase", translate=offset, **meta))
+        show_result(self.viewer, name, "NN", amp, pha, translate=offset, **meta)
+        arrange_side_by_side(self.viewer, name)
         self._draw(chi2 - chi2_noise, trusted)
         bad = int((~trusted).sum())
         text = f"{len(chi2)} pattern(s) inverted; {len(chi2) - bad} trusted, {bad} flagged"

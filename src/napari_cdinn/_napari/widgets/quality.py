@@ -15,7 +15,7 @@ import numpy as np
 from magicgui import widgets
 
 from ... import physics
-from ._common import PlotCanvas, image_layer_picker, notify_error, stack_of
+from ._common import PlotCanvas, image_layer_picker, notify_error, refresh_complex, stack_of
 
 
 def result_chi2(amplitude, phase, measured):
@@ -45,7 +45,8 @@ class QualityView(widgets.Container):
         self.measured = image_layer_picker(napari_viewer, "patterns", kind="intensity", nullable=True)
         self.update_button = widgets.PushButton(text="Update chi²")
         self.summary = widgets.Label(value="")
-        self.frames = widgets.ComboBox(label="frames (best first)", choices=[])
+        # a callable: the list survives the reset_choices napari calls whenever a layer is added
+        self.frames = widgets.ComboBox(label="frames (best first)", choices=self._frame_choices)
         self.best_button = widgets.PushButton(text="Best")
         self.worst_button = widgets.PushButton(text="Worst")
         self.twin_button = widgets.PushButton(text="Flip frame to twin")
@@ -61,6 +62,21 @@ class QualityView(widgets.Container):
         self.worst_button.changed.connect(lambda _v=None: self.jump_to_rank(-1))
         self.frames.changed.connect(self._on_frame_chosen)
         self.twin_button.changed.connect(lambda _v=None: self.flip_current())
+        napari_viewer.layers.selection.events.active.connect(self._follow_selection)
+
+    def _follow_selection(self, event=None):
+        """Choose the result the user selects in the layer list (its amplitude and phase pair)."""
+        layer = self.viewer.layers.selection.active
+        kind = getattr(layer, "metadata", {}).get("cdinn_kind")
+        if kind not in ("amplitude", "phase"):
+            return
+        other = "phase" if kind == "amplitude" else "amplitude"
+        pair = layer.name[: -len(kind)] + other if layer.name.endswith(kind) else None
+        partner = self.viewer.layers[pair] if pair is not None and pair in self.viewer.layers else None
+        for box, target in ((self.amplitude, layer if kind == "amplitude" else partner),
+                            (self.phase, layer if kind == "phase" else partner)):
+            if target is not None and target in box.choices:
+                box.value = target
 
     # ------------------------------------------------------------------ chi^2
     def update(self):
@@ -73,13 +89,17 @@ class QualityView(widgets.Container):
         self.chi2 = chi2
         self.order = np.argsort(chi2, kind="stable")
         self.amplitude.value.metadata["chi2"] = chi2
-        self.frames.changed.disconnect(self._on_frame_chosen)
-        self.frames.choices = [(f"frame {i}: chi² = {chi2[i]:.3g}", int(i)) for i in self.order]
-        self.frames.changed.connect(self._on_frame_chosen)
+        with self.frames.changed.blocked():
+            self.frames.reset_choices()
         self.summary.value = (f"{chi2.size} frames; chi² median {np.median(chi2):.3g}, "
                               f"best {chi2[self.order[0]]:.3g}, worst {chi2[self.order[-1]]:.3g}")
         self._draw(chi2)
         return chi2
+
+    def _frame_choices(self, _widget=None):
+        if getattr(self, "order", None) is None:
+            return []
+        return [(f"frame {i}: chi² = {self.chi2[i]:.3g}", int(i)) for i in self.order]
 
     def _chi2(self):
         amp_layer, pha_layer = self.amplitude.value, self.phase.value
@@ -116,7 +136,10 @@ class QualityView(widgets.Container):
         """Jump to the frame of the given chi^2 rank (0: best, -1: worst)."""
         if self.order is None and self.update() is None:
             return
-        self.frames.value = int(self.order[rank])
+        frame = int(self.order[rank])
+        with self.frames.changed.blocked():
+            self.frames.value = frame
+        self.jump_to(frame)  # also when the list already shows this frame (no change event then)
 
     def _on_frame_chosen(self, frame):
         if frame is not None:
@@ -143,3 +166,12 @@ class QualityView(widgets.Container):
         amp_layer.metadata["cdinn_twin"] = flipped
         amp_layer.refresh()
         pha_layer.refresh()
+        complex_name = amp_layer.name[: -len("amplitude")] + "complex" if amp_layer.name.endswith("amplitude") else None
+        if complex_name in self.viewer.layers:  # the result's complex view follows, and is shown
+            refresh_complex(self.viewer, amp_layer, pha_layer)
+            self.viewer.layers[complex_name].visible = True
+        else:
+            for layer in (amp_layer, pha_layer):
+                layer.visible = True  # the flipped layers are the ones shown
+        where = "" if frame is None else f"frame {frame} of "
+        self.summary.value = f"{where}{amp_layer.name!r} and {pha_layer.name!r} flipped to the twin"

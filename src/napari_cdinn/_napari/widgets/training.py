@@ -6,7 +6,7 @@ its epochs or until its time limit, optionally keeping the mean of the weights o
 of the schedule (stochastic weight averaging).  Stop asks the trainer to stop, which saves a
 usable checkpoint (``last.safetensors``, and ``best.safetensors`` when it is the best so far) in
 the output folder before returning.  The model folder is then offered at once in the inversion
-and retrieval widgets' model pickers.
+and retrieval widgets' model pickers (offered, not chosen: a picker keeps its choice).
 
 The widgets' state is a :class:`~napari_cdinn.nn.config.TrainConfig` (the paper preset with the
 values chosen: :meth:`TrainingWidget.config`); the loss-weight tooltips are the fields' help.
@@ -20,7 +20,7 @@ from magicgui import widgets
 
 from ...device import DEVICES
 from ...nn import TrainConfig, option_help
-from ._common import JobControls, JobRunner, PlotCanvas, notify, notify_error
+from ._common import JobControls, JobRunner, PlotCanvas, notify, notify_error, persist
 from ._models import REGISTRY, register_model
 
 
@@ -57,10 +57,10 @@ class TrainingWidget(widgets.Container):
         self.device = widgets.ComboBox(label="device", choices=DEVICES, value="auto")
         self.out = widgets.FileEdit(label="model folder", mode="d", value="")
         self.resume = widgets.CheckBox(label="resume", value=False)
-        self.init_from = widgets.ComboBox(label="start from", choices=_start_choices, nullable=True,
+        self.init_from = widgets.ComboBox(label="start from", choices=_start_choices,
                                           tooltip="random weights, or " + option_help("init_from"))
         self.arch = widgets.ComboBox(
-            label="architecture", value=None, nullable=True,
+            label="architecture",
             choices=[("as the start model (else shared)", None), ("shared encoder, 32 x 32 input", "shared"),
                      ("shared encoder, 2x-oversampled input", "shared2x"), ("the paper's pair", "paper")],
             tooltip=option_help("arch"))
@@ -92,6 +92,8 @@ class TrainingWidget(widgets.Container):
         }
         self.plot = PlotCanvas(height=2.8)
         self.plot.add_to(self)
+        persist(self, "training", ("train_size", "val_size", "epochs", "batch_size", "device", "out", "fresh",
+                                   "arch", "data_weight", "support_weight", "miss_weight", "time_limit", "average"))
         self.history = {"train": [], "val": []}
         self._total = 1
         self._folder = None
