@@ -31,7 +31,6 @@ reference of the speed-up.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -68,12 +67,11 @@ QUICK = {"count": 8, "conditions": ("noise_free", "photons_1e3", "beamstop_2"), 
 
 
 def _numpy_loop():
-    """``numpy_reconstruct`` from the retrieval benchmark beside this file."""
-    path = Path(__file__).with_name("bench_retrieval.py")
-    spec = importlib.util.spec_from_file_location("cdinn_bench_retrieval_for_realistic", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.numpy_reconstruct
+    """``numpy_reconstruct`` from the retrieval benchmark beside this file (as ``bench_nn`` loads it)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_nn import _numpy_loop as load
+
+    return load()
 
 
 def score(obj, data, chi2, seconds, trusted=None):
