@@ -142,7 +142,7 @@ def test_one_call_resolves_a_model_for_a_shape(tmp_path):
 
     info = nn.resolve_model(None, (64, 64))
     assert info.name == "model2x" and info.input_factor == 2 and info.decimation == 1 and info.frame == (64, 64)
-    assert info.path.is_absolute() and info.path.suffix == ".safetensors" and not info.mask_channel
+    assert info.path.is_absolute() and info.path.suffix == ".safetensors" and info.mask_channel  # the shipped model2x reads the mask
     small = nn.resolve_model(None, (5, 32, 32))
     assert small.name == "model" and small.decimation == 1
     assert nn.resolve_model(small, (96, 96)).decimation == 3  # a resolved model is only checked again

@@ -348,12 +348,15 @@ def test_batches_are_balanced_over_the_worker_threads():
 def test_fallback_rule_is_a_pure_function():
     from napari_cdinn.pipelines import FALLBACK_CHI2, fallback_frames
 
-    trusted = np.array([True, True, False, True])
     chi2 = np.array([FALLBACK_CHI2 / 2, FALLBACK_CHI2 * 2, 1e-8, np.nan])
-    np.testing.assert_array_equal(fallback_frames(trusted, chi2), [False, True, True, True])
-    assert fallback_frames(trusted, chi2, "always").all() and not fallback_frames(trusted, chi2, "never").any()
+    np.testing.assert_array_equal(fallback_frames(chi2), [False, True, False, True])
+    # on counts the threshold is taken beyond the noise floor
+    noise = np.array([0.0, 0.01, 0.0, 0.0])
+    np.testing.assert_array_equal(fallback_frames(chi2 + noise, chi2_noise=noise), [False, True, False, True])
+    np.testing.assert_array_equal(fallback_frames(np.array([0.0101]), chi2_noise=np.array([0.01])), [False])
+    assert fallback_frames(chi2, "always").all() and not fallback_frames(chi2, "never").any()
     with pytest.raises(ValueError, match="fallback must be one of auto, always, never"):
-        fallback_frames(trusted, chi2, "sometimes")
+        fallback_frames(chi2, "sometimes")
 
 
 def test_keep_lower_chi2_per_frame():

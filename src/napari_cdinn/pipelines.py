@@ -16,11 +16,10 @@ floor counts as at it, so a protocol that follows the noise does not win by it);
 records which one won (1 = network, 0 = protocol).
 Rules:
 
-* ``"auto"`` (default): the protocol runs on the frames whose network guess is not trusted
-  (:func:`napari_cdinn.nn.inference.is_trusted`) or whose refined chi^2 exceeds the chi^2 of
+* ``"auto"`` (default): the protocol runs on the frames whose refined chi^2 exceeds the chi^2 of
   counting noise alone (:func:`napari_cdinn.physics.noise_chi2`, 0 for data that are not counts)
-  by more than :data:`FALLBACK_CHI2` (or is not finite).  A trusted guess refined that far is
-  kept without paying for the protocol.
+  by more than :data:`FALLBACK_CHI2` (or is not finite).  The network's own trust flag is not
+  asked: a refinement that fits the data is kept whatever its start looked like.
 * ``"always"``: the protocol runs on every frame; the result is then never worse by chi^2 than
   the protocol alone with the same options and seed (its random starts are those of the whole
   stack), at the cost of both runs.
@@ -28,11 +27,11 @@ Rules:
 
 Why this rule: :data:`FALLBACK_CHI2` is the threshold under which :func:`reconstruct` itself
 stops restarting a frame (``retry_chi2``): a frame refined below it has converged as far as a
-restart could tell, and a trusted network guess makes a twin-free, well-placed start likely.
-Everything else (an untrusted guess, a refinement stuck above it) may be beaten by the
-protocol, so the protocol is run and the better chi^2 kept.  On counts the threshold is taken
-beyond the noise floor, which is far above it (about 1e-2 at 1e4 photons): measured on the
-held-out sets in ``benchmarks/bench_realistic.py``.
+restart could tell.  A refinement stuck above it may be beaten by the protocol, so the protocol
+is run and the better fit kept.  On counts the threshold is taken beyond the noise floor, which
+is far above it (about 1e-2 at 1e4 photons).  Asking the network's trust flag as well sent 44 %
+of noise-free frames to the protocol for no gain in quality: docs/decisions.md and
+``benchmarks/bench_realistic.py``.
 """
 
 from __future__ import annotations
@@ -124,17 +123,15 @@ def network_start(
 
 
 def fallback_frames(
-    trusted: ArrayLike, chi2: ArrayLike, rule: str = "auto", threshold: float = FALLBACK_CHI2,
-    chi2_noise: ArrayLike = 0.0,
+    chi2: ArrayLike, rule: str = "auto", threshold: float = FALLBACK_CHI2, chi2_noise: ArrayLike = 0.0,
 ) -> np.ndarray:
     """Which refined frames also get the protocol (see the module notes).
 
     Parameters
     ----------
-    trusted : array_like of bool, (N,)
-        The network's trust flags.
     chi2 : array_like of float, (N,)
-        chi^2 of the refined frames.
+        chi^2 of the refined frames (the network's own trust is not asked: the refined fit says
+        more, docs/decisions.md).
     rule : {"auto", "always", "never"}
     threshold : float
         ``"auto"``: frames refined above it (beyond the counting noise) fall back.
@@ -152,9 +149,8 @@ def fallback_frames(
         return np.zeros(chi2.shape, dtype=bool)
     if rule == "always":
         return np.ones(chi2.shape, dtype=bool)
-    trusted = np.broadcast_to(np.asarray(trusted, dtype=bool).reshape(-1), chi2.shape)
     excess = chi2 - np.broadcast_to(np.asarray(chi2_noise, dtype=np.float64).reshape(-1), chi2.shape)
-    return ~trusted | ~(excess <= float(threshold))  # NaN falls back
+    return ~(excess <= float(threshold))  # NaN falls back
 
 
 def keep_lower_chi2(
@@ -270,7 +266,7 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
             part = reconstruct(stack[frames], init=obj[frames], support=sup[frames], mask=_frames_of(mask, frames),
                                frame_ids=ids[frames], **{**settings, **extra})
             refined = _merge(refined, {k: part[k] for k in RESULT_KEYS}, frames, len(stack))
-    todo = np.flatnonzero(fallback_frames(trusted, refined["chi2"], fallback, fallback_chi2, noise))
+    todo = np.flatnonzero(fallback_frames(refined["chi2"], fallback, fallback_chi2, noise))
     protocol = None
     if len(todo):
         protocol = reconstruct(stack[todo], mask=_frames_of(mask, todo), frame_ids=ids[todo], **options)

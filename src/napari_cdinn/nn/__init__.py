@@ -57,9 +57,10 @@ __all__ = [
 
 #: Frames whose data-consistency chi^2 beyond counting noise (``chi2 - chi2_noise``, see
 #: :func:`predict`) exceeds this are flagged untrusted; they are the ones to refine
-#: (``cdinn reconstruct --init nn``).  Why 0.05: docs/decisions.md ("Trust threshold"); the
-#: trusted fraction of each shipped model: docs/model_card.md and benchmarks/README.md (bench_nn).
-TRUST_CHI2 = 0.05
+#: (``cdinn reconstruct --init nn``).  Chosen so that at most 2 % of frames are trusted but wrong
+#: on every condition of the selection sets: docs/decisions.md ("TRUST_CHI2"); the trusted
+#: fractions per condition: benchmarks/README.md (bench_realistic).
+TRUST_CHI2 = 0.015
 
 
 def predict(*args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
