@@ -50,8 +50,8 @@ from . import physics
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BLOCK", "DETECTORS", "FAMILIES", "MIXTURES", "Detector", "apply_detector", "detector_mask", "draw_detector",
-           "patterns_from_objects", "simulate", "simulate_objects"]
+__all__ = ["BLOCK", "DETECTORS", "FAMILIES", "MIXTURES", "Detector", "apply_detector", "as_detector", "detector_mask",
+           "draw_detector", "patterns_from_objects", "simulate", "simulate_objects"]
 
 #: Examples per random block; example ``i`` is drawn from block ``i // BLOCK``.
 BLOCK = 1024
@@ -423,17 +423,21 @@ def _log_uniform(bounds, u):
     return np.full(np.shape(u), lo) if lo == hi else np.exp(np.log(lo) + (np.log(hi) - np.log(lo)) * u)
 
 
+def _column(values, like):
+    """Per-frame ``values`` as an ``(N, 1, 1)`` float32 array in the library (and on the device) of ``like``."""
+    v = np.asarray(values, dtype=np.float32)[:, None, None]
+    return v if physics._lib(like) is np else physics._lib(like).as_tensor(v, device=like.device)
+
+
 def detector_mask(settings: dict, m: int, like: np.ndarray | torch.Tensor | None = None) -> np.ndarray | torch.Tensor:
     """Unmeasured pixels (beamstop and gaps) of ``M x M`` centred patterns, ``(N, M, M)`` bool.
 
     ``settings`` as :func:`draw_detector` returns; with a tensor ``like`` the mask is a tensor on its device.
     """
     grid = physics._arange(m, like if like is not None else np.zeros(1)) - m // 2
-    lib = physics._lib(grid)
 
-    def col(key):  # (N, 1, 1) in the library of the grid
-        v = np.asarray(settings[key], dtype=np.float32)[:, None, None]
-        return v if lib is np else lib.as_tensor(v, device=grid.device)
+    def col(key):
+        return _column(settings[key], grid)
 
     yy, xx = grid[None, :, None], grid[None, None, :]
     r = col("beamstop")
@@ -469,8 +473,7 @@ def apply_detector(
     noisy = np.isfinite(photons)
 
     def col(v):
-        v = np.asarray(v, dtype=np.float32)[:, None, None]
-        return v if lib is np else lib.as_tensor(v, device=intensity.device)
+        return _column(v, intensity)
 
     counts = intensity
     if noisy.any():
@@ -560,7 +563,7 @@ def simulate(
         raise ValueError("photons must be positive")
     if beamstop < 0:
         raise ValueError("the beamstop radius must not be negative")
-    det = _detector(detector, photons, beamstop)
+    det = as_detector(detector, photons, beamstop)
     amp, pha = simulate_objects(count, size, seed, families=families)
     out = {"amplitude": amp, "phase": pha}
     m = size * oversampling
@@ -583,8 +586,9 @@ def simulate(
     return out
 
 
-def _detector(detector, photons, beamstop) -> Detector:
-    """The :class:`Detector` that ``simulate``'s arguments describe."""
+def as_detector(detector: Detector | str | None, photons: float | None = None, beamstop: float = 0.0) -> Detector:
+    """The :class:`Detector` that ``simulate``'s arguments describe: a Detector, a name of
+    :data:`DETECTORS` (ValueError for another) or None (ideal), with ``photons``/``beamstop`` overriding."""
     if detector is None:
         detector = Detector()
     elif isinstance(detector, str):

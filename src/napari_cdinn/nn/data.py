@@ -193,14 +193,14 @@ def make_objects(count: int, seed: int, start: int = 0, families=None, detector=
     under ``det_`` keys.
     """
     # imported here: the simulator pulls in scipy, which inference does not need
-    from ..simulate import BLOCK, DETECTORS, draw_detector, simulate_objects
+    from ..simulate import BLOCK, as_detector, draw_detector, simulate_objects
 
     if start % BLOCK:
         raise ValueError(f"start must be a multiple of {BLOCK}")
     amp, pha = simulate_objects(count, SIZE, seed, start, families=families)
     out = {"amplitude": amp, "phase": pha}
     if detector is not None:
-        det = DETECTORS[detector] if isinstance(detector, str) else detector
+        det = as_detector(detector)
         if not det.ideal:
             settings = draw_detector(det, count, seed, start)
             out.update({DETECTOR_PREFIX + k: v for k, v in settings.items()})
