@@ -29,9 +29,8 @@ Why this rule: :data:`FALLBACK_CHI2` is the threshold under which :func:`reconst
 stops restarting a frame (``retry_chi2``): a frame refined below it has converged as far as a
 restart could tell.  A refinement stuck above it may be beaten by the protocol, so the protocol
 is run and the better fit kept.  On counts the threshold is taken beyond the noise floor, which
-is far above it (about 1e-2 at 1e4 photons).  Asking the network's trust flag as well sent 44 %
-of noise-free frames to the protocol for no gain in quality: docs/decisions.md and
-``benchmarks/bench_realistic.py``.
+is far above it at low doses.  Asking the network's trust flag as well sent many noise-free frames
+to the protocol for no gain in quality (measured: docs/decisions.md, "Refinement of noisy frames").
 """
 
 from __future__ import annotations
