@@ -161,3 +161,49 @@ def test_predict_and_init_nn_read_the_mask(tmp_path, capsys, monkeypatch):
     assert main(["reconstruct", "dirty.npy", "-o", "r.npz", "--mask", "mask.npy", "--init", "nn",
                  "--iterations", "20", "--fallback", "never"]) == 0
     assert (io.read_result("r.npz")["start"] == 1).all()
+
+
+# --------------------------------------------------------------------------- PRTF
+def test_prtf_streams_per_frame_and_prints_the_median_resolution(tmp_path, capsys):
+    data = simulate(5, seed=24, oversampling=2, photons=1e5)
+    np.save(tmp_path / "p.npy", data["intensity"])
+    argv = ["reconstruct", str(tmp_path / "p.npy"), "--starts", "2", "--prtf", "--iterations", "60", "--device", "cpu"]
+    assert main([*argv, "-o", str(tmp_path / "a.npz")]) == 0
+    assert main([*argv, "-o", str(tmp_path / "b.h5"), "--chunk-size", "2"]) == 0
+    err = capsys.readouterr().err
+    lines = re.findall(r"PRTF resolution .*median of 5 frame\(s\): ([0-9.]+) cycles/pixel \(half-period ([0-9.]+) "
+                       r"pixels\)", err)
+    assert len(lines) == 2, err
+    q, half = (float(v) for v in lines[0])
+    assert 0 < q <= 0.5 and half == pytest.approx(1 / (2 * q), rel=0.01)
+    (a, a_attrs), (b, b_attrs) = (io.read_result(tmp_path / f, with_attrs=True) for f in ("a.npz", "b.h5"))
+    assert a["prtf"].shape == (5, 32) and a["resolution"].shape == (5,)
+    np.testing.assert_allclose(b["prtf"], a["prtf"], atol=1e-5)  # streamed in chunks of 2: the same
+    np.testing.assert_allclose(b["resolution"], a["resolution"])
+    for attrs in (a_attrs, b_attrs):  # the shells' frequencies: an attribute written once
+        np.testing.assert_allclose(attrs["prtf_q"], (np.arange(32) + 0.5) / 64)
+        assert attrs["prtf"] is True and attrs["prtf_level"] == "1/e"
+    with h5py.File(tmp_path / "b.h5") as f:
+        assert f["prtf"].shape == (5, 32) and "prtf_q" not in f
+
+
+@pytest.mark.parametrize("starts", [[], ["--starts", "1"]])
+def test_prtf_needs_two_starts(starts, tmp_path, capsys):
+    np.save(tmp_path / "p.npy", simulate(2, seed=25, oversampling=2)["intensity"])
+    out = tmp_path / "r.npz"
+    assert main(["reconstruct", str(tmp_path / "p.npy"), "-o", str(out), "--prtf", *starts]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --prtf") and "--starts" in err[0]
+    assert not out.exists()
+
+
+def test_prtf_with_init_nn_comes_from_the_protocols_random_starts(tmp_path, capsys):
+    np.save(tmp_path / "p.npy", simulate(3, seed=26, oversampling=2)["intensity"])
+    common = ["reconstruct", str(tmp_path / "p.npy"), "--device", "cpu", "--starts", "2", "--prtf"]
+    assert main([*common, "-o", str(tmp_path / "random.npz")]) == 0
+    assert main([*common, "-o", str(tmp_path / "nn.npz"), "--init", "nn", "--iterations", "20",
+                 "--fallback", "never"]) == 0, capsys.readouterr().err
+    random, seeded = io.read_result(tmp_path / "random.npz"), io.read_result(tmp_path / "nn.npz")
+    assert (seeded["start"] == 1).all()  # the rule still picks the kept result
+    np.testing.assert_allclose(seeded["prtf"], random["prtf"], atol=1e-5)
+    np.testing.assert_allclose(seeded["resolution"], random["resolution"])

@@ -174,3 +174,41 @@ def test_writer_complex_and_log_intensity(tmp_path):
     res = io.read_result(tmp_path / "c.h5")
     np.testing.assert_allclose(res["amplitude"], SIM["amplitude"], atol=1e-6)
     np.testing.assert_allclose(res["intensity"], SIM["intensity"], rtol=1e-4, atol=1e-2)
+
+
+def test_phase_layer_is_transparent_outside_the_object(make_napari_viewer):
+    phase = np.zeros((64, 64), np.float32)  # a phase of 0 inside and outside the object
+    support = np.zeros((64, 64), bool)
+    support[:, :32] = True
+    data, kwargs, _ = _layers.phase_tuple(phase, "pha", support=support)
+    assert np.isnan(data[~support]).all() and (data[support] == 0).all()
+    np.testing.assert_array_equal(_layers.layer_phase(data), phase)  # consumers read 0 back
+    viewer = make_napari_viewer(show=True)  # drawn: napari renders NaN transparent
+    viewer.add_image(np.full((64, 64), 100, np.uint8), name="background", colormap="gray", contrast_limits=(0, 255))
+    viewer.add_image(data, **kwargs)
+    viewer.reset_view()
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    h, w = shot.shape[:2]
+    inside, outside = shot[h // 2, w // 2 - min(h, w) // 8, :3], shot[h // 2, w // 2 + min(h, w) // 8, :3]
+    np.testing.assert_array_equal(outside, [100, 100, 100])  # the background shows through
+    assert not np.array_equal(inside, outside)  # a zero phase inside the object is drawn
+
+
+def test_unwrapped_phases_get_contrast_limits_that_fit():
+    assert _layers.phase_limits(np.array([-np.pi, 0.5, np.pi], np.float32)) == (-np.pi, np.pi)
+    lo, hi = _layers.phase_limits(np.array([np.nan, -1.0, 9.5], np.float32))
+    assert lo == -np.pi and hi == pytest.approx(9.5)
+
+
+def test_a_results_phase_opens_transparent_and_writes_back_unchanged(make_napari_viewer, tmp_path):
+    from napari_cdinn import physics
+
+    support = physics.support_from_amplitude(SIM["amplitude"])
+    io.write_result(tmp_path / "r.h5", {"amplitude": SIM["amplitude"], "phase": SIM["phase"], "support": support})
+    viewer = make_napari_viewer()
+    viewer.open(str(tmp_path / "r.h5"), plugin="napari-cdinn")
+    phase = viewer.layers["r phase"]
+    assert np.isnan(phase.data[~support]).all() and np.isfinite(phase.data[support]).all()
+    viewer.layers.selection = {viewer.layers["r amplitude"], phase}
+    viewer.layers.save(str(tmp_path / "back.npz"), selected=True, plugin="napari-cdinn")
+    np.testing.assert_array_equal(io.read_result(tmp_path / "back.npz")["phase"], SIM["phase"])

@@ -72,3 +72,68 @@ def test_apply_steps():
         sup, want, 1)))), 0), 0, atol=1e-4)
     with pytest.raises(ValueError, match="unknown post-processing"):
         apply_steps(amp, pha, ("smooth",))
+
+
+def test_prtf_leaves_unmeasured_pixels_out():
+    truth = OBJ[0]
+    rng = np.random.default_rng(1)
+    runs = np.stack([truth + 0.2 * rng.normal(size=truth.shape) * (np.abs(truth) > 0) for _ in range(3)])
+    measured = physics.intensity(truth)
+    mask = np.zeros(measured.shape, bool)
+    mask[12:20, 12:20] = True  # a beamstop
+    garbage = np.where(mask, 1e6, measured)
+    q, clean = prtf(runs, measured, mask=mask)
+    _, dirty = prtf(runs, garbage, mask=mask)
+    np.testing.assert_allclose(dirty, clean)  # whatever lies under the mask does not matter
+    _, nan = prtf(runs, np.where(mask, np.nan, measured))  # NaN pixels are unmeasured too
+    np.testing.assert_allclose(nan, clean)
+    assert np.isnan(clean[0])  # the shells under the beamstop are empty
+    assert not np.allclose(prtf(runs, garbage)[1], clean, equal_nan=True)
+
+
+def test_prtf_is_at_most_one_and_low_for_random_runs():
+    rng = np.random.default_rng(2)
+    support = np.zeros((32, 32), bool)
+    support[8:24, 8:24] = True
+    measured = physics.intensity(OBJ[0])
+    for k in (4, 8):
+        runs = (rng.normal(size=(k, 32, 32)) + 1j * rng.normal(size=(k, 32, 32))) * support
+        q, values = prtf(runs, measured)  # runs that disagree, with far more high-q power than measured
+        assert np.nanmax(values) <= 1 + 1e-9
+        np.testing.assert_allclose(np.nanmean(values[4:]), 1 / np.sqrt(k), rtol=0.2)
+    assert prtf_resolution(q, values) < 0.1  # 8 random runs: below 1/e almost at once
+
+
+def test_prtf_sums_equal_prtf_frame_by_frame():
+    from napari_cdinn.postprocess import PrtfSums, prtf_frequencies
+
+    rng = np.random.default_rng(3)
+    runs = OBJ[None] * np.exp(0.3j * rng.normal(size=(3,) + OBJ.shape))  # 3 runs of 2 frames
+    measured = physics.intensity(OBJ) * 1e3
+    sums = PrtfSums(2, (32, 32))
+    for k in range(3):
+        sums.add(runs[k] if k < 2 else runs[k][:1], frames=None if k < 2 else [0])
+    q, values = sums.values(measured)
+    np.testing.assert_array_equal(q, prtf_frequencies(32))
+    np.testing.assert_allclose(values[0], prtf(runs[:, 0], measured[0])[1], rtol=1e-5)
+    np.testing.assert_allclose(values[1], prtf(runs[:2, 1], measured[1])[1], rtol=1e-5)
+    np.testing.assert_array_equal(sums.values(measured[1:], frames=[1])[1][0], values[1])
+    one = PrtfSums(1, (32, 32))
+    one.add(runs[0][:1])
+    assert np.isnan(one.values(measured[:1])[1]).all()  # one run: no PRTF
+
+
+def test_resolution_per_frame_and_its_median():
+    from napari_cdinn.postprocess import describe_resolution, median_resolution
+
+    q = np.array([0.1, 0.2, 0.3, 0.4])
+    values = np.array([[1.0, 0.9, 0.3, 0.2], [1.0, np.nan, 0.2, 0.1], [1.0, 0.9, 0.8, 0.7], [np.nan] * 4])
+    res = prtf_resolution(q, values)
+    np.testing.assert_array_equal(res, [0.3, 0.3, np.nan, np.nan])
+    assert prtf_resolution(q, values[0]) == 0.3
+    assert median_resolution(values, res) == 0.3  # the frame without a PRTF is left out
+    assert median_resolution(values[2:3], res[2:3]) == np.inf
+    assert median_resolution(values[1:3], res[1:3]) == 0.3  # of two frames, the lower: never an average with inf
+    assert np.isnan(median_resolution(values[3:], res[3:]))
+    assert describe_resolution(0.25) == "0.25 cycles/pixel (half-period 2 pixels)"
+    assert "beyond 0.5" in describe_resolution(np.inf) and "no PRTF" in describe_resolution(np.nan)

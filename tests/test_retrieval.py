@@ -391,3 +391,69 @@ def test_reconstruct_chunk_passes_the_mask_and_records_random_starts(data):
     inten[:, mask] = 1e6  # garbage on unmeasured pixels changes nothing
     np.testing.assert_array_equal(reconstruct_chunk(inten, mask=mask, **opts)["amplitude"], clean["amplitude"])
     assert clean["start"].dtype == np.uint8 and (clean["start"] == 0).all()
+
+
+# --------------------------------------------------------------------------- PRTF
+def test_prtf_of_converged_starts_is_near_one_and_the_kept_result_is_unchanged(data):
+    r = reconstruct(data["intensity"][:2], device="cpu", n_starts=3, prtf=True, seed=1)
+    assert r["prtf"].shape == (2, 32) and r["prtf"].dtype == np.float32
+    assert r["resolution"].shape == (2,) and r["resolution"].dtype == np.float32
+    np.testing.assert_allclose(r["prtf_q"], (np.arange(32) + 0.5) / 64)
+    assert not np.isnan(r["start_chi2"]).any() and (r["chi2"] < 1e-3).all()  # every start ran, all converged
+    # noise-free patterns, converged starts: every start agrees on the low frequencies
+    assert (r["prtf"][:, :8] > 0.95).all() and np.nanmax(r["prtf"]) <= 1 + 1e-5
+    assert not (r["resolution"] < 0.25).any()
+    # the result is the best start, as without the PRTF when every pattern gets every start
+    plain = reconstruct(data["intensity"][:2], device="cpu", n_starts=3, retry_chi2=None, seed=1)
+    np.testing.assert_array_equal(r["chi2"], plain["chi2"])
+    np.testing.assert_array_equal(r["object"], plain["object"])
+    assert "prtf" not in plain
+
+
+def test_prtf_of_random_starts_is_low(data):
+    # one ER iteration from random phases: the starts disagree on everything but the lowest frequencies
+    r = reconstruct(data["intensity"][:2], device="cpu", algorithm="er", iterations=1, average=0, n_starts=4,
+                    prtf=True)
+    assert (np.nanmean(r["prtf"][:, 8:], axis=1) < 0.65).all() and (r["prtf"][:, 0] > 0.7).all()
+
+
+def test_prtf_leaves_unmeasured_pixels_out_and_needs_two_starts(data):
+    inten = data["intensity"][:2].copy()
+    mask = np.zeros((64, 64), bool)
+    mask[30:34, 30:34] = True
+    opts = {"device": "cpu", "algorithm": "er", "iterations": 20, "average": 5, "n_starts": 2, "prtf": True}
+    masked = reconstruct(inten, mask=mask, **opts)
+    inten[:, mask] = np.nan  # NaN pixels are unmeasured: the same runs and the same PRTF
+    nan = reconstruct(inten, **opts)
+    np.testing.assert_array_equal(nan["prtf"], masked["prtf"])
+    assert np.isnan(masked["prtf"][:, 0]).all() and np.isfinite(masked["prtf"][:, 4:]).all()
+    one = reconstruct(inten[0], **opts)
+    assert one["prtf"].shape == (32,) and one["resolution"].shape == () and one["prtf_q"].shape == (32,)
+    with pytest.raises(ValueError, match="n_starts >= 2"):
+        reconstruct(inten, **dict(opts, n_starts=1))
+
+
+def test_reconstruct_chunk_passes_the_prtf_through(data):
+    from napari_cdinn.pipelines import reconstruct_chunk as pipeline_chunk
+    from napari_cdinn.retrieval import reconstruct_chunk
+
+    opts = {"device": "cpu", "algorithm": "er", "iterations": 10, "average": 1, "n_starts": 2, "prtf": True}
+    res = reconstruct_chunk(data["intensity"][:2], first_frame=3, **opts)
+    assert res["prtf"].shape == (2, 32) and res["resolution"].shape == (2,) and "prtf_q" not in res
+    want = reconstruct(data["intensity"][:2], first_frame=3, **opts)
+    np.testing.assert_array_equal(res["prtf"], want["prtf"])
+    np.testing.assert_array_equal(pipeline_chunk(data["intensity"][:2], first_frame=3, **opts)["prtf"], want["prtf"])
+    assert "prtf" not in reconstruct_chunk(data["intensity"][:2], **dict(opts, prtf=False, n_starts=1))
+
+
+def test_all_zero_frames_of_init_and_support_start_from_random_phases():
+    """A frame without a starting object (all zero) gets random phases and the autocorrelation's support."""
+    from napari_cdinn.simulate import simulate as _simulate
+
+    data = _simulate(2, seed=31, oversampling=2)
+    init = np.zeros((2, 64, 64), np.complex64)
+    support = np.zeros((2, 64, 64), bool)
+    with_zero = reconstruct(data["intensity"], init=init, support=support, iterations=100, average=10, device="cpu")
+    plain = reconstruct(data["intensity"], iterations=100, average=10, device="cpu")
+    np.testing.assert_allclose(with_zero["chi2"], plain["chi2"], rtol=1e-4)
+    assert (with_zero["chi2"] < 1e-2).all()

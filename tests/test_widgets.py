@@ -177,6 +177,97 @@ def test_phase_retrieval_bad_mask_is_a_notification(make_napari_viewer, monkeypa
     assert "\n" not in errors[0]
 
 
+def test_phase_retrieval_prtf_and_post_processing(make_napari_viewer, qtbot):
+    from napari_cdinn.postprocess import apply_steps
+    from napari_cdinn.retrieval import reconstruct
+
+    viewer = _viewer_with_stack(make_napari_viewer, truth=False)
+    widget = _dock(viewer, "Phase retrieval")
+    widget.patterns.value = viewer.layers["patterns"]
+    widget.iterations.value, widget.device.value = 100, "cpu"
+    widget.starts.value, widget.prtf.value = 2, True
+    widget.post_centre.value = widget.post_ramp.value = widget.post_unwrap.value = True
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
+    # the core calls: every pattern gets both starts, the PRTF of their runs, the steps on the kept result
+    layer = viewer.layers["patterns"]  # the intensities the dock reads (the log display's inverse)
+    want = reconstruct(_layers.layer_intensities(layer.data, layer.metadata), iterations=100, average=20, device="cpu",
+                       n_starts=2, prtf=True)
+    amp, pha, sup = apply_steps(want["amplitude"], want["phase"], ("centre", "ramp", "unwrap"), support=want["support"])
+    phase = viewer.layers["patterns PR phase"]
+    meta = phase.metadata
+    assert meta["post"] == ["centre", "ramp", "unwrap"] and meta["n_starts"] == 2
+    np.testing.assert_allclose(meta["chi2"], want["chi2"], rtol=1e-4)
+    np.testing.assert_allclose(viewer.layers["patterns PR amplitude"].metadata["resolution"], want["resolution"])
+    assert meta["prtf_q"].shape == (16,)
+    np.testing.assert_allclose(viewer.layers["patterns PR amplitude"].metadata["prtf"], want["prtf"], atol=1e-5)
+    np.testing.assert_allclose(viewer.layers["patterns PR amplitude"].data, amp, atol=1e-5)
+    np.testing.assert_allclose(_layers.layer_phase(phase.data), pha, atol=1e-4)
+    np.testing.assert_array_equal(viewer.layers["patterns PR support"].data, sup)
+    # transparent outside the object; contrast limits that fit the unwrapped phase
+    assert np.isnan(phase.data[~sup]).all() and np.isfinite(phase.data[sup]).all()
+    lo, hi = phase.contrast_limits
+    assert lo <= np.nanmin(phase.data) and hi >= np.nanmax(phase.data)
+    # the PRTF panel: the median curve against spatial frequency, the dashed 1/e level, the resolution
+    ax = widget.plot.all_axes[2]
+    curve, level = ax.lines[0], ax.lines[1]
+    np.testing.assert_allclose(curve.get_xdata(), meta["prtf_q"])
+    np.testing.assert_allclose(curve.get_ydata(), np.nanmedian(want["prtf"], axis=0), atol=1e-5)
+    assert level.get_linestyle() == "--" and level.get_ydata()[0] == pytest.approx(1 / np.e)
+    assert "cycles/pixel" in ax.get_xlabel() and "resolution" in level.get_label()
+    assert "PRTF resolution" in widget.controls.status.value
+
+
+def test_phase_retrieval_prtf_needs_two_starts(make_napari_viewer, monkeypatch):
+    viewer = _viewer_with_stack(make_napari_viewer, truth=False)
+    widget = _dock(viewer, "Phase retrieval")
+    errors = []
+    monkeypatch.setattr("napari_cdinn._napari.widgets._common.show_error", errors.append)
+    widget.patterns.value = viewer.layers["patterns"]
+    widget.prtf.value = True
+    widget.controls.run_button.clicked.emit()
+    assert not widget.runner.running and len(errors) == 1 and "2 or more" in errors[0]
+    # and the new settings persist to the next launch
+    widget.starts.value, widget.post_unwrap.value = 3, True
+    again = _dock(make_napari_viewer(), "Phase retrieval")
+    assert (again.starts.value, again.prtf.value, again.post_unwrap.value, again.post_ramp.value) == (3, True, True, False)
+
+
+def test_quality_view_and_the_complex_view_read_transparent_phases_as_zero(make_napari_viewer):
+    from napari_cdinn import physics
+    from napari_cdinn._napari.widgets._common import show_result
+    from napari_cdinn.display import complex_to_rgb
+
+    viewer = _viewer_with_stack(make_napari_viewer, truth=False)
+    show_result(viewer, "patterns", "PR", SIM["amplitude"], SIM["phase"], translate=(0.0, 8.0, 8.0))
+    amp, pha = viewer.layers["patterns PR amplitude"], viewer.layers["patterns PR phase"]
+    assert np.isnan(pha.data[~physics.support_from_amplitude(SIM["amplitude"])]).all()
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-cdinn", "Quality view")
+    widget.amplitude.value, widget.phase.value, widget.measured.value = amp, pha, viewer.layers["patterns"]
+    chi2 = widget.update()
+    assert np.all(np.isfinite(chi2)) and np.all(chi2 < 1e-4)
+    viewer.dims.set_current_step(0, 1)
+    widget.twin_button.clicked.emit()  # the complex view follows the flipped frame, NaN read as 0
+    want = complex_to_rgb(amp.data, np.nan_to_num(pha.data), alpha=True)
+    np.testing.assert_allclose(viewer.layers["patterns PR complex"].data, want)
+    assert np.isfinite(viewer.layers["patterns PR complex"].data).all()
+
+
+def test_result_phase_limits_fit_unwrapped_phases(make_napari_viewer):
+    from napari_cdinn._napari.widgets._common import show_result
+
+    viewer = make_napari_viewer()
+    amp = np.ones((2, 8, 8), np.float32)
+    unwrapped = np.linspace(-7.0, 9.0, 128, dtype=np.float32).reshape(2, 8, 8)
+    show_result(viewer, "src", "PR", amp, unwrapped)
+    layer = viewer.layers["src PR phase"]
+    assert tuple(layer.contrast_limits) == pytest.approx((-7.0, 9.0))
+    show_result(viewer, "src", "PR", amp, unwrapped * 2)  # the same layer, updated: the limits widen
+    assert tuple(layer.contrast_limits) == pytest.approx((-14.0, 18.0))
+    show_result(viewer, "src", "PR", amp, np.clip(unwrapped, -3, 3))  # wrapped phases again
+    assert tuple(layer.contrast_limits) == pytest.approx((-np.pi, np.pi))
+
+
 def _beamstop():
     """A central beamstop of radius 2 on the 32 x 32 patterns of SIM, and SIM with garbage under it."""
     mask = simulate(1, size=16, seed=3, oversampling=2, beamstop=2)["mask"]
@@ -477,3 +568,45 @@ def test_dock_settings_persist_to_the_next_launch(make_napari_viewer):
     again = _dock(make_napari_viewer(), "Phase retrieval")
     assert (again.iterations.value, again.beta.value, again.algorithm.value) == (77, 0.75, "raar")
     assert _dock(make_napari_viewer(), "Train CDI NN").epochs.value == 3
+
+
+def _adapt_panel(viewer, tmp_path, **options):
+    """The training dock's adapt section set up on a small stack of 40 patterns (layer ``scan``)."""
+    sim = simulate(40, seed=6, oversampling=2, families="holes")
+    data, kwargs, _ = _layers.intensity_tuple(sim["intensity"], "scan")
+    viewer.add_image(data, **kwargs)
+    panel = _dock(viewer, "Train CDI NN").adapt
+    panel.adapt_options = dict({"min_frames": 16, "test_count": 8, "batch_size": 8, "holdout": 0.25}, **options)
+    panel.patterns.value = viewer.layers["scan"]
+    panel.device.value = "cpu"
+    panel.out.value = tmp_path / "adapted"
+    return panel
+
+
+def test_training_dock_adapts_a_model_to_a_stack_and_offers_it(make_napari_viewer, qtbot, monkeypatch, tmp_path):
+    errors = []
+    monkeypatch.setattr("napari_cdinn._napari.widgets._common.show_error", errors.append)
+    viewer = make_napari_viewer()
+    panel = _adapt_panel(viewer, tmp_path, max_steps=4, eval_every=2)
+    inversion = _dock(viewer, "CDI NN inversion")
+    panel.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not panel.runner.running, timeout=120_000)
+    assert (tmp_path / "adapted" / "model.safetensors").is_file()
+    assert [step for step, _ in panel.history] == [0, 2, 4] and len(panel.plot.axes.lines) >= 2
+    assert panel.controls.status.value.startswith("done: held-out chi²")
+    assert str(tmp_path / "adapted") in inversion.models.choice.choices  # offered at once...
+    assert inversion.models.model is None  # ...but not chosen
+    panel.controls.run_button.clicked.emit()  # the folder exists now: one notification, no run
+    assert not panel.runner.running and len(errors) == 1 and "exists" in errors[0]
+
+
+def test_adapt_stop_still_writes_the_best_model(make_napari_viewer, qtbot, tmp_path):
+    panel = _adapt_panel(make_napari_viewer(), tmp_path, eval_every=1000)
+    seen = []
+    panel.runner._bridge.progress.connect(seen.append)
+    panel.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: any(e["event"] == "evaluation" for e in seen), timeout=120_000)  # the base is scored
+    panel.controls.stop_button.clicked.emit()
+    qtbot.waitUntil(lambda: not panel.runner.running, timeout=120_000)
+    assert (tmp_path / "adapted" / "model.safetensors").is_file()
+    assert panel.controls.status.value.startswith("stopped: held-out chi²")

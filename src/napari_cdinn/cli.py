@@ -347,6 +347,17 @@ def _check_stack_input(args):
     shape = io.stack_shape(args.input)
     io.frames_in_budget(shape[-2:], args.memory, what=repr(os.path.basename(args.input)))
     resolve_device(args.device)
+    _input_mask(args, shape)
+    return shape
+
+
+def _input_mask(args, shape):
+    """The unmeasured pixels of the input stack: ``--mask``'s, else the input's own (announced), else None.
+
+    Also sets ``args.mask_array`` (the mask) and ``args.mask_source`` (where it came from).
+    """
+    from . import io
+
     args.mask_array = None
     if args.mask is not None:
         if not os.path.isfile(args.mask):
@@ -362,7 +373,7 @@ def _check_stack_input(args):
             varies = " on average" if counts.min() < counts.max() else ""
             print(f"using the mask in {os.path.basename(args.input)} ({round(float(counts.mean()), 1):g} "
                   f"unmeasured pixels per frame{varies})", file=sys.stderr)
-    return shape
+    return args.mask_array
 
 
 class _Progress:
@@ -477,17 +488,38 @@ def _sha256(path):
     return digest.hexdigest()
 
 
+def _scaled_model(args, shape):
+    """The network for the input's patterns at the scale that fits a sample of them (:func:`napari_cdinn.nn.choose_scale`).
+
+    Chosen once for the whole stack (results do not depend on the chunking); a scale other than 1
+    is announced on stderr.
+    """
+    from . import io, nn
+
+    nn.resolve_model(args.model, shape)  # a size no network reads fails here, before any reading
+    info = nn.choose_scale(io.read_stack(args.input, lazy=True), args.model, mask=args.mask_array, device=args.device)
+    if info.scale > 1:
+        side = shape[-1] // info.scale
+        print(f"note: the objects are read at {info.scale}x the pixel size (the central {side} x {side} pixels of "
+              f"the patterns), then interpolated back: they are too large for the network at full resolution",
+              file=sys.stderr)
+    return info
+
+
 def _cmd_predict(args):
     import functools
 
     from . import nn
 
     shape = _check_stack_input(args)
-    info = nn.resolve_model(args.model, shape)  # the model for this size, checked once
+    info = _scaled_model(args, shape)  # the model for this size and its scale, chosen once
     model = str(info.path)
     fn = functools.partial(nn.predict_chunk, model=info, device=args.device, batch_size=args.batch_size,
                            views=args.views)
-    attrs = {"model": model, "arch": info.card.get("arch", ""), "trust_chi2": nn.TRUST_CHI2, "views": args.views}
+    attrs = {"model": model, "arch": info.card.get("arch", ""), "trust_chi2": nn.TRUST_CHI2, "views": args.views,
+             "scale": info.scale}
+    if nn.declined(info):
+        print(f"note: {nn.declined(info).split(';')[0]}; the frames are written, untrusted", file=sys.stderr)
     _run_stack(args, fn, {"model": model, "command": "predict", "views": args.views}, attrs, "predict")
 
 
@@ -525,6 +557,10 @@ def _add_reconstruct(sub):
     p.add_argument("--post", type=_post_steps, default=(), metavar="STEPS",
                    help="post-processing, comma-separated: centre (centre of mass to the frame centre), ramp "
                         "(remove the linear phase ramp and the mean phase), unwrap (unwrap the phase in the support)")
+    p.add_argument("--prtf", action="store_true",
+                   help="also write each pattern's phase-retrieval transfer function from its --starts K runs (K >= 2, "
+                        "every pattern gets every start) as prtf (per frame, vs the prtf_q attribute in cycles/pixel) "
+                        "and resolution (first q where it falls below 1/e), and print the median resolution")
     p.set_defaults(func=_cmd_reconstruct)
 
 
@@ -555,6 +591,8 @@ def _cmd_reconstruct(args):
     from .pipelines import reconstruct_chunk
     from .retrieval import make_schedule
 
+    if args.prtf and args.starts < 2:
+        raise UsageError(f"--prtf compares several runs of each pattern: it needs --starts K with K >= 2, got {args.starts}")
     shape = _check_stack_input(args)
     if shape[-1] != shape[-2] or shape[-1] % 2:
         raise UsageError(f"patterns must be square with an even size, got {shape[-2]} x {shape[-1]}")
@@ -575,10 +613,14 @@ def _cmd_reconstruct(args):
         installed = any((nn.WEIGHTS_DIR / f"{name}.safetensors").is_file() for name in nn.DEFAULT_MODELS)
         if args.model is None and not installed:
             raise UsageError("--init nn needs the CDI NN networks, which are not installed yet")
-        model = nn.resolve_model(args.model, shape)  # the network for this size, checked once
+        model = _scaled_model(args, shape)  # the network for this size and its scale, chosen once
+        if nn.declined(model):
+            print(f"note: {nn.declined(model)}", file=sys.stderr)
     options = {"algorithm": args.algorithm, "iterations": iterations, "init": args.init, "model": args.model,
                "device": args.device, "batch_size": args.batch_size, "n_starts": args.starts, "seed": args.seed,
                "beta": args.beta, "threshold": args.threshold, "sigma": list(args.sigma), **nn_options}
+    if args.prtf:
+        options["prtf"] = True
     fn = functools.partial(reconstruct_chunk, **dict(options, model=model))
     if args.post:
         from .postprocess import chunk_with_steps
@@ -586,7 +628,29 @@ def _cmd_reconstruct(args):
         fn = functools.partial(chunk_with_steps, fn, steps=args.post)
         options["post"] = list(args.post)
     options["command"] = "reconstruct"
-    _run_stack(args, fn, options, options, "reconstruct")
+    if args.init == "nn":
+        options["scale"] = model.scale
+    attrs = options
+    if args.prtf:  # the shells' frequencies are the same for every frame: an attribute, written once
+        from .postprocess import prtf_frequencies
+
+        attrs = dict(options, prtf_q=prtf_frequencies(shape[-1]).tolist(), prtf_level="1/e")
+    _run_stack(args, fn, options, attrs, "reconstruct")
+    if args.prtf:
+        _report_resolution(args.out)
+
+
+def _report_resolution(path):
+    """Print the median PRTF resolution of a finished ``cdinn reconstruct --prtf`` output on stderr."""
+    import numpy as np
+
+    from . import io
+    from .postprocess import describe_resolution, median_resolution
+
+    res = io.read_result(path, keys=("prtf", "resolution"))
+    frames = int(np.size(res["resolution"]))
+    print(f"PRTF resolution (where it falls below 1/e), median of {frames} frame(s): "
+          f"{describe_resolution(median_resolution(res['prtf'], res['resolution']))}", file=sys.stderr)
 
 
 def _check_iterations(args, shape):
@@ -637,8 +701,90 @@ def _cmd_report(args):
           f"{t['chi2_median']:.3g}, twin rate {t['twin_rate']:.2f}", file=sys.stderr)
 
 
+# --------------------------------------------------------------------------- adapt
+def _add_adapt(sub):
+    p = sub.add_parser(
+        "adapt",
+        help="fine-tune a network on your own patterns, without ground truth",
+        description="Adapt a trained network to a measured stack: fine-tune it on the patterns' own "
+        "data-consistency (the chi2 of each prediction against its pattern, on measured pixels), with "
+        "simulated labelled examples mixed in so that it does not forget, keeping the weights that fit a "
+        "held-out part of the stack best. Writes a new model folder for --model. Progress on stderr.",
+    )
+    p.add_argument("input", help="intensities: .npy, .npz, .tif, .h5, .cxi (the stack to adapt to; at least "
+                                 "200 frames with signal)")
+    p.add_argument("--out", "-o", required=True, help="new model folder (must not exist)")
+    p.add_argument("--model", default=None,
+                   help="base model: shipped name, .safetensors file or model directory (default: the best shipped "
+                        "model for the pattern size); its files are only read")
+    p.add_argument("--time-limit", type=_positive_float, default=10.0, metavar="MIN",
+                   help="minutes of fine-tuning at most (default 10); it also ends when the held-out fit stops improving")
+    p.add_argument("--mask", default=None, metavar="FILE",
+                   help="unmeasured pixels (True/nonzero = unmeasured), (H, W) or (N, H, W), in any input format "
+                        "(.npz key or .h5 dataset 'mask'); default: the input's own mask, if it has one")
+    p.add_argument("--holdout", type=_number(float, 0.0, False, "a fraction in (0, 0.5]", below=0.5 + 1e-9),
+                   default=0.1, metavar="F", help="fraction of the frames held out to choose the weights (default 0.1)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.set_defaults(func=_cmd_adapt)
+
+
+def _cmd_adapt(args):
+    import shlex
+    import signal
+    import threading
+
+    from . import io, nn
+    from .device import resolve_device
+    from .nn.adapt import MIN_FRAMES, adapt, check_out
+
+    check_out(args.out)
+    if not os.path.isfile(args.input):
+        raise UsageError(f"the input file {args.input!r} does not exist")
+    shape = io.stack_shape(args.input)
+    frames = shape[0] if len(shape) == 3 else 1
+    if frames < MIN_FRAMES:
+        raise UsageError(f"adapting needs at least {MIN_FRAMES} frames, got {frames} in {args.input!r}")
+    info = nn.resolve_model(args.model, shape)  # a size no model reads fails here
+    resolve_device(args.device)
+    mask = _input_mask(args, shape)
+    stop = threading.Event()  # Ctrl-C / SIGTERM: the best weights so far are written
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        card = adapt(io.read_stack(args.input), args.out, model=info, mask=mask, time_limit_min=args.time_limit,
+                     holdout=args.holdout, seed=args.seed, device=args.device, threads=args.threads,
+                     callback=_adapt_progress, stop=stop, source=args.input, command="cdinn " + shlex.join(_ARGV))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    h = card["holdout_chi2"]
+    print(f"held-out chi2 (median of {h['count']} frames): before {h['before']:.4g}, after {h['after']:.4g} "
+          f"({card['steps']} steps, best at step {card['best_step']}, {card['ended']})")
+    for name, scores in card.get("test_scores", {}).items():
+        b, a = scores["base"], scores["adapted"]
+        print(f"simulated {name} test: iou {b['iou_median']:.3f} -> {a['iou_median']:.3f}, phase RMS "
+              f"{b['phase_rms_median']:.3f} -> {a['phase_rms_median']:.3f} rad")
+    print(f"wrote {args.out} (adapted from {info.name})", file=sys.stderr)
+
+
+def _adapt_progress(ev):
+    """``cdinn adapt``'s progress lines on stderr: the start, and each held-out evaluation."""
+    kind = ev["event"]
+    if kind == "start":
+        print(f"adapting on {ev['used_frames'] - ev['holdout_frames']} frames, {ev['holdout_frames']} held out",
+              file=sys.stderr, flush=True)
+    elif kind == "evaluation":
+        loss = "" if ev["train_loss"] is None else f" loss {ev['train_loss']:.4f}"
+        print(f"step {ev['step']} t {ev['elapsed_s']:.0f}s{loss} held-out chi2 {ev['holdout_chi2']:.4g} "
+              f"(best {ev['best_chi2']:.4g} at step {ev['best_step']})", file=sys.stderr, flush=True)
+    elif kind in ("done", "stopped"):
+        print(f"{kind} ({ev['ended']}): keeping the weights of step {ev['best_step']}; scoring the base and the "
+              "adapted model on simulated test sets...", file=sys.stderr, flush=True)
+
+
 # --------------------------------------------------------------------------- main
-_ADDERS = [_add_simulate, _add_bench, _add_train, _add_predict, _add_reconstruct, _add_report]
+_ADDERS = [_add_simulate, _add_bench, _add_train, _add_predict, _add_reconstruct, _add_report, _add_adapt]
 
 
 def build_parser():

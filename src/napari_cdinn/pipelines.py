@@ -14,6 +14,12 @@ each of them keeps the result that fits the data better beyond the counting nois
 (:func:`keep_lower_chi2`: the lower chi^2 on noise-free data; on counts, a fit under the noise
 floor counts as at it, so a protocol that follows the noise does not win by it); ``start``
 records which one won (1 = network, 0 = protocol).
+With ``prtf=True`` the protocol runs on every frame, whatever the rule, with all its random
+starts (``n_starts >= 2``), and the PRTF and resolution come from those starts
+(:func:`napari_cdinn.retrieval.reconstruct`); which result is kept follows the rule as without it
+(the protocol's result is the best of all its starts).  The network-seeded refinement is one
+deterministic short run from one guess, not a sample of the solutions the data allow, so the
+PRTF measures how reproducibly the data are inverted from random starts.
 Rules:
 
 * ``"auto"`` (default): the protocol runs on the frames whose refined chi^2 exceeds the chi^2 of
@@ -53,12 +59,14 @@ __all__ = [
     "FALLBACK_CHI2",
     "FALLBACK_RULES",
     "fallback_frames",
+    "guess_fits_autocorrelation",
     "keep_lower_chi2",
     "make_report",
     "network_guess",
     "network_start",
     "reconstruct_chunk",
     "refine_with_fallback",
+    "seeding_model",
 ]
 
 #: Fallback rules of :func:`refine_with_fallback` (see the module notes).
@@ -70,6 +78,10 @@ FALLBACK_CHI2 = 1e-4
 #: about 1e5 photons per 64 x 64 pattern) are refined by error reduction alone: HIO's feedback
 #: amplifies the noise (measured: ``benchmarks/README.md``, bench_realistic, and docs/decisions.md).
 NOISY_CHI2 = 2e-4
+#: A network guess narrower than this fraction of the autocorrelation's bound
+#: (:func:`guess_fits_autocorrelation`) does not seed its frame (measured: docs/decisions.md,
+#: "Object size").
+GUESS_EXTENT = 1.0
 #: What the refinement of noisy frames changes in the refinement options.
 NOISY_REFINE = {"algorithm": "er"}
 #: Per-frame arrays a refinement returns (besides ``start``).
@@ -103,10 +115,10 @@ def network_guess(
         When no trained weights are found, or the pattern size is not one the networks read.
     """
     from .nn import predict
-    from .nn.inference import embed, oversampling_factor
+    from .nn.inference import embed
 
     guess = predict(intensity, model=model, device=device, mask=mask)
-    obj, support = embed(guess["amplitude"], guess["phase"], oversampling_factor(np.shape(intensity)))
+    obj, support = embed(guess["amplitude"], guess["phase"], np.shape(intensity)[-1] // guess["amplitude"].shape[-1])
     return obj, support, np.asarray(guess["trusted"], dtype=bool)
 
 
@@ -232,14 +244,17 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
         Threshold of the ``"auto"`` rule (:data:`FALLBACK_CHI2`).
     **options
         :func:`napari_cdinn.retrieval.reconstruct` options of both runs (``algorithm``,
-        ``device``, ``n_starts``, ``seed``...); the protocol runs with these alone.
+        ``device``, ``n_starts``, ``seed``...); the protocol runs with these alone.  ``prtf=True``
+        (with ``n_starts >= 2``): the protocol runs on every frame and gives the PRTF (see the
+        module notes); the refinement runs without it.
 
     Returns
     -------
     dict
         ``amplitude``, ``phase``, ``support`` (N, M, M), ``chi2`` (N,) and ``start`` uint8 (N,)
         (1: the refinement from the network was kept; 0: the protocol from random starts);
-        unbatched for a 2-D input.
+        with ``prtf``, the protocol's ``prtf`` (N, M // 2), ``resolution`` (N,) and ``prtf_q``
+        (M // 2,); unbatched for a 2-D input.
     """
     from .nn.inference import REFINE_OPTIONS
     from .retrieval import reconstruct
@@ -249,29 +264,74 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
     for key in ("init", "support", "frame_ids"):
         if key in options:
             raise ValueError(f"refine_with_fallback sets {key!r} itself")
+    prtf = bool(options.pop("prtf", False))
+    if prtf and int(options.get("n_starts", 1)) < 2:
+        raise ValueError("the PRTF compares several runs of each pattern: prtf=True needs n_starts >= 2")
     single = np.ndim(intensity) == 2
     stack = np.asarray(intensity, dtype=np.float32)
     stack = stack[None] if single else stack
     mask = None if mask is None else np.asarray(mask, dtype=bool)
     ids = int(first_frame) + np.arange(stack.shape[0])
 
-    obj, sup, trusted = network_guess(stack, model=model, device=options.get("device", "auto"), mask=mask)
     noise = _noise(stack, mask)
-    settings = {**options, **(REFINE_OPTIONS if refine is None else refine)}
-    noisy = noise > NOISY_CHI2
-    refined = None
-    for frames, extra in ((np.flatnonzero(~noisy), {}), (np.flatnonzero(noisy), NOISY_REFINE)):
-        if len(frames):
-            part = reconstruct(stack[frames], init=obj[frames], support=sup[frames], mask=_frames_of(mask, frames),
-                               frame_ids=ids[frames], **{**settings, **extra})
-            refined = _merge(refined, {k: part[k] for k in RESULT_KEYS}, frames, len(stack))
-    todo = np.flatnonzero(fallback_frames(refined["chi2"], fallback, fallback_chi2, noise))
-    protocol = None
-    if len(todo):
-        protocol = reconstruct(stack[todo], mask=_frames_of(mask, todo), frame_ids=ids[todo], **options)
-    out = keep_lower_chi2(refined, None if protocol is None else {k: protocol[k] for k in RESULT_KEYS}, todo,
-                          chi2_noise=noise)
-    return {k: v[0] for k, v in out.items()} if single else out
+    n, m = stack.shape[0], stack.shape[-1]
+    refined = {"amplitude": np.zeros((n, m, m), np.float32), "phase": np.zeros((n, m, m), np.float32),
+               "support": np.zeros((n, m, m), bool), "chi2": np.full(n, np.nan, np.float32)}
+    info = seeding_model(stack, model, mask, options.get("device", "auto"))
+    if info is not None:  # else every frame gets the protocol: the network cannot read these patterns
+        obj, sup, _ = network_guess(stack, model=info, device=options.get("device", "auto"), mask=mask)
+        seeded = guess_fits_autocorrelation(stack, sup, mask)  # a guess too small for the data seeds nothing
+        settings = {**options, **(REFINE_OPTIONS if refine is None else refine)}
+        noisy = noise > NOISY_CHI2
+        for frames, extra in ((np.flatnonzero(seeded & ~noisy), {}), (np.flatnonzero(seeded & noisy), NOISY_REFINE)):
+            if len(frames):
+                part = reconstruct(stack[frames], init=obj[frames], support=sup[frames], mask=_frames_of(mask, frames),
+                                   frame_ids=ids[frames], **{**settings, **extra})
+                refined = _merge(refined, {k: part[k] for k in RESULT_KEYS}, frames, n)
+    # frames not refined keep a NaN chi^2: they always get the protocol, and it always wins
+    todo = np.flatnonzero(fallback_frames(refined["chi2"], fallback, fallback_chi2, noise) | np.isnan(refined["chi2"]))
+    protocol = extra = None
+    if prtf:  # every frame, for its PRTF; the rule still picks the frames whose result may be swapped
+        run = reconstruct(stack, mask=mask, frame_ids=ids, prtf=True, **options)
+        protocol = {k: run[k][todo] for k in RESULT_KEYS}
+        extra = {k: run[k] for k in ("prtf", "resolution")}
+    elif len(todo):
+        run = reconstruct(stack[todo], mask=_frames_of(mask, todo), frame_ids=ids[todo], **options)
+        protocol = {k: run[k] for k in RESULT_KEYS}
+    out = keep_lower_chi2(refined, protocol, todo, chi2_noise=noise)
+    out.update(extra or {})
+    out = {k: v[0] for k, v in out.items()} if single else out
+    if prtf:
+        out["prtf_q"] = run["prtf_q"]
+    return out
+
+
+def seeding_model(stack: np.ndarray, model: Model, mask: np.ndarray | None, device: str = "auto") -> ModelInfo | None:
+    """The network that seeds the refinement of ``stack``, at its scale, or None where it cannot read it.
+
+    A :class:`~napari_cdinn.nn.ModelInfo` from :func:`napari_cdinn.nn.choose_scale` (callers that
+    stream a stack choose once for it) is used as it is; anything else is resolved for these
+    patterns by :func:`napari_cdinn.nn.choose_scale`.  None when :func:`napari_cdinn.nn.declined`
+    gives a reason (the protocol then inverts every frame).
+    """
+    from .nn import ModelInfo, choose_scale, declined
+
+    info = model if isinstance(model, ModelInfo) and model.misfit is not None else choose_scale(
+        stack, model, mask=mask, device=device)
+    return None if declined(info) else info
+
+
+def guess_fits_autocorrelation(intensity: np.ndarray, support: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Per frame, whether the network's support is at least as wide as the autocorrelation allows.
+
+    The autocorrelation's extent is a lower bound of the object's (:func:`napari_cdinn.physics.autocorrelation_extent`);
+    a guess narrower than :data:`GUESS_EXTENT` of it would trap the refinement in too small a
+    support, so such frames are not seeded (they get the protocol).  Frames whose centre is unmeasured (a beamstop: no bound) pass.
+    """
+    from . import physics
+
+    bound = physics.autocorrelation_extent(intensity, mask)
+    return ~(physics.support_extent(support) < GUESS_EXTENT * bound)  # NaN bound: passes
 
 
 def _frames_of(mask, frames):
@@ -313,17 +373,21 @@ def reconstruct_chunk(intensity: ArrayLike, first_frame: int = 0, init: str = "r
         ``init="nn"``: the refinement's options over ``options`` (default
         :data:`napari_cdinn.nn.inference.REFINE_OPTIONS`).
     **options
-        Passed to :func:`napari_cdinn.retrieval.reconstruct` (with ``init="nn"``, the protocol's options).
+        Passed to :func:`napari_cdinn.retrieval.reconstruct` (with ``init="nn"``, the protocol's
+        options).  ``prtf=True`` (with ``n_starts >= 2``) adds the PRTF of each frame's random
+        starts; with ``init="nn"`` the protocol then runs on every frame for it (see the module notes).
 
     Returns
     -------
     dict of ``amplitude``, ``phase``, ``support`` (n, M, M), ``chi2`` (n,) and ``start`` uint8
-    (n,): 1 where the result started from the network, 0 from random phases.
+    (n,): 1 where the result started from the network, 0 from random phases; with ``prtf``, also
+    ``prtf`` (n, M // 2) and ``resolution`` (n,) (per-frame arrays only: the shells' frequencies
+    are :func:`napari_cdinn.postprocess.prtf_frequencies`).
     """
     if isinstance(init, str) and init == "nn":
         res = refine_with_fallback(intensity, model=model, mask=mask, fallback=fallback, refine=refine,
                                    first_frame=first_frame, **options)
-        return {k: res[k] for k in (*RESULT_KEYS, "start")}
+        return {k: res[k] for k in (*RESULT_KEYS, "start", "prtf", "resolution") if k in res}
     from .retrieval import reconstruct_chunk as protocol_chunk
 
     return protocol_chunk(intensity, first_frame=first_frame, init=init, mask=mask, **options)

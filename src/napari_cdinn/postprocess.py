@@ -1,9 +1,10 @@
 """Post-processing of reconstructions: phase-ramp removal, phase unwrapping, centring, PRTF.
 
-Pure functions on NumPy arrays, frames on the trailing two axes (``(H, W)`` or ``(N, H, W)``),
-objects centred as everywhere in the package (:mod:`napari_cdinn.physics`).  A linear phase ramp in
-real space is a shift of the pattern, and a global phase, a translation and the twin leave the
-pattern unchanged: these functions remove such ambiguities for display and comparison.
+Pure functions on NumPy arrays (and :class:`PrtfSums`, the PRTF's running sums), frames on the
+trailing two axes (``(H, W)`` or ``(N, H, W)``), objects centred as everywhere in the package
+(:mod:`napari_cdinn.physics`).  A linear phase ramp in real space is a shift of the pattern, and a
+global phase, a translation and the twin leave the pattern unchanged: these functions remove such
+ambiguities for display and comparison.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import numpy as np
 
 from . import physics
 
-__all__ = ["STEPS", "apply_steps", "centre_object", "chunk_with_steps", "prtf", "prtf_resolution", "remove_phase_ramp", "unwrap_phase"]
+__all__ = ["STEPS", "PrtfSums", "apply_steps", "centre_object", "chunk_with_steps", "describe_resolution",
+           "median_resolution", "prtf", "prtf_frequencies", "prtf_resolution", "remove_phase_ramp", "unwrap_phase"]
 
 #: The steps :func:`apply_steps` knows, in the order it applies them.
 STEPS = ("centre", "ramp", "unwrap")
@@ -125,14 +127,141 @@ def centre_object(obj, *, support=None):
     return (out[0], shifts[0]) if single else (out, shifts)
 
 
-def prtf(objects, intensity=None, *, bins=None):
+class PrtfSums:
+    """Running sums behind the PRTF of several reconstructions per pattern, added one run at a time.
+
+    Per frame it keeps the first run added (the reference every later run is aligned to: twin,
+    integer shift and global phase, :func:`napari_cdinn.physics.align`), the sum of the aligned
+    far fields, the sum of their power and the number of runs, in single precision: the memory is
+    that of about three objects per frame whatever the number of runs.  :func:`prtf` is this for
+    one frame.
+
+    Parameters
+    ----------
+    n : int
+        Frames.
+    shape : (int, int)
+        Frame shape ``(M, M)``.
+    """
+
+    def __init__(self, n, shape):
+        shape = (int(n),) + tuple(int(s) for s in shape)
+        self.reference = np.zeros(shape, np.complex64)
+        self.field = np.zeros(shape, np.complex64)
+        self.power = np.zeros(shape, np.float32)
+        self.count = np.zeros(shape[0], np.int64)
+
+    def add(self, objects, frames=None, *, block=256):
+        """Add one run of each of ``frames`` (default: every frame).
+
+        Parameters
+        ----------
+        objects : array_like, complex, (len(frames), M, M)
+            The runs' objects, centred, in the pattern's frame (any overall scale, the same for
+            every run of a frame).
+        frames : array_like of int, optional
+            Which frames the runs belong to (each at most once per call).
+        block : int
+            Frames aligned at once (bounds the double-precision work arrays).
+        """
+        frames = np.arange(len(self.count)) if frames is None else np.asarray(frames, np.int64).reshape(-1)
+        objects = np.asarray(objects)
+        if objects.shape != (len(frames),) + self.reference.shape[1:]:
+            raise ValueError(f"expected {len(frames)} objects shaped {self.reference.shape[1:]}, got {objects.shape}")
+        for lo in range(0, len(frames), block):
+            idx, obj = frames[lo : lo + block], np.asarray(objects[lo : lo + block], np.complex128)
+            first = self.count[idx] == 0
+            self.reference[idx[first]] = obj[first]
+            aligned = obj.copy()
+            if (~first).any():
+                aligned[~first] = physics.align(obj[~first], self.reference[idx[~first]])
+            fields = physics.forward(aligned)
+            self.field[idx] += fields.astype(np.complex64)
+            self.power[idx] += (fields.real**2 + fields.imag**2).astype(np.float32)
+            self.count[idx] += 1
+
+    def values(self, intensity=None, *, mask=None, bins=None, frames=None):
+        """The ring-averaged PRTF of each frame (see :func:`prtf`).
+
+        Parameters
+        ----------
+        intensity : array_like, float, (n, M, M) or (M, M), optional
+            The measured patterns (centred, any scale) of ``frames``; default: the runs' mean power.
+        mask : array_like of bool, (n, M, M) or (M, M), optional
+            True on unmeasured pixels, left out of the scale and of every shell (as are the
+            non-finite pixels of ``intensity``).
+        bins : int, optional
+            Frequency shells (default ``M // 2``).
+        frames : array_like of int, optional
+            The frames to evaluate (default: all).
+
+        Returns
+        -------
+        q : ndarray, float64, (bins,)
+            Spatial frequency of each shell's centre, cycles per pixel (0 .. 0.5).
+        values : ndarray, float64, (n, bins)
+            NaN for an empty shell and for a frame with fewer than two runs.
+        """
+        frames = np.arange(len(self.count)) if frames is None else np.asarray(frames, np.int64).reshape(-1)
+        n, (h, w) = len(frames), self.reference.shape[1:]
+        runs = np.maximum(self.count[frames], 1)[:, None, None].astype(np.float64)
+        mean_field = np.abs(self.field[frames].astype(np.complex128)) / runs
+        mean_power = self.power[frames].astype(np.float64) / runs
+        measured = np.ones((n, h, w), bool)
+        if mask is not None:
+            measured &= ~np.broadcast_to(np.asarray(mask, bool), (n, h, w))
+        if intensity is None:
+            signal = norm = np.sqrt(mean_power)
+        else:
+            i = np.broadcast_to(np.asarray(intensity, np.float64), (n, h, w))
+            measured &= np.isfinite(i)
+            i = np.where(measured, np.clip(np.nan_to_num(i), 0, None), 0.0)
+            # the measured intensity on the runs' scale (any input scale), fitted on measured pixels
+            s = np.sum(mean_power * i, axis=(1, 2)) / np.maximum(np.sum(i * i, axis=(1, 2)), 1e-300)
+            signal = np.sqrt(s[:, None, None] * i)
+            norm = np.maximum(signal, np.sqrt(mean_power))  # never above 1 where the runs exceed the data
+        y, x = np.indices((h, w))
+        r = np.hypot((y - h // 2) / h, (x - w // 2) / w)
+        nbins = int(bins or w // 2)
+        edges = np.linspace(0.0, 0.5, nbins + 1)
+        shell = np.broadcast_to(np.digitize(r, edges) - 1, (n, h, w))
+        top = signal.max(axis=(1, 2), keepdims=True)
+        ok = measured & (shell >= 0) & (shell < nbins) & (signal > 1e-12 * np.maximum(top, 1e-300))
+        ratio = mean_field / np.where(ok, norm, 1.0)
+        which = (np.arange(n)[:, None, None] * nbins + shell)[ok]
+        sums = np.bincount(which, weights=ratio[ok], minlength=n * nbins).reshape(n, nbins)
+        counts = np.bincount(which, minlength=n * nbins).reshape(n, nbins)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        values[self.count[frames] < 2] = np.nan
+        return prtf_frequencies(w, nbins), values
+
+
+def prtf_frequencies(size, bins=None):
+    """The PRTF's shell centres in cycles per pixel (float64, (bins,)) for ``size`` x ``size`` patterns.
+
+    ``bins`` shells of equal width from 0 to 0.5 cycles per pixel (default ``size // 2``).
+    """
+    nbins = int(bins or int(size) // 2)
+    edges = np.linspace(0.0, 0.5, nbins + 1)
+    return 0.5 * (edges[:-1] + edges[1:])
+
+
+def prtf(objects, intensity=None, *, bins=None, mask=None):
     """Phase-retrieval transfer function from several reconstructions of one pattern.
 
-    ``PRTF(q) = |<F_k(q)>| / sqrt(I(q))`` ring-averaged, with ``F_k`` the far fields of the runs
-    after aligning each to the first (twin, integer shift and global phase: :func:`napari_cdinn.physics.align`),
-    and ``I`` the measured intensity (default: the runs' mean ``<|F_k|**2>``, i.e. the phase-only
-    PRTF ``|<exp(i phi_k)>|``).  1 where every run agrees on the phase, falling towards
-    ``1 / sqrt(runs)`` where the phases are random.
+    ``PRTF(q) = |<F_k(q)>| / max(sqrt(I(q)), sqrt(<|F_k(q)|**2>))`` per pixel, averaged over
+    rings of equal ``|q|``, with ``F_k`` the far fields of the runs after aligning each to the
+    first (twin, integer shift and global phase: :func:`napari_cdinn.physics.align`), and ``I`` the
+    measured intensity scaled to the runs' mean power ``<|F_k|**2>`` by least squares over the
+    measured pixels (default: that mean power itself, i.e. the phase agreement).  Where the runs
+    fit the data this is the usual ``|<F_k>| / sqrt(I)``; the runs' own rms amplitude in the
+    denominator keeps it at most 1 where they put more power than was measured (unconverged runs,
+    weak high-frequency pixels), where the plain ratio exceeds 1 and hides their disagreement.
+    Only measured pixels with signal count: those in ``mask``, the non-finite pixels of
+    ``intensity`` and pixels that measured nothing are left out.  1 where every run agrees,
+    falling towards ``1 / sqrt(runs)`` where their phases are random.  Running sums for many
+    frames and runs: :class:`PrtfSums`.
 
     Parameters
     ----------
@@ -142,6 +271,8 @@ def prtf(objects, intensity=None, *, bins=None):
         The measured pattern (centred), on any scale.
     bins : int, optional
         Number of frequency shells (default ``M // 2``).
+    mask : array_like of bool, (M, M), optional
+        True on unmeasured pixels (beamstop, gaps).
 
     Returns
     -------
@@ -153,38 +284,56 @@ def prtf(objects, intensity=None, *, bins=None):
     objs = np.asarray(objects, np.complex128)
     if objs.ndim != 3 or len(objs) < 2:
         raise ValueError("the PRTF needs several reconstructions, shaped (K, M, M) with K >= 2")
-    ref = np.broadcast_to(objs[0], objs.shape)
-    aligned = physics.align(objs, ref)
-    fields = physics.forward(aligned)
-    mean_field = np.abs(fields.mean(axis=0))
-    if intensity is None:
-        norm = np.sqrt(np.mean(np.abs(fields) ** 2, axis=0))
-    else:
-        i = np.clip(np.asarray(intensity, np.float64), 0, None)
-        # scale the measured intensity to the runs' (any input scale)
-        runs = np.mean(np.abs(fields) ** 2, axis=0)
-        s = np.sum(runs * i) / max(np.sum(i * i), 1e-300)
-        norm = np.sqrt(s * i)
-    m = objs.shape[-1]
-    y, x = np.indices(objs.shape[-2:])
-    r = np.hypot((y - objs.shape[-2] // 2) / objs.shape[-2], (x - m // 2) / m)
-    nbins = int(bins or m // 2)
-    edges = np.linspace(0.0, 0.5, nbins + 1)
-    which = np.digitize(r.ravel(), edges) - 1
-    ok = (which >= 0) & (which < nbins) & (norm.ravel() > 1e-12 * max(norm.max(), 1e-300))
-    ratio = np.where(norm > 0, mean_field / np.where(norm > 0, norm, 1.0), 0.0).ravel()
-    sums = np.bincount(which[ok], weights=ratio[ok], minlength=nbins)[:nbins]
-    counts = np.bincount(which[ok], minlength=nbins)[:nbins]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        values = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    return 0.5 * (edges[:-1] + edges[1:]), values
+    sums = PrtfSums(1, objs.shape[-2:])
+    for obj in objs:
+        sums.add(obj[None])
+    q, values = sums.values(None if intensity is None else np.asarray(intensity)[None], bins=bins,
+                            mask=None if mask is None else np.asarray(mask, bool)[None])
+    return q, values[0]
 
 
 def prtf_resolution(q, values, level=1 / np.e):
-    """The first spatial frequency (cycles per pixel) where the PRTF falls below ``level`` (NaN: never)."""
+    """The first spatial frequency (cycles per pixel) where the PRTF falls below ``level`` (NaN: never).
+
+    ``values`` may be one curve (bins,) or one per frame (N, bins) (then an (N,) array).  Empty
+    (NaN) shells are skipped.
+    """
     values = np.asarray(values, np.float64)
-    below = np.flatnonzero(np.nan_to_num(values, nan=1.0) < level)
-    return float(np.asarray(q)[below[0]]) if below.size else float("nan")
+    below = np.nan_to_num(values, nan=1.0) < level
+    first = np.argmax(below, axis=-1)
+    out = np.where(below.any(axis=-1), np.asarray(q, np.float64)[first], np.nan)
+    return float(out) if out.ndim == 0 else out
+
+
+def median_resolution(values, resolution):
+    """Median of per-frame PRTF resolutions (cycles per pixel) over the frames that have a PRTF.
+
+    A frame whose PRTF never falls below the level counts as beyond the pattern's edge (``inf``);
+    the median is the lower one of an even count (a frame's own value, never an average with
+    ``inf``).  NaN when no frame has a PRTF.
+
+    Parameters
+    ----------
+    values : array_like, (N, bins)
+        The frames' PRTF curves (rows all NaN: no PRTF, e.g. fewer than two runs).
+    resolution : array_like, (N,)
+        :func:`prtf_resolution` of each row.
+    """
+    values = np.asarray(values, np.float64).reshape(-1, np.shape(values)[-1])
+    resolution = np.asarray(resolution, np.float64).reshape(-1)
+    have = np.isfinite(values).any(axis=1)
+    if not have.any():
+        return float("nan")
+    return float(np.percentile(np.where(np.isnan(resolution[have]), np.inf, resolution[have]), 50, method="lower"))
+
+
+def describe_resolution(q):
+    """``q`` (cycles per pixel, from :func:`median_resolution`) as words: with its half-period ``1 / (2 q)`` in pixels."""
+    if np.isnan(q):
+        return "no PRTF (it needs at least two runs per pattern)"
+    if np.isinf(q):
+        return "beyond 0.5 cycles/pixel (the PRTF stays above the level up to the pattern's edge)"
+    return f"{q:.3g} cycles/pixel (half-period {1 / (2 * q):.3g} pixels)"
 
 
 def apply_steps(amplitude, phase, steps, *, support=None):

@@ -9,10 +9,14 @@ for dask stacks; negative intensities are shown as 0, NaN stays NaN) with the me
 
 and every consumer gets the true intensities back through :func:`layer_intensities`, which
 also accepts any plain image layer (its data are then taken as linear intensities).
-Amplitude layers are ``gray`` on 0..1, phase layers ``twilight`` on -pi..pi; both carry
-``cdinn_kind`` and, when known, the per-frame ``chi2`` in their metadata.  The docks show a result
-first as one RGBA "complex" layer (brightness = amplitude, hue = phase, transparent where the object
-is absent: :func:`complex_tuple`), its amplitude and phase layers added hidden beneath.  Masks of unmeasured
+Amplitude layers are ``gray`` on 0..1, phase layers ``twilight`` on -pi..pi (or the data's range
+when it is wider: unwrapped phases); both carry ``cdinn_kind`` and, when known, the per-frame
+``chi2`` in their metadata.  A phase layer given the object's support is transparent outside it:
+its displayed data hold NaN there (napari draws NaN transparent) where the phase is 0, the core's
+value outside the object, so no phase value is hidden; consumers read phase layers back through
+:func:`layer_phase` (NaN as 0).  The docks show a result first as one RGBA "complex" layer
+(brightness = amplitude, hue = phase, transparent where the object is absent:
+:func:`complex_tuple`), its amplitude and phase layers added hidden beneath.  Masks of unmeasured
 pixels are Labels layers (1 = unmeasured) with ``cdinn_kind`` ``"mask"``; supports (the object's
 extent found by phase retrieval) Labels layers (1 = inside) with ``cdinn_kind`` ``"support"``.
 No Qt import here; napari only for layer types in annotations.
@@ -90,13 +94,36 @@ def amplitude_tuple(amplitude, name, translate=None, **extra_metadata):
     return (np.asarray(amplitude, dtype=np.float32), kwargs, "image")
 
 
-def phase_tuple(phase, name, translate=None, **extra_metadata):
-    """LayerDataTuple of real-space phases in radians (twilight, -pi..pi)."""
-    kwargs = {"name": name, "colormap": "twilight", "contrast_limits": (-np.pi, np.pi),
+def phase_tuple(phase, name, translate=None, support=None, **extra_metadata):
+    """LayerDataTuple of real-space phases in radians (twilight, :func:`phase_limits`).
+
+    ``support`` (bool, broadcastable to ``phase``): where the object is; outside it, pixels whose
+    phase is 0 are shown transparent (NaN in the displayed data, see the module docstring).
+    """
+    data = np.array(phase, dtype=np.float32)
+    if support is not None:
+        data[~np.broadcast_to(np.asarray(support, dtype=bool), data.shape) & (data == 0)] = np.nan
+    kwargs = {"name": name, "colormap": "twilight", "contrast_limits": phase_limits(data),
               "metadata": {KIND: "phase", **extra_metadata}}
     if translate is not None:
         kwargs["translate"] = translate
-    return (np.asarray(phase, dtype=np.float32), kwargs, "image")
+    return (data, kwargs, "image")
+
+
+def phase_limits(phase):
+    """Contrast limits of phases: -pi..pi, widened to the data's range when it exceeds it (unwrapped phases)."""
+    values = np.asarray(phase, dtype=np.float32)
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    slack = 1e-3  # rounding of wrapped phases at +-pi
+    if lo >= -np.pi - slack and hi <= np.pi + slack:
+        return (-np.pi, np.pi)
+    return (min(lo, -np.pi), max(hi, np.pi))
+
+
+def layer_phase(data):
+    """The phases of a phase layer's ``data`` as float32 NumPy, the transparent (NaN) pixels as 0."""
+    return np.nan_to_num(np.asarray(data, dtype=np.float32), nan=0.0)
 
 
 def mask_tuple(mask, name, translate=None, **extra_metadata):

@@ -17,7 +17,7 @@ import os
 from .. import io
 from . import layers as _layers
 
-_RESULT_KEYS = ("amplitude", "phase", "chi2")
+_RESULT_KEYS = ("amplitude", "phase", "chi2", "support")
 
 
 def get_reader(path):
@@ -75,8 +75,21 @@ def _result_tuples(path, stem, stack):
             offset = None
             if stack is not None and res[key].ndim == stack.ndim:
                 offset = (0.0,) * (stack.ndim - 2) + _layers.centre_offset(stack.shape, res[key].shape)
-            out.append(make(res[key], f"{stem} {key}", translate=offset, **meta))
+            extra = {"support": _object_support(res)} if key == "phase" else {}
+            out.append(make(res[key], f"{stem} {key}", translate=offset, **extra, **meta))
     return out
+
+
+def _object_support(res):
+    """Where a result's object is: its ``support``, else amplitude above the shape threshold, else None."""
+    from .. import physics
+
+    shape = res["phase"].shape
+    if "support" in res and res["support"].shape == shape:
+        return res["support"] != 0
+    if "amplitude" in res and res["amplitude"].shape == shape:
+        return physics.support_from_amplitude(res["amplitude"])
+    return None
 
 
 def _mask_tuples(path, stem, shape):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..physics import support_from_amplitude
 from ..simulate import simulate
 from . import layers as _layers
 
@@ -20,6 +21,7 @@ def paper_stack():
     meta = {"cdinn_source": "paper-recipe sample", "cdinn_oversampling": SAMPLE_OVERSAMPLING}
     return [
         _layers.amplitude_tuple(data["amplitude"], "true amplitude", translate=offset, **meta),
-        _layers.phase_tuple(data["phase"], "true phase", translate=offset, **meta),
+        _layers.phase_tuple(data["phase"], "true phase", translate=offset,
+                            support=support_from_amplitude(data["amplitude"]), **meta),
         _layers.intensity_tuple(data["intensity"], "paper-recipe intensity", **meta),
     ]

@@ -3,8 +3,10 @@
 Each layer becomes one array named by its ``cdinn_kind`` metadata (``amplitude``, ``phase``,
 ``intensity``...) or else by its name (non-alphanumerics replaced by ``_``).  A complex layer is
 split into ``<name>`` amplitude and phase; intensities shown on a log scale are written as true
-intensities; a ``chi2`` in a layer's metadata is written as ``chi2``.  Writing goes through
-:func:`napari_cdinn.io.write_result` (atomic, compressed HDF5, a minimal CXI tree).
+intensities; phases shown transparent outside the object (NaN) are written as 0
+(:func:`napari_cdinn._napari.layers.layer_phase`); a ``chi2`` in a layer's metadata is written as
+``chi2``.  Writing goes through :func:`napari_cdinn.io.write_result` (atomic, compressed HDF5, a
+minimal CXI tree).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def write_layers(path, layer_data):
     for data, meta, _kind in layer_data:
         metadata = meta.get("metadata") or {}
         data = np.asarray(_layers.layer_intensities(data, metadata))
+        if metadata.get(_layers.KIND) == "phase":
+            data = _layers.layer_phase(data)
         key = _key(metadata.get(_layers.KIND) or meta.get("name") or "layer", arrays)
         if np.iscomplexobj(data):
             arrays[_key("amplitude" if key == "object" else f"{key}_amplitude", arrays)] = np.abs(data).astype(np.float32)

@@ -9,6 +9,9 @@ predict(intensity, model=None, device="auto", batch_size=256, threshold=0.1)
 load_model(model=None, device="cpu") -> (net, card)
 train(out, preset="paper", **options) -> state
     Options are the fields of :class:`TrainConfig` (the recipe); ``PRESETS`` holds its named instances.
+adapt.adapt(intensity, out, model=None, mask=None, time_limit_min=10, holdout=0.1, ...) -> card
+    Fine-tune a model on measured patterns without ground truth: the submodule :mod:`.adapt`
+    (torch-free to import; its function is not re-exported here, as the submodule's name would shadow it).
 resolve_model(model=None, shape=None) -> ModelInfo
     Which model reads patterns of ``shape`` (file, architecture, input), checked once, without torch.
 predict_chunk, is_trusted, REFINE_OPTIONS
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "DECLINE_CHI2",
     "DEFAULT_MODELS",
     "PRESETS",
     "REFINE_OPTIONS",
@@ -44,7 +48,9 @@ __all__ = [
     "ModelInfo",
     "TrainConfig",
     "check_option",
+    "choose_scale",
     "cli_fields",
+    "declined",
     "describe_option",
     "is_trusted",
     "load_model",
@@ -61,6 +67,40 @@ __all__ = [
 #: on every condition of the selection sets: docs/decisions.md ("TRUST_CHI2"); the trusted
 #: fractions per condition: benchmarks/README.md (bench_realistic).
 TRUST_CHI2 = 0.015
+#: The network declines patterns that misfit beyond the noise by more than this at the best scale
+#: (:func:`choose_scale`) *and* whose objects the autocorrelation shows to be at least as wide as
+#: the largest scale reads (:func:`declined`).  The misfit alone does not separate them: a 3-pixel
+#: beamstop gives 0.2 and the guess still seeds a good refinement (measured: docs/decisions.md,
+#: "Object size").
+DECLINE_CHI2 = 0.15
+
+
+def declined(info: ModelInfo) -> str | None:
+    """Why the network should not seed a reconstruction of the patterns :func:`choose_scale` resolved
+    ``info`` for (one sentence), or None when it may.
+
+    Declined: the median misfit beyond the noise exceeds :data:`DECLINE_CHI2` at the best scale and
+    the autocorrelation's lower bound of the objects' width reaches the largest object the
+    network reads at any scale (``32 x`` the largest scale).  Behind a beamstop the bound is
+    unknown and the network is never declined (the fallback to the protocol still runs per frame).
+    """
+    from .models import SIZE, scales_for
+
+    if info.misfit is None or info.extent is None or info.frame is None or not info.misfit > DECLINE_CHI2:
+        return None
+    widest = SIZE * max(scales_for(info.frame, info.input_factor))
+    if not info.extent >= widest:
+        return None
+    return (f"the network cannot read these patterns (median chi2 beyond the noise {info.misfit:.3g} at the best "
+            f"scale, above {DECLINE_CHI2}, and the autocorrelation shows objects at least {info.extent:.0f} "
+            f"pixels wide, more than the {widest} it reads): the patterns may not be oversampled; the retrieval "
+            f"runs from random starts alone")
+
+
+def choose_scale(*args: Any, **kwargs: Any) -> ModelInfo:
+    from .inference import choose_scale as _choose_scale
+
+    return _choose_scale(*args, **kwargs)
 
 
 def predict(*args: Any, **kwargs: Any) -> dict[str, np.ndarray]:

@@ -45,6 +45,9 @@ gets ``chi2 = 1``, is never trusted and has an empty (all-zero) amplitude, phase
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import numpy as np
 import torch
 
@@ -54,11 +57,13 @@ from .checkpoint import load_model, resolve_model_path
 from .data import SIZE, encode_inputs, network_input
 from .models import (  # which model reads which pattern: resolved in one place, without torch
     DEFAULT_MODELS,
+    ModelInfo,
     decimation_factor,
     default_model,
     model_for,
     oversampling_factor,
     resolve_model,
+    scales_for,
 )
 from .runtime import autocast, bf16_supported, resolve_device
 
@@ -68,6 +73,7 @@ __all__ = [
     "TRUST_CHI2",
     "VIEWS",
     "check_views",
+    "choose_scale",
     "decimation_factor",
     "decode_outputs",
     "default_model",
@@ -79,6 +85,7 @@ __all__ = [
     "predict",
     "predict_chunk",
     "prepare",
+    "upsample",
 ]
 
 #: :func:`napari_cdinn.retrieval.reconstruct` options of the NN-seeded refinement
@@ -97,7 +104,7 @@ _CACHE: dict = {}
 VIEWS = ((0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (1, 1, 1), (1, 0, 1), (1, 1, 0), (0, 1, 1))
 
 
-def prepare(intensity, transform="linear", input_factor=1, mask=None):
+def prepare(intensity, transform="linear", input_factor=1, mask=None, scale=1):
     """Measured intensities ``(N, H, W)`` to the networks' normalised amplitudes.
 
     Parameters
@@ -109,6 +116,9 @@ def prepare(intensity, transform="linear", input_factor=1, mask=None):
         Oversampling the model reads (``model.input_factor``; see the module notes).
     mask : array-like bool, (H, W) or (N, H, W), optional
         True on unmeasured pixels; NaN and infinite pixels are unmeasured too.
+    scale : int
+        The network reads the central ``H / scale`` pixels (the object at ``scale`` times the
+        pixel size: :mod:`napari_cdinn.nn.models`, "Object size and scale").
 
     Returns
     -------
@@ -124,9 +134,10 @@ def prepare(intensity, transform="linear", input_factor=1, mask=None):
         unmeasured = unmeasured | np.broadcast_to(np.asarray(mask, dtype=bool), raw.shape)
     measured = np.where(unmeasured | ~(raw > 0), 0.0, raw).astype(np.float32)  # counts stay whole numbers
     factor = oversampling_factor(measured.shape)
-    step = decimation_factor(measured.shape, input_factor)
-    inputs = encode_inputs(np.sqrt(physics.decimate(measured, step)), transform)
-    input_mask = physics.decimate(unmeasured, step).astype(np.float32)
+    side = measured.shape[-1] // int(scale)
+    step = decimation_factor((side, side), input_factor)
+    inputs = encode_inputs(np.sqrt(physics.decimate(physics.crop(measured, (side, side)), step)), transform)
+    input_mask = physics.decimate(physics.crop(unmeasured, (side, side)), step).astype(np.float32)
     return np.ascontiguousarray(inputs), measured, factor, unmeasured, np.ascontiguousarray(input_mask)
 
 
@@ -141,6 +152,19 @@ def embed(amplitude, phase, factor: int = 2):
     obj = (np.asarray(amplitude) * np.exp(1j * np.asarray(phase))).astype(np.complex64)
     sup = physics.support_from_amplitude(amplitude)
     return physics.pad(obj, factor), physics.pad(sup, factor)
+
+
+def upsample(obj, scale: int):
+    """Complex objects ``(N, h, w)`` read at ``scale`` (see :func:`prepare`) back at the pattern's pixel size.
+
+    Fourier interpolation: the far field of the coarse object is the central part of the
+    pattern, so it is zero-padded ``scale`` times and transformed back (``(N, scale h, scale w)``,
+    a Tensor on the input's device).  The pattern of the result equals the network's on the
+    pixels it read.
+    """
+    if scale == 1:
+        return obj
+    return physics.inverse(physics.pad(physics.forward(obj), scale))
 
 
 def _cached_model(model, device):
@@ -200,32 +224,41 @@ def dihedral(x, view: int, inverse: bool = False):
     return x
 
 
-def _network_object(net, x, device, bf16, threshold, view):
-    """The complex object the network predicts from the ``view`` of inputs ``x`` (N, 1, h, w), back in the input's frame."""
+def _network_object(net, x, device, bf16, threshold, view, scale=1):
+    """The complex object the network predicts from the ``view`` of inputs ``x`` (N, 1, h, w), back in the
+    input's frame, at the pattern's pixel size (:func:`upsample`)."""
     with autocast(device, bf16):
         amp, unit = net(dihedral(x, view).contiguous(memory_format=torch.channels_last))
     amp, phase, _ = decode_outputs(amp, unit, threshold)
-    return dihedral(torch.polar(amp, phase), view, inverse=True)
+    return upsample(dihedral(torch.polar(amp, phase), view, inverse=True), scale)
 
 
-def _view_ensemble(net, x, meas, factor, device, bf16, threshold, views, unmeasured=None):
+def _decode_object(obj, threshold):
+    """Amplitude (max 1 per frame), phase (0 outside the support) and support of complex objects."""
+    amp = obj.abs()
+    amp = amp / amp.amax((-2, -1), keepdim=True).clamp_min(1e-12)
+    support = amp > threshold
+    return amp, torch.where(support, obj.angle(), torch.zeros_like(amp)), support
+
+
+def _view_ensemble(net, x, meas, factor, device, bf16, threshold, views, unmeasured=None, scale=1):
     """Amplitude, phase and support of the views' predictions, aligned and averaged (see :func:`predict`)."""
-    objs = torch.stack([_network_object(net, x, device, bf16, threshold, v) for v in range(views)])  # (V, N, 32, 32)
+    objs = torch.stack([_network_object(net, x, device, bf16, threshold, v, scale)
+                        for v in range(views)])  # (V, N, 32 scale, 32 scale)
     chis = torch.stack([physics.chi2(meas, physics.intensity(physics.pad(o, factor)), unmeasured) for o in objs])
     rows = torch.arange(objs.shape[1], device=objs.device)
     best = chis.argmin(0)
     weights = (chis[best, rows] / chis.clamp_min(1e-12)) ** 2  # (chi2_best / chi2)^2: 1 for the best view
     mean = sum(w[:, None, None] * physics.align(o, objs[best, rows]) for o, w in zip(objs, weights)) / weights.sum(0)[
         :, None, None]
-    amp = mean.abs()
-    amp = amp / amp.amax((-2, -1), keepdim=True).clamp_min(1e-12)
-    support = amp > threshold
-    return amp, torch.where(support, mean.angle(), torch.zeros_like(amp)), support
+    return _decode_object(mean, threshold)
 
 
-def _run_batch(net, prepared, device, bf16, threshold, views=1):
-    """Amplitude, phase, support, chi2 and chi2_noise (NumPy) of one batch of :func:`prepare`'s output."""
+def _run_batch(net, prepared, device, bf16, threshold, views=1, scale=1):
+    """Amplitude, phase, support, chi2 and chi2_noise (NumPy) of one batch of :func:`prepare`'s output
+    (objects at the pattern's pixel size, ``32 scale`` pixels wide)."""
     inputs, measured, factor, unmeasured, input_mask = prepared
+    factor //= scale  # the padding of the object to the pattern's frame
     x = network_input(inputs, input_mask, getattr(net, "mask_channel", False))
     x = x.to(device).contiguous(memory_format=torch.channels_last)
     meas = torch.from_numpy(measured).to(device)
@@ -234,8 +267,10 @@ def _run_batch(net, prepared, device, bf16, threshold, views=1):
         with autocast(device, bf16):
             amp, unit = net(x)
         amp, phase, support = decode_outputs(amp, unit, threshold)
+        if scale > 1:
+            amp, phase, support = _decode_object(upsample(torch.polar(amp, phase), scale), threshold)
     else:
-        amp, phase, support = _view_ensemble(net, x, meas, factor, device, bf16, threshold, views, unmeasured)
+        amp, phase, support = _view_ensemble(net, x, meas, factor, device, bf16, threshold, views, unmeasured, scale)
     fit = oversampled_intensity(amp, phase, factor)
     chi = physics.chi2(meas, fit, unmeasured)
     noise = physics.noise_chi2(meas, unmeasured)
@@ -247,7 +282,7 @@ def _run_batch(net, prepared, device, bf16, threshold, views=1):
 
 
 def predict(intensity, model=None, device="auto", batch_size=256, threshold=physics.SHAPE_THRESHOLD, precision="auto",
-            views=1, mask=None):
+            views=1, mask=None, scale="auto"):
     """Shape and phase of the object behind each diffraction pattern, with a trust score.
 
     Parameters
@@ -273,11 +308,16 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
         about 8 network calls and is the most accurate.
     mask : array-like bool, (H, W) or (N, H, W), optional
         True on unmeasured pixels (beamstop, gaps); NaN and infinite pixels are unmeasured too.
+    scale : "auto" or int
+        Read the objects at this scale (:mod:`napari_cdinn.nn.models`, "Object size and scale").
+        ``"auto"``: the scale of a :class:`~napari_cdinn.nn.models.ModelInfo` that
+        :func:`choose_scale` returned (callers that stream a stack choose it once), else the one
+        :func:`choose_scale` picks from these patterns.
 
     Returns
     -------
     dict
-        ``amplitude`` float32 (N, 32, 32), max 1 per frame; ``phase`` float32 radians, 0 outside
+        ``amplitude`` float32 (N, 32 s, 32 s) (``s`` the scale), max 1 per frame; ``phase`` float32 radians, 0 outside
         the support; ``support`` bool; ``chi2`` float32 (N,) (measured pixels only); ``chi2_noise``
         float32 (N,), the chi^2 that counting noise alone gives; ``trusted`` bool (N,)
         (``chi2 - chi2_noise <= TRUST_CHI2``).  A single (H, W) frame gives unbatched arrays.
@@ -289,15 +329,18 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
     if len(shape) not in (2, 3):
         raise ValueError(f"expected intensities shaped (H, W) or (N, H, W), got {len(shape)} dimensions")
     single = len(shape) == 2
-    info = resolve_model(model, shape)  # the model for this size, checked once before any work
+    if scale == "auto" and not (isinstance(model, ModelInfo) and model.misfit is not None):
+        model = choose_scale(intensity, model, mask=mask, device=device)
+    info = resolve_model(model, shape, None if scale == "auto" else scale)  # checked once before any work
+    side = SIZE * info.scale
     dev = resolve_device(device)
     bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(dev))
     net, _ = _cached_model(info.path, dev)
     n = 1 if single else shape[0]
     out = {
-        "amplitude": np.empty((n, SIZE, SIZE), np.float32),
-        "phase": np.empty((n, SIZE, SIZE), np.float32),
-        "support": np.empty((n, SIZE, SIZE), bool),
+        "amplitude": np.empty((n, side, side), np.float32),
+        "phase": np.empty((n, side, side), np.float32),
+        "support": np.empty((n, side, side), bool),
         "chi2": np.empty(n, np.float32),
         "chi2_noise": np.empty(n, np.float32),
     }
@@ -306,8 +349,9 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
         for lo in range(0, n, batch_size):
             block = np.asarray(intensity) if single else np.asarray(intensity[lo : lo + batch_size])
             block_mask = None if mask is None else mask if mask.ndim == 2 else mask[lo : lo + batch_size]
-            prepared = prepare(block.reshape((-1,) + shape[-2:]), net.input_transform, net.input_factor, block_mask)
-            res = _run_batch(net, prepared, dev, bf16, threshold, int(views))
+            prepared = prepare(block.reshape((-1,) + shape[-2:]), net.input_transform, net.input_factor, block_mask,
+                               info.scale)
+            res = _run_batch(net, prepared, dev, bf16, threshold, int(views), info.scale)
             hi = lo + len(prepared[0])
             for key, val in zip(("amplitude", "phase", "support", "chi2", "chi2_noise"), res):
                 out[key][lo:hi] = val
@@ -315,6 +359,57 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
     if single:
         out = {k: v[0] for k, v in out.items()}
     return out
+
+
+def _sample(intensity, mask, count):
+    """Up to ``count`` frames of a stack, evenly spaced (increasing indices: h5py reads them), with their mask."""
+    n = intensity.shape[0]
+    idx = np.unique(np.linspace(0, n - 1, min(n, int(count))).round().astype(int))
+    frames = np.asarray(intensity[idx] if len(idx) < n else intensity[:], dtype=np.float32)
+    if mask is not None and mask.ndim == 3:
+        mask = mask[idx]
+    return frames, mask
+
+
+def choose_scale(intensity, model=None, mask=None, device="auto", sample=64):
+    """The model resolved for these patterns at the scale that fits them best (the size policy).
+
+    The network reads a sample of the frames (up to ``sample``, evenly spaced) at every scale the
+    model has for the pattern size (:func:`napari_cdinn.nn.models.scales_for`); the scale whose
+    predictions fit the measured pixels best (lowest median ``chi2 - chi2_noise``) is kept.  An
+    object too large for a scale does not fit at it (its far field is read aliased), one read
+    coarser than needed loses its fine fringes: the data decide, beamstop and noise included,
+    which the autocorrelation's extent does not survive (docs/decisions.md, "Object size").
+
+    Parameters
+    ----------
+    intensity : array-like (N, H, W) or (H, W)
+    model : None, str, path or ModelInfo
+    mask : array-like bool, (H, W) or (N, H, W), optional
+    device : str
+    sample : int
+
+    Returns
+    -------
+    ModelInfo
+        With ``scale``, ``misfit`` (that median at the chosen scale) and ``extent`` (the median
+        autocorrelation bound of the objects' width): :func:`napari_cdinn.nn.declined` reads them.
+    """
+    shape = tuple(intensity.shape) if hasattr(intensity, "shape") else np.shape(intensity)
+    if len(shape) == 2:
+        intensity, shape = np.asarray(intensity)[None], (1, *shape)
+    info = resolve_model(model, shape, 1)
+    frames, mask = _sample(intensity, _check_mask(mask, shape), sample)
+    best = None
+    for scale in scales_for(shape, info.input_factor):
+        res = predict(frames, model=info, device=device, mask=mask, scale=scale)
+        misfit = float(np.median(res["chi2"] - res["chi2_noise"]))
+        if best is None or misfit < best[1]:
+            best = (scale, misfit)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # every frame behind a beamstop: NaN
+        extent = float(np.nanmedian(physics.autocorrelation_extent(frames, mask)))
+    return dataclasses.replace(resolve_model(info, shape, best[0]), misfit=best[1], extent=extent)
 
 
 def is_trusted(chi2, chi2_noise=0.0):
@@ -341,13 +436,17 @@ def check_views(views):
         raise ValueError(f"views must be a whole number from 1 to {len(VIEWS)}, got {views!r}")
 
 
-def predict_chunk(intensity, first_frame=0, model=None, device="auto", batch_size=256, views=1, mask=None):
+def predict_chunk(intensity, first_frame=0, model=None, device="auto", batch_size=256, views=1, mask=None, scale=None):
     """Chunk function for :func:`napari_cdinn.stream.process_stack` (picklable via ``partial``).
 
     The prediction is deterministic, so ``first_frame`` (the chunk's place in the stack) is unused.
+    The scale is the model's when :func:`choose_scale` chose it once for the stack, else ``scale``
+    (default 1): never chosen per chunk.
 
     Returns ``amplitude``, ``phase``, ``chi2``, ``chi2_noise`` and ``trusted`` of :func:`predict` for an
     ``(n, H, W)`` block; the network is loaded once per process.
     """
-    res = predict(intensity, model=model, device=device, batch_size=batch_size, views=views, mask=mask)
+    if scale is None:
+        scale = "auto" if isinstance(model, ModelInfo) and model.misfit is not None else 1
+    res = predict(intensity, model=model, device=device, batch_size=batch_size, views=views, mask=mask, scale=scale)
     return {k: res[k] for k in ("amplitude", "phase", "chi2", "chi2_noise", "trusted")}

@@ -14,6 +14,16 @@ The paper's networks read 32 x 32 amplitudes of the *unpadded* object.  A square
 oversampled patterns (``shared2x``: ``m = 2``) takes patterns with ``k`` a multiple of ``m``,
 decimated by ``k / m`` (:func:`decimation_factor`).  Other sizes raise ``ValueError``.
 
+Object size and scale
+---------------------
+Decimation keeps the pixel size and halves the field of view: it is right while the object fits
+in the network's 32 pixels.  A larger object (a 64-pixel object in a 128 x 128 pattern) is read
+at a coarser *scale* ``c``: the central ``M / c`` pixels of the pattern are the ``m``-times
+oversampled pattern of the object at ``c`` times the pixel size, which the network reads (then
+decimated by ``k / (m c)``), and its 32 x 32 answer is interpolated back to ``32 c`` pixels
+(:func:`napari_cdinn.nn.inference.predict`).  :func:`scales_for` lists the scales a model has
+for a pattern size; :func:`napari_cdinn.nn.inference.choose_scale` picks one from the data.
+
 Default model
 -------------
 With no model named, :func:`default_model` picks the first shipped model of
@@ -44,6 +54,7 @@ __all__ = [
     "read_metadata",
     "resolve_model",
     "resolve_model_path",
+    "scales_for",
 ]
 
 #: Side of the networks' input and output frames (the paper's 32 x 32).
@@ -101,6 +112,19 @@ def decimation_factor(shape, input_factor: int = 1) -> int:
             f"got {int(shape[-2])} x {int(shape[-1])}"
         )
     return k // input_factor
+
+
+def scales_for(shape, input_factor: int = 1) -> tuple[int, ...]:
+    """The scales (powers of 2, from 1) at which a model reading ``input_factor``-times oversampled
+    patterns can read patterns of ``shape`` (see the module notes): those dividing ``k / input_factor``.
+
+    Raises
+    ------
+    ValueError
+        As :func:`decimation_factor`.
+    """
+    d = decimation_factor(shape, input_factor)
+    return tuple(c for c in (1, 2, 4, 8, 16, 32, 64) if c <= d and d % c == 0)
 
 
 def resolve_model_path(model=None) -> Path:
@@ -245,7 +269,17 @@ class ModelInfo:
     frame : tuple of int or None
         The pattern size ``(H, W)`` the model was checked against (None: not checked).
     decimation : int or None
-        How much patterns of that size are decimated for the model (:func:`decimation_factor`).
+        How much patterns of that size are decimated for the model (:func:`decimation_factor`,
+        divided by ``scale``).
+    scale : int
+        The object is read at ``scale`` times the pattern's pixel size (the central ``M / scale``
+        pixels of the pattern; see the module notes); 1 by default.
+    misfit : float or None
+        Median ``chi2 - chi2_noise`` of a sample of the patterns at that scale, when
+        :func:`napari_cdinn.nn.inference.choose_scale` chose it.
+    extent : float or None
+        Median lower bound of the objects' width from the autocorrelation of that sample
+        (:func:`napari_cdinn.physics.autocorrelation_extent`; NaN behind a beamstop).
     """
 
     path: Path
@@ -257,6 +291,9 @@ class ModelInfo:
     card: dict = field(default_factory=dict, compare=False, repr=False)
     frame: tuple | None = None
     decimation: int | None = None
+    scale: int = 1
+    misfit: float | None = field(default=None, compare=False)
+    extent: float | None = field(default=None, compare=False)
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -272,7 +309,19 @@ def _mask_channel(header: dict, arch: str, factor: int) -> bool:
     return str((header.get("__metadata__") or {}).get("mask", "0")) == "1"
 
 
-def resolve_model(model=None, shape=None) -> ModelInfo:
+def _at_scale(info: ModelInfo, frame, scale: int) -> ModelInfo:
+    """``info`` checked against the pattern size ``frame`` and set to read it at ``scale``."""
+    scale = int(scale)
+    if scale not in scales_for(frame, info.input_factor):
+        raise ValueError(f"this model cannot read {frame[0]} x {frame[1]} patterns at scale {scale}; "
+                         f"it can at {', '.join(map(str, scales_for(frame, info.input_factor)))}")
+    same = frame == info.frame and scale == info.scale
+    return dataclasses.replace(info, frame=frame, scale=scale, misfit=info.misfit if same else None,
+                               extent=info.extent if frame == info.frame else None,
+                               decimation=decimation_factor(frame, info.input_factor) // scale)
+
+
+def resolve_model(model=None, shape=None, scale=None) -> ModelInfo:
     """The model that reads patterns of ``shape``: its file, architecture and input, checked once.
 
     Parameters
@@ -283,6 +332,9 @@ def resolve_model(model=None, shape=None) -> ModelInfo:
         (then only checked against ``shape``).
     shape : tuple of int, optional
         The patterns' shape ``(..., H, W)``.
+    scale : int, optional
+        Read the object at this scale (:func:`scales_for`; see the module notes).  Default: a
+        :class:`ModelInfo`'s own scale for the size it was resolved for, else 1.
 
     Returns
     -------
@@ -296,9 +348,11 @@ def resolve_model(model=None, shape=None) -> ModelInfo:
     """
     frame = None if shape is None else (int(shape[-2]), int(shape[-1]))
     if isinstance(model, ModelInfo):
-        if frame is None or frame == model.frame:
+        if frame is None or (frame == model.frame and scale in (None, model.scale)):
             return model
-        return dataclasses.replace(model, frame=frame, decimation=decimation_factor(frame, model.input_factor))
+        if scale is None:  # a scale is chosen for one pattern size
+            scale = model.scale if frame == model.frame else 1
+        return _at_scale(model, frame, scale)
     if frame is not None:
         oversampling_factor(frame)  # a size no network reads fails first
     name = str(model_for(model, frame))
@@ -319,4 +373,4 @@ def resolve_model(model=None, shape=None) -> ModelInfo:
     )
     if frame is None:
         return info
-    return dataclasses.replace(info, frame=frame, decimation=decimation_factor(frame, factor))
+    return _at_scale(info, frame, 1 if scale is None else scale)

@@ -77,10 +77,12 @@ __all__ = [
     "PRESETS",
     "VAL_SEED_OFFSET",
     "TrainConfig",
+    "batch_examples",
     "data_consistency_loss",
     "evaluate",
     "fit",
     "oversampled_intensity",
+    "recipe_loss",
     "train",
     "twin_invariant_loss",
 ]
@@ -351,6 +353,37 @@ def _measured_amplitudes(examples, input_factor, transform):
     return oversampled_intensity(examples["amplitude"], examples["phase"]).sqrt()
 
 
+def batch_examples(batch, config, factor, device, generator=None):
+    """Network inputs and targets (:func:`prepare_examples` tensors on ``device``) of a batch of objects.
+
+    ``batch``: objects from :func:`_epoch_batches` (simulator processes drew them, with their
+    detector settings); their patterns and targets are computed here, on the training device,
+    with the input encoding of ``config`` and the input oversampling ``factor``.
+    """
+    objects = (torch.from_numpy(batch[k]).to(device) for k in ("amplitude", "phase"))
+    return prepare_examples(*objects, config.input, factor, detector=split_detector(batch), generator=generator)
+
+
+def recipe_loss(model, examples, config, factor, device, bf16=False):
+    """The training loss of the recipe ``config`` on ``examples`` (:func:`batch_examples`): a scalar tensor.
+
+    The twin-invariant loss with the recipe's shift tolerance and phase, support and miss weights,
+    plus ``config.data_weight`` times the data-consistency term (:func:`data_consistency_loss`).
+    """
+    x = network_input(examples["input"], examples["mask"], model.mask_channel).contiguous(
+        memory_format=torch.channels_last)
+    t = [_nchw(examples[k], False) for k in _TARGETS]
+    with autocast(device, bf16):
+        la, lp = model.logits(x)
+    loss, _ = twin_invariant_loss(la, lp, *t, shift=config.shift, phase_weight=config.phase_weight,
+                                  support_weight=config.support_weight, miss_weight=config.miss_weight)
+    if config.data_weight > 0:
+        measured = _measured_amplitudes(examples, factor, config.input)
+        mask = examples["mask"] if measured is examples["input"] else None  # the input's unmeasured pixels
+        loss = loss + config.data_weight * data_consistency_loss(la, lp, measured, mask=mask).mean()
+    return loss
+
+
 def _progress(config, step, total_steps, elapsed_s=0.0):
     """Fraction of the schedule done: of its steps or, with a ``time_limit_min``, of its time if further."""
     frac = step / max(total_steps, 1)
@@ -513,24 +546,12 @@ class _Run:
         cfg, dev = self.config, self.dev
         for g in self.opt.param_groups:
             g["lr"] = _lr_at(cfg, self.state["step"], self.total_steps, self.elapsed())
-        # the simulator processes drew the objects; their patterns and targets are computed here
-        ex = prepare_examples(*(torch.from_numpy(batch[k]).to(dev) for k in ("amplitude", "phase")),
-                              cfg.input, self.factor, detector=split_detector(batch), generator=self.generator)
-        x = network_input(ex["input"], ex["mask"], self.model.mask_channel).contiguous(
-            memory_format=torch.channels_last)
-        t = [_nchw(ex[k], False) for k in _TARGETS]
-        with autocast(dev, self.bf16):
-            la, lp = self.model.logits(x)
-        loss, _ = twin_invariant_loss(la, lp, *t, shift=cfg.shift, phase_weight=cfg.phase_weight,
-                                      support_weight=cfg.support_weight, miss_weight=cfg.miss_weight)
-        if cfg.data_weight > 0:
-            measured = _measured_amplitudes(ex, self.factor, cfg.input)
-            mask = ex["mask"] if measured is ex["input"] else None  # the input's unmeasured pixels
-            loss = loss + cfg.data_weight * data_consistency_loss(la, lp, measured, mask=mask).mean()
+        ex = batch_examples(batch, cfg, self.factor, dev, self.generator)
+        loss = recipe_loss(self.model, ex, cfg, self.factor, dev, self.bf16)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        self._count(loss.detach(), len(x))
+        self._count(loss.detach(), len(ex["input"]))
 
     def _count(self, loss, n):
         """Bookkeeping after a step of ``n`` examples: counters, weight average, running loss, step events."""

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .. import physics
+from .. import physics, postprocess
 from ..device import resolve_device
 from ..jobs import Cancelled, PartsProgress, stop_requested
 from . import steps as st
@@ -178,7 +178,7 @@ def _prepare_batch(intens, mask, init, init_support, frames, starts, seed):
     if init_support is not None:
         sup0 = np.fft.ifftshift(init_support, axes=(-2, -1)).astype(np.float32)
     for j, (f, k) in enumerate(zip(frames, starts)):
-        if init is not None and k == 0:
+        if init is not None and k == 0 and init[j].any():  # an all-zero init frame starts at random
             x0[j] = np.fft.ifftshift(init[j], axes=(-2, -1)) / scale[j]
         else:
             x0[j] = random_start(amp[j], seed, f, k)
@@ -204,6 +204,7 @@ def reconstruct(
     first_frame=0,
     frame_ids=None,
     retry_chi2=1e-4,
+    prtf=False,
     shrinkwrap_every=20,
     sigma=(3.0, 1.0),
     threshold=0.12,
@@ -237,10 +238,12 @@ def reconstruct(
     beta : float
         HIO / RAAR feedback parameter.
     init : "random" or array_like complex, (M, M) or (N, M, M)
-        Random phases, or a starting object (centred, in the frame of the pattern).
+        Random phases, or a starting object (centred, in the frame of the pattern); its all-zero
+        frames start from random phases.
     support : array_like bool, optional
         Starting support (centred), (M, M) or (N, M, M).  Default: from ``init`` (relative
-        modulus above 0.1) when it is an object, else the thresholded autocorrelation.
+        modulus above 0.1) when it is an object, else the thresholded autocorrelation; an all-zero
+        frame of it gets the autocorrelation's too.
     fixed_support : bool
         Keep the support fixed (no shrinkwrap).
     mask : array_like bool, optional
@@ -253,6 +256,16 @@ def reconstruct(
         starts is still above this value (restarts where they are needed; each pattern's
         decision depends on its own chi^2 only; the default 1e-4 sits well above the chi^2 of
         converged noiseless patterns).  None: every pattern gets ``n_starts`` starts.
+    prtf : bool
+        Also measure how reproducibly each pattern is inverted: the phase-retrieval transfer
+        function of its ``n_starts`` runs (at least 2), every pattern getting every start
+        (``retry_chi2`` is then ignored).  Each run is aligned to the pattern's first run (twin,
+        shift, global phase) and its far field added to running sums
+        (:class:`napari_cdinn.postprocess.PrtfSums`, the computation of
+        :func:`napari_cdinn.postprocess.prtf`; memory: about three objects per pattern whatever
+        ``n_starts``); the PRTF compares their mean with the measured intensity on the measured
+        pixels only (``mask`` and NaN/inf pixels left out).  The kept result is still the run
+        with the lowest chi^2.
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``.
     batch_size : int, optional
@@ -311,6 +324,11 @@ def reconstruct(
         ``start_chi2`` (N, n_starts) (NaN for starts not run); ``stopped`` bool.  After a stop
         (``on_stop="return"``) the frames reached so far are returned, the running batch with
         its current estimates.
+        With ``prtf``: ``prtf`` float32 (N, M // 2), the ring-averaged PRTF of each pattern's
+        runs (NaN for an empty shell, and for a pattern reached by fewer than two runs after a
+        stop); ``prtf_q`` float64 (M // 2,), the shells' spatial frequency in cycles per pixel;
+        ``resolution`` float32 (N,), the first ``prtf_q`` where the PRTF falls below 1/e
+        (:func:`napari_cdinn.postprocess.prtf_resolution`; NaN when it never does).
         For a 2-D input the frame axis is dropped.
 
     Raises
@@ -330,6 +348,10 @@ def reconstruct(
     n_starts = int(n_starts)
     if n_starts < 1:
         raise ValueError("n_starts must be at least 1")
+    if prtf and n_starts < 2:
+        raise ValueError(f"the PRTF compares several runs of each pattern: prtf=True needs n_starts >= 2, got {n_starts}")
+    if prtf:
+        retry_chi2 = None  # every pattern gets every start
     if frame_ids is None:
         frame_ids = int(first_frame) + np.arange(n)
     frame_ids = np.asarray(frame_ids, dtype=np.int64).reshape(-1)
@@ -373,13 +395,31 @@ def reconstruct(
         "error_every": error_every, "should_stop": should_stop, "batch_size": batch_size,
         "error_iterations": _error_iterations(total_it, error_every),
         "workers": workers, "snapshot": snapshot,
+        "prtf": postprocess.PrtfSums(n, (m, m)) if prtf else None,
     }
     counter = PartsProgress(progress, total_it)
     counter.plan(_batch_count(n, batch_size, workers) * (n_starts if retry_chi2 is None else 1))
     start_chi2 = np.full((n, n_starts), np.nan, dtype=np.float32)
     with single_threaded_ops(dev.type == "cpu" and threads != 0):
         best, stopped = _rounds(n, n_starts, retry_chi2, batch_size, ctx, counter, start_chi2, on_stop)
-    return _finish(best, start_chi2[: len(best["chi2"])], ctx["error_iterations"], single, stopped)
+    extra = None if ctx["prtf"] is None else _prtf_of(ctx, len(best["chi2"]))
+    return _finish(best, start_chi2[: len(best["chi2"])], ctx["error_iterations"], single, stopped, extra)
+
+
+def _prtf_of(ctx, n, block=256):
+    """``prtf``, ``prtf_q`` and ``resolution`` of the first ``n`` frames from the runs' sums in ``ctx``."""
+    values = []
+    for lo in range(0, n, block):
+        idx = np.arange(lo, min(lo + block, n))
+        inten, bad = _frame_arrays(ctx["stack"], idx)
+        mask = _per_frame(ctx["mask"], idx)
+        if bad is not None:
+            mask = bad if mask is None else np.broadcast_to(mask, bad.shape) | bad
+        values.append(ctx["prtf"].values(inten, mask=mask, frames=idx)[1])
+    q = postprocess.prtf_frequencies(ctx["stack"].shape[-1])
+    values = np.concatenate(values) if values else np.zeros((0, len(q)))
+    return {"prtf": values.astype(np.float32), "resolution": np.asarray(postprocess.prtf_resolution(q, values), np.float32),
+            "prtf_q": q}
 
 
 def _workers(threads, device):
@@ -420,6 +460,8 @@ def _rounds(n, n_starts, retry_chi2, batch_size, ctx, counter, start_chi2, on_st
             break
         runs, stopped_after = _run_round(todo, k, ctx, counter)
         start_chi2[runs["frames"], k] = runs["chi2"]
+        if ctx["prtf"] is not None:
+            ctx["prtf"].add(runs["object"], runs["frames"])
         best = runs if best is None else _keep_better(best, runs)
         if stopped_after is not None:
             if on_stop == "raise":
@@ -501,6 +543,10 @@ def _run_batch(frames, start, ctx, report):
         sup_t = autocorrelation_support(torch.from_numpy(amp * amp).to(dev), ctx["ac_threshold"])
     else:
         sup_t = torch.from_numpy(np.ascontiguousarray(sup0)).to(dev)
+        empty = sup_t.sum(dim=(-2, -1)) == 0  # an all-zero support frame gets the autocorrelation's
+        if bool(empty.any()):
+            sup_t[empty] = autocorrelation_support(torch.from_numpy(amp[empty.cpu().numpy()] ** 2).to(dev),
+                                                   ctx["ac_threshold"])
     x = torch.from_numpy(x0).to(dev).mul_(sup_t)
     outcome = iterate(
         x, amp_t, sup_t, ctx["schedule"], beta=ctx["beta"], free=free_t, shrink=ctx["shrink"],
@@ -552,8 +598,8 @@ def _keep_better(best, runs):
     return best
 
 
-def _finish(best, start_chi2, error_iterations, single, stopped):
-    """Centre and phase-normalise the kept runs; the output dict of :func:`reconstruct`."""
+def _finish(best, start_chi2, error_iterations, single, stopped, prtf=None):
+    """Centre and phase-normalise the kept runs; the output dict of :func:`reconstruct` (``prtf``: its PRTF keys)."""
     obj, sup = finish_frames(best["object"], best["support"])
     amp = np.abs(obj).astype(np.float32)
     peak = amp.max(axis=(1, 2), keepdims=True)
@@ -568,8 +614,12 @@ def _finish(best, start_chi2, error_iterations, single, stopped):
         "errors": best["errors"].astype(np.float32),
         "start_chi2": start_chi2,
     }
+    if prtf is not None:
+        out.update(prtf=prtf["prtf"], resolution=prtf["resolution"])
     if single:
         out = {k: v[0] for k, v in out.items()}
+    if prtf is not None:
+        out["prtf_q"] = prtf["prtf_q"]
     out["error_iterations"] = error_iterations
     out["stopped"] = stopped
     return out
@@ -598,11 +648,13 @@ def reconstruct_chunk(intensity, first_frame=0, init="random", mask=None, **opti
     -------
     dict of ``amplitude``, ``phase``, ``support`` (n, M, M), ``chi2`` (n,) and ``start`` uint8
     (n,), 0: every result started from random phases (the key :func:`napari_cdinn.pipelines.reconstruct_chunk`
-    also writes).
+    also writes); with ``prtf=True`` also ``prtf`` (n, M // 2) and ``resolution`` (n,) (per-frame
+    arrays only: the shells' frequencies ``prtf_q`` are the same for every chunk,
+    :func:`napari_cdinn.postprocess.prtf_frequencies`).
     """
     if isinstance(init, str) and init == "nn":
         raise ValueError("init='nn' needs the networks: use napari_cdinn.pipelines.reconstruct_chunk")
     res = reconstruct(intensity, first_frame=first_frame, init=init, mask=mask, **options)
-    out = {k: res[k] for k in ("amplitude", "phase", "support", "chi2")}
+    out = {k: res[k] for k in ("amplitude", "phase", "support", "chi2", "prtf", "resolution") if k in res}
     out["start"] = np.zeros(np.shape(out["chi2"]), dtype=np.uint8)
     return out

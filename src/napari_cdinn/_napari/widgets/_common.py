@@ -335,16 +335,30 @@ ENGINES = {"NN": "CDI NN", "PR": "phase retrieval"}
 WHEEL = "phase wheel (hue = phase, brightness = amplitude)"
 
 
-def show_result(viewer, source, engine, amplitude, phase, translate=None, **meta):
+def show_result(viewer, source, engine, amplitude, phase, translate=None, support=None, **meta):
     """Show a result of ``engine`` ("NN" or "PR") on the pattern layer ``source``.
 
     The complex RGBA layer ``"{source} {engine} complex"`` is shown; the amplitude and phase layers
-    are added hidden beneath it (the Quality view and the writer read them).
+    are added hidden beneath it (the Quality view and the writer read them).  The phase layer is
+    transparent outside ``support`` (default: amplitude above the shape threshold,
+    :func:`napari_cdinn.physics.support_from_amplitude`); its contrast limits widen to fit
+    unwrapped phases.
     """
+    from ... import physics
+
     names = {key: f"{source} {engine} {key}" for key in ("amplitude", "phase", "complex")}
     add_or_update(viewer, _layers.amplitude_tuple(amplitude, names["amplitude"], translate=translate, **meta),
                   visible=False)
-    add_or_update(viewer, _layers.phase_tuple(phase, names["phase"], translate=translate, **meta), visible=False)
+    if support is None:
+        support = physics.support_from_amplitude(np.asarray(amplitude))
+    shown = _layers.phase_tuple(phase, names["phase"], translate=translate, support=support, **meta)
+    layer = add_or_update(viewer, shown, visible=False)
+    lo, hi = shown[1]["contrast_limits"]
+    now = tuple(layer.contrast_limits)
+    if (lo, hi) == (-np.pi, np.pi) and now[0] < -np.pi - 1e-3 and now[1] > np.pi + 1e-3:
+        layer.contrast_limits = (lo, hi)  # wrapped phases again after an unwrapped run
+    elif lo < now[0] or hi > now[1]:
+        layer.contrast_limits = (min(lo, now[0]), max(hi, now[1]))
     add_or_update(viewer, _layers.complex_tuple(amplitude, phase, names["complex"], translate=translate, **meta))
     return names
 
@@ -358,8 +372,8 @@ def refresh_complex(viewer, amplitude_layer, phase_layer):
     if name in viewer.layers and viewer.layers[name].data.shape[:-1] == amplitude_layer.data.shape:
         from ...display import complex_to_rgb
 
-        viewer.layers[name].data = complex_to_rgb(np.asarray(amplitude_layer.data), np.asarray(phase_layer.data),
-                                                  alpha=True)
+        viewer.layers[name].data = complex_to_rgb(np.asarray(amplitude_layer.data),
+                                                  _layers.layer_phase(phase_layer.data), alpha=True)
 
 
 def arrange_side_by_side(viewer, source, frame_view=True):

@@ -5,7 +5,8 @@ is pressed (:func:`napari_cdinn.nn.resolve_model`: a size or model that cannot w
 notification at once).  Frames are inverted in batches inside a thread worker, through the chunked
 loop of the command line (:func:`napari_cdinn.stream.iter_chunks`: progress events after each
 batch, Stop between batches).  Results keep the stack axis: a
-32 x 32 amplitude and phase per frame, centred in the pattern's frame (the 2x protocol), with the
+32 x 32 amplitude and phase per frame (``32 s`` for objects read at scale ``s``, chosen once for the
+stack by :func:`napari_cdinn.nn.choose_scale`), centred in the pattern's frame (the 2x protocol), with the
 per-frame chi^2 trust score in the layers' metadata and in a plot; shown as one complex image
 (brightness = amplitude, hue = phase) beside the pattern (:func:`._common.arrange_side_by_side`).  The trust rule is
 :func:`napari_cdinn.nn.inference.is_trusted`: a frame is trusted when its misfit beyond counting
@@ -64,6 +65,8 @@ def run_inversion(stack, options, emit, should_stop, mask=None):
 
     options = dict(options)
     n, batch = stack.shape[0], max(1, int(options.pop("batch_size")))
+    # the scale is chosen once for the stack from a sample of it, not per batch
+    options["model"] = nn.choose_scale(stack, options.get("model"), mask=mask, device=options.get("device", "auto"))
 
     def chunk(intensity, first_frame=0, mask=None):
         return nn.predict(intensity, batch_size=batch, mask=mask, **options)

@@ -15,6 +15,7 @@ import numpy as np
 from magicgui import widgets
 
 from ... import physics
+from .. import layers as _layers
 from ._common import PlotCanvas, image_layer_picker, notify_error, refresh_complex, stack_of
 
 
@@ -115,7 +116,7 @@ class QualityView(widgets.Container):
             raise ValueError("the amplitude and phase layers differ in shape")
         measured, _ = stack_of(self.measured.value)
         amp = np.asarray(amp_layer.data).reshape((n,) + amp_layer.data.shape[-2:])
-        pha = np.asarray(pha_layer.data).reshape(amp.shape)
+        pha = _layers.layer_phase(pha_layer.data).reshape(amp.shape)
         return np.asarray(result_chi2(amp, pha, np.asarray(measured)), dtype=np.float64).reshape(n)
 
     def _draw(self, chi2):

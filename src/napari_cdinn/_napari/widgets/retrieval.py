@@ -16,6 +16,15 @@ iteration block and keeps the frames reached so far.  Start "CDI NN" seeds every
 the network's guess (:func:`napari_cdinn.pipelines.network_guess`: embedded in the oversampled
 frame, its support as the first support); which guesses the network trusts is kept in the
 layers' metadata (``nn_trusted``) and said in the status line.
+``starts`` runs per pattern keep the one with the lowest chi^2; with ``PRTF`` ticked (at least 2
+starts) every pattern gets every start and the third plot shows the phase-retrieval transfer
+function (:func:`napari_cdinn.postprocess.prtf`): its median over the frames done against the spatial
+frequency (cycles per pixel), the 1/e level and the median resolution (the first frequency where a
+frame's PRTF falls below 1/e); the per-frame ``prtf``, ``prtf_q`` and ``resolution`` go into the
+layers' metadata.  Post-processing (centre the object, remove the phase ramp, unwrap the phase:
+:func:`napari_cdinn.postprocess.apply_steps`) is applied to each finished block of frames before it is
+shown, and recorded in the metadata (``post``); an unwrapped phase layer's contrast limits fit its
+range.  The phase layer is transparent outside the support.
 An optional mask layer (Labels or Image, nonzero = unmeasured, shaped like one pattern or like the
 stack) marks unmeasured pixels (beamstop, gaps): they are left free by the modulus step, out of
 chi^2, and given to the network for the "CDI NN" start.  NaN/inf pixels are unmeasured too.
@@ -30,7 +39,7 @@ import warnings
 import numpy as np
 from magicgui import widgets
 
-from ... import nn
+from ... import nn, physics
 from ...device import DEVICES
 from ...jobs import Cancelled, Kind, ProgressEvent
 from .. import layers as _layers
@@ -65,16 +74,34 @@ def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
     inside) is the starting support, also over the network's.  ``emit`` gets :class:`napari_cdinn.jobs.ProgressEvent`:
     ``PROGRESS`` (frames, fractional, while a block iterates), ``SNAPSHOT`` (the current estimates
     of a block's frames, at most every 0.3 s) and ``CHUNK`` (a finished block: ``lo`` and its
-    ``amplitude``, ``phase``, ``support``, ``chi2``, ``errors``, ``error_iterations``, ``nn_trusted``).
+    ``amplitude``, ``phase``, ``support``, ``chi2``, ``errors``, ``error_iterations``, ``nn_trusted``,
+    and with ``prtf`` its ``prtf``, ``prtf_q`` and ``resolution``).  ``post`` in ``options``: the
+    :func:`napari_cdinn.postprocess.apply_steps` steps applied to each finished block's amplitude,
+    phase and support.
 
-    Returns ``{"frames": frames done, "stopped": bool}``.
+    The network is chosen once for the stack at its scale (:func:`napari_cdinn.pipelines.seeding_model`);
+    where it cannot read the patterns every frame starts from random phases and ``declined`` in the
+    outcome says why.  Frames whose guess is narrower than the autocorrelation allows
+    (:func:`napari_cdinn.pipelines.guess_fits_autocorrelation`) start from random phases too.
+
+    Returns ``{"frames": frames done, "stopped": bool, "declined": None or one sentence}``.
     """
+    from ... import nn
+    from ...pipelines import guess_fits_autocorrelation, network_guess, seeding_model
+    from ...postprocess import apply_steps
     from ...retrieval import reconstruct
     from ...stream import iter_chunks
 
     options = dict(options)
     n, block = stack.shape[0], max(1, int(options.pop("block_frames")))
     support = options.pop("support", None)
+    post = tuple(options.pop("post", ()))
+    declined = None
+    if nn_start is not None:
+        model = seeding_model(stack, nn_start[0], mask, options["device"])
+        if model is None:
+            declined = nn.declined(nn.choose_scale(stack, nn_start[0], mask=mask, device=options["device"]))
+        nn_start = None if model is None else (model,)
 
     def invert(chunk, first_frame=0, mask=None):
         lo, hi = first_frame, first_frame + len(chunk)
@@ -84,9 +111,11 @@ def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
             kwargs["support"] = given
         trusted = None
         if nn_start is not None:
-            from ...pipelines import network_guess
-
             obj, sup, trusted = network_guess(chunk, model=nn_start[0], device=options["device"], mask=mask)
+            # a guess too narrow for the data seeds nothing: reconstruct starts all-zero frames at random
+            fits = guess_fits_autocorrelation(np.asarray(chunk, np.float32), sup, mask)
+            obj[~fits] = 0
+            sup = np.where(fits[:, None, None], sup, False)
             kwargs.update(init=obj, support=sup if given is None else given)
 
         def report(it, total):
@@ -100,13 +129,18 @@ def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
     try:
         for lo, _hi, res in iter_chunks(stack, invert, chunk_size=block, mask=mask, should_stop=should_stop):
             done = lo + len(res["chi2"])
-            emit(ProgressEvent(Kind.CHUNK, done, n, payload={"lo": lo, **{k: res[k] for k in (
-                "amplitude", "phase", "support", "chi2", "errors", "error_iterations", "nn_trusted")}}))
+            payload = {"lo": lo, **{k: res[k] for k in (
+                "amplitude", "phase", "support", "chi2", "errors", "error_iterations", "nn_trusted")}}
+            payload.update({k: res[k] for k in ("prtf", "prtf_q", "resolution") if k in res})
+            if post:
+                payload["amplitude"], payload["phase"], payload["support"] = apply_steps(
+                    res["amplitude"], res["phase"], post, support=res["support"])
+            emit(ProgressEvent(Kind.CHUNK, done, n, payload=payload))
             if res["stopped"]:
-                return {"frames": done, "stopped": True}
+                return {"frames": done, "stopped": True, "declined": declined}
     except Cancelled:
-        return {"frames": done, "stopped": True}
-    return {"frames": done, "stopped": False}
+        return {"frames": done, "stopped": True, "declined": declined}
+    return {"frames": done, "stopped": False, "declined": declined}
 
 
 class _Throttled:
@@ -145,6 +179,20 @@ class PhaseRetrievalWidget(widgets.Container):
         self.sigma_end = widgets.FloatSpinBox(label="shrinkwrap sigma to", value=1.0, min=0.1, max=20.0, step=0.5,
                                               tooltip="blur of the last support update (pixels)")
         self.start = widgets.ComboBox(label="start", choices=["random", "CDI NN"], value="random")
+        self.starts = widgets.SpinBox(
+            label="starts", value=1, min=1, max=1000,
+            tooltip="runs per pattern, the one with the lowest chi² kept (with the CDI NN start, the first run starts "
+                    "from the network's guess, the others from random phases)")
+        self.prtf = widgets.CheckBox(
+            label="PRTF", value=False,
+            tooltip="phase-retrieval transfer function of each pattern's starts (needs 2 or more starts; every pattern "
+                    "then gets every start): how reproducibly each spatial frequency is retrieved, a resolution estimate")
+        self.post_centre = widgets.CheckBox(label="centre object", value=False,
+                                            tooltip="roll each result so its centre of mass sits in the frame centre")
+        self.post_ramp = widgets.CheckBox(label="remove phase ramp", value=False,
+                                          tooltip="remove the linear phase ramp and the mean phase inside the support")
+        self.post_unwrap = widgets.CheckBox(label="unwrap phase", value=False,
+                                            tooltip="unwrap the phase inside the support (no longer within -pi..pi)")
         self.models = ModelPicker()
         self.mask = mask_layer_picker(napari_viewer, self.patterns)
         self.support = mask_layer_picker(
@@ -156,16 +204,27 @@ class PhaseRetrievalWidget(widgets.Container):
         self.runner = JobRunner(self._on_progress, self._on_result, on_finish=self._on_finish)
         self.controls = JobControls("Reconstruct", self.run, self.runner)
         super().__init__(widgets=[self.patterns, self.algorithm, self.iterations, self.beta, self.threshold,
-                                  self.sigma_start, self.sigma_end, self.start, self.models, self.mask, self.support,
-                                  self.device, self.block_frames, self.controls])
-        self.plot = PlotCanvas(height=3.4, rows=2)
+                                  self.sigma_start, self.sigma_end, self.start, self.starts, self.prtf, self.models,
+                                  self.mask, self.support, self.device, self.block_frames, self.post_centre,
+                                  self.post_ramp, self.post_unwrap, self.controls])
+        self.plot = PlotCanvas(height=5.0, rows=3)
         self.plot.add_to(self)
         persist(self, "retrieval", ("algorithm", "iterations", "beta", "threshold", "sigma_start", "sigma_end",
-                                    "start", "device", "block_frames"))
+                                    "start", "starts", "prtf", "device", "block_frames", "post_centre", "post_ramp",
+                                    "post_unwrap"))
         self._names = self._result = None
+
+    @property
+    def post_steps(self):
+        """The ticked post-processing steps, in :data:`napari_cdinn.postprocess.STEPS` order."""
+        ticked = {"centre": self.post_centre.value, "ramp": self.post_ramp.value, "unwrap": self.post_unwrap.value}
+        return tuple(step for step, on in ticked.items() if on)
 
     def run(self):
         """Start the reconstruction of the chosen layer (errors become notifications)."""
+        if self.prtf.value and self.starts.value < 2:
+            notify_error("the PRTF compares several runs of each pattern: set starts to 2 or more, or untick PRTF")
+            return
         try:
             stack, _single = stack_of(self.patterns.value)
             mask = mask_of(self.mask.value, stack.shape)
@@ -181,7 +240,8 @@ class PhaseRetrievalWidget(widgets.Container):
         options = {"algorithm": self.algorithm.value, "iterations": iterations, "average": min(20, iterations // 2),
                    "device": self.device.value, "block_frames": self.block_frames.value,
                    "beta": float(self.beta.value), "threshold": float(self.threshold.value),
-                   "sigma": (float(self.sigma_start.value), float(self.sigma_end.value)), "support": support}
+                   "sigma": (float(self.sigma_start.value), float(self.sigma_end.value)), "support": support,
+                   "n_starts": int(self.starts.value), "prtf": bool(self.prtf.value), "post": self.post_steps}
         source = self.patterns.value.name
         self._names = (f"{source} PR amplitude", f"{source} PR phase", f"{source} PR support")
         self._result = {"amplitude": np.zeros((n, m, m), np.float32), "phase": np.zeros((n, m, m), np.float32),
@@ -191,8 +251,9 @@ class PhaseRetrievalWidget(widgets.Container):
         self._meta = {"cdinn_source": source, "algorithm": options["algorithm"], "iterations": iterations,
                       "start": self.start.value, "mask": None if self.mask.value is None else self.mask.value.name,
                       "beta": options["beta"], "threshold": options["threshold"], "sigma": options["sigma"],
-                      "support_layer": None if self.support.value is None else self.support.value.name}
-        self._arranged = False
+                      "support_layer": None if self.support.value is None else self.support.value.name,
+                      "n_starts": options["n_starts"], "post": list(options["post"])}
+        self._arranged, self._want_prtf = False, options["prtf"]
         self.controls.busy(f"reconstructing {n} pattern(s)...")
         self.runner.start(lambda emit, should_stop: retrieval_job(stack, mask, options, nn_start, emit, should_stop))
 
@@ -213,6 +274,11 @@ class PhaseRetrievalWidget(widgets.Container):
             res[key][lo:hi] = info[key]
         if info.get("nn_trusted") is not None and "nn_trusted" in res:
             res["nn_trusted"][lo:hi] = info["nn_trusted"]
+        if info.get("prtf") is not None:
+            if "prtf" not in res:
+                res["prtf"] = np.full((len(res["chi2"]), info["prtf"].shape[-1]), np.nan, np.float32)
+                res["resolution"] = np.full(len(res["chi2"]), np.nan, np.float32)
+            res["prtf"][lo:hi], res["resolution"][lo:hi], res["prtf_q"] = info["prtf"], info["resolution"], info["prtf_q"]
         res["errors"].append(info["errors"])
         self.controls.set_progress(hi, total, f"{hi} of {total} pattern(s) done")
         self._show(res, support=True)
@@ -221,9 +287,14 @@ class PhaseRetrievalWidget(widgets.Container):
     def _show(self, res, support=False):
         """Add or refresh the amplitude and phase layers (and the support) from the current results."""
         meta = dict(self._meta, chi2=res["chi2"].copy())
-        if "nn_trusted" in res:
-            meta["nn_trusted"] = res["nn_trusted"].copy()
-        show_result(self.viewer, self._meta["cdinn_source"], "PR", res["amplitude"], res["phase"], **meta)
+        for key in ("nn_trusted", "prtf", "prtf_q", "resolution"):
+            if key in res:
+                meta[key] = res[key].copy()
+        # finished frames: their support; frames being iterated (or not reached): their amplitude's
+        done = np.isfinite(res["chi2"])[:, None, None]
+        shown = np.where(done, res["support"], physics.support_from_amplitude(res["amplitude"]))
+        show_result(self.viewer, self._meta["cdinn_source"], "PR", res["amplitude"], res["phase"], support=shown,
+                    **meta)
         if support:
             add_or_update(self.viewer, _layers.support_tuple(res["support"], self._names[2], **meta), visible=False)
         if not self._arranged:  # frame the view once per run, not at every update
@@ -233,9 +304,9 @@ class PhaseRetrievalWidget(widgets.Container):
             arrange_side_by_side(self.viewer, self._meta["cdinn_source"], frame_view=False)
 
     def _draw_errors(self, iterations):
-        """The Fourier R-factor per iteration (median and 10-90 % of the frames) and chi² per frame."""
+        """The Fourier R-factor per iteration (median and 10-90 % of the frames), chi² per frame and the PRTF."""
         errors = np.concatenate(self._result["errors"])
-        ax, ax2 = self.plot.all_axes
+        ax, ax2, _ = self.plot.all_axes
         ax.clear()
         if errors.size:
             x = iterations[: errors.shape[1]]
@@ -257,12 +328,48 @@ class PhaseRetrievalWidget(widgets.Container):
             ax2.set_yscale("log")
         ax2.set_xlabel("frame")
         ax2.set_ylabel("chi²")
+        self._draw_prtf()
         self.plot.draw()
+
+    def _draw_prtf(self):
+        """The median PRTF of the frames done against spatial frequency, the 1/e level, the median resolution."""
+        from ...postprocess import describe_resolution, median_resolution
+
+        ax = self.plot.all_axes[2]
+        ax.clear()
+        res = self._result
+        rows = res["prtf"][np.isfinite(res["prtf"]).any(axis=1)] if "prtf" in res else np.zeros((0, 0))
+        if len(rows):
+            q = res["prtf_q"]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # empty shells (a beamstop) are NaN in every frame
+                median = np.nanmedian(rows, axis=0)
+            best = median_resolution(res["prtf"], res["resolution"])
+            ax.plot(q, median, color="tab:green", label=f"median of {len(rows)} frame(s)")
+            ax.axhline(1 / np.e, color="gray", lw=0.8, ls="--", label=f"1/e: resolution {describe_resolution(best)}")
+            if np.isfinite(best):
+                ax.axvline(best, color="gray", lw=0.8, ls=":")
+            ax.set_ylim(0, 1.05)
+            ax.set_xlim(0, 0.5)
+            ax.legend(fontsize="x-small")
+        else:
+            text = "PRTF: no frame done yet" if self._want_prtf else "tick PRTF (2 or more starts) to see the PRTF"
+            ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize="small", color="gray")
+        ax.set_xlabel("spatial frequency (cycles/pixel)")
+        ax.set_ylabel("PRTF")
 
     def _on_result(self, outcome):
         text = f"{outcome['frames']} pattern(s) reconstructed"
         if "nn_trusted" in (self._result or {}):
             text += f"; the network trusted {int(self._result['nn_trusted'][: outcome['frames']].sum())} start(s)"
+        if "prtf" in (self._result or {}):
+            from ...postprocess import describe_resolution, median_resolution
+
+            text += "; PRTF resolution " + describe_resolution(median_resolution(self._result["prtf"],
+                                                                                self._result["resolution"]))
+        if outcome.get("declined"):
+            notify(outcome["declined"][0].upper() + outcome["declined"][1:] + ".")
+            text += "; the network declined: random starts"
         if outcome["stopped"]:
             text = f"stopped: {outcome['frames']} pattern(s) kept"
             notify(f"Phase retrieval stopped; {outcome['frames']} pattern(s) kept.")

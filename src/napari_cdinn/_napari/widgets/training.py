@@ -8,6 +8,9 @@ usable checkpoint (``last.safetensors``, and ``best.safetensors`` when it is the
 the output folder before returning.  The model folder is then offered at once in the inversion
 and retrieval widgets' model pickers (offered, not chosen: a picker keeps its choice).
 
+Below the training form, *Adapt to this stack* (:class:`.adapt.AdaptPanel`) fine-tunes a model on
+a pattern layer without ground truth (:func:`napari_cdinn.nn.adapt.adapt`); its model is offered the same way.
+
 The widgets' state is a :class:`~napari_cdinn.nn.config.TrainConfig` (the paper preset with the
 values chosen: :meth:`TrainingWidget.config`); the loss-weight tooltips are the fields' help.
 """
@@ -22,6 +25,7 @@ from ...device import DEVICES
 from ...nn import TrainConfig, option_help
 from ._common import JobControls, JobRunner, PlotCanvas, notify, notify_error, persist
 from ._models import REGISTRY, register_model
+from .adapt import AdaptPanel
 
 
 def _start_choices(_widget=None):
@@ -92,6 +96,8 @@ class TrainingWidget(widgets.Container):
         }
         self.plot = PlotCanvas(height=2.8)
         self.plot.add_to(self)
+        self.adapt = AdaptPanel(napari_viewer)  # below the training plot
+        self.native.layout().addWidget(self.adapt.native)
         persist(self, "training", ("train_size", "val_size", "epochs", "batch_size", "device", "out", "fresh",
                                    "arch", "data_weight", "support_weight", "miss_weight", "time_limit", "average"))
         self.history = {"train": [], "val": []}

@@ -1,0 +1,126 @@
+"""The size policy: objects larger than the network's 32 pixels are read at a coarser scale, or declined."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from napari_cdinn import nn, physics, pipelines, simulate
+from napari_cdinn.nn.models import resolve_model, scales_for
+
+
+@pytest.fixture(scope="module")
+def large():
+    """128 x 128 patterns of 64-pixel objects (2x oversampled): too large for the network at full resolution."""
+    return simulate.simulate(8, size=64, seed=11, oversampling=2)
+
+
+def test_scales_for_lists_the_crops_a_model_can_read():
+    assert scales_for((64, 64), 2) == (1,)
+    assert scales_for((128, 128), 2) == (1, 2)
+    assert scales_for((256, 256), 2) == (1, 2, 4)
+    assert scales_for((64, 64), 1) == (1, 2)
+    with pytest.raises(ValueError):
+        scales_for((96, 96), 2)
+
+
+def test_resolve_model_at_a_scale_sets_the_decimation_and_rejects_what_it_cannot_read():
+    info = resolve_model("model2x", (128, 128), 2)
+    assert (info.scale, info.decimation) == (2, 1)
+    assert resolve_model("model2x", (256, 256), 2).decimation == 2
+    with pytest.raises(ValueError, match="scale 4"):
+        resolve_model("model2x", (128, 128), 4)
+    # a scale is chosen for one pattern size: another size starts again at 1
+    assert resolve_model(info, (64, 64)).scale == 1
+
+
+def test_choose_scale_reads_large_objects_coarser_and_returns_them_at_the_pattern_pixel_size(large):
+    info = nn.choose_scale(large["intensity"], "model2x")
+    assert info.scale == 2 and info.misfit is not None and nn.declined(info) is None
+    res = nn.predict(large["intensity"], model=info)
+    assert res["amplitude"].shape == (8, 64, 64)
+    full = nn.predict(large["intensity"], model="model2x", scale=1)
+    assert np.median(res["chi2"]) < 0.5 * np.median(full["chi2"])
+    scores = physics.compare(res["amplitude"] * np.exp(1j * res["phase"]), large["amplitude"], large["phase"])
+    assert np.median(scores["iou"]) > 0.7  # the network alone, at half resolution
+    # "auto" with a name chooses the same scale itself
+    assert nn.predict(large["intensity"][:2], model="model2x")["amplitude"].shape == (2, 64, 64)
+
+
+def test_small_objects_in_large_frames_stay_at_full_resolution():
+    small = simulate.simulate(8, size=32, seed=12, oversampling=4)  # 128 x 128 patterns of 32-pixel objects
+    assert nn.choose_scale(small["intensity"], "model2x").scale == 1
+
+
+def test_predict_chunk_never_chooses_per_chunk(large):
+    from napari_cdinn.nn.inference import predict_chunk
+
+    chosen = nn.choose_scale(large["intensity"], "model2x")
+    assert predict_chunk(large["intensity"][:2], model=chosen)["amplitude"].shape == (2, 64, 64)
+    assert predict_chunk(large["intensity"][:2], model="model2x")["amplitude"].shape == (2, 32, 32)
+
+
+def test_patterns_no_scale_reads_are_declined_with_a_sentence():
+    flat = simulate.simulate(6, size=64, seed=13, oversampling=1)  # 64-pixel objects in 64 x 64: not oversampled
+    info = nn.choose_scale(flat["intensity"], "model2x")
+    reason = nn.declined(info)
+    assert reason is not None and "random starts" in reason and "\n" not in reason
+    assert pipelines.seeding_model(flat["intensity"], "model2x", None) is None
+
+
+def test_autocorrelation_extent_is_a_lower_bound_and_says_nothing_behind_a_beamstop():
+    y, x = np.indices((64, 64)) - 32
+    disk = (np.hypot(y, x) < 12).astype(np.complex64)  # 23-24 pixels wide
+    intensity = physics.intensity(disk)
+    width = physics.support_extent(disk != 0)
+    bound = physics.autocorrelation_extent(intensity)
+    assert 0.6 * width <= bound <= width
+    stop = np.zeros((64, 64), bool)
+    stop[31:34, 31:34] = True
+    assert np.isnan(physics.autocorrelation_extent(intensity, stop))
+    assert physics.autocorrelation_extent(np.stack([intensity, intensity])).shape == (2,)
+
+
+def test_a_guess_narrower_than_the_autocorrelation_seeds_nothing():
+    y, x = np.indices((64, 64)) - 32
+    disk = np.hypot(y, x) < 12
+    intensity = physics.intensity(disk.astype(np.complex64))[None]
+    assert pipelines.guess_fits_autocorrelation(intensity, disk[None], None).all()
+    assert not pipelines.guess_fits_autocorrelation(intensity, (np.hypot(y, x) < 4)[None], None).any()
+
+
+def test_refinement_from_the_coarse_guess_fits_large_objects(large):
+    res = pipelines.refine_with_fallback(large["intensity"][:4], model="model2x", fallback="never")
+    assert res["amplitude"].shape == (4, 128, 128)
+    assert res["start"].all()
+    assert np.median(res["chi2"]) < 1e-3
+
+
+def test_cli_reconstruct_declines_the_network_and_runs_the_protocol(tmp_path):
+    flat = simulate.simulate(4, size=64, seed=14, oversampling=1)
+    src = tmp_path / "flat.npz"
+    np.savez(src, intensity=flat["intensity"])
+    out = tmp_path / "out.h5"
+    run = subprocess.run([sys.executable, "-m", "napari_cdinn.cli", "reconstruct", str(src), "--init", "nn",
+                          "--out", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "cannot read these patterns" in run.stderr
+    with h5py.File(out) as fh:
+        assert not fh["start"][:].any()
+
+
+def test_cli_predict_announces_the_scale_and_records_it(tmp_path, large):
+    src = tmp_path / "large.npz"
+    np.savez(src, intensity=large["intensity"])
+    out = tmp_path / "out.h5"
+    run = subprocess.run([sys.executable, "-m", "napari_cdinn.cli", "predict", str(src), "--out", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "2x the pixel size" in run.stderr
+    with h5py.File(out) as fh:
+        assert fh["amplitude"].shape == (8, 64, 64)
+        assert int(fh.attrs["scale"]) == 2
