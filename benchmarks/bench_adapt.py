@@ -23,15 +23,16 @@ paper set the IoU at most 0.01 lower.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from napari_cdinn.device import machine_info
-from napari_cdinn.io import write_json
-from napari_cdinn.simulate import simulate
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_realistic import add_common_options, report, set_threads  # noqa: E402
+
+from napari_cdinn.device import machine_info  # noqa: E402
+from napari_cdinn.simulate import simulate  # noqa: E402
 
 #: Seed of the first set's unlabelled patterns (see the module notes).
 BENCH_SEED = 20_261_225
@@ -126,20 +127,12 @@ def main(argv=None):
     parser.add_argument("--test-count", type=int, default=500, help="test patterns per set (default 500)")
     parser.add_argument("--time-limit", type=float, default=10.0, help="minutes of adaptation per set (default 10)")
     parser.add_argument("--only", action="append", default=None, choices=list(SETS), help="run only this set")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    add_common_options(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     res = run(count=args.count, test_count=args.test_count, time_limit=args.time_limit, sets=args.only,
               device=args.device)
-    print(json.dumps(summary(res), indent=1))
-    if args.json:
-        write_json(args.json, res)
-        print(f"wrote {args.json}", file=sys.stderr)
+    report(args, res, summary)
 
 
 if __name__ == "__main__":

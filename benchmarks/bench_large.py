@@ -22,17 +22,15 @@ speed-ups.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_nn import cli_predict_time  # noqa: E402
-from bench_realistic import _numpy_loop, run_condition  # noqa: E402
+from bench_realistic import _numpy_loop, add_common_options, report, run_condition, set_threads  # noqa: E402
 
 from napari_cdinn.device import machine_info  # noqa: E402
-from napari_cdinn.io import write_json  # noqa: E402
 from napari_cdinn.simulate import simulate  # noqa: E402
 
 #: Seed of the first set; set ``i`` uses ``BENCH_SEED + i`` (disjoint from bench_realistic's).
@@ -107,21 +105,13 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="model name, file or directory (default: the shipped one)")
     parser.add_argument("--count", type=int, default=200, help="patterns per set (default 200)")
     parser.add_argument("--only", action="append", default=None, choices=list(CONDITIONS), help="run only this set")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--numpy-count", type=int, default=4, help="patterns timed with the NumPy loop, per size")
-    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    add_common_options(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     res = run(model=args.model, count=args.count, conditions=args.only, device=args.device,
               numpy_count=args.numpy_count)
-    print(json.dumps(summary(res), indent=1))
-    if args.json:
-        write_json(args.json, res)
-        print(f"wrote {args.json}", file=sys.stderr)
+    report(args, res, summary)
 
 
 if __name__ == "__main__":

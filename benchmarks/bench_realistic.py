@@ -159,26 +159,41 @@ def summary(res):
     return rows
 
 
+def add_common_options(parser):
+    """``--threads``, ``--device`` and ``--json``: the options every benchmark script shares."""
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+
+
+def set_threads(args):
+    """Apply ``--threads`` (torch imported only when it is given)."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def report(args, res, summary):
+    """Print ``summary(res)`` as JSON and write ``res`` to ``--json`` when given."""
+    print(json.dumps(summary(res), indent=1))
+    if args.json:
+        write_json(args.json, res)
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model name, file or directory (default: the shipped one)")
     parser.add_argument("--count", type=int, default=200, help="patterns per set (default 200)")
     parser.add_argument("--only", action="append", default=None, choices=list(CONDITIONS), help="run only this set")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--numpy-count", type=int, default=4, help="patterns timed with the NumPy loop")
-    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    add_common_options(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     res = run(model=args.model, count=args.count, conditions=args.only, device=args.device,
               numpy_count=args.numpy_count)
-    print(json.dumps(summary(res), indent=1))
-    if args.json:
-        write_json(args.json, res)
-        print(f"wrote {args.json}", file=sys.stderr)
+    report(args, res, summary)
 
 
 if __name__ == "__main__":

@@ -306,6 +306,11 @@ def _cmd_train(args):
 
 
 # --------------------------------------------------------------------------- stacks
+#: Help of ``--mask`` (predict, reconstruct, adapt).
+_MASK_HELP = ("unmeasured pixels (True/nonzero = unmeasured), (H, W) or (N, H, W), in any input format (.npz key or "
+              ".h5 dataset 'mask'); default: the input's own mask, if it has one")
+
+
 def _add_stack_options(p, what):
     """Input, output and streaming options shared by the commands that invert a stack."""
     p.add_argument("input", help=f"intensities: .npy, .npz, .tif, .h5, .cxi ({what})")
@@ -321,9 +326,7 @@ def _add_stack_options(p, what):
                         "else 1G)")
     p.add_argument("--scheduler-timeout", type=_positive_float, default=60.0, metavar="S",
                    help="seconds a --scheduler cluster may go without workers or without answering (default 60)")
-    p.add_argument("--mask", default=None, metavar="FILE",
-                   help="unmeasured pixels (True/nonzero = unmeasured), (H, W) or (N, H, W), in any input format "
-                        "(.npz key or .h5 dataset 'mask'); default: the input's own mask, if it has one")
+    p.add_argument("--mask", default=None, metavar="FILE", help=_MASK_HELP)
 
 
 def _check_stack_input(args):
@@ -719,9 +722,7 @@ def _add_adapt(sub):
                         "model for the pattern size); its files are only read")
     p.add_argument("--time-limit", type=_positive_float, default=10.0, metavar="MIN",
                    help="minutes of fine-tuning at most (default 10); it also ends when the held-out fit stops improving")
-    p.add_argument("--mask", default=None, metavar="FILE",
-                   help="unmeasured pixels (True/nonzero = unmeasured), (H, W) or (N, H, W), in any input format "
-                        "(.npz key or .h5 dataset 'mask'); default: the input's own mask, if it has one")
+    p.add_argument("--mask", default=None, metavar="FILE", help=_MASK_HELP)
     p.add_argument("--holdout", type=_number(float, 0.0, False, "a fraction in (0, 0.5]", below=0.5 + 1e-9),
                    default=0.1, metavar="F", help="fraction of the frames held out to choose the weights (default 0.1)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
