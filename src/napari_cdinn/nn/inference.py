@@ -330,7 +330,9 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
         raise ValueError(f"expected intensities shaped (H, W) or (N, H, W), got {len(shape)} dimensions")
     single = len(shape) == 2
     if scale == "auto" and not (isinstance(model, ModelInfo) and model.misfit is not None):
-        model = choose_scale(intensity, model, mask=mask, device=device)
+        model = resolve_model(model, shape)
+        if len(scales_for(shape, model.input_factor)) > 1:  # only then is there a choice to make
+            model = choose_scale(intensity, model, mask=mask, device=device)
     info = resolve_model(model, shape, None if scale == "auto" else scale)  # checked once before any work
     side = SIZE * info.scale
     dev = resolve_device(device)
