@@ -306,6 +306,28 @@ def test_phase_retrieval_with_a_mask_layer_and_the_network_start(make_napari_vie
     assert "the network trusted" in widget.controls.status.value
 
 
+def test_phase_retrieval_network_declined_is_a_notification_and_random_starts(make_napari_viewer, qtbot, monkeypatch):
+    """Patterns no scale of the network reads (not oversampled): one notification, random starts for every frame."""
+    from napari_cdinn.retrieval import reconstruct
+    from napari_cdinn.simulate import simulate as _simulate
+
+    flat = _simulate(3, size=64, seed=14, oversampling=1)["intensity"]
+    viewer = make_napari_viewer()
+    viewer.add_image(flat, name="flat")
+    widget = _dock(viewer, "Phase retrieval")
+    infos = []
+    monkeypatch.setattr("napari_cdinn._napari.widgets._common.show_info", infos.append)
+    widget.patterns.value = viewer.layers["flat"]
+    widget.algorithm.value, widget.iterations.value, widget.device.value = "er", 20, "cpu"
+    widget.start.value = "CDI NN"
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
+    assert any("cannot read these patterns" in m for m in infos) and all("\n" not in m for m in infos)
+    assert "declined" in widget.controls.status.value
+    want = reconstruct(flat, algorithm="er", iterations=20, average=10, device="cpu")["chi2"]
+    np.testing.assert_allclose(viewer.layers["flat PR amplitude"].metadata["chi2"], want, rtol=1e-4)
+
+
 @pytest.fixture
 def random_model(tmp_path):
     """An untrained model file: the widget tests check plumbing, not accuracy."""

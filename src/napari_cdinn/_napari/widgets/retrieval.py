@@ -79,7 +79,7 @@ def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
     :func:`napari_cdinn.postprocess.apply_steps` steps applied to each finished block's amplitude,
     phase and support.
 
-    The network is chosen once for the stack at its scale (:func:`napari_cdinn.pipelines.seeding_model`);
+    The network is chosen once for the stack at its scale (:func:`napari_cdinn.nn.choose_scale`);
     where it cannot read the patterns every frame starts from random phases and ``declined`` in the
     outcome says why.  Frames whose guess is narrower than the autocorrelation allows
     (:func:`napari_cdinn.pipelines.guess_fits_autocorrelation`) start from random phases too.
@@ -87,7 +87,7 @@ def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
     Returns ``{"frames": frames done, "stopped": bool, "declined": None or one sentence}``.
     """
     from ... import nn
-    from ...pipelines import guess_fits_autocorrelation, network_guess, seeding_model
+    from ...pipelines import guess_fits_autocorrelation, network_guess
     from ...postprocess import apply_steps
     from ...retrieval import reconstruct
     from ...stream import iter_chunks
@@ -97,11 +97,10 @@ def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
     support = options.pop("support", None)
     post = tuple(options.pop("post", ()))
     declined = None
-    if nn_start is not None:
-        model = seeding_model(stack, nn_start[0], mask, options["device"])
-        if model is None:
-            declined = nn.declined(nn.choose_scale(stack, nn_start[0], mask=mask, device=options["device"]))
-        nn_start = None if model is None else (model,)
+    if nn_start is not None:  # the network at its scale, chosen once for the stack, or declined
+        model = nn.choose_scale(stack, nn_start[0], mask=mask, device=options["device"])
+        declined = nn.declined(model)
+        nn_start = None if declined else (model,)
 
     def invert(chunk, first_frame=0, mask=None):
         lo, hi = first_frame, first_frame + len(chunk)
