@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/bench_retrieval.py [--count 256] [--numpy-count 16] [--device cpu] [--json OUT.json]
+    python benchmarks/bench_retrieval.py --held-out [--count 300] [--numpy-count N] [--only SET] [--json OUT.json]
 
 Both engines run the same protocol (the paper's: HIO x80 / ER x20 cycles, shrinkwrap every 20
 iterations, 620 iterations, the final 20 averaged) on fresh paper-recipe patterns
@@ -12,6 +13,16 @@ the truth after cropping to 32 x 32 (``physics.compare``: up to twin, shift and 
 phase RMS inside the object (median, 90th percentile), support IoU and chi^2.  When
 ``cohere-core`` is importable (the ``bench`` extra) it runs its closest settings on the NumPy
 subset (:data:`COHERE_PARAMS`); otherwise that part is skipped with a note.
+
+``--held-out`` (:func:`run_held_out`) measures what a user runs instead: the whole default
+``cdinn reconstruct`` command (a new process per set, its start, imports, reading and writing
+included; the default protocol with its restarts, :mod:`napari_cdinn.protocol`) on ``count``
+patterns of every held-out set of ``bench_realistic.py`` (seeds ``BENCH_SEED + i``; the set's
+own mask, as ``cdinn`` reads it), against the paper's protocol as the plain NumPy loop run once per
+pattern (one 620-iteration run, one core, unmeasured pixels left free) on the first
+``numpy_count`` of them: milliseconds per pattern, the speed-up, and the quality of both on the
+same patterns; the same call in-process gives the fraction of patterns restarted and the runs
+per pattern.
 """
 
 from __future__ import annotations
@@ -40,18 +51,22 @@ _AVERAGE = 20
 
 # --------------------------------------------------------------------------- NumPy reference
 def numpy_reconstruct(intensity, seed=0, frame=0, start=0, iterations=_ITER, average=_AVERAGE, beta=0.9,
-                      every=20, sigma=(3.0, 1.0), threshold=0.12, ac_threshold=0.1):
+                      every=20, sigma=(3.0, 1.0), threshold=0.12, ac_threshold=0.1, mask=None):
     """The same protocol as ``reconstruct``, written as a plain one-pattern NumPy loop.
 
     Textbook steps (complex128, ``exp(1j * angle)`` modulus projection, ``np.where`` support
     projection, ``scipy.ndimage`` blur for shrinkwrap); FFT layout throughout, no shifts inside
-    the loop.
+    the loop.  ``mask`` (True = unmeasured, centred like ``intensity``): those pixels read 0 and
+    are left free by the modulus projection.
 
     Returns
     -------
     obj : ndarray, complex128, (M, M), centred layout
     """
     amp = np.sqrt(np.maximum(np.fft.ifftshift(intensity), 0))
+    free = None if mask is None else np.fft.ifftshift(np.asarray(mask, dtype=bool))
+    if free is not None:
+        amp = np.where(free, 0.0, amp)
     auto = ndimage.gaussian_filter(np.abs(np.fft.ifft2(amp * amp)), 1.0, mode="wrap")
     support = auto > ac_threshold * auto.max()
     rng = np.random.default_rng([seed, frame, start])
@@ -61,7 +76,8 @@ def numpy_reconstruct(intensity, seed=0, frame=0, start=0, iterations=_ITER, ave
     acc = None
     for it, step in enumerate(plan):
         f = np.fft.fft2(x)
-        y = np.fft.ifft2(amp * np.exp(1j * np.angle(f)))
+        proj = amp * np.exp(1j * np.angle(f))
+        y = np.fft.ifft2(proj if free is None else np.where(free, f, proj))
         if step == "er":
             x = np.where(support, y, 0)
         else:
@@ -278,8 +294,8 @@ def run(count=256, numpy_count=16, device="cpu", batch_size=None, n_starts=4, re
     load_before = os.getloadavg()[0]
     reconstruct(inten[: min(8, count)], device=dev, iterations=40, threads=threads)  # warm-up
     t0 = time.perf_counter()
-    res = reconstruct(inten, device=dev, batch_size=batch_size, n_starts=n_starts, retry_chi2=retry_chi2, seed=0,
-                      threads=threads)
+    res = reconstruct(inten, device=dev, batch_size=batch_size, iterations=_ITER, n_starts=n_starts,
+                      retry_chi2=retry_chi2, retry_noise=0.0, seed=0, threads=threads)
     t_torch = time.perf_counter() - t0
     torch_runs = float(np.mean((~np.isnan(res["start_chi2"])).sum(axis=1)))
 
@@ -329,6 +345,126 @@ def run(count=256, numpy_count=16, device="cpu", batch_size=None, n_starts=4, re
     }
 
 
+# --------------------------------------------------------------------------- the whole command, held-out sets
+def cli_reconstruct(data, threads=None, extra=()):
+    """Run the whole ``cdinn reconstruct`` command on a ``simulate`` set; wall seconds and its result.
+
+    The set is written as an NPZ file with its ``intensity`` and, where something is unmeasured,
+    its ``mask`` (which ``cdinn`` reads as the input's own mask); the command runs in a new Python
+    process with its defaults (``extra``: more arguments; ``threads``: ``--threads``).
+
+    Returns
+    -------
+    seconds : float, from the process start to its end
+    result : dict of the output's ``amplitude``, ``phase``, ``support``, ``chi2``
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
+        arrays = {"intensity": data["intensity"]}
+        if data.get("mask") is not None and np.any(data["mask"]):
+            arrays["mask"] = data["mask"]
+        np.savez(src, **arrays)
+        cmd = [sys.executable, "-m", "napari_cdinn.cli", "reconstruct", src, "-o", dst, "--device", "cpu", *extra]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        seconds = time.perf_counter() - t0
+        with np.load(dst) as f:
+            return seconds, {k: f[k] for k in ("amplitude", "phase", "support", "chi2")}
+
+
+def numpy_runs(data, count):
+    """The paper's protocol as the NumPy loop, once per pattern, on the first ``count`` patterns.
+
+    Returns
+    -------
+    seconds : float
+    objects : ndarray, complex, (count, M, M), centred
+    """
+    mask = data.get("mask")
+    masks = [None if mask is None else mask if np.ndim(mask) == 2 else mask[i] for i in range(count)]
+    t0 = time.perf_counter()
+    objs = [numpy_reconstruct(data["intensity"][i], 0, i, mask=masks[i]) for i in range(count)]
+    return time.perf_counter() - t0, np.stack(objs)
+
+
+def held_out_set(data, numpy_count, threads=None):
+    """The default ``cdinn reconstruct`` and the NumPy protocol on one held-out set (see the module notes)."""
+    from napari_cdinn.retrieval.api import finish_frames
+
+    n = len(data["intensity"])
+    n_np = min(numpy_count, n) if numpy_count is not None else n
+    seconds, out = cli_reconstruct(data, threads)
+    obj = out["amplitude"] * np.exp(1j * out["phase"])
+    t0 = time.perf_counter()
+    res = reconstruct(data["intensity"], mask=data.get("mask"), device="cpu", threads=threads)
+    in_process = time.perf_counter() - t0
+    ran = ~np.isnan(res["start_chi2"])
+    np_seconds, np_obj = numpy_runs(data, n_np)
+    np_obj, _ = finish_frames(np_obj.astype(np.complex64), physics.support_from_amplitude(np_obj))
+    sub = {k: data[k][:n_np] for k in ("amplitude", "phase")}
+    command = {**_quality(obj, data), "ms_per_pattern": 1e3 * seconds / n,
+               "in_process_ms_per_pattern": 1e3 * in_process / n, "chi2_median": float(np.median(out["chi2"])),
+               "restarted": float(np.mean(ran[:, 1:].any(axis=1))) if ran.shape[1] > 1 else 0.0,
+               "runs_per_pattern": float(ran.sum(axis=1).mean()),
+               "same_as_in_process": bool(np.allclose(out["chi2"], res["chi2"], rtol=1e-4, atol=1e-9))}
+    numpy = {**_quality(np_obj, sub), "count": n_np, "ms_per_pattern": 1e3 * np_seconds / n_np}
+    on_subset = _quality(obj[:n_np], sub)
+    better = {"phase_rms_median": on_subset["phase_rms_median"] <= numpy["phase_rms_median"],
+              "phase_rms_p90": on_subset["phase_rms_p90"] <= numpy["phase_rms_p90"],
+              "iou_median": on_subset["iou_median"] >= numpy["iou_median"]}
+    return {"count": n, "command": command, "command_on_numpy_subset": on_subset, "numpy": numpy,
+            "speedup": numpy["ms_per_pattern"] / command["ms_per_pattern"],
+            "at_least_numpy": {k: bool(v) for k, v in better.items()}}
+
+
+def run_held_out(count=300, numpy_count=None, conditions=None, threads=None):
+    """:func:`held_out_set` on every held-out set of ``bench_realistic`` (or those named)."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from napari_cdinn import protocol
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_realistic import BENCH_SEED, CONDITIONS
+
+    names = list(CONDITIONS) if conditions is None else list(conditions)
+    cli_reconstruct(simulate(2, seed=0, oversampling=2), threads)  # warm-up: disk caches, byte code
+    out = {"benchmark": "retrieval_held_out", "count": int(count), "numpy_count": numpy_count, "seed": BENCH_SEED,
+           "threads": "auto" if threads is None else threads, "torch_threads": torch.get_num_threads(),
+           "protocol": {"iterations": protocol.ITERATIONS, "starts": protocol.STARTS,
+                        "restart_chi2": protocol.RESTART_CHI2, "restart_noise": protocol.RESTART_NOISE},
+           "numpy_protocol": f"hio-er, {_ITER} iterations, last {_AVERAGE} averaged, one run per pattern",
+           "load_average_1min": {"before": os.getloadavg()[0]}, "conditions": {}}
+    for name in names:
+        t0 = time.perf_counter()
+        data = simulate(count, seed=BENCH_SEED + list(CONDITIONS).index(name), oversampling=2, **CONDITIONS[name])
+        out["conditions"][name] = held_out_set(data, numpy_count, threads)
+        print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    out["load_average_1min"]["after"] = os.getloadavg()[0]
+    out["machine"] = machine_info(resolve_device("cpu"))
+    return out
+
+
+def _held_out_table(res):
+    rows = [("set", "cdinn ms/pattern", "NumPy ms/pattern", "speed-up", "restarted", "runs",
+             "cdinn phase med/p90, IoU", "NumPy phase med/p90, IoU")]
+    for name, c in res["conditions"].items():
+        q, n = c["command_on_numpy_subset"], c["numpy"]
+        rows.append((name, f"{c['command']['ms_per_pattern']:.2f}", f"{n['ms_per_pattern']:.1f}", f"{c['speedup']:.1f}",
+                     f"{c['command']['restarted']:.2f}", f"{c['command']['runs_per_pattern']:.2f}",
+                     f"{q['phase_rms_median']:.3f}/{q['phase_rms_p90']:.3f}, {q['iou_median']:.3f}",
+                     f"{n['phase_rms_median']:.3f}/{n['phase_rms_p90']:.3f}, {n['iou_median']:.3f}"))
+    return "\n".join("  ".join(f"{c!s:>14}" for c in r) for r in rows)
+
+
 def summary(res):
     """The headline figures of a result (for ``cdinn bench``)."""
     q = res["quality_torch"]
@@ -375,8 +511,14 @@ def _table(res):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--count", type=int, default=256, help="patterns for the batched engine (default 256)")
-    p.add_argument("--numpy-count", type=int, default=16, help="patterns for the NumPy loop (default 16)")
+    p.add_argument("--count", type=int, default=None,
+                   help="patterns for the batched engine (default 256), or per held-out set (default 300)")
+    p.add_argument("--numpy-count", type=int, default=None,
+                   help="patterns for the NumPy loop (default 16), or per held-out set (default: all of them)")
+    p.add_argument("--held-out", action="store_true",
+                   help="the whole default `cdinn reconstruct` per held-out set against the NumPy protocol per pattern")
+    p.add_argument("--only", action="append", default=None, metavar="SET",
+                   help="with --held-out, only this set of bench_realistic.CONDITIONS (repeatable)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--starts", type=int, default=4, help="random starts per pattern at most (default 4)")
@@ -387,9 +529,14 @@ def main(argv=None):
                    help="worker threads of the engine (default: torch's thread count; 0: torch's own threading)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
-    res = run(args.count, args.numpy_count, args.device, args.batch_size, args.starts,
-              args.retry_chi2 if args.retry_chi2 > 0 else None, args.seed, threads=args.threads)
-    print(_table(res))
+    if args.held_out:
+        res = run_held_out(args.count or 300, args.numpy_count, args.only, args.threads)
+        print(_held_out_table(res))
+    else:
+        res = run(args.count or 256, 16 if args.numpy_count is None else args.numpy_count, args.device,
+                  args.batch_size, args.starts, args.retry_chi2 if args.retry_chi2 > 0 else None, args.seed,
+                  threads=args.threads)
+        print(_table(res))
     if args.json:
         write_json(args.json, res)
     return res

@@ -5,8 +5,9 @@ Usage (from the repository root; needs only the standard library)::
     python benchmarks/tables.py            # print the tables
     python benchmarks/tables.py --write    # put them into benchmarks/README.md, between its markers
 
-Reads ``bench_nn_*.json`` (``benchmarks/bench_nn.py --json``) and ``bench_realistic_*.json``
-(``benchmarks/bench_realistic.py --json``).  ``--write`` replaces the text between
+Reads ``bench_nn_*.json`` (``benchmarks/bench_nn.py --json``), ``bench_realistic_*.json``
+(``benchmarks/bench_realistic.py --json``), ``select_restarts_*.json`` and
+``bench_retrieval_heldout_*.json`` (``benchmarks/bench_retrieval.py --held-out --json``).  ``--write`` replaces the text between
 ``<!-- tables:begin -->`` and ``<!-- tables:end -->`` in ``benchmarks/README.md`` and keeps the rest.
 Re-run it after adding or re-measuring a JSON file.
 """
@@ -41,6 +42,9 @@ CONDITIONS = {
 REALISTIC_COMMAND = ("python benchmarks/bench_realistic.py --threads 1 "
                      "--json benchmarks/results/bench_realistic_cpu2.json")
 LARGE_COMMAND = "python benchmarks/bench_large.py --threads 1 --count 100 --json benchmarks/results/bench_large_cpu1.json"
+RESTARTS_COMMANDS = ("python benchmarks/select_restarts.py --threads 1 --json benchmarks/results/select_restarts_cpu1.json\n"
+                     "python benchmarks/bench_retrieval.py --held-out --count 300 "
+                     "--json benchmarks/results/bench_retrieval_heldout_cpu2.json")
 
 
 def _f(x, digits=3):
@@ -198,6 +202,77 @@ def large_tables(name, res):
     return out
 
 
+def _rule(r):
+    return (f"{r.get('iterations', '?')} iterations per run, up to {r.get('starts', '?')} runs, another while "
+            f"chi^2 - chi2_noise > max({_f(r.get('threshold'))}, {_f(r.get('relative'))} chi2_noise)")
+
+
+def _q(q):
+    return f"{_f(q.get('phase_rms_median'))} ({_f(q.get('phase_rms_p90'))}) / {_f(q.get('iou_median'))}"
+
+
+def select_restarts_tables(name, res):
+    """Markdown for one select_restarts JSON: the chosen rule, replayed on the held-out sets."""
+    held = res.get("held_out", {})
+    paper, chosen, raw = held.get("paper", {}), held.get("chosen", {}), held.get("chi2_alone", {})
+    j = held.get("judge_chosen", {})
+    out = [f"### `{name}`: {_machine(res)}", "",
+           (f"Chosen on the selection sets (seeds {res.get('seed', '?')} + {res.get('selection_offset', '?')} + the "
+            f"set's index, {_f(res.get('count'))} patterns each): {_rule(res.get('chosen', {}))}; the shipped "
+            f"`napari_cdinn.protocol` {'is' if res.get('shipped_is_chosen') else 'is NOT'} this rule. Rule: the "
+            f"largest mean gain in p90 phase RMS at most {_f(res.get('max_cost'))}x the iterations of one "
+            f"620-iteration run, no set worse by more than {_f(res.get('tolerance'))} rad or "
+            f"{_f(res.get('iou_tolerance'))} IoU."), "",
+           (f"Replayed on the benchmark's held-out sets ({_f(res.get('count'))} patterns each, seed "
+            f"{res.get('seed', '?')} + the set's index). Each cell: phase RMS rad median (p90) / IoU median; "
+            "*cost*: iterations per pattern against one 620-iteration run (time follows it); *restarted*: patterns "
+            "given a second run; *chi^2 alone*: the same rule without the counting noise (what a threshold on chi^2 "
+            "restarts)."), "",
+           "| set | paper: 1 run of 620 | chosen rule | cost | restarted | chi^2 alone: restarted, cost |",
+           "|---|---|---|---|---|---|"]
+    for key in [k for k in CONDITIONS if k in paper]:
+        p, c, r = paper[key], chosen.get(key, {}), raw.get(key, {})
+        base = p.get("iterations_per_pattern") or 1
+        out.append(f"| {CONDITIONS[key]} | {_q(p)} | {_q(c)} | {_f(c.get('iterations_per_pattern', 0) / base)}x "
+                   f"| {_pct(c.get('restarted'))} | {_pct(r.get('restarted'))}, "
+                   f"{_f(r.get('iterations_per_pattern', 0) / base)}x |")
+    cheap = f"the cheapest rule within the tolerance on the selection sets ({_rule(res.get('cheapest_within_tolerance', {}))})"
+    for label, v in (("the chosen rule", j), (cheap, held.get("judge_cheapest", {}))):
+        if v:
+            out += ["", (f"Over the held-out sets, {label}: cost {_f(v.get('cost'))}x, mean gain "
+                         f"{_f(v.get('mean_median_gain'))} rad (median) and {_f(v.get('mean_p90_gain'))} rad (p90); "
+                         f"worst set {_f(v.get('worst_median_loss'))} rad (median), {_f(v.get('worst_p90_loss'))} rad "
+                         f"(p90), {_f(v.get('worst_iou_loss'))} IoU (positive: worse than one 620-iteration run).")]
+    out.append("")
+    return out
+
+
+def held_out_command_tables(name, res):
+    """Markdown for one ``bench_retrieval.py --held-out`` JSON: the whole default command against the NumPy loop."""
+    p = res.get("protocol", {})
+    out = [f"### `{name}`: {_machine(res)}", "",
+           (f"The whole default `cdinn reconstruct` ({p.get('iterations', '?')} iterations per run, up to "
+            f"{p.get('starts', '?')} runs) on {_f(res.get('count'))} patterns per held-out set (process start, imports "
+            f"and I/O included; seed {res.get('seed', '?')} + the set's index), against the paper's protocol as the "
+            "plain NumPy loop run once per pattern (one 620-iteration run, one core) on the first "
+            f"{_f(res.get('numpy_count')) if res.get('numpy_count') else 'all'} of them. Quality on those same "
+            "patterns: phase RMS rad median (p90) / IoU median."), "",
+           ("| set | `cdinn reconstruct` ms per pattern | NumPy ms per pattern | speed-up | restarted | runs per pattern "
+            "| `cdinn reconstruct` | NumPy protocol | equal or better (median, p90, IoU) |"),
+           "|---|---|---|---|---|---|---|---|---|"]
+    conds = res.get("conditions", {})
+    for key in [k for k in CONDITIONS if k in conds] + [k for k in conds if k not in CONDITIONS]:
+        c = conds[key]
+        cmd, npy, sub = c.get("command", {}), c.get("numpy", {}), c.get("command_on_numpy_subset", {})
+        ok = c.get("at_least_numpy", {})
+        ok = ", ".join("yes" if ok.get(k) else "no" for k in ("phase_rms_median", "phase_rms_p90", "iou_median"))
+        out.append(f"| {CONDITIONS.get(key, key)} | {_f(cmd.get('ms_per_pattern'))} | {_f(npy.get('ms_per_pattern'))} "
+                   f"| {_f(c.get('speedup'))}x | {_pct(cmd.get('restarted'))} | {_f(cmd.get('runs_per_pattern'))} "
+                   f"| {_q(sub)} | {_q(npy)} | {ok} |")
+    out.append("")
+    return out
+
+
 def render(results=RESULTS):
     results = Path(results)
     out = ["<!-- Generated by `python benchmarks/tables.py --write` from benchmarks/results/*.json. -->", "",
@@ -214,6 +289,16 @@ def render(results=RESULTS):
     if not files:
         out += [("*(not measured yet: the table is generated from `benchmarks/results/bench_realistic_cpu2.json` "
                 "once the command above has written it)*"), ""]
+    restarts = sorted(results.glob("select_restarts_*.json")), sorted(results.glob("bench_retrieval_heldout_*.json"))
+    out += ["## Restarts (select_restarts.py, bench_retrieval.py --held-out)", "", f"```bash\n{RESTARTS_COMMANDS}\n```", ""]
+    for path in restarts[0]:
+        out += select_restarts_tables(path.name, json.loads(path.read_text()))
+    for path in restarts[1]:
+        out += held_out_command_tables(path.name, json.loads(path.read_text()))
+    if not restarts[1]:
+        out += [("*(the whole command per held-out set is not measured yet: the table is generated from "
+                 "`benchmarks/results/bench_retrieval_heldout_cpu2.json` once the second command above has written "
+                 "it on the free 2-core CPU)*"), ""]
     files = sorted(results.glob("bench_large_*.json"))
     if files:
         out += ["## Larger objects (bench_large.py)", "", f"```bash\n{LARGE_COMMAND}\n```", ""]

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 
 from napari_cdinn import physics
 from napari_cdinn.cli import main
+from napari_cdinn.protocol import ITERATIONS
 from napari_cdinn.retrieval import (
     Cancelled,
     default_schedule,
@@ -131,6 +132,74 @@ def test_restarts_only_where_chi2_is_high(data):
     np.testing.assert_allclose(r["chi2"], np.nanmin(r["start_chi2"], axis=1))
 
 
+def test_restart_rule_counts_the_misfit_beyond_the_noise():
+    from napari_cdinn.protocol import RESTART_CHI2, RESTART_NOISE, needs_restart
+
+    # noise-free: the misfit itself; counts: the misfit beyond the noise, against a share of it
+    chi2 = np.array([RESTART_CHI2 / 2, 2 * RESTART_CHI2, 0.0105, 0.0105 + 0.02, np.nan])
+    noise = np.array([0.0, 0.0, 0.01, 0.01, 0.0])
+    np.testing.assert_array_equal(needs_restart(chi2, noise), [False, True, False, True, True])
+    assert not needs_restart([0.01 + 0.9 * RESTART_NOISE * 0.01], [0.01])[0]
+    assert needs_restart([0.01 + 1.1 * RESTART_NOISE * 0.01], [0.01])[0]
+    # a rule on chi^2 alone restarts every noisy frame, whose chi^2 never falls below its noise
+    assert needs_restart(chi2[2:4], 0.0).all()
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    """Two noise-free patterns and four at 1e4 photons (their chi^2 stays near the noise's, ~5e-3)."""
+    clean = simulate(2, size=SIZE, seed=12, oversampling=2)["intensity"]
+    noisy = simulate(4, size=SIZE, seed=13, oversampling=2, photons=1e4)["intensity"]
+    return np.concatenate([clean, noisy])
+
+
+def test_default_restarts_only_frames_that_misfit_beyond_the_noise(mixed):
+    from napari_cdinn.protocol import needs_restart
+
+    r = reconstruct(mixed, device="cpu", iterations=60, average=10, n_starts=3, seed=3)
+    np.testing.assert_allclose(r["chi2_noise"], physics.noise_chi2(mixed), rtol=1e-5)
+    assert (r["chi2_noise"][:2] == 0).all() and (r["chi2_noise"][2:] > 1e-3).all()
+    first, second, third = r["start_chi2"].T
+    restarted = ~np.isnan(second)
+    np.testing.assert_array_equal(restarted, needs_restart(first, r["chi2_noise"]))
+    np.testing.assert_array_equal(~np.isnan(third), needs_restart(np.fmin(first, second), r["chi2_noise"]))
+    # frames that fit are not restarted, frames that do not are; noisy frames are not all restarted
+    # although every one of them is far above the absolute threshold
+    assert restarted.any() and not restarted.all()
+    assert not restarted[2:].all()
+    np.testing.assert_allclose(r["chi2"], np.nanmin(r["start_chi2"], axis=1))
+
+
+def test_restarts_are_deterministic_per_seed(mixed):
+    opts = {"device": "cpu", "iterations": 60, "average": 10, "n_starts": 3}
+    a = reconstruct(mixed, seed=3, **opts)
+    b = reconstruct(mixed, seed=3, batch_size=2, **opts)  # the batches do not decide a frame's starts
+    np.testing.assert_array_equal(np.isnan(a["start_chi2"]), np.isnan(b["start_chi2"]))
+    np.testing.assert_allclose(a["start_chi2"], b["start_chi2"], rtol=1e-4)
+    np.testing.assert_allclose(a["object"], b["object"], atol=1e-4 * np.abs(a["object"]).max())
+    c = reconstruct(mixed, seed=4, **opts)
+    assert not np.allclose(np.nan_to_num(a["start_chi2"]), np.nan_to_num(c["start_chi2"]))
+
+
+def test_defaults_are_the_shared_protocol():
+    import inspect
+
+    from napari_cdinn import protocol
+    from napari_cdinn.cli import build_parser
+
+    params = inspect.signature(reconstruct).parameters
+    assert params["iterations"].default == protocol.ITERATIONS and params["n_starts"].default == protocol.STARTS
+    assert params["retry_chi2"].default == protocol.RESTART_CHI2
+    assert params["retry_noise"].default == protocol.RESTART_NOISE
+    args = build_parser().parse_args(["reconstruct", "in.npy", "-o", "out.npz"])
+    assert args.starts == protocol.STARTS and args.iterations is None  # None: protocol.ITERATIONS
+
+
+def test_restart_rule_bad_values_raise(data):
+    with pytest.raises(ValueError, match="retry_noise"):
+        reconstruct(data["intensity"][:1], device="cpu", iterations=2, average=0, retry_noise=-1)
+
+
 def test_output_conventions(solved):
     amp, sup = solved["amplitude"], solved["support"]
     np.testing.assert_allclose(amp.max(axis=(1, 2)), 1.0, rtol=1e-6)
@@ -143,7 +212,7 @@ def test_output_conventions(solved):
     unit = np.where(sup, solved["object"] / np.maximum(np.abs(solved["object"]), 1e-30), 0).sum(axis=(1, 2))
     np.testing.assert_allclose(np.angle(unit), 0, atol=1e-4)
     assert solved["errors"].shape == (4, len(solved["error_iterations"]))
-    assert solved["error_iterations"][-1] == 620
+    assert solved["error_iterations"][-1] == ITERATIONS
     assert solved["stopped"] is False
     # a normalised Fourier R-factor: from ~1 at the start to ~1e-4 at convergence (noise-free)
     assert np.all(solved["errors"][:, -1] < 1e-2) and np.all(solved["errors"][:, 0] < 2)
@@ -215,7 +284,7 @@ def test_worker_threads_stop_and_keep_a_prefix(data):
 # --------------------------------------------------------------------------- progress and stop
 def test_progress_is_called_every_block(data):
     calls = []
-    reconstruct(data["intensity"][:2], device="cpu", iterations=60, block=20, batch_size=1,
+    reconstruct(data["intensity"][:2], device="cpu", iterations=60, block=20, batch_size=1, n_starts=1,
                 progress=lambda done, total: calls.append((done, total)))
     assert calls == [(20, 120), (40, 120), (60, 120), (80, 120), (100, 120), (120, 120)]
 
@@ -322,7 +391,7 @@ def test_snapshot_shows_the_running_estimates():
 
     data = simulate(3, seed=31, oversampling=2)["intensity"]
     seen = []
-    res = reconstruct(data, algorithm="hio", iterations=40, average=1, block=10,
+    res = reconstruct(data, algorithm="hio", iterations=40, average=1, block=10, n_starts=1,
                       snapshot=lambda frames, amp, pha: seen.append((frames.copy(), amp, pha)))
     assert len(seen) == 4  # one per block of 10 iterations
     frames, amp, pha = seen[-1]

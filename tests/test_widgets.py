@@ -224,13 +224,13 @@ def test_phase_retrieval_prtf_needs_two_starts(make_napari_viewer, monkeypatch):
     errors = []
     monkeypatch.setattr("napari_cdinn._napari.widgets._common.show_error", errors.append)
     widget.patterns.value = viewer.layers["patterns"]
-    widget.prtf.value = True
+    widget.prtf.value, widget.starts.value = True, 1  # the default, protocol.STARTS, is enough
     widget.controls.run_button.clicked.emit()
     assert not widget.runner.running and len(errors) == 1 and "2 or more" in errors[0]
     # and the new settings persist to the next launch
-    widget.starts.value, widget.post_unwrap.value = 3, True
+    widget.starts.value, widget.post_unwrap.value = 5, True
     again = _dock(make_napari_viewer(), "Phase retrieval")
-    assert (again.starts.value, again.prtf.value, again.post_unwrap.value, again.post_ramp.value) == (3, True, True, False)
+    assert (again.starts.value, again.prtf.value, again.post_unwrap.value, again.post_ramp.value) == (5, True, True, False)
 
 
 def test_quality_view_and_the_complex_view_read_transparent_phases_as_zero(make_napari_viewer):

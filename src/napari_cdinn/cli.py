@@ -49,6 +49,58 @@ _non_negative_int = _number(int, 0, True, "an integer >= 0")
 _level = _number(float, 0.0, False, "a fraction in (0, 1]", below=1.0 + 1e-9)
 
 
+# --------------------------------------------------------------------------- threads
+#: Help of ``--threads`` (every command that computes).
+_THREADS_HELP = ("CPU threads (default: the free cores, those of the CPU affinity that other processes do not keep "
+                 "busy; OMP_NUM_THREADS if set)")
+
+
+def _thread_count(text):
+    """``--threads N``: a whole number from 1 to the cores this process may use (affinity, CPU quota)."""
+    from .device import usable_cores
+
+    value = _positive_int(text)
+    if value > usable_cores():
+        raise argparse.ArgumentTypeError(f"expected at most the {usable_cores()} core(s) this process may use, "
+                                         f"got {text!r}")
+    return value
+
+
+def _add_threads(p):
+    p.add_argument("--threads", type=_thread_count, default=None, metavar="N", help=_THREADS_HELP)
+
+
+#: The running command's state: its start (``cpu_sample``) and how to restore the threads it set.
+_RUN: dict = {}
+
+
+def _use_threads(args):
+    """Set torch's threads for the running command, once: ``--threads``, else the free cores measured since
+    the command started (:func:`napari_cdinn.device.apply_threads`); :func:`_main` restores them at its end.
+    Returns the count."""
+    import contextlib
+
+    from .device import threads_applied
+
+    if _RUN.get("threads") is None:
+        stack = contextlib.ExitStack()
+        try:
+            _RUN["threads"] = stack.enter_context(threads_applied(getattr(args, "threads", None),
+                                                                  since=_RUN.get("start")))
+        except ValueError as exc:
+            raise UsageError(f"--threads: {exc}") from None
+        _RUN["restore"] = stack.close
+    return _RUN["threads"]
+
+
+def _restore_threads():
+    """Undo :func:`_use_threads` (a command run in-process leaves torch's threads as it found them)."""
+    restore = _RUN.pop("restore", None)
+    _RUN.pop("threads", None)
+    if restore is not None:
+        restore()
+
+
 # --------------------------------------------------------------------------- simulate
 def _add_simulate(sub):
     p = sub.add_parser(
@@ -77,11 +129,14 @@ def _add_simulate(sub):
     p.add_argument("--saturation", type=_level, default=None, metavar="F",
                    help="pixels above this fraction (0..1) of the frame's brightest count saturate (unmeasured)")
     p.add_argument("--out", "-o", required=True, help="output .npz file")
+    _add_threads(p)
     p.set_defaults(func=_cmd_simulate)
 
 
 def _cmd_simulate(args):
     from . import io
+    from . import simulate as sim
+    from .device import free_cores
     from .simulate import simulate
 
     if not args.out.lower().endswith(".npz"):
@@ -96,16 +151,21 @@ def _cmd_simulate(args):
         raise UsageError(f"--count {args.count} patterns of {side} x {side} need about "
                          f"{io.format_bytes(args.count * each)} in memory, more than the memory budget of "
                          f"{io.format_bytes(budget)} (at most {budget // each} per file; CDINN_MEMORY sets the budget)")
-    data = simulate(
-        args.count,
-        size=args.size,
-        seed=args.seed,
-        oversampling=args.oversampling,
-        photons=args.photons,
-        beamstop=args.beamstop,
-        families=args.families,
-        detector=_simulate_detector(args),
-    )
+    # the simulator's FFT threads (no torch here): --threads, else the free cores
+    before, sim.FFT_WORKERS = sim.FFT_WORKERS, args.threads or free_cores(since=_RUN.get("start"))
+    try:
+        data = simulate(
+            args.count,
+            size=args.size,
+            seed=args.seed,
+            oversampling=args.oversampling,
+            photons=args.photons,
+            beamstop=args.beamstop,
+            families=args.families,
+            detector=_simulate_detector(args),
+        )
+    finally:
+        sim.FFT_WORKERS = before
     io.write_npz(args.out, data)
     shape = data["intensity"].shape
     print(f"wrote {args.out}: {shape[0]} patterns of {shape[1]} x {shape[2]}", file=sys.stderr)
@@ -142,6 +202,7 @@ def _add_bench(sub):
     p.add_argument("--json", default=None, help="write all figures to this JSON file")
     p.add_argument("--only", action="append", default=None, help="run only this benchmark (repeatable)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every benchmark")
+    _add_threads(p)
     p.set_defaults(func=_cmd_bench)
 
 
@@ -163,6 +224,7 @@ def _cmd_bench(args):
         raise UsageError(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(names)}")
     if args.json:
         io.check_writable(args.json)
+    _use_threads(args)
     results = {}
     for script, name in zip(scripts, names):
         if name not in wanted:
@@ -240,7 +302,7 @@ def _add_train(sub):
     # how and where the run happens, not what it learns (not part of the recipe)
     p.add_argument("--checkpoint-minutes", type=_positive_float, default=5.0, help="minutes between checkpoints")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    _add_threads(p)
     p.add_argument("--data-workers", type=_non_negative_int, default=None, metavar="N",
                    help="processes simulating examples ahead of the network (default: 0 on a CPU, "
                         "up to 8 beside a GPU); the examples do not depend on it")
@@ -267,10 +329,7 @@ def _cmd_train(args):
             raise UsageError(f"--resume: the model directory {args.out!r} does not exist (run without --resume to start)")
         if not os.path.isfile(os.path.join(args.out, "last.json")):
             print(f"no checkpoint in {args.out}: a new run starts", file=sys.stderr)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _use_threads(args)
 
     def progress(ev):
         kind = ev["event"]
@@ -327,6 +386,7 @@ def _add_stack_options(p, what):
     p.add_argument("--scheduler-timeout", type=_positive_float, default=60.0, metavar="S",
                    help="seconds a --scheduler cluster may go without workers or without answering (default 60)")
     p.add_argument("--mask", default=None, metavar="FILE", help=_MASK_HELP)
+    _add_threads(p)
 
 
 def _check_stack_input(args):
@@ -419,11 +479,12 @@ def _run_stack(args, fn, options, attrs, label):
     from . import stream
     from .jobs import Cancelled, progress_events
 
+    _use_threads(args)
     if getattr(args, "mask_array", None) is not None:
         attrs = {**attrs, "mask": args.mask_source}
     # the resume fingerprint: every option as given, and the weights by their contents (not their path)
     given = {k: v for k, v in vars(args).items()
-             if k not in ("func", "resume", "scheduler", "scheduler_timeout", "mask_array", "memory")}
+             if k not in ("func", "resume", "scheduler", "scheduler_timeout", "mask_array", "memory", "threads")}
     model = getattr(fn, "keywords", {}).get("model")
     weights = _sha256(model.path) if hasattr(model, "path") else None
     if args.scheduler:
@@ -500,7 +561,10 @@ def _scaled_model(args, shape):
     from . import io, nn
 
     nn.resolve_model(args.model, shape)  # a size no network reads fails here, before any reading
-    info = nn.choose_scale(io.read_stack(args.input, lazy=True), args.model, mask=args.mask_array, device=args.device)
+    _use_threads(args)
+    stack = io.open_stack(args.input)  # reads only the sampled frames (no dask graph, no scheduler lookup)
+    info = nn.choose_scale(stack if len(shape) == 3 else stack[...], args.model, mask=args.mask_array,
+                           device=args.device)
     if info.scale > 1:
         side = shape[-1] // info.scale
         print(f"note: the objects are read at {info.scale}x the pixel size (the central {side} x {side} pixels of "
@@ -528,28 +592,35 @@ def _cmd_predict(args):
 
 # --------------------------------------------------------------------------- reconstruct
 def _add_reconstruct(sub):
+    from .protocol import ITERATIONS, RESTART_CHI2, RESTART_NOISE, STARTS
+
     p = sub.add_parser(
         "reconstruct",
         help="iterative phase retrieval (ER/HIO/RAAR with shrinkwrap) of every pattern",
         description="Invert oversampled diffraction intensities by iterative phase retrieval, many patterns at "
-        "once on the CPU or a GPU. Default: the paper's protocol (HIO/ER cycles, shrinkwrap, 620 iterations, the "
-        "final 20 averaged). Writes amplitude (max 1 per frame), phase (radians), support and chi2.",
+        f"once on the CPU or a GPU. Default: the paper's HIO/ER cycles with shrinkwrap (the final 20 iterations "
+        f"averaged) in runs of {ITERATIONS} iterations, a pattern started again (up to {STARTS} runs) only while its "
+        "fit misfits the data beyond the counting noise; --iterations 620 --starts 1 is the paper's protocol exactly. "
+        "Writes amplitude (max 1 per frame), phase (radians), support and chi2.",
     )
     _add_stack_options(p, "square, even-sized, oversampled patterns")
     p.add_argument("--algorithm", default="hio-er",
                    help="hio-er (default), er, hio, raar, or a schedule such as '(hio:80,er:20)x6,er:20'")
     p.add_argument("--iterations", type=_positive_int, default=None,
-                   help="iterations (default 620; with --init nn a short refinement, 50)")
+                   help=f"iterations of each run (default {ITERATIONS}; with --init nn a short refinement, 50)")
     p.add_argument("--init", choices=("random", "nn"), default="random",
                    help="random phases (default) or the CDI NN guess with its support")
     p.add_argument("--fallback", choices=("auto", "always", "never"), default="auto",
-                   help="with --init nn, which frames also get the 620-iteration protocol from random starts, "
+                   help="with --init nn, which frames also get the protocol from random starts, "
                         "keeping the lower chi2 (output 'start': 1 network, 0 protocol): auto (default) those whose "
                         "network guess is untrusted or whose refined chi2 is above 1e-4; always; never")
     p.add_argument("--model", default=None,
                    help="network weights for --init nn (default: the best shipped model for the pattern size)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="patterns inverted together")
-    p.add_argument("--starts", type=_positive_int, default=1, help="random starts per pattern, best chi2 kept")
+    p.add_argument("--starts", type=_positive_int, default=STARTS, metavar="K",
+                   help=f"runs per pattern at most, the lowest chi2 kept (default {STARTS}): a pattern is started again "
+                        f"only while its chi2 exceeds its counting noise's by more than max({RESTART_CHI2:g}, "
+                        f"{RESTART_NOISE:g} x the noise's chi2); 1: one run; with --prtf every pattern gets K runs")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
     p.add_argument("--beta", type=_number(float, 0.0, False, "a number in (0, 2)", below=2.0), default=0.9,
                    help="HIO/RAAR feedback parameter (default 0.9)")
@@ -592,6 +663,7 @@ def _cmd_reconstruct(args):
 
     from . import nn
     from .pipelines import reconstruct_chunk
+    from .protocol import ITERATIONS
     from .retrieval import make_schedule
 
     if args.prtf and args.starts < 2:
@@ -602,13 +674,13 @@ def _cmd_reconstruct(args):
     if shape[-1] < 8:
         raise UsageError(f"patterns must be at least 8 x 8 pixels to be inverted, got {shape[-2]} x {shape[-1]}")
     _check_iterations(args, shape)
-    iterations = args.iterations or 620
+    iterations = args.iterations or ITERATIONS
     nn_options = {}
     if args.init == "nn":
-        # --iterations sets the refinement; the fallback is the protocol (620 iterations)
+        # --iterations sets the refinement; the fallback is the default protocol
         refine = dict(nn.REFINE_OPTIONS, iterations=args.iterations or nn.REFINE_OPTIONS["iterations"])
         make_schedule(args.algorithm, refine["iterations"], refine["average"])
-        iterations = 620
+        iterations = ITERATIONS
         nn_options = {"fallback": args.fallback, "refine": refine}
     make_schedule(args.algorithm, iterations)
     model = args.model
@@ -686,6 +758,7 @@ def _add_report(sub):
     p.add_argument("--model", default=None, help="shipped model name, .safetensors file or model directory")
     p.add_argument("--count", type=_positive_int, default=1000, help="test cases (default 1000)")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default cpu)")
+    _add_threads(p)
     p.set_defaults(func=_cmd_report)
 
 
@@ -698,6 +771,7 @@ def _cmd_report(args):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out must be a folder, got the file {args.out!r}")
     nn.resolve_model(args.model, (64, 64))  # the report's patterns are 2x-oversampled 64 x 64
+    _use_threads(args)
     rep = make_report(args.out, model=args.model, count=args.count, device=args.device)
     t = rep["test"]
     print(f"wrote {args.out}: iou {t['iou_median']:.3f}, phase RMS {t['phase_rms_median']:.3f} rad, chi2 "
@@ -726,7 +800,7 @@ def _add_adapt(sub):
     p.add_argument("--holdout", type=_number(float, 0.0, False, "a fraction in (0, 0.5]", below=0.5 + 1e-9),
                    default=0.1, metavar="F", help="fraction of the frames held out to choose the weights (default 0.1)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    _add_threads(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.set_defaults(func=_cmd_adapt)
 
@@ -750,6 +824,7 @@ def _cmd_adapt(args):
     info = nn.resolve_model(args.model, shape)  # a size no model reads fails here
     resolve_device(args.device)
     mask = _input_mask(args, shape)
+    _use_threads(args)  # --threads, else the free cores
     stop = threading.Event()  # Ctrl-C / SIGTERM: the best weights so far are written
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -824,6 +899,9 @@ def _main(argv=None):
 
     global _ARGV
     _ARGV = list(sys.argv[1:] if argv is None else argv)
+    from .device import cpu_sample
+
+    _RUN["start"] = cpu_sample()  # the window in which other processes' use of the cores is measured
     if hasattr(signal, "SIGXFSZ"):  # past `ulimit -f` a write fails (EFBIG, reported) instead of killing us
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
@@ -854,6 +932,8 @@ def _main(argv=None):
         print(f"error: unexpected {type(exc).__name__}: {_first_line(exc)} (CDINN_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        _restore_threads()
     return 0
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "file_mask",
     "frames_in_budget",
     "memory_budget",
+    "open_stack",
     "parse_size",
     "h5_chunk_frames",
     "h5_dataset_options",
@@ -319,6 +320,17 @@ def _open_source(path):
 def stack_shape(path: str | os.PathLike) -> tuple[int, ...]:
     """Shape ``(N, H, W)`` or ``(H, W)`` of a stack file, checked as :func:`read_stack` checks it, without reading it."""
     return tuple(_open_source(path)[1].shape)
+
+
+def open_stack(path: str | os.PathLike) -> Any:
+    """The stack of a file as a sliceable array-like that reads only the frames indexed (nothing read yet).
+
+    No dask graph (nor dask's import, nor a scheduler lookup): for a job that reads a few frames,
+    such as a sample.  Index it with integers, slices or increasing integer arrays on the first
+    axis (``stack[idx]``, ``stack[...]``); values come back as stored (any numeric dtype, not
+    converted to float32 or checked beyond what :func:`stack_shape` checks).
+    """
+    return _open_source(path)[1]
 
 
 def read_frames(path: str | os.PathLike, start: int, stop: int) -> np.ndarray:

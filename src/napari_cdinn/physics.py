@@ -367,19 +367,42 @@ def autocorrelation_extent(intensity: ArrayLike, mask: ArrayLike | None = None, 
     -------
     ndarray float64, (N,) (a scalar for one frame)
     """
-    from scipy.ndimage import gaussian_filter
-
     i = np.array(intensity, dtype=np.float64, ndmin=3)
     bad = ~np.isfinite(i)
     if mask is not None:
         bad = bad | np.asarray(mask, dtype=bool)
     i = np.where(bad | ~(i > 0), 0.0, i)
-    ac = gaussian_filter(np.abs(inverse(i)), (0, sigma, sigma), mode="wrap")
+    ac = _blur_wrap(np.abs(inverse(i)), sigma)
     on = ac > threshold * ac.max(axis=(-2, -1), keepdims=True)
     h, w = i.shape[-2:]
     centre = bad[:, h // 2 - 1 : h // 2 + 2, w // 2 - 1 : w // 2 + 2].any(axis=(-2, -1))
     extent = np.where(centre | (i.sum(axis=(-2, -1)) <= 0), np.nan, support_extent(on) / 2.0)
     return extent[0] if np.ndim(intensity) == 2 else extent
+
+
+#: Elements up to which :func:`_blur_wrap` blurs in NumPy (a sample of frames: no scipy.ndimage import).
+_SMALL_BLUR = 2**18
+
+
+def _blur_wrap(a: np.ndarray, sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """Gaussian blur of the last two axes with periodic edges: ``scipy.ndimage.gaussian_filter`` with
+    ``mode="wrap"`` (the same kernel, truncated at ``truncate`` sigma), which it calls for big stacks;
+    small ones (a sample, one frame) are blurred in NumPy, so that a small job does not import
+    scipy.ndimage (cold start: benchmarks/bench_speed.py)."""
+    import sys
+
+    if a.size > _SMALL_BLUR or "scipy.ndimage" in sys.modules:
+        from scipy.ndimage import gaussian_filter
+
+        return gaussian_filter(a, (0,) * (a.ndim - 2) + (sigma, sigma), mode="wrap")
+    radius = int(truncate * sigma + 0.5)
+    w = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    w /= w.sum()
+    for axis in (-2, -1):
+        n = a.shape[axis]
+        padded = np.take(a, np.arange(-radius, n + radius) % n, axis=axis)
+        a = sum(wk * np.take(padded, np.arange(k, k + n), axis=axis) for k, wk in enumerate(w))
+    return a
 
 
 def support_iou(a: ArrayLike, b: ArrayLike) -> np.ndarray:

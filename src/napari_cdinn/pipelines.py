@@ -9,7 +9,7 @@ Every frame is refined from the network's guess and support by a short run
 (:data:`napari_cdinn.nn.inference.REFINE_OPTIONS`; on frames whose counting noise is above
 :data:`NOISY_CHI2`, by error reduction alone, :data:`NOISY_REFINE`).  The frames
 :func:`fallback_frames` selects are also inverted by the full protocol from random starts (the
-caller's reconstruct options: by default the paper's 620 iterations, not the refinement's), and
+caller's reconstruct options: by default :mod:`napari_cdinn.protocol`'s, not the refinement's), and
 each of them keeps the result that fits the data better beyond the counting noise
 (:func:`keep_lower_chi2`: the lower chi^2 on noise-free data; on counts, a fit under the noise
 floor counts as at it, so a protocol that follows the noise does not win by it); ``start``
@@ -31,12 +31,13 @@ Rules:
   stack), at the cost of both runs.
 * ``"never"``: the refinement alone (start 1 everywhere).
 
-Why this rule: :data:`FALLBACK_CHI2` is the threshold under which :func:`reconstruct` itself
-stops restarting a frame (``retry_chi2``): a frame refined below it has converged as far as a
-restart could tell.  A refinement stuck above it may be beaten by the protocol, so the protocol
-is run and the better fit kept.  On counts the threshold is taken beyond the noise floor, which
-is far above it at low doses.  Asking the network's trust flag as well sent many noise-free frames
-to the protocol for no gain in quality (measured: docs/decisions.md, "Refinement of noisy frames").
+Why this rule: a frame refined within :data:`FALLBACK_CHI2` of its noise has converged as far as a
+restart could tell (the protocol's own restart rule, :mod:`napari_cdinn.protocol`, is laxer).
+A refinement stuck above it may be beaten by the protocol, so the protocol is run and the
+better fit kept.  The refinement itself is one run (``n_starts=1``) from the network's guess.
+On counts the threshold is taken beyond the noise floor, which is far above it at low doses.
+Asking the network's trust flag as well sent many noise-free frames to the protocol for no gain
+in quality (measured: docs/decisions.md, "Refinement of noisy frames").
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ __all__ = [
 
 #: Fallback rules of :func:`refine_with_fallback` (see the module notes).
 FALLBACK_RULES = ("auto", "always", "never")
-#: Refined frames above this chi^2 also get the protocol (rule ``"auto"``): ``reconstruct``'s
-#: default ``retry_chi2``, the level under which it deems a frame converged.
+#: Refined frames whose chi^2 exceeds their counting noise's by more than this also get the protocol
+#: (rule ``"auto"``; measured: docs/decisions.md, "Refinement of noisy frames").
 FALLBACK_CHI2 = 1e-4
 #: Frames whose counting noise alone gives a chi^2 above this (:func:`napari_cdinn.physics.noise_chi2`;
 #: about 1e5 photons per 64 x 64 pattern) are refined by error reduction alone: HIO's feedback
@@ -244,7 +245,8 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
         Threshold of the ``"auto"`` rule (:data:`FALLBACK_CHI2`).
     **options
         :func:`napari_cdinn.retrieval.reconstruct` options of both runs (``algorithm``,
-        ``device``, ``n_starts``, ``seed``...); the protocol runs with these alone.  ``prtf=True``
+        ``device``, ``seed``...; ``n_starts`` of the protocol only: the refinement is one run);
+        the protocol runs with these alone.  ``prtf=True``
         (with ``n_starts >= 2``): the protocol runs on every frame and gives the PRTF (see the
         module notes); the refinement runs without it.
 
@@ -281,7 +283,7 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
     if info is not None:  # else every frame gets the protocol: the network cannot read these patterns
         obj, sup, _ = network_guess(stack, model=info, device=options.get("device", "auto"), mask=mask)
         seeded = guess_fits_autocorrelation(stack, sup, mask)  # a guess too small for the data seeds nothing
-        settings = {**options, **(REFINE_OPTIONS if refine is None else refine)}
+        settings = {**options, "n_starts": 1, **(REFINE_OPTIONS if refine is None else refine)}
         noisy = noise > NOISY_CHI2
         for frames, extra in ((np.flatnonzero(seeded & ~noisy), {}), (np.flatnonzero(seeded & noisy), NOISY_REFINE)):
             if len(frames):

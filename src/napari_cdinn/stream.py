@@ -173,8 +173,33 @@ def _chunk_mask(mask, start, stop):
 
 def _run_chunk(fn, source, start, stop, mask=None):
     """Worker task: read one chunk and run the chunk function on it (with its mask, if any)."""
+    _dask_worker_threads()
     extra = {} if mask is None else {"mask": mask}
     return start, stop, fn(_read_chunk(source, start, stop), first_frame=start, **extra)
+
+
+def _dask_worker_threads():
+    """On a dask worker process: torch's threads = the free cores shared by the worker's ``nthreads`` task
+    slots (``max(1, free_cores() // nthreads)``), so that its tasks never run more threads than free cores.
+
+    Nothing elsewhere: the local process (dask not even imported here) keeps its command's threads,
+    and a worker without a nanny may share its process with the client (``LocalCluster(processes=False)``).
+    """
+    import sys
+
+    dist = sys.modules.get("distributed")
+    if dist is None:
+        return None
+    try:
+        worker = dist.get_worker()
+    except ValueError:  # not in a task
+        return None
+    if not getattr(worker, "nanny", None):
+        return None
+    from .device import apply_threads, free_cores
+
+    nthreads = int(getattr(worker, "state", worker).nthreads or 1)
+    return apply_threads(max(1, free_cores() // nthreads))
 
 
 class _H5Sink:

@@ -96,7 +96,10 @@ __all__ = [
 #: "NN-seeded refinement"; the decision: docs/decisions.md).
 REFINE_OPTIONS = {"iterations": 50, "average": 10, "shrinkwrap_every": 10, "sigma": (2.0, 1.0)}
 
+#: Loaded networks by (weights file, its modification time, device), the most recently used last.
 _CACHE: dict = {}
+#: Networks :func:`_cached_model` keeps loaded (a dock that switches between models does not reload them).
+CACHE_SIZE = 4
 
 #: The eight symmetries of the square grid as (transpose, mirror rows, mirror columns), applied in that
 #: order, in the order ``predict(views=V)`` uses the first ``V``: identity, the two axis mirrors, the
@@ -168,12 +171,19 @@ def upsample(obj, scale: int):
 
 
 def _cached_model(model, device):
+    """``(net, card)`` of ``model`` on ``device``, loaded once per process: the weights are read again only
+    when their file changed; up to :data:`CACHE_SIZE` networks stay loaded (the least recently used goes)."""
     path = resolve_model_path(model)
     key = (str(path.resolve()), path.stat().st_mtime_ns, str(device))
-    if key not in _CACHE:
-        _CACHE.clear()
+    if key in _CACHE:
+        _CACHE[key] = _CACHE.pop(key)  # the most recently used last
+    else:
+        for old in [k for k in _CACHE if k[0] == key[0] and k[2] == key[2]]:  # a rewritten file's old weights
+            del _CACHE[old]
         net, card = load_model(path, device)
         _CACHE[key] = (net.to(memory_format=torch.channels_last), card)
+        while len(_CACHE) > CACHE_SIZE:
+            del _CACHE[next(iter(_CACHE))]
     return _CACHE[key]
 
 
@@ -367,7 +377,8 @@ def _sample(intensity, mask, count):
     """Up to ``count`` frames of a stack, evenly spaced (increasing indices: h5py reads them), with their mask."""
     n = intensity.shape[0]
     idx = np.unique(np.linspace(0, n - 1, min(n, int(count))).round().astype(int))
-    frames = np.asarray(intensity[idx] if len(idx) < n else intensity[:], dtype=np.float32)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf (unmeasured); a stack's reader reports them
+        frames = np.asarray(intensity[idx] if len(idx) < n else intensity[:], dtype=np.float32)
     if mask is not None and mask.ndim == 3:
         mask = mask[idx]
     return frames, mask

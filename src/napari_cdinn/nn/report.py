@@ -81,9 +81,10 @@ def make_report(out_dir, model=None, count=1000, examples=4, device="cpu", itera
     """Write ``fig2_training.png``, ``fig3_examples.png``, ``fig45_chi2.png``, ``fig6_activations.png``
     and ``report.json`` to ``out_dir``; return the JSON dict.
 
-    ``reconstruct(intensity, iterations=, device=)`` gives the iterative results of Fig. 3 (a dict
-    with ``object`` and ``chi2``, as :func:`napari_cdinn.retrieval.reconstruct`); call
-    :func:`napari_cdinn.pipelines.make_report`, which passes it.
+    ``reconstruct(intensity, iterations=, n_starts=1, device=)`` gives the iterative results of Fig. 3
+    (the paper's protocol: one run per pattern; a dict with ``object`` and ``chi2``, as
+    :func:`napari_cdinn.retrieval.reconstruct`); call :func:`napari_cdinn.pipelines.make_report`,
+    which passes it.
     """
     import matplotlib
 
@@ -126,7 +127,7 @@ def make_report(out_dir, model=None, count=1000, examples=4, device="cpu", itera
 
     # Fig. 3: examples with the iterative results
     idx = np.arange(examples)
-    it = reconstruct(data["intensity"][idx], iterations=iterations, device=device)
+    it = reconstruct(data["intensity"][idx], iterations=iterations, n_starts=1, device=device)
     it_obj = physics.crop(it["object"], (32, 32))
     it_cmp = physics.compare(it_obj, data["amplitude"][idx], data["phase"][idx])
     report["fig3"] = {"indices": idx.tolist(),

@@ -43,7 +43,6 @@ import collections
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -308,8 +307,10 @@ def _simulated(jobs, pool=None, ahead=2):
 
 def default_data_workers(device) -> int:
     """Simulator processes for training on ``device``: none on a CPU (its cores run the network),
-    else all cores but one, at most 8."""
-    return 0 if torch.device(device).type == "cpu" else min(8, max((os.cpu_count() or 2) - 1, 1))
+    else the free cores but one (:func:`napari_cdinn.device.free_cores`), at least 1, at most 8."""
+    from ..device import free_cores
+
+    return 0 if torch.device(device).type == "cpu" else min(8, free_cores(leave=1))
 
 
 def data_pool(workers):

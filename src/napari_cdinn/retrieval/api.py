@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from .. import physics, postprocess
-from ..device import resolve_device
+from ..device import default_threads, resolve_device
 from ..jobs import Cancelled, PartsProgress, stop_requested
+from ..protocol import ITERATIONS, RESTART_CHI2, RESTART_NOISE, STARTS, needs_restart
 from . import steps as st
 from .engine import Shrinkwrap, iterate
 from .schedule import (
@@ -189,21 +190,22 @@ def reconstruct(
     intensity,
     *,
     algorithm="hio-er",
-    iterations=620,
+    iterations=ITERATIONS,
     average=20,
     beta=0.9,
     init="random",
     support=None,
     fixed_support=False,
     mask=None,
-    n_starts=1,
+    n_starts=STARTS,
     device="auto",
     batch_size=None,
     threads=None,
     seed=0,
     first_frame=0,
     frame_ids=None,
-    retry_chi2=1e-4,
+    retry_chi2=RESTART_CHI2,
+    retry_noise=RESTART_NOISE,
     prtf=False,
     shrinkwrap_every=20,
     sigma=(3.0, 1.0),
@@ -218,10 +220,13 @@ def reconstruct(
 ):
     """Iterative phase retrieval of a stack of oversampled diffraction patterns.
 
-    The default is the paper's protocol: HIO x80 / ER x20 cycles with a shrink-wrapped support
-    starting from the thresholded autocorrelation, 620 iterations, the estimates of the final 20
-    (ER) iterations averaged after aligning their global phase.  Patterns are inverted in batches
-    on a torch device.
+    The default is the project's protocol (:mod:`napari_cdinn.protocol`): the paper's HIO x80 /
+    ER x20 cycles with a shrink-wrapped support starting from the thresholded autocorrelation, the
+    estimates of the final 20 (ER) iterations averaged after aligning their global phase, in runs
+    of :data:`~napari_cdinn.protocol.ITERATIONS` iterations from random phases, a pattern started
+    again (up to :data:`~napari_cdinn.protocol.STARTS` runs) only while its fit misfits the data
+    beyond the counting noise.  ``iterations=620, n_starts=1`` is the paper's protocol exactly.
+    Patterns are inverted in batches on a torch device.
 
     Parameters
     ----------
@@ -232,7 +237,7 @@ def reconstruct(
         ``"hio-er"``, ``"er"``, ``"hio"``, ``"raar"``, or a schedule such as
         ``"(hio:80, er:20) x6, er:20"`` (then ``iterations`` is ignored).
     iterations : int
-        Total iterations of a named protocol.
+        Iterations of every run of a named protocol.
     average : int
         Final iterations averaged (0: keep the last estimate).
     beta : float
@@ -251,11 +256,14 @@ def reconstruct(
     n_starts : int
         Runs per pattern (at most, with ``retry_chi2``); the one with the lowest chi^2 is kept.
         With an ``init`` object, run 0 starts from it and the others from random phases.
-    retry_chi2 : float, optional
-        When given, start ``k + 1`` runs only on the patterns whose best chi^2 after ``k + 1``
-        starts is still above this value (restarts where they are needed; each pattern's
-        decision depends on its own chi^2 only; the default 1e-4 sits well above the chi^2 of
-        converged noiseless patterns).  None: every pattern gets ``n_starts`` starts.
+    retry_chi2, retry_noise : float
+        With ``retry_chi2`` given, run ``k + 2`` is made only on the patterns whose best fit after
+        ``k + 1`` runs misfits the data beyond the counting noise:
+        ``chi2 - chi2_noise > max(retry_chi2, retry_noise * chi2_noise)``
+        (:func:`napari_cdinn.protocol.needs_restart`; ``chi2_noise`` of the measured pixels,
+        :func:`napari_cdinn.physics.noise_chi2`, 0 for data that are not counts).  Each pattern's
+        decision depends on its own fit only.  ``retry_chi2=None``: every pattern gets
+        ``n_starts`` runs.
     prtf : bool
         Also measure how reproducibly each pattern is inverted: the phase-retrieval transfer
         function of its ``n_starts`` runs (at least 2), every pattern getting every start
@@ -275,8 +283,9 @@ def reconstruct(
         operations (``torch.set_num_threads(1)`` for the duration of the call, restored after;
         the setting is process-wide).  Unlike torch's own multi-threading of these small
         operations, this does not collapse when other programs load the CPU (measured:
-        docs/decisions.md, "CPU retrieval").  None (default): as many workers
-        as ``torch.get_num_threads()``; 0: torch's own multi-threading.
+        docs/decisions.md, "CPU retrieval").  None (default): as many workers as the thread
+        policy gives (:func:`napari_cdinn.device.default_threads`: the count a command or dock set,
+        else the free cores), at most ``torch.get_num_threads()``; 0: torch's own multi-threading.
     seed : int
         Random starts depend on ``(seed, first_frame + frame index, start index)`` only, never on
         the batch a pattern lands in.
@@ -319,7 +328,8 @@ def reconstruct(
         ``(M // 2, M // 2)``), mean phase 0 inside the support, on the input's scale
         (``|forward(object)|**2 ~ intensity``); ``amplitude`` float32 (max 1 per frame);
         ``phase`` float32 (radians, 0 outside the support); ``support`` bool; ``chi2`` float32
-        (N,) (:func:`napari_cdinn.physics.chi2`; 1 for a frame without data); ``errors``
+        (N,) (:func:`napari_cdinn.physics.chi2`; 1 for a frame without data); ``chi2_noise``
+        float32 (N,) (:func:`napari_cdinn.physics.noise_chi2` of the measured pixels); ``errors``
         float32 (N, E) Fourier-error curves sampled at ``error_iterations`` (E,) (NaN where a stopped run did not reach them);
         ``start_chi2`` (N, n_starts) (NaN for starts not run); ``stopped`` bool.  After a stop
         (``on_stop="return"``) the frames reached so far are returned, the running batch with
@@ -352,6 +362,8 @@ def reconstruct(
         raise ValueError(f"the PRTF compares several runs of each pattern: prtf=True needs n_starts >= 2, got {n_starts}")
     if prtf:
         retry_chi2 = None  # every pattern gets every start
+    if retry_chi2 is not None and not (float(retry_chi2) >= 0 and float(retry_noise) >= 0):
+        raise ValueError(f"retry_chi2 and retry_noise must be >= 0, got {retry_chi2!r} and {retry_noise!r}")
     if frame_ids is None:
         frame_ids = int(first_frame) + np.arange(n)
     frame_ids = np.asarray(frame_ids, dtype=np.int64).reshape(-1)
@@ -394,7 +406,7 @@ def reconstruct(
         "schedule": schedule, "beta": beta, "shrink": shrink, "average": average, "block": block,
         "error_every": error_every, "should_stop": should_stop, "batch_size": batch_size,
         "error_iterations": _error_iterations(total_it, error_every),
-        "workers": workers, "snapshot": snapshot,
+        "workers": workers, "snapshot": snapshot, "retry_noise": retry_noise,
         "prtf": postprocess.PrtfSums(n, (m, m)) if prtf else None,
     }
     counter = PartsProgress(progress, total_it)
@@ -423,11 +435,11 @@ def _prtf_of(ctx, n, block=256):
 
 
 def _workers(threads, device):
-    """Worker threads for the batches: ``threads``, else torch's thread count on the CPU; 1 on GPUs."""
+    """Worker threads for the batches: ``threads``, else the thread policy on the CPU; 1 on GPUs."""
     if device.type != "cpu" or threads == 0:
         return 1
-    if threads is None:
-        return max(1, torch.get_num_threads())
+    if threads is None:  # what the command or dock set (else the free cores), never above torch's count
+        return 1 if torch.get_num_threads() <= 1 else min(torch.get_num_threads(), default_threads())
     if int(threads) < 0:
         raise ValueError("threads must be 0 or a positive integer")
     return int(threads)
@@ -447,14 +459,15 @@ def single_threaded_ops(active):
 
 
 def _rounds(n, n_starts, retry_chi2, batch_size, ctx, counter, start_chi2, on_stop):
-    """Start rounds: start ``k`` on every frame, or only on those still above ``retry_chi2``."""
+    """Start rounds: start ``k`` on every frame, or only on those that still misfit beyond the noise
+    (:func:`napari_cdinn.protocol.needs_restart` with ``retry_chi2`` and ``ctx["retry_noise"]``)."""
     best = None
     stopped = False
     for k in range(n_starts):
         if k == 0 or retry_chi2 is None:
             todo = np.arange(n)
         else:
-            todo = np.flatnonzero(~(best["chi2"] <= float(retry_chi2)))
+            todo = np.flatnonzero(needs_restart(best["chi2"], best["chi2_noise"], retry_chi2, ctx["retry_noise"]))
             counter.plan(_batch_count(len(todo), batch_size, ctx["workers"]))
         if not len(todo):
             break
@@ -567,6 +580,7 @@ def _run_batch(frames, start, ctx, report):
         "object": st.to_centred_layout(est).cpu().numpy() * scale[:, None, None],
         "support": st.to_centred_layout(outcome.support).cpu().numpy() > 0.5,
         "chi2": chi.float().cpu().numpy(),
+        "chi2_noise": physics.noise_chi2(values, mask).astype(np.float32),
         "errors": errors,
         "frames": np.asarray(frames),
     }
@@ -611,6 +625,7 @@ def _finish(best, start_chi2, error_iterations, single, stopped, prtf=None):
         "phase": phase,
         "support": sup,
         "chi2": best["chi2"].astype(np.float32),
+        "chi2_noise": best["chi2_noise"].astype(np.float32),
         "errors": best["errors"].astype(np.float32),
         "start_chi2": start_chi2,
     }

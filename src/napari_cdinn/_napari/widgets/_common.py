@@ -15,6 +15,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QApplication
 
+from ...device import refresh_window, threads_applied
 from .. import layers as _layers
 
 
@@ -149,12 +150,32 @@ def _close_live_runners():
         runner.close()
 
 
+#: The timer that keeps the thread policy's measurement window recent (one for all docks).
+_WINDOW_TIMER: list = []
+
+
+def _keep_thread_window_fresh(interval_ms=5000):
+    """Refresh the thread policy's window every few seconds while docks are open (one file read), so that
+    a job's thread count is measured without a wait (:func:`napari_cdinn.device.refresh_window`)."""
+    from qtpy.QtCore import QTimer
+
+    if _WINDOW_TIMER or QApplication.instance() is None:
+        return
+    refresh_window()
+    timer = QTimer(QApplication.instance())
+    timer.timeout.connect(refresh_window)
+    timer.start(interval_ms)
+    _WINDOW_TIMER.append(timer)
+
+
 class JobRunner:
     """Run ``job(progress, should_stop)`` in a napari thread worker.
 
     ``progress(info)`` may be called from the worker thread; ``on_progress(info)`` receives it
     on the main thread.  ``on_result(value)`` and ``on_error(exc)`` run on the main thread;
     ``on_finish()`` always runs last.  :meth:`stop` sets the flag ``should_stop()`` reads.
+    The job runs with torch's threads set to the free cores less one, left to the viewer (at least
+    1; :func:`napari_cdinn.device.threads_applied`), restored after it.
 
     Closing: :meth:`close_with` ties the runner to a Qt widget; when that widget is destroyed
     (its dock or the viewer closed), or the application quits, :meth:`close` stops the job, waits
@@ -166,6 +187,7 @@ class JobRunner:
     close_wait_s = 120.0
 
     def __init__(self, on_progress, on_result, on_error=notify_error, on_finish=None):
+        _keep_thread_window_fresh()
         self._bridge = _Bridge()
         self._bridge.progress.connect(self._progress)
         self._on_progress = on_progress
@@ -200,7 +222,8 @@ class JobRunner:
 
         def body(emit, should_stop):
             try:
-                return job(emit, should_stop)
+                with threads_applied(leave=1):  # the free cores less one, left to the viewer (at least 1)
+                    return job(emit, should_stop)
             finally:
                 self._done.set()
 

@@ -16,9 +16,11 @@ iteration block and keeps the frames reached so far.  Start "CDI NN" seeds every
 the network's guess (:func:`napari_cdinn.pipelines.network_guess`: embedded in the oversampled
 frame, its support as the first support); which guesses the network trusts is kept in the
 layers' metadata (``nn_trusted``) and said in the status line.
-``starts`` runs per pattern keep the one with the lowest chi^2; with ``PRTF`` ticked (at least 2
-starts) every pattern gets every start and the third plot shows the phase-retrieval transfer
-function (:func:`napari_cdinn.postprocess.prtf`): its median over the frames done against the spatial
+``iterations`` and ``starts`` default to the protocol of :mod:`napari_cdinn.protocol` (the one
+``cdinn reconstruct`` runs): up to ``starts`` runs per pattern, another only while the fit
+misfits the data beyond the counting noise, keep the one with the lowest chi^2; with ``PRTF``
+ticked (at least 2 starts) every pattern gets every start and the third plot shows the
+phase-retrieval transfer function (:func:`napari_cdinn.postprocess.prtf`): its median over the frames done against the spatial
 frequency (cycles per pixel), the 1/e level and the median resolution (the first frequency where a
 frame's PRTF falls below 1/e); the per-frame ``prtf``, ``prtf_q`` and ``resolution`` go into the
 layers' metadata.  Post-processing (centre the object, remove the phase ramp, unwrap the phase:
@@ -42,6 +44,7 @@ from magicgui import widgets
 from ... import nn, physics
 from ...device import DEVICES
 from ...jobs import Cancelled, Kind, ProgressEvent
+from ...protocol import ITERATIONS, STARTS
 from .. import layers as _layers
 from ._common import (
     JobControls,
@@ -167,7 +170,8 @@ class PhaseRetrievalWidget(widgets.Container):
         self.viewer = napari_viewer
         self.patterns = image_layer_picker(napari_viewer, "patterns", kind="intensity")
         self.algorithm = widgets.ComboBox(label="algorithm", choices=ALGORITHMS, value="hio-er")
-        self.iterations = widgets.SpinBox(label="iterations", value=620, min=1, max=1_000_000)
+        self.iterations = widgets.SpinBox(label="iterations", value=ITERATIONS, min=1, max=1_000_000,
+                                          tooltip="iterations of each run (the paper's protocol: 620, 1 start)")
         self.beta = widgets.FloatSpinBox(label="beta", value=0.9, min=0.01, max=1.99, step=0.05,
                                          tooltip="HIO/RAAR feedback parameter")
         self.threshold = widgets.FloatSpinBox(
@@ -179,8 +183,9 @@ class PhaseRetrievalWidget(widgets.Container):
                                               tooltip="blur of the last support update (pixels)")
         self.start = widgets.ComboBox(label="start", choices=["random", "CDI NN"], value="random")
         self.starts = widgets.SpinBox(
-            label="starts", value=1, min=1, max=1000,
-            tooltip="runs per pattern, the one with the lowest chi² kept (with the CDI NN start, the first run starts "
+            label="starts", value=STARTS, min=1, max=1000,
+            tooltip="runs per pattern at most, the one with the lowest chi² kept: a pattern is started again only while "
+                    "its fit misfits the data beyond the counting noise (with the CDI NN start, the first run starts "
                     "from the network's guess, the others from random phases)")
         self.prtf = widgets.CheckBox(
             label="PRTF", value=False,
