@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_nn import _rate  # noqa: E402
 from bench_realistic import report  # noqa: E402
 
 from napari_cdinn.device import (  # noqa: E402
@@ -150,14 +151,7 @@ def network_ms(intensity, threads, min_seconds, device="cpu"):
         with torch.inference_mode(), autocast(dev, bf16):
             net(x)
 
-    call()  # warm-up (oneDNN primitives)
-    best, spent = float("inf"), 0.0
-    while spent < min_seconds or best == float("inf"):
-        t0 = time.perf_counter()
-        call()
-        dt = time.perf_counter() - t0
-        best, spent = min(best, dt), spent + dt
-    return 1e3 * best / len(intensity)
+    return 1e3 / _rate(call, len(intensity), min_seconds)  # warm-up, then the best of repeats
 
 
 def condition(files, frames, predict_counts, reconstruct_counts, repeats, rate_batch, min_seconds, tmp):

@@ -136,3 +136,17 @@ def test_cli_simulate_bad_arguments(argv, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     assert existing.read_bytes() == b"keep me"
+
+
+def test_specialisation_presets_shift_the_realistic_mixture_towards_the_paper_set():
+    from dataclasses import replace
+
+    from napari_cdinn.simulate import DETECTORS, MIXTURES, draw_detector, simulate_objects
+
+    assert DETECTORS["realistic-clean"] == replace(DETECTORS["realistic"], clean=0.4)
+    clean = np.isinf(draw_detector(DETECTORS["realistic-clean"], 4096, seed=5)["photons"]).mean()
+    assert 0.37 < clean < 0.43
+    weights = MIXTURES["realistic-paper"]
+    assert sum(weights.values()) == pytest.approx(1.0) and weights["paper"] > MIXTURES["realistic"]["paper"]
+    amp, _ = simulate_objects(8, 32, 1, families="realistic-paper")
+    assert amp.shape == (8, 32, 32)

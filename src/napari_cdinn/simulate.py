@@ -182,9 +182,11 @@ def _phases(rng, count, size, support):
 
 #: Object families of :func:`simulate_objects` (see the module notes).
 FAMILIES = ("paper", "textured", "holes")
-#: Named family mixes (weights); ``realistic`` is the training mixture of the shipped networks.
+#: Named family mixes (weights); ``realistic`` is the training mixture of the shipped networks;
+#: ``realistic-paper`` leans towards the paper's objects (a specialisation stage: docs/decisions.md).
 MIXTURES = {"paper": {"paper": 1.0}, "textured": {"textured": 1.0}, "holes": {"holes": 1.0},
-            "realistic": {"paper": 0.5, "textured": 0.3, "holes": 0.2}}
+            "realistic": {"paper": 0.5, "textured": 0.3, "holes": 0.2},
+            "realistic-paper": {"paper": 0.7, "textured": 0.2, "holes": 0.1}}
 
 
 def _nonconvex(rng, count, size):
@@ -379,11 +381,13 @@ class Detector:
 #: Named detector presets.  ``realistic`` is the training mixture of the shipped networks: counts
 #: from 1e3 to 1e9 photons per pattern (15 % noise-free), a background on 30 % of the noisy
 #: patterns, a beamstop of radius 0.5-3.5 pixels on half, gaps on 20 %, saturation on 10 %.
+#: ``realistic-clean`` is the same with 40 % noise-free patterns (a specialisation stage).
 DETECTORS = {
     "ideal": Detector(),
     "realistic": Detector(photons=(1e3, 1e9), clean=0.15, background=(0.0, 0.3), background_rate=0.3,
                           beamstop=(0.5, 3.5), beamstop_rate=0.5, gaps=0.2, saturation=0.1),
 }
+DETECTORS["realistic-clean"] = replace(DETECTORS["realistic"], clean=0.4)
 
 
 def draw_detector(detector: Detector, count: int, seed: int = 0, start: int = 0) -> dict:

@@ -103,11 +103,12 @@ class TrainConfig:
     miss_weight: float = _option(1.0, "weight of object against background pixels in the support term (above 1 "
                                  "the shape threshold draws more of the object)", float, check="positive")
     families: str | None = _option(None, "object families of the training data (default: the paper's convex "
-                                   "flat objects; realistic mixes in textured and non-convex objects)",
-                                   str, choices=("paper", "textured", "holes", "realistic"))
+                                   "flat objects; realistic mixes in textured and non-convex objects; realistic-paper: more of "
+                                   "the paper's)", str, choices=("paper", "textured", "holes", "realistic",
+                                                                 "realistic-paper"))
     detector: str | None = _option(None, "detector model of the training patterns (default ideal; realistic: "
-                                   "counting noise, background, beamstop, gaps, saturation)",
-                                   str, choices=("ideal", "realistic"))
+                                   "counting noise, background, beamstop, gaps, saturation; realistic-clean: 40 percent "
+                                   "noise-free)", str, choices=("ideal", "realistic", "realistic-clean"))
     mask_channel: bool = _option(False, "give the network the map of unmeasured pixels as an input (added, "
                                  "zero-initialised, to initial weights without it)", bool)
     preset: str = _option("paper", "base settings the other options change", str)
