@@ -119,7 +119,7 @@ def test_the_inputs_own_mask_is_used(tmp_path, capsys, monkeypatch):
 
 
 def test_init_nn_records_its_start_and_is_never_worse(tmp_path, capsys):
-    from napari_cdinn.pipelines import FALLBACK_CHI2
+    from napari_cdinn.protocol import RESTART_CHI2
 
     data = simulate(6, seed=23, oversampling=2)["intensity"]
     data[5] = np.roll(data[5], 9, axis=0)  # not a diffraction pattern the network knows: untrusted
@@ -139,7 +139,7 @@ def test_init_nn_records_its_start_and_is_never_worse(tmp_path, capsys):
     assert (runs["always"]["chi2"] <= random["chi2"]).all()  # the same protocol runs on every frame
     auto = runs["auto"]
     kept = auto["start"] == 1
-    assert ((auto["chi2"] <= random["chi2"] * (1 + 1e-4)) | (kept & (auto["chi2"] <= FALLBACK_CHI2))).all()
+    assert ((auto["chi2"] <= random["chi2"] * (1 + 1e-4)) | (kept & (auto["chi2"] <= RESTART_CHI2))).all()
     assert auto["chi2"][5] <= random["chi2"][5] * (1 + 1e-4)  # an untrusted guess: the protocol ran too
 
 

@@ -414,15 +414,18 @@ def test_batches_are_balanced_over_the_worker_threads():
 
 
 # --------------------------------------------------------------------------- NN-seeded refinement with a fallback
-def test_fallback_rule_is_a_pure_function():
-    from napari_cdinn.pipelines import FALLBACK_CHI2, fallback_frames
+def test_fallback_rule_is_the_protocols_restart_rule():
+    from napari_cdinn.pipelines import fallback_frames
+    from napari_cdinn.protocol import RESTART_CHI2, RESTART_NOISE
 
-    chi2 = np.array([FALLBACK_CHI2 / 2, FALLBACK_CHI2 * 2, 1e-8, np.nan])
+    chi2 = np.array([RESTART_CHI2 / 2, RESTART_CHI2 * 2, 1e-8, np.nan])
     np.testing.assert_array_equal(fallback_frames(chi2), [False, True, False, True])
-    # on counts the threshold is taken beyond the noise floor
+    # on counts the threshold is taken beyond the noise floor, and grows with it
     noise = np.array([0.0, 0.01, 0.0, 0.0])
-    np.testing.assert_array_equal(fallback_frames(chi2 + noise, chi2_noise=noise), [False, True, False, True])
+    np.testing.assert_array_equal(fallback_frames(chi2 + noise, chi2_noise=noise), [False, False, False, True])
     np.testing.assert_array_equal(fallback_frames(np.array([0.0101]), chi2_noise=np.array([0.01])), [False])
+    beyond = 0.01 + 1.01 * RESTART_NOISE * 0.01
+    np.testing.assert_array_equal(fallback_frames(np.array([beyond]), chi2_noise=np.array([0.01])), [True])
     assert fallback_frames(chi2, "always").all() and not fallback_frames(chi2, "never").any()
     with pytest.raises(ValueError, match="fallback must be one of auto, always, never"):
         fallback_frames(chi2, "sometimes")

@@ -612,8 +612,9 @@ def _add_reconstruct(sub):
                    help="random phases (default) or the CDI NN guess with its support")
     p.add_argument("--fallback", choices=("auto", "always", "never"), default="auto",
                    help="with --init nn, which frames also get the protocol from random starts, "
-                        "keeping the lower chi2 (output 'start': 1 network, 0 protocol): auto (default) those whose "
-                        "network guess is untrusted or whose refined chi2 is above 1e-4; always; never")
+                        "keeping the better fit (output 'start': 1 network, 0 protocol): auto (default) those the "
+                        "protocol would start again (refined chi2 beyond the counting noise above the restart "
+                        "limit, as for --starts) or whose guess could not seed them; always; never")
     p.add_argument("--model", default=None,
                    help="network weights for --init nn (default: the best shipped model for the pattern size)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="patterns inverted together")

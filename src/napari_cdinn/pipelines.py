@@ -22,22 +22,26 @@ deterministic short run from one guess, not a sample of the solutions the data a
 PRTF measures how reproducibly the data are inverted from random starts.
 Rules:
 
-* ``"auto"`` (default): the protocol runs on the frames whose refined chi^2 exceeds the chi^2 of
-  counting noise alone (:func:`napari_cdinn.physics.noise_chi2`, 0 for data that are not counts)
-  by more than :data:`FALLBACK_CHI2` (or is not finite).  The network's own trust flag is not
-  asked: a refinement that fits the data is kept whatever its start looked like.
+* ``"auto"`` (default): the protocol runs on the frames that the protocol's own restart rule
+  would start again (:func:`napari_cdinn.protocol.needs_restart`): those whose refined chi^2
+  exceeds the chi^2 of counting noise alone (:func:`napari_cdinn.physics.noise_chi2`, 0 for data
+  that are not counts) by more than ``max(RESTART_CHI2, RESTART_NOISE * chi2_noise)``, or is not
+  finite.  The network's own trust flag is not asked: a refinement that fits the data is kept
+  whatever its start looked like.
 * ``"always"``: the protocol runs on every frame; the result is then never worse by chi^2 than
   the protocol alone with the same options and seed (its random starts are those of the whole
   stack), at the cost of both runs.
 * ``"never"``: the refinement alone (start 1 everywhere).
 
-Why this rule: a frame refined within :data:`FALLBACK_CHI2` of its noise has converged as far as a
-restart could tell (the protocol's own restart rule, :mod:`napari_cdinn.protocol`, is laxer).
-A refinement stuck above it may be beaten by the protocol, so the protocol is run and the
-better fit kept.  The refinement itself is one run (``n_starts=1``) from the network's guess.
-On counts the threshold is taken beyond the noise floor, which is far above it at low doses.
-Asking the network's trust flag as well sent many noise-free frames to the protocol for no gain
-in quality (measured: docs/decisions.md, "Refinement of noisy frames").
+Why this rule: one rule decides when a pattern deserves another start from random phases, after a
+protocol run and after the refinement alike.  A frame refined within it has converged as far as a
+restart could tell; a refinement stuck above it may be beaten by the protocol, so the protocol is
+run and the better fit kept.  The refinement itself is one run (``n_starts=1``) from the
+network's guess.  A stricter threshold (1e-4 beyond the noise, the rule until 2026-12-06) sent
+twice as many frames to the protocol for the same medians (measured: docs/decisions.md,
+"Refinement falls back under the restart rule").  Asking the network's trust flag as well sent
+many noise-free frames to the protocol for no gain in quality (docs/decisions.md, "Refinement of
+noisy frames").
 """
 
 from __future__ import annotations
@@ -57,7 +61,6 @@ if TYPE_CHECKING:
     Model = str | os.PathLike | ModelInfo | None
 
 __all__ = [
-    "FALLBACK_CHI2",
     "FALLBACK_RULES",
     "fallback_frames",
     "guess_fits_autocorrelation",
@@ -72,9 +75,6 @@ __all__ = [
 
 #: Fallback rules of :func:`refine_with_fallback` (see the module notes).
 FALLBACK_RULES = ("auto", "always", "never")
-#: Refined frames whose chi^2 exceeds their counting noise's by more than this also get the protocol
-#: (rule ``"auto"``; measured: docs/decisions.md, "Refinement of noisy frames").
-FALLBACK_CHI2 = 1e-4
 #: Frames whose counting noise alone gives a chi^2 above this (:func:`napari_cdinn.physics.noise_chi2`;
 #: about 1e5 photons per 64 x 64 pattern) are refined by error reduction alone: HIO's feedback
 #: amplifies the noise (measured: ``benchmarks/README.md``, bench_realistic, and docs/decisions.md).
@@ -134,9 +134,7 @@ def network_start(
     return obj, support
 
 
-def fallback_frames(
-    chi2: ArrayLike, rule: str = "auto", threshold: float = FALLBACK_CHI2, chi2_noise: ArrayLike = 0.0,
-) -> np.ndarray:
+def fallback_frames(chi2: ArrayLike, rule: str = "auto", chi2_noise: ArrayLike = 0.0) -> np.ndarray:
     """Which refined frames also get the protocol (see the module notes).
 
     Parameters
@@ -145,8 +143,7 @@ def fallback_frames(
         chi^2 of the refined frames (the network's own trust is not asked: the refined fit says
         more, docs/decisions.md).
     rule : {"auto", "always", "never"}
-    threshold : float
-        ``"auto"``: frames refined above it (beyond the counting noise) fall back.
+        ``"auto"``: the frames :func:`napari_cdinn.protocol.needs_restart` would start again.
     chi2_noise : array_like of float, (N,), optional
         The chi^2 counting noise alone gives each frame (:func:`napari_cdinn.physics.noise_chi2`).
 
@@ -154,6 +151,8 @@ def fallback_frames(
     -------
     ndarray of bool, (N,)
     """
+    from .protocol import needs_restart
+
     if rule not in FALLBACK_RULES:
         raise ValueError(f"fallback must be one of {', '.join(FALLBACK_RULES)}, got {rule!r}")
     chi2 = np.asarray(chi2, dtype=np.float64).reshape(-1)
@@ -161,8 +160,7 @@ def fallback_frames(
         return np.zeros(chi2.shape, dtype=bool)
     if rule == "always":
         return np.ones(chi2.shape, dtype=bool)
-    excess = chi2 - np.broadcast_to(np.asarray(chi2_noise, dtype=np.float64).reshape(-1), chi2.shape)
-    return ~(excess <= float(threshold))  # NaN falls back
+    return needs_restart(chi2, chi2_noise)  # NaN falls back
 
 
 def keep_lower_chi2(
@@ -222,7 +220,7 @@ def _noise(stack, mask):
 
 def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: ArrayLike | None = None,
                          fallback: str = "auto", refine: Mapping[str, Any] | None = None, first_frame: int = 0,
-                         fallback_chi2: float = FALLBACK_CHI2, **options: Any) -> dict[str, np.ndarray]:
+                         **options: Any) -> dict[str, np.ndarray]:
     """Invert patterns from the network's guess, falling back to the protocol where it may do better.
 
     See the module notes for the rules.
@@ -241,8 +239,6 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
         (default :data:`napari_cdinn.nn.inference.REFINE_OPTIONS`).
     first_frame : int
         Index of the first pattern in a larger stack (random starts follow it).
-    fallback_chi2 : float
-        Threshold of the ``"auto"`` rule (:data:`FALLBACK_CHI2`).
     **options
         :func:`napari_cdinn.retrieval.reconstruct` options of both runs (``algorithm``,
         ``device``, ``seed``...; ``n_starts`` of the protocol only: the refinement is one run);
@@ -291,7 +287,7 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
                                    frame_ids=ids[frames], **{**settings, **extra})
                 refined = _merge(refined, {k: part[k] for k in RESULT_KEYS}, frames, n)
     # frames not refined keep a NaN chi^2: they always get the protocol, and it always wins
-    todo = np.flatnonzero(fallback_frames(refined["chi2"], fallback, fallback_chi2, noise) | np.isnan(refined["chi2"]))
+    todo = np.flatnonzero(fallback_frames(refined["chi2"], fallback, noise) | np.isnan(refined["chi2"]))
     protocol = extra = None
     if prtf:  # every frame, for its PRTF; the rule still picks the frames whose result may be swapped
         run = reconstruct(stack, mask=mask, frame_ids=ids, prtf=True, **options)
