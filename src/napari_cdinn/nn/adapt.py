@@ -53,6 +53,7 @@ No Qt or napari import; torch is imported when :func:`adapt` runs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
@@ -463,6 +464,7 @@ def adapt(intensity, out, *, model=None, mask=None, time_limit_min=10.0, holdout
     import torch
 
     from .. import physics
+    from ..device import threads_applied
     from ..io import current_umask
     from .checkpoint import load_model, save_model
     from .models import oversampling_factor, resolve_model
@@ -485,34 +487,30 @@ def adapt(intensity, out, *, model=None, mask=None, time_limit_min=10.0, holdout
     raw, mask, counts = _read_frames(intensity, mask, seed, int(min_frames), int(max_frames))
     split_frames(len(raw), holdout)
     emit = _emitter(callback, 60.0 * settings["time_limit_min"])
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.absolute().parent))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: the model folder follows the umask
-    try:
-        torch.manual_seed(int(seed))
-        net, _ = load_model(info.path, dev)
-        net.to(memory_format=torch.channels_last).train()
-        run = _Adapter(net, raw, mask, info.card, dev, settings)
-        emit({"event": "start", "step": 0, "examples": 0, "elapsed_s": 0.0, "train_loss": None, **counts,
-              "holdout_frames": len(run.held_idx)})
-        ended = run.run(emit, stop)
-        emit({"event": "stopped" if ended == "stopped" else "done", "step": run.step_count, "examples": run.examples,
-              "elapsed_s": run.elapsed, "train_loss": None, "ended": ended, "best_step": run.best[1]})
-        net.load_state_dict(run.best[2])
-        card = _card(info, run, raw, counts, settings, ended, source, command)
-        weights = tmp / f"{WEIGHTS_NAME}.safetensors"
-        save_model(net, weights, card, input_transform=net.input_transform)
-        if test_count:
-            card["test_scores"] = _test_scores(info.path, weights, run.config, oversampling_factor(raw.shape),
-                                               int(test_count), dev)
+    with threads_applied(int(threads)) if threads else contextlib.nullcontext():  # the count comes back after
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.absolute().parent))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: the model folder follows the umask
+        try:
+            torch.manual_seed(int(seed))
+            net, _ = load_model(info.path, dev)
+            net.to(memory_format=torch.channels_last).train()
+            run = _Adapter(net, raw, mask, info.card, dev, settings)
+            emit({"event": "start", "step": 0, "examples": 0, "elapsed_s": 0.0, "train_loss": None, **counts,
+                  "holdout_frames": len(run.held_idx)})
+            ended = run.run(emit, stop)
+            emit({"event": "stopped" if ended == "stopped" else "done", "step": run.step_count, "examples": run.examples,
+                  "elapsed_s": run.elapsed, "train_loss": None, "ended": ended, "best_step": run.best[1]})
+            net.load_state_dict(run.best[2])
+            card = _card(info, run, raw, counts, settings, ended, source, command)
+            weights = tmp / f"{WEIGHTS_NAME}.safetensors"
             save_model(net, weights, card, input_transform=net.input_transform)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        torch.set_num_threads(previous_threads)
+            if test_count:
+                card["test_scores"] = _test_scores(info.path, weights, run.config, oversampling_factor(raw.shape),
+                                                   int(test_count), dev)
+                save_model(net, weights, card, input_transform=net.input_transform)
+            _publish(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     card["path"] = str(out)
     return card
