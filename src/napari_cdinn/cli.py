@@ -77,11 +77,14 @@ _RUN: dict = {}
 def _use_threads(args):
     """Set torch's threads for the running command, once: ``--threads``, else the free cores measured since
     the command started (:func:`napari_cdinn.device.apply_threads`); :func:`_main` restores them at its end.
-    Returns the count."""
+    Returns the count; None for a job on the NumPy engine (``args.numpy_engine``), which leaves torch
+    unimported and NumPy's threads as they are (docs/decisions.md, "Cold start: small CPU jobs run in NumPy")."""
     import contextlib
 
     from .device import threads_applied
 
+    if getattr(args, "numpy_engine", False):
+        return None
     if _RUN.get("threads") is None:
         stack = contextlib.ExitStack()
         try:
@@ -398,7 +401,7 @@ def _check_stack_input(args):
     import os
 
     from . import io
-    from .device import resolve_device
+    from .device import device_name
 
     if not os.path.isfile(args.input):
         raise UsageError(f"the input file {args.input!r} does not exist")
@@ -409,7 +412,7 @@ def _check_stack_input(args):
     args.memory = io.memory_budget(args.memory)
     shape = io.stack_shape(args.input)
     io.frames_in_budget(shape[-2:], args.memory, what=repr(os.path.basename(args.input)))
-    resolve_device(args.device)
+    device_name(args.device)  # no torch import where the device is evidently the CPU
     _input_mask(args, shape)
     return shape
 
@@ -577,8 +580,11 @@ def _cmd_predict(args):
     import functools
 
     from . import nn
+    from .nn.inference import numpy_engine
 
     shape = _check_stack_input(args)
+    # a small CPU job runs on the NumPy engine: nothing imports torch or sets its threads
+    args.numpy_engine = numpy_engine(args.device, (1 if len(shape) == 2 else shape[0]) * args.views)
     info = _scaled_model(args, shape)  # the model for this size and its scale, chosen once
     model = str(info.path)
     fn = functools.partial(nn.predict_chunk, model=info, device=args.device, batch_size=args.batch_size,

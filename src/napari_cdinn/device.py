@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import platform
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -26,8 +27,10 @@ __all__ = [
     "CpuSample",
     "apply_threads",
     "busy_cores",
+    "cpu_only",
     "cpu_sample",
     "default_threads",
+    "device_name",
     "free_cores",
     "machine_info",
     "refresh_window",
@@ -38,6 +41,42 @@ __all__ = [
 
 #: Device names accepted everywhere (``--device``, widget choices).
 DEVICES = ("auto", "cpu", "cuda", "mps")
+#: Device nodes of the GPU drivers torch can use on Linux: NVIDIA, NVIDIA under WSL2, AMD ROCm.
+GPU_NODES = ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
+def cpu_only() -> bool:
+    """Whether torch evidently has no device but the CPU here, told without importing torch.
+
+    True on Linux without a GPU driver's device node (:data:`GPU_NODES`), or where the installed
+    torch is a CPU build (its version ends in ``+cpu``); never on macOS (MPS).  False means "ask
+    torch", not "there is a GPU".
+    """
+    if sys.platform == "darwin":
+        return False
+    if sys.platform.startswith("linux") and not any(os.path.exists(node) for node in GPU_NODES):
+        return True
+    from importlib import metadata
+
+    try:
+        return metadata.version("torch").endswith("+cpu")
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def device_name(name: str = "auto") -> str:
+    """The device :func:`resolve_device` picks, as its name (``cpu``, ``cuda``, ``cuda:1``, ``mps``).
+
+    torch is not imported where the answer is evidently the CPU: ``cpu`` (or ``cpu:0``), and
+    ``auto`` on a machine :func:`cpu_only` tells has nothing else.  Raises ``ValueError`` as
+    :func:`resolve_device` does.
+    """
+    if type(name).__module__.startswith("torch"):  # a torch.device
+        return str(name)
+    text = str(name or "auto").lower()
+    if text in ("cpu", "cpu:0") or (text == "auto" and cpu_only()):
+        return "cpu"
+    return str(resolve_device(text))
 
 
 def resolve_device(name: str = "auto"):

@@ -22,12 +22,14 @@ background, unmeasured pixels.  The per-pattern detector settings are drawn with
 (deterministic per example); the Poisson draws are made where the patterns are computed (the
 training device), from a generator seeded per chunk.  Unmeasured pixels read 0 in ``input`` and 1
 in ``mask``.
+
+torch is imported only by the functions that compute on tensors: inference reads its inputs
+(:func:`encode_inputs`, :func:`network_input`) without it.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .. import physics
 from .models import SIZE  # the networks' frame side (32)
@@ -53,12 +55,24 @@ _LOG_DECADES = 4.0
 
 def _tensor(x):
     """float32 tensor view of an array or tensor (kept on its device)."""
+    import torch
+
     return x.float() if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def _float32(x):
+    """``x`` as float32 of its kind: a tensor (on its device) or a NumPy array."""
+    return x.float() if physics._is_torch(x) else np.asarray(x, dtype=np.float32)
+
+
+def _like(x, like):
+    """``x`` as float32 of the kind of ``like``: a tensor on its device, or a NumPy array."""
+    return _tensor(x).to(like.device) if physics._is_torch(like) else np.asarray(x, dtype=np.float32)
 
 
 def _same_kind(t, like):
     """``t`` as the kind of ``like``: a tensor for a tensor, else a NumPy array."""
-    return t if torch.is_tensor(like) else t.cpu().numpy()
+    return t if physics._is_torch(like) else t.cpu().numpy()
 
 
 def normalise_amplitudes(amp):
@@ -68,9 +82,10 @@ def normalise_amplitudes(amp):
     -------
     float32, same shape and kind (NumPy array or tensor, on its device).
     """
-    a = _tensor(amp)
-    peak = a.amax((-2, -1), keepdim=True)
-    return _same_kind(a / torch.where(peak > 0, peak, torch.ones_like(peak)), amp)
+    a = _float32(amp)
+    peak = a.amax((-2, -1), keepdim=True) if physics._is_torch(a) else a.max(axis=(-2, -1), keepdims=True)
+    xp = physics._lib(a)
+    return a / xp.where(peak > 0, peak, xp.ones_like(peak))
 
 
 def encode_inputs(amp, transform: str = "linear"):
@@ -82,14 +97,17 @@ def encode_inputs(amp, transform: str = "linear"):
     """
     if transform not in INPUT_TRANSFORMS:
         raise ValueError(f"unknown input transform {transform!r}; expected one of {', '.join(INPUT_TRANSFORMS)}")
-    a = normalise_amplitudes(_tensor(amp))
+    a = normalise_amplitudes(amp)
     if transform == "log":
-        a = 1.0 + torch.log10(a.clamp_min(10.0**-_LOG_DECADES)) / _LOG_DECADES
-    return _same_kind(a, amp)
+        floor = 10.0**-_LOG_DECADES
+        a = 1.0 + physics._lib(a).log10(a.clamp_min(floor) if physics._is_torch(a) else np.maximum(a, floor)) / _LOG_DECADES
+    return a
 
 
 def _bbox_shifts(support):
     """Per-frame ``(dy, dx)`` rolls (int64 tensor ``(N, 2)``) centring the bounding box of ``support``."""
+    import torch
+
     shifts = []
     for dim in (-2, -1):
         size = support.shape[dim]
@@ -127,13 +145,16 @@ def twin_targets(amplitude, phase):
     return _same_kind(a, amplitude), _same_kind(p, amplitude)
 
 
-def network_input(inputs, mask=None, mask_channel=False):
+def network_input(inputs, mask=None, mask_channel=False, as_numpy=False):
     """The ``(N, C, H, W)`` float32 tensor a network reads: encoded amplitudes ``(N, H, W)`` and, for a
-    model with the mask channel, the unmeasured-pixel map (1 = unmeasured; all 0 when ``mask`` is None)."""
-    x = _tensor(inputs)[:, None]
+    model with the mask channel, the unmeasured-pixel map (1 = unmeasured; all 0 when ``mask`` is None).
+
+    ``as_numpy=True``: a NumPy array from NumPy inputs (no torch import: the NumPy engine of inference)."""
+    x = (np.asarray(inputs, dtype=np.float32) if as_numpy else _tensor(inputs))[:, None]
     if mask_channel:
-        m = torch.zeros_like(x) if mask is None else _tensor(mask).to(x.device)[:, None]
-        x = torch.cat([x, m.expand_as(x)], 1)
+        xp = physics._lib(x)
+        m = xp.zeros_like(x) if mask is None else _like(mask, x)[:, None]
+        x = xp.concatenate([x, xp.broadcast_to(m, x.shape)], 1)
     return x
 
 
@@ -164,6 +185,8 @@ def prepare_examples(amplitude, phase, transform: str = "linear", input_factor: 
     dict of float32 tensors on the input's device (keys as :func:`make_examples`), with ``mask``
     (1 on unmeasured pixels of the input pattern).
     """
+    import torch
+
     from ..simulate import apply_detector
 
     a, p = _tensor(amplitude), _tensor(phase)
@@ -233,6 +256,8 @@ def make_examples(count: int, seed: int, start: int = 0, twins: bool = True, tra
         same shape), ``amplitude``/``phase`` (the raw truth), ``target_amplitude``/``target_phase``
         (centred truth) and, if ``twins``, ``twin_amplitude``/``twin_phase``.
     """
+    import torch
+
     objects = make_objects(count, seed, start, families, detector)
     generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(start))
     out = prepare_examples(objects["amplitude"], objects["phase"], transform, input_factor, twins,

@@ -41,19 +41,34 @@ fit a chi^2 of ``chi2_noise`` (:func:`napari_cdinn.physics.noise_chi2`, about 1e
 noise, ``chi2 - chi2_noise``, is at most ``TRUST_CHI2``: one rule at every dose (the decision and
 its measurements: ``docs/decisions.md``).  A frame without signal (all zero or all unmeasured)
 gets ``chi2 = 1``, is never trusted and has an empty (all-zero) amplitude, phase and support.
+
+Engines
+-------
+A small job on the CPU in a process that has not imported torch (``cdinn predict`` of a few
+patterns, a dock's first frame) runs on the NumPy engine: the network's forward pass in NumPy
+(:class:`napari_cdinn.nn.numpy_net.NumpyNet`) and the rest of this module on NumPy arrays, so that
+torch, whose import costs several times the job, is never imported (:func:`numpy_engine`; the
+crossover :data:`NUMPY_MAX_PATTERNS`: docs/decisions.md, "Cold start: small CPU jobs run in
+NumPy").  Every other job runs on torch.  The per-batch code below takes NumPy arrays or tensors
+alike (as :mod:`napari_cdinn.physics` does).  The NumPy engine computes in float32, the torch
+engine in bf16 autocast on CPUs that have fast bf16 (``precision="auto"``): the results differ in
+the last digits, so a frame whose ``chi2 - chi2_noise`` lies at :data:`TRUST_CHI2` may be trusted
+by one and not the other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 import warnings
 
 import numpy as np
-import torch
 
 from .. import physics
+from ..device import device_name, resolve_device
+from ..physics import _is_torch, _lib  # the array library of a value: NumPy, or torch for a tensor
 from . import TRUST_CHI2
-from .checkpoint import load_model, resolve_model_path
 from .data import SIZE, encode_inputs, network_input
 from .models import (  # which model reads which pattern: resolved in one place, without torch
     DEFAULT_MODELS,
@@ -63,12 +78,15 @@ from .models import (  # which model reads which pattern: resolved in one place,
     model_for,
     oversampling_factor,
     resolve_model,
+    resolve_model_path,
     scales_for,
 )
-from .runtime import autocast, bf16_supported, resolve_device
+from .numpy_net import load_numpy_model
 
 __all__ = [
     "DEFAULT_MODELS",
+    "ENGINE",
+    "NUMPY_MAX_PATTERNS",
     "REFINE_OPTIONS",
     "TRUST_CHI2",
     "VIEWS",
@@ -81,6 +99,7 @@ __all__ = [
     "embed",
     "is_trusted",
     "model_for",
+    "numpy_engine",
     "oversampling_factor",
     "predict",
     "predict_chunk",
@@ -95,6 +114,14 @@ __all__ = [
 #: iterations and the 620-iteration protocol (measured: benchmarks/README.md, bench_nn,
 #: "NN-seeded refinement"; the decision: docs/decisions.md).
 REFINE_OPTIONS = {"iterations": 50, "average": 10, "shrinkwrap_every": 10, "sigma": (2.0, 1.0)}
+
+#: Network reads (frames x views) up to which a CPU job in a process without torch runs on the NumPy engine
+#: (see the module notes).  A one-off cold job gains up to about 250; at 64 the NumPy engine costs about a
+#: quarter of torch's import beyond torch's own time, what a process that never imports torch loses per job
+#: (docs/decisions.md, "Cold start: small CPU jobs run in NumPy").
+NUMPY_MAX_PATTERNS = 64
+#: The engine of :func:`predict`: ``"auto"`` (:func:`numpy_engine` decides), ``"numpy"`` or ``"torch"`` (tests).
+ENGINE = "auto"
 
 #: Loaded networks by (weights file, its modification time, device), the most recently used last.
 _CACHE: dict = {}
@@ -162,29 +189,110 @@ def upsample(obj, scale: int):
 
     Fourier interpolation: the far field of the coarse object is the central part of the
     pattern, so it is zero-padded ``scale`` times and transformed back (``(N, scale h, scale w)``,
-    a Tensor on the input's device).  The pattern of the result equals the network's on the
-    pixels it read.
+    of the input's kind: a NumPy array, or a tensor on the input's device).  The pattern of the
+    result equals the network's on the pixels it read.
     """
     if scale == 1:
         return obj
     return physics.inverse(physics.pad(physics.forward(obj), scale))
 
 
+def load_model(model=None, device="cpu"):
+    """:func:`napari_cdinn.nn.checkpoint.load_model` (torch is imported when it is called)."""
+    from .checkpoint import load_model as _load
+
+    return _load(model, device)
+
+
+def _load(path, device):
+    """``(net, card)`` of the weights ``path`` for the engine of ``device`` (None: the NumPy engine)."""
+    if device is None:
+        return load_numpy_model(path)
+    import torch
+
+    net, card = load_model(path, device)
+    return net.to(memory_format=torch.channels_last), card
+
+
 def _cached_model(model, device):
-    """``(net, card)`` of ``model`` on ``device``, loaded once per process: the weights are read again only
-    when their file changed; up to :data:`CACHE_SIZE` networks stay loaded (the least recently used goes)."""
+    """``(net, card)`` of ``model`` on ``device`` (None: a :class:`~napari_cdinn.nn.numpy_net.NumpyNet`), loaded
+    once per process: the weights are read again only when their file changed; up to :data:`CACHE_SIZE`
+    networks stay loaded (the least recently used goes)."""
     path = resolve_model_path(model)
-    key = (str(path.resolve()), path.stat().st_mtime_ns, str(device))
+    key = (str(path.resolve()), path.stat().st_mtime_ns, "numpy" if device is None else str(device))
     if key in _CACHE:
         _CACHE[key] = _CACHE.pop(key)  # the most recently used last
     else:
         for old in [k for k in _CACHE if k[0] == key[0] and k[2] == key[2]]:  # a rewritten file's old weights
             del _CACHE[old]
-        net, card = load_model(path, device)
-        _CACHE[key] = (net.to(memory_format=torch.channels_last), card)
+        _CACHE[key] = _load(path, device)
         while len(_CACHE) > CACHE_SIZE:
             del _CACHE[next(iter(_CACHE))]
     return _CACHE[key]
+
+
+def numpy_engine(device="auto", count: int = 1, precision: str = "auto") -> bool:
+    """Whether :func:`predict` runs ``count`` network reads (frames x views) on ``device`` on the NumPy engine.
+
+    True for a CPU job of at most :data:`NUMPY_MAX_PATTERNS` reads in float32 (``precision`` not
+    ``bf16``) in a process that has not imported torch (once it is imported, torch is the faster
+    engine); :data:`ENGINE` overrides the choice.  Resolving ``device`` imports torch only where the
+    device is not evidently the CPU (:func:`napari_cdinn.device.device_name`).
+    """
+    if ENGINE != "auto":
+        return ENGINE == "numpy"
+    return (count <= NUMPY_MAX_PATTERNS and precision != "bf16" and "torch" not in sys.modules
+            and device_name(device) == "cpu")
+
+
+def _f32(x):
+    """``x`` as float32, of its kind."""
+    return x.float() if _is_torch(x) else np.asarray(x, dtype=np.float32)
+
+
+def _at_least(x, floor):
+    """``max(x, floor)`` elementwise, of the kind of ``x``."""
+    return x.clamp_min(floor) if _is_torch(x) else np.maximum(x, floor)
+
+
+def _frame_peak(a):
+    """The per-frame maximum of ``a`` (N, H, W), shaped (N, 1, 1), at least 1e-12."""
+    peak = a.amax((-2, -1), keepdim=True) if _is_torch(a) else a.max(axis=(-2, -1), keepdims=True)
+    return _at_least(peak, 1e-12)
+
+
+def _polar(amplitude, phase):
+    """The complex ``amplitude * exp(i phase)`` (complex64 for float32 input), of the inputs' kind."""
+    if _is_torch(amplitude):
+        return _lib(amplitude).polar(amplitude, phase)
+    return (amplitude * np.exp(1j * phase)).astype(np.complex64)
+
+
+def _on(device, array):
+    """A NumPy array where the engine computes: itself on the NumPy engine (``device`` None), else a tensor on ``device``."""
+    if device is None:
+        return array
+    import torch
+
+    return torch.from_numpy(array).to(device)
+
+
+def _numpy(x):
+    """A result as a NumPy array (a tensor comes back from its device)."""
+    return x.cpu().numpy() if _is_torch(x) else np.asarray(x)
+
+
+def _run_net(net, x, device, bf16):
+    """The network's sigmoid outputs ``(amp, unit)`` for inputs ``x``: in bf16 autocast and channels-last on a torch
+    ``device`` where ``bf16``, as they are on the NumPy engine (``device`` None)."""
+    if device is None:
+        return net(x)
+    import torch
+
+    from .runtime import autocast
+
+    with autocast(device, bf16):
+        return net(x.contiguous(memory_format=torch.channels_last))
 
 
 def decode_outputs(amp, unit, threshold=physics.SHAPE_THRESHOLD):
@@ -192,37 +300,47 @@ def decode_outputs(amp, unit, threshold=physics.SHAPE_THRESHOLD):
 
     Parameters
     ----------
-    amp, unit : Tensor (N, 1, H, W)
+    amp, unit : Tensor or ndarray (N, 1, H, W)
         Sigmoid outputs: shape, and phase scaled to 0..1.
     threshold : float
         Relative amplitude below which the phase is set to 0 (the paper's shape threshold).
 
     Returns
     -------
-    amplitude : Tensor float32 (N, H, W), divided by its per-frame maximum
-    phase : Tensor float32 (N, H, W), radians in -pi..pi, 0 outside the support
-    support : Tensor bool (N, H, W)
+    amplitude : float32 (N, H, W), divided by its per-frame maximum
+    phase : float32 (N, H, W), radians in -pi..pi, 0 outside the support
+    support : bool (N, H, W)
+        Of the inputs' kind (tensors or NumPy arrays).
     """
-    amp = amp[:, 0].float()
-    amp = amp / amp.amax((-2, -1), keepdim=True).clamp_min(1e-12)
+    amp = _f32(amp[:, 0])
+    amp = amp / _frame_peak(amp)
     support = amp > threshold
-    phase = torch.where(support, unit[:, 0].float() * (2 * np.pi) - np.pi, torch.zeros_like(amp))
+    xp = _lib(amp)
+    phase = xp.where(support, _f32(unit[:, 0]) * (2 * np.pi) - np.pi, xp.zeros_like(amp))
     return amp, phase, support
+
+
+def _fit_intensity(amplitude, phase, factor):
+    """Diffraction intensities of objects ``(N, H, W)`` zero-padded ``factor`` times, of the inputs' kind."""
+    return physics.intensity(physics.pad(_polar(amplitude, phase), factor))
 
 
 def oversampled_intensity(amplitude, phase, factor: int = 2):
     """Diffraction intensities of objects ``(N, H, W)`` zero-padded ``factor`` times (a float32 Tensor).
 
-    Accepts NumPy arrays or tensors (differentiable, kept on their device): the fit behind the
-    trust score here, and the data of the trainer's data-consistency loss.
+    Accepts NumPy arrays or tensors (differentiable, kept on their device): the data of the
+    trainer's data-consistency loss (:func:`predict`'s trust score computes it on either engine).
     """
+    import torch
+
     a, p = (torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v, dtype=torch.float32)
             for v in (amplitude, phase))
-    return physics.intensity(physics.pad(torch.polar(a, p), factor))
+    return _fit_intensity(a, p, factor)
 
 
 def dihedral(x, view: int, inverse: bool = False):
-    """Symmetry ``VIEWS[view]`` of the square pixel grid about the origin pixel, on ``(..., H, W)`` tensors.
+    """Symmetry ``VIEWS[view]`` of the square pixel grid about the origin pixel, on ``(..., H, W)`` tensors or
+    NumPy arrays.
 
     The far field of a transformed object is the same transform of its far field, so a pattern's
     view is the pattern of the object's view (``inverse=True`` undoes it).
@@ -230,35 +348,36 @@ def dihedral(x, view: int, inverse: bool = False):
     ops = list(zip(("transpose", "rows", "columns"), VIEWS[view], strict=True))
     for op, on in reversed(ops) if inverse else ops:
         if on:
-            x = x.transpose(-2, -1) if op == "transpose" else physics.mirror(x, (-2 if op == "rows" else -1,))
+            x = x.swapaxes(-2, -1) if op == "transpose" else physics.mirror(x, (-2 if op == "rows" else -1,))
     return x
 
 
 def _network_object(net, x, device, bf16, threshold, view, scale=1):
     """The complex object the network predicts from the ``view`` of inputs ``x`` (N, 1, h, w), back in the
     input's frame, at the pattern's pixel size (:func:`upsample`)."""
-    with autocast(device, bf16):
-        amp, unit = net(dihedral(x, view).contiguous(memory_format=torch.channels_last))
+    amp, unit = _run_net(net, dihedral(x, view), device, bf16)
     amp, phase, _ = decode_outputs(amp, unit, threshold)
-    return upsample(dihedral(torch.polar(amp, phase), view, inverse=True), scale)
+    return upsample(dihedral(_polar(amp, phase), view, inverse=True), scale)
 
 
 def _decode_object(obj, threshold):
     """Amplitude (max 1 per frame), phase (0 outside the support) and support of complex objects."""
-    amp = obj.abs()
-    amp = amp / amp.amax((-2, -1), keepdim=True).clamp_min(1e-12)
+    amp = abs(obj)
+    amp = amp / _frame_peak(amp)
     support = amp > threshold
-    return amp, torch.where(support, obj.angle(), torch.zeros_like(amp)), support
+    xp = _lib(obj)
+    return amp, xp.where(support, xp.angle(obj), xp.zeros_like(amp)), support
 
 
 def _view_ensemble(net, x, meas, factor, device, bf16, threshold, views, unmeasured=None, scale=1):
     """Amplitude, phase and support of the views' predictions, aligned and averaged (see :func:`predict`)."""
-    objs = torch.stack([_network_object(net, x, device, bf16, threshold, v, scale)
-                        for v in range(views)])  # (V, N, 32 scale, 32 scale)
-    chis = torch.stack([physics.chi2(meas, physics.intensity(physics.pad(o, factor)), unmeasured) for o in objs])
-    rows = torch.arange(objs.shape[1], device=objs.device)
+    xp = _lib(meas)
+    objs = xp.stack([_network_object(net, x, device, bf16, threshold, v, scale)
+                     for v in range(views)])  # (V, N, 32 scale, 32 scale)
+    chis = xp.stack([physics.chi2(meas, physics.intensity(physics.pad(o, factor)), unmeasured) for o in objs])
+    rows = physics._arange(objs.shape[1], objs)
     best = chis.argmin(0)
-    weights = (chis[best, rows] / chis.clamp_min(1e-12)) ** 2  # (chi2_best / chi2)^2: 1 for the best view
+    weights = (chis[best, rows] / _at_least(chis, 1e-12)) ** 2  # (chi2_best / chi2)^2: 1 for the best view
     mean = sum(w[:, None, None] * physics.align(o, objs[best, rows]) for o, w in zip(objs, weights)) / weights.sum(0)[
         :, None, None]
     return _decode_object(mean, threshold)
@@ -266,29 +385,49 @@ def _view_ensemble(net, x, meas, factor, device, bf16, threshold, views, unmeasu
 
 def _run_batch(net, prepared, device, bf16, threshold, views=1, scale=1):
     """Amplitude, phase, support, chi2 and chi2_noise (NumPy) of one batch of :func:`prepare`'s output
-    (objects at the pattern's pixel size, ``32 scale`` pixels wide)."""
+    (objects at the pattern's pixel size, ``32 scale`` pixels wide), computed on the torch ``device``, or on
+    NumPy arrays with the NumPy engine's ``net`` (``device`` None)."""
     inputs, measured, factor, unmeasured, input_mask = prepared
     factor //= scale  # the padding of the object to the pattern's frame
-    x = network_input(inputs, input_mask, getattr(net, "mask_channel", False))
-    x = x.to(device).contiguous(memory_format=torch.channels_last)
-    meas = torch.from_numpy(measured).to(device)
-    unmeasured = torch.from_numpy(unmeasured).to(device) if unmeasured.any() else None
+    x = _on(device, network_input(inputs, input_mask, getattr(net, "mask_channel", False), as_numpy=True))
+    meas = _on(device, measured)
+    unmeasured = _on(device, unmeasured) if unmeasured.any() else None
     if views == 1:
-        with autocast(device, bf16):
-            amp, unit = net(x)
+        amp, unit = _run_net(net, x, device, bf16)
         amp, phase, support = decode_outputs(amp, unit, threshold)
         if scale > 1:
-            amp, phase, support = _decode_object(upsample(torch.polar(amp, phase), scale), threshold)
+            amp, phase, support = _decode_object(upsample(_polar(amp, phase), scale), threshold)
     else:
         amp, phase, support = _view_ensemble(net, x, meas, factor, device, bf16, threshold, views, unmeasured, scale)
-    fit = oversampled_intensity(amp, phase, factor)
-    chi = physics.chi2(meas, fit, unmeasured)
+    chi = physics.chi2(meas, _fit_intensity(amp, phase, factor), unmeasured)
     noise = physics.noise_chi2(meas, unmeasured)
     signal = meas.sum((-2, -1)) > 0
-    chi = torch.where(signal, chi, torch.ones_like(chi))  # no signal: nothing to trust
+    xp = _lib(meas)
+    chi = xp.where(signal, chi, xp.ones_like(chi))  # no signal: nothing to trust
     keep = signal[:, None, None]
     amp, phase, support = amp * keep, phase * keep, support & keep  # and nothing to show
-    return tuple(t.cpu().numpy() for t in (amp, phase, support, chi, noise))
+    return tuple(_numpy(t) for t in (amp, phase, support, chi, noise))
+
+
+def _engine(device, count, precision):
+    """``(device, bf16)`` of a :func:`predict` job of ``count`` network reads: ``(None, False)`` on the NumPy
+    engine (:func:`numpy_engine`), else the torch device and whether it runs in bf16 autocast."""
+    if numpy_engine(device, count, precision):
+        device_name(device)  # an unknown name fails on either engine
+        return None, False
+    from .runtime import bf16_supported
+
+    dev = resolve_device(device)
+    return dev, precision == "bf16" or (precision == "auto" and bf16_supported(dev))
+
+
+def _no_grad(device):
+    """``torch.inference_mode()`` on a torch device, nothing on the NumPy engine (``device`` None)."""
+    if device is None:
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.inference_mode()
 
 
 def predict(intensity, model=None, device="auto", batch_size=256, threshold=physics.SHAPE_THRESHOLD, precision="auto",
@@ -345,10 +484,9 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
             model = choose_scale(intensity, model, mask=mask, device=device)
     info = resolve_model(model, shape, None if scale == "auto" else scale)  # checked once before any work
     side = SIZE * info.scale
-    dev = resolve_device(device)
-    bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(dev))
-    net, _ = _cached_model(info.path, dev)
     n = 1 if single else shape[0]
+    dev, bf16 = _engine(device, n * int(views), precision)
+    net, _ = _cached_model(info.path, dev)
     out = {
         "amplitude": np.empty((n, side, side), np.float32),
         "phase": np.empty((n, side, side), np.float32),
@@ -357,7 +495,7 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
         "chi2_noise": np.empty(n, np.float32),
     }
     mask = _check_mask(mask, shape)
-    with torch.inference_mode():
+    with _no_grad(dev):
         for lo in range(0, n, batch_size):
             block = np.asarray(intensity) if single else np.asarray(intensity[lo : lo + batch_size])
             block_mask = None if mask is None else mask if mask.ndim == 2 else mask[lo : lo + batch_size]
