@@ -249,19 +249,23 @@ def select_restarts_tables(name, res):
     return out
 
 
+def _head(name, res, text, columns):
+    """A result's heading, its explanation and the header of its table of ``columns``."""
+    return [f"### `{name}`: {_machine(res)}", "", text, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def held_out_command_tables(name, res):
     """Markdown for one ``bench_retrieval.py --held-out`` JSON: the whole default command against the NumPy loop."""
     p = res.get("protocol", {})
-    out = [f"### `{name}`: {_machine(res)}", "",
-           (f"The whole default `cdinn reconstruct` ({p.get('iterations', '?')} iterations per run, up to "
-            f"{p.get('starts', '?')} runs) on {_f(res.get('count'))} patterns per held-out set (process start, imports "
-            f"and I/O included; seed {res.get('seed', '?')} + the set's index), against the paper's protocol as the "
-            "plain NumPy loop run once per pattern (one 620-iteration run, one core) on the first "
-            f"{_f(res.get('numpy_count')) if res.get('numpy_count') else 'all'} of them. Quality on those same "
-            "patterns: phase RMS rad median (p90) / IoU median."), "",
-           ("| set | `cdinn reconstruct` ms per pattern | NumPy ms per pattern | speed-up | restarted | runs per pattern "
-            "| `cdinn reconstruct` | NumPy protocol | equal or better (median, p90, IoU) |"),
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = _head(name, res,
+                (f"The whole default `cdinn reconstruct` ({p.get('iterations', '?')} iterations per run, up to "
+                 f"{p.get('starts', '?')} runs) on {_f(res.get('count'))} patterns per held-out set (process start, "
+                 f"imports and I/O included; seed {res.get('seed', '?')} + the set's index), against the paper's "
+                 "protocol as the plain NumPy loop run once per pattern (one 620-iteration run, one core) on the first "
+                 f"{_f(res.get('numpy_count')) if res.get('numpy_count') else 'all'} of them. Quality on those same "
+                 "patterns: phase RMS rad median (p90) / IoU median."),
+                ("set", "`cdinn reconstruct` ms per pattern", "NumPy ms per pattern", "speed-up", "restarted",
+                 "runs per pattern", "`cdinn reconstruct`", "NumPy protocol", "equal or better (median, p90, IoU)"))
     conds = res.get("conditions", {})
     for key in [k for k in CONDITIONS if k in conds] + [k for k in conds if k not in CONDITIONS]:
         c = conds[key]
@@ -278,14 +282,14 @@ def held_out_command_tables(name, res):
 def speed_tables(name, res):
     """Markdown for one bench_speed JSON: cold commands, the dock's warm frame and the network, idle and busy."""
     t = res.get("targets", {})
-    out = [f"### `{name}`: {_machine(res)}", "",
-           (f"{res.get('patterns', '')}; wall seconds, median of {res.get('repeats', '?')} runs (fresh processes for "
-            f"the cold commands). Targets: one pattern cold in {_f(t.get('cold_predict_1_s'))} s, the dock's first "
-            f"frame in {_f(t.get('warm_first_frame_s'))} s once the model is loaded. *busy*: beside a process that "
-            "keeps one core busy."), "",
-           ("| condition | load (1 min) | policy threads | cold predict 1 / 256 / 4,096 | cold reconstruct --init nn "
-            "1 / 256 | dock first frame ms | network ms per pattern: policy / 2 threads |"),
-           "|---|---|---|---|---|---|---|"]
+    out = _head(name, res,
+                (f"{res.get('patterns', '')}; wall seconds, median of {res.get('repeats', '?')} runs (fresh processes "
+                 f"for the cold commands). Targets: one pattern cold in {_f(t.get('cold_predict_1_s'))} s, the dock's "
+                 f"first frame in {_f(t.get('warm_first_frame_s'))} s once the model is loaded. *busy*: beside a "
+                 "process that keeps one core busy."),
+                ("condition", "load (1 min)", "policy threads", "cold predict 1 / 256 / 4,096",
+                 "cold reconstruct --init nn 1 / 256", "dock first frame ms",
+                 "network ms per pattern: policy / 2 threads"))
     for cond, c in res.get("conditions", {}).items():
         cold = " / ".join(_f(v.get("median_s")) for v in c.get("cold_predict", {}).values())
         rec = " / ".join(_f(v.get("median_s")) for v in c.get("cold_reconstruct", {}).values())
