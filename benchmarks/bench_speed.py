@@ -150,6 +150,8 @@ def network_ms(intensity, threads, min_seconds, device="cpu"):
     def call():
         with torch.inference_mode(), autocast(dev, bf16):
             net(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # the time of the work, not of its queueing
 
     return 1e3 / _rate(call, len(intensity), min_seconds)  # warm-up, then the best of repeats
 

@@ -44,13 +44,15 @@ print(time.perf_counter() - t0)
 """
 
 
-def _write_stack(path, count, seed=0, block=16384):
-    """A ``count``-frame HDF5 stack of the paper's 32 x 32 patterns, written block by block."""
+def _write_stack(path, count, seed=0, block=16384, oversampling=1):
+    """A ``count``-frame HDF5 stack of the paper's 32 x 32 patterns (``oversampling`` times oversampled), written
+    block by block."""
     import h5py
 
-    base = simulate(min(count, block), seed=seed)["intensity"]
+    base = simulate(min(count, block), seed=seed, oversampling=oversampling)["intensity"]
+    side = base.shape[-1]
     with h5py.File(path, "w") as f:
-        ds = f.create_dataset("data", shape=(count, 32, 32), dtype=np.float32, chunks=(1024, 32, 32))
+        ds = f.create_dataset("data", shape=(count, side, side), dtype=np.float32, chunks=(1024, side, side))
         for a in range(0, count, block):
             n = min(block, count - a)
             ds[a : a + n] = base[:n] * np.float32(1 + a / count)  # varied scale, same patterns

@@ -525,7 +525,8 @@ def _add_predict(sub):
     p.add_argument("--model", default=None,
                    help="shipped model name (default: model2x, which reads the whole 2x-oversampled pattern, "
                         "for 64 x 64 and 128 x 128 patterns, else model), .safetensors file or model directory")
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="frames per network call (default 256)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="frames per network call (default 256 on the CPU, 4096 on a GPU)")
     p.add_argument("--views", type=int, choices=range(1, 9), default=1, metavar="V",
                    help="test-time ensemble: the network also reads V-1 mirrored or transposed views of each "
                         "pattern and the aligned answers are averaged (1..8; default 1, the network alone; "

@@ -4,7 +4,7 @@ No Qt or napari import here; torch is imported only when a function is called.
 
 Public API
 ----------
-predict(intensity, model=None, device="auto", batch_size=256, threshold=0.1)
+predict(intensity, model=None, device="auto", batch_size=None, threshold=0.1)
     Shape, phase and a chi^2 trust score per frame from measured intensities.
 load_model(model=None, device="cpu") -> (net, card)
 train(out, preset="paper", **options) -> state

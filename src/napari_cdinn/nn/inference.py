@@ -123,6 +123,15 @@ NUMPY_MAX_PATTERNS = 64
 #: The engine of :func:`predict`: ``"auto"`` (:func:`numpy_engine` decides), ``"numpy"`` or ``"torch"`` (tests).
 ENGINE = "auto"
 
+#: Where :func:`predict` prepares its batches: ``"auto"`` (on the device for a GPU, in NumPy on the CPU), ``"device"``
+#: (tensors on the engine's device, the CPU's included: tests) or ``"host"`` (NumPy, then copied to the device).
+PREPARE = "auto"
+#: Frames per network call when :func:`predict` is given no ``batch_size``, by device type (the NumPy engine: the
+#: CPU's).  A GPU reads 4,096 at once (docs/decisions.md, "GPU end to end").
+BATCH_SIZES = {"cpu": 256, "cuda": 4096, "mps": 4096}
+#: The results of :func:`_run_batch`, in its order.
+_KEYS = ("amplitude", "phase", "support", "chi2", "chi2_noise")
+
 #: Loaded networks by (weights file, its modification time, device), the most recently used last.
 _CACHE: dict = {}
 #: Networks :func:`_cached_model` keeps loaded (a dock that switches between models does not reload them).
@@ -137,9 +146,12 @@ VIEWS = ((0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (1, 1, 1), (1, 0, 1), (1, 1
 def prepare(intensity, transform="linear", input_factor=1, mask=None, scale=1):
     """Measured intensities ``(N, H, W)`` to the networks' normalised amplitudes.
 
+    NumPy in, NumPy out; a tensor in, tensors out on its device (:func:`predict` prepares a batch
+    on a GPU where it is: docs/decisions.md, "GPU end to end").
+
     Parameters
     ----------
-    intensity : array-like (N, H, W)
+    intensity : array-like or Tensor (N, H, W)
     transform : str
         Input encoding of the model (:func:`napari_cdinn.nn.data.encode_inputs`).
     input_factor : int
@@ -152,23 +164,25 @@ def prepare(intensity, transform="linear", input_factor=1, mask=None, scale=1):
 
     Returns
     -------
-    inputs : ndarray float32 (N, 32 m, 32 m), ``m = input_factor``, encoded by :func:`napari_cdinn.nn.data.encode_inputs`
-    measured : ndarray float32 (N, H, W), non-negative intensities (negatives and unmeasured pixels as 0)
+    inputs : float32 (N, 32 m, 32 m), ``m = input_factor``, encoded by :func:`napari_cdinn.nn.data.encode_inputs`
+    measured : float32 (N, H, W), non-negative intensities (negatives and unmeasured pixels as 0)
     factor : int, the oversampling of the measured patterns
-    unmeasured : ndarray bool (N, H, W), True on unmeasured pixels
-    input_mask : ndarray float32 like ``inputs``, 1 on unmeasured pixels
+    unmeasured : bool (N, H, W), True on unmeasured pixels
+    input_mask : float32 like ``inputs``, 1 on unmeasured pixels
+        Of the kind of ``intensity`` (NumPy arrays, or tensors on its device).
     """
-    raw = np.asarray(intensity, dtype=np.float32)
-    unmeasured = ~np.isfinite(raw)
+    raw = _f32(intensity)
+    xp = _lib(raw)
+    unmeasured = ~xp.isfinite(raw)
     if mask is not None:
-        unmeasured = unmeasured | np.broadcast_to(np.asarray(mask, dtype=bool), raw.shape)
-    measured = np.where(unmeasured | ~(raw > 0), 0.0, raw).astype(np.float32)  # counts stay whole numbers
+        unmeasured = unmeasured | _mask_like(mask, raw)  # a 2-D mask broadcasts over the frames
+    measured = _f32(xp.where(unmeasured | ~(raw > 0), 0.0, raw))  # counts stay whole numbers
     factor = oversampling_factor(measured.shape)
     side = measured.shape[-1] // int(scale)
     step = decimation_factor((side, side), input_factor)
-    inputs = encode_inputs(np.sqrt(physics.decimate(physics.crop(measured, (side, side)), step)), transform)
-    input_mask = physics.decimate(physics.crop(unmeasured, (side, side)), step).astype(np.float32)
-    return np.ascontiguousarray(inputs), measured, factor, unmeasured, np.ascontiguousarray(input_mask)
+    inputs = encode_inputs(xp.sqrt(physics.decimate(physics.crop(measured, (side, side)), step)), transform)
+    input_mask = _f32(physics.decimate(physics.crop(unmeasured, (side, side)), step))
+    return _contiguous(inputs), measured, factor, unmeasured, _contiguous(input_mask)
 
 
 def embed(amplitude, phase, factor: int = 2):
@@ -250,6 +264,18 @@ def _f32(x):
     return x.float() if _is_torch(x) else np.asarray(x, dtype=np.float32)
 
 
+def _contiguous(x):
+    """``x`` in C order, of its kind."""
+    return x.contiguous() if _is_torch(x) else np.ascontiguousarray(x)
+
+
+def _mask_like(mask, like):
+    """``mask`` as bool of the kind of ``like``: a tensor on its device, or a NumPy array."""
+    if not _is_torch(like):
+        return np.asarray(mask, dtype=bool)
+    return _lib(like).as_tensor(mask, device=like.device).bool()
+
+
 def _at_least(x, floor):
     """``max(x, floor)`` elementwise, of the kind of ``x``."""
     return x.clamp_min(floor) if _is_torch(x) else np.maximum(x, floor)
@@ -269,8 +295,9 @@ def _polar(amplitude, phase):
 
 
 def _on(device, array):
-    """A NumPy array where the engine computes: itself on the NumPy engine (``device`` None), else a tensor on ``device``."""
-    if device is None:
+    """A NumPy array where the engine computes: itself on the NumPy engine (``device`` None), else a tensor on ``device``
+    (a tensor, already there, passes through)."""
+    if device is None or _is_torch(array):
         return array
     import torch
 
@@ -387,11 +414,19 @@ def _run_batch(net, prepared, device, bf16, threshold, views=1, scale=1):
     """Amplitude, phase, support, chi2 and chi2_noise (NumPy) of one batch of :func:`prepare`'s output
     (objects at the pattern's pixel size, ``32 scale`` pixels wide), computed on the torch ``device``, or on
     NumPy arrays with the NumPy engine's ``net`` (``device`` None)."""
+    return tuple(_numpy(t) for t in _batch_results(net, prepared, device, bf16, threshold, views, scale))
+
+
+def _batch_results(net, prepared, device, bf16, threshold, views=1, scale=1):
+    """:func:`_run_batch`'s results where they were computed: NumPy arrays, or tensors on ``device`` (the
+    :func:`prepare` output given as tensors stays there)."""
     inputs, measured, factor, unmeasured, input_mask = prepared
     factor //= scale  # the padding of the object to the pattern's frame
-    x = _on(device, network_input(inputs, input_mask, getattr(net, "mask_channel", False), as_numpy=True))
+    x = _on(device, network_input(inputs, input_mask, getattr(net, "mask_channel", False),
+                                  as_numpy=not _is_torch(inputs)))
     meas = _on(device, measured)
-    unmeasured = _on(device, unmeasured) if unmeasured.any() else None
+    # a tensor's map is kept whole: asking whether any pixel is unmeasured would wait for the device
+    unmeasured = _on(device, unmeasured) if _is_torch(unmeasured) or unmeasured.any() else None
     if views == 1:
         amp, unit = _run_net(net, x, device, bf16)
         amp, phase, support = decode_outputs(amp, unit, threshold)
@@ -405,8 +440,7 @@ def _run_batch(net, prepared, device, bf16, threshold, views=1, scale=1):
     xp = _lib(meas)
     chi = xp.where(signal, chi, xp.ones_like(chi))  # no signal: nothing to trust
     keep = signal[:, None, None]
-    amp, phase, support = amp * keep, phase * keep, support & keep  # and nothing to show
-    return tuple(_numpy(t) for t in (amp, phase, support, chi, noise))
+    return amp * keep, phase * keep, support & keep, chi, noise  # and nothing to show
 
 
 def _engine(device, count, precision):
@@ -430,7 +464,7 @@ def _no_grad(device):
     return torch.inference_mode()
 
 
-def predict(intensity, model=None, device="auto", batch_size=256, threshold=physics.SHAPE_THRESHOLD, precision="auto",
+def predict(intensity, model=None, device="auto", batch_size=None, threshold=physics.SHAPE_THRESHOLD, precision="auto",
             views=1, mask=None, scale="auto"):
     """Shape and phase of the object behind each diffraction pattern, with a trust score.
 
@@ -444,8 +478,8 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
         name; a .safetensors file or a model directory; or a model already resolved by
         :func:`napari_cdinn.nn.resolve_model`.
     device : "auto", "cpu", "cuda" or "mps"
-    batch_size : int
-        Frames per network call.
+    batch_size : int, optional
+        Frames per network call; default by device (:data:`BATCH_SIZES`: 256 on the CPU, 4,096 on a GPU).
     threshold : float
         Relative amplitude defining the object; the phase is 0 outside it.
     precision : "auto", "fp32" or "bf16"
@@ -470,8 +504,14 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
         the support; ``support`` bool; ``chi2`` float32 (N,) (measured pixels only); ``chi2_noise``
         float32 (N,), the chi^2 that counting noise alone gives; ``trusted`` bool (N,)
         (``chi2 - chi2_noise <= TRUST_CHI2``).  A single (H, W) frame gives unbatched arrays.
+
+    Notes
+    -----
+    On a GPU each batch is copied to the device once, raw, and everything else (:func:`prepare`, the
+    network, the scores) runs there; the next batch is read and copied while the device computes
+    (:func:`_device_batches`).  On the CPU a batch is prepared in NumPy.
     """
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError("batch_size must be a positive integer")
     check_views(views)
     shape = tuple(intensity.shape) if hasattr(intensity, "shape") else np.shape(intensity)
@@ -494,21 +534,121 @@ def predict(intensity, model=None, device="auto", batch_size=256, threshold=phys
         "chi2": np.empty(n, np.float32),
         "chi2_noise": np.empty(n, np.float32),
     }
-    mask = _check_mask(mask, shape)
+    size = min(n, _batch_size(batch_size, dev))
+    blocks = _blocks(intensity, _check_mask(mask, shape), n, shape, size)
+    settings = (net, dev, bf16, threshold, int(views), info.scale)
     with _no_grad(dev):
-        for lo in range(0, n, batch_size):
-            block = np.asarray(intensity) if single else np.asarray(intensity[lo : lo + batch_size])
-            block_mask = None if mask is None else mask if mask.ndim == 2 else mask[lo : lo + batch_size]
-            prepared = prepare(block.reshape((-1,) + shape[-2:]), net.input_transform, net.input_factor, block_mask,
-                               info.scale)
-            res = _run_batch(net, prepared, dev, bf16, threshold, int(views), info.scale)
-            hi = lo + len(prepared[0])
-            for key, val in zip(("amplitude", "phase", "support", "chi2", "chi2_noise"), res):
-                out[key][lo:hi] = val
+        if _prepare_on_device(dev):
+            for lo, res in _device_batches(blocks, size, settings):
+                _store(out, lo, res)
+        else:
+            for lo, block, block_mask in blocks:
+                prepared = prepare(block, net.input_transform, net.input_factor, block_mask, info.scale)
+                _store(out, lo, _run_batch(net, prepared, *settings[1:]))
     out["trusted"] = is_trusted(out["chi2"], out["chi2_noise"])
     if single:
         out = {k: v[0] for k, v in out.items()}
     return out
+
+
+def _batch_size(batch_size, device):
+    """``batch_size``, or the default of the engine's ``device`` (:data:`BATCH_SIZES`; None: the NumPy engine)."""
+    if batch_size is not None:
+        return int(batch_size)
+    return BATCH_SIZES.get("cpu" if device is None else device.type, BATCH_SIZES["cpu"])
+
+
+def _prepare_on_device(device) -> bool:
+    """Whether :func:`predict` prepares its batches on the torch ``device`` (:data:`PREPARE`; None: the NumPy engine)."""
+    if device is None or PREPARE == "host":
+        return False
+    return PREPARE == "device" or device.type != "cpu"
+
+
+def _blocks(intensity, mask, n, shape, size):
+    """``(first frame, frames (m, H, W) as read, their mask or None)`` of each batch of ``size`` frames."""
+    for lo in range(0, n, size):
+        block = np.asarray(intensity) if len(shape) == 2 else np.asarray(intensity[lo : lo + size])
+        block_mask = None if mask is None else mask if mask.ndim == 2 else mask[lo : lo + size]
+        yield lo, block.reshape((-1,) + shape[-2:]), block_mask
+
+
+def _store(out, lo, results):
+    """Write one batch's :func:`_run_batch` results into ``out`` from frame ``lo`` on."""
+    for key, val in zip(_KEYS, results, strict=True):
+        out[key][lo : lo + len(val)] = val
+
+
+def _device_batches(blocks, size, settings):
+    """``(first frame, NumPy results)`` of each batch of ``blocks``, prepared and computed on the device.
+
+    Each batch goes to the device once, raw (float32, through a pinned buffer on CUDA, without waiting),
+    and comes back once per result; its results are collected only after the next batch was read,
+    copied and queued, so that the host's reading overlaps the device's work.  Two pinned buffers of
+    each kind alternate: a buffer is filled again only after the batch that used it was collected.
+    """
+    net, dev, *_, scale = settings
+    staged, fetched, pending = {}, {}, None
+    for k, (lo, block, block_mask) in enumerate(blocks):
+        x = _upload(block, staged, k % 2, size, dev)
+        m = None if block_mask is None else _on(dev, np.ascontiguousarray(block_mask))
+        prepared = prepare(x, net.input_transform, net.input_factor, m, scale)
+        queued = (lo, _download(_batch_results(net, prepared, *settings[1:]), fetched, k % 2, size, dev), _mark(dev))
+        if pending is not None:
+            yield _collect(pending, dev)
+        pending = queued
+    if pending is not None:
+        yield _collect(pending, dev)
+
+
+def _buffer(shape, dtype, device):
+    """An empty host tensor for copies to or from ``device``: pinned for CUDA."""
+    import torch
+
+    return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
+
+
+def _upload(block, staged, slot, size, device):
+    """Frames ``block`` (NumPy) as float32 on ``device``, through the host buffer ``staged[slot]`` (made once)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a read-only array: it is only read
+        src = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
+    if slot not in staged:
+        staged[slot] = _buffer((size, *src.shape[1:]), torch.float32, device)
+    return staged[slot][: len(src)].copy_(src).to(device, non_blocking=True)
+
+
+def _download(results, fetched, slot, size, device):
+    """Tensors ``results`` queued for copying into the host buffers ``fetched[slot]`` (made once); read them after
+    :func:`_collect`."""
+    if slot not in fetched:
+        fetched[slot] = [_buffer((size, *r.shape[1:]), r.dtype, device) for r in results]
+    return [host[: len(r)].copy_(r, non_blocking=True) for host, r in zip(fetched[slot], results, strict=True)]
+
+
+def _mark(device):
+    """A CUDA event recorded after the work queued so far on ``device`` (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def _collect(pending, device):
+    """``(first frame, NumPy results)`` of a queued batch, once its copies are done."""
+    lo, hosts, event = pending
+    if event is not None:
+        event.synchronize()
+    elif device.type == "mps":
+        import torch
+
+        torch.mps.synchronize()
+    return lo, [h.numpy() for h in hosts]
 
 
 def _sample(intensity, mask, count):
@@ -587,7 +727,7 @@ def check_views(views):
         raise ValueError(f"views must be a whole number from 1 to {len(VIEWS)}, got {views!r}")
 
 
-def predict_chunk(intensity, first_frame=0, model=None, device="auto", batch_size=256, views=1, mask=None, scale=None):
+def predict_chunk(intensity, first_frame=0, model=None, device="auto", batch_size=None, views=1, mask=None, scale=None):
     """Chunk function for :func:`napari_cdinn.stream.process_stack` (picklable via ``partial``).
 
     The prediction is deterministic, so ``first_frame`` (the chunk's place in the stack) is unused.
