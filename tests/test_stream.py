@@ -266,3 +266,30 @@ def test_resume_reports_a_partial_it_cannot_open(stack_file, tmp_path):
     with pytest.raises(ValueError, match=r"partial output .*\.res\.h5\.partial cannot be opened"):
         process_stack(path, str(tmp_path / "res.h5"), _toy, chunk_size=8, resume=True)
     assert (tmp_path / ".res.h5.partial").exists()
+
+
+def test_chunks_are_read_ahead_in_a_thread_and_a_read_error_reaches_the_caller(stack_file, tmp_path, monkeypatch):
+    import threading
+
+    import napari_cdinn.stream as stream
+
+    path, data = stack_file
+    reads, real = [], stream._read_chunk
+
+    def read(source, start, stop):
+        reads.append((start, threading.current_thread().name))
+        if start == 40 and fail:
+            raise OSError("the disk went away")
+        return real(source, start, stop)
+
+    monkeypatch.setattr(stream, "_read_chunk", read)
+    fail = False
+    out = str(tmp_path / "res.h5")
+    process_stack(path, out, _toy, chunk_size=10)
+    np.testing.assert_array_equal(io.read_result(out)["amplitude"], _toy(data)["amplitude"])
+    chunk_reads = [r for r in reads if r[1].startswith("cdinn-read")]
+    assert [start for start, _ in chunk_reads] == [0, 10, 20, 30, 40, 50]  # each once, in order, in the reader
+    fail = True
+    with pytest.raises(OSError, match="the disk went away"):
+        process_stack(path, str(tmp_path / "other.h5"), _toy, chunk_size=10)
+    assert not os.path.exists(tmp_path / "other.h5")

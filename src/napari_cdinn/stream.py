@@ -10,7 +10,8 @@ the keyword ``mask`` (a 2-D mask whole, a 3-D one sliced like the frames); witho
 keyword is not passed.  :func:`process_stack` runs the function over a stack chunk by chunk:
 
 * the input is read one chunk at a time (:func:`napari_cdinn.io.read_frames`), so memory
-  stays bounded by a few chunks whatever the stack's length; the chunk size is at most what the
+  stays bounded by a few chunks whatever the stack's length; locally the next chunk is read in a
+  thread while the chunk function runs on the current one (reading overlaps computing); the chunk size is at most what the
   memory budget allows for the frame size (:func:`napari_cdinn.io.frames_in_budget`);
 * ``.h5``/``.hdf5``/``.cxi`` outputs are written as the job streams, into datasets named by the
   result keys, in a *partial* file beside the target (``.NAME.partial``) that is renamed to the
@@ -171,11 +172,15 @@ def _chunk_mask(mask, start, stop):
     return np.asarray(mask if mask.ndim == 2 else mask[start:stop], dtype=bool)
 
 
-def _run_chunk(fn, source, start, stop, mask=None):
-    """Worker task: read one chunk and run the chunk function on it (with its mask, if any)."""
+def _run_chunk(fn, source, start, stop, mask=None, frames=None):
+    """Worker task: read one chunk and run the chunk function on it (with its mask, if any).
+
+    ``frames``: the chunk already read (:func:`_execute_local` reads ahead); else it is read here.
+    """
     _dask_worker_threads()
     extra = {} if mask is None else {"mask": mask}
-    return start, stop, fn(_read_chunk(source, start, stop), first_frame=start, **extra)
+    frames = _read_chunk(source, start, stop) if frames is None else frames
+    return start, stop, fn(frames, first_frame=start, **extra)
 
 
 def _dask_worker_threads():
@@ -589,13 +594,26 @@ def iter_chunks(
 def _execute(fn, source, bounds, todo, scheduler, should_stop, mask=None, note=_RESUME_NOTE, timeout=60.0):
     """Yield ``(chunk index, (start, stop, results))`` locally or on a dask.distributed cluster."""
     if scheduler is None:
-        done = 0
-        for i in todo:
-            check_stop(should_stop, done, note)
-            yield i, _run_chunk(fn, source, *bounds[i], _chunk_mask(mask, *bounds[i]))
-            done += bounds[i][1] - bounds[i][0]
+        yield from _execute_local(fn, source, bounds, todo, should_stop, mask, note)
         return
     yield from _execute_distributed(fn, source, bounds, todo, scheduler, should_stop, mask, note, timeout)
+
+
+def _execute_local(fn, source, bounds, todo, should_stop, mask=None, note=_RESUME_NOTE):
+    """:func:`_execute` in this process, reading ahead: the next chunk is read in a thread while the
+    chunk function runs on this one (and while the caller writes its results), so that reading
+    overlaps computing (one more chunk in memory; a GPU would otherwise wait on the file)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = 0
+    with ThreadPoolExecutor(1, thread_name_prefix="cdinn-read") as reader:
+        ahead = [reader.submit(_read_chunk, source, *bounds[i]) for i in todo[:1]]
+        for k, i in enumerate(todo):
+            check_stop(should_stop, done, note)
+            frames = ahead.pop().result()
+            ahead += [reader.submit(_read_chunk, source, *bounds[j]) for j in todo[k + 1 : k + 2]]
+            yield i, _run_chunk(fn, source, *bounds[i], _chunk_mask(mask, *bounds[i]), frames)
+            done += bounds[i][1] - bounds[i][0]
 
 
 def _bounded(call, seconds):
