@@ -70,6 +70,12 @@ def test_patterns_no_scale_reads_are_declined_with_a_sentence():
     reason = nn.declined(info)
     assert reason is not None and "random starts" in reason and "\n" not in reason
     assert pipelines.seeding_model(flat["intensity"], "model2x", None) is None
+    # the refinement reads the same evidence from its prediction of every frame (one scale: no sample pass)
+    res = pipelines.refine_with_fallback(flat["intensity"], model="model2x", iterations=20, n_starts=1)
+    assert not res["start"].any() and np.isfinite(res["chi2"]).all()
+    ok = simulate.simulate(4, seed=13, oversampling=2)["intensity"]
+    info, guess = pipelines._seeding_guess(ok, "model2x", None, "cpu")
+    assert info.misfit == pytest.approx(np.median(guess["chi2"] - guess["chi2_noise"])) and guess["chi2"].shape == (4,)
 
 
 def test_autocorrelation_extent_is_a_lower_bound_and_says_nothing_behind_a_beamstop():

@@ -254,7 +254,7 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
         with ``prtf``, the protocol's ``prtf`` (N, M // 2), ``resolution`` (N,) and ``prtf_q``
         (M // 2,); unbatched for a 2-D input.
     """
-    from .nn.inference import REFINE_OPTIONS
+    from .nn.inference import REFINE_OPTIONS, embed
     from .retrieval import reconstruct
 
     if fallback not in FALLBACK_RULES:
@@ -275,9 +275,9 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
     n, m = stack.shape[0], stack.shape[-1]
     refined = {"amplitude": np.zeros((n, m, m), np.float32), "phase": np.zeros((n, m, m), np.float32),
                "support": np.zeros((n, m, m), bool), "chi2": np.full(n, np.nan, np.float32)}
-    info = seeding_model(stack, model, mask, options.get("device", "auto"))
+    info, guess = _seeding_guess(stack, model, mask, options.get("device", "auto"))
     if info is not None:  # else every frame gets the protocol: the network cannot read these patterns
-        obj, sup, _ = network_guess(stack, model=info, device=options.get("device", "auto"), mask=mask)
+        obj, sup = embed(guess["amplitude"], guess["phase"], m // guess["amplitude"].shape[-1])
         seeded = guess_fits_autocorrelation(stack, sup, mask)  # a guess too small for the data seeds nothing
         settings = {**options, "n_starts": 1, **(REFINE_OPTIONS if refine is None else refine)}
         noisy = noise > NOISY_CHI2
@@ -317,6 +317,27 @@ def seeding_model(stack: np.ndarray, model: Model, mask: np.ndarray | None, devi
     info = model if isinstance(model, ModelInfo) and model.misfit is not None else choose_scale(
         stack, model, mask=mask, device=device)
     return None if declined(info) else info
+
+
+def _seeding_guess(stack, model, mask, device):
+    """``(the network that seeds the refinement at its scale, its prediction of every frame)``, or
+    ``(None, None)`` where it declines (:func:`seeding_model`).
+
+    Where the model has one scale for the pattern size there is nothing to choose: the prediction of
+    every frame is the evidence :func:`napari_cdinn.nn.declined` reads, and no sample is predicted
+    first (:func:`napari_cdinn.nn.inference.with_evidence`).
+    """
+    from .nn import ModelInfo, declined, predict, resolve_model
+    from .nn.inference import SCALE_SAMPLE, _sample, scales_for, with_evidence
+
+    if not (isinstance(model, ModelInfo) and model.misfit is not None):
+        base = resolve_model(model, stack.shape, 1)
+        if len(scales_for(stack.shape, base.input_factor)) == 1:
+            guess = predict(stack, model=base, device=device, mask=mask)
+            info = with_evidence(base, guess, *_sample(stack, mask, SCALE_SAMPLE))
+            return (None, None) if declined(info) else (info, guess)
+    info = seeding_model(stack, model, mask, device)
+    return (None, None) if info is None else (info, predict(stack, model=info, device=device, mask=mask))
 
 
 def guess_fits_autocorrelation(intensity: np.ndarray, support: np.ndarray, mask: np.ndarray | None) -> np.ndarray:

@@ -105,6 +105,7 @@ __all__ = [
     "predict_chunk",
     "prepare",
     "upsample",
+    "with_evidence",
 ]
 
 #: :func:`napari_cdinn.retrieval.reconstruct` options of the NN-seeded refinement
@@ -120,6 +121,8 @@ REFINE_OPTIONS = {"iterations": 50, "average": 10, "shrinkwrap_every": 10, "sigm
 #: quarter of torch's import beyond torch's own time, what a process that never imports torch loses per job
 #: (docs/decisions.md, "Cold start: small CPU jobs run in NumPy").
 NUMPY_MAX_PATTERNS = 64
+#: Frames :func:`choose_scale` predicts at every scale (evenly spaced through the stack) by default.
+SCALE_SAMPLE = 64
 #: The engine of :func:`predict`: ``"auto"`` (:func:`numpy_engine` decides), ``"numpy"`` or ``"torch"`` (tests).
 ENGINE = "auto"
 
@@ -662,7 +665,7 @@ def _sample(intensity, mask, count):
     return frames, mask
 
 
-def choose_scale(intensity, model=None, mask=None, device="auto", sample=64):
+def choose_scale(intensity, model=None, mask=None, device="auto", sample=None):
     """The model resolved for these patterns at the scale that fits them best (the size policy).
 
     The network reads a sample of the frames (up to ``sample``, evenly spaced) at every scale the
@@ -678,7 +681,8 @@ def choose_scale(intensity, model=None, mask=None, device="auto", sample=64):
     model : None, str, path or ModelInfo
     mask : array-like bool, (H, W) or (N, H, W), optional
     device : str
-    sample : int
+    sample : int, optional
+        Frames predicted at every scale (default :data:`SCALE_SAMPLE`).
 
     Returns
     -------
@@ -690,17 +694,29 @@ def choose_scale(intensity, model=None, mask=None, device="auto", sample=64):
     if len(shape) == 2:
         intensity, shape = np.asarray(intensity)[None], (1, *shape)
     info = resolve_model(model, shape, 1)
-    frames, mask = _sample(intensity, _check_mask(mask, shape), sample)
+    frames, mask = _sample(intensity, _check_mask(mask, shape), SCALE_SAMPLE if sample is None else sample)
     best = None
     for scale in scales_for(shape, info.input_factor):
         res = predict(frames, model=info, device=device, mask=mask, scale=scale)
-        misfit = float(np.median(res["chi2"] - res["chi2_noise"]))
-        if best is None or misfit < best[1]:
-            best = (scale, misfit)
+        if best is None or _misfit(res) < _misfit(best[1]):
+            best = (scale, res)
+    return with_evidence(resolve_model(info, shape, best[0]), best[1], frames, mask)
+
+
+def _misfit(result):
+    """The median misfit beyond the counting noise, ``chi2 - chi2_noise``, of a :func:`predict` result."""
+    return float(np.median(result["chi2"] - result["chi2_noise"]))
+
+
+def with_evidence(info, result, frames, mask=None):
+    """``info`` with what :func:`napari_cdinn.nn.declined` reads: its ``misfit`` (the median of
+    ``chi2 - chi2_noise`` of ``result``, its :func:`predict` of patterns at ``info``'s scale) and the
+    ``extent`` of the objects (the median autocorrelation bound of ``frames``, a sample of them, with
+    their ``mask``; NaN behind a beamstop)."""
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # every frame behind a beamstop: NaN
         extent = float(np.nanmedian(physics.autocorrelation_extent(frames, mask)))
-    return dataclasses.replace(resolve_model(info, shape, best[0]), misfit=best[1], extent=extent)
+    return dataclasses.replace(info, misfit=_misfit(result), extent=extent)
 
 
 def is_trusted(chi2, chi2_noise=0.0):
