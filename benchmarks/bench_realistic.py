@@ -126,6 +126,8 @@ def run(model=None, count=200, conditions=None, device="cpu", numpy_count=4, ite
     names = list(CONDITIONS) if conditions is None else list(conditions)
     results = {"machine": machine_info(), "model": model, "count": int(count), "seed": BENCH_SEED,
                "iterations": int(iterations), "conditions": {}}
+    # warm-up, not timed: the model's load and each engine's first call would land on the first set
+    run_condition(simulate(4, seed=BENCH_SEED - 1, oversampling=2), model=model, device=device, iterations=8)
     for name in names:
         kw = CONDITIONS[name]
         data = simulate(count, seed=BENCH_SEED + list(CONDITIONS).index(name), oversampling=2, **kw)

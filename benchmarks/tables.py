@@ -40,7 +40,7 @@ CONDITIONS = {
     "holes": "non-convex, holes",
     "mixture": "training mixture",
 }
-REALISTIC_COMMAND = ("python benchmarks/bench_realistic.py --threads 1 "
+REALISTIC_COMMAND = ("python benchmarks/bench_realistic.py --threads 2 "
                      "--json benchmarks/results/bench_realistic_cpu2.json")
 LARGE_COMMAND = "python benchmarks/bench_large.py --threads 1 --count 100 --json benchmarks/results/bench_large_cpu1.json"
 SPEED_COMMAND = "python benchmarks/bench_speed.py --json benchmarks/results/bench_speed_cpu2.json"
