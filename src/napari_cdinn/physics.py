@@ -36,6 +36,9 @@ __all__ = [
     "align",
     "amplitude_error",
     "amplitude_from_intensity",
+    "arange_like",
+    "array_lib",
+    "as_float32",
     "autocorrelation_extent",
     "chi2",
     "compare",
@@ -45,6 +48,7 @@ __all__ = [
     "intensity",
     "intensity_from_amplitude",
     "inverse",
+    "is_tensor",
     "mirror",
     "noise_chi2",
     "pad",
@@ -61,13 +65,19 @@ __all__ = [
 SHAPE_THRESHOLD = 0.1
 
 
-def _is_torch(x) -> bool:
+def is_tensor(x) -> bool:
+    """Whether ``x`` is a torch tensor (told without importing torch)."""
     return type(x).__module__.startswith("torch")
+
+
+def as_float32(x):
+    """``x`` as float32 of its kind: a tensor (on its device) or a NumPy array."""
+    return x.float() if is_tensor(x) else np.asarray(x, dtype=np.float32)
 
 
 def _fft_pair(x):
     """Return ``(fft module, shift keyword)`` for NumPy arrays or torch tensors."""
-    if _is_torch(x):
+    if is_tensor(x):
         import torch
 
         return torch.fft, "dim"
@@ -147,12 +157,12 @@ def pad(obj: Array, factor: int = 2) -> Array:
     factor = int(factor)
     if factor < 1:
         raise ValueError("the oversampling factor must be a positive integer")
-    if not _is_torch(obj):
+    if not is_tensor(obj):
         obj = np.asarray(obj)
     h, w = obj.shape[-2:]
     big_h, big_w = factor * h, factor * w
     shape = tuple(obj.shape[:-2]) + (big_h, big_w)
-    out = obj.new_zeros(shape) if _is_torch(obj) else np.zeros(shape, dtype=obj.dtype)
+    out = obj.new_zeros(shape) if is_tensor(obj) else np.zeros(shape, dtype=obj.dtype)
     r0 = big_h // 2 - h // 2
     c0 = big_w // 2 - w // 2
     out[..., r0 : r0 + h, c0 : c0 + w] = obj
@@ -203,8 +213,8 @@ def mirror(obj: Array, dims: tuple[int, ...] = (-2, -1)) -> Array:
     # flipping maps i -> n-1-i; the mirror about n//2 maps i -> 2*(n//2)-i: a flip, then a roll
     dims = tuple(dims)
     roll = tuple(2 * (obj.shape[d] // 2) - (obj.shape[d] - 1) for d in dims)
-    if _is_torch(obj):
-        return _lib(obj).roll(obj.flip(dims), roll, dims)
+    if is_tensor(obj):
+        return array_lib(obj).roll(obj.flip(dims), roll, dims)
     return np.roll(np.flip(np.asarray(obj), dims), roll, axis=dims)
 
 
@@ -214,7 +224,7 @@ def twin(obj: Array) -> Array:
     ``|forward(twin(o))| == |forward(o)|`` exactly.  NumPy or torch (a real tensor stays real).
     """
     inverted = mirror(obj)
-    if _is_torch(obj):
+    if is_tensor(obj):
         return inverted.conj() if inverted.is_complex() else inverted
     return np.conj(inverted)
 
@@ -224,18 +234,18 @@ def shift(obj: ArrayLike, shifts: Sequence[int]) -> np.ndarray:
     return np.roll(np.asarray(obj), tuple(int(s) for s in shifts), axis=(-2, -1))
 
 
-def _lib(x):
+def array_lib(x):
     """The array library of ``x``: ``numpy`` or ``torch`` (imported only for a tensor)."""
-    if _is_torch(x):
+    if is_tensor(x):
         import torch
 
         return torch
     return np
 
 
-def _arange(n, like):
+def arange_like(n, like):
     """``0..n-1`` in the library (and on the device) of ``like``."""
-    return np.arange(n) if _lib(like) is np else _lib(like).arange(n, device=like.device)
+    return np.arange(n) if array_lib(like) is np else array_lib(like).arange(n, device=like.device)
 
 
 def roll_frames(x: Array, shifts: Array) -> Array:
@@ -244,9 +254,9 @@ def roll_frames(x: Array, shifts: Array) -> Array:
     NumPy arrays or tensors (``shifts`` integer, ``(N, 2)``, of the same kind).
     """
     n, h, w = x.shape
-    rows = (_arange(h, x)[None, :] - shifts[:, :1]) % h  # np.roll: out[i] = x[i - s]
-    cols = (_arange(w, x)[None, :] - shifts[:, 1:]) % w
-    return x[_arange(n, x)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    rows = (arange_like(h, x)[None, :] - shifts[:, :1]) % h  # np.roll: out[i] = x[i - s]
+    cols = (arange_like(w, x)[None, :] - shifts[:, 1:]) % w
+    return x[arange_like(n, x)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 #: Frames aligned together by :func:`align` (bounds its memory: about 100 kB per 32 x 32 frame).
@@ -257,16 +267,16 @@ def _align_frames(res, ref, allow_twin):
     """:func:`align` of ``(N, H, W)`` stacks, vectorised: NumPy arrays or tensors (on their device)."""
     # stacks of frames: scipy.fft (the same pocketfft, here in double precision) is faster than
     # numpy.fft, which transforms a stack axis by axis (docs/decisions.md, "Batched FFTs")
-    if _is_torch(res):
+    if is_tensor(res):
         fft = _fft_pair(res)[0]
     else:
         from scipy import fft
-    xp = _lib(res)
+    xp = array_lib(res)
     n, h, w = res.shape
     cands = xp.stack([res, twin(res)] if allow_twin else [res])  # (C, N, H, W)
     corr = fft.ifft2(fft.fft2(ref)[None] * fft.fft2(cands).conj()).reshape(len(cands), n, h * w)
     k = abs(corr).argmax(-1)  # (C, N): the peak of each candidate's cross-correlation
-    rows = _arange(n, res)
+    rows = arange_like(n, res)
     peaks = xp.stack([corr[c, rows, k[c]] for c in range(len(cands))])  # (C, N)
     choice = abs(peaks).argmax(0)  # the first on ties: the result itself before its twin
     k, peak = k[choice, rows], peaks[choice, rows]
@@ -297,7 +307,7 @@ def align(
     aligned : complex128 ndarray (a tensor stays a tensor, of its dtype and device), shape of ``result``
     params : list of tuples, only if ``return_params``
     """
-    torch_in = _is_torch(result)
+    torch_in = is_tensor(result)
     res = result if torch_in else np.asarray(result, dtype=np.complex128)
     ref = reference if torch_in else np.asarray(reference, dtype=np.complex128)
     if res.shape != ref.shape:
@@ -323,7 +333,7 @@ def align(
 
 def support_from_amplitude(amp: Array, threshold: float = SHAPE_THRESHOLD) -> Array:
     """Object support: amplitude above ``threshold`` times its per-frame maximum (NumPy or torch)."""
-    if _is_torch(amp):
+    if is_tensor(amp):
         a = amp.abs()
         peak = a.amax((-2, -1), keepdim=True)
         return (a > threshold * peak) & (peak > 0)
@@ -464,7 +474,7 @@ def chi2(measured: Array, predicted: Array, mask: Array | None = None) -> Array:
     ndarray (float64) or torch.Tensor (dtype of the input), shape (...)
     """
     it, ip = measured, predicted
-    if not _is_torch(it):
+    if not is_tensor(it):
         it = np.asarray(it, dtype=np.float64)
         ip = np.asarray(ip, dtype=np.float64)
     if mask is not None:
@@ -477,7 +487,7 @@ def chi2(measured: Array, predicted: Array, mask: Array | None = None) -> Array:
     tp = (it * ip).sum(-1).sum(-1)
     pp = (ip * ip).sum(-1).sum(-1)
     tt = (it * it).sum(-1).sum(-1)
-    if _is_torch(it):
+    if is_tensor(it):
         import torch
 
         s = torch.where(pp > 0, tp / torch.where(pp > 0, pp, torch.ones_like(pp)), torch.zeros_like(pp))
@@ -493,7 +503,7 @@ def chi2(measured: Array, predicted: Array, mask: Array | None = None) -> Array:
 
 def _frame_max(x):
     """Per-frame largest absolute value of ``x`` (..., H, W), shaped (..., 1, 1); 1 where it is 0 or not finite."""
-    if _is_torch(x):
+    if is_tensor(x):
         import torch
 
         m = x.abs().amax((-2, -1), keepdim=True)
@@ -521,7 +531,7 @@ def noise_chi2(measured: Array, mask: Array | None = None) -> Array:
     -------
     float64 ndarray or float32 tensor, shape (...)
     """
-    if _is_torch(measured):
+    if is_tensor(measured):
         import torch
 
         it = measured.float() if mask is None else measured.float() * ~mask

@@ -430,7 +430,7 @@ def _log_uniform(bounds, u):
 def _column(values, like):
     """Per-frame ``values`` as an ``(N, 1, 1)`` float32 array in the library (and on the device) of ``like``."""
     v = np.asarray(values, dtype=np.float32)[:, None, None]
-    return v if physics._lib(like) is np else physics._lib(like).as_tensor(v, device=like.device)
+    return v if physics.array_lib(like) is np else physics.array_lib(like).as_tensor(v, device=like.device)
 
 
 def detector_mask(settings: dict, m: int, like: np.ndarray | torch.Tensor | None = None) -> np.ndarray | torch.Tensor:
@@ -438,7 +438,7 @@ def detector_mask(settings: dict, m: int, like: np.ndarray | torch.Tensor | None
 
     ``settings`` as :func:`draw_detector` returns; with a tensor ``like`` the mask is a tensor on its device.
     """
-    grid = physics._arange(m, like if like is not None else np.zeros(1)) - m // 2
+    grid = physics.arange_like(m, like if like is not None else np.zeros(1)) - m // 2
 
     def col(key):
         return _column(settings[key], grid)
@@ -471,7 +471,7 @@ def apply_detector(
     counts : float32, same kind, unmeasured pixels set to 0 (noise-free patterns keep their scale)
     mask : bool, same kind, True = unmeasured (beamstop, gaps, saturated)
     """
-    lib = physics._lib(intensity)
+    lib = physics.array_lib(intensity)
     m = intensity.shape[-1]
     photons = np.asarray(settings["photons"], dtype=np.float64)
     noisy = np.isfinite(photons)

@@ -60,19 +60,14 @@ def _tensor(x):
     return x.float() if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
-def _float32(x):
-    """``x`` as float32 of its kind: a tensor (on its device) or a NumPy array."""
-    return x.float() if physics._is_torch(x) else np.asarray(x, dtype=np.float32)
-
-
 def _like(x, like):
     """``x`` as float32 of the kind of ``like``: a tensor on its device, or a NumPy array."""
-    return _tensor(x).to(like.device) if physics._is_torch(like) else np.asarray(x, dtype=np.float32)
+    return _tensor(x).to(like.device) if physics.is_tensor(like) else np.asarray(x, dtype=np.float32)
 
 
 def _same_kind(t, like):
     """``t`` as the kind of ``like``: a tensor for a tensor, else a NumPy array."""
-    return t if physics._is_torch(like) else t.cpu().numpy()
+    return t if physics.is_tensor(like) else t.cpu().numpy()
 
 
 def normalise_amplitudes(amp):
@@ -82,9 +77,9 @@ def normalise_amplitudes(amp):
     -------
     float32, same shape and kind (NumPy array or tensor, on its device).
     """
-    a = _float32(amp)
-    peak = a.amax((-2, -1), keepdim=True) if physics._is_torch(a) else a.max(axis=(-2, -1), keepdims=True)
-    xp = physics._lib(a)
+    a = physics.as_float32(amp)
+    peak = a.amax((-2, -1), keepdim=True) if physics.is_tensor(a) else a.max(axis=(-2, -1), keepdims=True)
+    xp = physics.array_lib(a)
     return a / xp.where(peak > 0, peak, xp.ones_like(peak))
 
 
@@ -100,7 +95,7 @@ def encode_inputs(amp, transform: str = "linear"):
     a = normalise_amplitudes(amp)
     if transform == "log":
         floor = 10.0**-_LOG_DECADES
-        a = 1.0 + physics._lib(a).log10(a.clamp_min(floor) if physics._is_torch(a) else np.maximum(a, floor)) / _LOG_DECADES
+        a = 1.0 + physics.array_lib(a).log10(a.clamp_min(floor) if physics.is_tensor(a) else np.maximum(a, floor)) / _LOG_DECADES
     return a
 
 
@@ -152,7 +147,7 @@ def network_input(inputs, mask=None, mask_channel=False, as_numpy=False):
     ``as_numpy=True``: a NumPy array from NumPy inputs (no torch import: the NumPy engine of inference)."""
     x = (np.asarray(inputs, dtype=np.float32) if as_numpy else _tensor(inputs))[:, None]
     if mask_channel:
-        xp = physics._lib(x)
+        xp = physics.array_lib(x)
         m = xp.zeros_like(x) if mask is None else _like(mask, x)[:, None]
         x = xp.concatenate([x, xp.broadcast_to(m, x.shape)], 1)
     return x

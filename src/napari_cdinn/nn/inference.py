@@ -67,7 +67,7 @@ import numpy as np
 
 from .. import physics
 from ..device import device_name, resolve_device
-from ..physics import _is_torch, _lib  # the array library of a value: NumPy, or torch for a tensor
+from ..physics import array_lib, as_float32, is_tensor  # NumPy arrays or torch tensors alike
 from . import TRUST_CHI2
 from .data import SIZE, encode_inputs, network_input
 from .models import (  # which model reads which pattern: resolved in one place, without torch
@@ -174,17 +174,17 @@ def prepare(intensity, transform="linear", input_factor=1, mask=None, scale=1):
     input_mask : float32 like ``inputs``, 1 on unmeasured pixels
         Of the kind of ``intensity`` (NumPy arrays, or tensors on its device).
     """
-    raw = _f32(intensity)
-    xp = _lib(raw)
+    raw = as_float32(intensity)
+    xp = array_lib(raw)
     unmeasured = ~xp.isfinite(raw)
     if mask is not None:
         unmeasured = unmeasured | _mask_like(mask, raw)  # a 2-D mask broadcasts over the frames
-    measured = _f32(xp.where(unmeasured | ~(raw > 0), 0.0, raw))  # counts stay whole numbers
+    measured = as_float32(xp.where(unmeasured | ~(raw > 0), 0.0, raw))  # counts stay whole numbers
     factor = oversampling_factor(measured.shape)
     side = measured.shape[-1] // int(scale)
     step = decimation_factor((side, side), input_factor)
     inputs = encode_inputs(xp.sqrt(physics.decimate(physics.crop(measured, (side, side)), step)), transform)
-    input_mask = _f32(physics.decimate(physics.crop(unmeasured, (side, side)), step))
+    input_mask = as_float32(physics.decimate(physics.crop(unmeasured, (side, side)), step))
     return _contiguous(inputs), measured, factor, unmeasured, _contiguous(input_mask)
 
 
@@ -262,45 +262,40 @@ def numpy_engine(device="auto", count: int = 1, precision: str = "auto") -> bool
             and device_name(device) == "cpu")
 
 
-def _f32(x):
-    """``x`` as float32, of its kind."""
-    return x.float() if _is_torch(x) else np.asarray(x, dtype=np.float32)
-
-
 def _contiguous(x):
     """``x`` in C order, of its kind."""
-    return x.contiguous() if _is_torch(x) else np.ascontiguousarray(x)
+    return x.contiguous() if is_tensor(x) else np.ascontiguousarray(x)
 
 
 def _mask_like(mask, like):
     """``mask`` as bool of the kind of ``like``: a tensor on its device, or a NumPy array."""
-    if not _is_torch(like):
+    if not is_tensor(like):
         return np.asarray(mask, dtype=bool)
-    return _lib(like).as_tensor(mask, device=like.device).bool()
+    return array_lib(like).as_tensor(mask, device=like.device).bool()
 
 
 def _at_least(x, floor):
     """``max(x, floor)`` elementwise, of the kind of ``x``."""
-    return x.clamp_min(floor) if _is_torch(x) else np.maximum(x, floor)
+    return x.clamp_min(floor) if is_tensor(x) else np.maximum(x, floor)
 
 
 def _frame_peak(a):
     """The per-frame maximum of ``a`` (N, H, W), shaped (N, 1, 1), at least 1e-12."""
-    peak = a.amax((-2, -1), keepdim=True) if _is_torch(a) else a.max(axis=(-2, -1), keepdims=True)
+    peak = a.amax((-2, -1), keepdim=True) if is_tensor(a) else a.max(axis=(-2, -1), keepdims=True)
     return _at_least(peak, 1e-12)
 
 
 def _polar(amplitude, phase):
     """The complex ``amplitude * exp(i phase)`` (complex64 for float32 input), of the inputs' kind."""
-    if _is_torch(amplitude):
-        return _lib(amplitude).polar(amplitude, phase)
+    if is_tensor(amplitude):
+        return array_lib(amplitude).polar(amplitude, phase)
     return (amplitude * np.exp(1j * phase)).astype(np.complex64)
 
 
 def _on(device, array):
     """A NumPy array where the engine computes: itself on the NumPy engine (``device`` None), else a tensor on ``device``
     (a tensor, already there, passes through)."""
-    if device is None or _is_torch(array):
+    if device is None or is_tensor(array):
         return array
     import torch
 
@@ -309,7 +304,7 @@ def _on(device, array):
 
 def _numpy(x):
     """A result as a NumPy array (a tensor comes back from its device)."""
-    return x.cpu().numpy() if _is_torch(x) else np.asarray(x)
+    return x.cpu().numpy() if is_tensor(x) else np.asarray(x)
 
 
 def _run_net(net, x, device, bf16):
@@ -342,11 +337,11 @@ def decode_outputs(amp, unit, threshold=physics.SHAPE_THRESHOLD):
     support : bool (N, H, W)
         Of the inputs' kind (tensors or NumPy arrays).
     """
-    amp = _f32(amp[:, 0])
+    amp = as_float32(amp[:, 0])
     amp = amp / _frame_peak(amp)
     support = amp > threshold
-    xp = _lib(amp)
-    phase = xp.where(support, _f32(unit[:, 0]) * (2 * np.pi) - np.pi, xp.zeros_like(amp))
+    xp = array_lib(amp)
+    phase = xp.where(support, as_float32(unit[:, 0]) * (2 * np.pi) - np.pi, xp.zeros_like(amp))
     return amp, phase, support
 
 
@@ -395,17 +390,17 @@ def _decode_object(obj, threshold):
     amp = abs(obj)
     amp = amp / _frame_peak(amp)
     support = amp > threshold
-    xp = _lib(obj)
+    xp = array_lib(obj)
     return amp, xp.where(support, xp.angle(obj), xp.zeros_like(amp)), support
 
 
 def _view_ensemble(net, x, meas, factor, device, bf16, threshold, views, unmeasured=None, scale=1):
     """Amplitude, phase and support of the views' predictions, aligned and averaged (see :func:`predict`)."""
-    xp = _lib(meas)
+    xp = array_lib(meas)
     objs = xp.stack([_network_object(net, x, device, bf16, threshold, v, scale)
                      for v in range(views)])  # (V, N, 32 scale, 32 scale)
     chis = xp.stack([physics.chi2(meas, physics.intensity(physics.pad(o, factor)), unmeasured) for o in objs])
-    rows = physics._arange(objs.shape[1], objs)
+    rows = physics.arange_like(objs.shape[1], objs)
     best = chis.argmin(0)
     weights = (chis[best, rows] / _at_least(chis, 1e-12)) ** 2  # (chi2_best / chi2)^2: 1 for the best view
     mean = sum(w[:, None, None] * physics.align(o, objs[best, rows]) for o, w in zip(objs, weights)) / weights.sum(0)[
@@ -426,10 +421,10 @@ def _batch_results(net, prepared, device, bf16, threshold, views=1, scale=1):
     inputs, measured, factor, unmeasured, input_mask = prepared
     factor //= scale  # the padding of the object to the pattern's frame
     x = _on(device, network_input(inputs, input_mask, getattr(net, "mask_channel", False),
-                                  as_numpy=not _is_torch(inputs)))
+                                  as_numpy=not is_tensor(inputs)))
     meas = _on(device, measured)
     # a tensor's map is kept whole: asking whether any pixel is unmeasured would wait for the device
-    unmeasured = _on(device, unmeasured) if _is_torch(unmeasured) or unmeasured.any() else None
+    unmeasured = _on(device, unmeasured) if is_tensor(unmeasured) or unmeasured.any() else None
     if views == 1:
         amp, unit = _run_net(net, x, device, bf16)
         amp, phase, support = decode_outputs(amp, unit, threshold)
@@ -440,7 +435,7 @@ def _batch_results(net, prepared, device, bf16, threshold, views=1, scale=1):
     chi = physics.chi2(meas, _fit_intensity(amp, phase, factor), unmeasured)
     noise = physics.noise_chi2(meas, unmeasured)
     signal = meas.sum((-2, -1)) > 0
-    xp = _lib(meas)
+    xp = array_lib(meas)
     chi = xp.where(signal, chi, xp.ones_like(chi))  # no signal: nothing to trust
     keep = signal[:, None, None]
     return amp * keep, phase * keep, support & keep, chi, noise  # and nothing to show
