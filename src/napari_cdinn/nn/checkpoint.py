@@ -20,9 +20,11 @@ from .models import (
     DEFAULT_MODEL,
     WEIGHTS_DIR,
     model_arch,
+    nonfinite_weights,
     read_card,
     read_metadata,
     resolve_model_path,
+    wrong_weights,
 )
 from .networks import build_model, mask_channel_of
 
@@ -83,13 +85,10 @@ def load_model(model=None, device="cpu"):
         net = build_model(arch, mask_channel_of(state, arch))
         net.load_state_dict(state)
     except (RuntimeError, KeyError, IndexError, OSError) as exc:  # safetensors' and torch's loading errors
-        text = str(exc).strip().splitlines()
-        why = text[-1].strip() if text else type(exc).__name__
-        raise ValueError(f"{path.name!r} does not hold the weights of a {arch!r} network ({why})") from None
+        raise wrong_weights(path.name, arch, exc) from None
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
-        raise ValueError(f"{path.name!r} holds NaN or infinite weights ({bad[0]}...): the training that made it "
-                         "diverged; use another checkpoint")
+        raise nonfinite_weights(path.name, bad[0])
     net.input_transform = meta.get("input") or card.get("config", {}).get("input", "linear")
     net.to(device).eval()
     return net, card

@@ -73,6 +73,19 @@ INPUT_FACTORS = {"paper": 1, "shared": 1, "shared2x": 2}
 _FIRST_CONV = "encoder.layers.0.weight"
 
 
+def wrong_weights(name: str, arch: str, exc: BaseException) -> ValueError:
+    """The one sentence for a weights file that does not load as an ``arch`` network (the loader's error ``exc``)."""
+    text = str(exc).strip().splitlines()
+    why = text[-1].strip() if text else type(exc).__name__
+    return ValueError(f"{name!r} does not hold the weights of a {arch!r} network ({why})")
+
+
+def nonfinite_weights(name: str, key: str) -> ValueError:
+    """The one sentence for a weights file with NaN or infinite values (the first such tensor ``key``)."""
+    return ValueError(f"{name!r} holds NaN or infinite weights ({key}...): the training that made it diverged; "
+                      "use another checkpoint")
+
+
 def input_factor_of(arch: str) -> int:
     """Oversampling factor of the patterns architecture ``arch`` reads (1 or 2)."""
     if arch not in INPUT_FACTORS:

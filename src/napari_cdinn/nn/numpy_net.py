@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from .models import ModelInfo, input_factor_of, resolve_model
+from .models import ModelInfo, input_factor_of, nonfinite_weights, resolve_model, wrong_weights
 
 __all__ = ["NumpyNet", "load_numpy_model"]
 
@@ -204,10 +204,8 @@ def load_numpy_model(model=None):
         state = {k: np.asarray(v, dtype=np.float32) for k, v in load_file(str(info.path)).items()}
         net = NumpyNet(state, info.arch, info.mask_channel, info.input_transform)
     except (SafetensorError, KeyError, IndexError, ValueError, OSError) as exc:
-        why = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{name!r} does not hold the weights of a {info.arch!r} network ({why})") from None
+        raise wrong_weights(name, info.arch, exc) from None
     bad = [k for k, v in state.items() if not np.isfinite(v).all()]
     if bad:
-        raise ValueError(f"{name!r} holds NaN or infinite weights ({bad[0]}...): the training that made it "
-                         "diverged; use another checkpoint")
+        raise nonfinite_weights(name, bad[0])
     return net, info.card
