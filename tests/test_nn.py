@@ -222,6 +222,7 @@ def test_tiny_training_loss_falls_and_resumes(tmp_path):
     out = tmp_path / "model"
     train(out, preset="tiny", train_size=1024, val_size=64, epochs=2, batch_size=32, lr=2e-3,
           callback=events.append, quick_val_size=64)
+    assert (torch.tensor([1e-40]) * 1.0).item() != 0.0  # the run set the process's denormal flag back
     steps = [e for e in events if e["event"] == "step"]
     assert steps[0]["train_loss"] > steps[-1]["train_loss"]
     vals = [e for e in events if e["event"] == "validation"]

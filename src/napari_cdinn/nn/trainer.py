@@ -476,7 +476,6 @@ class _Run:
         self.out, self.config, self.dev = Path(out), config, dev
         self.emit = _event_sender(callback, config)
         self.bf16 = config.precision == "bf16" or (config.precision == "auto" and bf16_supported(dev))
-        torch.set_flush_denormal(True)  # denormal activations are very slow on CPUs
         torch.manual_seed(config.seed)
         self.model = model = build_model(config.arch, config.mask_channel)
         if init is not None:
@@ -707,8 +706,14 @@ def fit(out, config: TrainConfig, *, chosen=None, resume=False, device="auto", c
     init = None
     if state is None and config.init_from is not None:  # a resumed run has its weights
         init, config = _initial_weights(config, chosen)
-    run = _Run(out, config, state, init, dev, callback=callback, quick_val_size=quick_val_size, command=command)
-    return run.loop(stop, checkpoint_minutes, data_workers)
+    # denormal activations are very slow on CPUs; the flag is the process's, so it is set back after the run
+    # (a dock trains in the viewer's process, whose other numbers must keep their subnormals)
+    torch.set_flush_denormal(True)
+    try:
+        run = _Run(out, config, state, init, dev, callback=callback, quick_val_size=quick_val_size, command=command)
+        return run.loop(stop, checkpoint_minutes, data_workers)
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def train(out, preset="paper", *, device="auto", resume=False, callback=None, stop=None, checkpoint_minutes=5.0,
