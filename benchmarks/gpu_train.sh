@@ -9,7 +9,10 @@
 # Two runs share the GPU, each with its own simulator processes (the host side, not the GPU,
 # limits the training speed: see BATCH below):
 #   scratch: shared2x from random weights, lr SCRATCH_LR, cosine schedule ending at MIN minutes;
-#   warm:    shared2x from the shipped model2x, lr WARM_LR, the same kind of schedule.
+#   warm:    shared2x from the shipped model2x, lr WARM_LR, the same kind of schedule;
+#   deep:    deep2x (64-pixel objects in 128 x 128 patterns, issue "larger objects") from random
+#            weights on the realistic mixture with the mask channel, lr SCRATCH_LR (not in the
+#            default RUNS: RUNS=deep WORKERS=14 gives it the whole machine).
 # RUNS=warm WORKERS=14 gives the whole machine to the warm run (the better use of a short lease).
 # Each writes a model directory, of which $OUT/<run>.tgz brings back the best weights and the cards:
 # `python -m napari_cdinn.nn.ship DIR` ships them, `cdinn train --init-from DIR/best.safetensors` continues.
@@ -36,21 +39,28 @@ export PYTHONPATH=src
   > "$OUT/machine.txt" 2>&1
 # the trainer ends itself at MIN minutes; Ctrl-C (SIGINT) 90 s later still leaves a usable checkpoint
 guard=$(awk -v m="$MIN" 'BEGIN { print int(m * 60 + 90) }')
-common=(--preset paper --arch shared2x --fresh-data --shift 1 --phase-weight 4 --data-weight 1 --support-weight 0.5 --miss-weight 3
+common=(--preset paper --fresh-data --shift 1 --phase-weight 4 --data-weight 1 --support-weight 0.5 --miss-weight 3
         --schedule cosine --train-size 1800000 --epochs 1000 --time-limit "$MIN" --checkpoint-minutes 2 --device "$DEVICE"
         --data-workers "$WORKERS" --batch-size "$BATCH")
 case " $RUNS " in *" scratch "*)
-  timeout -s INT "$guard" python3 -m napari_cdinn.cli train --out "$OUT/scratch" "${common[@]}" --lr "$SCRATCH_LR" --seed 21 > "$OUT/scratch.log" 2>&1 & ;;
+  timeout -s INT "$guard" python3 -m napari_cdinn.cli train --out "$OUT/scratch" "${common[@]}" --arch shared2x --lr "$SCRATCH_LR" --seed 21 > "$OUT/scratch.log" 2>&1 & ;;
 esac
 case " $RUNS " in *" warm "*)
-  timeout -s INT "$guard" python3 -m napari_cdinn.cli train --out "$OUT/warm" "${common[@]}" --init-from model2x --lr "$WARM_LR" --seed 23 \
+  timeout -s INT "$guard" python3 -m napari_cdinn.cli train --out "$OUT/warm" "${common[@]}" --arch shared2x --init-from model2x --lr "$WARM_LR" --seed 23 \
     > "$OUT/warm.log" 2>&1 & ;;
+esac
+case " $RUNS " in *" deep "*)
+  timeout -s INT "$guard" python3 -m napari_cdinn.cli train --out "$OUT/deep" "${common[@]}" --arch deep2x --mask-channel \
+    --families realistic --detector realistic --lr "$SCRATCH_LR" --seed 25 > "$OUT/deep.log" 2>&1 & ;;
 esac
 wait
 # at most 8 files of 16 MiB come back from the machine: one archive per run of its best weights and
-# cards (about 5 MB; the optimizer state stays behind: a continuation starts a fresh one)
-for run in scratch warm; do
+# cards (about 5 MB; deep2x's 19 MB of float32 weights go as float16, as shipped; the optimizer state
+# stays behind: a continuation starts a fresh one)
+for run in scratch warm deep; do
   [ -d "$OUT/$run" ] || continue
+  python3 -c "import sys; from napari_cdinn.nn.checkpoint import load_model, save_model; import torch; \
+net, card = load_model(sys.argv[1]); save_model(net, sys.argv[1], card, dtype=torch.float16)" "$OUT/$run/best.safetensors"
   tar czf "$OUT/$run.tgz" -C "$OUT" "$run/best.safetensors" "$run/best.json" "$run/last.json" && rm -rf "${OUT:?}/$run"
 done
 [ "${BENCH_S:-110}" -gt 0 ] || exit 0

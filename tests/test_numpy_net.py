@@ -15,13 +15,14 @@ from napari_cdinn.nn.networks import build_model
 from napari_cdinn.nn.numpy_net import NumpyNet, load_numpy_model
 from napari_cdinn.simulate import simulate
 
-ARCHS = [("paper", False), ("shared", False), ("shared", True), ("shared2x", False), ("shared2x", True)]
+ARCHS = [("paper", False), ("shared", False), ("shared", True), ("shared2x", False), ("shared2x", True),
+         ("deep2x", True)]
 
 
 def _inputs(net, n=3, seed=0):
-    """Random network inputs ``(n, C, 32 m, 32 m)`` for ``net``: amplitudes in 0..1 and, with the mask channel, a 0/1 map."""
+    """Random network inputs ``(n, C, S m, S m)`` for ``net``: amplitudes in 0..1 and, with the mask channel, a 0/1 map."""
     rng = np.random.default_rng(seed)
-    side = 32 * net.input_factor
+    side = net.size * net.input_factor
     x = rng.random((n, 1, side, side), dtype=np.float32)
     if net.mask_channel:
         x = np.concatenate([x, (rng.random(x.shape) < 0.1).astype(np.float32)], 1)
@@ -33,7 +34,7 @@ def _assert_same_outputs(numpy_net, torch_net, x, atol=1e-4):
         expected = torch_net(torch.from_numpy(x))
     got = numpy_net(x)
     for g, e in zip(got, expected):
-        assert g.dtype == np.float32 and g.shape == (len(x), 1, 32, 32)
+        assert g.dtype == np.float32 and g.shape == (len(x), 1, numpy_net.size, numpy_net.size)
         np.testing.assert_allclose(g, e.numpy(), atol=atol, rtol=0)
 
 
@@ -48,7 +49,7 @@ def test_random_weights_match_torch(arch, mask, tmp_path):
     save_model(model, path)
     net, card = load_numpy_model(path)
     assert (net.arch, net.input_factor, net.mask_channel, net.input_transform, card) == (
-        arch, 2 if arch == "shared2x" else 1, mask, "linear", {})
+        arch, 2 if arch.endswith("2x") else 1, mask, "linear", {})
     _assert_same_outputs(net, load_model(path)[0], _inputs(net))
 
 

@@ -323,16 +323,17 @@ def _seeding_guess(stack, model, mask, device):
     """``(the network that seeds the refinement at its scale, its prediction of every frame)``, or
     ``(None, None)`` where it declines (:func:`seeding_model`).
 
-    Where the model has one scale for the pattern size there is nothing to choose: the prediction of
+    Where there is one model at one scale for the pattern size there is nothing to choose: the prediction of
     every frame is the evidence :func:`napari_cdinn.nn.declined` reads, and no sample is predicted
     first (:func:`napari_cdinn.nn.inference.with_evidence`).
     """
-    from .nn import ModelInfo, declined, predict, resolve_model
-    from .nn.inference import SCALE_SAMPLE, _sample, scales_for, with_evidence
+    from .nn import ModelInfo, declined, predict
+    from .nn.inference import SCALE_SAMPLE, _sample, candidates, with_evidence
 
     if not (isinstance(model, ModelInfo) and model.misfit is not None):
-        base = resolve_model(model, stack.shape, 1)
-        if len(scales_for(stack.shape, base.input_factor)) == 1:
+        options = candidates(model, stack.shape)
+        if len(options) == 1:
+            base = options[0]
             guess = predict(stack, model=base, device=device, mask=mask)
             info = with_evidence(base, guess, *_sample(stack, mask, SCALE_SAMPLE))
             return (None, None) if declined(info) else (info, guess)

@@ -81,14 +81,14 @@ def declined(info: ModelInfo) -> str | None:
 
     Declined: the median misfit beyond the noise exceeds :data:`DECLINE_CHI2` at the best scale and
     the autocorrelation's lower bound of the objects' width reaches the largest object the
-    network reads at any scale (``32 x`` the largest scale).  Behind a beamstop the bound is
+    network reads at any scale (its object size times the largest scale).  Behind a beamstop the bound is
     unknown and the network is never declined (the fallback to the protocol still runs per frame).
     """
-    from .models import SIZE, scales_for
+    from .models import scales_for
 
     if info.misfit is None or info.extent is None or info.frame is None or not info.misfit > DECLINE_CHI2:
         return None
-    widest = SIZE * max(scales_for(info.frame, info.input_factor))
+    widest = info.size * max(scales_for(info.frame, info.input_factor, info.size))
     if not info.extent >= widest:
         return None
     return (f"the network cannot read these patterns (median chi2 beyond the noise {info.misfit:.3g} at the best "

@@ -177,12 +177,13 @@ def _guard_config(card: dict, net):
 def _guard_batches(config, seed, batch_size):
     """Endless batches of simulated objects of the recipe's families and detector (fresh every block)."""
     from ..simulate import BLOCK
+    from .models import object_size_of
     from .trainer import _epoch_batches
 
     epoch = 0
     while True:
         yield from _epoch_batches(seed, epoch, BLOCK, batch_size, fresh=True, families=config.families,
-                                  detector=config.detector)
+                                  detector=config.detector, size=object_size_of(config.arch))
         epoch += 1
 
 
@@ -212,7 +213,7 @@ class _Adapter:
 
         mask = None if self.mask is None else self.mask if self.mask.ndim == 2 else self.mask[idx]
         return prepare(self.raw[idx], transform=self.net.input_transform, input_factor=self.net.input_factor,
-                       mask=mask)
+                       mask=mask, size=self.net.size)
 
     def holdout_chi2(self):
         """Per-frame chi^2 of the held-out frames, as :func:`napari_cdinn.nn.predict` reports it."""

@@ -78,9 +78,10 @@ class TrainConfig:
       gives: ``epochs`` sets the schedule's new length (at least one epoch past the current one).
     """
 
-    arch: str = _option("shared", "network: shared (one encoder, two heads), paper (the paper's separate pair) "
-                        "or shared2x (the shared net reading the whole 2x-oversampled pattern; started from "
-                        "shared weights, widened)", str, choices=("paper", "shared", "shared2x"))
+    arch: str = _option("shared", "network: shared (one encoder, two heads), paper (the paper's separate pair), "
+                        "shared2x (the shared net reading the whole 2x-oversampled pattern; started from "
+                        "shared weights, widened) or deep2x (shared2x with one more level: 64-pixel objects "
+                        "in 2x-oversampled 128 x 128 patterns)", str, choices=("paper", "shared", "shared2x", "deep2x"))
     train_size: int = _option(180_000, "training examples per epoch", int, check="positive")
     val_size: int = _option(20_000, "validation examples", int, check="positive")
     epochs: int = _option(10, "epochs (with --resume: the schedule's new length)", int, check="positive")

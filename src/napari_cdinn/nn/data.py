@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import physics
-from .models import SIZE  # the networks' frame side (32)
+from .models import SIZE  # the paper's networks' frame side (32)
 
 __all__ = [
     "INPUT_TRANSFORMS",
@@ -166,7 +166,7 @@ def prepare_examples(amplitude, phase, transform: str = "linear", input_factor: 
 
     Parameters
     ----------
-    amplitude, phase : ndarray or tensor, shape (N, 32, 32)
+    amplitude, phase : ndarray or tensor, shape (N, S, S)
         Objects from :func:`napari_cdinn.simulate.simulate_objects`.
     transform, input_factor, twins
         As in :func:`make_examples`.
@@ -203,8 +203,8 @@ def split_detector(batch):
     return found or None
 
 
-def make_objects(count: int, seed: int, start: int = 0, families=None, detector=None):
-    """The simulator's ``count`` objects from index ``start`` (as :func:`make_examples`).
+def make_objects(count: int, seed: int, start: int = 0, families=None, detector=None, size: int = SIZE):
+    """The simulator's ``count`` objects of ``size`` pixels from index ``start`` (as :func:`make_examples`).
 
     Returns ``{"amplitude", "phase"}`` and, with a ``detector`` (a
     :class:`napari_cdinn.simulate.Detector` or a name of ``DETECTORS``), its per-example settings
@@ -215,7 +215,7 @@ def make_objects(count: int, seed: int, start: int = 0, families=None, detector=
 
     if start % BLOCK:
         raise ValueError(f"start must be a multiple of {BLOCK}")
-    amp, pha = simulate_objects(count, SIZE, seed, start, families=families)
+    amp, pha = simulate_objects(count, size, seed, start, families=families)
     out = {"amplitude": amp, "phase": pha}
     if detector is not None:
         det = as_detector(detector)
@@ -226,7 +226,7 @@ def make_objects(count: int, seed: int, start: int = 0, families=None, detector=
 
 
 def make_examples(count: int, seed: int, start: int = 0, twins: bool = True, transform: str = "linear",
-                  input_factor: int = 1, families=None, detector=None):
+                  input_factor: int = 1, families=None, detector=None, size: int = SIZE):
     """Simulate ``count`` training examples from index ``start`` (a multiple of ``BLOCK``).
 
     Parameters
@@ -243,17 +243,19 @@ def make_examples(count: int, seed: int, start: int = 0, twins: bool = True, tra
         Oversampling of the input patterns (1: the paper's 32 x 32; 2: 64 x 64 for ``shared2x``).
     families, detector : optional
         Object families and detector model (:func:`make_objects`); default: the paper's ideal data.
+    size : int
+        Side of the objects (the architecture's, :data:`napari_cdinn.nn.models.OBJECT_SIZES`).
 
     Returns
     -------
-    dict of float32 arrays, shape (count, 32, 32)
-        ``input`` (normalised amplitudes, ``32 input_factor`` wide) and ``mask`` (1 = unmeasured,
+    dict of float32 arrays, shape (count, size, size)
+        ``input`` (normalised amplitudes, ``size input_factor`` wide) and ``mask`` (1 = unmeasured,
         same shape), ``amplitude``/``phase`` (the raw truth), ``target_amplitude``/``target_phase``
         (centred truth) and, if ``twins``, ``twin_amplitude``/``twin_phase``.
     """
     import torch
 
-    objects = make_objects(count, seed, start, families, detector)
+    objects = make_objects(count, seed, start, families, detector, size)
     generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(start))
     out = prepare_examples(objects["amplitude"], objects["phase"], transform, input_factor, twins,
                            split_detector(objects), generator)

@@ -39,7 +39,7 @@ def summarise(cmp, chi2):
 
 
 def score_model(model=None, count=1000, seed=TEST_SEED, photons=None, device="cpu", oversampling=2, data=None,
-                precision="auto", views=1):
+                precision="auto", views=1, size=32):
     """Quality of ``model`` on ``count`` fresh patterns, optionally with Poisson noise.
 
     Parameters
@@ -47,7 +47,7 @@ def score_model(model=None, count=1000, seed=TEST_SEED, photons=None, device="cp
     model : None, str or path
         As in :func:`predict`.
     count, seed : int
-        Test patterns ``simulate(count, seed=seed, oversampling=oversampling, photons=photons)``.
+        Test patterns ``simulate(count, seed=seed, oversampling=oversampling, photons=photons, size=size)``.
     photons : float, optional
         Mean photons per pattern (Poisson noise).
     data : dict, optional
@@ -56,17 +56,19 @@ def score_model(model=None, count=1000, seed=TEST_SEED, photons=None, device="cp
         As in :func:`predict`.
     views : int
         Test-time views, as in :func:`predict` (1: the network alone).
+    size : int
+        Side of the test objects (the model's object size: 32, or 64 for ``deep2x``).
 
     Returns
     -------
     dict
         ``iou_median``, ``phase_rms_median``/``p90`` (radians, inside the true support),
         ``chi2_median``/``p90`` (measured frame, as reported by :func:`predict`),
-        ``chi2_32_median`` (on the decimated 32 x 32 pattern, as in the paper), ``twin_rate``,
+        ``chi2_32_median`` (on the pattern decimated to the object's frame, 32 x 32 as in the paper), ``twin_rate``,
         ``trusted_fraction``, ``count``, ``photons``.
     """
     if data is None:
-        data = simulate(count, seed=seed, oversampling=oversampling, photons=photons)
+        data = simulate(count, seed=seed, oversampling=oversampling, photons=photons, size=size)
     res = predict(data["intensity"], model=model, device=device, precision=precision, views=views, mask=data.get("mask"))
     obj = res["amplitude"] * np.exp(1j * res["phase"])
     cmp = physics.compare(obj, data["amplitude"], data["phase"])

@@ -73,13 +73,13 @@ from .data import SIZE, encode_inputs, network_input
 from .models import (  # which model reads which pattern: resolved in one place, without torch
     DEFAULT_MODELS,
     ModelInfo,
+    candidates,
     decimation_factor,
     default_model,
     model_for,
     oversampling_factor,
     resolve_model,
     resolve_model_path,
-    scales_for,
 )
 from .numpy_net import load_numpy_model
 
@@ -146,7 +146,7 @@ CACHE_SIZE = 4
 VIEWS = ((0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (1, 1, 1), (1, 0, 1), (1, 1, 0), (0, 1, 1))
 
 
-def prepare(intensity, transform="linear", input_factor=1, mask=None, scale=1):
+def prepare(intensity, transform="linear", input_factor=1, mask=None, scale=1, size=SIZE):
     """Measured intensities ``(N, H, W)`` to the networks' normalised amplitudes.
 
     NumPy in, NumPy out; a tensor in, tensors out on its device (:func:`predict` prepares a batch
@@ -164,12 +164,15 @@ def prepare(intensity, transform="linear", input_factor=1, mask=None, scale=1):
     scale : int
         The network reads the central ``H / scale`` pixels (the object at ``scale`` times the
         pixel size: :mod:`napari_cdinn.nn.models`, "Object size and scale").
+    size : int
+        Side of the objects the model draws (``model.size``: 32, or 64 for ``deep2x``).
 
     Returns
     -------
-    inputs : float32 (N, 32 m, 32 m), ``m = input_factor``, encoded by :func:`napari_cdinn.nn.data.encode_inputs`
+    inputs : float32 (N, S m, S m), ``S = size``, ``m = input_factor``, encoded by
+        :func:`napari_cdinn.nn.data.encode_inputs`
     measured : float32 (N, H, W), non-negative intensities (negatives and unmeasured pixels as 0)
-    factor : int, the oversampling of the measured patterns
+    factor : int, the oversampling of the measured patterns (of ``size``-pixel objects)
     unmeasured : bool (N, H, W), True on unmeasured pixels
     input_mask : float32 like ``inputs``, 1 on unmeasured pixels
         Of the kind of ``intensity`` (NumPy arrays, or tensors on its device).
@@ -180,9 +183,9 @@ def prepare(intensity, transform="linear", input_factor=1, mask=None, scale=1):
     if mask is not None:
         unmeasured = unmeasured | _mask_like(mask, raw)  # a 2-D mask broadcasts over the frames
     measured = as_float32(xp.where(unmeasured | ~(raw > 0), 0.0, raw))  # counts stay whole numbers
-    factor = oversampling_factor(measured.shape)
+    factor = oversampling_factor(measured.shape, size)
     side = measured.shape[-1] // int(scale)
-    step = decimation_factor((side, side), input_factor)
+    step = decimation_factor((side, side), input_factor, size)
     inputs = encode_inputs(xp.sqrt(physics.decimate(physics.crop(measured, (side, side)), step)), transform)
     input_mask = as_float32(physics.decimate(physics.crop(unmeasured, (side, side)), step))
     return _contiguous(inputs), measured, factor, unmeasured, _contiguous(input_mask)
@@ -498,8 +501,8 @@ def predict(intensity, model=None, device="auto", batch_size=None, threshold=phy
     Returns
     -------
     dict
-        ``amplitude`` float32 (N, 32 s, 32 s) (``s`` the scale), max 1 per frame; ``phase`` float32 radians, 0 outside
-        the support; ``support`` bool; ``chi2`` float32 (N,) (measured pixels only); ``chi2_noise``
+        ``amplitude`` float32 (N, S s, S s) (``S`` the model's object size, ``s`` the scale), max 1 per frame;
+        ``phase`` float32 radians, 0 outside the support; ``support`` bool; ``chi2`` float32 (N,) (measured pixels only); ``chi2_noise``
         float32 (N,), the chi^2 that counting noise alone gives; ``trusted`` bool (N,)
         (``chi2 - chi2_noise <= TRUST_CHI2``).  A single (H, W) frame gives unbatched arrays.
 
@@ -517,11 +520,10 @@ def predict(intensity, model=None, device="auto", batch_size=None, threshold=phy
         raise ValueError(f"expected intensities shaped (H, W) or (N, H, W), got {len(shape)} dimensions")
     single = len(shape) == 2
     if scale == "auto" and not (isinstance(model, ModelInfo) and model.misfit is not None):
-        model = resolve_model(model, shape)
-        if len(scales_for(shape, model.input_factor)) > 1:  # only then is there a choice to make
+        if len(candidates(model, shape)) > 1:  # only then is there a choice to make
             model = choose_scale(intensity, model, mask=mask, device=device)
     info = resolve_model(model, shape, None if scale == "auto" else scale)  # checked once before any work
-    side = SIZE * info.scale
+    side = info.size * info.scale
     n = 1 if single else shape[0]
     dev, bf16 = _engine(device, n * int(views), precision)
     net, _ = _cached_model(info.path, dev)
@@ -534,15 +536,15 @@ def predict(intensity, model=None, device="auto", batch_size=None, threshold=phy
     }
     size = min(n, _batch_size(batch_size, dev))
     blocks = _blocks(intensity, _check_mask(mask, shape), n, shape, size)
-    settings = (net, dev, bf16, threshold, int(views), info.scale)
+    settings = (net, dev, bf16, threshold, int(views), info.scale, info.size)
     with _no_grad(dev):
         if _prepare_on_device(dev):
             for lo, res in _device_batches(blocks, size, settings):
                 _store(out, lo, res)
         else:
             for lo, block, block_mask in blocks:
-                prepared = prepare(block, net.input_transform, net.input_factor, block_mask, info.scale)
-                _store(out, lo, _run_batch(net, prepared, *settings[1:]))
+                prepared = prepare(block, net.input_transform, net.input_factor, block_mask, info.scale, info.size)
+                _store(out, lo, _run_batch(net, prepared, *settings[1:-1]))
     out["trusted"] = is_trusted(out["chi2"], out["chi2_noise"])
     if single:
         out = {k: v[0] for k, v in out.items()}
@@ -585,13 +587,13 @@ def _device_batches(blocks, size, settings):
     copied and queued, so that the host's reading overlaps the device's work.  Two pinned buffers of
     each kind alternate: a buffer is filled again only after the batch that used it was collected.
     """
-    net, dev, *_, scale = settings
+    net, dev, *_, scale, obj_size = settings
     staged, fetched, pending = {}, {}, None
     for k, (lo, block, block_mask) in enumerate(blocks):
         x = _upload(block, staged, k % 2, size, dev)
         m = None if block_mask is None else _on(dev, np.ascontiguousarray(block_mask))
-        prepared = prepare(x, net.input_transform, net.input_factor, m, scale)
-        queued = (lo, _download(_batch_results(net, prepared, *settings[1:]), fetched, k % 2, size, dev), _mark(dev))
+        prepared = prepare(x, net.input_transform, net.input_factor, m, scale, obj_size)
+        queued = (lo, _download(_batch_results(net, prepared, *settings[1:-1]), fetched, k % 2, size, dev), _mark(dev))
         if pending is not None:
             yield _collect(pending, dev)
         pending = queued
@@ -664,10 +666,12 @@ def choose_scale(intensity, model=None, mask=None, device="auto", sample=None):
     """The model resolved for these patterns at the scale that fits them best (the size policy).
 
     The network reads a sample of the frames (up to ``sample``, evenly spaced) at every scale the
-    model has for the pattern size (:func:`napari_cdinn.nn.models.scales_for`); the scale whose
-    predictions fit the measured pixels best (lowest median ``chi2 - chi2_noise``) is kept.  An
-    object too large for a scale does not fit at it (its far field is read aliased), one read
-    coarser than needed loses its fine fringes: the data decide, beamstop and noise included,
+    model has for the pattern size (:func:`napari_cdinn.nn.models.scales_for`) and, with no model
+    named, every shipped model that reads the size does so too (:func:`napari_cdinn.nn.models.candidates`:
+    ``model2x`` at scales 1 and 2 beside a 64-pixel model on 128 x 128 patterns); the model and
+    scale whose predictions fit the measured pixels best (lowest median ``chi2 - chi2_noise``) are
+    kept.  An object too large for a scale does not fit at it (its far field is read aliased), one
+    read coarser than needed loses its fine fringes: the data decide, beamstop and noise included,
     which the autocorrelation's extent does not survive (docs/decisions.md, "Object size").
 
     Parameters
@@ -688,14 +692,14 @@ def choose_scale(intensity, model=None, mask=None, device="auto", sample=None):
     shape = tuple(intensity.shape) if hasattr(intensity, "shape") else np.shape(intensity)
     if len(shape) == 2:
         intensity, shape = np.asarray(intensity)[None], (1, *shape)
-    info = resolve_model(model, shape, 1)
+    options = candidates(model, shape)
     frames, mask = _sample(intensity, _check_mask(mask, shape), SCALE_SAMPLE if sample is None else sample)
     best = None
-    for scale in scales_for(shape, info.input_factor):
-        res = predict(frames, model=info, device=device, mask=mask, scale=scale)
+    for info in options:
+        res = predict(frames, model=info, device=device, mask=mask, scale=info.scale)
         if best is None or _misfit(res) < _misfit(best[1]):
-            best = (scale, res)
-    return with_evidence(resolve_model(info, shape, best[0]), best[1], frames, mask)
+            best = (info, res)
+    return with_evidence(best[0], best[1], frames, mask)
 
 
 def _misfit(result):

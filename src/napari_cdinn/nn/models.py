@@ -9,25 +9,28 @@ all go through it.
 
 Input sizes
 -----------
-The paper's networks read 32 x 32 amplitudes of the *unpadded* object.  A square pattern of side
-``32 k`` (``k``-times oversampled) is decimated exactly by ``k``; a model reading ``m``-times
-oversampled patterns (``shared2x``: ``m = 2``) takes patterns with ``k`` a multiple of ``m``,
-decimated by ``k / m`` (:func:`decimation_factor`).  Other sizes raise ``ValueError``.
+The paper's networks read 32 x 32 amplitudes of the *unpadded* 32-pixel object; ``deep2x`` draws
+64-pixel objects (:data:`OBJECT_SIZES`).  A square pattern of side ``S k`` for a model of
+``S``-pixel objects (``k``-times oversampled) is decimated exactly by ``k``; a model reading
+``m``-times oversampled patterns (``shared2x``, ``deep2x``: ``m = 2``) takes patterns with ``k`` a
+multiple of ``m``, decimated by ``k / m`` (:func:`decimation_factor`).  Other sizes raise ``ValueError``.
 
 Object size and scale
 ---------------------
 Decimation keeps the pixel size and halves the field of view: it is right while the object fits
-in the network's 32 pixels.  A larger object (a 64-pixel object in a 128 x 128 pattern) is read
-at a coarser *scale* ``c``: the central ``M / c`` pixels of the pattern are the ``m``-times
-oversampled pattern of the object at ``c`` times the pixel size, which the network reads (then
-decimated by ``k / (m c)``), and its 32 x 32 answer is interpolated back to ``32 c`` pixels
-(:func:`napari_cdinn.nn.inference.predict`).  :func:`scales_for` lists the scales a model has
-for a pattern size; :func:`napari_cdinn.nn.inference.choose_scale` picks one from the data.
+in the network's ``S`` pixels.  A larger object (a 64-pixel object in a 128 x 128 pattern, for a
+32-pixel model) is read at a coarser *scale* ``c``: the central ``M / c`` pixels of the pattern are
+the ``m``-times oversampled pattern of the object at ``c`` times the pixel size, which the network
+reads (then decimated by ``k / (m c)``), and its ``S x S`` answer is interpolated back to ``S c``
+pixels (:func:`napari_cdinn.nn.inference.predict`).  :func:`scales_for` lists the scales a model
+has for a pattern size; :func:`candidates` the models and scales weighed for it, among which
+:func:`napari_cdinn.nn.inference.choose_scale` picks from the data.
 
 Default model
 -------------
 With no model named, :func:`default_model` picks the first shipped model of
-:data:`DEFAULT_MODELS` that is installed and reads the pattern's oversampling.
+:data:`DEFAULT_MODELS` that is installed and reads the pattern's size; where a shipped model of
+another object size reads it too, the size policy weighs both (:func:`candidates`).
 """
 
 from __future__ import annotations
@@ -41,14 +44,17 @@ __all__ = [
     "ARCHITECTURES",
     "DEFAULT_MODEL",
     "DEFAULT_MODELS",
+    "OBJECT_SIZES",
     "SIZE",
     "WEIGHTS_DIR",
     "ModelInfo",
+    "candidates",
     "decimation_factor",
     "default_model",
     "input_factor_of",
     "model_arch",
     "model_for",
+    "object_size_of",
     "oversampling_factor",
     "read_card",
     "read_metadata",
@@ -57,18 +63,22 @@ __all__ = [
     "scales_for",
 ]
 
-#: Side of the networks' input and output frames (the paper's 32 x 32).
+#: Side of the paper's networks' output frames (32 x 32); every size a network reads is a multiple of it.
 SIZE = 32
 #: Folder of the weights shipped with the package.
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 #: Name of the default shipped model (``WEIGHTS_DIR / "model.safetensors"``), which reads every size.
 DEFAULT_MODEL = "model"
-#: Shipped models in order of preference when none is named (:func:`default_model`).
+#: Shipped models in order of preference when none is named (:func:`default_model`; a model that is
+#: not installed is skipped).
 DEFAULT_MODELS = ("model2x", DEFAULT_MODEL)
 #: Architecture names (:func:`napari_cdinn.nn.networks.build_model`).
-ARCHITECTURES = ("paper", "shared", "shared2x")
+ARCHITECTURES = ("paper", "shared", "shared2x", "deep2x")
 #: Oversampling of the patterns each architecture reads.
-INPUT_FACTORS = {"paper": 1, "shared": 1, "shared2x": 2}
+INPUT_FACTORS = {"paper": 1, "shared": 1, "shared2x": 2, "deep2x": 2}
+#: Side of the objects (the output frames) each architecture draws: 64 for ``deep2x``, which reads
+#: 2x-oversampled 128 x 128 patterns with one more encoder and decoder level.
+OBJECT_SIZES = {"paper": SIZE, "shared": SIZE, "shared2x": SIZE, "deep2x": 2 * SIZE}
 #: The first convolution, whose input channels tell whether a model reads the mask channel.
 _FIRST_CONV = "encoder.layers.0.weight"
 
@@ -93,33 +103,41 @@ def input_factor_of(arch: str) -> int:
     return INPUT_FACTORS[arch]
 
 
-def oversampling_factor(shape) -> int:
-    """Decimation factor ``k`` for a pattern of ``shape (..., H, W)``: ``H == W == 32 k``.
+def object_size_of(arch: str) -> int:
+    """Side of the objects architecture ``arch`` draws (32, or 64 for ``deep2x``)."""
+    input_factor_of(arch)  # an unknown name fails with its sentence
+    return OBJECT_SIZES[arch]
+
+
+def oversampling_factor(shape, size: int = SIZE) -> int:
+    """Decimation factor ``k`` for a pattern of ``shape (..., H, W)`` of ``size``-pixel objects: ``H == W == size k``.
 
     Raises
     ------
     ValueError
-        When the pattern is not square with a side that is a multiple of 32.
+        When the pattern is not square with a side that is a multiple of ``size``.
     """
     h, w = int(shape[-2]), int(shape[-1])
-    if h != w or h % SIZE or h == 0:
+    if h != w or h % size or h == 0:
         raise ValueError(
-            f"the networks read square patterns of 32 x 32 or k-times oversampled 32k x 32k pixels, got {h} x {w}"
+            f"the networks read square patterns of {size} x {size} or k-times oversampled "
+            f"{size}k x {size}k pixels, got {h} x {w}"
         )
-    return h // SIZE
+    return h // size
 
 
-def decimation_factor(shape, input_factor: int = 1) -> int:
-    """How much a pattern of ``shape`` is decimated for a model reading ``input_factor``-times oversampled patterns.
+def decimation_factor(shape, input_factor: int = 1, size: int = SIZE) -> int:
+    """How much a pattern of ``shape`` is decimated for a model of ``size``-pixel objects reading
+    ``input_factor``-times oversampled patterns.
 
     Raises
     ------
     ValueError
         When the pattern's oversampling (:func:`oversampling_factor`) is not a multiple of ``input_factor``.
     """
-    k = oversampling_factor(shape)
+    k = oversampling_factor(shape, size)
     if k % input_factor:
-        side = SIZE * input_factor
+        side = size * input_factor
         raise ValueError(
             f"this model reads {input_factor}x-oversampled patterns ({side} x {side}, or a multiple of it), "
             f"got {int(shape[-2])} x {int(shape[-1])}"
@@ -127,16 +145,17 @@ def decimation_factor(shape, input_factor: int = 1) -> int:
     return k // input_factor
 
 
-def scales_for(shape, input_factor: int = 1) -> tuple[int, ...]:
-    """The scales (powers of 2, from 1) at which a model reading ``input_factor``-times oversampled
-    patterns can read patterns of ``shape`` (see the module notes): those dividing ``k / input_factor``.
+def scales_for(shape, input_factor: int = 1, size: int = SIZE) -> tuple[int, ...]:
+    """The scales (powers of 2, from 1) at which a model of ``size``-pixel objects reading
+    ``input_factor``-times oversampled patterns can read patterns of ``shape`` (see the module
+    notes): those dividing ``k / input_factor``.
 
     Raises
     ------
     ValueError
         As :func:`decimation_factor`.
     """
-    d = decimation_factor(shape, input_factor)
+    d = decimation_factor(shape, input_factor, size)
     return tuple(c for c in (1, 2, 4, 8, 16, 32, 64) if c <= d and d % c == 0)
 
 
@@ -230,11 +249,23 @@ def model_arch(model=None) -> str:
     return read_metadata(path).get("arch") or read_card(path).get("arch", "paper")
 
 
+def _reads(name: str, shape) -> bool:
+    """Whether the shipped model ``name`` is installed and reads patterns of ``shape``."""
+    try:
+        arch = model_arch(name)
+        decimation_factor(shape, input_factor_of(arch), object_size_of(arch))
+    except ValueError:  # not installed, or not this size
+        return False
+    return True
+
+
 def default_model(shape=None) -> str:
     """Name of the shipped model used for patterns of ``shape`` when none is named.
 
-    The first of :data:`DEFAULT_MODELS` that is installed and reads the pattern's oversampling
+    The first of :data:`DEFAULT_MODELS` that is installed and reads the pattern's size
     (:func:`decimation_factor`); ``DEFAULT_MODEL`` (reads every size) when ``shape`` is None.
+    Where several read it, :func:`napari_cdinn.nn.inference.choose_scale` picks among them by the
+    data (:func:`candidates`).
 
     Raises
     ------
@@ -243,15 +274,32 @@ def default_model(shape=None) -> str:
     """
     if shape is None:
         return DEFAULT_MODEL
-    k = oversampling_factor(shape)
-    for name in DEFAULT_MODELS:
-        try:
-            factor = input_factor_of(model_arch(name))
-        except ValueError:  # not installed
-            continue
-        if k % factor == 0:
-            return name
-    return DEFAULT_MODEL
+    oversampling_factor(shape)
+    return next((name for name in DEFAULT_MODELS if _reads(name, shape)), DEFAULT_MODEL)
+
+
+def candidates(model, shape) -> list:
+    """Every model and scale the size policy weighs for patterns of ``shape``, as :class:`ModelInfo`.
+
+    A named model (or a :class:`ModelInfo`) at each of its scales (:func:`scales_for`); with
+    ``model=None``, the first shipped model of :data:`DEFAULT_MODELS` per object size that is
+    installed and reads the size (``model2x`` before ``model`` for 32-pixel objects), at each of
+    its scales, in that order.
+    """
+    if model is not None:
+        names = [model]
+    else:
+        names, sizes = [], set()
+        for name in DEFAULT_MODELS:
+            size = object_size_of(model_arch(name)) if _reads(name, shape) else None
+            if size is not None and size not in sizes:
+                names.append(name)
+                sizes.add(size)
+    out = []
+    for name in names or [DEFAULT_MODEL]:
+        info = resolve_model(name, shape, 1 if not isinstance(name, ModelInfo) else None)
+        out += [resolve_model(info, shape, c) for c in scales_for(shape, info.input_factor, info.size)]
+    return out
 
 
 def model_for(model, shape):
@@ -279,6 +327,8 @@ class ModelInfo:
         Input encoding (``linear`` or ``log``, :func:`napari_cdinn.nn.data.encode_inputs`).
     card : dict
         The model card beside the weights ({} if none).
+    size : int
+        Side of the objects the network draws (:data:`OBJECT_SIZES`).
     frame : tuple of int or None
         The pattern size ``(H, W)`` the model was checked against (None: not checked).
     decimation : int or None
@@ -302,6 +352,7 @@ class ModelInfo:
     mask_channel: bool
     input_transform: str = "linear"
     card: dict = field(default_factory=dict, compare=False, repr=False)
+    size: int = SIZE
     frame: tuple | None = None
     decimation: int | None = None
     scale: int = 1
@@ -325,13 +376,14 @@ def _mask_channel(header: dict, arch: str, factor: int) -> bool:
 def _at_scale(info: ModelInfo, frame, scale: int) -> ModelInfo:
     """``info`` checked against the pattern size ``frame`` and set to read it at ``scale``."""
     scale = int(scale)
-    if scale not in scales_for(frame, info.input_factor):
+    scales = scales_for(frame, info.input_factor, info.size)
+    if scale not in scales:
         raise ValueError(f"this model cannot read {frame[0]} x {frame[1]} patterns at scale {scale}; "
-                         f"it can at {', '.join(map(str, scales_for(frame, info.input_factor)))}")
+                         f"it can at {', '.join(map(str, scales))}")
     same = frame == info.frame and scale == info.scale
     return dataclasses.replace(info, frame=frame, scale=scale, misfit=info.misfit if same else None,
                                extent=info.extent if frame == info.frame else None,
-                               decimation=decimation_factor(frame, info.input_factor) // scale)
+                               decimation=decimation_factor(frame, info.input_factor, info.size) // scale)
 
 
 def resolve_model(model=None, shape=None, scale=None) -> ModelInfo:
@@ -383,6 +435,7 @@ def resolve_model(model=None, shape=None, scale=None) -> ModelInfo:
         mask_channel=_mask_channel(header, arch, factor),
         input_transform=meta.get("input") or (card.get("config") or {}).get("input", "linear"),
         card=card,
+        size=object_size_of(arch),
     )
     if frame is None:
         return info

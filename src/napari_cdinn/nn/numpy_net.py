@@ -21,12 +21,16 @@ import re
 
 import numpy as np
 
-from .models import ModelInfo, input_factor_of, nonfinite_weights, resolve_model, wrong_weights
+from .models import SIZE, ModelInfo, input_factor_of, nonfinite_weights, object_size_of, resolve_model, wrong_weights
 
 __all__ = ["NumpyNet", "load_numpy_model"]
 
-#: Convolutions of an encoder (three blocks of two) and of a decoder (three blocks of two, then the last).
-_CONVS = {"encoder": 6, "decoder": 7}
+
+
+def _levels(arch: str) -> int:
+    """Encoder (and decoder) blocks of ``arch``: the paper's three for 32-pixel objects, one more per doubling."""
+    return 2 + (object_size_of(arch) // SIZE).bit_length()
+
 #: Where each head's encoder and decoder sit in the state dict: the paper's pair has one encoder per head.
 _PREFIXES = {
     "paper": {"shape": ("shape.encoder.", "shape.decoder."), "phase": ("phase.encoder.", "phase.decoder.")},
@@ -74,17 +78,17 @@ def _upsample(x):
 
 
 def _encode(x, convs):
-    """The encoder: three blocks of (conv + ReLU) x 2 and 2 x 2 max-pooling."""
-    for block in range(3):
+    """The encoder: blocks of (conv + ReLU) x 2 and 2 x 2 max-pooling (two convolutions each)."""
+    for block in range(len(convs) // 2):
         x = _pool(_conv(_conv(x, convs[2 * block]), convs[2 * block + 1]))
     return x
 
 
 def _decode(z, convs):
-    """A decoder: three blocks of (conv + ReLU) x 2 and 2 x upsampling, then the last conv (logits, one channel)."""
-    for block in range(3):
+    """A decoder: blocks of (conv + ReLU) x 2 and 2 x upsampling, then the last conv (logits, one channel)."""
+    for block in range(len(convs) // 2):
         z = _upsample(_conv(_conv(z, convs[2 * block]), convs[2 * block + 1]))
-    return _conv(z, convs[6], relu=False)
+    return _conv(z, convs[-1], relu=False)
 
 
 def _kernel(weight):
@@ -115,7 +119,7 @@ class NumpyNet:
     state : dict of str to ndarray
         The model's state dict (``torch`` names, NumPy arrays of any float dtype).
     arch : str
-        ``paper``, ``shared`` or ``shared2x``.
+        One of :data:`napari_cdinn.nn.models.ARCHITECTURES`.
     mask_channel : bool
         Whether the weights read the unmeasured-pixel map beside the amplitudes.
     input_transform : str
@@ -123,7 +127,7 @@ class NumpyNet:
 
     Attributes
     ----------
-    arch, input_factor, mask_channel, input_transform
+    arch, input_factor, mask_channel, input_transform, size
         As the torch model's (:func:`napari_cdinn.nn.checkpoint.load_model`).
 
     Raises
@@ -135,11 +139,13 @@ class NumpyNet:
     def __init__(self, state: dict, arch: str, mask_channel: bool = False, input_transform: str = "linear"):
         self.arch = arch
         self.input_factor = input_factor_of(arch)
+        self.size = object_size_of(arch)
         self.mask_channel = bool(mask_channel)
         self.input_transform = input_transform
         heads = _PREFIXES["paper" if arch == "paper" else "shared"]
-        counts = {enc: _CONVS["encoder"] for enc, _ in heads.values()}
-        counts.update({dec: _CONVS["decoder"] for _, dec in heads.values()})
+        levels = _levels(arch)
+        counts = {enc: 2 * levels for enc, _ in heads.values()}
+        counts.update({dec: 2 * levels + 1 for _, dec in heads.values()})
         layers = {p: _convs(state, p, count) for p, count in counts.items()}
         extra = set(state) - {f"{p}layers.{i}.{kind}" for p in counts for i in _indices(state, p)
                               for kind in ("weight", "bias")}
@@ -151,7 +157,7 @@ class NumpyNet:
             raise ValueError(f"the first convolution does not read {channels} input channels")
 
     def encoder_input(self, x):
-        """Network input ``(N, C, 32 m, 32 m)`` as the encoder's channels-last ``(N, 32, 32, C m^2)``:
+        """Network input ``(N, C, S m, S m)`` as the encoder's channels-last ``(N, S, S, C m^2)``:
         the ``m = input_factor`` squared sub-lattices as channels, in ``torch.nn.functional.pixel_unshuffle``'s order."""
         x = np.asarray(x, dtype=np.float32)
         n, c, h, w = x.shape
@@ -160,7 +166,7 @@ class NumpyNet:
             x.reshape(n, c, h // r, r, w // r, r).transpose(0, 2, 4, 1, 3, 5).reshape(n, h // r, w // r, c * r * r))
 
     def logits(self, x):
-        """Pre-sigmoid ``(amplitude, phase_unit)`` maps, float32, each ``(N, 1, 32, 32)``."""
+        """Pre-sigmoid ``(amplitude, phase_unit)`` maps, float32, each ``(N, 1, S, S)`` (``S`` the object size)."""
         z = self.encoder_input(x)
         features = {}  # the shared encoder runs once for both heads
         out = []
@@ -171,7 +177,7 @@ class NumpyNet:
         return tuple(out)
 
     def __call__(self, x):
-        """Return ``(amplitude, phase_unit)``, each ``(N, 1, 32, 32)`` float32 in 0..1 (the sigmoid outputs)."""
+        """Return ``(amplitude, phase_unit)``, each ``(N, 1, S, S)`` float32 in 0..1 (the sigmoid outputs)."""
         return tuple(_sigmoid(t) for t in self.logits(x))
 
 

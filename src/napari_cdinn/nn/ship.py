@@ -32,6 +32,7 @@ from .checkpoint import (
     save_model,
 )
 from .evaluate import TEST_SEED, score_model
+from .models import object_size_of
 
 __all__ = ["card_from_state", "ship", "training_data"]
 
@@ -122,12 +123,13 @@ def training_data(config: dict) -> dict:
 
     families = config.get("families") or "paper"
     detector = config.get("detector") or "ideal"
+    size = object_size_of(config.get("arch") or "paper")
     return {
         "families": {"name": families, "weights": MIXTURES.get(families, families)},
         "detector": {"name": detector,
                      "settings": dataclasses.asdict(DETECTORS[detector]) if detector in DETECTORS else detector},
         "mask_channel": bool(config.get("mask_channel", False)),
-        "objects": "32 x 32 frames; patterns of the object zero-padded by the architecture's input factor",
+        "objects": f"{size} x {size} frames; patterns of the object zero-padded by the architecture's input factor",
     }
 
 
@@ -135,13 +137,14 @@ def ship(source, name="model", count=1000, device="cpu", photons=1e5):
     """Store ``source``'s weights as ``WEIGHTS_DIR/name.safetensors`` (+ card); return the card."""
     path = resolve_model_path(source)
     net, state = load_model(path, device)
+    side = net.size * net.input_factor  # the frame the network reads
     card = card_from_state(state)
     card.update(
         arch=net.arch,
         source=str(path),
         shipped=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         storage="float16 safetensors (loaded as float32)",
-        input="sqrt(intensity), decimated to 32 x 32, divided by its per-frame maximum",
+        input=f"sqrt(intensity), decimated to {side} x {side}, divided by its per-frame maximum",
         output="amplitude (max 1), phase (radians, 0 outside amplitude 0.1); targets centred by bounding box",
         trust_chi2=TRUST_CHI2,
         trust_rule="chi2 - chi2_noise <= trust_chi2 (chi2_noise: the chi^2 counting noise alone gives)",
@@ -152,10 +155,12 @@ def ship(source, name="model", count=1000, device="cpu", photons=1e5):
     target = WEIGHTS_DIR / f"{name}.safetensors"
     tmp = WEIGHTS_DIR / f".{name}.tmp.safetensors"
     save_model(net, tmp, None, dtype=torch.float16)
-    card["test_metrics"] = score_model(tmp, count=count, seed=TEST_SEED, device=device)
-    card["test_metrics_noisy"] = score_model(tmp, count=count, seed=TEST_SEED, photons=photons, device=device)
-    card["test_metrics_views8"] = score_model(tmp, count=count, seed=TEST_SEED, device=device, views=8)
-    mixture = simulate(count, seed=TEST_SEED, oversampling=2, families="realistic", detector="realistic")
+    card["test_metrics"] = score_model(tmp, count=count, seed=TEST_SEED, device=device, size=net.size)
+    card["test_metrics_noisy"] = score_model(tmp, count=count, seed=TEST_SEED, photons=photons, device=device,
+                                             size=net.size)
+    card["test_metrics_views8"] = score_model(tmp, count=count, seed=TEST_SEED, device=device, views=8, size=net.size)
+    mixture = simulate(count, seed=TEST_SEED, oversampling=2, families="realistic", detector="realistic",
+                       size=net.size)
     card["test_metrics_realistic"] = dict(score_model(tmp, data=mixture, device=device), families="realistic",
                                           detector="realistic")
     save_model(net, target, card, dtype=torch.float16)

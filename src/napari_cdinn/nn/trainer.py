@@ -56,6 +56,7 @@ from ..simulate import BLOCK
 from .checkpoint import load_model, resolve_model_path, save_model
 from .config import PRESETS, RESUMABLE, TrainConfig, chosen_fields, resolve_options
 from .data import (
+    SIZE,
     make_examples,
     make_objects,
     network_input,
@@ -63,6 +64,7 @@ from .data import (
     split_detector,
 )
 from .inference import decode_outputs, oversampled_intensity
+from .models import object_size_of
 from .networks import (
     add_mask_channel,
     build_model,
@@ -251,7 +253,7 @@ def evaluate(model, data, device, bf16=False, batch_size=512):
 
 
 def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, fresh=False, pool=None, ahead=2,
-                   families=None, detector=None):
+                   families=None, detector=None, size=SIZE):
     """Yield the objects of one epoch's training batches (dicts of ``amplitude`` and ``phase`` arrays),
     skipping the first ``skip_examples``; :func:`napari_cdinn.nn.data.prepare_examples` makes them examples.
 
@@ -259,7 +261,7 @@ def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, fresh=F
     ``e * train_size`` (rounded up to a whole ``BLOCK``) on, so no example is seen twice.  With a
     process ``pool`` the chunks are simulated ``ahead`` at a time, in parallel; the batches are the same.
     ``families`` and ``detector`` (:func:`napari_cdinn.nn.data.make_objects`) draw realistic data;
-    the batches then carry the detector settings of their examples.
+    the batches then carry the detector settings of their examples.  ``size``: the objects' side.
     """
     rng = np.random.default_rng([int(seed), 7, int(epoch)])
     offset = int(epoch) * (-(-int(train_size) // BLOCK) * BLOCK) if fresh else 0
@@ -272,7 +274,8 @@ def _epoch_batches(seed, epoch, train_size, batch_size, skip_examples=0, fresh=F
         if consumed + count <= skip_examples:
             consumed += count
             continue
-        job = {"count": count, "seed": seed, "start": offset + start, "families": families, "detector": detector}
+        job = {"count": count, "seed": seed, "start": offset + start, "families": families, "detector": detector,
+               "size": size}
         plan.append((job, perm))
     buffer = None
     chunks = _simulated([kw for kw, _ in plan], pool, ahead)
@@ -499,8 +502,10 @@ class _Run:
                     g[k] = v.to(dev)
         self.average = _load_average(out, model, dev) if resumed and config.average_from is not None else None
         self.factor = input_factor_of(config.arch)
+        self.size = object_size_of(config.arch)
         self.val = make_examples(config.val_size, config.seed + VAL_SEED_OFFSET, transform=config.input,
-                                 input_factor=self.factor, families=config.families, detector=config.detector)
+                                 input_factor=self.factor, families=config.families, detector=config.detector,
+                                 size=self.size)
         self.generator = torch.Generator(device=dev).manual_seed(int(config.seed) * 7919 + int(state["step"]))
         self.quick = {k: v[: min(quick_val_size, config.val_size)] for k, v in self.val.items()}
         self.steps_per_epoch = config.train_size // config.batch_size
@@ -640,7 +645,7 @@ class _Run:
             while state["epoch"] < cfg.epochs and ended is None:
                 batches = _epoch_batches(cfg.seed, state["epoch"], cfg.train_size, cfg.batch_size,
                                          state["step_in_epoch"] * cfg.batch_size, cfg.fresh_data, pool, 2 * workers,
-                                         cfg.families, cfg.detector)
+                                         cfg.families, cfg.detector, self.size)
                 ended = self.run_epoch(batches, stop, checkpoint_minutes)
                 if ended == "stopped":
                     break

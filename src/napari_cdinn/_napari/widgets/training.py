@@ -66,7 +66,8 @@ class TrainingWidget(widgets.Container):
         self.arch = widgets.ComboBox(
             label="architecture",
             choices=[("as the start model (else shared)", None), ("shared encoder, 32 x 32 input", "shared"),
-                     ("shared encoder, 2x-oversampled input", "shared2x"), ("the paper's pair", "paper")],
+                     ("shared encoder, 2x-oversampled input", "shared2x"),
+                     ("one more level: 64-pixel objects, 128 x 128 input", "deep2x"), ("the paper's pair", "paper")],
             tooltip=option_help("arch"))
         self.fresh = widgets.CheckBox(label="new examples every epoch", value=False, tooltip=option_help("fresh_data"))
         self.data_weight = _weight_box("data-consistency weight", "data_weight")
