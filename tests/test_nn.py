@@ -13,6 +13,7 @@ from napari_cdinn import physics
 from napari_cdinn.cli import main
 from napari_cdinn.nn import TRUST_CHI2, load_model, predict, train
 from napari_cdinn.nn.checkpoint import WEIGHTS_DIR, save_model
+from napari_cdinn.nn.inference import PHASE_FLOOR
 from napari_cdinn.nn.data import (
     centre_objects,
     encode_inputs,
@@ -126,7 +127,10 @@ def test_predict_shapes_dtypes_and_single_frame(patterns):
     assert res["amplitude"].dtype == res["phase"].dtype == np.float32
     assert res["chi2"].shape == res["trusted"].shape == (8,)
     np.testing.assert_allclose(res["amplitude"].max(axis=(1, 2)), 1.0, rtol=1e-6)
-    assert np.all(res["phase"][~res["support"]] == 0)
+    # the phase is 0 where nothing is drawn, and the network's own on the faint rim of the shape
+    assert np.all(res["phase"][res["amplitude"] <= PHASE_FLOOR] == 0)
+    rim = ~res["support"] & (res["amplitude"] > PHASE_FLOOR)
+    assert rim.any() and np.all(res["phase"][rim] != 0)
     assert np.all(np.abs(res["phase"]) <= np.pi + 1e-6)
     np.testing.assert_array_equal(res["trusted"], res["chi2"] <= TRUST_CHI2)
     one = predict(patterns["intensity"][0], device="cpu")
@@ -180,7 +184,7 @@ def test_view_ensemble_keeps_the_contract_and_is_symmetric(patterns):
     res = predict(inten, device="cpu", precision="fp32", views=8)
     assert res["amplitude"].shape == res["phase"].shape == (4, 32, 32) and res["chi2"].dtype == np.float32
     np.testing.assert_allclose(res["amplitude"].max(axis=(1, 2)), 1.0, rtol=1e-6)
-    assert np.all(res["phase"][~res["support"]] == 0)
+    assert np.all(res["phase"][res["amplitude"] <= PHASE_FLOOR] == 0)
     np.testing.assert_array_equal(res["trusted"], res["chi2"] <= TRUST_CHI2)
     single = predict(inten, device="cpu", precision="fp32")
     assert np.median(res["chi2"]) < np.median(single["chi2"])  # the averaged answer fits the data better

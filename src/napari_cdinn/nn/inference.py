@@ -123,6 +123,10 @@ REFINE_OPTIONS = {"iterations": 50, "average": 10, "shrinkwrap_every": 10, "sigm
 NUMPY_MAX_PATTERNS = 64
 #: Frames :func:`choose_scale` predicts at every scale (evenly spaced through the stack) by default.
 SCALE_SAMPLE = 64
+#: Relative amplitude below which a decoded phase is 0 (:func:`decode_outputs`), under the shape
+#: threshold: the network's phase on the faint rim of its shape is reported, not replaced by 0
+#: (docs/decisions.md, "The phase on the rim of the shape").
+PHASE_FLOOR = 0.02
 #: The engine of :func:`predict`: ``"auto"`` (:func:`numpy_engine` decides), ``"numpy"`` or ``"torch"`` (tests).
 ENGINE = "auto"
 
@@ -331,21 +335,25 @@ def decode_outputs(amp, unit, threshold=physics.SHAPE_THRESHOLD):
     amp, unit : Tensor or ndarray (N, 1, H, W)
         Sigmoid outputs: shape, and phase scaled to 0..1.
     threshold : float
-        Relative amplitude below which the phase is set to 0 (the paper's shape threshold).
+        Relative amplitude of the shape (the support; the paper's shape threshold).
 
     Returns
     -------
     amplitude : float32 (N, H, W), divided by its per-frame maximum
-    phase : float32 (N, H, W), radians in -pi..pi, 0 outside the support
-    support : bool (N, H, W)
+    phase : float32 (N, H, W), radians in -pi..pi, 0 where the amplitude is at most
+        ``min(threshold, PHASE_FLOOR)`` (:data:`PHASE_FLOOR`)
+    support : bool (N, H, W), amplitude above ``threshold``
         Of the inputs' kind (tensors or NumPy arrays).
     """
     amp = as_float32(amp[:, 0])
     amp = amp / _frame_peak(amp)
-    support = amp > threshold
+    return amp, _phase_where_drawn(amp, as_float32(unit[:, 0]) * (2 * np.pi) - np.pi, threshold), amp > threshold
+
+
+def _phase_where_drawn(amp, phase, threshold):
+    """``phase`` where the relative amplitude ``amp`` exceeds ``min(threshold, PHASE_FLOOR)``, else 0."""
     xp = array_lib(amp)
-    phase = xp.where(support, as_float32(unit[:, 0]) * (2 * np.pi) - np.pi, xp.zeros_like(amp))
-    return amp, phase, support
+    return xp.where(amp > min(threshold, PHASE_FLOOR), phase, xp.zeros_like(amp))
 
 
 def _fit_intensity(amplitude, phase, factor):
@@ -389,12 +397,10 @@ def _network_object(net, x, device, bf16, threshold, view, scale=1):
 
 
 def _decode_object(obj, threshold):
-    """Amplitude (max 1 per frame), phase (0 outside the support) and support of complex objects."""
+    """Amplitude (max 1 per frame), phase and support of complex objects, as :func:`decode_outputs`."""
     amp = abs(obj)
     amp = amp / _frame_peak(amp)
-    support = amp > threshold
-    xp = array_lib(obj)
-    return amp, xp.where(support, xp.angle(obj), xp.zeros_like(amp)), support
+    return amp, _phase_where_drawn(amp, array_lib(obj).angle(obj), threshold), amp > threshold
 
 
 def _view_ensemble(net, x, meas, factor, device, bf16, threshold, views, unmeasured=None, scale=1):
@@ -482,7 +488,8 @@ def predict(intensity, model=None, device="auto", batch_size=None, threshold=phy
     batch_size : int, optional
         Frames per network call; default by device (:data:`BATCH_SIZES`: 256 on the CPU, 4,096 on a GPU).
     threshold : float
-        Relative amplitude defining the object; the phase is 0 outside it.
+        Relative amplitude defining the object (``support``); the phase is 0 where the amplitude is at
+        most the lower of it and :data:`PHASE_FLOOR`.
     precision : "auto", "fp32" or "bf16"
         bf16 autocast where the hardware has fast bf16 (``auto``), else float32.
     views : int, 1..8
@@ -502,7 +509,7 @@ def predict(intensity, model=None, device="auto", batch_size=None, threshold=phy
     -------
     dict
         ``amplitude`` float32 (N, S s, S s) (``S`` the model's object size, ``s`` the scale), max 1 per frame;
-        ``phase`` float32 radians, 0 outside the support; ``support`` bool; ``chi2`` float32 (N,) (measured pixels only); ``chi2_noise``
+        ``phase`` float32 radians, 0 where the amplitude is at most :data:`PHASE_FLOOR`; ``support`` bool; ``chi2`` float32 (N,) (measured pixels only); ``chi2_noise``
         float32 (N,), the chi^2 that counting noise alone gives; ``trusted`` bool (N,)
         (``chi2 - chi2_noise <= TRUST_CHI2``).  A single (H, W) frame gives unbatched arrays.
 
