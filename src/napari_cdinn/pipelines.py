@@ -328,7 +328,8 @@ def _seeding_guess(stack, model, mask, device):
     first (:func:`napari_cdinn.nn.inference.with_evidence`).
     """
     from .nn import ModelInfo, declined, predict
-    from .nn.inference import SCALE_SAMPLE, _sample, candidates, with_evidence
+    from .nn.inference import SCALE_SAMPLE, _sample, with_evidence
+    from .nn.models import candidates
 
     if not (isinstance(model, ModelInfo) and model.misfit is not None):
         options = candidates(model, stack.shape)
