@@ -13,7 +13,6 @@ from napari_cdinn import physics
 from napari_cdinn.cli import main
 from napari_cdinn.nn import TRUST_CHI2, load_model, predict, train
 from napari_cdinn.nn.checkpoint import WEIGHTS_DIR, save_model
-from napari_cdinn.nn.inference import PHASE_FLOOR
 from napari_cdinn.nn.data import (
     centre_objects,
     encode_inputs,
@@ -21,6 +20,7 @@ from napari_cdinn.nn.data import (
     normalise_amplitudes,
     twin_targets,
 )
+from napari_cdinn.nn.inference import PHASE_FLOOR
 from napari_cdinn.nn.networks import build_model, count_parameters, widen_state_dict
 from napari_cdinn.simulate import simulate
 
