@@ -509,7 +509,8 @@ def predict(intensity, model=None, device="auto", batch_size=None, threshold=phy
     -------
     dict
         ``amplitude`` float32 (N, S s, S s) (``S`` the model's object size, ``s`` the scale), max 1 per frame;
-        ``phase`` float32 radians, 0 where the amplitude is at most :data:`PHASE_FLOOR`; ``support`` bool; ``chi2`` float32 (N,) (measured pixels only); ``chi2_noise``
+        ``phase`` float32 radians, 0 where the amplitude is at most :data:`PHASE_FLOOR`; ``support`` bool;
+        ``chi2`` float32 (N,) (measured pixels only); ``chi2_noise``
         float32 (N,), the chi^2 that counting noise alone gives; ``trusted`` bool (N,)
         (``chi2 - chi2_noise <= TRUST_CHI2``).  A single (H, W) frame gives unbatched arrays.
 
@@ -543,15 +544,15 @@ def predict(intensity, model=None, device="auto", batch_size=None, threshold=phy
     }
     size = min(n, _batch_size(batch_size, dev))
     blocks = _blocks(intensity, _check_mask(mask, shape), n, shape, size)
-    settings = (net, dev, bf16, threshold, int(views), info.scale, info.size)
+    settings = (net, dev, bf16, threshold, int(views), info.scale)
     with _no_grad(dev):
         if _prepare_on_device(dev):
             for lo, res in _device_batches(blocks, size, settings):
                 _store(out, lo, res)
         else:
             for lo, block, block_mask in blocks:
-                prepared = prepare(block, net.input_transform, net.input_factor, block_mask, info.scale, info.size)
-                _store(out, lo, _run_batch(net, prepared, *settings[1:-1]))
+                prepared = prepare(block, net.input_transform, net.input_factor, block_mask, info.scale, net.size)
+                _store(out, lo, _run_batch(net, prepared, *settings[1:]))
     out["trusted"] = is_trusted(out["chi2"], out["chi2_noise"])
     if single:
         out = {k: v[0] for k, v in out.items()}
@@ -594,13 +595,13 @@ def _device_batches(blocks, size, settings):
     copied and queued, so that the host's reading overlaps the device's work.  Two pinned buffers of
     each kind alternate: a buffer is filled again only after the batch that used it was collected.
     """
-    net, dev, *_, scale, obj_size = settings
+    net, dev, *_, scale = settings
     staged, fetched, pending = {}, {}, None
     for k, (lo, block, block_mask) in enumerate(blocks):
         x = _upload(block, staged, k % 2, size, dev)
         m = None if block_mask is None else _on(dev, np.ascontiguousarray(block_mask))
-        prepared = prepare(x, net.input_transform, net.input_factor, m, scale, obj_size)
-        queued = (lo, _download(_batch_results(net, prepared, *settings[1:-1]), fetched, k % 2, size, dev), _mark(dev))
+        prepared = prepare(x, net.input_transform, net.input_factor, m, scale, net.size)
+        queued = (lo, _download(_batch_results(net, prepared, *settings[1:]), fetched, k % 2, size, dev), _mark(dev))
         if pending is not None:
             yield _collect(pending, dev)
         pending = queued

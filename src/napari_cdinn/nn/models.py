@@ -52,6 +52,7 @@ __all__ = [
     "decimation_factor",
     "default_model",
     "input_factor_of",
+    "level_widths",
     "model_arch",
     "model_for",
     "object_size_of",
@@ -101,6 +102,21 @@ def input_factor_of(arch: str) -> int:
     if arch not in INPUT_FACTORS:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
     return INPUT_FACTORS[arch]
+
+
+#: Filters per level of the paper's encoders (its decoders run them backwards).
+_PAPER_WIDTHS = (32, 64, 128)
+#: Filters of each level a network for larger objects adds (``deep2x``: 8 x 8 -> 4 x 4).
+_DEEP_WIDTH = 256
+
+
+def level_widths(size: int = SIZE) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Encoder and decoder widths of a network drawing ``size``-pixel objects: the paper's three
+    levels for 32, one more level per doubling (256 filters), so that the encoder always ends
+    on 4 x 4 features and every output pixel hears every input pixel."""
+    extra = (int(size) // SIZE).bit_length() - 1
+    enc = _PAPER_WIDTHS + (_DEEP_WIDTH,) * extra
+    return enc, enc[::-1]
 
 
 def object_size_of(arch: str) -> int:
@@ -249,14 +265,14 @@ def model_arch(model=None) -> str:
     return read_metadata(path).get("arch") or read_card(path).get("arch", "paper")
 
 
-def _reads(name: str, shape) -> bool:
-    """Whether the shipped model ``name`` is installed and reads patterns of ``shape``."""
+def _size_read(name: str, shape) -> int | None:
+    """The object size of the shipped model ``name`` if it is installed and reads patterns of ``shape``, else None."""
     try:
         arch = model_arch(name)
         decimation_factor(shape, input_factor_of(arch), object_size_of(arch))
     except ValueError:  # not installed, or not this size
-        return False
-    return True
+        return None
+    return object_size_of(arch)
 
 
 def default_model(shape=None) -> str:
@@ -275,7 +291,7 @@ def default_model(shape=None) -> str:
     if shape is None:
         return DEFAULT_MODEL
     oversampling_factor(shape)
-    return next((name for name in DEFAULT_MODELS if _reads(name, shape)), DEFAULT_MODEL)
+    return next((name for name in DEFAULT_MODELS if _size_read(name, shape) is not None), DEFAULT_MODEL)
 
 
 def candidates(model, shape) -> list:
@@ -291,7 +307,7 @@ def candidates(model, shape) -> list:
     else:
         names, sizes = [], set()
         for name in DEFAULT_MODELS:
-            size = object_size_of(model_arch(name)) if _reads(name, shape) else None
+            size = _size_read(name, shape)
             if size is not None and size not in sizes:
                 names.append(name)
                 sizes.add(size)

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import ARCHITECTURES, SIZE, input_factor_of, object_size_of
+from .models import ARCHITECTURES, SIZE, input_factor_of, level_widths, object_size_of
 from .models import INPUT_FACTORS as _INPUT_FACTORS
 
 __all__ = [
@@ -82,19 +82,8 @@ __all__ = [
 # ARCHITECTURES (the names build_model accepts), the input factors and input_factor_of are in
 # .models, which resolves a model without importing torch.
 
-_ENCODER_WIDTHS = (32, 64, 128)
-_DECODER_WIDTHS = (128, 64, 32)
-#: Filters of the level a deeper network adds (``deep2x``: 64-pixel objects, 8 x 8 -> 4 x 4).
-_DEEP_WIDTH = 256
-
-
-def level_widths(size: int = SIZE) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Encoder and decoder widths of a shared net drawing ``size``-pixel objects: the paper's three
-    levels for 32, one more level per doubling (256 filters), so that the encoder always ends
-    on 4 x 4 features and every output pixel hears every input pixel."""
-    extra = (int(size) // SIZE).bit_length() - 1
-    enc = _ENCODER_WIDTHS + (_DEEP_WIDTH,) * extra
-    return enc, enc[::-1]
+# level_widths (the widths per object size) is in .models, which the NumPy engine reads without torch.
+_ENCODER_WIDTHS, _DECODER_WIDTHS = level_widths(SIZE)
 
 
 def _conv_relu(c_in, c_out):

@@ -21,15 +21,18 @@ import re
 
 import numpy as np
 
-from .models import SIZE, ModelInfo, input_factor_of, nonfinite_weights, object_size_of, resolve_model, wrong_weights
+from .models import (
+    ModelInfo,
+    input_factor_of,
+    level_widths,
+    nonfinite_weights,
+    object_size_of,
+    resolve_model,
+    wrong_weights,
+)
 
 __all__ = ["NumpyNet", "load_numpy_model"]
 
-
-
-def _levels(arch: str) -> int:
-    """Encoder (and decoder) blocks of ``arch``: the paper's three for 32-pixel objects, one more per doubling."""
-    return 2 + (object_size_of(arch) // SIZE).bit_length()
 
 #: Where each head's encoder and decoder sit in the state dict: the paper's pair has one encoder per head.
 _PREFIXES = {
@@ -143,7 +146,7 @@ class NumpyNet:
         self.mask_channel = bool(mask_channel)
         self.input_transform = input_transform
         heads = _PREFIXES["paper" if arch == "paper" else "shared"]
-        levels = _levels(arch)
+        levels = len(level_widths(object_size_of(arch))[0])
         counts = {enc: 2 * levels for enc, _ in heads.values()}
         counts.update({dec: 2 * levels + 1 for _, dec in heads.values()})
         layers = {p: _convs(state, p, count) for p, count in counts.items()}
