@@ -10,7 +10,7 @@ from napari_cdinn import physics, simulate
 from napari_cdinn.nn import inference, predict, train
 from napari_cdinn.nn.checkpoint import load_model, save_model
 from napari_cdinn.nn.models import candidates, default_model, object_size_of, resolve_model, scales_for
-from napari_cdinn.nn.networks import build_model, count_parameters, level_widths
+from napari_cdinn.nn.networks import build_model, count_parameters, deepen_state_dict, level_widths
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +100,27 @@ def test_training_a_deep2x_network_simulates_64_pixel_objects(tmp_path):
     assert (net.arch, net.size, card["config"]["arch"]) == ("deep2x", 64, "deep2x")
     data = simulate.simulate(2, size=64, seed=23, oversampling=2)
     assert predict(data["intensity"], model=tmp_path / "m", device="cpu")["amplitude"].shape == (2, 64, 64)
+
+
+def test_a_deep2x_network_starts_from_trained_32_pixel_weights(tmp_path):
+    small = build_model("shared2x", mask_channel=True)
+    fresh = build_model("deep2x", mask_channel=True).state_dict()
+    state = deepen_state_dict(small.state_dict(), fresh)
+    trained = small.state_dict()
+    # the outer levels are the trained ones: the encoder's first three, the decoders' last three and last conv
+    assert torch.equal(state["encoder.layers.12.weight"], trained["encoder.layers.12.weight"])
+    assert torch.equal(state["phase.layers.20.weight"], trained["phase.layers.15.weight"])
+    assert torch.equal(state["shape.layers.10.weight"], trained["shape.layers.5.weight"])
+    # the conv after the new level reads twice the channels: the trained kernel on the first half
+    assert torch.equal(state["shape.layers.5.weight"][:, :128], trained["shape.layers.0.weight"])
+    assert torch.equal(state["shape.layers.5.weight"][:, 128:], fresh["shape.layers.5.weight"][:, 128:])
+    assert torch.equal(state["encoder.layers.15.weight"], fresh["encoder.layers.15.weight"])  # the new level
+    with pytest.raises(ValueError, match="do not fit"):
+        deepen_state_dict(build_model("shared2x").state_dict(), fresh)  # no mask channel against one
+    # the trainer does it when 32-pixel weights start a deep2x run
+    save_model(small, tmp_path / "small.safetensors")
+    train(tmp_path / "m", preset="tiny", arch="deep2x", mask_channel=True, init_from=str(tmp_path / "small.safetensors"),
+          train_size=16, val_size=8, batch_size=16, epochs=1, quick_val_size=8, lr=1e-12)
+    net, card = load_model(tmp_path / "m")
+    assert (net.arch, card["config"]["init_from"]) == ("deep2x", str(tmp_path / "small.safetensors"))
+    assert torch.allclose(net.state_dict()["encoder.layers.0.weight"], trained["encoder.layers.0.weight"], atol=1e-6)

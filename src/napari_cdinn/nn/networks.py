@@ -73,6 +73,7 @@ __all__ = [
     "add_mask_channel",
     "build_model",
     "count_parameters",
+    "deepen_state_dict",
     "input_factor_of",
     "level_widths",
     "mask_channel_of",
@@ -233,6 +234,43 @@ def widen_state_dict(state: dict, factor: int = 2) -> dict:
     wide = w.new_zeros((w.shape[0], factor * factor) + tuple(w.shape[2:]))
     wide[:, :1] = w
     return dict(state, **{key: wide})
+
+
+def deepen_state_dict(state: dict, fresh: dict) -> dict:
+    """Trained 32-pixel ``shared2x`` weights carried into a freshly initialised deeper net (a warm start).
+
+    The deeper net (``deep2x``: one more level, :func:`level_widths`) keeps the encoder's outer
+    levels and the decoders' outer levels and last convolution of ``state`` wherever the shapes
+    agree: the filters that read sub-lattice speckle and draw edges at pixel scale.  The new inner
+    levels keep ``fresh``'s random weights; the first convolution after them, which reads twice
+    the channels, takes the trained kernel on its first half.  Unlike :func:`widen_state_dict` the
+    result does not compute what the smaller net computed: it is a start for training, measured
+    against a random start in docs/decisions.md ("Warm start of the 64-pixel network").
+
+    Parameters
+    ----------
+    state : dict
+        Weights of a ``SharedNet`` drawing ``n``-pixel objects (with or without the mask channel,
+        as ``fresh``).
+    fresh : dict
+        Freshly initialised weights of the ``SharedNet`` drawing ``2 n``-pixel objects.
+    """
+    out = dict(fresh)
+    for key, w in state.items():
+        head, idx, name = key.rsplit(".", 2)
+        decoder = not head.startswith("encoder")
+        if decoder:  # decoders: the deeper net's level ``l + 1`` is the smaller one's level ``l``
+            key = f"{head}.{int(idx) + 5}.{name}"
+        if key not in out:
+            raise ValueError(f"weights {key!r} have no place in the deeper network")
+        target = out[key]
+        if target.shape == w.shape:
+            out[key] = w.clone()
+        elif decoder and target.ndim == 4 and target.shape[0] == w.shape[0] and target.shape[1] == 2 * w.shape[1]:
+            out[key] = torch.cat([w, target[:, w.shape[1]:]], 1)
+        else:
+            raise ValueError(f"weights {key!r} of shape {tuple(w.shape)} do not fit {tuple(target.shape)}")
+    return out
 
 
 def mask_channel_of(state: dict, arch: str) -> bool:

@@ -69,7 +69,9 @@ from .networks import (
     add_mask_channel,
     build_model,
     count_parameters,
+    deepen_state_dict,
     input_factor_of,
+    mask_channel_of,
     widen_state_dict,
 )
 from .runtime import autocast, bf16_supported, resolve_device
@@ -403,13 +405,20 @@ def _lr_at(config, step, total_steps, elapsed_s=0.0):
     return config.lr
 
 
+def _deepens(arch, deeper):
+    """Whether weights of ``arch`` start ``deeper`` by :func:`deepen_state_dict` (same input, twice the object)."""
+    return (arch != "paper" and input_factor_of(arch) == input_factor_of(deeper)
+            and object_size_of(deeper) == 2 * object_size_of(arch))
+
+
 def _initial_weights(config, chosen):
     """State dict of the model ``config.init_from`` names, and ``config`` updated to its architecture.
 
     Its architecture and input encoding replace the config's unless ``chosen`` names them: then a
     conflict raises ``ValueError``, except that ``shared`` weights started as ``arch="shared2x"``
     are widened (:func:`widen_state_dict`): the 2x-input net then begins exactly where the 32 x 32
-    one stands.
+    one stands, and ``shared2x`` weights started as ``arch="deep2x"`` keep their outer levels
+    (:func:`deepen_state_dict`).
     """
     path = resolve_model_path(config.init_from)
     net, card = load_model(path)
@@ -420,6 +429,10 @@ def _initial_weights(config, chosen):
         state, found["arch"] = widen_state_dict(state, input_factor_of(given["arch"])), given["arch"]
     if config.mask_channel:
         state = add_mask_channel(state, found["arch"])
+    if given["arch"] is not None and _deepens(found["arch"], given["arch"]):
+        torch.manual_seed(config.seed)
+        fresh = build_model(given["arch"], mask_channel=mask_channel_of(state, found["arch"])).state_dict()
+        state, found["arch"] = deepen_state_dict(state, fresh), given["arch"]
     for key, value in given.items():
         if value is not None and value != found[key]:
             raise ValueError(f"--{key} {value} conflicts with the {found[key]!r} of the initial weights {str(path)!r}")
