@@ -21,14 +21,13 @@ speed-ups.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_nn import cli_predict_time  # noqa: E402
-from bench_realistic import _numpy_loop, add_common_options, report, run_condition, set_threads  # noqa: E402
+from bench_realistic import _numpy_loop, command_line, run_condition  # noqa: E402
 
 from napari_cdinn.device import machine_info  # noqa: E402
 from napari_cdinn.simulate import simulate  # noqa: E402
@@ -101,18 +100,7 @@ def summary(res):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model name, file or directory (default: the shipped one)")
-    parser.add_argument("--count", type=int, default=200, help="patterns per set (default 200)")
-    parser.add_argument("--only", action="append", default=None, choices=list(CONDITIONS), help="run only this set")
-    parser.add_argument("--numpy-count", type=int, default=4, help="patterns timed with the NumPy loop, per size")
-    add_common_options(parser)
-    args = parser.parse_args(argv)
-    set_threads(args)
-    res = run(model=args.model, count=args.count, conditions=args.only, device=args.device,
-              numpy_count=args.numpy_count)
-    report(args, res, summary)
-
+    command_line(__doc__.splitlines()[0], CONDITIONS, run, summary, argv, "patterns timed with the NumPy loop, per size")
 
 if __name__ == "__main__":
     main()

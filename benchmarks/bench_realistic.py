@@ -185,18 +185,23 @@ def report(args, res, summary):
         print(f"wrote {args.json}", file=sys.stderr)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def command_line(description, conditions, run, summary, argv=None, numpy_help="patterns timed with the NumPy loop"):
+    """The command line of this benchmark and of those that run its methods on other sets (``bench_large``)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default=None, help="model name, file or directory (default: the shipped one)")
     parser.add_argument("--count", type=int, default=200, help="patterns per set (default 200)")
-    parser.add_argument("--only", action="append", default=None, choices=list(CONDITIONS), help="run only this set")
-    parser.add_argument("--numpy-count", type=int, default=4, help="patterns timed with the NumPy loop")
+    parser.add_argument("--only", action="append", default=None, choices=list(conditions), help="run only this set")
+    parser.add_argument("--numpy-count", type=int, default=4, help=numpy_help)
     add_common_options(parser)
     args = parser.parse_args(argv)
     set_threads(args)
     res = run(model=args.model, count=args.count, conditions=args.only, device=args.device,
               numpy_count=args.numpy_count)
     report(args, res, summary)
+
+
+def main(argv=None):
+    command_line(__doc__.splitlines()[0], CONDITIONS, run, summary, argv)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@
 # limits the training speed: see BATCH below):
 #   scratch: shared2x from random weights, lr SCRATCH_LR, cosine schedule ending at MIN minutes;
 #   warm:    shared2x from the shipped model2x, lr WARM_LR, the same kind of schedule;
-#   deep:    deep2x (64-pixel objects in 128 x 128 patterns, issue "larger objects") from random
-#            weights on the realistic mixture with the mask channel, lr SCRATCH_LR (not in the
-#            default RUNS: RUNS=deep WORKERS=14 gives it the whole machine).
+#   deep:    deep2x (64-pixel objects in 128 x 128 patterns, issue "larger objects") on the
+#            realistic mixture with the mask channel, its outer levels started from model2x
+#            (INIT_DEEP, default model2x; a deep2x model directory continues one), lr SCRATCH_LR
+#            (not in the default RUNS: RUNS=deep WORKERS=14 gives it the whole machine).
 # RUNS=warm WORKERS=14 gives the whole machine to the warm run (the better use of a short lease).
 # Each writes a model directory, of which $OUT/<run>.tgz brings back the best weights and the cards:
 # `python -m napari_cdinn.nn.ship DIR` ships them, `cdinn train --init-from DIR/best.safetensors` continues.
@@ -51,7 +52,8 @@ case " $RUNS " in *" warm "*)
 esac
 case " $RUNS " in *" deep "*)
   timeout -s INT "$guard" python3 -m napari_cdinn.cli train --out "$OUT/deep" "${common[@]}" --arch deep2x --mask-channel \
-    --families realistic --detector realistic --lr "$SCRATCH_LR" --seed 25 > "$OUT/deep.log" 2>&1 & ;;
+    --init-from "${INIT_DEEP:-model2x}" --families realistic --detector realistic --lr "$SCRATCH_LR" --seed 25 \
+    > "$OUT/deep.log" 2>&1 & ;;
 esac
 wait
 # at most 8 files of 16 MiB come back from the machine: one archive per run of its best weights and

@@ -33,6 +33,9 @@ ARCHS = {
               "32 x 32 amplitudes of the unpadded object (oversampled patterns are decimated)",
     "shared2x": "the shared network reading the whole 2x-oversampled 64 x 64 pattern as its four 32 x 32 "
                 "sub-lattices (four input channels; beyond the paper)",
+    "deep2x": "the shared2x network for 64-pixel objects: it reads the 2x-oversampled 128 x 128 pattern as its "
+              "four 64 x 64 sub-lattices, with one more level in the encoder and in each decoder (256 filters), "
+              "so that the features still end on 4 x 4 (beyond the paper)",
 }
 #: Test sets of a card: key, title.
 TEST_SETS = (

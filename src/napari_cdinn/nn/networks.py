@@ -39,7 +39,9 @@ Architectures
     (64 -> 32 -> 16 -> 8 -> 4 and back), so that the features still end on 4 x 4 and every output
     pixel depends on every measured pixel, as in the paper's nets (:func:`level_widths`).
     4,696,706 parameters (mask channel included), 5.4 times the multiply-adds of ``shared2x`` per
-    pattern.  Its weights start at random: no trained level maps onto the deeper one exactly.
+    pattern.  No trained level maps onto the deeper one exactly; :func:`deepen_state_dict` starts it
+    from trained ``shared2x`` weights on its outer levels (``cdinn train --arch deep2x --init-from
+    model2x``), which trains faster than a random start (docs/decisions.md).
 
 Mask channel (beyond the paper)
 -------------------------------
