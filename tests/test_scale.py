@@ -99,11 +99,23 @@ def test_a_guess_narrower_than_the_autocorrelation_seeds_nothing():
     assert not pipelines.guess_fits_autocorrelation(intensity, (np.hypot(y, x) < 4)[None], None).any()
 
 
-def test_refinement_from_the_coarse_guess_fits_large_objects(large):
+def test_refinement_from_the_coarse_guess_fits_large_objects(large, monkeypatch):
+    from napari_cdinn import retrieval
+
+    runs, reconstruct = [], retrieval.reconstruct
+    monkeypatch.setattr(retrieval, "reconstruct", lambda *a, **kw: runs.append(kw["iterations"]) or reconstruct(*a, **kw))
     res = pipelines.refine_with_fallback(large["intensity"][:4], model="model2x", fallback="never")
     assert res["amplitude"].shape == (4, 128, 128)
     assert res["start"].all()
     assert np.median(res["chi2"]) < 1e-3
+    assert runs == [100]  # a 64-pixel guess is refined twice as long as a 32-pixel one
+
+
+def test_the_refinement_grows_with_the_object():
+    from napari_cdinn.nn.inference import REFINE_OPTIONS, refine_options
+
+    assert [refine_options(side)["iterations"] for side in (16, 32, 64, 128)] == [50, 50, 100, 200]
+    assert refine_options(128, iterations=30) == dict(REFINE_OPTIONS, iterations=30)
 
 
 def test_cli_reconstruct_declines_the_network_and_runs_the_protocol(tmp_path):

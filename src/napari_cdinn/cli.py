@@ -614,7 +614,8 @@ def _add_reconstruct(sub):
     p.add_argument("--algorithm", default="hio-er",
                    help="hio-er (default), er, hio, raar, or a schedule such as '(hio:80,er:20)x6,er:20'")
     p.add_argument("--iterations", type=_positive_int, default=None,
-                   help=f"iterations of each run (default {ITERATIONS}; with --init nn a short refinement, 50)")
+                   help=f"iterations of each run (default {ITERATIONS}; with --init nn a short refinement, "
+                        "50 per 32 pixels of the network's object side)")
     p.add_argument("--init", choices=("random", "nn"), default="random",
                    help="random phases (default) or the CDI NN guess with its support")
     p.add_argument("--fallback", choices=("auto", "always", "never"), default="auto",
@@ -685,9 +686,9 @@ def _cmd_reconstruct(args):
     iterations = args.iterations or ITERATIONS
     nn_options = {}
     if args.init == "nn":
-        # --iterations sets the refinement; the fallback is the default protocol
-        refine = dict(nn.REFINE_OPTIONS, iterations=args.iterations or nn.REFINE_OPTIONS["iterations"])
-        make_schedule(args.algorithm, refine["iterations"], refine["average"])
+        # --iterations sets the refinement (default: grown with the guess's size); the fallback is the default protocol
+        refine = None if args.iterations is None else dict(nn.REFINE_OPTIONS, iterations=args.iterations)
+        make_schedule(args.algorithm, (refine or nn.REFINE_OPTIONS)["iterations"], nn.REFINE_OPTIONS["average"])
         iterations = ITERATIONS
         nn_options = {"fallback": args.fallback, "refine": refine}
     make_schedule(args.algorithm, iterations)

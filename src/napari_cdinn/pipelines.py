@@ -6,7 +6,8 @@ sits above both and imports them only when a function is called (torch stays uni
 NN-seeded refinement with a fallback (:func:`refine_with_fallback`)
 -------------------------------------------------------------------
 Every frame is refined from the network's guess and support by a short run
-(:data:`napari_cdinn.nn.inference.REFINE_OPTIONS`; on frames whose counting noise is above
+(:func:`napari_cdinn.nn.inference.refine_options`: 50 iterations per 32 pixels of the guess's
+side; on frames whose counting noise is above
 :data:`NOISY_CHI2`, by error reduction alone, :data:`NOISY_REFINE`).  The frames
 :func:`fallback_frames` selects are also inverted by the full protocol from random starts (the
 caller's reconstruct options: by default :mod:`napari_cdinn.protocol`'s, not the refinement's), and
@@ -236,7 +237,7 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
     fallback : {"auto", "always", "never"}
     refine : dict, optional
         :func:`napari_cdinn.retrieval.reconstruct` options of the refinement, over ``options``
-        (default :data:`napari_cdinn.nn.inference.REFINE_OPTIONS`).
+        (default :func:`napari_cdinn.nn.inference.refine_options` for the guess's size).
     first_frame : int
         Index of the first pattern in a larger stack (random starts follow it).
     **options
@@ -254,7 +255,7 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
         with ``prtf``, the protocol's ``prtf`` (N, M // 2), ``resolution`` (N,) and ``prtf_q``
         (M // 2,); unbatched for a 2-D input.
     """
-    from .nn.inference import REFINE_OPTIONS, embed
+    from .nn.inference import embed, refine_options
     from .retrieval import reconstruct
 
     if fallback not in FALLBACK_RULES:
@@ -279,7 +280,8 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
     if info is not None:  # else every frame gets the protocol: the network cannot read these patterns
         obj, sup = embed(guess["amplitude"], guess["phase"], m // guess["amplitude"].shape[-1])
         seeded = guess_fits_autocorrelation(stack, sup, mask)  # a guess too small for the data seeds nothing
-        settings = {**options, "n_starts": 1, **(REFINE_OPTIONS if refine is None else refine)}
+        side = guess["amplitude"].shape[-1]
+        settings = {**options, "n_starts": 1, **(refine_options(side) if refine is None else refine)}
         noisy = noise > NOISY_CHI2
         for frames, extra in ((np.flatnonzero(seeded & ~noisy), {}), (np.flatnonzero(seeded & noisy), NOISY_REFINE)):
             if len(frames):
@@ -392,7 +394,7 @@ def reconstruct_chunk(intensity: ArrayLike, first_frame: int = 0, init: str = "r
         ``init="nn"``: which frames also get the protocol (see the module notes).
     refine : dict, optional
         ``init="nn"``: the refinement's options over ``options`` (default
-        :data:`napari_cdinn.nn.inference.REFINE_OPTIONS`).
+        :func:`napari_cdinn.nn.inference.refine_options` for the guess's size).
     **options
         Passed to :func:`napari_cdinn.retrieval.reconstruct` (with ``init="nn"``, the protocol's
         options).  ``prtf=True`` (with ``n_starts >= 2``) adds the PRTF of each frame's random

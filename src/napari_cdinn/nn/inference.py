@@ -104,6 +104,7 @@ __all__ = [
     "predict",
     "predict_chunk",
     "prepare",
+    "refine_options",
     "upsample",
     "with_evidence",
 ]
@@ -115,6 +116,19 @@ __all__ = [
 #: iterations and the 620-iteration protocol (measured: benchmarks/README.md, bench_nn,
 #: "NN-seeded refinement"; the decision: docs/decisions.md).
 REFINE_OPTIONS = {"iterations": 50, "average": 10, "shrinkwrap_every": 10, "sigma": (2.0, 1.0)}
+
+
+def refine_options(side: int, iterations: int | None = None) -> dict:
+    """The refinement's options for a guess of ``side`` x ``side`` pixels (its object frame).
+
+    :data:`REFINE_OPTIONS` with its iterations per 32 pixels of the side: 50 for the networks'
+    32-pixel objects, 100 for 64, 200 for 128 (a larger object has more unknowns and a guess read
+    at a coarser scale more to sharpen; measured: docs/decisions.md, "The refinement grows with
+    the object").  ``iterations`` (``--iterations``) replaces the count.
+    """
+    if iterations is None:
+        iterations = REFINE_OPTIONS["iterations"] * max(1, int(side) // SIZE)
+    return dict(REFINE_OPTIONS, iterations=int(iterations))
 
 #: Network reads (frames x views) up to which a CPU job in a process without torch runs on the NumPy engine
 #: (see the module notes).  A one-off cold job gains up to about 250; at 64 the NumPy engine costs about a
