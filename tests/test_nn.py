@@ -376,6 +376,20 @@ def test_init_from_starts_at_the_given_weights(tmp_path):
         train(tmp_path / "n", preset="tiny", arch="paper", init_from=tmp_path / "start.safetensors")
 
 
+def test_init_from_goes_on_with_the_mask_channel_and_the_data_of_the_weights(tmp_path):
+    start = build_model("shared2x", mask_channel=True)
+    card = {"arch": "shared2x", "config": {"arch": "shared2x", "families": "realistic", "detector": "realistic"}}
+    save_model(start, tmp_path / "start.safetensors", card)
+    stop = threading.Event()
+    stop.set()
+    common = dict(preset="tiny", train_size=1024, val_size=32, epochs=1, batch_size=32, stop=stop, quick_val_size=32,
+                  init_from=tmp_path / "start.safetensors")
+    config = train(tmp_path / "m", **common)["config"]  # no --mask-channel: the weights' channel goes on
+    assert (config["mask_channel"], config["families"], config["detector"]) == (True, "realistic", "realistic")
+    config = train(tmp_path / "n", families="paper", **common)["config"]  # what the caller chose wins
+    assert (config["mask_channel"], config["families"], config["detector"]) == (True, "paper", "realistic")
+
+
 def test_phase_weight_scales_the_phase_term_of_the_loss():
     import torch.nn.functional as F
 

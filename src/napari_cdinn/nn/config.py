@@ -67,7 +67,9 @@ class TrainConfig:
     * ``init_from`` starts from trained weights with a fresh optimizer and schedule; their
       architecture and input encoding replace the preset's, but one the caller chose that
       conflicts with them raises ``ValueError`` (``shared`` weights started as ``shared2x`` are
-      widened).  The trainer then records the resolved file and ``init_examples``.
+      widened, ``shared2x`` ones started as ``deep2x`` deepened).  Their mask channel, object
+      families and detector model go on too, unless chosen (weights without the mask channel get
+      it with ``mask_channel``).  The trainer then records the resolved file and ``init_examples``.
     * ``time_limit_min``: the schedule's progress is the larger of its steps' and its time's
       fraction, so a cosine schedule decays by the deadline whatever the hardware: give ``epochs``
       generously.  The run then ends as if its last epoch had (checkpoint, full validation).

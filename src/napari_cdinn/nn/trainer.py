@@ -418,7 +418,9 @@ def _initial_weights(config, chosen):
     conflict raises ``ValueError``, except that ``shared`` weights started as ``arch="shared2x"``
     are widened (:func:`widen_state_dict`): the 2x-input net then begins exactly where the 32 x 32
     one stands, and ``shared2x`` weights started as ``arch="deep2x"`` keep their outer levels
-    (:func:`deepen_state_dict`).
+    (:func:`deepen_state_dict`).  Weights that read the mask channel keep it, and the object
+    families and detector model of their training (their card's) go on unless ``chosen`` names
+    them: continuing ``model2x`` continues it on its realistic mixture.
     """
     path = resolve_model_path(config.init_from)
     net, card = load_model(path)
@@ -436,6 +438,10 @@ def _initial_weights(config, chosen):
     for key, value in given.items():
         if value is not None and value != found[key]:
             raise ValueError(f"--{key} {value} conflicts with the {found[key]!r} of the initial weights {str(path)!r}")
+    # what the weights read and were trained on goes on unless the caller chose otherwise
+    found["mask_channel"] = mask_channel_of(state, found["arch"])
+    trained_on = card.get("config") or {}
+    found.update({key: trained_on[key] for key in ("families", "detector") if key not in chosen and key in trained_on})
     config = dataclasses.replace(config, **found, init_from=str(path), init_examples=card.get("examples"))
     return state, config
 
