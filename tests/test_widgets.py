@@ -469,6 +469,22 @@ def test_training_dock_builds_a_train_config(make_napari_viewer, tmp_path):
     assert config.arch == "shared2x" and config.miss_weight == 3.0
     assert widget.choices()["init_from"] is None  # unset: the preset's (random weights)
     assert widget.data_weight.tooltip == option_help("data_weight")
+    unset = widget.choices()
+    assert (unset["families"], unset["detector"], unset["mask_channel"]) == (None, None, None)  # as the start model
+    widget.families.value, widget.detector.value, widget.mask_channel.value = "realistic", "realistic-clean", True
+    config = widget.config()
+    assert (config.families, config.detector, config.mask_channel) == ("realistic", "realistic-clean", True)
+
+
+def test_training_dock_trains_the_64_pixel_network_on_realistic_data(make_napari_viewer, qtbot, tmp_path):
+    widget = _training_dock(make_napari_viewer(), tmp_path / "deep", 32, 16, 1, 16)
+    widget.arch.value, widget.families.value, widget.detector.value = "deep2x", "realistic", "realistic"
+    widget.mask_channel.value = True
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
+    config = json.loads((tmp_path / "deep" / "last.json").read_text())["config"]
+    assert (config["arch"], config["families"], config["detector"], config["mask_channel"]) == (
+        "deep2x", "realistic", "realistic", True)
 
 
 def test_training_dock_updates_plot_and_offers_the_model(make_napari_viewer, qtbot, tmp_path):

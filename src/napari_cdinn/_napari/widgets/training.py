@@ -1,5 +1,8 @@
-"""Training dock: train the CDI NN networks on simulated paper-recipe data, with a live loss plot.
+"""Training dock: train the CDI NN networks on simulated data, with a live loss plot.
 
+The objects (the paper's, textured, non-convex, or the realistic mixture), the detector model and
+the mask channel are the trainer's options; left at "as the start model" they follow the weights
+training starts from (:func:`napari_cdinn.nn.train`'s ``init_from``).
 Wired to :func:`napari_cdinn.nn.train` and its callback events (``step``: running training
 loss; ``checkpoint``/``validation``: validation loss).  Training runs in a thread worker, for
 its epochs or until its time limit, optionally keeping the mean of the weights over the last part
@@ -69,6 +72,21 @@ class TrainingWidget(widgets.Container):
                      ("shared encoder, 2x-oversampled input", "shared2x"),
                      ("one more level: 64-pixel objects, 128 x 128 input", "deep2x"), ("the paper's pair", "paper")],
             tooltip=option_help("arch"))
+        self.families = widgets.ComboBox(
+            label="objects",
+            choices=[("as the start model (else the paper's)", None), ("the paper's (flat, convex)", "paper"),
+                     ("textured", "textured"), ("non-convex, with holes", "holes"), ("realistic mixture", "realistic"),
+                     ("realistic, more of the paper's", "realistic-paper")],
+            tooltip=option_help("families"))
+        self.detector = widgets.ComboBox(
+            label="detector",
+            choices=[("as the start model (else ideal)", None), ("ideal", "ideal"),
+                     ("realistic (noise, beamstop, gaps)", "realistic"),
+                     ("realistic, 40 % noise-free", "realistic-clean")],
+            tooltip=option_help("detector"))
+        self.mask_channel = widgets.CheckBox(
+            label="read the unmeasured-pixel map", value=False,
+            tooltip=option_help("mask_channel") + "; off: as the start model (a start model that reads it keeps it)")
         self.fresh = widgets.CheckBox(label="new examples every epoch", value=False, tooltip=option_help("fresh_data"))
         self.data_weight = _weight_box("data-consistency weight", "data_weight")
         self.support_weight = _weight_box("support weight", "support_weight")
@@ -83,13 +101,16 @@ class TrainingWidget(widgets.Container):
         self.runner = JobRunner(self._on_event, self._on_result, on_finish=self._on_finish)
         self.controls = JobControls("Train", self.run, self.runner)
         super().__init__(widgets=[self.train_size, self.val_size, self.epochs, self.batch_size, self.device,
-                                  self.out, self.resume, self.init_from, self.arch, self.fresh, self.data_weight,
+                                  self.out, self.resume, self.init_from, self.arch, self.families, self.detector,
+                                  self.mask_channel, self.fresh, self.data_weight,
                                   self.support_weight, self.miss_weight, self.time_limit, self.average, self.controls])
         REGISTRY.changed.connect(self._refresh_models)
         # TrainConfig field -> (widget, its value as the field holds it; None: the preset's or the initial weights')
         self._fields = {
             "train_size": (self.train_size, int), "val_size": (self.val_size, int), "epochs": (self.epochs, int),
             "batch_size": (self.batch_size, int), "init_from": (self.init_from, None), "arch": (self.arch, None),
+            "families": (self.families, None), "detector": (self.detector, None),
+            "mask_channel": (self.mask_channel, lambda v: True if v else None),
             "fresh_data": (self.fresh, bool), "data_weight": (self.data_weight, float),
             "support_weight": (self.support_weight, float), "miss_weight": (self.miss_weight, float),
             "time_limit_min": (self.time_limit, lambda v: float(v) or None),
@@ -100,7 +121,7 @@ class TrainingWidget(widgets.Container):
         self.adapt = AdaptPanel(napari_viewer)  # below the training plot
         self.native.layout().addWidget(self.adapt.native)
         persist(self, "training", ("train_size", "val_size", "epochs", "batch_size", "device", "out", "fresh",
-                                   "arch", "data_weight", "support_weight", "miss_weight", "time_limit", "average"))
+                                   "arch", "families", "detector", "mask_channel", "data_weight", "support_weight", "miss_weight", "time_limit", "average"))
         self.history = {"train": [], "val": []}
         self._total = 1
         self._folder = None
