@@ -8,8 +8,9 @@ Every set holds ``count`` 2x-oversampled patterns from the project's simulator w
 own (:data:`CONDITIONS`): the paper's recipe noise-free and at 1e4 photons, and the training
 mixture (``realistic`` objects and detector), with 64-pixel objects (128 x 128 patterns), and the
 paper's recipe with 128-pixel objects (256 x 256 patterns).  The shipped network reads 32 pixels:
-the size policy (:func:`napari_cdinn.nn.choose_scale`) reads these objects at 2x (4x) the pixel
-size and interpolates the answer back; ``scale`` records what it chose.
+the size policy (:func:`napari_cdinn.nn.choose_scale`) weighs the shipped models that read the
+patterns (``model2x`` at 2x or 4x the pixel size, the answer interpolated back; ``model128``, which
+draws 64-pixel objects) and keeps the best fit; ``chosen_model`` and ``scale`` record its choice.
 
 Methods (:func:`bench_realistic.run_condition`, timed per pattern on the same patterns): the
 network alone (``predict``), the NN-seeded refinement with its fallback (``reconstruct --init nn``)
@@ -56,7 +57,8 @@ def run(model=None, count=200, conditions=None, device="cpu", numpy_count=4, ite
         data = simulate(count, seed=BENCH_SEED + list(CONDITIONS).index(name), oversampling=2, **kw)
         t0 = time.perf_counter()
         out = run_condition(data, model=model, device=device, iterations=iterations)
-        out["scale"] = nn.choose_scale(data["intensity"], model, mask=data.get("mask"), device=device).scale
+        chosen = nn.choose_scale(data["intensity"], model, mask=data.get("mask"), device=device)
+        out["scale"], out["chosen_model"] = chosen.scale, chosen.name
         out["network"]["cli_predict_ms_per_pattern"] = 1e3 * cli_predict_time(data["intensity"], model, None) / count
         side = data["intensity"].shape[-1]
         if numpy_count and side not in numpy_ms:

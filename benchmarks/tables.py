@@ -42,7 +42,7 @@ CONDITIONS = {
 }
 REALISTIC_COMMAND = ("python benchmarks/bench_realistic.py --threads 2 "
                      "--json benchmarks/results/bench_realistic_cpu2.json")
-LARGE_COMMAND = "python benchmarks/bench_large.py --threads 1 --count 100 --json benchmarks/results/bench_large_cpu1.json"
+LARGE_COMMAND = "python benchmarks/bench_large.py --threads 2 --count 100 --json benchmarks/results/bench_large_cpu2.json"
 SPEED_COMMAND = "python benchmarks/bench_speed.py --json benchmarks/results/bench_speed_cpu2.json"
 RESTARTS_COMMANDS = ("python benchmarks/select_restarts.py --threads 1 --json benchmarks/results/select_restarts_cpu1.json\n"
                      "python benchmarks/bench_retrieval.py --held-out --count 300 "
@@ -187,16 +187,17 @@ def large_tables(name, res):
     """Markdown for one bench_large JSON."""
     out = [f"### `{name}`: {_machine(res)}", "",
            (f"Model: {_model(res)}; {_f(res.get('count'))} 2x-oversampled patterns per set (seed {res.get('seed', '?')} "
-            f"+ the set's index); protocol: {res.get('iterations', '?')} iterations; *scale*: the coarser pixel size "
-            "the size policy read the objects at."), "",
+            f"+ the set's index); protocol: {res.get('iterations', '?')} iterations; *model, scale*: the network the "
+            "size policy chose and the pixel size it read the objects at (2: twice the pattern's)."), "",
            "Each cell: IoU / phase RMS rad median (p90), then chi^2 median; speed-ups against the NumPy loop.", "",
-           ("| set | scale | network alone | refined | protocol (620 it.) | ms per pattern: network / refined / "
+           ("| set | model, scale | network alone | refined | protocol (620 it.) | ms per pattern: network / refined / "
             "protocol / NumPy | speed-up: network / whole `cdinn predict` / refined |"),
            "|---|---|---|---|---|---|---|"]
     for key, c in res.get("conditions", {}).items():
         net, ref, pro = c.get("network", {}), c.get("refined", {}), c.get("protocol", {})
         cells = [f"{_cell(q)}, {_f(q.get('chi2_median'))}" for q in (net, ref, pro)]
-        out.append(f"| {key} | {c.get('scale', '?')} | {' | '.join(cells)} | {_f(net.get('ms_per_pattern'))} / "
+        chosen = f"{c['chosen_model']}, {c.get('scale', '?')}" if "chosen_model" in c else c.get("scale", "?")
+        out.append(f"| {key} | {chosen} | {' | '.join(cells)} | {_f(net.get('ms_per_pattern'))} / "
                    f"{_f(ref.get('ms_per_pattern'))} / {_f(pro.get('ms_per_pattern'))} / "
                    f"{_f(c.get('numpy_ms_per_pattern'))} | {_f(net.get('speedup_vs_numpy'))} / "
                    f"{_f(net.get('cli_speedup_vs_numpy'))} / {_f(ref.get('speedup_vs_numpy'))} |")

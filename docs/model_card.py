@@ -208,8 +208,10 @@ def render(weights=WEIGHTS):
     intro = (
         "Networks after Cherukara, Nashed & Harder, *Real-time coherent diffraction inversion using deep "
         "generative networks*, Sci. Rep. 8, 16520 (2018), trained on simulated data only "
-        "(`napari_cdinn.simulate`). With no `--model`, `cdinn` takes the first shipped model that reads the "
-        "patterns' oversampling, `model2x` before `model` (`napari_cdinn.nn.inference.DEFAULT_MODELS`)."
+        "(`napari_cdinn.simulate`). With no `--model`, `cdinn` weighs the first shipped model per object size that "
+        "reads the patterns (`model2x` before `model` for 32-pixel objects, `model128` for 64-pixel ones; "
+        "`napari_cdinn.nn.models.DEFAULT_MODELS`), at each scale it can read them, and keeps the best fit to the "
+        "data (`napari_cdinn.nn.choose_scale`)."
     )
     trust = (
         "**Trust rule.** `cdinn predict` scores every frame by chi^2 = sum (I - s I_p)^2 / sum I^2 over the "

@@ -58,7 +58,9 @@ def test_sizes_a_64_pixel_model_reads(deep):
 
 def test_with_no_model_named_the_policy_weighs_one_shipped_model_per_object_size():
     assert [(c.name, c.scale) for c in candidates(None, (64, 64))] == [("model2x", 1)]
-    assert [(c.name, c.scale) for c in candidates(None, (128, 128))] == [("model2x", 1), ("model2x", 2)]
+    assert [(c.name, c.scale) for c in candidates(None, (128, 128))] == [("model2x", 1), ("model2x", 2),
+                                                                         ("model128", 1)]
+    assert [(c.name, c.size) for c in candidates(None, (256, 256))][-2:] == [("model128", 64)] * 2
     assert [(c.name, c.scale) for c in candidates(None, (32, 32))] == [("model", 1)]
     assert default_model((128, 128)) == "model2x"
 

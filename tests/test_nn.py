@@ -382,8 +382,8 @@ def test_init_from_goes_on_with_the_mask_channel_and_the_data_of_the_weights(tmp
     save_model(start, tmp_path / "start.safetensors", card)
     stop = threading.Event()
     stop.set()
-    common = dict(preset="tiny", train_size=1024, val_size=32, epochs=1, batch_size=32, stop=stop, quick_val_size=32,
-                  init_from=tmp_path / "start.safetensors")
+    common = {"preset": "tiny", "train_size": 1024, "val_size": 32, "epochs": 1, "batch_size": 32, "stop": stop,
+              "quick_val_size": 32, "init_from": tmp_path / "start.safetensors"}
     config = train(tmp_path / "m", **common)["config"]  # no --mask-channel: the weights' channel goes on
     assert (config["mask_channel"], config["families"], config["detector"]) == (True, "realistic", "realistic")
     config = train(tmp_path / "n", families="paper", **common)["config"]  # what the caller chose wins

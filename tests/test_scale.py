@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -135,10 +136,19 @@ def test_cli_predict_announces_the_scale_and_records_it(tmp_path, large):
     src = tmp_path / "large.npz"
     np.savez(src, intensity=large["intensity"])
     out = tmp_path / "out.h5"
-    run = subprocess.run([sys.executable, "-m", "napari_cdinn.cli", "predict", str(src), "--out", str(out)],
-                         capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "napari_cdinn.cli", "predict", str(src), "--out", str(out),
+                          "--model", "model2x"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "2x the pixel size" in run.stderr
     with h5py.File(out) as fh:
         assert fh["amplitude"].shape == (8, 64, 64)
         assert int(fh.attrs["scale"]) == 2
+    # with no model named, the policy weighs the 64-pixel network too, which fits these patterns better
+    out = tmp_path / "auto.h5"
+    run = subprocess.run([sys.executable, "-m", "napari_cdinn.cli", "predict", str(src), "--out", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "pixel size" not in run.stderr
+    with h5py.File(out) as fh:
+        assert fh["amplitude"].shape == (8, 64, 64)
+        assert (Path(fh.attrs["model"]).stem, fh.attrs["arch"], int(fh.attrs["scale"])) == ("model128", "deep2x", 1)

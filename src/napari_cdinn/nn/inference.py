@@ -130,6 +130,7 @@ def refine_options(side: int, iterations: int | None = None) -> dict:
         iterations = REFINE_OPTIONS["iterations"] * max(1, int(side) // SIZE)
     return dict(REFINE_OPTIONS, iterations=int(iterations))
 
+
 #: Network reads (frames x views) up to which a CPU job in a process without torch runs on the NumPy engine
 #: (see the module notes).  A one-off cold job gains up to about 250; at 64 the NumPy engine costs about a
 #: quarter of torch's import beyond torch's own time, what a process that never imports torch loses per job

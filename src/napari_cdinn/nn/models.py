@@ -71,8 +71,9 @@ WEIGHTS_DIR = Path(__file__).with_name("weights")
 #: Name of the default shipped model (``WEIGHTS_DIR / "model.safetensors"``), which reads every size.
 DEFAULT_MODEL = "model"
 #: Shipped models in order of preference when none is named (:func:`default_model`; a model that is
-#: not installed is skipped).
-DEFAULT_MODELS = ("model2x", DEFAULT_MODEL)
+#: not installed is skipped).  ``model128`` (``deep2x``, 64-pixel objects in 128 x 128 patterns) is
+#: weighed beside ``model2x`` by the size policy (:func:`candidates`), which keeps the better fit.
+DEFAULT_MODELS = ("model2x", "model128", DEFAULT_MODEL)
 #: Architecture names (:func:`napari_cdinn.nn.networks.build_model`).
 ARCHITECTURES = ("paper", "shared", "shared2x", "deep2x")
 #: Oversampling of the patterns each architecture reads.

@@ -121,7 +121,8 @@ class TrainingWidget(widgets.Container):
         self.adapt = AdaptPanel(napari_viewer)  # below the training plot
         self.native.layout().addWidget(self.adapt.native)
         persist(self, "training", ("train_size", "val_size", "epochs", "batch_size", "device", "out", "fresh",
-                                   "arch", "families", "detector", "mask_channel", "data_weight", "support_weight", "miss_weight", "time_limit", "average"))
+                                   "arch", "families", "detector", "mask_channel", "data_weight", "support_weight",
+                                   "miss_weight", "time_limit", "average"))
         self.history = {"train": [], "val": []}
         self._total = 1
         self._folder = None
