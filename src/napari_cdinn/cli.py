@@ -700,6 +700,10 @@ def _cmd_reconstruct(args):
         model = _scaled_model(args, shape)  # the network for this size and its scale, chosen once
         if nn.declined(model):
             print(f"note: {nn.declined(model)}", file=sys.stderr)
+        else:  # the refinement that runs, recorded with the results: grown with the guess's side
+            from .nn.inference import refine_options
+
+            nn_options["refine"] = refine_options(model.size * model.scale, args.iterations)
     options = {"algorithm": args.algorithm, "iterations": iterations, "init": args.init, "model": args.model,
                "device": args.device, "batch_size": args.batch_size, "n_starts": args.starts, "seed": args.seed,
                "beta": args.beta, "threshold": args.threshold, "sigma": list(args.sigma), **nn_options}
