@@ -104,5 +104,6 @@ def summary(res):
 def main(argv=None):
     command_line(__doc__.splitlines()[0], CONDITIONS, run, summary, argv, "patterns timed with the NumPy loop, per size")
 
+
 if __name__ == "__main__":
     main()
