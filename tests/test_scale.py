@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,22 @@ def test_cli_reconstruct_declines_the_network_and_runs_the_protocol(tmp_path):
     assert "cannot read these patterns" in run.stderr
     with h5py.File(out) as fh:
         assert not fh["start"][:].any()
+        assert fh.attrs["refine"] == "null"  # no refinement ran: none is recorded
+
+
+def test_cli_reconstruct_records_the_refinement_grown_with_the_guess(tmp_path, large):
+    from napari_cdinn.cli import main
+    from napari_cdinn.nn.inference import REFINE_OPTIONS
+
+    src = tmp_path / "large.npy"
+    np.save(src, large["intensity"][:2])
+    common = ["--model", "model2x", "--fallback", "never", "--device", "cpu"]
+    for extra, iterations in (([], 100), (["--iterations", "30"], 30)):  # a 64-pixel guess: twice 32 pixels'
+        out = tmp_path / f"out{iterations}.h5"
+        assert main(["reconstruct", str(src), "--init", "nn", "-o", str(out), *common, *extra]) == 0
+        with h5py.File(out) as fh:
+            assert json.loads(fh.attrs["refine"]) == json.loads(json.dumps(dict(REFINE_OPTIONS, iterations=iterations)))
+            assert int(fh.attrs["scale"]) == 2
 
 
 def test_cli_predict_announces_the_scale_and_records_it(tmp_path, large):

@@ -686,11 +686,12 @@ def _cmd_reconstruct(args):
     iterations = args.iterations or ITERATIONS
     nn_options = {}
     if args.init == "nn":
-        # --iterations sets the refinement (default: grown with the guess's size); the fallback is the default protocol
-        refine = None if args.iterations is None else dict(nn.REFINE_OPTIONS, iterations=args.iterations)
-        make_schedule(args.algorithm, (refine or nn.REFINE_OPTIONS)["iterations"], nn.REFINE_OPTIONS["average"])
+        from .nn.inference import SIZE, refine_options
+
+        # --iterations sets the refinement (default: grown with the guess's side, known once the network is
+        # chosen below); the fallback is the default protocol
+        make_schedule(args.algorithm, refine_options(SIZE, args.iterations)["iterations"], nn.REFINE_OPTIONS["average"])
         iterations = ITERATIONS
-        nn_options = {"fallback": args.fallback, "refine": refine}
     make_schedule(args.algorithm, iterations)
     model = args.model
     if args.init == "nn":
@@ -700,10 +701,9 @@ def _cmd_reconstruct(args):
         model = _scaled_model(args, shape)  # the network for this size and its scale, chosen once
         if nn.declined(model):
             print(f"note: {nn.declined(model)}", file=sys.stderr)
-        else:  # the refinement that runs, recorded with the results: grown with the guess's side
-            from .nn.inference import refine_options
-
-            nn_options["refine"] = refine_options(model.size * model.scale, args.iterations)
+        # the refinement that runs, recorded with the results (none by default when the network declines)
+        side = None if nn.declined(model) and args.iterations is None else model.size * model.scale
+        nn_options = {"fallback": args.fallback, "refine": None if side is None else refine_options(side, args.iterations)}
     options = {"algorithm": args.algorithm, "iterations": iterations, "init": args.init, "model": args.model,
                "device": args.device, "batch_size": args.batch_size, "n_starts": args.starts, "seed": args.seed,
                "beta": args.beta, "threshold": args.threshold, "sigma": list(args.sigma), **nn_options}
