@@ -15,7 +15,7 @@ from napari_cdinn.simulate import simulate
 SIM = simulate(48, seed=5, oversampling=2, families="textured")
 #: A few steps of batch 8 from the shipped model2x on 48 frames, 12 held out.
 TINY = {"model": "model2x", "holdout": 0.25, "min_frames": 16, "batch_size": 8, "eval_every": 2, "test_count": 8,
-        "device": "cpu"}
+        "recall_count": 16, "device": "cpu"}
 
 
 def _sha(path):
@@ -56,8 +56,16 @@ def test_the_kept_weights_are_the_best_held_out(adapted):
     chi2 = [h["holdout_chi2"] for h in history]
     assert [h["step"] for h in history] == [0, 2, 4, 6]
     held = card["holdout_chi2"]
-    assert held["before"] == chi2[0] and held["after"] == min(chi2) <= held["before"]
-    assert card["best_step"] == history[int(np.argmin(chi2))]["step"]
+    # the lowest held-out chi^2 among the weights that remember (the base's always does)
+    kept = [h for h in history if h["remembers"]]
+    assert history[0]["remembers"] and held["before"] == chi2[0]
+    assert held["after"] == min(h["holdout_chi2"] for h in kept) <= held["before"]
+    assert card["best_step"] == min(kept, key=lambda h: h["holdout_chi2"])["step"]
+    base_recall, tol = card["recall"]["iou_base"], card["recall"]["tolerance"]
+    assert base_recall == history[0]["recall_iou"] and set(base_recall) == {"training_mixture", "paper"}
+    for h in history:
+        assert h["remembers"] == all(h["recall_iou"][k] >= base_recall[k] - tol for k in base_recall)
+    assert card["recall"]["iou_kept"] == next(h["recall_iou"] for h in history if h["step"] == card["best_step"])
     # the chi^2 predict reports on the held-out frames is the one the card records
     train, hold = split_frames(48, 0.25, 0)
     assert len(np.intersect1d(train, hold)) == 0 and len(train) + len(hold) == 48
@@ -78,6 +86,30 @@ def test_the_base_weights_are_kept_when_nothing_improves(tmp_path):
         assert np.array_equal(value.numpy(), kept.state_dict()[key].numpy()), key
 
 
+def test_weights_that_forget_are_not_kept_however_well_they_fit(tmp_path, monkeypatch):
+    from napari_cdinn.nn import adapt as adapt_module
+
+    scores = iter([0.9, 0.8, 0.89, 0.7])  # recall IoU at steps 0, 2, 4, 6: only step 4 stays within 0.02
+    monkeypatch.setattr(adapt_module._Adapter, "recall_iou", lambda self: {"paper": next(scores)})
+    monkeypatch.setattr(adapt_module._Adapter, "holdout_chi2", lambda self: np.array([1.0 - 0.1 * self.step_count]))
+    card = adapt(SIM["intensity"], tmp_path / "m", max_steps=6, forget_tolerance=0.02, **dict(TINY, test_count=0))
+    assert [h["remembers"] for h in card["history"]] == [True, False, True, False]
+    assert card["best_step"] == 4 and card["recall"]["iou_kept"] == {"paper": 0.89}
+
+
+def test_weights_that_forget_do_not_use_up_the_patience_and_raise_the_guard_weight(tmp_path, monkeypatch):
+    from napari_cdinn.nn import adapt as adapt_module
+
+    scores = iter([0.9, 0.5, 0.5, 0.5, 0.9, 0.9])
+    monkeypatch.setattr(adapt_module._Adapter, "recall_iou", lambda self: {"paper": next(scores)})
+    card = adapt(SIM["intensity"], tmp_path / "m", max_steps=10, patience=2, guard_weight=0.5,
+                 **dict(TINY, test_count=0))
+    assert card["ended"] == "steps" and card["steps"] == 10  # three forgetting evaluations in a row, no stop
+    factor = adapt_module.GUARD_GROWTH
+    assert [h["guard_weight"] for h in card["history"]] == [0.5, 0.5 * factor, 0.5 * factor**2, 0.5 * factor**3,
+                                                            0.5 * factor**2, 0.5 * factor]
+
+
 def test_a_stop_keeps_the_best_weights_and_writes_the_model(tmp_path):
     events = []
 
@@ -86,7 +118,7 @@ def test_a_stop_keeps_the_best_weights_and_writes_the_model(tmp_path):
 
     card = adapt(SIM["intensity"], tmp_path / "stopped", time_limit_min=30, callback=events.append, stop=stop, **TINY)
     assert card["ended"] == "stopped" and card["steps"] == 4 and events[-1].kind == Kind.STOPPED
-    assert card["holdout_chi2"]["after"] == min(h["holdout_chi2"] for h in card["history"])
+    assert card["holdout_chi2"]["after"] == min(h["holdout_chi2"] for h in card["history"] if h["remembers"])
     assert (tmp_path / "stopped" / "model.safetensors").is_file()
 
 
@@ -112,6 +144,8 @@ def test_bad_input_is_one_sentence(tmp_path):
         adapt(dark, tmp_path / "m", **TINY)
     with pytest.raises(ValueError, match="32k"):
         adapt(np.ones((40, 48, 48), np.float32), tmp_path / "m", **TINY)
+    with pytest.raises(ValueError, match="must not be negative"):
+        adapt(SIM["intensity"], tmp_path / "m", **dict(TINY, forget_tolerance=-0.1))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["there"]
 
 
@@ -148,6 +182,7 @@ def test_cli_adapts_a_file_with_its_own_mask(tmp_path, capsys):
                            "--threads", "1", "--device", "cpu", "--seed", "2"], capsys)
     assert code == 0, err
     assert "using the mask in beamline.npz" in err and "held-out chi2 (median of 20 frames): before" in out
+    assert "recall, simulated IoU of the base -> the kept weights: training mixture 0." in out
     card = read_card(tmp_path / "mine" / "model.safetensors")
     assert card["data"]["path"] == str(path) and card["data"]["mask"] and card["settings"]["seed"] == 2
     assert card["command"].startswith("cdinn adapt") and card["base"]["name"] == "model2x"

@@ -614,7 +614,8 @@ def _adapt_panel(viewer, tmp_path, **options):
     data, kwargs, _ = _layers.intensity_tuple(sim["intensity"], "scan")
     viewer.add_image(data, **kwargs)
     panel = _dock(viewer, "Train CDI NN").adapt
-    panel.adapt_options = dict({"min_frames": 16, "test_count": 8, "batch_size": 8, "holdout": 0.25}, **options)
+    panel.adapt_options = dict({"min_frames": 16, "test_count": 8, "recall_count": 8, "batch_size": 8, "holdout": 0.25},
+                                **options)
     panel.patterns.value = viewer.layers["scan"]
     panel.device.value = "cpu"
     panel.out.value = tmp_path / "adapted"
@@ -624,6 +625,8 @@ def _adapt_panel(viewer, tmp_path, **options):
 def test_training_dock_adapts_a_model_to_a_stack_and_offers_it(make_napari_viewer, qtbot, monkeypatch, tmp_path):
     errors = []
     monkeypatch.setattr("napari_cdinn._napari.widgets._common.show_error", errors.append)
+    recall = iter([0.9, 0.5, 0.9])  # the weights of step 2 forget what the base knew
+    monkeypatch.setattr("napari_cdinn.nn.adapt._Adapter.recall_iou", lambda self: {"paper": next(recall)})
     viewer = make_napari_viewer()
     panel = _adapt_panel(viewer, tmp_path, max_steps=4, eval_every=2)
     inversion = _dock(viewer, "CDI NN inversion")
@@ -631,6 +634,7 @@ def test_training_dock_adapts_a_model_to_a_stack_and_offers_it(make_napari_viewe
     qtbot.waitUntil(lambda: not panel.runner.running, timeout=120_000)
     assert (tmp_path / "adapted" / "model.safetensors").is_file()
     assert [step for step, _ in panel.history] == [0, 2, 4] and len(panel.plot.axes.lines) >= 2
+    assert panel.forgot == [2] and "forgets (not kept)" in [line.get_label() for line in panel.plot.axes.lines]
     assert panel.controls.status.value.startswith("done: held-out chi²")
     assert str(tmp_path / "adapted") in inversion.models.choice.choices  # offered at once...
     assert inversion.models.model is None  # ...but not chosen

@@ -850,6 +850,11 @@ def _cmd_adapt(args):
     h = card["holdout_chi2"]
     print(f"held-out chi2 (median of {h['count']} frames): before {h['before']:.4g}, after {h['after']:.4g} "
           f"({card['steps']} steps, best at step {card['best_step']}, {card['ended']})")
+    r = card["recall"]
+    if r["iou_base"]:
+        pairs = (f"{name.replace('_', ' ')} {base:.3f} -> {r['iou_kept'][name]:.3f}"
+                 for name, base in r["iou_base"].items())
+        print("recall, simulated IoU of the base -> the kept weights: " + ", ".join(pairs))
     for name, scores in card.get("test_scores", {}).items():
         b, a = scores["base"], scores["adapted"]
         print(f"simulated {name} test: iou {b['iou_median']:.3f} -> {a['iou_median']:.3f}, phase RMS "
@@ -865,8 +870,9 @@ def _adapt_progress(ev):
               file=sys.stderr, flush=True)
     elif kind == "evaluation":
         loss = "" if ev["train_loss"] is None else f" loss {ev['train_loss']:.4f}"
+        forgets = "" if ev["remembers"] else ", forgets: not kept"
         print(f"step {ev['step']} t {ev['elapsed_s']:.0f}s{loss} held-out chi2 {ev['holdout_chi2']:.4g} "
-              f"(best {ev['best_chi2']:.4g} at step {ev['best_step']})", file=sys.stderr, flush=True)
+              f"(best {ev['best_chi2']:.4g} at step {ev['best_step']}{forgets})", file=sys.stderr, flush=True)
     elif kind in ("done", "stopped"):
         print(f"{kind} ({ev['ended']}): keeping the weights of step {ev['best_step']}; scoring the base and the "
               "adapted model on simulated test sets...", file=sys.stderr, flush=True)

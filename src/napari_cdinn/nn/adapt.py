@@ -23,17 +23,28 @@ drawn from the base model's own training distribution (its card's ``config``: ``
 ``detector``; the realistic mixture when the card says nothing), scored by the base recipe's loss
 (:func:`napari_cdinn.nn.trainer.recipe_loss`: twin-invariant BCE with the recipe's weights, plus
 its data-consistency term), weighted by ``guard_weight`` (:data:`GUARD_WEIGHT`; the choice:
-docs/decisions.md, "Adapting to the user's stack").
+docs/decisions.md, "Adapting to the user's stack").  The weight is a controller, not a constant:
+after an evaluation whose recall (below) forgets, it is multiplied by :data:`GUARD_GROWTH` (up to
+:data:`GUARD_MAX`); after one that remembers it is divided by it again, never below ``guard_weight``.
 
-Held-out frames and early stopping
-----------------------------------
-A fraction ``holdout`` of the usable frames (deterministic by ``seed``, :func:`split_frames`)
-is never trained on.  Its chi^2, exactly as :func:`napari_cdinn.nn.predict` reports it (median over
-the held-out frames), is measured before the first step and every ``eval_every`` steps; the
-weights with the lowest value are kept (the base weights when nothing beats them, so the adapted
-model is never worse than its base on held-out data).  The run ends when ``patience``
-evaluations in a row bring no improvement, at the time limit, after ``max_steps`` or on
-``stop``; in every case the best weights are written.
+Held-out frames, recall and early stopping
+------------------------------------------
+What is evaluated and kept is an exponential moving average of the weights over the last steps
+(:data:`EMA_DECAY`, ``torch.optim.swa_utils``): steadier than the last step's weights, whose scores
+jitter from step to step by as much as the tolerance below.  A fraction ``holdout`` of the usable
+frames (deterministic by ``seed``, :func:`split_frames`) is never trained on.  Its chi^2, exactly as
+:func:`napari_cdinn.nn.predict` reports it (median over the held-out frames), is measured before
+the first step and every ``eval_every`` steps.  So is
+the *recall*: the median support IoU, against the truth, of ``recall_count`` simulated patterns
+of each of the project's own sets for the base (its training mixture and the paper's noise-free
+objects, :data:`RECALL_SEED`, disjoint from the test sets the card reports).  The weights with the
+lowest held-out chi^2 among those whose recall lost at most ``forget_tolerance`` against the base
+are kept (the base weights when nothing beats them, so the adapted model is never worse than its
+base on held-out data, and never forgets beyond the tolerance what the recall sets measure;
+docs/decisions.md, "Adapting keeps only weights that remember").  The run ends when ``patience``
+evaluations of weights that remember bring no improvement (those that forget are not counted while
+the guard rail's weight brings them back), at the time limit, after ``max_steps`` or on ``stop``; in
+every case the best weights are written.
 
 Output
 ------
@@ -41,7 +52,8 @@ A new model folder ``out`` (as ``--model DIR`` and the napari pickers read it):
 ``model.safetensors`` (float32) and ``model.json``, the card: the base model (name, path,
 SHA-256), the data (path if known, frames, SHA-256 of the frames read), the held-out chi^2 before
 and after, scores of the base and the adapted model on the project's own simulated test sets
-(:data:`napari_cdinn.nn.evaluate.TEST_SEED`), steps, time and the history of evaluations.  The
+(:data:`napari_cdinn.nn.evaluate.TEST_SEED`), the recall of the base and of the kept weights, steps,
+time and the history of evaluations (held-out chi^2, recall, guard weight).  The
 folder is written under a temporary name beside ``out`` and renamed at the end: a stop or crash
 leaves no half-written model; an existing ``out`` is refused; the base model's files are only read.
 
@@ -64,7 +76,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["GUARD_WEIGHT", "MAX_FRAMES", "MIN_FRAMES", "adapt", "check_out", "data_sha256", "split_frames"]
+__all__ = ["FORGET_TOLERANCE", "GUARD_WEIGHT", "MAX_FRAMES", "MIN_FRAMES", "RECALL_COUNT", "adapt", "check_out",
+           "data_sha256", "split_frames"]
 
 #: Frames with measured signal that adapting needs at least (``cdinn adapt`` refuses fewer).
 MIN_FRAMES = 200
@@ -72,12 +85,26 @@ MIN_FRAMES = 200
 MAX_FRAMES = 10_000
 #: Weight of the simulated, labelled guard-rail batch against the measured batch's loss.
 GUARD_WEIGHT = 0.3
+#: Factor on the guard-rail weight after an evaluation that forgets (divided after one that remembers,
+#: never below ``guard_weight``), and the weight it grows to at most.
+GUARD_GROWTH, GUARD_MAX = 2.0, 10.0
+#: Decay per step of the exponential moving average of the weights that is evaluated and kept.
+EMA_DECAY = 0.98
 #: Simulator seed offset of the guard-rail examples (``seed + GUARD_SEED``): fresh examples.
 GUARD_SEED = 3_000_000
 #: Adam learning rate of the fine-tuning (constant; the best held-out weights are kept).
 LR = 3e-5
+#: Evaluations of weights that remember without improvement before the run ends (``patience``).
+PATIENCE = 25
 #: Simulated test patterns per set for the card's base / adapted scores.
 TEST_COUNT = 500
+#: Simulated, labelled patterns per recall set scored at every evaluation (see the module notes).
+RECALL_COUNT = 256
+#: Median IoU a recall set may lose against the base for weights to be kept (docs/decisions.md,
+#: "Adapting keeps only weights that remember").
+FORGET_TOLERANCE = 0.005
+#: Simulator seed of the recall sets: disjoint from the guard-rail batches, ``TEST_SEED`` and the benchmarks'.
+RECALL_SEED = 3_500_000
 #: Name of the weights in the model folder (:func:`napari_cdinn.nn.models.resolve_model_path` finds it).
 WEIGHTS_NAME = "model"
 
@@ -187,8 +214,30 @@ def _guard_batches(config, seed, batch_size):
         epoch += 1
 
 
+def _simulated_sets(config, shape, count, seed) -> dict:
+    """The project's simulated sets for a base of recipe ``config``, patterns shaped like ``shape``.
+
+    ``training_mixture``: the base's training distribution (the guard rail's); ``paper``: the
+    paper's noise-free objects (one set when they are the same).  Objects of the network's size,
+    oversampled to the pattern's side; ``count`` patterns each from ``seed``.  Returns
+    ``{name: (simulate's dict, its description)}``.
+    """
+    from ..simulate import simulate
+    from .models import object_size_of, oversampling_factor
+
+    size = object_size_of(config.arch)
+    factor = oversampling_factor(shape, size)
+    sets = {"training_mixture": (config.families, config.detector), "paper": (None, None)}
+    if (config.families or "paper") == "paper" and (config.detector or "ideal") == "ideal":
+        sets.pop("training_mixture")
+    return {name: (simulate(count, seed=seed, oversampling=factor, size=size, families=families, detector=detector),
+                   {"families": families or "paper", "detector": detector or "ideal", "count": int(count),
+                    "seed": int(seed)})
+            for name, (families, detector) in sets.items()}
+
+
 class _Adapter:
-    """A fine-tuning run: the net, its optimiser, the data and the guard rail; :meth:`run` runs it."""
+    """A fine-tuning run: the net, its optimiser, the data, the guard rail, the recall sets; :meth:`run` runs it."""
 
     def __init__(self, net, raw, mask, card, dev, settings):
         import torch
@@ -200,35 +249,65 @@ class _Adapter:
         self.train_idx, self.held_idx = split_frames(len(raw), settings["holdout"], settings["seed"])
         self.held = self._prepared(self.held_idx)
         self.config = _guard_config(card, net)
+        self.recall = {}  # name: (prepared patterns, true amplitude, true phase)
+        if settings["recall_count"]:
+            sets = _simulated_sets(self.config, raw.shape, settings["recall_count"], RECALL_SEED)
+            self.recall = {name: (self._prepare(d["intensity"], d.get("mask")), d["amplitude"], d["phase"])
+                           for name, (d, _meta) in sets.items()}
+        self.base_recall = None
+        self.guard_weight = settings["guard_weight"]  # grows while the weights forget
         self.guard = _guard_batches(self.config, settings["seed"] + GUARD_SEED, settings["batch_size"])
         self.generator = torch.Generator(device=dev).manual_seed(int(settings["seed"]) * 7919 + 25)
         self.rng = np.random.default_rng([int(settings["seed"]), 27])
         self.opt = torch.optim.Adam(net.parameters(), lr=settings["lr"])
+        # the weights evaluated and kept: an average over the last steps, steadier than the last step's
+        self.ema = torch.optim.swa_utils.AveragedModel(
+            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(EMA_DECAY), use_buffers=True)
         self.step_count, self.examples, self.history = 0, 0, []
         self.best = None  # (median held-out chi2, step, weights on the CPU, mean held-out chi2)
 
-    def _prepared(self, idx):
-        """:func:`napari_cdinn.nn.inference.prepare` of the frames at positions ``idx``."""
+    def _prepare(self, frames, mask):
+        """:func:`napari_cdinn.nn.inference.prepare` of ``frames`` for the net."""
         from .inference import prepare
 
-        mask = None if self.mask is None else self.mask if self.mask.ndim == 2 else self.mask[idx]
-        return prepare(self.raw[idx], transform=self.net.input_transform, input_factor=self.net.input_factor,
-                       mask=mask, size=self.net.size)
+        return prepare(frames, transform=self.net.input_transform, input_factor=self.net.input_factor, mask=mask,
+                       size=self.net.size)
 
-    def holdout_chi2(self):
-        """Per-frame chi^2 of the held-out frames, as :func:`napari_cdinn.nn.predict` reports it."""
+    def _prepared(self, idx):
+        """The prepared frames of the stack at positions ``idx``."""
+        mask = None if self.mask is None else self.mask if self.mask.ndim == 2 else self.mask[idx]
+        return self._prepare(self.raw[idx], mask)
+
+    def _outputs(self, prepared):
+        """Amplitude, phase and chi^2 of prepared frames, as :func:`napari_cdinn.nn.predict` reports them."""
         import torch
 
         from .inference import _run_batch
 
-        self.net.eval()
-        chi = []
+        net = self.ema.module
+        net.eval()
+        parts = []
         with torch.inference_mode():
-            for lo in range(0, len(self.held_idx), 256):
-                part = tuple(a if np.ndim(a) == 0 else a[lo : lo + 256] for a in self.held)
-                chi.append(_run_batch(self.net, part, self.dev, self.bf16, self.s["threshold"])[3])
-        self.net.train()
-        return np.concatenate(chi)
+            for lo in range(0, len(prepared[0]), 256):
+                part = tuple(a if np.ndim(a) == 0 else a[lo : lo + 256] for a in prepared)
+                amp, phase, _support, chi, _noise = _run_batch(net, part, self.dev, self.bf16, self.s["threshold"])
+                parts.append((amp, phase, chi))
+        net.train()
+        return tuple(np.concatenate(p) for p in zip(*parts))
+
+    def holdout_chi2(self):
+        """Per-frame chi^2 of the held-out frames, as :func:`napari_cdinn.nn.predict` reports it."""
+        return self._outputs(self.held)[2]
+
+    def recall_iou(self):
+        """Median support IoU, against the truth, of the net on each recall set."""
+        from .. import physics
+
+        out = {}
+        for name, (prepared, amplitude, phase) in self.recall.items():
+            amp, ph, _chi = self._outputs(prepared)
+            out[name] = float(np.median(physics.compare(amp * np.exp(1j * ph), amplitude, phase)["iou"]))
+        return out
 
     def measured_loss(self, idx):
         """Mean data-consistency loss of the measured frames at positions ``idx`` (measured pixels only)."""
@@ -250,13 +329,14 @@ class _Adapter:
         from .trainer import batch_examples, recipe_loss
 
         loss = self.measured_loss(idx)
-        if self.s["guard_weight"] > 0:
+        if self.guard_weight > 0:
             ex = batch_examples(next(self.guard), self.config, self.net.input_factor, self.dev, self.generator)
-            loss = loss + self.s["guard_weight"] * recipe_loss(self.net, ex, self.config, self.net.input_factor,
-                                                                self.dev, self.bf16)
+            loss = loss + self.guard_weight * recipe_loss(self.net, ex, self.config, self.net.input_factor,
+                                                          self.dev, self.bf16)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        self.ema.update_parameters(self.net)
         self.step_count += 1
         self.examples += len(idx)
         return float(loss.detach())
@@ -265,13 +345,22 @@ class _Adapter:
         """Score the held-out frames, keep the weights if they are the best so far; the history record."""
         chi = self.holdout_chi2()
         median = float(np.median(chi))
-        improved = self.best is None or median < self.best[0]
+        recall = self.recall_iou()
+        if self.base_recall is None:
+            self.base_recall = recall
+        remembers = all(recall[k] >= self.base_recall[k] - self.s["forget_tolerance"] for k in recall)
+        improved = self.best is None or (median < self.best[0] and remembers)
+        if not remembers:
+            self.guard_weight = min(self.guard_weight * GUARD_GROWTH, max(GUARD_MAX, self.guard_weight))
+        else:
+            self.guard_weight = max(self.guard_weight / GUARD_GROWTH, self.s["guard_weight"])
         if improved:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.ema.module.state_dict().items()}
             self.best = (median, self.step_count, state, float(np.mean(chi)))
         record = {"event": "evaluation", "step": self.step_count, "examples": self.examples,
                   "elapsed_s": float(elapsed), "train_loss": loss, "holdout_chi2": median,
-                  "holdout_chi2_mean": float(np.mean(chi)), "best_chi2": self.best[0], "best_step": self.best[1],
+                  "holdout_chi2_mean": float(np.mean(chi)), "recall_iou": recall, "remembers": bool(remembers),
+                  "guard_weight": self.guard_weight, "best_chi2": self.best[0], "best_step": self.best[1],
                   "improved": bool(improved)}
         self.history.append(record)
         return record
@@ -308,7 +397,8 @@ class _Adapter:
                       "elapsed_s": time.monotonic() - t0, "train_loss": float(np.mean(losses[-10:]))})
             if self.step_count % s["eval_every"] == 0:
                 record = emit(self.evaluate(time.monotonic() - t0, float(np.mean(losses[-s["eval_every"]:]))))
-                stale = 0 if record["improved"] else stale + 1
+                # weights that forget do not count: the guard rail's weight is at work on them
+                stale = 0 if record["improved"] else stale + record["remembers"]
                 if stale >= s["patience"]:
                     ended = "converged"
                     break
@@ -334,24 +424,15 @@ def _emitter(callback, limit_s):
     return emit
 
 
-def _test_scores(base_path, adapted_path, config, factor, count, device):
-    """Base and adapted scores (:func:`napari_cdinn.nn.evaluate.score_model`) on the project's simulated test sets.
-
-    ``training_mixture``: the base's training distribution (the guard rail's); ``paper``: the
-    paper's noise-free objects.  Patterns ``factor``-times oversampled, seed ``TEST_SEED``.
-    """
-    from ..simulate import simulate
+def _test_scores(base_path, adapted_path, config, shape, count, device):
+    """Base and adapted scores (:func:`napari_cdinn.nn.evaluate.score_model`) on the project's simulated
+    test sets (:func:`_simulated_sets`, seed ``TEST_SEED``) for patterns shaped like ``shape``."""
     from .evaluate import TEST_SEED, score_model
 
     keys = ("iou_median", "phase_rms_median", "phase_rms_p90", "chi2_median", "trusted_fraction")
-    sets = {"training_mixture": (config.families, config.detector), "paper": (None, None)}
-    if (config.families or "paper") == "paper" and (config.detector or "ideal") == "ideal":
-        sets.pop("training_mixture")
     out = {}
-    for name, (families, detector) in sets.items():
-        data = simulate(count, seed=TEST_SEED, oversampling=factor, families=families, detector=detector)
-        scores = {"families": families or "paper", "detector": detector or "ideal", "count": int(count),
-                  "seed": TEST_SEED}
+    for name, (data, meta) in _simulated_sets(config, shape, count, TEST_SEED).items():
+        scores = dict(meta)
         for which, path in (("base", base_path), ("adapted", adapted_path)):
             res = score_model(path, data=data, device=device)
             scores[which] = {k: res[k] for k in keys}
@@ -377,6 +458,9 @@ def _card(info, run, raw, counts, settings, ended, source, command):
                      adapted_frames=len(run.train_idx), holdout_frames=len(run.held_idx)),
         "holdout_chi2": {"before": first["holdout_chi2"], "after": best[0], "before_mean": first["holdout_chi2_mean"],
                          "after_mean": best[3], "count": len(run.held_idx), "statistic": "median"},
+        "recall": {"iou_base": run.base_recall, "iou_kept": next(h["recall_iou"] for h in run.history
+                                                                  if h["step"] == best[1]),
+                   "count": settings["recall_count"], "seed": RECALL_SEED, "tolerance": settings["forget_tolerance"]},
         "ended": ended, "steps": run.step_count, "best_step": best[1], "examples": run.examples,
         "elapsed_s": run.elapsed, "settings": settings, "guard": {"families": run.config.families,
                                                                   "detector": run.config.detector},
@@ -397,8 +481,9 @@ def _publish(tmp: Path, out: Path):
 
 def adapt(intensity, out, *, model=None, mask=None, time_limit_min=10.0, holdout=0.1, seed=0, device="auto",
           threads=None, callback=None, stop=None, guard_weight=GUARD_WEIGHT, lr=LR, batch_size=64, eval_every=20,
-          patience=10, max_steps=None, min_frames=MIN_FRAMES, max_frames=MAX_FRAMES, test_count=TEST_COUNT,
-          precision="auto", threshold=None, source=None, command=None) -> dict:
+          patience=PATIENCE, max_steps=None, min_frames=MIN_FRAMES, max_frames=MAX_FRAMES, test_count=TEST_COUNT,
+          recall_count=RECALL_COUNT, forget_tolerance=FORGET_TOLERANCE, precision="auto", threshold=None, source=None,
+          command=None) -> dict:
     """Fine-tune a model on measured patterns without ground truth and write it as a new model folder.
 
     Parameters
@@ -425,7 +510,8 @@ def adapt(intensity, out, *, model=None, mask=None, time_limit_min=10.0, holdout
         Receives :class:`napari_cdinn.jobs.ProgressEvent` (``done``/``total``: seconds of the time
         limit) whose payload, also read as ``event[key]``, is ``{"event": "start"|"step"|"evaluation"|
         "done"|"stopped", "step", "examples", "elapsed_s", "train_loss"}``; evaluations add
-        ``holdout_chi2`` (median), ``holdout_chi2_mean``, ``best_chi2``, ``best_step``, ``improved``;
+        ``holdout_chi2`` (median), ``holdout_chi2_mean``, ``recall_iou`` (``{set: median IoU}``),
+        ``remembers`` (within the forget tolerance), ``best_chi2``, ``best_step``, ``improved``;
         ``done``/``stopped`` (the fine-tuning ended; the model is written and scored next) add
         ``ended`` and ``best_step``.
     stop : threading.Event or callable returning bool, optional
@@ -435,13 +521,18 @@ def adapt(intensity, out, *, model=None, mask=None, time_limit_min=10.0, holdout
     lr, batch_size : float, int
         Adam learning rate; measured frames (and simulated examples) per step.
     eval_every, patience : int
-        Steps between held-out evaluations; evaluations without improvement before stopping.
+        Steps between held-out evaluations; evaluations of weights that remember without improvement
+        before stopping.
     max_steps : int, optional
         Steps at most.
     min_frames, max_frames : int
         Usable frames needed (``ValueError`` below); frames read at most (a random subset beyond).
     test_count : int
         Patterns per simulated test set of the card's scores (0: none).
+    recall_count : int
+        Patterns per simulated recall set scored at every evaluation (0: no recall check).
+    forget_tolerance : float
+        Median IoU a recall set may lose against the base for weights to be kept (see the module notes).
     precision : "auto", "fp32" or "bf16"
         bf16 autocast where the hardware has it (``auto``), as the trainer.
     threshold : float, optional
@@ -468,7 +559,7 @@ def adapt(intensity, out, *, model=None, mask=None, time_limit_min=10.0, holdout
     from ..device import threads_applied
     from ..io import current_umask
     from .checkpoint import load_model, save_model
-    from .models import oversampling_factor, resolve_model
+    from .models import resolve_model
     from .runtime import resolve_device
 
     out = check_out(out)
@@ -477,11 +568,16 @@ def adapt(intensity, out, *, model=None, mask=None, time_limit_min=10.0, holdout
     for name, value in (("batch_size", batch_size), ("eval_every", eval_every), ("patience", patience)):
         if int(value) < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if int(recall_count) < 0 or not forget_tolerance >= 0:
+        raise ValueError(f"recall_count and forget_tolerance must not be negative, got {recall_count!r} and "
+                         f"{forget_tolerance!r}")
     if not time_limit_min > 0:
         raise ValueError(f"the time limit must be positive, got {time_limit_min!r}")
     settings = {"time_limit_min": float(time_limit_min), "holdout": float(holdout), "seed": int(seed),
                 "guard_weight": float(guard_weight), "lr": float(lr), "batch_size": int(batch_size),
                 "eval_every": int(eval_every), "patience": int(patience), "max_steps": max_steps,
+                "recall_count": int(recall_count), "forget_tolerance": float(forget_tolerance),
+                "guard_growth": GUARD_GROWTH, "guard_max": GUARD_MAX, "ema_decay": EMA_DECAY,
                 "precision": precision, "threshold": physics.SHAPE_THRESHOLD if threshold is None else float(threshold),
                 "device": str(dev)}
     split_frames(max(int(min_frames), 2), holdout)  # a bad holdout fails before the data are read
@@ -506,8 +602,7 @@ def adapt(intensity, out, *, model=None, mask=None, time_limit_min=10.0, holdout
             weights = tmp / f"{WEIGHTS_NAME}.safetensors"
             save_model(net, weights, card, input_transform=net.input_transform)
             if test_count:
-                card["test_scores"] = _test_scores(info.path, weights, run.config, oversampling_factor(raw.shape),
-                                                   int(test_count), dev)
+                card["test_scores"] = _test_scores(info.path, weights, run.config, raw.shape, int(test_count), dev)
                 save_model(net, weights, card, input_transform=net.input_transform)
             _publish(tmp, out)
         except BaseException:

@@ -67,7 +67,7 @@ class AdaptPanel(widgets.Container):
         self.plot.add_to(self)
         persist(self, "adapt", ("device", "time_limit", "holdout"))
         self.adapt_options = {}
-        self.history = []
+        self.history, self.forgot = [], []  # (step, held-out chi2); steps whose weights forget
         self._folder = None
         self._limit_s = 1.0
 
@@ -90,7 +90,7 @@ class AdaptPanel(widgets.Container):
                         "time_limit_min": float(self.time_limit.value), "holdout": float(self.holdout.value),
                         "source": self.patterns.value.source.path}, **self.adapt_options)
         self._folder, self._limit_s = folder, 60.0 * float(self.time_limit.value)
-        self.history = []
+        self.history, self.forgot = [], []
         self._draw()
         self.controls.busy(f"reading {stack.shape[0]} pattern(s)...")
         self.runner.start(lambda progress, should_stop: adapt_job(stack, folder, options, progress, should_stop, mask))
@@ -99,21 +99,29 @@ class AdaptPanel(widgets.Container):
         kind = event["event"]
         if kind == "evaluation":
             self.history.append((event["step"], event["holdout_chi2"]))
+            if not event["remembers"]:
+                self.forgot.append(event["step"])
             self._draw(event["best_step"])
+            forgets = "" if event["remembers"] else ", forgets: not kept"
             self.controls.set_progress(min(event["elapsed_s"], self._limit_s), self._limit_s,
                                        f"step {event['step']}: held-out chi² {event['holdout_chi2']:.4g} "
-                                       f"(best {event['best_chi2']:.4g})")
+                                       f"(best {event['best_chi2']:.4g}{forgets})")
         elif kind in ("done", "stopped"):
             self.controls.status.value = "writing and scoring the adapted model..."
 
     def _draw(self, best_step=None):
-        """Plot the held-out chi^2 per evaluation (the base's at step 0 dashed, the kept step marked)."""
+        """Plot the held-out chi^2 per evaluation (the base's at step 0 dashed, the weights that forget
+        crossed out, the kept step marked)."""
         ax = self.plot.axes
         ax.clear()
         if self.history:
             steps, chi2 = zip(*self.history, strict=True)
             ax.plot(steps, chi2, "o-", ms=3, label="held-out chi² (median)")
             ax.axhline(chi2[0], color="gray", lw=0.8, ls="--", label="base model")
+            if self.forgot:
+                values = dict(self.history)
+                ax.plot(self.forgot, [values[s] for s in self.forgot], "x", ms=6, color="gray",
+                        label="forgets (not kept)")
             if best_step is not None:
                 ax.plot([best_step], [dict(self.history)[best_step]], "*", ms=10, color="tab:red", label="kept")
             ax.legend(fontsize="small")
