@@ -266,8 +266,8 @@ def held_out_command_tables(name, res):
                 (f"The whole default `cdinn reconstruct` ({p.get('iterations', '?')} iterations per run, up to "
                  f"{p.get('starts', '?')} runs) on {_f(res.get('count'))} patterns per held-out set (process start, "
                  f"imports and I/O included; seed {res.get('seed', '?')} + the set's index), against the paper's "
-                 "protocol as the plain NumPy loop run once per pattern (one 620-iteration run, one core) on the first "
-                 f"{_f(res.get('numpy_count')) if res.get('numpy_count') else 'all'} of them. Quality on those same "
+                 "protocol as the plain NumPy loop run once per pattern (one 620-iteration run, one core) on "
+                 f"{'the first ' + _f(res['numpy_count']) if res.get('numpy_count') else 'all'} of them. Quality on those same "
                  "patterns: phase RMS rad median (p90) / IoU median."),
                 ("set", "`cdinn reconstruct` ms per pattern", "NumPy ms per pattern", "speed-up", "restarted",
                  "runs per pattern", "`cdinn reconstruct`", "NumPy protocol", "equal or better (median, p90, IoU)"))
