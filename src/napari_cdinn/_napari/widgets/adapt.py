@@ -112,6 +112,8 @@ class AdaptPanel(widgets.Container):
     def _draw(self, best_step=None):
         """Plot the held-out chi^2 per evaluation (the base's at step 0 dashed, the weights that forget
         crossed out, the kept step marked)."""
+        from matplotlib.ticker import NullFormatter
+
         ax = self.plot.axes
         ax.clear()
         if self.history:
@@ -124,7 +126,9 @@ class AdaptPanel(widgets.Container):
                         label="forgets (not kept)")
             if best_step is not None:
                 ax.plot([best_step], [dict(self.history)[best_step]], "*", ms=10, color="tab:red", label="kept")
-            ax.legend(fontsize="small")
+            ax.set_yscale("log")  # the chi^2 often falls tenfold: the late steps stay readable
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.legend(fontsize="x-small", ncol=2)
         ax.set_xlabel("step")
         ax.set_ylabel("held-out chi²")
         self.plot.draw()
