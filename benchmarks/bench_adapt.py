@@ -144,8 +144,8 @@ def run(count=2000, test_count=500, time_limit=10.0, sets=None, device="cpu"):
     with tempfile.TemporaryDirectory(prefix="bench_adapt_") as folder:
         for name in names:
             t0 = time.perf_counter()
-            results["sets"][name] = run_set(name, list(CANDIDATES).index(name), count, test_count, time_limit, device,
-                                            paper, folder)
+            index = list(CANDIDATES).index(name)
+            results["sets"][name] = run_set(name, index, count, test_count, time_limit, device, paper, folder)
             print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     results["all_targets_met"] = all(all(v for k, v in s["targets"].items() if k.endswith(("_met", "_down", "_kept")))
                                      for s in results["sets"].values())

@@ -118,14 +118,14 @@ class AdaptPanel(widgets.Container):
         ax.clear()
         if self.history:
             steps, chi2 = zip(*self.history, strict=True)
+            values = dict(self.history)
             ax.plot(steps, chi2, "o-", ms=3, label="held-out chi² (median)")
             ax.axhline(chi2[0], color="gray", lw=0.8, ls="--", label="base model")
             if self.forgot:
-                values = dict(self.history)
                 ax.plot(self.forgot, [values[s] for s in self.forgot], "x", ms=6, color="gray",
                         label="forgets (not kept)")
             if best_step is not None:
-                ax.plot([best_step], [dict(self.history)[best_step]], "*", ms=10, color="tab:red", label="kept")
+                ax.plot([best_step], [values[best_step]], "*", ms=10, color="tab:red", label="kept")
             ax.set_yscale("log")  # the chi^2 often falls tenfold: the late steps stay readable
             ax.yaxis.set_minor_formatter(NullFormatter())
             ax.legend(fontsize="x-small", ncol=2)
