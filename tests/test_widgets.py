@@ -636,6 +636,7 @@ def test_training_dock_adapts_a_model_to_a_stack_and_offers_it(make_napari_viewe
     assert [step for step, _ in panel.history] == [0, 2, 4] and len(panel.plot.axes.lines) >= 2
     assert panel.forgot == [2] and "forgets (not kept)" in [line.get_label() for line in panel.plot.axes.lines]
     assert panel.controls.status.value.startswith("done: held-out chi²")
+    assert panel.controls.progress.value == 100  # ended before the time limit: the bar is full
     assert str(tmp_path / "adapted") in inversion.models.choice.choices  # offered at once...
     assert inversion.models.model is None  # ...but not chosen
     panel.controls.run_button.clicked.emit()  # the folder exists now: one notification, no run
@@ -652,3 +653,4 @@ def test_adapt_stop_still_writes_the_best_model(make_napari_viewer, qtbot, tmp_p
     qtbot.waitUntil(lambda: not panel.runner.running, timeout=120_000)
     assert (tmp_path / "adapted" / "model.safetensors").is_file()
     assert panel.controls.status.value.startswith("stopped: held-out chi²")
+    assert panel.controls.progress.value < 100

@@ -107,6 +107,8 @@ class AdaptPanel(widgets.Container):
                                        f"step {event['step']}: held-out chi² {event['holdout_chi2']:.4g} "
                                        f"(best {event['best_chi2']:.4g}{forgets})")
         elif kind in ("done", "stopped"):
+            if kind == "done":  # ended on its own (steps, convergence or time): the bar fills
+                self.controls.set_progress(1, 1)
             self.controls.status.value = "writing and scoring the adapted model..."
 
     def _draw(self, best_step=None):
