@@ -373,11 +373,13 @@ _MASK_HELP = ("unmeasured pixels (True/nonzero = unmeasured), (H, W) or (N, H, W
               ".h5 dataset 'mask'); default: the input's own mask, if it has one")
 
 
-def _add_stack_options(p, what):
-    """Input, output and streaming options shared by the commands that invert a stack."""
+def _add_stack_options(p, what, device=True):
+    """Input, output and streaming options shared by the commands that work through a stack
+    (``device=False``: a NumPy command, with neither ``--device`` nor ``--threads``)."""
     p.add_argument("input", help=f"intensities: .npy, .npz, .tif, .h5, .cxi ({what})")
     p.add_argument("-o", "--out", required=True, help="output .npz, or .h5/.cxi (written as the job streams)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    if device:
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--chunk-size", type=_positive_int, default=4096, help="frames read and written at once")
     p.add_argument("--scheduler", default=None,
                    help="address of a dask.distributed scheduler to run the chunks on (e.g. tcp://host:8786)")
@@ -389,7 +391,10 @@ def _add_stack_options(p, what):
     p.add_argument("--scheduler-timeout", type=_positive_float, default=60.0, metavar="S",
                    help="seconds a --scheduler cluster may go without workers or without answering (default 60)")
     p.add_argument("--mask", default=None, metavar="FILE", help=_MASK_HELP)
-    _add_threads(p)
+    if device:
+        _add_threads(p)
+    else:
+        p.set_defaults(device="cpu", numpy_engine=True)
 
 
 def _check_stack_input(args):
@@ -472,15 +477,15 @@ class _Progress:
         width = 30
         bar = "#" * int(width * done / max(total, 1))
         end = "\n" if done >= total else ""
-        print(f"\r{self.label} [{bar:<{width}}] {done}/{total} frames, {rate:.0f}/s, {left:.0f} s left ",
-              end=end, file=sys.stderr, flush=True)
+        pace = f", {rate:.0f}/s, {left:.0f} s left" if rate > 0 else ""  # nothing timed before one call
+        print(f"\r{self.label} [{bar:<{width}}] {done}/{total} frames{pace} ", end=end, file=sys.stderr, flush=True)
         _Progress.open_line = done < total
 
 
 def _run_stack(args, fn, options, attrs, label):
     """Stream a chunk function over the input stack with progress on stderr; report the result."""
     from . import stream
-    from .jobs import Cancelled, progress_events
+    from .jobs import Cancelled
 
     _use_threads(args)
     if getattr(args, "mask_array", None) is not None:
@@ -495,7 +500,7 @@ def _run_stack(args, fn, options, attrs, label):
     try:
         summary = stream.process_stack(args.input, args.out, fn, chunk_size=args.chunk_size, resume=args.resume,
                                        scheduler=args.scheduler, options={**options, "args": given, "weights": weights},
-                                       attrs=attrs, progress=progress_events(_Progress(label)),
+                                       attrs=attrs, progress=_count_progress(label),
                                        mask=getattr(args, "mask_array", None), memory=args.memory,
                                        scheduler_timeout=args.scheduler_timeout)
     except Cancelled as exc:
@@ -509,6 +514,66 @@ def _run_stack(args, fn, options, attrs, label):
     skipped = summary.get("skipped", 0)  # streamed runs report finished chunks they skipped
     note = f" ({skipped} chunks resumed)" if skipped else ""
     print(f"wrote {args.out}{note}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- prepare
+def _add_prepare(sub):
+    p = sub.add_parser(
+        "prepare",
+        help="cut centred, square patterns out of raw detector frames",
+        description="Find where the direct beam (zero frequency) falls on the detector, from the inversion "
+        "symmetry of the summed frames, or take it from --centre; cut a square around it (unmeasured where it "
+        "runs off the detector) and optionally sum bin x bin pixels; write 'intensity' and 'mask' "
+        "(True = unmeasured), the input the other commands read.",
+    )
+    _add_stack_options(p, "raw detector frames, (H, W) or (N, H, W), any shape", device=False)
+    p.add_argument("--centre", "--center", dest="centre", default="auto", metavar="Y,X",
+                   help="zero-frequency position in detector pixels (row, column), e.g. 257,515; default auto: "
+                        "found from the frames' inversion symmetry (reliable on a stack; check it on a single "
+                        "frame of a strongly phased object)")
+    p.add_argument("--size", type=_positive_int, default=None, metavar="N",
+                   help="side of the output patterns in output pixels (even); default: the largest multiple of "
+                        "32 (what the networks read) whose square stays on the detector")
+    p.add_argument("--bin", type=_positive_int, default=1, metavar="K",
+                   help="sum K x K detector pixels into one (default 1); a binned pixel with any unmeasured "
+                        "pixel is unmeasured")
+    p.set_defaults(func=_cmd_prepare)
+
+
+def _cmd_prepare(args):
+    import functools
+
+    from . import io, prepare
+
+    shape = _check_stack_input(args)
+    try:
+        centre = prepare.parse_centre(args.centre)
+    except ValueError as exc:
+        raise UsageError(f"--centre: {exc}") from None
+    found = centre is None
+    if found:
+        stack = io.open_stack(args.input)
+        centre = prepare.stack_centre(stack, args.mask_array, chunk_size=args.chunk_size,
+                                      progress=_count_progress("centre"))
+        _end_progress_line()
+    elif not (0 <= centre[0] < shape[-2] and 0 <= centre[1] < shape[-1]):
+        raise UsageError(f"--centre {args.centre} lies outside the {shape[-2]} x {shape[-1]} detector frame")
+    size = prepare.default_size(shape, centre, args.bin) if args.size is None else args.size
+    if size % 2:
+        raise UsageError(f"--size must be even (the zero frequency sits at pixel size // 2), got {size}")
+    print(prepare.describe(shape, centre, size, args.bin, found), file=sys.stderr)
+    fn = functools.partial(prepare.prepare_chunk, centre=centre, size=size, bin=args.bin)
+    attrs = {"command": "prepare", "centre": [float(c) for c in centre], "centre_found": found, "size": size,
+             "bin": args.bin, "detector_shape": [int(v) for v in shape[-2:]]}
+    _run_stack(args, fn, {"command": "prepare", "centre": list(centre), "size": size, "bin": args.bin}, attrs,
+               "prepare")
+
+
+def _count_progress(label):
+    """``progress(done, total)`` drawing the command line's progress bar."""
+    from .jobs import progress_events
+
+    return progress_events(_Progress(label))
 
 
 # --------------------------------------------------------------------------- predict
@@ -879,7 +944,7 @@ def _adapt_progress(ev):
 
 
 # --------------------------------------------------------------------------- main
-_ADDERS = [_add_simulate, _add_bench, _add_train, _add_predict, _add_reconstruct, _add_report, _add_adapt]
+_ADDERS = [_add_simulate, _add_prepare, _add_bench, _add_train, _add_predict, _add_reconstruct, _add_report, _add_adapt]
 
 
 def build_parser():

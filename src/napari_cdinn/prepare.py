@@ -1,0 +1,280 @@
+"""Raw detector frames to the centred, square patterns the rest of the package reads.
+
+A detector records the direct beam somewhere on its chip, on a rectangle, often at a finer pixel
+than the object needs.  :func:`prepare_frames` crops a square of the pattern around the beam's
+position (the zero frequency), padding with *unmeasured* pixels where the square runs off the chip,
+and optionally sums ``bin x bin`` pixels (counts stay whole numbers, so the counting-noise floor
+:func:`napari_cdinn.physics.noise_chi2` still applies).  The result follows the package's
+convention: zero frequency at pixel ``(n // 2, n // 2)`` of an ``n x n`` frame.
+
+The beam's position is found by :func:`friedel_centre`, the centre of inversion symmetry of the
+pattern (Friedel's law: ``I(c + q) = I(c - q)`` for a real object, and nearly so for a weak phase),
+on the sum of the frames: it is a peak of the pattern's self-convolution, which unmeasured pixels
+(beamstop, gaps) do not bias because the score is normalised by the overlap of measured pixels.
+
+Masks are True on unmeasured pixels.  A binned pixel is unmeasured when any of its pixels is: a
+sum over part of a block is not a count of the whole block (docs/decisions.md, "Preparing
+detector frames").  NaN/inf pixels are unmeasured.  Everything here is NumPy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "crop_origin",
+    "default_size",
+    "describe",
+    "friedel_centre",
+    "parse_centre",
+    "prepare_chunk",
+    "prepare_frames",
+    "stack_centre",
+]
+
+#: Shifts whose overlap of measured pixels is below this fraction of the largest are not scored
+#: (a symmetry seen on a few pixels at the chip's edge is no evidence).
+MIN_OVERLAP = 0.25
+#: Sizes (after binning) the default prefers: the networks read 32-pixel multiples.
+SIZE_STEP = 32
+
+
+def _measured(image, mask):
+    """Float weights 1 on measured, finite pixels (0 elsewhere) and the image with 0 there."""
+    image = np.asarray(image, dtype=np.float64)
+    good = np.isfinite(image)
+    if mask is not None:
+        good &= ~np.asarray(mask, dtype=bool)
+    return np.where(good, image, 0.0), good.astype(np.float64)
+
+
+def friedel_centre(image, mask=None):
+    """The zero-frequency position of a diffraction pattern: its centre of inversion symmetry.
+
+    Scores every pixel ``c`` as the centre by the normalised self-convolution of the
+    amplitudes ``w = sqrt(I)`` on measured pixels, ``sum_q w(q) w(2c - q) / sum_q w(q)**2 m(2c - q)``
+    (1 for a perfectly symmetric pattern), over the centres where the measured pixels and their
+    mirror images overlap on at least :data:`MIN_OVERLAP` of the best case.
+
+    Parameters
+    ----------
+    image : array_like, (H, W)
+        Intensities (a frame or the sum of a stack); negative values count as 0.
+    mask : array_like of bool, (H, W), optional
+        True on unmeasured pixels.
+
+    Returns
+    -------
+    tuple of float
+        ``(y, x)``, the pixel of ``image`` that holds the zero frequency.
+
+    Raises
+    ------
+    ValueError
+        For a frame that is not 2-D or has no measured signal.
+    """
+    values, good = _measured(image, mask)
+    if values.ndim != 2:
+        raise ValueError(f"a pattern must be 2-D to find its centre, got shape {values.shape}")
+    w = np.sqrt(np.clip(values, 0.0, None))
+    if not np.any(w > 0):
+        raise ValueError("the frames hold no measured signal to find the centre from")
+    h, wd = w.shape
+    shape = (2 * h - 1, 2 * wd - 1)  # every sum of two indices, no wrap-around
+
+    def conv(a, b):
+        return np.fft.irfft2(np.fft.rfft2(a, shape) * np.fft.rfft2(b, shape), shape)
+
+    pairs = conv(w, w)
+    norm = conv(w * w, good)
+    overlap = conv(good, good)
+    ok = (overlap >= MIN_OVERLAP * overlap.max()) & (norm > 1e-12 * norm.max())
+    score = np.where(ok, pairs / np.where(ok, norm, 1.0), -np.inf)[::2, ::2]  # whole-pixel centres
+    y, x = np.unravel_index(int(np.argmax(score)), score.shape)
+    return float(y), float(x)
+
+
+def _chunks(n, size):
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=None):
+    """:func:`friedel_centre` of the sum of a stack's frames (read chunk by chunk).
+
+    Parameters
+    ----------
+    stack : array_like, (N, H, W) or (H, W)
+        Anything sliceable along its first axis (NumPy, dask, a lazy file stack).
+    mask : array_like of bool, (H, W) or (N, H, W), optional
+        True on unmeasured pixels; a per-frame mask counts a pixel as measured only where no
+        frame misses it.  NaN/inf pixels of any frame are unmeasured.
+    chunk_size : int
+        Frames read at once.
+    progress : callable(done, total), optional
+        Called after every chunk.
+    should_stop : callable or threading.Event, optional
+        Checked before every chunk; a stop raises :class:`napari_cdinn.jobs.Cancelled`.
+
+    Returns
+    -------
+    tuple of float, ``(y, x)``.
+    """
+    from .jobs import Cancelled, stop_requested
+
+    shape = tuple(stack.shape)
+    if len(shape) == 2:
+        return friedel_centre(np.asarray(stack), mask)
+    n = shape[0]
+    total = np.zeros(shape[-2:], dtype=np.float64)
+    bad = np.zeros(shape[-2:], dtype=bool)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        bad |= mask if mask.ndim == 2 else mask.any(axis=0)
+    for a, b in _chunks(n, max(1, int(chunk_size))):
+        if stop_requested(should_stop):
+            raise Cancelled(f"stopped after {a} of {n} frames while finding the centre")
+        frames = np.asarray(stack[a:b], dtype=np.float64)
+        finite = np.isfinite(frames)
+        bad |= ~finite.all(axis=0)
+        total += np.where(finite, frames, 0.0).sum(axis=0)
+        if progress is not None:
+            progress(b, n)
+    return friedel_centre(total, bad)
+
+
+def _centre_pixel(centre):
+    """The pixel that holds the zero frequency: the centre rounded (halves up)."""
+    return tuple(int(np.floor(float(c) + 0.5)) for c in centre)
+
+
+def crop_origin(centre, size, bin=1):
+    """Top-left detector pixel of the square that :func:`prepare_frames` cuts.
+
+    The square is ``size * bin`` detector pixels wide; the block of ``bin x bin`` pixels that
+    becomes output pixel ``(size // 2, size // 2)`` holds the centre pixel at its middle (odd
+    ``bin``) or just past it (even ``bin``: half a detector pixel off, which the refinement's phase
+    ramp absorbs).
+    """
+    cy, cx = _centre_pixel(centre)
+    k = int(bin)
+    return cy - k // 2 - k * (int(size) // 2), cx - k // 2 - k * (int(size) // 2)
+
+
+def default_size(shape, centre, bin=1):
+    """The largest output side whose square stays on the detector: a multiple of :data:`SIZE_STEP`
+    where one fits (what the networks read), else the largest even side (at least 2).
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Detector frame ``(H, W)`` (or a stack's shape: the last two axes).
+    centre : (float, float)
+    bin : int
+    """
+    h, w = (int(v) for v in shape[-2:])
+    cy, cx = _centre_pixel(centre)
+    k = int(bin)
+    # size // 2 blocks before the centre pixel's block start, size // 2 blocks from it to the end
+    half = min((cy - k // 2) // k, (h - cy + k // 2) // k, (cx - k // 2) // k, (w - cx + k // 2) // k)
+    size = 2 * max(half, 1)
+    return size - size % SIZE_STEP if size >= SIZE_STEP else size
+
+
+def _check_geometry(size, bin):
+    size, bin = int(size), int(bin)
+    if size < 2 or size % 2:
+        raise ValueError(f"the output size must be an even number of pixels, at least 2, got {size}")
+    if bin < 1:
+        raise ValueError(f"the bin must be a whole number of pixels, at least 1, got {bin}")
+    return size, bin
+
+
+def prepare_frames(frames, centre, size, bin=1, mask=None):
+    """Crop (and bin) detector frames to centred ``size x size`` patterns with their mask.
+
+    Parameters
+    ----------
+    frames : array_like, (N, H, W) or (H, W)
+        Detector frames (counts or any non-negative scale).
+    centre : (float, float)
+        Zero-frequency position ``(y, x)`` in detector pixels (rounded to a pixel).
+    size : int
+        Output side (even), in output pixels.
+    bin : int
+        Detector pixels summed along each axis into one output pixel.
+    mask : array_like of bool, (H, W) or (N, H, W), optional
+        True on unmeasured detector pixels.
+
+    Returns
+    -------
+    intensity : numpy.ndarray, float32, (N, size, size) or (size, size)
+        0 on unmeasured output pixels.
+    mask : numpy.ndarray, bool, same shape
+        True on unmeasured output pixels: off the chip, masked, NaN/inf, or binned with one such.
+    """
+    size, k = _check_geometry(size, bin)
+    data = np.asarray(frames)
+    single = data.ndim == 2
+    if single:
+        data = data[None]
+    if data.ndim != 3:
+        raise ValueError(f"frames must be (H, W) or (N, H, W), got shape {data.shape}")
+    n, h, w = data.shape
+    y0, x0 = crop_origin(centre, size, k)
+    side = size * k
+    out = np.zeros((n, side, side), dtype=np.float64)
+    bad = np.ones((n, side, side), dtype=bool)  # off the chip: unmeasured
+    ys, xs = slice(max(y0, 0), min(y0 + side, h)), slice(max(x0, 0), min(x0 + side, w))
+    dy, dx = slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0)
+    if ys.start < ys.stop and xs.start < xs.stop:
+        part = np.asarray(data[:, ys, xs], dtype=np.float64)
+        miss = ~np.isfinite(part)
+        if mask is not None:
+            m = np.asarray(mask, dtype=bool)
+            if m.shape[-2:] != (h, w) or m.ndim not in (2, 3) or (m.ndim == 3 and m.shape[0] != n):
+                raise ValueError(f"the mask's shape {m.shape} does not match the frames' {data.shape}")
+            miss |= m[..., ys, xs] if m.ndim == 3 else m[ys, xs][None]
+        out[:, dy, dx] = np.where(miss, 0.0, part)
+        bad[:, dy, dx] = miss
+    if k > 1:
+        out = out.reshape(n, size, k, size, k).sum(axis=(2, 4))
+        bad = bad.reshape(n, size, k, size, k).any(axis=(2, 4))
+    out[bad] = 0.0
+    out = out.astype(np.float32)
+    return (out[0], bad[0]) if single else (out, bad)
+
+
+def prepare_chunk(intensity, first_frame=0, mask=None, *, centre, size, bin=1):
+    """Chunk function of :func:`napari_cdinn.stream.process_stack`: ``intensity`` and ``mask``."""
+    out, bad = prepare_frames(intensity, centre, size, bin, mask)
+    return {"intensity": out, "mask": bad}
+
+
+def describe(shape, centre, size, bin, found: bool) -> str:
+    """One line on what :func:`prepare_frames` does to frames of ``shape``."""
+    y0, x0 = crop_origin(centre, size, bin)
+    side = size * bin
+    h, w = (int(v) for v in shape[-2:])
+    off = (max(0, -y0) + max(0, y0 + side - h)) or (max(0, -x0) + max(0, x0 + side - w))
+    how = "found by Friedel symmetry" if found else "given"
+    binned = f", binned {bin} x {bin}" if bin > 1 else ""
+    edge = "; the square runs off the detector there (unmeasured)" if off else ""
+    return (f"centre (y, x) = ({centre[0]:g}, {centre[1]:g}) {how}; {side} x {side} detector pixels from "
+            f"({y0}, {x0}){binned} -> {size} x {size} patterns{edge}")
+
+
+def parse_centre(text: str | Sequence[float] | None):
+    """``"auto"``/None -> None; ``"Y,X"`` or a pair -> ``(y, x)`` floats."""
+    if text is None or (isinstance(text, str) and text.strip().lower() == "auto"):
+        return None
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        y, x = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"the centre must be 'auto' or 'Y,X' in detector pixels, got {text!r}") from None
+    if not (np.isfinite(y) and np.isfinite(x)):
+        raise ValueError(f"the centre must be finite, got {text!r}")
+    return y, x
+

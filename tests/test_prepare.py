@@ -1,0 +1,146 @@
+"""Raw detector frames to centred patterns: the centre, the crop, the bin, the mask and `cdinn prepare`."""
+
+import h5py
+import numpy as np
+import pytest
+
+from napari_cdinn import io, prepare
+from napari_cdinn.cli import main
+from napari_cdinn.simulate import simulate
+
+
+def _detector(count=24, centre=(141, 77), shape=(300, 200), seed=3, photons=1e5, families="realistic"):
+    """Simulated centred 128 x 128 patterns placed on a larger detector with the beam at ``centre``,
+    a beamstop over the beam, a column gap and a row gap (zeros there, and in the mask)."""
+    sim = simulate(count, seed=seed, oversampling=4, photons=photons, families=families)
+    cy, cx = centre
+    det = np.zeros((count, *shape), np.float32)
+    det[:, cy - 64:cy + 64, cx - 64:cx + 64] = sim["intensity"]
+    mask = np.zeros(shape, bool)
+    mask[cy - 3:cy + 4, cx - 3:cx + 4] = True
+    mask[:, cx + 13:cx + 16] = True
+    mask[cy + 59:cy + 63, :] = True
+    det[:, mask] = 0
+    return det, mask, sim["intensity"]
+
+
+@pytest.mark.parametrize("centre", [(141, 77), (64, 135), (235, 64)])
+@pytest.mark.parametrize("families,photons", [("paper", None), ("realistic", 1e3)])
+def test_the_centre_of_a_stack_is_found_behind_a_beamstop_and_gaps(centre, families, photons):
+    det, mask, _ = _detector(centre=centre, families=families, photons=photons)
+    assert prepare.stack_centre(det, mask, chunk_size=7) == centre
+
+
+def test_a_single_symmetric_frame_gives_its_centre_and_empty_data_are_one_sentence():
+    det, mask, _ = _detector(count=1, families="paper", photons=None)
+    # plus its point reflection about (141, 77): reversed, pixel y holds 299 - y; rolled, 2 * 141 - y
+    sym = det[0] + np.roll(det[0][::-1, ::-1], (-(299 - 2 * 141), -(199 - 2 * 77)), axis=(0, 1))
+    assert prepare.friedel_centre(sym, mask) == (141, 77)
+    with pytest.raises(ValueError, match="no measured signal"):
+        prepare.friedel_centre(np.zeros((40, 50)))
+    with pytest.raises(ValueError, match="2-D"):
+        prepare.friedel_centre(np.ones((2, 40, 50)))
+
+
+def test_the_crop_gives_back_the_centred_patterns_and_masks_what_was_not_measured():
+    det, mask, truth = _detector(count=5)
+    out, bad = prepare.prepare_frames(det, (141, 77), 128, mask=mask)
+    assert out.shape == bad.shape == (5, 128, 128) and out.dtype == np.float32
+    assert np.array_equal(out[~bad], truth[~bad])
+    assert bad[:, 64, 64].all() and not bad[:, 0, 0].any()  # the beamstop; a measured corner
+    # a square wider than the detector's room: off the chip is unmeasured, with zeros
+    out, bad = prepare.prepare_frames(det, (141, 77), 256, mask=mask)
+    assert out.shape == (5, 256, 256) and bad[:, :, :51].all() and (out[bad] == 0).all()
+    assert np.array_equal(out[:, 64:192, 64:192][~bad[:, 64:192, 64:192]], truth[~bad[:, 64:192, 64:192]])
+
+
+def test_nan_and_per_frame_masks_are_unmeasured():
+    det, mask, _ = _detector(count=3)
+    det[1, 141, 100] = np.nan
+    per_frame = np.zeros(det.shape, bool)
+    per_frame[2, 150, 80] = True
+    out, bad = prepare.prepare_frames(det, (141, 77), 64, mask=per_frame)
+    assert bad[1, 32, 32 + 23] and out[1, 32, 32 + 23] == 0 and np.isfinite(out).all()
+    assert bad[2, 32 + 9, 32 + 3] and not bad[0, 32 + 9, 32 + 3]
+    with pytest.raises(ValueError, match="does not match"):
+        prepare.prepare_frames(det, (141, 77), 64, mask=np.zeros((5, 300, 200), bool))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_binning_sums_counts_keeps_the_beam_at_the_centre_and_masks_partly_missed_blocks(k):
+    rng = np.random.default_rng(0)
+    det = rng.poisson(3.0, size=(2, 90, 110)).astype(np.float32)
+    det[:, 40, 51] = 1000  # the beam
+    mask = np.zeros((90, 110), bool)
+    mask[35, 45] = True
+    out, bad = prepare.prepare_frames(det, (40, 51), 20, k, mask)
+    assert out.shape == (2, 20, 20)
+    assert np.unravel_index(np.argmax(out[0]), out[0].shape) == (10, 10)
+    assert np.array_equal(out, np.round(out))  # whole counts stay whole
+    y0, x0 = prepare.crop_origin((40, 51), 20, k)
+    block = det[0, y0 + 19 * k:y0 + 20 * k, x0 + 19 * k:x0 + 20 * k]
+    assert out[0, -1, -1] == block.sum()
+    assert bad[:, (35 - y0) // k, (45 - x0) // k].all() and not bad[:, 10, 10].any()
+    off = y0 < 0  # the widest square runs off the chip's top: those rows are unmeasured
+    assert bad[:, 0, :].all() == off and bad.sum() == 2 * (1 + off * 20)
+
+
+def test_default_size_prefers_what_the_networks_read_and_stays_on_the_detector():
+    assert prepare.default_size((300, 200), (141, 77)) == 128  # 154 pixels of room: the multiple of 32 below
+    assert prepare.default_size((300, 200), (141, 77), 2) == 64
+    assert prepare.default_size((514, 1030), (257, 515)) == 512  # an Eiger 500K
+    assert prepare.default_size((30, 30), (15, 16)) == 28  # under 32: the largest even side
+    assert prepare.default_size((40, 40), (0, 0)) == 2  # the beam at a corner: still a valid size
+    for k in (1, 2, 3):
+        size = prepare.default_size((300, 200), (141, 77), k)
+        y0, x0 = prepare.crop_origin((141, 77), size, k)
+        assert y0 >= 0 and x0 >= 0 and y0 + size * k <= 300 and x0 + size * k <= 200
+
+
+def test_parse_centre():
+    assert prepare.parse_centre("auto") is None and prepare.parse_centre(None) is None
+    assert prepare.parse_centre("257, 515.5") == (257.0, 515.5)
+    for bad in ("1", "a,b", "1,2,3", "nan,1"):
+        with pytest.raises(ValueError):
+            prepare.parse_centre(bad)
+
+
+def test_cli_prepare_then_predict(tmp_path, capsys):
+    det, mask, truth = _detector(count=12)
+    raw = tmp_path / "raw.h5"
+    with h5py.File(raw, "w") as f:
+        f["data"] = det
+        f["mask"] = mask
+    out = tmp_path / "prep.h5"
+    assert main(["prepare", str(raw), "-o", str(out), "--chunk-size", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "centre (y, x) = (141, 77) found by Friedel symmetry" in err and "128 x 128 patterns" in err
+    with h5py.File(out) as f:
+        assert f.attrs["centre"].tolist() == [141, 77] and f.attrs["size"] == 128 and f.attrs["bin"] == 1
+    data, own = io.read_stack(out), io.file_mask(out)
+    assert data.shape == own.shape == (12, 128, 128)
+    assert np.array_equal(data[~own], truth[~own])
+    binned = tmp_path / "binned.npz"
+    assert main(["prepare", str(raw), "-o", str(binned), "--centre", "141,77", "--bin", "2"]) == 0
+    assert "given" in capsys.readouterr().err and io.read_stack(binned).shape == (12, 64, 64)
+    assert main(["predict", str(binned), "-o", str(tmp_path / "nn.npz")]) == 0
+    res = np.load(tmp_path / "nn.npz")
+    assert res["amplitude"].shape[0] == 12 and np.isfinite(res["chi2"]).all()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--size", "63"], "--size must be even"),
+    (["--centre", "400,2"], "outside the 300 x 200"),
+    (["--centre", "x"], "--centre"),
+    (["--bin", "0"], "--bin"),
+])
+def test_cli_prepare_bad_arguments_are_one_line_and_keep_the_output(tmp_path, capsys, args, message):
+    det, mask, _ = _detector(count=2)
+    raw = tmp_path / "raw.npz"
+    np.savez(raw, intensity=det, mask=mask)
+    out = tmp_path / "prep.npz"
+    out.write_bytes(b"keep")
+    assert main(["prepare", str(raw), "-o", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert out.read_bytes() == b"keep"
