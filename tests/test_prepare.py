@@ -123,6 +123,9 @@ def test_cli_prepare_then_predict(tmp_path, capsys):
     binned = tmp_path / "binned.npz"
     assert main(["prepare", str(raw), "-o", str(binned), "--centre", "141,77", "--bin", "2"]) == 0
     assert "given" in capsys.readouterr().err and io.read_stack(binned).shape == (12, 64, 64)
+    cxi = tmp_path / "binned.cxi"  # CXI: the mask sits beside the data, where readers look
+    assert main(["prepare", str(raw), "-o", str(cxi), "--centre", "141,77", "--bin", "2"]) == 0
+    assert np.array_equal(io.file_mask(cxi), io.file_mask(binned)) and io.file_mask(cxi).any()
     assert main(["predict", str(binned), "-o", str(tmp_path / "nn.npz")]) == 0
     res = np.load(tmp_path / "nn.npz")
     assert res["amplitude"].shape[0] == 12 and np.isfinite(res["chi2"]).all()
@@ -144,3 +147,15 @@ def test_cli_prepare_bad_arguments_are_one_line_and_keep_the_output(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
     assert out.read_bytes() == b"keep"
+
+
+def test_cli_prepare_frames_without_signal_and_non_square_patterns_say_what_to_do(tmp_path, capsys):
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.zeros((3, 50, 60), np.float32))
+    assert main(["prepare", str(empty), "-o", str(tmp_path / "p.npz")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: the frames hold no measured signal to find the centre from"
+    rect = tmp_path / "rect.npy"
+    np.save(rect, np.ones((3, 64, 80), np.float32))
+    for command in ("predict", "reconstruct"):
+        assert main([command, str(rect), "-o", str(tmp_path / "r.npz")]) == 2
+        assert "cdinn prepare" in capsys.readouterr().err

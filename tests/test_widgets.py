@@ -654,3 +654,40 @@ def test_adapt_stop_still_writes_the_best_model(make_napari_viewer, qtbot, tmp_p
     assert (tmp_path / "adapted" / "model.safetensors").is_file()
     assert panel.controls.status.value.startswith("stopped: held-out chi²")
     assert panel.controls.progress.value < 100
+
+
+def test_prepare_dock_finds_the_centre_and_cuts_patterns_the_other_docks_read(make_napari_viewer, qtbot, monkeypatch):
+    from test_prepare import _detector
+
+    from napari_cdinn.prepare import prepare_frames
+
+    errors = []
+    monkeypatch.setattr("napari_cdinn._napari.widgets._common.show_error", errors.append)
+    det, mask, truth = _detector(count=12)
+    viewer = make_napari_viewer()
+    viewer.add_image(det, name="raw")
+    viewer.add_labels(mask.astype(np.uint8), name="raw mask")
+    dock = _dock(viewer, "Prepare detector frames")
+    dock.frames.value, dock.mask.value = viewer.layers["raw"], viewer.layers["raw mask"]
+    dock.find_button.clicked.emit()
+    qtbot.waitUntil(lambda: not dock.runner.running, timeout=60_000)
+    assert dock.centre() == (141, 77) and dock.auto.value
+    assert viewer.layers["raw centre"].data.tolist() == [[141, 77]]
+    dock.bin.value = 2
+    dock.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not dock.runner.running, timeout=60_000)
+    assert dock.controls.status.value.endswith("12 pattern(s) of 64 x 64, binned 2 x 2") and not errors
+    prepared, own = viewer.layers["raw prepared"], viewer.layers["raw prepared mask"]
+    assert prepared.data.shape == own.data.shape == (12, 64, 64) and prepared.metadata["centre"] == [141, 77]
+    expected, bad = prepare_frames(det, (141, 77), 64, 2, mask)
+    assert np.array_equal(own.data != 0, bad)
+    assert np.allclose(_layers.layer_intensities(prepared.data, prepared.metadata), expected, rtol=1e-5, atol=1e-3)
+    inversion = _dock(viewer, "CDI NN inversion")
+    inversion.patterns.value = prepared
+    assert inversion.mask.value is own  # the prepared mask goes with its patterns
+    # dragging the cross types the centre and stops finding it
+    viewer.layers["raw centre"].data = np.array([[140.0, 78.0]])
+    assert dock.centre() == (140, 78) and not dock.auto.value
+    dock.size.value = 63
+    dock.controls.run_button.clicked.emit()
+    assert not dock.runner.running and len(errors) == 1 and "even" in errors[0]

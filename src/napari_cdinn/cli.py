@@ -744,7 +744,10 @@ def _cmd_reconstruct(args):
         raise UsageError(f"--prtf compares several runs of each pattern: it needs --starts K with K >= 2, got {args.starts}")
     shape = _check_stack_input(args)
     if shape[-1] != shape[-2] or shape[-1] % 2:
-        raise UsageError(f"patterns must be square with an even size, got {shape[-2]} x {shape[-1]}")
+        from .prepare import NOT_SQUARE_HINT
+
+        raise UsageError(f"patterns must be square with an even size, got {shape[-2]} x {shape[-1]}"
+                         + (NOT_SQUARE_HINT if shape[-2] != shape[-1] else ""))
     if shape[-1] < 8:
         raise UsageError(f"patterns must be at least 8 x 8 pixels to be inverted, got {shape[-2]} x {shape[-1]}")
     _check_iterations(args, shape)

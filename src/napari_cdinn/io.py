@@ -836,8 +836,8 @@ def write_result(
       streamed by :func:`napari_cdinn.stream.process_stack` gives the same file.
     * ``.cxi``: the ``.h5`` layout plus a minimal CXI tree: ``cxi_version`` (150), and
       ``entry_1/result_1/<key>`` hard links to every dataset (no data are duplicated);
-      ``entry_1/data_1/data`` links to ``intensity`` when it is written, so that
-      :func:`read_stack` reads such a file back; ``entry_1/image_1/data`` holds the complex
+      ``entry_1/data_1/data`` links to ``intensity`` when it is written (and ``entry_1/data_1/mask``
+      to ``mask``), so that :func:`read_stack` and :func:`file_mask` read such a file back; ``entry_1/image_1/data`` holds the complex
       object ``amplitude * exp(1j * phase)`` when both are given (CXI's reconstruction image).
 
     Attributes round-trip as str, int, float, bool and numeric lists; anything else is stored
@@ -1027,7 +1027,10 @@ def _write_cxi_tree(fh, names):
     for key in names:
         result[key] = fh[key]  # hard link
     if "intensity" in names:
-        entry.create_group("data_1")["data"] = fh["intensity"]
+        data_1 = entry.create_group("data_1")
+        data_1["data"] = fh["intensity"]
+        if "mask" in names:  # the unmeasured pixels beside the data, where file_mask looks
+            data_1["mask"] = fh["mask"]
     if "amplitude" in names and "phase" in names and fh["amplitude"].shape == fh["phase"].shape:
         amp, pha = fh["amplitude"], fh["phase"]
         image = entry.create_group("image_1")

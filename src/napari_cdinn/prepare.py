@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = [
+    "NOT_SQUARE_HINT",
     "crop_origin",
     "default_size",
     "describe",
@@ -37,6 +38,8 @@ __all__ = [
 #: Shifts whose overlap of measured pixels is below this fraction of the largest are not scored
 #: (a symmetry seen on a few pixels at the chip's edge is no evidence).
 MIN_OVERLAP = 0.25
+#: Added to the error for a frame that is not square: where raw detector frames become patterns.
+NOT_SQUARE_HINT = " (cdinn prepare, or the Prepare detector frames dock, cuts centred squares out of detector frames)"
 #: Sizes (after binning) the default prefers: the networks read 32-pixel multiples.
 SIZE_STEP = 32
 

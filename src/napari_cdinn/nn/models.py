@@ -136,9 +136,11 @@ def oversampling_factor(shape, size: int = SIZE) -> int:
     """
     h, w = int(shape[-2]), int(shape[-1])
     if h != w or h % size or h == 0:
+        from ..prepare import NOT_SQUARE_HINT
+
         raise ValueError(
             f"the networks read square patterns of {size} x {size} or k-times oversampled "
-            f"{size}k x {size}k pixels, got {h} x {w}"
+            f"{size}k x {size}k pixels, got {h} x {w}" + (NOT_SQUARE_HINT if h != w else "")
         )
     return h // size
 

@@ -12,6 +12,7 @@ import torch
 from .. import physics, postprocess
 from ..device import default_threads, resolve_device
 from ..jobs import Cancelled, PartsProgress, stop_requested
+from ..prepare import NOT_SQUARE_HINT
 from ..protocol import ITERATIONS, RESTART_CHI2, RESTART_NOISE, STARTS, needs_restart
 from . import steps as st
 from .engine import Shrinkwrap, iterate
@@ -136,7 +137,8 @@ def _as_stack(a, name, dtype=None):
 def _check_pattern_shape(shape):
     m, n = shape[-2:]
     if m != n or m % 2 or m < 4:
-        raise ValueError(f"patterns must be square with an even size, got {m} x {n}")
+        raise ValueError(f"patterns must be square with an even size, got {m} x {n}"
+                         + (NOT_SQUARE_HINT if m != n else ""))
 
 
 def _frame_arrays(stack, idx):

@@ -1,0 +1,202 @@
+"""Prepare dock: raw detector frames to the centred, square patterns the other docks read.
+
+Wired to :mod:`napari_cdinn.prepare`, the core of ``cdinn prepare``.  *Find centre* sums the
+frames in a thread worker and finds the zero frequency by inversion symmetry
+(:func:`napari_cdinn.prepare.stack_centre`); the centre shows as a cross on the frames (a Points
+layer): drag it to correct the centre, or type it.  *Prepare* crops a square around the centre
+(unmeasured where it runs off the detector) and optionally bins it, in chunks with progress and
+Stop, and adds the patterns (log display) with their mask (a Labels layer, 1 = unmeasured) that
+the other docks pick up.  With "find the centre" ticked, Prepare finds it first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from magicgui import widgets
+
+from ... import io
+from ... import prepare as core
+from ...jobs import Cancelled, stop_requested
+from .. import layers as _layers
+from ._common import (
+    JobControls,
+    JobRunner,
+    add_or_update,
+    image_layer_picker,
+    mask_layer_picker,
+    mask_of,
+    notify_error,
+    persist,
+    stack_of,
+)
+
+#: Frames read at once while summing and preparing (progress and Stop between chunks).
+CHUNK = 256
+
+
+def find_job(stack, mask, progress, should_stop):
+    """Worker body: ``{"centre": (row, column) or None if stopped, "found": True}`` from the summed frames."""
+    try:
+        centre = core.stack_centre(stack, mask, chunk_size=CHUNK, should_stop=should_stop,
+                                   progress=lambda d, t: progress({"stage": "centre", "done": d, "total": t}))
+    except Cancelled:
+        centre = None
+    return {"centre": centre, "found": True}
+
+
+def prepare_job(stack, mask, centre, size, bin, progress, should_stop):
+    """Worker body: the centre (found when ``centre`` is None), then the prepared patterns.
+
+    ``progress({"stage": "centre"|"prepare", "done": frames, "total": N})`` after every chunk.
+    Returns ``{"centre", "found", "size", "intensity", "mask", "stopped"}`` (``intensity`` None
+    when stopped before the first chunk was prepared; ``size`` None means the default).
+    """
+    n = stack.shape[0]
+    found = centre is None
+    if found:
+        centre = find_job(stack, mask, progress, should_stop)["centre"]
+        if centre is None:
+            return {"centre": None, "found": True, "size": size, "intensity": None, "mask": None, "stopped": True}
+    size = core.default_size(stack.shape, centre, bin) if size is None else size
+    parts, bads = [], []
+    for a in range(0, n, CHUNK):
+        if stop_requested(should_stop):
+            break
+        b = min(a + CHUNK, n)
+        m = None if mask is None else (mask if mask.ndim == 2 else mask[a:b])
+        out, bad = core.prepare_frames(np.asarray(stack[a:b]), centre, size, bin, None if m is None else np.asarray(m))
+        parts.append(out)
+        bads.append(bad)
+        progress({"stage": "prepare", "done": b, "total": n})
+    done = sum(len(p) for p in parts)
+    return {"centre": centre, "found": found, "size": size, "stopped": done < n,
+            "intensity": np.concatenate(parts) if parts else None, "mask": np.concatenate(bads) if bads else None}
+
+
+class PrepareWidget(widgets.Container):
+    """Dock widget: find the beam's position on raw detector frames and cut centred patterns."""
+
+    def __init__(self, napari_viewer):
+        self.viewer = napari_viewer
+        self.frames = image_layer_picker(napari_viewer, "frames")
+        self.mask = mask_layer_picker(napari_viewer, self.frames)
+        self.auto = widgets.CheckBox(text="find the centre when preparing", value=True)
+        self.centre_y = widgets.FloatSpinBox(label="centre row", value=0.0, min=-1e6, max=1e6, step=1.0)
+        self.centre_x = widgets.FloatSpinBox(label="centre column", value=0.0, min=-1e6, max=1e6, step=1.0)
+        self.find_button = widgets.PushButton(text="Find centre")
+        self.size = widgets.SpinBox(label="size (0: auto)", value=0, min=0, max=1 << 16, step=2,
+                                    tooltip="side of the output patterns in output pixels, even; 0: the largest "
+                                            "multiple of 32 whose square stays on the detector")
+        self.bin = widgets.SpinBox(label="bin", value=1, min=1, max=64,
+                                   tooltip="sum bin x bin detector pixels into one; a block with any unmeasured "
+                                           "pixel is unmeasured")
+        self.runner = JobRunner(self._on_progress, self._on_result, on_finish=self._on_finish)
+        self.controls = JobControls("Prepare", self.run, self.runner)
+        title = widgets.Label(value="Raw detector frames to centred patterns:")
+        super().__init__(widgets=[title, self.frames, self.mask, self.auto, self.centre_y, self.centre_x,
+                                  self.find_button, self.size, self.bin, self.controls])
+        self.find_button.changed.connect(lambda _v=None: self.run(find_only=True))
+        self.auto.changed.connect(self._auto_changed)
+        self._auto_changed()
+        self._job, self._placing, self._followed = None, False, set()
+        persist(self, "prepare", ("size", "bin"))
+
+    def _auto_changed(self, _value=None):
+        self.centre_y.enabled = self.centre_x.enabled = not self.auto.value
+
+    def centre(self):
+        """The typed centre ``(row, column)``."""
+        return float(self.centre_y.value), float(self.centre_x.value)
+
+    def run(self, find_only=False):
+        """Find the centre (``find_only``) or prepare the chosen layer (errors become notifications)."""
+        if self.runner.running:
+            return
+        try:
+            stack, _single = stack_of(self.frames.value)
+            mask = mask_of(self.mask.value, stack.shape)
+            size = int(self.size.value) or None
+            if size is not None and size % 2:
+                raise ValueError(f"the size must be even (the zero frequency sits at pixel size // 2), got {size}")
+            centre = None if (find_only or self.auto.value) else self.centre()
+            if centre is not None and not (0 <= centre[0] < stack.shape[-2] and 0 <= centre[1] < stack.shape[-1]):
+                raise ValueError(f"the centre {centre} lies outside the {stack.shape[-2]} x {stack.shape[-1]} frames")
+            if not find_only:
+                side = size or max(stack.shape[-2:])
+                need = stack.shape[0] * side * side * 5  # float32 patterns and their bool mask
+                if need > io.memory_budget():
+                    raise ValueError(f"the prepared stack would take {io.format_bytes(need)}, more than the memory "
+                                     f"budget of {io.format_bytes(io.memory_budget())}; use `cdinn prepare`, which "
+                                     "streams it to a file")
+        except (ValueError, OSError) as exc:
+            notify_error(exc)
+            return
+        self._job = (self.frames.value.name, find_only, int(self.bin.value))
+        self.controls.busy("summing the frames..." if centre is None else "preparing...")
+        if find_only:
+            self.runner.start(lambda progress, should_stop: find_job(stack, mask, progress, should_stop))
+        else:
+            b = int(self.bin.value)
+            self.runner.start(lambda progress, should_stop: prepare_job(stack, mask, centre, size, b, progress,
+                                                                        should_stop))
+
+    def _on_progress(self, info):
+        what = "summing the frames" if info["stage"] == "centre" else "preparing"
+        self.controls.set_progress(info["done"], info["total"], f"{what}: {info['done']} of {info['total']} frame(s)")
+
+    def _show_centre(self, name, centre):
+        """The centre as a cross on the frames; dragging it types the new centre (and unticks "find")."""
+        self._placing = True
+        try:
+            layer = add_or_update_points(self.viewer, f"{name} centre", centre)
+        finally:
+            self._placing = False
+        self.centre_y.value, self.centre_x.value = centre
+
+        def moved(_event=None):
+            if not self._placing and len(layer.data):
+                self.auto.value = False
+                self.centre_y.value, self.centre_x.value = (float(v) for v in layer.data[-1][-2:])
+
+        if id(layer) not in self._followed:
+            layer.events.data.connect(moved)
+            self._followed.add(id(layer))
+
+    def _on_result(self, res):
+        name, find_only, b = self._job
+        if res.get("centre") is None:
+            self.controls.idle("stopped before the centre was found")
+            return
+        self._show_centre(name, res["centre"])
+        how = "found" if res["found"] else "given"
+        where = f"centre (row, column) = ({res['centre'][0]:g}, {res['centre'][1]:g}) {how}"
+        if find_only:
+            self.controls.idle(where)
+            return
+        if res["intensity"] is None:
+            self.controls.idle(f"{where}; stopped before any frame was prepared")
+            return
+        size = res["size"]
+        meta = {"cdinn_source": f"{name} prepared", "centre": list(res["centre"]), "size": size, "bin": b,
+                "prepared_from": name}
+        data = res["intensity"]
+        layer = add_or_update(self.viewer, _layers.intensity_tuple(data, f"{name} prepared", **meta))
+        add_or_update(self.viewer, _layers.mask_tuple(res["mask"], f"{name} prepared mask", **meta))
+        self.viewer.layers.selection.active = layer
+        text = f"{where}; {len(data)} pattern(s) of {size} x {size}" + (f", binned {b} x {b}" if b > 1 else "")
+        self.controls.idle(("stopped: " if res["stopped"] else "") + text)
+
+    def _on_finish(self):
+        if not self.controls.run_button.enabled:
+            self.controls.idle()
+
+
+def add_or_update_points(viewer, name, centre):
+    """A Points layer ``name`` holding one cross at ``centre`` (replaced if it exists)."""
+    point = np.asarray([centre], dtype=float)
+    if name in viewer.layers:
+        layer = viewer.layers[name]
+        layer.data = point
+        return layer
+    return viewer.add_points(point, name=name, symbol="cross", size=12, face_color="cyan", border_color="cyan",
+                             metadata={_layers.KIND: "centre"})
