@@ -26,6 +26,15 @@ def _write_stack(path, data):
         with h5py.File(path, "w") as fh:
             fh["meta/energy"] = np.arange(3.0)
             fh.create_dataset("data", data=data, chunks=(1,) + data.shape[1:], compression="gzip")
+    elif ext == ".nxs":  # NeXus: the default plot's signal, beside another 3-D data set
+        with h5py.File(path, "w") as fh:
+            fh.attrs["default"] = "entry"
+            entry = fh.create_group("entry")
+            entry.attrs["default"] = "data"
+            group = entry.create_group("data")
+            group.attrs["signal"] = "frames"
+            group["frames"] = data
+            group["monitor"] = np.ones(data.shape)
     elif ext == ".cxi":
         with h5py.File(path, "w") as fh:
             fh["entry_1/instrument_1/detector_1/data"] = data
@@ -285,6 +294,10 @@ def _write_mask(path, mask):
         with h5py.File(path, "w") as fh:
             fh["meta/energy"] = np.arange(3.0)
             fh["somewhere/pixels"] = mask.astype(np.int32) * 7  # the only 2-D/3-D data set; nonzero = unmeasured
+    elif ext == ".nxs":
+        with h5py.File(path, "w") as fh:  # NeXus: nonzero = bad, beside other data sets
+            fh["entry/instrument/detector/pixel_mask"] = mask.astype(np.uint32) * 8
+            fh["entry/data/data"] = np.ones(mask.shape)
     elif ext == ".cxi":
         with h5py.File(path, "w") as fh:
             fh["entry_1/instrument_1/detector_1/mask"] = mask.astype(np.uint32) * 4  # CXI: nonzero = bad
@@ -344,3 +357,64 @@ def test_a_mask_beside_unnamed_data_is_not_the_data(tmp_path):
     np.savez(npz, frames=STACK, mask=MASK2)
     np.testing.assert_array_equal(io.read_stack(npz), STACK)
     np.testing.assert_array_equal(io.read_mask(npz, STACK.shape), MASK2)
+
+
+def _eiger(tmp_path, frames=(4, 3), shape=(20, 24), compression=True):
+    """A Dectris-style master file: frames in data files beside it (external links, bitshuffle/LZ4 when
+    ``compression``), the pixel mask under detectorSpecific (1 = gap, 8 = hot)."""
+    import h5py
+    import hdf5plugin
+
+    rng = np.random.default_rng(1)
+    stack = rng.poisson(5.0, size=(sum(frames), *shape)).astype(np.uint32)
+    options = hdf5plugin.Bitshuffle(cname="lz4") if compression else {}
+    master = tmp_path / "scan_master.h5"
+    with h5py.File(master, "w") as fh:
+        start = 0
+        for i, n in enumerate(frames, start=1):
+            name = f"scan_data_{i:06d}.h5"
+            with h5py.File(tmp_path / name, "w") as part:
+                part.create_dataset("entry/data/data", data=stack[start:start + n], chunks=(1, *shape), **options)
+            fh[f"entry/data/data_{i:06d}"] = h5py.ExternalLink(name, "entry/data/data")
+            start += n
+        pixel_mask = np.zeros(shape, np.uint32)
+        pixel_mask[:, 10] = 1
+        pixel_mask[3, 4] = 8
+        fh["entry/instrument/detector/detectorSpecific/pixel_mask"] = pixel_mask
+    return master, stack, pixel_mask != 0
+
+
+def test_eiger_master_files_read_their_frames_across_data_files_with_their_pixel_mask(tmp_path, monkeypatch):
+    master, stack, pixel_mask = _eiger(tmp_path)
+    monkeypatch.chdir(tmp_path.parent)  # the data files are found beside the master file, not in the cwd
+    assert io.stack_shape(master) == (7, 20, 24)
+    assert np.array_equal(io.read_stack(master), stack.astype(np.float32))
+    assert np.array_equal(io.read_stack(master, lazy=True)[2:6].compute(), stack[2:6].astype(np.float32))
+    assert np.array_equal(io.read_frames(master, 3, 7), stack[3:7].astype(np.float32))  # across two files
+    assert np.array_equal(io.open_stack(master)[[0, 5, 6]], stack[[0, 5, 6]])
+    assert np.array_equal(io.file_mask(master), pixel_mask)
+
+
+def test_an_eiger_master_file_without_its_data_files_is_one_sentence(tmp_path):
+    master, _, _ = _eiger(tmp_path, compression=False)
+    (tmp_path / "scan_data_000002.h5").unlink()
+    with pytest.raises(ValueError, match="keep the master file with its data files"):
+        io.read_stack(master)
+
+
+def test_nexus_files_give_their_default_signal(tmp_path):
+    import h5py
+
+    frames = np.arange(2 * 16 * 16, dtype=np.float32).reshape(2, 16, 16)
+    path = tmp_path / "scan.nxs"
+    with h5py.File(path, "w") as fh:
+        fh.attrs["default"] = "entry"
+        entry = fh.create_group("entry")
+        entry.attrs["default"] = "plot"
+        plot = entry.create_group("plot")
+        plot.attrs["signal"] = "counts"
+        plot["counts"] = frames
+        plot["monitor"] = np.ones((2, 16, 16))  # another 3-D data set: only the signal is the data
+        fh["entry/instrument/detector/pixel_mask"] = np.eye(16, dtype=np.uint8)
+    assert np.array_equal(io.read_stack(path), frames)
+    assert np.array_equal(io.file_mask(path), np.eye(16, dtype=bool))

@@ -376,7 +376,7 @@ _MASK_HELP = ("unmeasured pixels (True/nonzero = unmeasured), (H, W) or (N, H, W
 def _add_stack_options(p, what, device=True):
     """Input, output and streaming options shared by the commands that work through a stack
     (``device=False``: a NumPy command, with neither ``--device`` nor ``--threads``)."""
-    p.add_argument("input", help=f"intensities: .npy, .npz, .tif, .h5, .cxi ({what})")
+    p.add_argument("input", help=f"intensities: .npy, .npz, .tif, .h5 (an Eiger master file too), .nxs, .cxi ({what})")
     p.add_argument("-o", "--out", required=True, help="output .npz, or .h5/.cxi (written as the job streams)")
     if device:
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -869,7 +869,7 @@ def _add_adapt(sub):
         "simulated labelled examples mixed in so that it does not forget, keeping the weights that fit a "
         "held-out part of the stack best. Writes a new model folder for --model. Progress on stderr.",
     )
-    p.add_argument("input", help="intensities: .npy, .npz, .tif, .h5, .cxi (the stack to adapt to; at least "
+    p.add_argument("input", help="intensities: .npy, .npz, .tif, .h5 (an Eiger master file too), .nxs, .cxi (the stack to adapt to; at least "
                                  "200 frames with signal)")
     p.add_argument("--out", "-o", required=True, help="new model folder (must not exist)")
     p.add_argument("--model", default=None,

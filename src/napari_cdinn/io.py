@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -210,7 +211,7 @@ def write_npz(path: str | os.PathLike, arrays: Mapping[str, ArrayLike]) -> None:
 
 # =========================================================================== reading stacks
 #: File extensions :func:`read_stack` understands (lower case).
-STACK_EXTENSIONS = (".npy", ".npz", ".tif", ".tiff", ".h5", ".hdf5", ".cxi")
+STACK_EXTENSIONS = (".npy", ".npz", ".tif", ".tiff", ".h5", ".hdf5", ".nxs", ".cxi")
 #: File extensions :func:`write_result` and :func:`read_result` understand.
 RESULT_EXTENSIONS = (".npz", ".h5", ".hdf5", ".cxi")
 #: Stacks whose stored data exceed this many bytes are read lazily when ``lazy=None``.
@@ -238,8 +239,10 @@ def read_stack(path: str | os.PathLike, lazy: bool | None = None) -> np.ndarray 
     """Read measured diffraction intensities from a file as ``(N, H, W)`` or ``(H, W)`` float32.
 
     Formats (design.md): ``.npy``; ``.npz`` (key ``intensity``, else ``data``, else the only
-    array); ``.tif``/``.tiff`` (the first series); ``.h5``/``.hdf5`` (dataset ``data``, else
-    ``intensity``, else the only 2-D/3-D numeric dataset anywhere in the file); ``.cxi``
+    array); ``.tif``/``.tiff`` (the first series); ``.h5``/``.hdf5``/``.nxs`` (dataset ``data``, else
+    ``intensity``, else the NeXus default plot's signal, else the ``data_NNNNNN`` datasets of a Dectris
+    Eiger master file's ``entry/data`` as one stack, else the only 2-D/3-D numeric dataset anywhere in
+    the file; compression filters by ``hdf5plugin``); ``.cxi``
     (``entry_1/data_1/data``, else ``entry_1/instrument_1/detector_1/data``).
 
     Parameters
@@ -311,7 +314,7 @@ def _open_source(path):
     if os.path.getsize(path) == 0:
         raise ValueError(f"{_name(path)!r} is empty")
     opener = {".npy": _open_npy, ".npz": _open_npz, ".tif": _open_tiff, ".tiff": _open_tiff,
-              ".h5": _open_h5, ".hdf5": _open_h5, ".cxi": _open_h5}[ext]
+              ".h5": _open_h5, ".hdf5": _open_h5, ".nxs": _open_h5, ".cxi": _open_h5}[ext]
     source = opener(path)
     _check_stack(source, path)
     return path, source
@@ -358,9 +361,19 @@ def _input_path(path, extensions):
     return path, ext
 
 
+def _h5py():
+    """h5py, with the compression filters of detector files registered where ``hdf5plugin`` is installed
+    (bitshuffle/LZ4 of Dectris Eiger files, Blosc, Zstd...: HDF5 itself reads only gzip and szip)."""
+    import h5py
+
+    with contextlib.suppress(ImportError):
+        import hdf5plugin  # noqa: F401 - importing it registers the filters
+    return h5py
+
+
 def _open_h5_file(path):
     """An open read-only ``h5py.File``, or ValueError for a file that is not HDF5."""
-    import h5py
+    h5py = _h5py()
 
     try:
         return h5py.File(path, "r")
@@ -616,10 +629,32 @@ class _H5Dataset(_LazySource):
         self.path, self.name = path, name
 
     def __getitem__(self, key):
-        import h5py
-
-        with h5py.File(self.path, "r") as fh:
+        with _h5py().File(self.path, "r") as fh:
             return fh[self.name][key]
+
+
+class _H5Frames(_LazySource):
+    """Several HDF5 datasets of frames read as one stack along the first axis (a Dectris Eiger master
+    file's ``entry/data/data_000001``, ``data_000002``... external links); reopens the file per read."""
+
+    def __init__(self, path, names, lengths, frame, dtype):
+        super().__init__((sum(lengths),) + tuple(frame), dtype)
+        self.path, self.names = path, list(names)
+        self.starts = np.concatenate([[0], np.cumsum(lengths)])
+
+    def __getitem__(self, key):
+        frames, rest, squeeze = _first_axis(key, self.shape)
+        out = np.empty((len(frames),) + self.shape[1:], dtype=self.dtype)
+        frames = np.asarray(frames, dtype=np.int64)
+        part = np.searchsorted(self.starts, frames, side="right") - 1
+        with _h5py().File(self.path, "r") as fh:
+            for p in np.unique(part):
+                at = np.flatnonzero(part == p)
+                local = frames[at] - self.starts[p]
+                lo, hi = int(local.min()), int(local.max()) + 1
+                out[at] = fh[self.names[p]][lo:hi][local - lo]
+        out = out[(slice(None),) + rest]
+        return out[0] if squeeze else out
 
 
 def _open_h5(path):
@@ -628,8 +663,56 @@ def _open_h5(path):
         return _h5_lazy(path, fh, _find_h5_dataset(fh, path))
 
 
+def _nexus_signal(fh):
+    """The dataset a NeXus file names as its default plot (``@default`` of the root and the entry, the
+    NXdata group's ``@signal``), or None."""
+    import h5py
+
+    def text(value):
+        return value.decode() if isinstance(value, bytes) else None if value is None else str(value)
+
+    entry = text(fh.attrs.get("default"))
+    group = fh.get(entry) if entry else None
+    if isinstance(group, h5py.Group):
+        data = text(group.attrs.get("default"))
+        nxdata = group.get(data) if data else None
+        if isinstance(nxdata, h5py.Group):
+            signal = text(nxdata.attrs.get("signal"))
+            if signal and isinstance(nxdata.get(signal), h5py.Dataset):
+                return nxdata[signal].name.lstrip("/")
+    return None
+
+
+#: Where Dectris Eiger master files keep their frames: ``data_000001``, ``data_000002``... in this group.
+EIGER_DATA_GROUP = "entry/data"
+#: Detector pixel masks of NeXus/Dectris files (nonzero = bad pixel or gap), looked for by :func:`file_mask`.
+NEXUS_MASK_PATHS = ("entry/instrument/detector/detectorSpecific/pixel_mask", "entry/instrument/detector/pixel_mask")
+
+
+def _eiger_parts(fh):
+    """The sorted names of an Eiger master file's frame datasets, or None when it has not two or more."""
+    import h5py
+
+    group = fh.get(EIGER_DATA_GROUP)
+    if not isinstance(group, h5py.Group):
+        return None
+    names = sorted(k for k in group if re.fullmatch(r"data_\d+", k))
+    parts = [posixpath.join(EIGER_DATA_GROUP, k) for k in names]
+    try:
+        dsets = [fh[p] for p in parts]  # an external link to a missing data file raises here
+    except KeyError as exc:
+        raise ValueError(f"the frames of {_name(fh.filename)!r} are in files beside it that cannot be opened "
+                         f"({_first_line(exc)}); keep the master file with its data files") from None
+    if len(parts) < 2 or any(not isinstance(d, h5py.Dataset) or d.ndim != 3 for d in dsets):
+        return None
+    if len({d.shape[1:] for d in dsets}) > 1:
+        raise ValueError(f"the frame data sets of {_name(fh.filename)!r} differ in frame size")
+    return parts
+
+
 def _find_h5_dataset(fh, path):
-    """Name of the dataset holding the intensities in an open HDF5/CXI file (rules: read_stack)."""
+    """Name of the dataset holding the intensities in an open HDF5/CXI file (rules: read_stack), or the
+    names of an Eiger master file's frame datasets (a list)."""
     import h5py
 
     if _ext(path) == ".cxi":
@@ -640,6 +723,12 @@ def _find_h5_dataset(fh, path):
     for name in ("data", "intensity"):
         if isinstance(fh.get(name), h5py.Dataset):
             return name
+    signal = _nexus_signal(fh)
+    if signal is not None:
+        return signal
+    parts = _eiger_parts(fh)
+    if parts is not None:
+        return parts
     found = []
 
     def visit(name, obj):
@@ -687,7 +776,7 @@ def read_mask(path: str | os.PathLike, shape: Sequence[int]) -> np.ndarray:
     if os.path.getsize(path) == 0:
         raise ValueError(f"the mask {_name(path)!r} is empty")
     loader = {".npy": _mask_npy, ".npz": _mask_npz, ".tif": _mask_tiff, ".tiff": _mask_tiff,
-              ".h5": _mask_h5, ".hdf5": _mask_h5, ".cxi": _mask_h5}[ext]
+              ".h5": _mask_h5, ".hdf5": _mask_h5, ".nxs": _mask_h5, ".cxi": _mask_h5}[ext]
     name = repr(_name(path))
     try:
         raw = loader(path)
@@ -701,7 +790,8 @@ def file_mask(path: str | os.PathLike, shape: Sequence[int] | None = None) -> np
     """The mask a stack file carries beside its data, or None.
 
     Looked for: the key ``mask`` of an ``.npz`` file (``cdinn simulate --beamstop`` writes it);
-    a dataset ``mask`` in the group of the data of an ``.h5``/``.hdf5`` file; in a ``.cxi`` file
+    in an ``.h5``/``.hdf5``/``.nxs`` file the NeXus/Dectris pixel mask (:data:`NEXUS_MASK_PATHS`,
+    nonzero = gap or bad pixel), else a dataset ``mask`` in the group of the data; in a ``.cxi`` file
     the detector mask (:data:`CXI_MASK_PATHS`, CXI's convention: nonzero = bad pixel), else a
     ``mask`` beside the data.  Checked as :func:`read_mask` checks a mask file.
 
@@ -721,7 +811,7 @@ def file_mask(path: str | os.PathLike, shape: Sequence[int] | None = None) -> np
     raw = None
     if ext == ".npz":
         raw = _npz_mask_beside_data(path)
-    elif ext in (".h5", ".hdf5", ".cxi"):
+    elif ext in (".h5", ".hdf5", ".nxs", ".cxi"):
         raw = _h5_mask_beside_data(path, ext)
     return None if raw is None else _check_mask(raw, shape, f"the mask in {_name(path)!r}")
 
@@ -775,7 +865,7 @@ def _mask_h5(path):
     import h5py
 
     with _open_h5_file(path) as fh:
-        names = list(CXI_MASK_PATHS) if _ext(path) == ".cxi" else []
+        names = list(CXI_MASK_PATHS) if _ext(path) == ".cxi" else list(NEXUS_MASK_PATHS)
         for name in names + [_MASK_KEY]:
             if isinstance(fh.get(name), h5py.Dataset):
                 return _h5_lazy(path, fh, name)
@@ -804,8 +894,8 @@ def _h5_mask_beside_data(path, ext):
 
     with _open_h5_file(path) as fh:
         data = _find_h5_dataset(fh, path)
-        names = list(CXI_MASK_PATHS) if ext == ".cxi" else []
-        names.append(posixpath.join(posixpath.dirname(data), _MASK_KEY))
+        names = list(CXI_MASK_PATHS) if ext == ".cxi" else list(NEXUS_MASK_PATHS)
+        names.append(posixpath.join(posixpath.dirname(data[0] if isinstance(data, list) else data), _MASK_KEY))
         for name in names:
             if name != data and isinstance(fh.get(name), h5py.Dataset):
                 return _h5_lazy(path, fh, name)
@@ -813,7 +903,11 @@ def _h5_mask_beside_data(path, ext):
 
 
 def _h5_lazy(path, fh, name):
-    """A data set of an open file as a source read when needed (:class:`_H5Dataset`); an empty (null) one raises."""
+    """A data set of an open file as a source read when needed (:class:`_H5Dataset`; a list of names:
+    :class:`_H5Frames`); an empty (null) one raises."""
+    if isinstance(name, list):
+        dsets = [fh[n] for n in name]
+        return _H5Frames(path, name, [d.shape[0] for d in dsets], dsets[0].shape[1:], dsets[0].dtype)
     dset = fh[name]
     if dset.shape is None:
         raise ValueError(f"the data set {name!r} in {_name(path)!r} is empty (it holds no array)")
