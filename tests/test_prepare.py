@@ -3,6 +3,7 @@
 import h5py
 import numpy as np
 import pytest
+import tifffile
 
 from napari_cdinn import io, prepare
 from napari_cdinn.cli import main
@@ -159,3 +160,58 @@ def test_cli_prepare_frames_without_signal_and_non_square_patterns_say_what_to_d
     for command in ("predict", "reconstruct"):
         assert main([command, str(rect), "-o", str(tmp_path / "r.npz")]) == 2
         assert "cdinn prepare" in capsys.readouterr().err
+
+
+def _ccd(count=10, gain=7.5, level=100.0, read_noise=0.15, seed=4):
+    """The detector frames of :func:`_detector` as an integrating detector reads them: ``gain`` units per
+    photon on a dark level that varies over the chip, with read noise (``read_noise`` photons rms);
+    and 20 dark frames."""
+    det, mask, truth = _detector(count=count)
+    rng = np.random.default_rng(seed)
+    dark_level = level + 20 * rng.random(det.shape[1:])
+    noise = lambda shape: rng.normal(0.0, read_noise * gain, shape)  # noqa: E731
+    frames = det * gain + dark_level + noise(det.shape)
+    darks = dark_level + noise((20, *det.shape[1:]))
+    return frames.astype(np.float32), darks.astype(np.float32), mask, det
+
+
+def test_integrating_detector_frames_become_photon_counts():
+    frames, darks, mask, counts = _ccd()
+    dark = prepare.mean_dark(darks)
+    assert prepare.mean_dark(darks[0]) is not None and dark.shape == (300, 200)
+    photons = prepare.to_photons(frames, dark, 7.5)
+    assert np.array_equal(photons, np.round(photons)) and (photons >= 0).all()
+    assert np.mean(photons == counts) > 0.999  # read noise of 0.15 photon: rounding recovers the counts
+    out, bad = prepare.prepare_frames(frames, (141, 77), 64, 2, mask, dark, 7.5)
+    expected, same = prepare.prepare_frames(counts, (141, 77), 64, 2, mask)
+    assert np.array_equal(bad, same) and np.mean(out == expected) > 0.99
+    assert prepare.stack_centre(frames, mask, dark=dark) == (141, 77)
+    nan_dark = dark.copy()
+    nan_dark[150, 80] = np.nan  # a pixel without a dark reading is unmeasured
+    _, bad = prepare.prepare_frames(frames, (141, 77), 64, 1, mask, nan_dark, 7.5)
+    assert bad[:, 150 - 141 + 32, 80 - 77 + 32].all()
+    with pytest.raises(ValueError, match="positive"):
+        prepare.to_photons(frames, dark, 0.0)
+    with pytest.raises(ValueError, match="dark frame"):
+        prepare.prepare_frames(frames, (141, 77), 64, 1, mask, dark[:10], 7.5)
+
+
+def test_cli_prepare_with_a_dark_file_and_a_gain(tmp_path, capsys):
+    frames, darks, mask, counts = _ccd(count=6)
+    raw, dark = tmp_path / "ccd.npz", tmp_path / "dark.tif"
+    np.savez(raw, data=frames, mask=mask)
+    tifffile.imwrite(dark, darks)
+    out = tmp_path / "photons.h5"
+    assert main(["prepare", str(raw), "-o", str(out), "--dark", str(dark), "--adu-per-photon", "7.5",
+                 "--centre", "141,77"]) == 0  # six frames may put the symmetry centre a pixel off
+    data, bad = io.read_stack(out), io.file_mask(out)
+    expected, same = prepare.prepare_frames(counts, (141, 77), 128, 1, mask)
+    assert np.mean(data == expected) > 0.999 and np.array_equal(bad, same)
+    with h5py.File(out) as f:
+        assert f.attrs["dark"] == "dark.tif" and f.attrs["adu_per_photon"] == 7.5
+    assert main(["prepare", str(raw), "-o", str(tmp_path / "x.npz"), "--dark", str(tmp_path / "none.tif")]) == 2
+    assert "dark file" in capsys.readouterr().err
+    np.save(tmp_path / "small.npy", darks[:, :10, :10])
+    assert main(["prepare", str(raw), "-o", str(tmp_path / "x.npz"), "--dark", str(tmp_path / "small.npy")]) == 2
+    assert "the dark frames are 10 x 10 pixels" in capsys.readouterr().err
+    assert main(["prepare", str(raw), "-o", str(dark), "--dark", str(dark)]) == 2  # never over the dark file

@@ -691,3 +691,32 @@ def test_prepare_dock_finds_the_centre_and_cuts_patterns_the_other_docks_read(ma
     dock.size.value = 63
     dock.controls.run_button.clicked.emit()
     assert not dock.runner.running and len(errors) == 1 and "even" in errors[0]
+
+
+def test_prepare_dock_turns_ccd_readings_into_photons(make_napari_viewer, qtbot, monkeypatch):
+    from test_prepare import _ccd
+
+    from napari_cdinn.prepare import prepare_frames
+
+    errors = []
+    monkeypatch.setattr("napari_cdinn._napari.widgets._common.show_error", errors.append)
+    frames, darks, mask, counts = _ccd(count=4)
+    viewer = make_napari_viewer()
+    viewer.add_image(frames, name="ccd")
+    viewer.add_image(darks, name="dark frames")
+    dock = _dock(viewer, "Prepare detector frames")
+    dock.frames.value, dock.dark.value = viewer.layers["ccd"], viewer.layers["dark frames"]
+    dock.mask.value = viewer.add_labels(mask.astype(np.uint8), name="gaps")
+    dock.auto.value = False
+    dock.centre_y.value, dock.centre_x.value = 141, 77
+    dock.size.value, dock.adu.value = 64, 7.5
+    dock.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not dock.runner.running, timeout=60_000)
+    prepared = viewer.layers["ccd prepared"]
+    photons = _layers.layer_intensities(prepared.data, prepared.metadata)
+    expected, _ = prepare_frames(counts, (141, 77), 64, 1, mask)
+    assert np.mean(np.abs(photons - expected) < 1e-3 * np.maximum(expected, 1)) > 0.999 and not errors
+    assert prepared.metadata["dark"] == "dark frames" and prepared.metadata["adu_per_photon"] == 7.5
+    dock.dark.value = viewer.layers["ccd"]  # the frames as their own dark: one sentence, no run
+    dock.controls.run_button.clicked.emit()
+    assert not dock.runner.running and len(errors) == 1 and "without beam" in errors[0]

@@ -537,6 +537,12 @@ def _add_prepare(sub):
     p.add_argument("--bin", type=_positive_int, default=1, metavar="K",
                    help="sum K x K detector pixels into one (default 1); a binned pixel with any unmeasured "
                         "pixel is unmeasured")
+    p.add_argument("--dark", default=None, metavar="FILE",
+                   help="an integrating detector's frames without beam (any input format; their mean is "
+                        "subtracted first)")
+    p.add_argument("--adu-per-photon", type=_positive_float, default=None, metavar="G",
+                   help="detector units per photon: the frames (less the dark) are divided by G and rounded to "
+                        "whole photons, negative readings to 0, so that the counting-noise floor applies")
     p.set_defaults(func=_cmd_prepare)
 
 
@@ -550,11 +556,14 @@ def _cmd_prepare(args):
         centre = prepare.parse_centre(args.centre)
     except ValueError as exc:
         raise UsageError(f"--centre: {exc}") from None
+    if args.dark is not None:
+        io.check_not_input(args.out, args.dark, what="--out")
+    dark = _dark_frame(args.dark, shape)
     found = centre is None
     if found:
         stack = io.open_stack(args.input)
         centre = prepare.stack_centre(stack, args.mask_array, chunk_size=args.chunk_size,
-                                      progress=_count_progress("centre"))
+                                      progress=_count_progress("centre"), dark=dark)
         _end_progress_line()
     elif not (0 <= centre[0] < shape[-2] and 0 <= centre[1] < shape[-1]):
         raise UsageError(f"--centre {args.centre} lies outside the {shape[-2]} x {shape[-1]} detector frame")
@@ -562,11 +571,32 @@ def _cmd_prepare(args):
     if size % 2:
         raise UsageError(f"--size must be even (the zero frequency sits at pixel size // 2), got {size}")
     print(prepare.describe(shape, centre, size, args.bin, found), file=sys.stderr)
-    fn = functools.partial(prepare.prepare_chunk, centre=centre, size=size, bin=args.bin)
+    fn = functools.partial(prepare.prepare_chunk, centre=centre, size=size, bin=args.bin, dark=dark,
+                           adu_per_photon=args.adu_per_photon)
     attrs = {"command": "prepare", "centre": [float(c) for c in centre], "centre_found": found, "size": size,
              "bin": args.bin, "detector_shape": [int(v) for v in shape[-2:]]}
-    _run_stack(args, fn, {"command": "prepare", "centre": list(centre), "size": size, "bin": args.bin}, attrs,
-               "prepare")
+    if dark is not None:
+        attrs["dark"] = os.path.basename(args.dark)
+    if args.adu_per_photon is not None:
+        attrs["adu_per_photon"] = args.adu_per_photon
+    options = {"command": "prepare", "centre": list(centre), "size": size, "bin": args.bin,
+               "dark": None if dark is None else _sha256(args.dark)}
+    _run_stack(args, fn, options, attrs, "prepare")
+
+
+def _dark_frame(path, shape):
+    """The mean frame of a ``--dark`` file, checked against the detector frames' ``shape``; None without one."""
+    from . import io, prepare
+
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise UsageError(f"the dark file {path!r} does not exist")
+    dark = io.read_stack(path)
+    if tuple(dark.shape[-2:]) != tuple(shape[-2:]):
+        raise UsageError(f"the dark frames are {dark.shape[-2]} x {dark.shape[-1]} pixels, the detector frames "
+                         f"{shape[-2]} x {shape[-1]}")
+    return prepare.mean_dark(dark)
 
 
 def _count_progress(label):

@@ -19,6 +19,7 @@ detector frames").  NaN/inf pixels are unmeasured.  Everything here is NumPy.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,10 +30,12 @@ __all__ = [
     "default_size",
     "describe",
     "friedel_centre",
+    "mean_dark",
     "parse_centre",
     "prepare_chunk",
     "prepare_frames",
     "stack_centre",
+    "to_photons",
 ]
 
 #: Shifts whose overlap of measured pixels is below this fraction of the largest are not scored
@@ -103,7 +106,7 @@ def _chunks(n, size):
     return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
-def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=None):
+def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=None, dark=None):
     """:func:`friedel_centre` of the sum of a stack's frames (read chunk by chunk).
 
     Parameters
@@ -119,6 +122,8 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
         Called after every chunk.
     should_stop : callable or threading.Event, optional
         Checked before every chunk; a stop raises :class:`napari_cdinn.jobs.Cancelled`.
+    dark : array_like, (H, W), optional
+        Subtracted from every frame (an integrating detector's reading without beam).
 
     Returns
     -------
@@ -127,8 +132,9 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
     from .jobs import Cancelled, stop_requested
 
     shape = tuple(stack.shape)
+    dark = None if dark is None else _check_dark(dark, shape[-2:])
     if len(shape) == 2:
-        return friedel_centre(np.asarray(stack), mask)
+        return friedel_centre(to_photons(stack, dark), mask)
     n = shape[0]
     total = np.zeros(shape[-2:], dtype=np.float64)
     bad = np.zeros(shape[-2:], dtype=bool)
@@ -141,6 +147,8 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
         frames = np.asarray(stack[a:b], dtype=np.float64)
         finite = np.isfinite(frames)
         bad |= ~finite.all(axis=0)
+        if dark is not None:
+            frames = frames - dark
         total += np.where(finite, frames, 0.0).sum(axis=0)
         if progress is not None:
             progress(b, n)
@@ -194,7 +202,36 @@ def _check_geometry(size, bin):
     return size, bin
 
 
-def prepare_frames(frames, centre, size, bin=1, mask=None):
+def to_photons(frames, dark=None, adu_per_photon=None):
+    """Integrating-detector (CCD) frames to photon counts: ``rint(max(frames - dark, 0) / adu_per_photon)``.
+
+    Parameters
+    ----------
+    frames : array_like
+        Detector readings.
+    dark : array_like, broadcastable to ``frames``, optional
+        The reading without beam (the mean of dark frames), subtracted first.
+    adu_per_photon : float, optional
+        Detector units one photon gives: the result is rounded to whole photons (what the counting-noise
+        floor :func:`napari_cdinn.physics.noise_chi2` needs), negative readings to 0.  None keeps the
+        units and the sign (after the dark).
+
+    Returns
+    -------
+    numpy.ndarray, float64.
+    """
+    out = np.asarray(frames, dtype=np.float64)
+    if dark is not None:
+        out = out - np.asarray(dark, dtype=np.float64)
+    if adu_per_photon is not None:
+        gain = float(adu_per_photon)
+        if not (np.isfinite(gain) and gain > 0):
+            raise ValueError(f"the detector units per photon must be a positive number, got {adu_per_photon!r}")
+        out = np.rint(np.clip(out, 0.0, None) / gain)
+    return out
+
+
+def prepare_frames(frames, centre, size, bin=1, mask=None, dark=None, adu_per_photon=None):
     """Crop (and bin) detector frames to centred ``size x size`` patterns with their mask.
 
     Parameters
@@ -209,6 +246,8 @@ def prepare_frames(frames, centre, size, bin=1, mask=None):
         Detector pixels summed along each axis into one output pixel.
     mask : array_like of bool, (H, W) or (N, H, W), optional
         True on unmeasured detector pixels.
+    dark, adu_per_photon : optional
+        An integrating detector's dark frame ``(H, W)`` and gain: :func:`to_photons`, before binning.
 
     Returns
     -------
@@ -233,6 +272,10 @@ def prepare_frames(frames, centre, size, bin=1, mask=None):
     dy, dx = slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0)
     if ys.start < ys.stop and xs.start < xs.stop:
         part = np.asarray(data[:, ys, xs], dtype=np.float64)
+        if dark is not None or adu_per_photon is not None:
+            dark = None if dark is None else _check_dark(dark, (h, w))[ys, xs]
+            with np.errstate(invalid="ignore"):
+                part = to_photons(part, dark, adu_per_photon)
         miss = ~np.isfinite(part)
         if mask is not None:
             m = np.asarray(mask, dtype=bool)
@@ -249,9 +292,26 @@ def prepare_frames(frames, centre, size, bin=1, mask=None):
     return (out[0], bad[0]) if single else (out, bad)
 
 
-def prepare_chunk(intensity, first_frame=0, mask=None, *, centre, size, bin=1):
+def _check_dark(dark, frame):
+    dark = np.asarray(dark, dtype=np.float64)
+    if dark.shape != tuple(frame):
+        raise ValueError(f"the dark frame is shaped {dark.shape}, the detector frames {tuple(frame)}")
+    return dark
+
+
+def mean_dark(stack):
+    """One dark frame ``(H, W)`` from a dark file's frames: their mean (NaN where none is finite)."""
+    data = np.asarray(stack, dtype=np.float64)
+    if data.ndim == 2:
+        return data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: NaN, unmeasured
+        return np.nanmean(np.where(np.isfinite(data), data, np.nan), axis=0)
+
+
+def prepare_chunk(intensity, first_frame=0, mask=None, *, centre, size, bin=1, dark=None, adu_per_photon=None):
     """Chunk function of :func:`napari_cdinn.stream.process_stack`: ``intensity`` and ``mask``."""
-    out, bad = prepare_frames(intensity, centre, size, bin, mask)
+    out, bad = prepare_frames(intensity, centre, size, bin, mask, dark, adu_per_photon)
     return {"intensity": out, "mask": bad}
 
 

@@ -34,18 +34,21 @@ from ._common import (
 CHUNK = 256
 
 
-def find_job(stack, mask, progress, should_stop):
+def find_job(stack, mask, progress, should_stop, dark=None):
     """Worker body: ``{"centre": (row, column) or None if stopped, "found": True}`` from the summed frames."""
     try:
-        centre = core.stack_centre(stack, mask, chunk_size=CHUNK, should_stop=should_stop,
+        centre = core.stack_centre(stack, mask, chunk_size=CHUNK, should_stop=should_stop, dark=dark,
                                    progress=lambda d, t: progress({"stage": "centre", "done": d, "total": t}))
     except Cancelled:
         centre = None
     return {"centre": centre, "found": True}
 
 
-def prepare_job(stack, mask, centre, size, bin, progress, should_stop):
+def prepare_job(stack, mask, centre, size, bin, progress, should_stop, dark=None, adu_per_photon=None):
     """Worker body: the centre (found when ``centre`` is None), then the prepared patterns.
+
+    ``dark`` (the mean frame without beam) and ``adu_per_photon``: an integrating detector's frames to
+    photons (:func:`napari_cdinn.prepare.to_photons`).
 
     ``progress({"stage": "centre"|"prepare", "done": frames, "total": N})`` after every chunk.
     Returns ``{"centre", "found", "size", "intensity", "mask", "stopped"}`` (``intensity`` None
@@ -54,7 +57,7 @@ def prepare_job(stack, mask, centre, size, bin, progress, should_stop):
     n = stack.shape[0]
     found = centre is None
     if found:
-        centre = find_job(stack, mask, progress, should_stop)["centre"]
+        centre = find_job(stack, mask, progress, should_stop, dark)["centre"]
         if centre is None:
             return {"centre": None, "found": True, "size": size, "intensity": None, "mask": None, "stopped": True}
     size = core.default_size(stack.shape, centre, bin) if size is None else size
@@ -64,7 +67,8 @@ def prepare_job(stack, mask, centre, size, bin, progress, should_stop):
             break
         b = min(a + CHUNK, n)
         m = None if mask is None else (mask if mask.ndim == 2 else mask[a:b])
-        out, bad = core.prepare_frames(np.asarray(stack[a:b]), centre, size, bin, None if m is None else np.asarray(m))
+        out, bad = core.prepare_frames(np.asarray(stack[a:b]), centre, size, bin, None if m is None else np.asarray(m),
+                                       dark, adu_per_photon)
         parts.append(out)
         bads.append(bad)
         progress({"stage": "prepare", "done": b, "total": n})
@@ -90,16 +94,22 @@ class PrepareWidget(widgets.Container):
         self.bin = widgets.SpinBox(label="bin", value=1, min=1, max=64,
                                    tooltip="sum bin x bin detector pixels into one; a block with any unmeasured "
                                            "pixel is unmeasured")
+        self.dark = image_layer_picker(napari_viewer, "dark", nullable=True)
+        self.dark.value = None
+        self.dark.tooltip = "an integrating detector's frames without beam: their mean is subtracted first"
+        self.adu = widgets.FloatSpinBox(label="units per photon", value=0.0, min=0.0, max=1e9, step=0.5,
+                                        tooltip="detector units one photon gives: the frames (less the dark) are "
+                                                "rounded to whole photons; 0: the frames are counts already")
         self.runner = JobRunner(self._on_progress, self._on_result, on_finish=self._on_finish)
         self.controls = JobControls("Prepare", self.run, self.runner)
         title = widgets.Label(value="Raw detector frames to centred patterns:")
         super().__init__(widgets=[title, self.frames, self.mask, self.auto, self.centre_y, self.centre_x,
-                                  self.find_button, self.size, self.bin, self.controls])
+                                  self.find_button, self.size, self.bin, self.dark, self.adu, self.controls])
         self.find_button.changed.connect(lambda _v=None: self.run(find_only=True))
         self.auto.changed.connect(self._auto_changed)
         self._auto_changed()
         self._job, self._placing, self._followed = None, False, set()
-        persist(self, "prepare", ("size", "bin"))
+        persist(self, "prepare", ("size", "bin", "adu"))
 
     def _auto_changed(self, _value=None):
         self.centre_y.enabled = self.centre_x.enabled = not self.auto.value
@@ -119,6 +129,8 @@ class PrepareWidget(widgets.Container):
             if size is not None and size % 2:
                 raise ValueError(f"the size must be even (the zero frequency sits at pixel size // 2), got {size}")
             centre = None if (find_only or self.auto.value) else self.centre()
+            dark = self._dark(stack.shape)
+            adu = float(self.adu.value) or None
             if centre is not None and not (0 <= centre[0] < stack.shape[-2] and 0 <= centre[1] < stack.shape[-1]):
                 raise ValueError(f"the centre {centre} lies outside the {stack.shape[-2]} x {stack.shape[-1]} frames")
             if not find_only:
@@ -131,14 +143,27 @@ class PrepareWidget(widgets.Container):
         except (ValueError, OSError) as exc:
             notify_error(exc)
             return
-        self._job = (self.frames.value.name, find_only, int(self.bin.value))
+        self._job = {"name": self.frames.value.name, "find_only": find_only, "bin": int(self.bin.value),
+                     "dark": None if dark is None else self.dark.value.name, "adu_per_photon": adu}
         self.controls.busy("summing the frames..." if centre is None else "preparing...")
         if find_only:
-            self.runner.start(lambda progress, should_stop: find_job(stack, mask, progress, should_stop))
+            self.runner.start(lambda progress, should_stop: find_job(stack, mask, progress, should_stop, dark))
         else:
             b = int(self.bin.value)
             self.runner.start(lambda progress, should_stop: prepare_job(stack, mask, centre, size, b, progress,
-                                                                        should_stop))
+                                                                        should_stop, dark, adu))
+
+    def _dark(self, shape):
+        """The mean frame of the dark layer (checked against the frames), or None."""
+        if self.dark.value is None:
+            return None
+        if self.dark.value is self.frames.value:
+            raise ValueError("the dark layer is the frames layer; choose the frames taken without beam")
+        data, _single = stack_of(self.dark.value)
+        if tuple(data.shape[-2:]) != tuple(shape[-2:]):
+            raise ValueError(f"the dark frames are {data.shape[-2]} x {data.shape[-1]} pixels, the detector frames "
+                             f"{shape[-2]} x {shape[-1]}")
+        return core.mean_dark(data)
 
     def _on_progress(self, info):
         what = "summing the frames" if info["stage"] == "centre" else "preparing"
@@ -163,7 +188,8 @@ class PrepareWidget(widgets.Container):
             self._followed.add(id(layer))
 
     def _on_result(self, res):
-        name, find_only, b = self._job
+        job = self._job
+        name, find_only, b = job["name"], job["find_only"], job["bin"]
         if res.get("centre") is None:
             self.controls.idle("stopped before the centre was found")
             return
@@ -178,7 +204,7 @@ class PrepareWidget(widgets.Container):
             return
         size = res["size"]
         meta = {"cdinn_source": f"{name} prepared", "centre": list(res["centre"]), "size": size, "bin": b,
-                "prepared_from": name}
+                "prepared_from": name, "dark": job["dark"], "adu_per_photon": job["adu_per_photon"]}
         data = res["intensity"]
         layer = add_or_update(self.viewer, _layers.intensity_tuple(data, f"{name} prepared", **meta))
         add_or_update(self.viewer, _layers.mask_tuple(res["mask"], f"{name} prepared mask", **meta))
