@@ -99,7 +99,8 @@ def test_default_size_prefers_what_the_networks_read_and_stays_on_the_detector()
 
 
 def test_parse_centre():
-    assert prepare.parse_centre("auto") is None and prepare.parse_centre(None) is None
+    assert prepare.parse_centre("auto") == prepare.parse_centre(None) == "auto"
+    assert prepare.parse_centre(" File") == "file" and prepare.parse_centre("symmetry") == "symmetry"
     assert prepare.parse_centre("257, 515.5") == (257.0, 515.5)
     for bad in ("1", "a,b", "1,2,3", "nan,1"):
         with pytest.raises(ValueError):
@@ -215,3 +216,48 @@ def test_cli_prepare_with_a_dark_file_and_a_gain(tmp_path, capsys):
     assert main(["prepare", str(raw), "-o", str(tmp_path / "x.npz"), "--dark", str(tmp_path / "small.npy")]) == 2
     assert "the dark frames are 10 x 10 pixels" in capsys.readouterr().err
     assert main(["prepare", str(raw), "-o", str(dark), "--dark", str(dark)]) == 2  # never over the dark file
+
+
+def _with_beam_centre(path, det, mask, y, x, units="pixel", pixel_size=None):
+    """An Eiger-like master file with one data set and the NXdetector beam centre (``units``)."""
+    with h5py.File(path, "w") as f:
+        f["entry/data/data"] = det
+        detector = f.create_group("entry/instrument/detector")
+        detector["detectorSpecific/pixel_mask"] = mask.astype(np.uint32)
+        for axis, value in (("y", y), ("x", x)):
+            detector[f"beam_center_{axis}"] = value
+            detector[f"beam_center_{axis}"].attrs["units"] = units
+            if pixel_size is not None:
+                detector[f"{axis}_pixel_size"] = pixel_size
+                detector[f"{axis}_pixel_size"].attrs["units"] = "m"
+    return path
+
+
+def test_the_beam_centre_a_file_records_is_read_in_pixels_or_lengths(tmp_path):
+    det, mask, _ = _detector(count=2)
+    assert io.file_beam_centre(_with_beam_centre(tmp_path / "a.h5", det, mask, 141.3, 77.0)) == (141.3, 77.0)
+    mm = _with_beam_centre(tmp_path / "b.nxs", det, mask, 141 * 0.075, 77 * 0.075, "mm", 75e-6)
+    assert np.allclose(io.file_beam_centre(mm), (141, 77))
+    assert io.file_beam_centre(_with_beam_centre(tmp_path / "c.h5", det, mask, np.nan, 77.0)) is None
+    np.save(tmp_path / "d.npy", det)
+    assert io.file_beam_centre(tmp_path / "d.npy") is None
+
+
+def test_cli_prepare_takes_the_files_beam_centre_and_says_when_the_frames_disagree(tmp_path, capsys):
+    det, mask, truth = _detector(count=32)
+    good = _with_beam_centre(tmp_path / "good.h5", det, mask, 141.2, 76.8)
+    assert main(["prepare", str(good), "-o", str(tmp_path / "p.npz")]) == 0
+    err = capsys.readouterr().err
+    assert "(141.2, 76.8) from the file's beam centre" in err and "note:" not in err
+    data, bad = io.read_stack(tmp_path / "p.npz"), io.file_mask(tmp_path / "p.npz")
+    assert np.array_equal(data[~bad], truth[~bad])  # rounded to the pixel (141, 77)
+    stale = _with_beam_centre(tmp_path / "stale.h5", det, mask, 150, 77)
+    assert main(["prepare", str(stale), "-o", str(tmp_path / "q.npz")]) == 0
+    assert "note: the file's beam centre (150, 77) lies 9 px from the frames' symmetry centre (141, 77)" in \
+        capsys.readouterr().err
+    assert main(["prepare", str(stale), "-o", str(tmp_path / "r.npz"), "--centre", "symmetry"]) == 0
+    assert "(141, 77) found by Friedel symmetry" in capsys.readouterr().err
+    plain = tmp_path / "plain.npz"
+    np.savez(plain, intensity=det, mask=mask)
+    assert main(["prepare", str(plain), "-o", str(tmp_path / "s.npz"), "--centre", "file"]) == 2
+    assert "records no beam centre" in capsys.readouterr().err

@@ -720,3 +720,19 @@ def test_prepare_dock_turns_ccd_readings_into_photons(make_napari_viewer, qtbot,
     dock.dark.value = viewer.layers["ccd"]  # the frames as their own dark: one sentence, no run
     dock.controls.run_button.clicked.emit()
     assert not dock.runner.running and len(errors) == 1 and "without beam" in errors[0]
+
+
+def test_prepare_dock_takes_the_beam_centre_of_the_file_it_opened(make_napari_viewer, qtbot, monkeypatch, tmp_path):
+    from test_prepare import _detector, _with_beam_centre
+
+    notes = []
+    monkeypatch.setattr("napari_cdinn._napari.widgets.prepare.notify", notes.append)
+    det, mask, _ = _detector(count=32)
+    path = _with_beam_centre(tmp_path / "stale_master.h5", det, mask, 150, 77)
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin="napari-cdinn")
+    dock = _dock(viewer, "Prepare detector frames")
+    dock.find_button.clicked.emit()
+    qtbot.waitUntil(lambda: not dock.runner.running, timeout=60_000)
+    assert dock.centre() == (150, 77) and "from the file's beam centre" in dock.controls.status.value
+    assert len(notes) == 1 and "9 px from the frames' symmetry centre (141, 77)" in notes[0]

@@ -527,10 +527,11 @@ def _add_prepare(sub):
         "(True = unmeasured), the input the other commands read.",
     )
     _add_stack_options(p, "raw detector frames, (H, W) or (N, H, W), any shape", device=False)
-    p.add_argument("--centre", "--center", dest="centre", default="auto", metavar="Y,X",
-                   help="zero-frequency position in detector pixels (row, column), e.g. 257,515; default auto: "
-                        "found from the frames' inversion symmetry (reliable on a stack; check it on a single "
-                        "frame of a strongly phased object)")
+    p.add_argument("--centre", "--center", dest="centre", default="auto", metavar="auto|file|symmetry|Y,X",
+                   help="zero-frequency position in detector pixels (row, column), e.g. 257,515; default auto: the "
+                        "beam centre the file records (NeXus/Dectris beam_center_x/_y), else found from the summed "
+                        "frames' inversion symmetry (exact on a stack of 32 or more, within a pixel from a few "
+                        "frames); file or symmetry: only that")
     p.add_argument("--size", type=_positive_int, default=None, metavar="N",
                    help="side of the output patterns in output pixels (even); default: the largest multiple of "
                         "32 (what the networks read) whose square stays on the detector")
@@ -559,21 +560,26 @@ def _cmd_prepare(args):
     if args.dark is not None:
         io.check_not_input(args.out, args.dark, what="--out")
     dark = _dark_frame(args.dark, shape)
-    found = centre is None
-    if found:
-        stack = io.open_stack(args.input)
-        centre = prepare.stack_centre(stack, args.mask_array, chunk_size=args.chunk_size,
-                                      progress=_count_progress("centre"), dark=dark)
+    if isinstance(centre, str):
+        centre, source, symmetry = prepare.choose_centre(
+            io.open_stack(args.input), args.mask_array, io.file_beam_centre(args.input), centre,
+            chunk_size=args.chunk_size, progress=_count_progress("centre"), dark=dark)
         _end_progress_line()
-    elif not (0 <= centre[0] < shape[-2] and 0 <= centre[1] < shape[-1]):
-        raise UsageError(f"--centre {args.centre} lies outside the {shape[-2]} x {shape[-1]} detector frame")
+        note = prepare.centre_note(centre, source, symmetry)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+    else:
+        source = "given"
+    if not (0 <= centre[0] < shape[-2] and 0 <= centre[1] < shape[-1]):
+        raise UsageError(f"the centre ({centre[0]:g}, {centre[1]:g}) lies outside the {shape[-2]} x {shape[-1]} "
+                         "detector frame")
     size = prepare.default_size(shape, centre, args.bin) if args.size is None else args.size
     if size % 2:
         raise UsageError(f"--size must be even (the zero frequency sits at pixel size // 2), got {size}")
-    print(prepare.describe(shape, centre, size, args.bin, found), file=sys.stderr)
+    print(prepare.describe(shape, centre, size, args.bin, source), file=sys.stderr)
     fn = functools.partial(prepare.prepare_chunk, centre=centre, size=size, bin=args.bin, dark=dark,
                            adu_per_photon=args.adu_per_photon)
-    attrs = {"command": "prepare", "centre": [float(c) for c in centre], "centre_found": found, "size": size,
+    attrs = {"command": "prepare", "centre": [float(c) for c in centre], "centre_source": source, "size": size,
              "bin": args.bin, "detector_shape": [int(v) for v in shape[-2:]]}
     if dark is not None:
         attrs["dark"] = os.path.basename(args.dark)

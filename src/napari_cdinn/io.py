@@ -48,6 +48,7 @@ __all__ = [
     "check_not_input",
     "check_writable",
     "disk_full",
+    "file_beam_centre",
     "file_mask",
     "frames_in_budget",
     "memory_budget",
@@ -683,6 +684,8 @@ def _nexus_signal(fh):
     return None
 
 
+#: The data of a NeXus file that names no default plot (its usual NXdata place).
+NEXUS_DATA = "entry/data/data"
 #: Where Dectris Eiger master files keep their frames: ``data_000001``, ``data_000002``... in this group.
 EIGER_DATA_GROUP = "entry/data"
 #: Detector pixel masks of NeXus/Dectris files (nonzero = bad pixel or gap), looked for by :func:`file_mask`.
@@ -726,6 +729,8 @@ def _find_h5_dataset(fh, path):
     signal = _nexus_signal(fh)
     if signal is not None:
         return signal
+    if isinstance(fh.get(NEXUS_DATA), h5py.Dataset):
+        return NEXUS_DATA
     parts = _eiger_parts(fh)
     if parts is not None:
         return parts
@@ -733,7 +738,7 @@ def _find_h5_dataset(fh, path):
 
     def visit(name, obj):
         if (isinstance(obj, h5py.Dataset) and obj.shape is not None and obj.ndim in (2, 3) and obj.dtype.kind in "uifc"
-                and posixpath.basename(name) != _MASK_KEY):  # a mask beside the data is not the data
+                and not posixpath.basename(name).lower().endswith(_MASK_KEY)):  # a (pixel_)mask is not the data
             found.append(name)
 
     fh.visititems(visit)
@@ -814,6 +819,49 @@ def file_mask(path: str | os.PathLike, shape: Sequence[int] | None = None) -> np
     elif ext in (".h5", ".hdf5", ".nxs", ".cxi"):
         raw = _h5_mask_beside_data(path, ext)
     return None if raw is None else _check_mask(raw, shape, f"the mask in {_name(path)!r}")
+
+
+#: Where NeXus/Dectris files record the direct beam on the detector (NXdetector), and the pixel size.
+NEXUS_DETECTOR = "entry/instrument/detector"
+_LENGTH_UNITS = {"m": 1.0, "mm": 1e-3, "um": 1e-6, "µm": 1e-6, "micron": 1e-6, "microns": 1e-6}
+
+
+def file_beam_centre(path: str | os.PathLike) -> tuple[float, float] | None:
+    """The direct beam's position ``(row, column)`` in pixels that a NeXus/Dectris file records, or None.
+
+    Read from ``entry/instrument/detector/beam_center_y`` and ``beam_center_x`` (Dectris and NeXus
+    NXdetector: ``x`` along a row, the fast axis).  Values in pixels (``units`` "pixel", or none) are
+    taken as they are; lengths (``m``, ``mm``, ``um``) are divided by ``y_pixel_size``/``x_pixel_size``.
+    A file without them, or with values that are not finite numbers, gives None.
+    """
+    path, ext = _input_path(path, STACK_EXTENSIONS)
+    if ext not in (".h5", ".hdf5", ".nxs"):
+        return None
+    import h5py
+
+    def pixels(fh, axis):
+        field = fh.get(f"{NEXUS_DETECTOR}/beam_center_{axis}")
+        if not isinstance(field, h5py.Dataset) or field.shape not in ((), (1,)):
+            return None
+        value = float(np.asarray(field[()]).reshape(-1)[0])
+        units = field.attrs.get("units", b"pixel")
+        units = (units.decode() if isinstance(units, bytes) else str(units)).strip().lower()
+        if units in _LENGTH_UNITS:
+            size = fh.get(f"{NEXUS_DETECTOR}/{axis}_pixel_size")
+            if not isinstance(size, h5py.Dataset):
+                return None
+            size_units = size.attrs.get("units", b"m")
+            size_units = (size_units.decode() if isinstance(size_units, bytes) else str(size_units)).strip().lower()
+            pitch = float(np.asarray(size[()]).reshape(-1)[0]) * _LENGTH_UNITS.get(size_units, 1.0)
+            value = value * _LENGTH_UNITS[units] / pitch if pitch > 0 else float("nan")
+        return value if np.isfinite(value) else None
+
+    try:
+        with _open_h5_file(path) as fh:
+            y, x = pixels(fh, "y"), pixels(fh, "x")
+    except (ValueError, TypeError, OSError):
+        return None
+    return None if y is None or x is None else (y, x)
 
 
 def _check_mask(mask, shape, what):

@@ -26,6 +26,8 @@ import numpy as np
 
 __all__ = [
     "NOT_SQUARE_HINT",
+    "centre_note",
+    "choose_centre",
     "crop_origin",
     "default_size",
     "describe",
@@ -315,29 +317,81 @@ def prepare_chunk(intensity, first_frame=0, mask=None, *, centre, size, bin=1, d
     return {"intensity": out, "mask": bad}
 
 
-def describe(shape, centre, size, bin, found: bool) -> str:
-    """One line on what :func:`prepare_frames` does to frames of ``shape``."""
+#: How far (pixels, either axis) a file's beam centre may lie from the frames' symmetry centre before it is said.
+DISAGREE_PX = 2
+#: ``--centre`` words: the file's beam centre where it records one, else the symmetry centre; the file's; the frames'.
+CENTRE_MODES = ("auto", "file", "symmetry")
+#: What each source of the centre is called in messages and metadata.
+CENTRE_SOURCES = {"file": "from the file's beam centre", "symmetry": "found by Friedel symmetry", "given": "given"}
+
+
+def choose_centre(stack, mask=None, file_centre=None, mode="auto", **options):
+    """The centre by ``mode``, with where it came from and the frames' own symmetry centre.
+
+    Parameters
+    ----------
+    stack, mask
+        As for :func:`stack_centre` (``options``: its keywords).
+    file_centre : (float, float), optional
+        The beam centre the input file records (:func:`napari_cdinn.io.file_beam_centre`).
+    mode : str
+        ``"auto"``: ``file_centre`` where given, else the symmetry centre; ``"file"``: ``file_centre``
+        (ValueError without one); ``"symmetry"``: the symmetry centre.
+
+    Returns
+    -------
+    centre : (float, float)
+    source : str, a key of :data:`CENTRE_SOURCES`
+    symmetry : (float, float), the frames' symmetry centre (computed in every mode, to check a file's)
+    """
+    if mode not in CENTRE_MODES:
+        raise ValueError(f"the centre is found by one of {', '.join(CENTRE_MODES)}, got {mode!r}")
+    if mode == "file" and file_centre is None:
+        raise ValueError("the input records no beam centre (entry/instrument/detector/beam_center_x and _y); "
+                         "give ROW,COLUMN or let the frames' symmetry find it")
+    symmetry = stack_centre(stack, mask, **options)
+    if mode != "symmetry" and file_centre is not None:
+        return tuple(float(c) for c in file_centre), "file", symmetry
+    return symmetry, "symmetry", symmetry
+
+
+def centre_note(centre, source, symmetry):
+    """A sentence when a file's beam centre and the frames' symmetry centre disagree by more than
+    :data:`DISAGREE_PX`, else None."""
+    if source != "file":
+        return None
+    apart = max(abs(_centre_pixel(centre)[i] - symmetry[i]) for i in (0, 1))
+    if apart <= DISAGREE_PX:
+        return None
+    return (f"the file's beam centre ({centre[0]:g}, {centre[1]:g}) lies {apart:g} px from the frames' symmetry "
+            f"centre ({symmetry[0]:g}, {symmetry[1]:g}); the file's is used (check the cross, or choose the frames')")
+
+
+def describe(shape, centre, size, bin, source) -> str:
+    """One line on what :func:`prepare_frames` does to frames of ``shape`` (``source``: a key of
+    :data:`CENTRE_SOURCES`)."""
     y0, x0 = crop_origin(centre, size, bin)
     side = size * bin
     h, w = (int(v) for v in shape[-2:])
     off = (max(0, -y0) + max(0, y0 + side - h)) or (max(0, -x0) + max(0, x0 + side - w))
-    how = "found by Friedel symmetry" if found else "given"
     binned = f", binned {bin} x {bin}" if bin > 1 else ""
     edge = "; the square runs off the detector there (unmeasured)" if off else ""
-    return (f"centre (y, x) = ({centre[0]:g}, {centre[1]:g}) {how}; {side} x {side} detector pixels from "
-            f"({y0}, {x0}){binned} -> {size} x {size} patterns{edge}")
+    return (f"centre (y, x) = ({centre[0]:g}, {centre[1]:g}) {CENTRE_SOURCES[source]}; {side} x {side} detector "
+            f"pixels from ({y0}, {x0}){binned} -> {size} x {size} patterns{edge}")
 
 
 def parse_centre(text: str | Sequence[float] | None):
-    """``"auto"``/None -> None; ``"Y,X"`` or a pair -> ``(y, x)`` floats."""
-    if text is None or (isinstance(text, str) and text.strip().lower() == "auto"):
-        return None
+    """A ``--centre`` value: a word of :data:`CENTRE_MODES` (None: ``"auto"``), or ``"Y,X"`` / a pair -> ``(y, x)``."""
+    if text is None:
+        return "auto"
+    if isinstance(text, str) and text.strip().lower() in CENTRE_MODES:
+        return text.strip().lower()
     parts = text.split(",") if isinstance(text, str) else list(text)
     try:
         y, x = (float(p) for p in parts)
     except (TypeError, ValueError):
-        raise ValueError(f"the centre must be 'auto' or 'Y,X' in detector pixels, got {text!r}") from None
+        raise ValueError(f"the centre must be {', '.join(CENTRE_MODES)} or ROW,COLUMN in detector pixels, "
+                         f"got {text!r}") from None
     if not (np.isfinite(y) and np.isfinite(x)):
         raise ValueError(f"the centre must be finite, got {text!r}")
     return y, x
-

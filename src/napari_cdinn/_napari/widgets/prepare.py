@@ -1,8 +1,9 @@
 """Prepare dock: raw detector frames to the centred, square patterns the other docks read.
 
-Wired to :mod:`napari_cdinn.prepare`, the core of ``cdinn prepare``.  *Find centre* sums the
-frames in a thread worker and finds the zero frequency by inversion symmetry
-(:func:`napari_cdinn.prepare.stack_centre`); the centre shows as a cross on the frames (a Points
+Wired to :mod:`napari_cdinn.prepare`, the core of ``cdinn prepare``.  *Find centre* takes the beam
+centre the layer's file records (NeXus/Dectris), else sums the frames in a thread worker and finds
+the zero frequency by inversion symmetry (:func:`napari_cdinn.prepare.choose_centre`; a file's
+centre far from the frames' is announced); the centre shows as a cross on the frames (a Points
 layer): drag it to correct the centre, or type it.  *Prepare* crops a square around the centre
 (unmeasured where it runs off the detector) and optionally bins it, in chunks with progress and
 Stop, and adds the patterns (log display) with their mask (a Labels layer, 1 = unmeasured) that
@@ -10,6 +11,8 @@ the other docks pick up.  With "find the centre" ticked, Prepare finds it first.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 from magicgui import widgets
@@ -25,6 +28,7 @@ from ._common import (
     image_layer_picker,
     mask_layer_picker,
     mask_of,
+    notify,
     notify_error,
     persist,
     stack_of,
@@ -34,32 +38,39 @@ from ._common import (
 CHUNK = 256
 
 
-def find_job(stack, mask, progress, should_stop, dark=None):
-    """Worker body: ``{"centre": (row, column) or None if stopped, "found": True}`` from the summed frames."""
+def find_job(stack, mask, progress, should_stop, dark=None, file_centre=None):
+    """Worker body: the centre by the ``auto`` rule (:func:`napari_cdinn.prepare.choose_centre`: the file's
+    beam centre where it records one, else the summed frames' symmetry centre).
+
+    Returns ``{"centre": (row, column) or None if stopped, "source": ..., "note": a sentence or None}``.
+    """
     try:
-        centre = core.stack_centre(stack, mask, chunk_size=CHUNK, should_stop=should_stop, dark=dark,
-                                   progress=lambda d, t: progress({"stage": "centre", "done": d, "total": t}))
+        centre, source, symmetry = core.choose_centre(
+            stack, mask, file_centre, chunk_size=CHUNK, should_stop=should_stop, dark=dark,
+            progress=lambda d, t: progress({"stage": "centre", "done": d, "total": t}))
     except Cancelled:
-        centre = None
-    return {"centre": centre, "found": True}
+        return {"centre": None, "source": None, "note": None}
+    return {"centre": centre, "source": source, "note": core.centre_note(centre, source, symmetry)}
 
 
-def prepare_job(stack, mask, centre, size, bin, progress, should_stop, dark=None, adu_per_photon=None):
-    """Worker body: the centre (found when ``centre`` is None), then the prepared patterns.
+def prepare_job(stack, mask, centre, size, bin, progress, should_stop, dark=None, adu_per_photon=None,
+                file_centre=None):
+    """Worker body: the centre (by :func:`find_job` when ``centre`` is None), then the prepared patterns.
 
     ``dark`` (the mean frame without beam) and ``adu_per_photon``: an integrating detector's frames to
     photons (:func:`napari_cdinn.prepare.to_photons`).
 
     ``progress({"stage": "centre"|"prepare", "done": frames, "total": N})`` after every chunk.
-    Returns ``{"centre", "found", "size", "intensity", "mask", "stopped"}`` (``intensity`` None
+    Returns ``{"centre", "source", "note", "size", "intensity", "mask", "stopped"}`` (``intensity`` None
     when stopped before the first chunk was prepared; ``size`` None means the default).
     """
     n = stack.shape[0]
-    found = centre is None
-    if found:
-        centre = find_job(stack, mask, progress, should_stop, dark)["centre"]
-        if centre is None:
-            return {"centre": None, "found": True, "size": size, "intensity": None, "mask": None, "stopped": True}
+    found = {"centre": centre, "source": "given", "note": None}
+    if centre is None:
+        found = find_job(stack, mask, progress, should_stop, dark, file_centre)
+        if found["centre"] is None:
+            return {**found, "size": size, "intensity": None, "mask": None, "stopped": True}
+        centre = found["centre"]
     size = core.default_size(stack.shape, centre, bin) if size is None else size
     parts, bads = [], []
     for a in range(0, n, CHUNK):
@@ -73,7 +84,7 @@ def prepare_job(stack, mask, centre, size, bin, progress, should_stop, dark=None
         bads.append(bad)
         progress({"stage": "prepare", "done": b, "total": n})
     done = sum(len(p) for p in parts)
-    return {"centre": centre, "found": found, "size": size, "stopped": done < n,
+    return {**found, "size": size, "stopped": done < n,
             "intensity": np.concatenate(parts) if parts else None, "mask": np.concatenate(bads) if bads else None}
 
 
@@ -131,6 +142,7 @@ class PrepareWidget(widgets.Container):
             centre = None if (find_only or self.auto.value) else self.centre()
             dark = self._dark(stack.shape)
             adu = float(self.adu.value) or None
+            file_centre = self._file_centre()
             if centre is not None and not (0 <= centre[0] < stack.shape[-2] and 0 <= centre[1] < stack.shape[-1]):
                 raise ValueError(f"the centre {centre} lies outside the {stack.shape[-2]} x {stack.shape[-1]} frames")
             if not find_only:
@@ -147,11 +159,17 @@ class PrepareWidget(widgets.Container):
                      "dark": None if dark is None else self.dark.value.name, "adu_per_photon": adu}
         self.controls.busy("summing the frames..." if centre is None else "preparing...")
         if find_only:
-            self.runner.start(lambda progress, should_stop: find_job(stack, mask, progress, should_stop, dark))
+            self.runner.start(lambda progress, should_stop: find_job(stack, mask, progress, should_stop, dark,
+                                                                     file_centre))
         else:
             b = int(self.bin.value)
             self.runner.start(lambda progress, should_stop: prepare_job(stack, mask, centre, size, b, progress,
-                                                                        should_stop, dark, adu))
+                                                                        should_stop, dark, adu, file_centre))
+
+    def _file_centre(self):
+        """The beam centre the frames layer's file records (NeXus/Dectris), or None."""
+        path = getattr(getattr(self.frames.value, "source", None), "path", None)
+        return io.file_beam_centre(path) if path and os.path.isfile(path) else None
 
     def _dark(self, shape):
         """The mean frame of the dark layer (checked against the frames), or None."""
@@ -194,8 +212,9 @@ class PrepareWidget(widgets.Container):
             self.controls.idle("stopped before the centre was found")
             return
         self._show_centre(name, res["centre"])
-        how = "found" if res["found"] else "given"
-        where = f"centre (row, column) = ({res['centre'][0]:g}, {res['centre'][1]:g}) {how}"
+        where = f"centre (row, column) = ({res['centre'][0]:g}, {res['centre'][1]:g}) {core.CENTRE_SOURCES[res['source']]}"
+        if res["note"]:
+            notify(res["note"][:1].upper() + res["note"][1:] + ".")
         if find_only:
             self.controls.idle(where)
             return
