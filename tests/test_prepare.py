@@ -261,3 +261,21 @@ def test_cli_prepare_takes_the_files_beam_centre_and_says_when_the_frames_disagr
     np.savez(plain, intensity=det, mask=mask)
     assert main(["prepare", str(plain), "-o", str(tmp_path / "s.npz"), "--centre", "file"]) == 2
     assert "records no beam centre" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype,marker", [(np.int32, -1), (np.int32, -2), (np.uint32, 2**32 - 1), (np.uint16, 65535)])
+def test_integer_detectors_marker_values_are_unmeasured(tmp_path, dtype, marker):
+    det, mask, truth = _detector(count=32)
+    raw = det.astype(dtype)
+    raw[:, mask] = marker  # what the detector writes in its gaps and beamstop shadow, with no mask file
+    assert prepare.stack_centre(raw) == (141, 77)
+    out, bad = prepare.prepare_frames(raw, (141, 77), 128)
+    assert np.array_equal(bad, np.broadcast_to(mask[77:205, 13:141], bad.shape)) and (out[bad] == 0).all()
+    path = tmp_path / "raw.tif"
+    tifffile.imwrite(path, raw)
+    assert main(["prepare", str(path), "-o", str(tmp_path / "p.npz")]) == 0
+    data, own = io.read_stack(tmp_path / "p.npz"), io.file_mask(tmp_path / "p.npz")
+    assert np.array_equal(own, bad) and np.array_equal(data[~own], truth[~own])
+    floats = det.astype(np.float32)
+    floats[:, 100, 60] = -1.0  # a float reading (less its dark) may be negative: not a marker
+    assert not prepare.prepare_frames(floats, (141, 77), 128)[1][:, 100 - 77, 60 - 13].any()

@@ -577,8 +577,9 @@ def _cmd_prepare(args):
     if size % 2:
         raise UsageError(f"--size must be even (the zero frequency sits at pixel size // 2), got {size}")
     print(prepare.describe(shape, centre, size, args.bin, source), file=sys.stderr)
+    stored = io.open_stack(args.input).dtype  # chunks arrive as float32: the stored type tells the marker values
     fn = functools.partial(prepare.prepare_chunk, centre=centre, size=size, bin=args.bin, dark=dark,
-                           adu_per_photon=args.adu_per_photon)
+                           adu_per_photon=args.adu_per_photon, dtype=stored)
     attrs = {"command": "prepare", "centre": [float(c) for c in centre], "centre_source": source, "size": size,
              "bin": args.bin, "detector_shape": [int(v) for v in shape[-2:]]}
     if dark is not None:

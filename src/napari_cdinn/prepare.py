@@ -14,7 +14,8 @@ on the sum of the frames: it is a peak of the pattern's self-convolution, which 
 
 Masks are True on unmeasured pixels.  A binned pixel is unmeasured when any of its pixels is: a
 sum over part of a block is not a count of the whole block (docs/decisions.md, "Preparing
-detector frames").  NaN/inf pixels are unmeasured.  Everything here is NumPy.
+detector frames").  NaN/inf pixels are unmeasured, and so are the values integer detectors write
+where they measure nothing (:func:`marker_pixels`).  Everything here is NumPy.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "default_size",
     "describe",
     "friedel_centre",
+    "marker_pixels",
     "mean_dark",
     "parse_centre",
     "prepare_chunk",
@@ -108,7 +110,7 @@ def _chunks(n, size):
     return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
-def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=None, dark=None):
+def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=None, dark=None, dtype=None):
     """:func:`friedel_centre` of the sum of a stack's frames (read chunk by chunk).
 
     Parameters
@@ -126,6 +128,8 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
         Checked before every chunk; a stop raises :class:`napari_cdinn.jobs.Cancelled`.
     dark : array_like, (H, W), optional
         Subtracted from every frame (an integrating detector's reading without beam).
+    dtype : numpy dtype, optional
+        The stored type (default: the stack's): its marker values are unmeasured (:func:`marker_pixels`).
 
     Returns
     -------
@@ -135,8 +139,13 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
 
     shape = tuple(stack.shape)
     dark = None if dark is None else _check_dark(dark, shape[-2:])
+    dtype = stack.dtype if dtype is None else dtype
     if len(shape) == 2:
-        return friedel_centre(to_photons(stack, dark), mask)
+        frame = np.asarray(stack)
+        markers = marker_pixels(frame, dtype)
+        if markers is not None:
+            mask = markers if mask is None else (np.asarray(mask, dtype=bool) | markers)
+        return friedel_centre(to_photons(frame, dark), mask)
     n = shape[0]
     total = np.zeros(shape[-2:], dtype=np.float64)
     bad = np.zeros(shape[-2:], dtype=bool)
@@ -146,8 +155,10 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
     for a, b in _chunks(n, max(1, int(chunk_size))):
         if stop_requested(should_stop):
             raise Cancelled(f"stopped after {a} of {n} frames while finding the centre")
-        frames = np.asarray(stack[a:b], dtype=np.float64)
-        finite = np.isfinite(frames)
+        raw = np.asarray(stack[a:b])
+        markers = marker_pixels(raw, dtype)
+        frames = raw.astype(np.float64)
+        finite = np.isfinite(frames) if markers is None else np.isfinite(frames) & ~markers
         bad |= ~finite.all(axis=0)
         if dark is not None:
             frames = frames - dark
@@ -233,7 +244,35 @@ def to_photons(frames, dark=None, adu_per_photon=None):
     return out
 
 
-def prepare_frames(frames, centre, size, bin=1, mask=None, dark=None, adu_per_photon=None):
+def marker_pixels(values, dtype):
+    """Pixels that an integer detector marks as not measured, in ``values`` read from ``dtype`` data.
+
+    Negative values (PILATUS: -1 in the gaps, -2 on bad pixels) and, for unsigned data, the largest
+    value (Dectris EIGER: ``2**bits - 1`` in the gaps and on defective pixels).  Float data have no
+    markers (a negative reading less its dark is noise).
+
+    Parameters
+    ----------
+    values : array_like
+        Frames as stored or converted to float (the largest unsigned value survives float32).
+    dtype : numpy dtype
+        The stored data's type.
+
+    Returns
+    -------
+    numpy.ndarray of bool, or None for float data.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iu":
+        return None
+    values = np.asarray(values)
+    marked = values < 0 if dtype.kind == "i" else np.zeros(values.shape, dtype=bool)
+    if dtype.kind == "u":
+        marked |= values == values.dtype.type(np.iinfo(dtype).max)
+    return marked
+
+
+def prepare_frames(frames, centre, size, bin=1, mask=None, dark=None, adu_per_photon=None, dtype=None):
     """Crop (and bin) detector frames to centred ``size x size`` patterns with their mask.
 
     Parameters
@@ -250,6 +289,9 @@ def prepare_frames(frames, centre, size, bin=1, mask=None, dark=None, adu_per_ph
         True on unmeasured detector pixels.
     dark, adu_per_photon : optional
         An integrating detector's dark frame ``(H, W)`` and gain: :func:`to_photons`, before binning.
+    dtype : numpy dtype, optional
+        The type the frames were stored in (default: ``frames``' own): an integer type's marker values
+        are unmeasured (:func:`marker_pixels`).
 
     Returns
     -------
@@ -273,12 +315,16 @@ def prepare_frames(frames, centre, size, bin=1, mask=None, dark=None, adu_per_ph
     ys, xs = slice(max(y0, 0), min(y0 + side, h)), slice(max(x0, 0), min(x0 + side, w))
     dy, dx = slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0)
     if ys.start < ys.stop and xs.start < xs.stop:
-        part = np.asarray(data[:, ys, xs], dtype=np.float64)
+        raw = data[:, ys, xs]
+        markers = marker_pixels(raw, data.dtype if dtype is None else dtype)
+        part = np.asarray(raw, dtype=np.float64)
         if dark is not None or adu_per_photon is not None:
             dark = None if dark is None else _check_dark(dark, (h, w))[ys, xs]
             with np.errstate(invalid="ignore"):
                 part = to_photons(part, dark, adu_per_photon)
         miss = ~np.isfinite(part)
+        if markers is not None:
+            miss |= markers
         if mask is not None:
             m = np.asarray(mask, dtype=bool)
             if m.shape[-2:] != (h, w) or m.ndim not in (2, 3) or (m.ndim == 3 and m.shape[0] != n):
@@ -311,9 +357,11 @@ def mean_dark(stack):
         return np.nanmean(np.where(np.isfinite(data), data, np.nan), axis=0)
 
 
-def prepare_chunk(intensity, first_frame=0, mask=None, *, centre, size, bin=1, dark=None, adu_per_photon=None):
-    """Chunk function of :func:`napari_cdinn.stream.process_stack`: ``intensity`` and ``mask``."""
-    out, bad = prepare_frames(intensity, centre, size, bin, mask, dark, adu_per_photon)
+def prepare_chunk(intensity, first_frame=0, mask=None, *, centre, size, bin=1, dark=None, adu_per_photon=None,
+                  dtype=None):
+    """Chunk function of :func:`napari_cdinn.stream.process_stack`: ``intensity`` and ``mask`` (``dtype``:
+    the input file's stored type, whose marker values are unmeasured)."""
+    out, bad = prepare_frames(intensity, centre, size, bin, mask, dark, adu_per_photon, dtype)
     return {"intensity": out, "mask": bad}
 
 
