@@ -14,6 +14,21 @@ RNG = np.random.default_rng(0)
 STACK = RNG.poisson(50.0, size=(5, 16, 12)).astype(np.uint16)
 
 
+def _write_nexus(path, data, pixel_mask=None):
+    """A NeXus file whose default plot's signal is ``data``, beside another 3-D data set (a monitor)."""
+    with h5py.File(path, "w") as fh:
+        fh.attrs["default"] = "entry"
+        entry = fh.create_group("entry")
+        entry.attrs["default"] = "plot"
+        plot = entry.create_group("plot")
+        plot.attrs["signal"] = "counts"
+        plot["counts"] = data
+        plot["monitor"] = np.ones(data.shape)
+        if pixel_mask is not None:
+            fh["entry/instrument/detector/pixel_mask"] = pixel_mask
+    return path
+
+
 def _write_stack(path, data):
     ext = os.path.splitext(path)[1]
     if ext == ".npy":
@@ -26,15 +41,8 @@ def _write_stack(path, data):
         with h5py.File(path, "w") as fh:
             fh["meta/energy"] = np.arange(3.0)
             fh.create_dataset("data", data=data, chunks=(1,) + data.shape[1:], compression="gzip")
-    elif ext == ".nxs":  # NeXus: the default plot's signal, beside another 3-D data set
-        with h5py.File(path, "w") as fh:
-            fh.attrs["default"] = "entry"
-            entry = fh.create_group("entry")
-            entry.attrs["default"] = "data"
-            group = entry.create_group("data")
-            group.attrs["signal"] = "frames"
-            group["frames"] = data
-            group["monitor"] = np.ones(data.shape)
+    elif ext == ".nxs":
+        _write_nexus(path, data)
     elif ext == ".cxi":
         with h5py.File(path, "w") as fh:
             fh["entry_1/instrument_1/detector_1/data"] = data
@@ -403,18 +411,7 @@ def test_an_eiger_master_file_without_its_data_files_is_one_sentence(tmp_path):
 
 
 def test_nexus_files_give_their_default_signal(tmp_path):
-    import h5py
-
     frames = np.arange(2 * 16 * 16, dtype=np.float32).reshape(2, 16, 16)
-    path = tmp_path / "scan.nxs"
-    with h5py.File(path, "w") as fh:
-        fh.attrs["default"] = "entry"
-        entry = fh.create_group("entry")
-        entry.attrs["default"] = "plot"
-        plot = entry.create_group("plot")
-        plot.attrs["signal"] = "counts"
-        plot["counts"] = frames
-        plot["monitor"] = np.ones((2, 16, 16))  # another 3-D data set: only the signal is the data
-        fh["entry/instrument/detector/pixel_mask"] = np.eye(16, dtype=np.uint8)
-    assert np.array_equal(io.read_stack(path), frames)
+    path = _write_nexus(tmp_path / "scan.nxs", frames, pixel_mask=np.eye(16, dtype=np.uint8))
+    assert np.array_equal(io.read_stack(path), frames)  # the signal, not the monitor
     assert np.array_equal(io.file_mask(path), np.eye(16, dtype=bool))
