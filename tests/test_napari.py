@@ -212,3 +212,21 @@ def test_a_results_phase_opens_transparent_and_writes_back_unchanged(make_napari
     viewer.layers.selection = {viewer.layers["r amplitude"], phase}
     viewer.layers.save(str(tmp_path / "back.npz"), selected=True, plugin="napari-cdinn")
     np.testing.assert_array_equal(io.read_result(tmp_path / "back.npz")["phase"], SIM["phase"])
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_counts_come_back_from_the_log_display_as_whole_numbers(tmp_path, monkeypatch, lazy):
+    if lazy:
+        monkeypatch.setattr(io, "LAZY_THRESHOLD", 0)  # read lazily, as a big stack is
+    sim = simulate(6, seed=2, oversampling=2, photons=1e6)
+    path = tmp_path / "counts.h5"
+    with h5py.File(path, "w") as fh:
+        fh["data"] = sim["intensity"].astype(np.uint32)
+    (data, kwargs, _), = [t for t in get_reader(str(path))(str(path)) if t[2] == "image"]
+    back = np.asarray(_layers.layer_intensities(data, kwargs["metadata"]))
+    assert kwargs["metadata"][_layers.COUNTS] and np.array_equal(back, sim["intensity"])
+    assert (io.read_stack(path) > 0).any() and _layers.whole_numbers(sim["intensity"])
+    scaled = sim["intensity"] * np.float32(0.37)  # not counts: no rounding
+    (data, kwargs, _) = _layers.intensity_tuple(scaled, "scaled")
+    assert not kwargs["metadata"][_layers.COUNTS]
+    assert np.allclose(_layers.layer_intensities(data, kwargs["metadata"]), scaled, rtol=1e-5)

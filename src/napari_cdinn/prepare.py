@@ -106,10 +106,6 @@ def friedel_centre(image, mask=None):
     return float(y), float(x)
 
 
-def _chunks(n, size):
-    return [(a, min(a + size, n)) for a in range(0, n, size)]
-
-
 def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=None, dark=None, dtype=None):
     """:func:`friedel_centre` of the sum of a stack's frames (read chunk by chunk).
 
@@ -136,6 +132,7 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
     tuple of float, ``(y, x)``.
     """
     from .jobs import Cancelled, stop_requested
+    from .stream import chunk_bounds
 
     shape = tuple(stack.shape)
     dark = None if dark is None else _check_dark(dark, shape[-2:])
@@ -152,7 +149,7 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         bad |= mask if mask.ndim == 2 else mask.any(axis=0)
-    for a, b in _chunks(n, max(1, int(chunk_size))):
+    for a, b in chunk_bounds(n, chunk_size):
         if stop_requested(should_stop):
             raise Cancelled(f"stopped after {a} of {n} frames while finding the centre")
         raw = np.asarray(stack[a:b])

@@ -5,10 +5,11 @@ with log-spaced controls is resolved by a 1,024-entry lookup table, i.e. three d
 Diffraction spans five or more decades, so **intensity layers hold ``log10(1 + I)``** (lazily
 for dask stacks; negative intensities are shown as 0, NaN stays NaN) with the metadata
 
-``{"cdinn_kind": "intensity", "cdinn_display": "log10(1 + I)"}``
+``{"cdinn_kind": "intensity", "cdinn_display": "log10(1 + I)", "cdinn_counts": bool}``
 
-and every consumer gets the true intensities back through :func:`layer_intensities`, which
-also accepts any plain image layer (its data are then taken as linear intensities).
+and every consumer gets the true intensities back through :func:`layer_intensities` (counts back
+as whole numbers), which also accepts any plain image layer (its data are then taken as linear
+intensities).
 Amplitude layers are ``gray`` on 0..1, phase layers ``twilight`` on -pi..pi (or the data's range
 when it is wider: unwrapped phases); both carry ``cdinn_kind`` and, when known, the per-frame
 ``chi2`` in their metadata.  A phase layer given the object's support is transparent outside it:
@@ -29,6 +30,8 @@ import numpy as np
 LOG_DISPLAY = "log10(1 + I)"
 KIND = "cdinn_kind"
 DISPLAY = "cdinn_display"
+#: Metadata of an intensity layer: True when it holds whole numbers (photon counts), kept through the log display.
+COUNTS = "cdinn_counts"
 
 
 def _is_dask(data):
@@ -54,14 +57,33 @@ def from_log_display(display):
     return np.expm1(np.asarray(display, dtype=np.float32) * np.float32(np.log(10))).astype(np.float32)
 
 
+def whole_numbers(intensity):
+    """True when the intensities are whole numbers (photon counts): every finite value of a NumPy array,
+    the first frame of a lazy (dask) stack."""
+    sample = intensity[0] if _is_dask(intensity) and intensity.ndim == 3 else intensity
+    values = np.asarray(sample)
+    values = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+    return bool(values.size) and (values.dtype.kind in "iub" or bool(np.all(values == np.round(values))))
+
+
 def layer_intensities(data, metadata=None):
     """True intensities of an image layer's ``data`` given its ``metadata``.
 
-    Inverts the log display of intensity layers made by this plugin; any other layer's data
-    are taken as linear intensities.
+    Inverts the log display of intensity layers made by this plugin, rounding back to whole numbers
+    where the layer holds counts (``cdinn_counts``: float32's log round trip is off by up to a third of a
+    count, which would hide counts from the counting-noise floor); any other layer's data are taken as
+    linear intensities.
     """
-    if (metadata or {}).get(DISPLAY) == LOG_DISPLAY:
-        return from_log_display(data)
+    metadata = metadata or {}
+    if metadata.get(DISPLAY) == LOG_DISPLAY:
+        values = from_log_display(data)
+        if metadata.get(COUNTS):
+            if _is_dask(values):
+                import dask.array as da
+
+                return da.rint(values)
+            return np.rint(values)
+        return values
     return data
 
 
@@ -75,7 +97,7 @@ def _display_limits(display):
 def intensity_tuple(intensity, name, **extra_metadata):
     """LayerDataTuple of an intensity stack shown on a log scale (see the module docstring)."""
     display = to_log_display(intensity)
-    meta = {KIND: "intensity", DISPLAY: LOG_DISPLAY, **extra_metadata}
+    meta = {KIND: "intensity", DISPLAY: LOG_DISPLAY, COUNTS: whole_numbers(intensity), **extra_metadata}
     kwargs = {
         "name": name,
         "colormap": "magma",

@@ -20,6 +20,7 @@ from magicgui import widgets
 from ... import io
 from ... import prepare as core
 from ...jobs import Cancelled, stop_requested
+from ...stream import chunk_bounds
 from .. import layers as _layers
 from ._common import (
     JobControls,
@@ -73,10 +74,9 @@ def prepare_job(stack, mask, centre, size, bin, progress, should_stop, dark=None
         centre = found["centre"]
     size = core.default_size(stack.shape, centre, bin) if size is None else size
     parts, bads = [], []
-    for a in range(0, n, CHUNK):
+    for a, b in chunk_bounds(n, CHUNK):
         if stop_requested(should_stop):
             break
-        b = min(a + CHUNK, n)
         m = None if mask is None else (mask if mask.ndim == 2 else mask[a:b])
         out, bad = core.prepare_frames(np.asarray(stack[a:b]), centre, size, bin, None if m is None else np.asarray(m),
                                        dark, adu_per_photon)
