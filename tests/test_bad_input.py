@@ -1,6 +1,7 @@
 """Bad and odd input for every command that reads a stack: one `error:` line or a sensible result.
 
-Documented handling (README, "Bad input"): negative intensities count as 0 and NaN pixels as
+Documented handling (README, "Bad input"): negative intensities count as 0 (float data; in
+integer data they are a detector's marks, unmeasured: tests/test_io.py) and NaN pixels as
 unmeasured (masked) by the networks' and the retrieval's modulus step; all-zero frames give a
 zero object with chi2 1 (no data: nothing to trust; flagged); one 2-D pattern gives 2-D results;
 float64 and integer counts are read as float32.  Everything else exits 2 with one line.

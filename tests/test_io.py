@@ -415,3 +415,26 @@ def test_nexus_files_give_their_default_signal(tmp_path):
     path = _write_nexus(tmp_path / "scan.nxs", frames, pixel_mask=np.eye(16, dtype=np.uint8))
     assert np.array_equal(io.read_stack(path), frames)  # the signal, not the monitor
     assert np.array_equal(io.file_mask(path), np.eye(16, dtype=bool))
+
+
+@pytest.mark.parametrize("dtype,marker", [(np.int32, -1), (np.int32, -2), (np.uint16, 65535), (np.uint32, 2**32 - 1)])
+def test_integer_detectors_marker_values_read_as_nan(tmp_path, monkeypatch, dtype, marker):
+    data = STACK.astype(dtype)
+    data[:, 3, :] = marker  # a gap row, as the detector writes it
+    data[2, 5, 7] = marker  # a bad pixel in one frame
+    path = _write_stack(str(tmp_path / "raw.h5"), data)
+    want = STACK.astype(np.float32)
+    want[:, 3, :] = np.nan
+    want[2, 5, 7] = np.nan
+    np.testing.assert_array_equal(io.read_stack(path), want)
+    np.testing.assert_array_equal(io.read_frames(path, 1, 4), want[1:4])
+    np.testing.assert_array_equal(io.open_stack(path, float32=True)[[0, 2]], want[[0, 2]])
+    assert io.open_stack(path)[0].dtype == dtype  # as stored when not asked for float32
+    monkeypatch.setattr(io, "LAZY_THRESHOLD", 0)
+    np.testing.assert_array_equal(io.read_stack(path).compute(), want)
+
+
+def test_float_data_keep_negative_values_and_integer_counts_keep_their_top():
+    assert io.detector_markers(np.array([-1.0, 5.0]), np.float32) is None
+    assert io.detector_markers(np.array([0, 7, 255], np.uint8), np.uint8).tolist() == [False, False, True]
+    assert io.detector_markers(np.array([-1, 0, 127], np.int8), np.int8).tolist() == [True, False, False]

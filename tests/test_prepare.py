@@ -279,3 +279,19 @@ def test_integer_detectors_marker_values_are_unmeasured(tmp_path, dtype, marker)
     floats = det.astype(np.float32)
     floats[:, 100, 60] = -1.0  # a float reading (less its dark) may be negative: not a marker
     assert not prepare.prepare_frames(floats, (141, 77), 128)[1][:, 100 - 77, 60 - 13].any()
+
+
+def test_predict_leaves_an_integer_detectors_gaps_out_as_a_mask_would(tmp_path):
+    sim = simulate(8, seed=9, oversampling=2, photons=1e5)
+    counts = sim["intensity"].astype(np.int32)
+    gaps = np.zeros((64, 64), bool)
+    gaps[:, 40:43] = True
+    raw = counts.copy()
+    raw[:, gaps] = -1  # a PILATUS gap
+    tifffile.imwrite(tmp_path / "raw.tif", raw)
+    np.savez(tmp_path / "masked.npz", intensity=counts.astype(np.float32), mask=gaps)
+    assert main(["predict", str(tmp_path / "raw.tif"), "-o", str(tmp_path / "a.npz")]) == 0
+    assert main(["predict", str(tmp_path / "masked.npz"), "-o", str(tmp_path / "b.npz")]) == 0
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    np.testing.assert_allclose(a["chi2"], b["chi2"], rtol=1e-4)
+    np.testing.assert_allclose(a["chi2_noise"], b["chi2_noise"], rtol=1e-6)

@@ -562,7 +562,7 @@ def _cmd_prepare(args):
     dark = _dark_frame(args.dark, shape)
     if isinstance(centre, str):
         centre, source, symmetry = prepare.choose_centre(
-            io.open_stack(args.input), args.mask_array, io.file_beam_centre(args.input), centre,
+            io.open_stack(args.input, float32=True), args.mask_array, io.file_beam_centre(args.input), centre,
             chunk_size=args.chunk_size, progress=_count_progress("centre"), dark=dark)
         _end_progress_line()
         note = prepare.centre_note(centre, source, symmetry)
@@ -577,9 +577,8 @@ def _cmd_prepare(args):
     if size % 2:
         raise UsageError(f"--size must be even (the zero frequency sits at pixel size // 2), got {size}")
     print(prepare.describe(shape, centre, size, args.bin, source), file=sys.stderr)
-    stored = io.open_stack(args.input).dtype  # chunks arrive as float32: the stored type tells the marker values
     fn = functools.partial(prepare.prepare_chunk, centre=centre, size=size, bin=args.bin, dark=dark,
-                           adu_per_photon=args.adu_per_photon, dtype=stored)
+                           adu_per_photon=args.adu_per_photon)
     attrs = {"command": "prepare", "centre": [float(c) for c in centre], "centre_source": source, "size": size,
              "bin": args.bin, "detector_shape": [int(v) for v in shape[-2:]]}
     if dark is not None:
@@ -668,7 +667,7 @@ def _scaled_model(args, shape):
 
     nn.resolve_model(args.model, shape)  # a size no network reads fails here, before any reading
     _use_threads(args)
-    stack = io.open_stack(args.input)  # reads only the sampled frames (no dask graph, no scheduler lookup)
+    stack = io.open_stack(args.input, float32=True)  # reads only the sampled frames (no dask graph, no scheduler)
     info = nn.choose_scale(stack if len(shape) == 3 else stack[...], args.model, mask=args.mask_array,
                            device=args.device)
     if info.scale > 1:

@@ -47,6 +47,7 @@ __all__ = [
     "atomic_output",
     "check_not_input",
     "check_writable",
+    "detector_markers",
     "disk_full",
     "file_beam_centre",
     "file_mask",
@@ -277,7 +278,7 @@ def read_stack(path: str | os.PathLike, lazy: bool | None = None) -> np.ndarray 
         lazy = source.size * source.dtype.itemsize > LAZY_THRESHOLD
     frames_in_budget(source.shape[-2:], factor=1, what=repr(_name(path)))  # one frame must fit, even lazily
     if lazy:
-        return _to_dask(source).astype(np.float32)
+        return _to_dask(source).map_blocks(_float32_frames, dtype=np.float32)
     budget = memory_budget()
     if source.size * 4 > budget:
         raise ValueError(f"{_name(path)!r} holds {format_bytes(source.size * 4)} as float32, more than the memory "
@@ -293,9 +294,47 @@ def read_stack(path: str | os.PathLike, lazy: bool | None = None) -> np.ndarray 
         raise ValueError(f"{_name(path)!r} could not be read completely (truncated?): {_first_line(exc)}") from None
 
 
+def detector_markers(values, dtype):
+    """Pixels that an integer detector marks as not measured, in ``values`` read from ``dtype`` data.
+
+    Negative values (PILATUS: -1 in the gaps, -2 on bad pixels) and, for unsigned data, the largest
+    value (Dectris EIGER: ``2**bits - 1`` in the gaps and on defective pixels; a counter stuck at its
+    top is saturated).  Float data have no markers (a negative reading less its dark is noise).
+
+    Parameters
+    ----------
+    values : array_like
+        Frames as stored, or converted to float (an unsigned type's largest value survives float32).
+    dtype : numpy dtype
+        The stored data's type.
+
+    Returns
+    -------
+    numpy.ndarray of bool, or None for float data.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iu":
+        return None
+    values = np.asarray(values)
+    marked = values < 0 if dtype.kind == "i" else np.zeros(values.shape, dtype=bool)
+    if dtype.kind == "u":
+        marked |= values == values.dtype.type(np.iinfo(dtype).max)
+    return marked
+
+
+def _float32_frames(block):
+    """A block of stored frames as float32, an integer detector's marker values as NaN (unmeasured)."""
+    out = np.asarray(block).astype(np.float32)
+    markers = detector_markers(block, np.asarray(block).dtype)
+    if markers is not None and markers.any():
+        out[markers] = np.nan
+    return out
+
+
 def _as_float32(data, path, first=0):
-    """``data`` as a float32 copy; values beyond float32's range raise ``ValueError`` (they would become
-    infinite, and so unmeasured, without a word).  ``first``: the stack index of ``data``'s first frame."""
+    """``data`` as a float32 copy, an integer detector's marker values as NaN (:func:`detector_markers`);
+    values beyond float32's range raise ``ValueError`` (they would become infinite, and so unmeasured,
+    without a word).  ``first``: the stack index of ``data``'s first frame."""
     data = np.asarray(data)
     if data.dtype.kind == "f" and data.dtype.itemsize > 4:
         with np.errstate(invalid="ignore"):
@@ -306,7 +345,7 @@ def _as_float32(data, path, first=0):
             raise ValueError(f"{_name(path)!r} holds values beyond float32's range (such as "
                              f"{float(data[tuple(where)]):.3g}{frame}); rescale the data (results do not depend "
                              "on the scale)")
-    return data.astype(np.float32)
+    return _float32_frames(data)
 
 
 def _open_source(path):
@@ -326,15 +365,17 @@ def stack_shape(path: str | os.PathLike) -> tuple[int, ...]:
     return tuple(_open_source(path)[1].shape)
 
 
-def open_stack(path: str | os.PathLike) -> Any:
+def open_stack(path: str | os.PathLike, float32: bool = False) -> Any:
     """The stack of a file as a sliceable array-like that reads only the frames indexed (nothing read yet).
 
     No dask graph (nor dask's import, nor a scheduler lookup): for a job that reads a few frames,
     such as a sample.  Index it with integers, slices or increasing integer arrays on the first
     axis (``stack[idx]``, ``stack[...]``); values come back as stored (any numeric dtype, not
-    converted to float32 or checked beyond what :func:`stack_shape` checks).
+    converted or checked beyond what :func:`stack_shape` checks), or with ``float32`` as
+    :func:`read_stack` gives them (float32, an integer detector's marker values NaN).
     """
-    return _open_source(path)[1]
+    path, source = _open_source(path)
+    return _Float32Source(source, path) if float32 else source
 
 
 def read_frames(path: str | os.PathLike, start: int, stop: int) -> np.ndarray:
@@ -546,6 +587,17 @@ class _LazySource:
     @property
     def size(self):
         return int(np.prod(self.shape))
+
+
+class _Float32Source(_LazySource):
+    """A stack source read as float32, an integer detector's marker values as NaN (:func:`open_stack`)."""
+
+    def __init__(self, source, path):
+        super().__init__(source.shape, np.float32)
+        self.source, self.path = source, path
+
+    def __getitem__(self, key):
+        return _as_float32(self.source[key], self.path)
 
 
 class _Eager(_LazySource):

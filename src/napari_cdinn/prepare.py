@@ -15,7 +15,7 @@ on the sum of the frames: it is a peak of the pattern's self-convolution, which 
 Masks are True on unmeasured pixels.  A binned pixel is unmeasured when any of its pixels is: a
 sum over part of a block is not a count of the whole block (docs/decisions.md, "Preparing
 detector frames").  NaN/inf pixels are unmeasured, and so are the values integer detectors write
-where they measure nothing (:func:`marker_pixels`).  Everything here is NumPy.
+where they measure nothing (:func:`napari_cdinn.io.detector_markers`).  Everything here is NumPy.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .io import detector_markers
+
 __all__ = [
     "NOT_SQUARE_HINT",
     "centre_note",
@@ -33,7 +35,6 @@ __all__ = [
     "default_size",
     "describe",
     "friedel_centre",
-    "marker_pixels",
     "mean_dark",
     "parse_centre",
     "prepare_chunk",
@@ -125,7 +126,7 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
     dark : array_like, (H, W), optional
         Subtracted from every frame (an integrating detector's reading without beam).
     dtype : numpy dtype, optional
-        The stored type (default: the stack's): its marker values are unmeasured (:func:`marker_pixels`).
+        The stored type (default: the stack's): its marker values are unmeasured (:func:`napari_cdinn.io.detector_markers`).
 
     Returns
     -------
@@ -139,7 +140,7 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
     dtype = stack.dtype if dtype is None else dtype
     if len(shape) == 2:
         frame = np.asarray(stack)
-        markers = marker_pixels(frame, dtype)
+        markers = detector_markers(frame, dtype)
         if markers is not None:
             mask = markers if mask is None else (np.asarray(mask, dtype=bool) | markers)
         return friedel_centre(to_photons(frame, dark), mask)
@@ -153,7 +154,7 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
         if stop_requested(should_stop):
             raise Cancelled(f"stopped after {a} of {n} frames while finding the centre")
         raw = np.asarray(stack[a:b])
-        markers = marker_pixels(raw, dtype)
+        markers = detector_markers(raw, dtype)
         frames = raw.astype(np.float64)
         finite = np.isfinite(frames) if markers is None else np.isfinite(frames) & ~markers
         bad |= ~finite.all(axis=0)
@@ -241,34 +242,6 @@ def to_photons(frames, dark=None, adu_per_photon=None):
     return out
 
 
-def marker_pixels(values, dtype):
-    """Pixels that an integer detector marks as not measured, in ``values`` read from ``dtype`` data.
-
-    Negative values (PILATUS: -1 in the gaps, -2 on bad pixels) and, for unsigned data, the largest
-    value (Dectris EIGER: ``2**bits - 1`` in the gaps and on defective pixels).  Float data have no
-    markers (a negative reading less its dark is noise).
-
-    Parameters
-    ----------
-    values : array_like
-        Frames as stored or converted to float (the largest unsigned value survives float32).
-    dtype : numpy dtype
-        The stored data's type.
-
-    Returns
-    -------
-    numpy.ndarray of bool, or None for float data.
-    """
-    dtype = np.dtype(dtype)
-    if dtype.kind not in "iu":
-        return None
-    values = np.asarray(values)
-    marked = values < 0 if dtype.kind == "i" else np.zeros(values.shape, dtype=bool)
-    if dtype.kind == "u":
-        marked |= values == values.dtype.type(np.iinfo(dtype).max)
-    return marked
-
-
 def prepare_frames(frames, centre, size, bin=1, mask=None, dark=None, adu_per_photon=None, dtype=None):
     """Crop (and bin) detector frames to centred ``size x size`` patterns with their mask.
 
@@ -288,7 +261,7 @@ def prepare_frames(frames, centre, size, bin=1, mask=None, dark=None, adu_per_ph
         An integrating detector's dark frame ``(H, W)`` and gain: :func:`to_photons`, before binning.
     dtype : numpy dtype, optional
         The type the frames were stored in (default: ``frames``' own): an integer type's marker values
-        are unmeasured (:func:`marker_pixels`).
+        are unmeasured (:func:`napari_cdinn.io.detector_markers`).
 
     Returns
     -------
@@ -313,7 +286,7 @@ def prepare_frames(frames, centre, size, bin=1, mask=None, dark=None, adu_per_ph
     dy, dx = slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0)
     if ys.start < ys.stop and xs.start < xs.stop:
         raw = data[:, ys, xs]
-        markers = marker_pixels(raw, data.dtype if dtype is None else dtype)
+        markers = detector_markers(raw, data.dtype if dtype is None else dtype)
         part = np.asarray(raw, dtype=np.float64)
         if dark is not None or adu_per_photon is not None:
             dark = None if dark is None else _check_dark(dark, (h, w))[ys, xs]
@@ -354,11 +327,10 @@ def mean_dark(stack):
         return np.nanmean(np.where(np.isfinite(data), data, np.nan), axis=0)
 
 
-def prepare_chunk(intensity, first_frame=0, mask=None, *, centre, size, bin=1, dark=None, adu_per_photon=None,
-                  dtype=None):
-    """Chunk function of :func:`napari_cdinn.stream.process_stack`: ``intensity`` and ``mask`` (``dtype``:
-    the input file's stored type, whose marker values are unmeasured)."""
-    out, bad = prepare_frames(intensity, centre, size, bin, mask, dark, adu_per_photon, dtype)
+def prepare_chunk(intensity, first_frame=0, mask=None, *, centre, size, bin=1, dark=None, adu_per_photon=None):
+    """Chunk function of :func:`napari_cdinn.stream.process_stack`: ``intensity`` and ``mask`` (the
+    reader has made an integer detector's marker values NaN: unmeasured)."""
+    out, bad = prepare_frames(intensity, centre, size, bin, mask, dark, adu_per_photon)
     return {"intensity": out, "mask": bad}
 
 
