@@ -403,6 +403,11 @@ def test_eiger_master_files_read_their_frames_across_data_files_with_their_pixel
     assert np.array_equal(io.file_mask(master), pixel_mask)
 
 
+def test_an_eiger_master_file_with_one_data_file(tmp_path):
+    master, stack, _ = _eiger(tmp_path, frames=(4,))  # one external link: a search of the file does not see it
+    assert np.array_equal(io.read_stack(master), stack.astype(np.float32))
+
+
 def test_an_eiger_master_file_without_its_data_files_is_one_sentence(tmp_path):
     master, _, _ = _eiger(tmp_path, compression=False)
     (tmp_path / "scan_data_000002.h5").unlink()

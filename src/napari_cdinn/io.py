@@ -745,7 +745,8 @@ NEXUS_MASK_PATHS = ("entry/instrument/detector/detectorSpecific/pixel_mask", "en
 
 
 def _eiger_parts(fh):
-    """The sorted names of an Eiger master file's frame datasets, or None when it has not two or more."""
+    """The sorted names of an Eiger master file's frame datasets (external links, which a search of the
+    file does not follow), or None when it has none."""
     import h5py
 
     group = fh.get(EIGER_DATA_GROUP)
@@ -758,7 +759,7 @@ def _eiger_parts(fh):
     except KeyError as exc:
         raise ValueError(f"the frames of {_name(fh.filename)!r} are in files beside it that cannot be opened "
                          f"({_first_line(exc)}); keep the master file with its data files") from None
-    if len(parts) < 2 or any(not isinstance(d, h5py.Dataset) or d.ndim != 3 for d in dsets):
+    if not parts or any(not isinstance(d, h5py.Dataset) or d.ndim != 3 for d in dsets):
         return None
     if len({d.shape[1:] for d in dsets}) > 1:
         raise ValueError(f"the frame data sets of {_name(fh.filename)!r} differ in frame size")
