@@ -10,6 +10,8 @@ import tifffile
 
 from napari_cdinn import io
 
+#: Formats that hold a stack in one file (CBF and EDF hold one frame: tested as series).
+STACK_FILES = [ext for ext in io.STACK_EXTENSIONS if ext not in io.FRAME_EXTENSIONS]
 RNG = np.random.default_rng(0)
 STACK = RNG.poisson(50.0, size=(5, 16, 12)).astype(np.uint16)
 
@@ -49,7 +51,7 @@ def _write_stack(path, data):
     return path
 
 
-@pytest.mark.parametrize("ext", io.STACK_EXTENSIONS)
+@pytest.mark.parametrize("ext", STACK_FILES)
 @pytest.mark.parametrize("lazy", [False, True])
 def test_read_every_format(tmp_path, ext, lazy):
     path = _write_stack(str(tmp_path / f"stack{ext}"), STACK)
@@ -61,7 +63,7 @@ def test_read_every_format(tmp_path, ext, lazy):
     np.testing.assert_array_equal(np.asarray(out), STACK.astype(np.float32))
 
 
-@pytest.mark.parametrize("ext", io.STACK_EXTENSIONS)
+@pytest.mark.parametrize("ext", STACK_FILES)
 def test_read_frames_and_stack_shape_read_only_what_is_asked(tmp_path, ext):
     path = _write_stack(str(tmp_path / f"stack{ext}"), STACK)
     assert io.stack_shape(path) == STACK.shape
@@ -312,7 +314,7 @@ def _write_mask(path, mask):
     return path
 
 
-@pytest.mark.parametrize("ext", io.STACK_EXTENSIONS)
+@pytest.mark.parametrize("ext", STACK_FILES)
 @pytest.mark.parametrize("mask", [MASK2, MASK3], ids=["2d", "3d"])
 def test_read_mask_every_format(tmp_path, ext, mask):
     path = _write_mask(str(tmp_path / f"mask{ext}"), mask)
@@ -443,3 +445,50 @@ def test_float_data_keep_negative_values_and_integer_counts_keep_their_top():
     assert io.detector_markers(np.array([-1.0, 5.0]), np.float32) is None
     assert io.detector_markers(np.array([0, 7, 255], np.uint8), np.uint8).tolist() == [False, False, True]
     assert io.detector_markers(np.array([-1, 0, 127], np.int8), np.int8).tolist() == [True, False, False]
+
+
+def _cbf_series(folder, frames, names=None):
+    """One PILATUS CBF file per frame (int32, as the detector writes them)."""
+    import fabio.cbfimage
+
+    folder.mkdir(exist_ok=True)
+    names = names or [f"scan_{i + 1:05d}.cbf" for i in range(len(frames))]
+    for name, frame in zip(names, frames, strict=True):
+        fabio.cbfimage.CbfImage(data=np.ascontiguousarray(frame, dtype=np.int32)).write(str(folder / name))
+    return folder
+
+
+def test_a_folder_or_pattern_of_one_frame_files_reads_as_one_stack(tmp_path, monkeypatch):
+    frames = STACK.astype(np.int32)
+    frames[:, 3, :] = -1  # PILATUS gap row
+    # natural order: frame_2 before frame_10
+    folder = _cbf_series(tmp_path / "scan", frames, [f"frame_{i}.cbf" for i in (1, 2, 3, 10, 11)])
+    want = frames.astype(np.float32)
+    want[want < 0] = np.nan
+    for spec in (folder, str(folder / "frame_*.cbf")):
+        assert io.stack_shape(spec) == (5, 16, 12) and io.series_files(spec)[3].endswith("frame_10.cbf")
+        np.testing.assert_array_equal(io.read_stack(spec), want)
+        np.testing.assert_array_equal(io.read_frames(spec, 2, 4), want[2:4])
+        assert io.file_mask(spec) is None and io.input_exists(spec)
+    monkeypatch.setattr(io, "LAZY_THRESHOLD", 0)
+    np.testing.assert_array_equal(io.read_stack(folder).compute(), want)
+    np.testing.assert_array_equal(io.read_stack(folder / "frame_3.cbf"), want[2])  # one CBF file: one frame
+
+
+def test_frame_series_problems_are_one_sentence(tmp_path):
+    folder = _cbf_series(tmp_path / "scan", STACK[:2].astype(np.int32))
+    tifffile.imwrite(folder / "extra.tif", STACK[0])
+    with pytest.raises(ValueError, match="several formats"):
+        io.read_stack(folder)
+    with pytest.raises(ValueError, match="no frame files"):
+        io.read_stack(tmp_path / "scan" / "*.edf")
+    assert not io.input_exists(tmp_path / "scan" / "*.edf")
+    (folder / "extra.tif").unlink()
+    _cbf_series(folder, [np.zeros((8, 8), np.int32)], ["scan_00003.cbf"])
+    with pytest.raises(ValueError, match="scan_00003.cbf.*8 x 8 pixels, the series' first frame 16 x 12"):
+        io.read_stack(folder)
+
+
+def test_a_cbf_mask_file_reads(tmp_path):
+    folder = _cbf_series(tmp_path / "masks", [MASK2.astype(np.int32) * 3])
+    np.testing.assert_array_equal(io.read_mask(folder / "scan_00001.cbf", STACK.shape), MASK2)

@@ -230,3 +230,14 @@ def test_counts_come_back_from_the_log_display_as_whole_numbers(tmp_path, monkey
     (data, kwargs, _) = _layers.intensity_tuple(scaled, "scaled")
     assert not kwargs["metadata"][_layers.COUNTS]
     assert np.allclose(_layers.layer_intensities(data, kwargs["metadata"]), scaled, rtol=1e-5)
+
+
+def test_a_folder_of_frames_opens_as_one_stack(tmp_path):
+    from test_io import _cbf_series
+
+    frames = np.random.default_rng(0).poisson(4.0, size=(3, 16, 16))
+    folder = _cbf_series(tmp_path / "run7", frames)
+    (data, kwargs, kind), = get_reader(str(folder))(str(folder))
+    assert kind == "image" and kwargs["name"] == "run7 intensity" and data.shape == (3, 16, 16)
+    assert np.array_equal(_layers.layer_intensities(data, kwargs["metadata"]), frames)
+    assert get_reader(str(tmp_path)) is None  # a folder without frame files is not ours

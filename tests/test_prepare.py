@@ -295,3 +295,21 @@ def test_predict_leaves_an_integer_detectors_gaps_out_as_a_mask_would(tmp_path):
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
     np.testing.assert_allclose(a["chi2"], b["chi2"], rtol=1e-4)
     np.testing.assert_allclose(a["chi2_noise"], b["chi2_noise"], rtol=1e-6)
+
+
+def test_cli_prepare_reads_a_folder_of_pilatus_cbf_frames(tmp_path, capsys):
+    import fabio.cbfimage
+
+    det, mask, truth = _detector(count=32)
+    raw = det.astype(np.int32)
+    raw[:, mask] = -1  # the detector's marks, no mask file
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    for i, frame in enumerate(raw, start=1):
+        fabio.cbfimage.CbfImage(data=frame).write(str(folder / f"scan_{i:05d}.cbf"))
+    out = tmp_path / "prepared.h5"
+    assert main(["prepare", str(folder / "scan_*.cbf"), "-o", str(out), "--chunk-size", "10"]) == 0
+    assert "(141, 77) found by Friedel symmetry" in capsys.readouterr().err
+    data, bad = io.read_stack(out), io.file_mask(out)
+    expected, same = prepare.prepare_frames(det, (141, 77), 128, 1, mask)
+    assert np.array_equal(bad, same) and np.array_equal(data, expected)

@@ -376,7 +376,7 @@ _MASK_HELP = ("unmeasured pixels (True/nonzero = unmeasured), (H, W) or (N, H, W
 def _add_stack_options(p, what, device=True):
     """Input, output and streaming options shared by the commands that work through a stack
     (``device=False``: a NumPy command, with neither ``--device`` nor ``--threads``)."""
-    p.add_argument("input", help=f"intensities: .npy, .npz, .tif, .h5 (an Eiger master file too), .nxs, .cxi ({what})")
+    p.add_argument("input", help=f"intensities: .npy, .npz, .tif, .h5 (an Eiger master file too), .nxs, .cxi, .cbf, .edf, or a folder or quoted pattern ('scan_*.cbf') of one-frame files ({what})")
     p.add_argument("-o", "--out", required=True, help="output .npz, or .h5/.cxi (written as the job streams)")
     if device:
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -408,7 +408,7 @@ def _check_stack_input(args):
     from . import io
     from .device import device_name
 
-    if not os.path.isfile(args.input):
+    if not io.input_exists(args.input):
         raise UsageError(f"the input file {args.input!r} does not exist")
     if os.path.splitext(args.out)[1].lower() not in io.RESULT_EXTENSIONS:
         raise UsageError(f"--out must end in one of {', '.join(io.RESULT_EXTENSIONS)}, got {args.out!r}")
@@ -905,7 +905,7 @@ def _add_adapt(sub):
         "simulated labelled examples mixed in so that it does not forget, keeping the weights that fit a "
         "held-out part of the stack best. Writes a new model folder for --model. Progress on stderr.",
     )
-    p.add_argument("input", help="intensities: .npy, .npz, .tif, .h5 (an Eiger master file too), .nxs, .cxi (the stack to adapt to; at least "
+    p.add_argument("input", help="intensities: .npy, .npz, .tif, .h5 (an Eiger master file too), .nxs, .cxi, .cbf, .edf, or a folder or quoted pattern ('scan_*.cbf') of one-frame files (the stack to adapt to; at least "
                                  "200 frames with signal)")
     p.add_argument("--out", "-o", required=True, help="new model folder (must not exist)")
     p.add_argument("--model", default=None,
@@ -932,7 +932,7 @@ def _cmd_adapt(args):
     from .nn.adapt import MIN_FRAMES, adapt, check_out
 
     check_out(args.out)
-    if not os.path.isfile(args.input):
+    if not io.input_exists(args.input):
         raise UsageError(f"the input file {args.input!r} does not exist")
     shape = io.stack_shape(args.input)
     frames = shape[0] if len(shape) == 3 else 1

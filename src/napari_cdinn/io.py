@@ -51,6 +51,8 @@ __all__ = [
     "disk_full",
     "file_beam_centre",
     "file_mask",
+    "input_exists",
+    "input_identity",
     "frames_in_budget",
     "memory_budget",
     "open_stack",
@@ -61,6 +63,7 @@ __all__ = [
     "read_mask",
     "read_result",
     "read_stack",
+    "series_files",
     "stack_shape",
     "write_json",
     "write_npz",
@@ -213,7 +216,11 @@ def write_npz(path: str | os.PathLike, arrays: Mapping[str, ArrayLike]) -> None:
 
 # =========================================================================== reading stacks
 #: File extensions :func:`read_stack` understands (lower case).
-STACK_EXTENSIONS = (".npy", ".npz", ".tif", ".tiff", ".h5", ".hdf5", ".nxs", ".cxi")
+STACK_EXTENSIONS = (".npy", ".npz", ".tif", ".tiff", ".h5", ".hdf5", ".nxs", ".cxi", ".cbf", ".edf")
+#: Formats that hold one detector frame per file (read through fabio).
+FRAME_EXTENSIONS = (".cbf", ".edf")
+#: Formats of files holding one detector frame each, read as a stack from a folder or a glob pattern.
+SERIES_EXTENSIONS = (".cbf", ".edf", ".tif", ".tiff", ".npy")
 #: File extensions :func:`write_result` and :func:`read_result` understand.
 RESULT_EXTENSIONS = (".npz", ".h5", ".hdf5", ".cxi")
 #: Stacks whose stored data exceed this many bytes are read lazily when ``lazy=None``.
@@ -348,16 +355,108 @@ def _as_float32(data, path, first=0):
     return _float32_frames(data)
 
 
+def _natural_key(path):
+    """Sort key that orders ``frame_2`` before ``frame_10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", os.path.basename(path))]
+
+
+def series_files(path: str | os.PathLike) -> list[str] | None:
+    """The files of a frame series, in natural order, or None when ``path`` names one file.
+
+    A series is a folder (its files of one extension of :data:`SERIES_EXTENSIONS`) or a glob pattern
+    (``scan_*.cbf``), each file one detector frame (PILATUS CBF, EDF, TIFF or ``.npy``).
+
+    Raises
+    ------
+    ValueError
+        When nothing matches, or the files mix formats.
+    """
+    import glob
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        candidates = [os.path.join(path, name) for name in os.listdir(path)]
+    elif glob.has_magic(path) and not os.path.exists(path):
+        candidates = glob.glob(path)
+    else:
+        return None
+    files = [f for f in candidates if os.path.isfile(f) and _ext(f) in SERIES_EXTENSIONS]
+    if not files:
+        raise ValueError(f"no frame files ({', '.join(SERIES_EXTENSIONS)}) in {path!r}")
+    kinds = sorted({_ext(f) for f in files})
+    if len(kinds) > 1:
+        raise ValueError(f"{path!r} holds frames of several formats ({', '.join(kinds)}); name one with a pattern "
+                         f"such as {os.path.join(path if os.path.isdir(path) else os.path.dirname(path), '*' + kinds[0])!r}")
+    return sorted(files, key=_natural_key)
+
+
+def _read_frame_file(path):
+    """The one frame a series file holds, as stored (2-D)."""
+    ext = _ext(path)
+    try:
+        if ext in (".cbf", ".edf"):
+            import fabio
+
+            data = np.asarray(fabio.open(path).data)
+        elif ext in (".tif", ".tiff"):
+            import tifffile
+
+            data = np.asarray(tifffile.imread(path))
+        else:
+            data = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - each library reports a broken file its own way
+        raise ValueError(f"{_name(path)!r} is not a readable frame ({_first_line(exc)})") from None
+    if data.ndim == 3 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 2:
+        raise ValueError(f"{_name(path)!r} holds a {data.ndim}-D array {data.shape}; a series file holds one frame")
+    return data
+
+
+def _single_frame(path):
+    """A CBF/EDF file: its one frame, read when indexed."""
+    first = _read_frame_file(path)
+    return _Eager(lambda: first, first.shape, first.dtype)
+
+
 def _open_source(path):
-    """``(path, source)``: the checked, sliceable array-like behind a stack file (nothing read yet)."""
+    """``(path, source)``: the checked, sliceable array-like behind a stack file or a frame series (nothing
+    read yet but a series' first frame)."""
+    files = series_files(path)
+    if files is not None:
+        source = _FileSeries(files, _read_frame_file(files[0]))
+        _check_stack(source, path)
+        return os.fspath(path), source
     path, ext = _input_path(path, STACK_EXTENSIONS)
     if os.path.getsize(path) == 0:
         raise ValueError(f"{_name(path)!r} is empty")
     opener = {".npy": _open_npy, ".npz": _open_npz, ".tif": _open_tiff, ".tiff": _open_tiff,
-              ".h5": _open_h5, ".hdf5": _open_h5, ".nxs": _open_h5, ".cxi": _open_h5}[ext]
+              ".h5": _open_h5, ".hdf5": _open_h5, ".nxs": _open_h5, ".cxi": _open_h5,
+              ".cbf": _single_frame, ".edf": _single_frame}[ext]
     source = opener(path)
     _check_stack(source, path)
     return path, source
+
+
+def input_identity(path: str | os.PathLike) -> dict:
+    """What identifies an input on disk (for resuming): path, size and modification time of a file, or
+    of a series its count, first and last files, total size and latest modification."""
+    files = series_files(path)
+    if files is None:
+        st = os.stat(path)
+        return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    stats = [os.stat(f) for f in files]
+    return {"series": os.path.abspath(os.fspath(path)), "files": len(files), "first": os.path.abspath(files[0]),
+            "last": os.path.abspath(files[-1]), "size": sum(st.st_size for st in stats),
+            "mtime_ns": max(st.st_mtime_ns for st in stats)}
+
+
+def input_exists(path: str | os.PathLike) -> bool:
+    """True for an existing file, a folder, or a glob pattern that matches (a frame series)."""
+    import glob
+
+    path = os.fspath(path)
+    return os.path.isfile(path) or os.path.isdir(path) or (glob.has_magic(path) and bool(glob.glob(path)))
 
 
 def stack_shape(path: str | os.PathLike) -> tuple[int, ...]:
@@ -611,6 +710,26 @@ class _Eager(_LazySource):
         return np.asarray(self._load())[key]
 
 
+class _FileSeries(_LazySource):
+    """Frames in one file each (a folder or a glob pattern), read file by file on demand."""
+
+    def __init__(self, files, first):
+        super().__init__((len(files),) + first.shape, first.dtype)
+        self.files = files
+
+    def __getitem__(self, key):
+        frames, rest, squeeze = _first_axis(key, self.shape)
+        out = np.empty((len(frames),) + self.shape[1:], dtype=self.dtype)
+        for i, f in enumerate(frames):
+            frame = _read_frame_file(self.files[f])
+            if frame.shape != self.shape[1:]:
+                raise ValueError(f"{_name(self.files[f])!r} is {frame.shape[0]} x {frame.shape[1]} pixels, the series' "
+                                 f"first frame {self.shape[1]} x {self.shape[2]}")
+            out[i] = frame
+        out = out[(slice(None),) + rest]
+        return out[0] if squeeze else out
+
+
 def _first_axis(key, shape):
     """Split an index into a stack of ``shape``: ``(frames, rest, squeeze)``, ``frames`` the list of
     first-axis indices, ``rest`` the index into each frame, ``squeeze`` whether the first axis goes."""
@@ -834,7 +953,8 @@ def read_mask(path: str | os.PathLike, shape: Sequence[int]) -> np.ndarray:
     if os.path.getsize(path) == 0:
         raise ValueError(f"the mask {_name(path)!r} is empty")
     loader = {".npy": _mask_npy, ".npz": _mask_npz, ".tif": _mask_tiff, ".tiff": _mask_tiff,
-              ".h5": _mask_h5, ".hdf5": _mask_h5, ".nxs": _mask_h5, ".cxi": _mask_h5}[ext]
+              ".h5": _mask_h5, ".hdf5": _mask_h5, ".nxs": _mask_h5, ".cxi": _mask_h5,
+              ".cbf": _read_frame_file, ".edf": _read_frame_file}[ext]
     name = repr(_name(path))
     try:
         raw = loader(path)
@@ -864,6 +984,8 @@ def file_mask(path: str | os.PathLike, shape: Sequence[int] | None = None) -> np
     -------
     ndarray of bool, (H, W) or (N, H, W), True = unmeasured; or None.
     """
+    if series_files(path) is not None:  # one frame per file: no mask beside them
+        return None
     path, ext = _input_path(path, STACK_EXTENSIONS)
     shape = stack_shape(path) if shape is None else tuple(shape)
     raw = None
@@ -887,6 +1009,8 @@ def file_beam_centre(path: str | os.PathLike) -> tuple[float, float] | None:
     taken as they are; lengths (``m``, ``mm``, ``um``) are divided by ``y_pixel_size``/``x_pixel_size``.
     A file without them, or with values that are not finite numbers, gives None.
     """
+    if series_files(path) is not None:
+        return None
     path, ext = _input_path(path, STACK_EXTENSIONS)
     if ext not in (".h5", ".hdf5", ".nxs"):
         return None

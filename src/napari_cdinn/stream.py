@@ -99,8 +99,7 @@ def _fingerprint(source, shape, chunk_size, options, mask=None):
     src = {"frames": [hashlib.sha256(np.ascontiguousarray(_read_chunk(source, a, b)).tobytes()).hexdigest()
                       for a, b in ends]}
     if isinstance(source, (str, os.PathLike)):
-        st = os.stat(source)
-        src.update(path=os.path.abspath(source), size=st.st_size, mtime_ns=st.st_mtime_ns)
+        src.update(io.input_identity(source))
     what = {"source": src, "shape": list(shape), "chunk": int(chunk_size), "options": options}
     if mask is not None:
         what["mask"] = [list(mask.shape), hashlib.sha256(np.packbits(mask).tobytes()).hexdigest()]

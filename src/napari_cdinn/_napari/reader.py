@@ -8,6 +8,8 @@ the first frame shows at once.  Files holding ``amplitude``/``phase`` results (f
 A file that carries its own mask of unmeasured pixels (:func:`napari_cdinn.io.file_mask`: the
 ``mask`` of ``cdinn simulate --beamstop``, a CXI detector mask) also opens it as a Labels layer
 ``"<name> mask"`` (1 = unmeasured) over the intensities, ready for the docks' mask picker.
+A folder of one-frame files (PILATUS CBF, EDF, TIFF, ``.npy``: :func:`napari_cdinn.io.series_files`)
+opens as one lazy stack.
 """
 
 from __future__ import annotations
@@ -43,9 +45,15 @@ def get_reader(path):
 
 def _layer_tuples(path):
     """Layer tuples for one file; an empty list when it is not a file this plugin reads."""
-    if os.path.splitext(path)[1].lower() not in io.STACK_EXTENSIONS or not os.path.isfile(path):
+    folder = os.path.isdir(path)
+    if folder:
+        try:
+            io.series_files(path)  # a folder of one-frame files opens as one stack
+        except ValueError:
+            return []
+    elif os.path.splitext(path)[1].lower() not in io.STACK_EXTENSIONS or not os.path.isfile(path):
         return []
-    stem = os.path.splitext(os.path.basename(path))[0]
+    stem = os.path.basename(os.path.normpath(path)) if folder else os.path.splitext(os.path.basename(path))[0]
     layers = []
     try:
         stack = io.read_stack(path)
