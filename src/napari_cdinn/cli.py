@@ -521,8 +521,9 @@ def _add_prepare(sub):
     p = sub.add_parser(
         "prepare",
         help="cut centred, square patterns out of raw detector frames",
-        description="Find where the direct beam (zero frequency) falls on the detector, from the inversion "
-        "symmetry of the summed frames, or take it from --centre; cut a square around it (unmeasured where it "
+        description="Take where the direct beam (zero frequency) falls on the detector from the file "
+        "(NeXus/Dectris beam_center_x/_y), else find it from the inversion symmetry of the summed frames, or take "
+        "it from --centre; cut a square around it (unmeasured where it "
         "runs off the detector) and optionally sum bin x bin pixels; write 'intensity' and 'mask' "
         "(True = unmeasured), the input the other commands read.",
     )
@@ -557,6 +558,8 @@ def _cmd_prepare(args):
         centre = prepare.parse_centre(args.centre)
     except ValueError as exc:
         raise UsageError(f"--centre: {exc}") from None
+    if args.size is not None and args.size % 2:  # before a pass over the frames
+        raise UsageError(f"--size must be even (the zero frequency sits at pixel size // 2), got {args.size}")
     if args.dark is not None:
         io.check_not_input(args.out, args.dark, what="--out")
     dark = _dark_frame(args.dark, shape)
@@ -574,8 +577,6 @@ def _cmd_prepare(args):
         raise UsageError(f"the centre ({centre[0]:g}, {centre[1]:g}) lies outside the {shape[-2]} x {shape[-1]} "
                          "detector frame")
     size = prepare.default_size(shape, centre, args.bin) if args.size is None else args.size
-    if size % 2:
-        raise UsageError(f"--size must be even (the zero frequency sits at pixel size // 2), got {size}")
     print(prepare.describe(shape, centre, size, args.bin, source), file=sys.stderr)
     fn = functools.partial(prepare.prepare_chunk, centre=centre, size=size, bin=args.bin, dark=dark,
                            adu_per_photon=args.adu_per_photon)
@@ -586,7 +587,7 @@ def _cmd_prepare(args):
     if args.adu_per_photon is not None:
         attrs["adu_per_photon"] = args.adu_per_photon
     options = {"command": "prepare", "centre": list(centre), "size": size, "bin": args.bin,
-               "dark": None if dark is None else _sha256(args.dark)}
+               "dark": None if dark is None else io.input_identity(args.dark)}
     _run_stack(args, fn, options, attrs, "prepare")
 
 
@@ -596,7 +597,7 @@ def _dark_frame(path, shape):
 
     if path is None:
         return None
-    if not os.path.isfile(path):
+    if not io.input_exists(path):
         raise UsageError(f"the dark file {path!r} does not exist")
     dark = io.read_stack(path)
     if tuple(dark.shape[-2:]) != tuple(shape[-2:]):
