@@ -227,7 +227,11 @@ class PrepareWidget(widgets.Container):
         data = res["intensity"]
         layer = add_or_update(self.viewer, _layers.intensity_tuple(data, f"{name} prepared", **meta))
         add_or_update(self.viewer, _layers.mask_tuple(res["mask"], f"{name} prepared mask", **meta))
+        for other in (name, f"{name} centre"):  # the frames live in detector coordinates: out of the way
+            if other in self.viewer.layers:
+                self.viewer.layers[other].visible = False
         self.viewer.layers.selection.active = layer
+        self.viewer.reset_view()
         text = f"{where}; {len(data)} pattern(s) of {size} x {size}" + (f", binned {b} x {b}" if b > 1 else "")
         self.controls.idle(("stopped: " if res["stopped"] else "") + text)
 
