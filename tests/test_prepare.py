@@ -313,3 +313,13 @@ def test_cli_prepare_reads_a_folder_of_pilatus_cbf_frames(tmp_path, capsys):
     data, bad = io.read_stack(out), io.file_mask(out)
     expected, same = prepare.prepare_frames(det, (141, 77), 128, 1, mask)
     assert np.array_equal(bad, same) and np.array_equal(data, expected)
+
+
+def test_a_large_detector_is_searched_coarse_to_fine(monkeypatch):
+    det, mask, _ = _detector(count=32)
+    big = np.zeros((32, 700, 500), np.float32)  # the pattern in a corner of a wide chip
+    big[:, 300:600, 250:450] = det
+    big_mask = np.zeros((700, 500), bool)
+    big_mask[300:600, 250:450] = mask
+    monkeypatch.setattr(prepare, "MAX_SIDE", 256)  # a 700-pixel chip is "large" here: binned by 3 first
+    assert prepare.stack_centre(big, big_mask) == (300 + 141, 250 + 77)

@@ -35,6 +35,7 @@ __all__ = [
     "default_size",
     "describe",
     "friedel_centre",
+    "symmetry_centre",
     "mean_dark",
     "parse_centre",
     "prepare_chunk",
@@ -48,6 +49,8 @@ __all__ = [
 MIN_OVERLAP = 0.25
 #: Added to the error for a frame that is not square: where raw detector frames become patterns.
 NOT_SQUARE_HINT = " (cdinn prepare, or the Prepare detector frames dock, cuts centred squares out of detector frames)"
+#: Frames wider than this are searched for their centre coarse to fine (:func:`friedel_centre`).
+MAX_SIDE = 1024
 #: Sizes (after binning) the default prefers: the networks read 32-pixel multiples.
 SIZE_STEP = 32
 
@@ -63,6 +66,36 @@ def _measured(image, mask):
 
 def friedel_centre(image, mask=None):
     """The zero-frequency position of a diffraction pattern: its centre of inversion symmetry.
+
+    Frames wider than :data:`MAX_SIDE` are searched coarse to fine: :func:`symmetry_centre` of the
+    frame binned to at most that side, then of the full-resolution square of that side around the
+    coarse centre (the bright, symmetric middle), so that a large detector costs neither minutes nor
+    gigabytes.  Arguments, result and errors: :func:`symmetry_centre`.
+    """
+    values, good = _measured(image, mask)
+    if values.ndim != 2:
+        raise ValueError(f"a pattern must be 2-D to find its centre, got shape {values.shape}")
+    h, w = values.shape
+    if max(h, w) <= MAX_SIDE:
+        return symmetry_centre(values, ~good.astype(bool))
+    k = -(-max(h, w) // MAX_SIDE)
+    hh, ww = -(-h // k) * k, -(-w // k) * k
+    pad_v = np.zeros((hh, ww))
+    pad_g = np.zeros((hh, ww), dtype=bool)
+    pad_v[:h, :w], pad_g[:h, :w] = values, good > 0
+    coarse_v = pad_v.reshape(hh // k, k, ww // k, k).sum(axis=(1, 3))
+    coarse_bad = ~pad_g.reshape(hh // k, k, ww // k, k).all(axis=(1, 3))
+    cy, cx = symmetry_centre(coarse_v, coarse_bad)
+    cy, cx = int(cy * k + k // 2), int(cx * k + k // 2)  # the middle of the coarse pixel
+    half = MAX_SIDE // 2
+    y0, x0 = min(max(cy - half, 0), max(h - MAX_SIDE, 0)), min(max(cx - half, 0), max(w - MAX_SIDE, 0))
+    window = (slice(y0, y0 + MAX_SIDE), slice(x0, x0 + MAX_SIDE))
+    fy, fx = symmetry_centre(values[window], ~good[window].astype(bool))
+    return fy + y0, fx + x0
+
+
+def symmetry_centre(image, mask=None):
+    """The pixel about which a pattern is most nearly inversion-symmetric, every pixel scored at once.
 
     Scores every pixel ``c`` as the centre by the normalised self-convolution of the
     amplitudes ``w = sqrt(I)`` on measured pixels, ``sum_q w(q) w(2c - q) / sum_q w(q)**2 m(2c - q)``
@@ -92,11 +125,15 @@ def friedel_centre(image, mask=None):
     w = np.sqrt(np.clip(values, 0.0, None))
     if not np.any(w > 0):
         raise ValueError("the frames hold no measured signal to find the centre from")
+    from scipy import fft
+
     h, wd = w.shape
     shape = (2 * h - 1, 2 * wd - 1)  # every sum of two indices, no wrap-around
+    padded = (fft.next_fast_len(shape[0]), fft.next_fast_len(shape[1], real=True))  # a detector's 2h - 1 is often slow
 
     def conv(a, b):
-        return np.fft.irfft2(np.fft.rfft2(a, shape) * np.fft.rfft2(b, shape), shape)
+        spec = fft.rfft2(a, padded) * fft.rfft2(b, padded)
+        return fft.irfft2(spec, padded)[: shape[0], : shape[1]]
 
     pairs = conv(w, w)
     norm = conv(w * w, good)
