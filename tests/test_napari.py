@@ -23,7 +23,8 @@ def test_manifest_contributions():
     pm.discover()
     manifest = pm.get_manifest("napari-cdinn")
     contrib = manifest.contributions
-    assert [s.display_name for s in contrib.sample_data] == ["Paper-recipe diffraction stack"]
+    assert [s.display_name for s in contrib.sample_data] == ["Paper-recipe diffraction stack",
+                                                              "Raw detector frames (to prepare)"]
     assert set(contrib.readers[0].filename_patterns) >= {"*.npy", "*.npz", "*.tif", "*.h5", "*.cxi"}
     assert set(contrib.writers[0].filename_extensions) == {".npz", ".h5", ".hdf5", ".cxi"}
 
@@ -241,3 +242,16 @@ def test_a_folder_of_frames_opens_as_one_stack(tmp_path):
     assert kind == "image" and kwargs["name"] == "run7 intensity" and data.shape == (3, 16, 16)
     assert np.array_equal(_layers.layer_intensities(data, kwargs["metadata"]), frames)
     assert get_reader(str(tmp_path)) is None  # a folder without frame files is not ours
+
+
+def test_raw_frames_sample_opens_and_prepares(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-cdinn", "raw_frames")
+    raw = viewer.layers["raw detector frames"]
+    values = _layers.layer_intensities(raw.data, raw.metadata)
+    assert raw.data.shape == (32, 300, 260) and np.isnan(values[:, 141, 97]).all()  # the beamstop: unmeasured
+    _dock, dock = viewer.window.add_plugin_dock_widget("napari-cdinn", "Prepare detector frames")
+    dock.frames.value = raw
+    dock.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not dock.runner.running, timeout=60_000)
+    assert dock.centre() == (141, 97) and viewer.layers["raw detector frames prepared"].data.shape == (32, 192, 192)

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["BLOCK", "DETECTORS", "FAMILIES", "MIXTURES", "Detector", "apply_detector", "as_detector", "detector_mask",
-           "draw_detector", "patterns_from_objects", "simulate", "simulate_objects"]
+           "draw_detector", "patterns_from_objects", "raw_detector_frames", "simulate", "simulate_objects"]
 
 #: Examples per random block; example ``i`` is drawn from block ``i // BLOCK``.
 BLOCK = 1024
@@ -605,3 +605,39 @@ def as_detector(detector: Detector | str | None, photons: float | None = None, b
     if beamstop > 0:
         changes.update(beamstop=(float(beamstop), float(beamstop)), beamstop_rate=1.0)
     return replace(detector, **changes) if changes else detector
+
+
+def raw_detector_frames(count: int = 32, shape=(300, 260), beam=(141, 97), seed: int = 0, photons: float = 1e5,
+                        families: str = "realistic", oversampling: int = 4) -> dict[str, np.ndarray]:
+    """Frames as a photon-counting detector writes them, for trying ``cdinn prepare``: the beam off-centre
+    on a rectangular chip, a beamstop over it, and module gaps, marked as PILATUS marks them (-1).
+
+    Parameters
+    ----------
+    count, seed, photons, families
+        As in :func:`simulate` (32-pixel objects, Poisson counts).
+    shape : (int, int)
+        The chip ``(rows, columns)``.
+    beam : (int, int)
+        The direct beam's pixel (the patterns' zero frequency).
+    oversampling : int
+        The patterns are ``32 * oversampling`` pixels wide, cut to the chip.
+
+    Returns
+    -------
+    dict with ``frames`` (int32, ``(count, *shape)``, -1 where unmeasured) and ``beam``, ``amplitude``
+    and ``phase`` (the truth).
+    """
+    data = simulate(count, seed=seed, oversampling=oversampling, photons=photons, families=families)
+    side = data["intensity"].shape[-1]
+    frames = np.zeros((count, *shape), dtype=np.int32)
+    by, bx = (int(v) for v in beam)
+    y0, x0 = by - side // 2, bx - side // 2
+    ys, xs = slice(max(y0, 0), min(y0 + side, shape[0])), slice(max(x0, 0), min(x0 + side, shape[1]))
+    frames[:, ys, xs] = data["intensity"][:, ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+    rows, cols = np.ogrid[: shape[0], : shape[1]]
+    unmeasured = (rows - by) ** 2 + (cols - bx) ** 2 <= 3**2  # beamstop
+    unmeasured |= ((cols - bx) % 100 == 33) | ((cols - bx) % 100 == 34)  # module gaps, 2 wide, every 100 px
+    unmeasured |= ((rows - by) % 100 == 48) | ((rows - by) % 100 == 49)
+    frames[:, unmeasured] = -1
+    return {"frames": frames, "beam": np.array(beam), "amplitude": data["amplitude"], "phase": data["phase"]}

@@ -1,9 +1,11 @@
-"""npe2 sample data: a small paper-recipe stack with its ground truth."""
+"""npe2 sample data: a small paper-recipe stack with its ground truth; raw detector frames to prepare."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..physics import support_from_amplitude
-from ..simulate import simulate
+from ..simulate import raw_detector_frames, simulate
 from . import layers as _layers
 
 #: Frames, object size and oversampling of the sample (the paper's 2x iterative protocol).
@@ -25,3 +27,13 @@ def paper_stack():
                             support=support_from_amplitude(data["amplitude"]), **meta),
         _layers.intensity_tuple(data["intensity"], "paper-recipe intensity", **meta),
     ]
+
+
+def raw_frames():
+    """Raw detector frames: 32 frames of a 300 x 260 photon-counting chip with the beam off-centre at
+    (141, 97), a beamstop and module gaps marked -1, as a reader gives them (the marks unmeasured,
+    NaN), for the *Prepare detector frames* dock."""
+    raw = raw_detector_frames()
+    frames = raw["frames"].astype(np.float32)
+    frames[raw["frames"] < 0] = np.nan
+    return [_layers.intensity_tuple(frames, "raw detector frames", cdinn_source="raw detector sample")]
