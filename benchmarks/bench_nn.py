@@ -83,7 +83,8 @@ def network_rates(net, batch_sizes=_BATCHES, min_seconds=1.0, device="cpu"):
         rates = {}
         for b in batch_sizes:
             side = 32 * getattr(net, "input_factor", 1)
-            x = torch.rand(b, 1, side, side, device=dev)
+            channels = 2 if getattr(net, "mask_channel", False) else 1  # amplitudes (and the map of unmeasured pixels)
+            x = torch.rand(b, channels, side, side, device=dev)
             x = x.contiguous(memory_format=torch.channels_last) if cl else x
 
             def call(x=x, bf=bf, model=model):
