@@ -531,7 +531,7 @@ def _add_prepare(sub):
     p.add_argument("--centre", "--center", dest="centre", default="auto", metavar="auto|file|symmetry|Y,X",
                    help="zero-frequency position in detector pixels (row, column), e.g. 257,515; default auto: the "
                         "beam centre the file records (NeXus/Dectris beam_center_x/_y), else found from the summed "
-                        "frames' inversion symmetry (exact on a stack of 32 or more, within a pixel from a few "
+                        "frames' inversion symmetry (exact on a stack of 32 or more, within a pixel from 8 "
                         "frames); file or symmetry: only that")
     p.add_argument("--size", type=_positive_int, default=None, metavar="N",
                    help="side of the output patterns in output pixels (even); default: the largest multiple of "
