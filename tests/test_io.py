@@ -492,3 +492,14 @@ def test_frame_series_problems_are_one_sentence(tmp_path):
 def test_a_cbf_mask_file_reads(tmp_path):
     folder = _cbf_series(tmp_path / "masks", [MASK2.astype(np.int32) * 3])
     np.testing.assert_array_equal(io.read_mask(folder / "scan_00001.cbf", STACK.shape), MASK2)
+
+
+def test_in_memory_integer_stacks_read_their_marks_as_unmeasured_like_files():
+    from napari_cdinn.stream import iter_chunks
+
+    data = STACK.astype(np.int32)
+    data[:, 3, :] = -1
+    chunks = [res["frames"] for _a, _b, res in iter_chunks(data, lambda x, first_frame=0: {"frames": x}, chunk_size=2)]
+    got = np.concatenate(chunks)
+    assert got.dtype == np.float32 and np.isnan(got[:, 3, :]).all()
+    np.testing.assert_array_equal(np.delete(got, 3, axis=1), np.delete(STACK, 3, axis=1).astype(np.float32))

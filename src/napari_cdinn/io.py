@@ -51,6 +51,7 @@ __all__ = [
     "disk_full",
     "file_beam_centre",
     "file_mask",
+    "float32_frames",
     "input_exists",
     "input_identity",
     "frames_in_budget",
@@ -285,7 +286,7 @@ def read_stack(path: str | os.PathLike, lazy: bool | None = None) -> np.ndarray 
         lazy = source.size * source.dtype.itemsize > LAZY_THRESHOLD
     frames_in_budget(source.shape[-2:], factor=1, what=repr(_name(path)))  # one frame must fit, even lazily
     if lazy:
-        return _to_dask(source).map_blocks(_float32_frames, dtype=np.float32)
+        return _to_dask(source).map_blocks(float32_frames, dtype=np.float32)
     budget = memory_budget()
     if source.size * 4 > budget:
         raise ValueError(f"{_name(path)!r} holds {format_bytes(source.size * 4)} as float32, more than the memory "
@@ -329,10 +330,12 @@ def detector_markers(values, dtype):
     return marked
 
 
-def _float32_frames(block):
-    """A block of stored frames as float32, an integer detector's marker values as NaN (unmeasured)."""
-    out = np.asarray(block).astype(np.float32)
-    markers = detector_markers(block, np.asarray(block).dtype)
+def float32_frames(block):
+    """A block of stored frames as a float32 NumPy array, an integer detector's marker values as NaN
+    (unmeasured): what every reader of frames gives, from files and from in-memory stacks alike."""
+    block = np.asarray(block)  # read once (a dask chunk, a lazy source)
+    out = block.astype(np.float32)
+    markers = detector_markers(block, block.dtype)
     if markers is not None and markers.any():
         out[markers] = np.nan
     return out
@@ -352,7 +355,7 @@ def _as_float32(data, path, first=0):
             raise ValueError(f"{_name(path)!r} holds values beyond float32's range (such as "
                              f"{float(data[tuple(where)]):.3g}{frame}); rescale the data (results do not depend "
                              "on the scale)")
-    return _float32_frames(data)
+    return float32_frames(data)
 
 
 def _natural_key(path):

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .io import detector_markers
+from . import io
 
 __all__ = [
     "NOT_SQUARE_HINT",
@@ -144,13 +144,14 @@ def symmetry_centre(image, mask=None):
     return float(y), float(x)
 
 
-def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=None, dark=None, dtype=None):
+def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=None, dark=None):
     """:func:`friedel_centre` of the sum of a stack's frames (read chunk by chunk).
 
     Parameters
     ----------
     stack : array_like, (N, H, W) or (H, W)
-        Anything sliceable along its first axis (NumPy, dask, a lazy file stack).
+        Anything sliceable along its first axis (NumPy, dask, a lazy file stack), read as
+        :func:`napari_cdinn.io.float32_frames` reads frames (an integer detector's marks: unmeasured).
     mask : array_like of bool, (H, W) or (N, H, W), optional
         True on unmeasured pixels; a per-frame mask counts a pixel as measured only where no
         frame misses it.  NaN/inf pixels of any frame are unmeasured.
@@ -162,8 +163,6 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
         Checked before every chunk; a stop raises :class:`napari_cdinn.jobs.Cancelled`.
     dark : array_like, (H, W), optional
         Subtracted from every frame (an integrating detector's reading without beam).
-    dtype : numpy dtype, optional
-        The stored type (default: the stack's): its marker values are unmeasured (:func:`napari_cdinn.io.detector_markers`).
 
     Returns
     -------
@@ -174,14 +173,9 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
 
     shape = tuple(stack.shape)
     dark = None if dark is None else _check_dark(dark, shape[-2:])
-    dtype = stack.dtype if dtype is None else dtype
-    if len(shape) == 2:
-        frame = np.asarray(stack)
-        markers = detector_markers(frame, dtype)
-        if markers is not None:
-            mask = markers if mask is None else (np.asarray(mask, dtype=bool) | markers)
-        return friedel_centre(to_photons(frame, dark), mask)
-    n = shape[0]
+    if len(shape) == 2:  # one frame: a stack of one
+        stack = np.asarray(stack[...])[None]
+    n = stack.shape[0]
     total = np.zeros(shape[-2:], dtype=np.float64)
     bad = np.zeros(shape[-2:], dtype=bool)
     if mask is not None:
@@ -190,10 +184,8 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
     for a, b in chunk_bounds(n, chunk_size):
         if stop_requested(should_stop):
             raise Cancelled(f"stopped after {a} of {n} frames while finding the centre")
-        raw = np.asarray(stack[a:b])
-        markers = detector_markers(raw, dtype)
-        frames = raw.astype(np.float64)
-        finite = np.isfinite(frames) if markers is None else np.isfinite(frames) & ~markers
+        frames = io.float32_frames(stack[a:b]).astype(np.float64)
+        finite = np.isfinite(frames)
         bad |= ~finite.all(axis=0)
         if dark is not None:
             frames = frames - dark
@@ -279,7 +271,7 @@ def to_photons(frames, dark=None, adu_per_photon=None):
     return out
 
 
-def prepare_frames(frames, centre, size, bin=1, mask=None, dark=None, adu_per_photon=None, dtype=None):
+def prepare_frames(frames, centre, size, bin=1, mask=None, dark=None, adu_per_photon=None):
     """Crop (and bin) detector frames to centred ``size x size`` patterns with their mask.
 
     Parameters
@@ -296,9 +288,7 @@ def prepare_frames(frames, centre, size, bin=1, mask=None, dark=None, adu_per_ph
         True on unmeasured detector pixels.
     dark, adu_per_photon : optional
         An integrating detector's dark frame ``(H, W)`` and gain: :func:`to_photons`, before binning.
-    dtype : numpy dtype, optional
-        The type the frames were stored in (default: ``frames``' own): an integer type's marker values
-        are unmeasured (:func:`napari_cdinn.io.detector_markers`).
+        An integer type's marker values are unmeasured (:func:`napari_cdinn.io.detector_markers`).
 
     Returns
     -------
@@ -323,7 +313,7 @@ def prepare_frames(frames, centre, size, bin=1, mask=None, dark=None, adu_per_ph
     dy, dx = slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0)
     if ys.start < ys.stop and xs.start < xs.stop:
         raw = data[:, ys, xs]
-        markers = detector_markers(raw, data.dtype if dtype is None else dtype)
+        markers = io.detector_markers(raw, data.dtype)
         part = np.asarray(raw, dtype=np.float64)
         if dark is not None or adu_per_photon is not None:
             dark = None if dark is None else _check_dark(dark, (h, w))[ys, xs]

@@ -157,11 +157,11 @@ def _unlock(lock):
 
 
 def _read_chunk(source, start, stop):
-    """Frames ``start:stop`` of a path (read lazily) or of an array, as a float32 NumPy array."""
+    """Frames ``start:stop`` of a path (read lazily) or of an array, as float32 NumPy (:func:`io.float32_frames`)."""
     if isinstance(source, (str, os.PathLike)):
         return io.read_frames(source, start, stop)
     stack = source[None] if source.ndim == 2 else source
-    return np.asarray(stack[start:stop], dtype=np.float32)
+    return io.float32_frames(stack[start:stop])  # an integer array's marker values: unmeasured, as from a file
 
 
 def _chunk_mask(mask, start, stop):

@@ -12,6 +12,7 @@ the other docks pick up.  With "find the centre" ticked, Prepare finds it first.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -19,8 +20,8 @@ from magicgui import widgets
 
 from ... import io
 from ... import prepare as core
-from ...jobs import Cancelled, stop_requested
-from ...stream import chunk_bounds
+from ...jobs import Cancelled
+from ...stream import iter_chunks
 from .. import layers as _layers
 from ._common import (
     JobControls,
@@ -73,19 +74,19 @@ def prepare_job(stack, mask, centre, size, bin, progress, should_stop, dark=None
             return {**found, "size": size, "intensity": None, "mask": None, "stopped": True}
         centre = found["centre"]
     size = core.default_size(stack.shape, centre, bin) if size is None else size
-    parts, bads = [], []
-    for a, b in chunk_bounds(n, CHUNK):
-        if stop_requested(should_stop):
-            break
-        m = None if mask is None else (mask if mask.ndim == 2 else mask[a:b])
-        out, bad = core.prepare_frames(np.asarray(stack[a:b]), centre, size, bin, None if m is None else np.asarray(m),
-                                       dark, adu_per_photon)
-        parts.append(out)
-        bads.append(bad)
-        progress({"stage": "prepare", "done": b, "total": n})
-    done = sum(len(p) for p in parts)
+    chunk = functools.partial(core.prepare_chunk, centre=centre, size=size, bin=bin, dark=dark,
+                              adu_per_photon=adu_per_photon)
+    parts = []
+    try:
+        for _a, b, res in iter_chunks(stack, chunk, chunk_size=CHUNK, mask=mask, should_stop=should_stop):
+            parts.append(res)
+            progress({"stage": "prepare", "done": b, "total": n})
+    except Cancelled:
+        pass
+    done = sum(len(p["intensity"]) for p in parts)
     return {**found, "size": size, "stopped": done < n,
-            "intensity": np.concatenate(parts) if parts else None, "mask": np.concatenate(bads) if bads else None}
+            "intensity": np.concatenate([p["intensity"] for p in parts]) if parts else None,
+            "mask": np.concatenate([p["mask"] for p in parts]) if parts else None}
 
 
 class PrepareWidget(widgets.Container):
