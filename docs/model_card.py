@@ -8,7 +8,8 @@ One section per shipped model (``<name>.json`` beside ``<name>.safetensors``): a
 parameters, input and output, the training distribution (the card's ``training_data``, else the
 paper's ideal patterns), the training recipe of the last run, the lineage (every run from random
 weights to the shipped ones), examples seen, the test metrics the card holds (``test_metrics``,
-``test_metrics_noisy``, ``test_metrics_views8``, ``test_metrics_realistic``) and the trust rule.
+``test_metrics_noisy``, ``test_metrics_views8``, ``test_metrics_realistic``, ``test_metrics_offcentre``) and
+the trust rule.
 The narrative of how the weights came to be, with the measurements that chose each step, is in
 ``docs/training_history.md``; re-run this script whenever weights are shipped
 (``python -m napari_cdinn.nn.ship``).
@@ -43,6 +44,7 @@ TEST_SETS = (
     ("test_metrics_noisy", "paper recipe, Poisson noise"),
     ("test_metrics_views8", "paper recipe, noise-free, 8 test-time views"),
     ("test_metrics_realistic", "realistic mixture (objects and detector)"),
+    ("test_metrics_offcentre", "realistic mixture, cut up to 2 px off-centre"),
 )
 #: Settings of the last run's ``config`` shown under "Recipe", in this order.
 RECIPE = ("preset", "arch", "families", "detector", "mask_channel", "batch_size", "lr", "schedule", "epochs",
@@ -121,6 +123,9 @@ def training_data_text(card):
                 parts.append(f"gaps ({_range(s.get('gap_width'))} px) on {_pct(s['gaps'])}")
             if s.get("saturation"):
                 parts.append(f"saturation at {_range(s.get('saturation_level'))} of the peak on {_pct(s['saturation'])}")
+            if s.get("offset"):
+                parts.append(f"cut off-centre (zero frequency up to {s['offset']:g} px from the centre pixel, per "
+                             f"axis) on {_pct(s.get('offset_rate', 1))}")
             lines.append(f"- detector: `{det.get('name')}`: " + "; ".join(parts))
         else:
             lines.append(f"- detector: `{det.get('name')}` (noise-free, every pixel measured)")

@@ -198,3 +198,80 @@ def test_cli_simulate_detector_options(tmp_path, capsys):
         assert main(["simulate", "--count", "2", "--out", str(bad), *extra]) == 2
         assert capsys.readouterr().err.startswith("error:")
         assert not bad.exists()
+
+
+def test_an_off_centre_pattern_is_the_centred_one_moved_and_its_object_carries_the_ramp():
+    from napari_cdinn.simulate import offset_phase, patterns_from_objects
+
+    centred = simulate(4, seed=3, oversampling=2, families="realistic")
+    moves = {"offset_row": np.array([1.0, 0.0, -2.0, 1.0]), "offset_col": np.array([0.0, 1.0, 1.0, -1.0])}
+    phase = offset_phase(centred["amplitude"], centred["phase"], moves, 64)
+    moved = patterns_from_objects(centred["amplitude"], phase, 2)
+    for i in range(4):
+        rolled = np.roll(centred["intensity"][i], (int(moves["offset_row"][i]), int(moves["offset_col"][i])), (0, 1))
+        np.testing.assert_allclose(moved[i], rolled, atol=1e-5 * rolled.max())
+    assert np.all(np.abs(phase) <= np.pi + 1e-6) and np.all(phase[centred["amplitude"] == 0] == 0)
+    # the same ramp on tensors, and no offset changes nothing
+    t = offset_phase(torch.from_numpy(centred["amplitude"]), torch.from_numpy(centred["phase"]), moves, 64)
+    np.testing.assert_allclose(t.numpy(), phase, atol=1e-5)
+    assert offset_phase(centred["amplitude"], centred["phase"], {"offset_row": np.zeros(4),
+                                                                 "offset_col": np.zeros(4)}, 64) is centred["phase"]
+
+
+def test_the_offcentre_preset_moves_half_the_patterns_and_keeps_every_other_setting():
+    from dataclasses import replace
+
+    det = DETECTORS["realistic-offcentre"]
+    assert det == replace(DETECTORS["realistic-clean"], offset=2.0, offset_rate=0.5)
+    drawn, plain = draw_detector(det, 4096, seed=5), draw_detector(DETECTORS["realistic-clean"], 4096, seed=5)
+    moved = (drawn["offset_row"] != 0) | (drawn["offset_col"] != 0)
+    assert 0.47 < moved.mean() < 0.53 and np.abs(drawn["offset_row"]).max() <= 2.0
+    assert all(np.array_equal(drawn[k], plain[k]) for k in plain if not k.startswith("offset"))
+    assert not np.any(plain["offset_row"]) and not Detector(offset=1.0).ideal and Detector().ideal
+    with pytest.raises(ValueError):
+        Detector(offset=-1.0)
+    # training examples: the pattern the network reads is the (ramped) truth's, moved in the input's pixels
+    ex = make_examples(16, seed=2, input_factor=2, detector=Detector(offset=1.5))
+    truth = physics.intensity(physics.pad(ex["amplitude"] * np.exp(1j * ex["phase"]), 2))
+    fit = physics.chi2(ex["input"] ** 2, truth / truth.max(axis=(-2, -1), keepdims=True))
+    assert float(np.max(fit)) < 1e-6
+
+
+def test_cli_simulate_offset_writes_off_centre_patterns(tmp_path, capsys):
+    from napari_cdinn.cli import main
+
+    out = tmp_path / "off.npz"
+    assert main(["simulate", "--count", "4", "--oversampling", "2", "--offset", "1.5", "--out", str(out)]) == 0
+    with np.load(out) as f:
+        inten = f["intensity"]
+    centred = simulate(4, oversampling=2)["intensity"]
+    assert not np.allclose(inten, centred) and np.allclose(inten.sum((1, 2)), centred.sum((1, 2)), rtol=1e-4)
+    capsys.readouterr()
+    assert main(["simulate", "--count", "2", "--offset", "-1", "--out", str(tmp_path / "bad.npz")]) == 2
+    assert capsys.readouterr().err.startswith("error:")
+
+
+def test_a_stack_cut_off_centre_is_noticed_from_enough_frames():
+    from napari_cdinn.nn.inference import centre_offset
+
+    sim = simulate(32, seed=4, oversampling=2, families="realistic", detector="realistic")
+    frames, mask = sim["intensity"], sim.get("mask")
+    assert centre_offset(frames, mask) is None  # centred, with per-frame beamstops, gaps and saturated peaks
+    moved = np.roll(frames, (1, 0), (-2, -1))
+    moved_mask = None if mask is None else np.roll(np.broadcast_to(mask, frames.shape), (1, 0), (-2, -1))
+    assert centre_offset(moved, moved_mask) == (1, 0)
+    assert centre_offset(moved[:8], None if moved_mask is None else moved_mask[:8]) is None  # within a pixel: told
+    assert centre_offset(np.roll(frames, (0, -2), (-2, -1))[:8]) == (0, -2)
+    assert centre_offset(moved[:4]) is None and centre_offset(np.zeros((32, 64, 64))) is None  # nothing to tell
+
+
+def test_cli_notes_an_off_centre_stack_and_not_a_centred_one(tmp_path, capsys):
+    from napari_cdinn.cli import main
+
+    sim = simulate(32, seed=4, oversampling=2, photons=1e5)
+    for name, frames in (("centred", sim["intensity"]), ("moved", np.roll(sim["intensity"], (0, 2), (-2, -1)))):
+        np.save(tmp_path / f"{name}.npy", frames)
+        assert main(["predict", str(tmp_path / f"{name}.npy"), "-o", str(tmp_path / f"{name}_nn.h5"),
+                     "--device", "cpu"]) == 0
+        err = capsys.readouterr().err
+        assert ("symmetric about a pixel (+0, +2) from their centre pixel" in err) == (name == "moved"), err

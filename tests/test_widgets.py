@@ -410,6 +410,18 @@ def test_inversion_automatic_model_follows_the_pattern_size(make_napari_viewer, 
     assert viewer.layers["wide NN amplitude"].metadata["model"] == "model2x"
 
 
+def test_inversion_notes_a_stack_cut_off_centre(make_napari_viewer, qtbot, monkeypatch):
+    infos = []
+    monkeypatch.setattr("napari_cdinn._napari.widgets._common.show_info", infos.append)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.roll(simulate(32, oversampling=2, seed=4)["intensity"], (2, 0), (-2, -1)), name="moved")
+    widget = _dock(viewer, "CDI NN inversion")
+    widget.patterns.value, widget.device.value = viewer.layers["moved"], "cpu"
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
+    assert any(m.startswith("The patterns are symmetric about a pixel (+2, +0)") and m.endswith(".") for m in infos)
+
+
 def test_inversion_bad_shape_and_bad_model_are_notifications(make_napari_viewer, qtbot, monkeypatch, tmp_path):
     viewer = make_napari_viewer()
     viewer.add_image(np.ones((3, 20, 20), np.float32), name="odd")

@@ -131,6 +131,9 @@ def _add_simulate(sub):
                    help="detector gaps: a row and a column band of this width (pixels) at random offsets, unmeasured")
     p.add_argument("--saturation", type=_level, default=None, metavar="F",
                    help="pixels above this fraction (0..1) of the frame's brightest count saturate (unmeasured)")
+    p.add_argument("--offset", type=_non_negative_float, default=None, metavar="PX",
+                   help="cut every pattern off-centre: its zero frequency up to PX pixels from the centre pixel per "
+                        "axis, drawn uniformly (the objects written carry the matching phase ramp)")
     p.add_argument("--out", "-o", required=True, help="output .npz file")
     _add_threads(p)
     p.set_defaults(func=_cmd_simulate)
@@ -190,6 +193,8 @@ def _simulate_detector(args):
         changes.update(gaps=1.0, gap_width=(args.gaps, args.gaps))
     if args.saturation is not None:
         changes.update(saturation=1.0, saturation_level=(args.saturation, args.saturation))
+    if args.offset is not None:
+        changes.update(offset=args.offset, offset_rate=1.0)
     return dataclasses.replace(det, **changes)
 
 
@@ -661,8 +666,8 @@ def _sha256(path):
 def _scaled_model(args, shape):
     """The network for the input's patterns at the scale that fits a sample of them (:func:`napari_cdinn.nn.choose_scale`).
 
-    Chosen once for the whole stack (results do not depend on the chunking); a scale other than 1
-    is announced on stderr.
+    Chosen once for the whole stack (results do not depend on the chunking); a scale other than 1,
+    and a stack that is not centred (:func:`napari_cdinn.nn.off_centre`), are announced on stderr.
     """
     from . import io, nn
 
@@ -676,6 +681,8 @@ def _scaled_model(args, shape):
         print(f"note: the objects are read at {info.scale}x the pixel size (the central {side} x {side} pixels of "
               f"the patterns), then interpolated back: they are too large for the network at full resolution",
               file=sys.stderr)
+    if nn.off_centre(info):
+        print(f"note: {nn.off_centre(info)}", file=sys.stderr)
     return info
 
 

@@ -24,7 +24,9 @@ Beyond the paper
 * **A detector model** (:class:`Detector`), applied to the pattern: Poisson counting at a total
   photon count per pattern (log-uniform over a range, or noise-free for a fraction), a flat
   background, a central beamstop disc of random radius, detector gaps (a row and a column band at
-  random offsets) and saturation (pixels above a fraction of the frame's brightest count).
+  random offsets), saturation (pixels above a fraction of the frame's brightest count) and a
+  pattern cut off-centre (its zero frequency up to ``offset`` pixels from the centre pixel: the
+  object carries the matching phase ramp, :func:`offset_phase`, so the truth is what was measured).
   Beamstop, gaps and saturated pixels are *unmeasured*: their intensity is set to 0 and they are
   reported in ``mask`` (True = unmeasured).  Every part is off by default (the paper's ideal
   pattern); :data:`DETECTORS` holds the named presets (``realistic`` is the training mixture).
@@ -51,7 +53,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["BLOCK", "DETECTORS", "FAMILIES", "MIXTURES", "Detector", "apply_detector", "as_detector", "detector_mask",
-           "draw_detector", "patterns_from_objects", "raw_detector_frames", "simulate", "simulate_objects"]
+           "draw_detector", "offset_phase", "patterns_from_objects", "raw_detector_frames", "simulate", "simulate_objects"]
 
 #: Examples per random block; example ``i`` is drawn from block ``i // BLOCK``.
 BLOCK = 1024
@@ -343,6 +345,12 @@ class Detector:
         Fraction of patterns whose brightest pixels saturate (unmeasured).
     saturation_level : (float, float)
         Saturation level as a fraction of the frame's brightest count, drawn log-uniformly.
+    offset : float
+        Largest distance, per axis and in pixels of the pattern, of the zero frequency from the
+        centre pixel (a centre found a little off, or a beam that moved): drawn uniformly in
+        ``[-offset, offset]`` per axis.  The object's phase carries the ramp that moves it there.
+    offset_rate : float
+        Fraction of patterns cut off-centre.
     """
 
     photons: tuple | None = None
@@ -355,6 +363,8 @@ class Detector:
     gap_width: tuple = (1, 2)
     saturation: float = 0.0
     saturation_level: tuple = (0.05, 0.5)
+    offset: float = 0.0
+    offset_rate: float = 1.0
 
     def __post_init__(self):
         if self.photons is not None and not (0 < self.photons[0] <= self.photons[1] < np.inf):
@@ -367,7 +377,9 @@ class Detector:
             raise ValueError(f"gap widths must be a range of at least 1 pixel, got {self.gap_width!r}")
         if not (0 < self.saturation_level[0] <= self.saturation_level[1] <= 1):
             raise ValueError(f"saturation levels must be a range of fractions in (0, 1], got {self.saturation_level!r}")
-        for name in ("clean", "background_rate", "beamstop_rate", "gaps", "saturation"):
+        if not 0 <= self.offset < np.inf:
+            raise ValueError(f"the centre offset must be a non-negative number of pixels, got {self.offset!r}")
+        for name in ("clean", "background_rate", "beamstop_rate", "gaps", "saturation", "offset_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a fraction in [0, 1], got {getattr(self, name)!r}")
 
@@ -375,7 +387,8 @@ class Detector:
     def ideal(self) -> bool:
         """True when the detector changes nothing."""
         no_beamstop = self.beamstop[1] == 0 or self.beamstop_rate == 0
-        return self.photons is None and no_beamstop and not self.gaps and not self.saturation
+        off_centre = self.offset > 0 and self.offset_rate > 0
+        return self.photons is None and no_beamstop and not self.gaps and not self.saturation and not off_centre
 
 
 #: Named detector presets.  ``realistic`` is the training mixture of the shipped networks: counts
@@ -388,6 +401,9 @@ DETECTORS = {
                           beamstop=(0.5, 3.5), beamstop_rate=0.5, gaps=0.2, saturation=0.1),
 }
 DETECTORS["realistic-clean"] = replace(DETECTORS["realistic"], clean=0.4)
+#: ``realistic-offcentre``: ``realistic-clean`` with half the patterns cut up to 2 pixels off-centre
+#: (what a centre found from few frames leaves; docs/decisions.md, "Off-centre patterns").
+DETECTORS["realistic-offcentre"] = replace(DETECTORS["realistic-clean"], offset=2.0, offset_rate=0.5)
 
 
 def draw_detector(detector: Detector, count: int, seed: int = 0, start: int = 0) -> dict:
@@ -397,7 +413,8 @@ def draw_detector(detector: Detector, count: int, seed: int = 0, start: int = 0)
     -------
     dict of ``(count,)`` arrays: ``photons`` (inf: noise-free), ``background`` (photons per pixel),
     ``beamstop`` (radius, 0: none), ``gap_row`` and ``gap_col`` (offsets from the centre),
-    ``gap_width`` (0: no gaps), ``saturation`` (fraction of the brightest count; inf: none).
+    ``gap_width`` (0: no gaps), ``saturation`` (fraction of the brightest count; inf: none),
+    ``offset_row`` and ``offset_col`` (pixels of the zero frequency from the centre pixel).
     """
     if start % BLOCK:
         raise ValueError(f"start must be a multiple of {BLOCK}")
@@ -417,6 +434,9 @@ def draw_detector(detector: Detector, count: int, seed: int = 0, start: int = 0)
         out["gap_row"] = rng.uniform(-0.25, 0.25, size=BLOCK)
         out["gap_col"] = rng.uniform(-0.25, 0.25, size=BLOCK)
         out["saturation"] = np.where(u[6] < d.saturation, _log_uniform(d.saturation_level, u[7]), np.inf)
+        off = rng.uniform(size=(3, BLOCK))  # drawn last: the settings above do not depend on the offset
+        moved = (off[0] < d.offset_rate) * d.offset
+        out["offset_row"], out["offset_col"] = moved * (2 * off[1] - 1), moved * (2 * off[2] - 1)
         parts.append({k: v[: min(BLOCK, count - lo)] for k, v in out.items()})
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -431,6 +451,24 @@ def _column(values, like):
     """Per-frame ``values`` as an ``(N, 1, 1)`` float32 array in the library (and on the device) of ``like``."""
     v = np.asarray(values, dtype=np.float32)[:, None, None]
     return v if physics.array_lib(like) is np else physics.array_lib(like).as_tensor(v, device=like.device)
+
+
+def offset_phase(amplitude, phase, settings: dict, side: int):
+    """Phases of objects whose ``side``-pixel patterns have their zero frequency ``settings["offset_row"]``,
+    ``settings["offset_col"]`` pixels from the centre pixel.
+
+    The far field of ``o(x) exp(2 pi i k . x / side)`` is that of ``o`` moved by ``k`` pixels, so the
+    phase gains that ramp (about the frame's centre, wrapped to -pi..pi) where the amplitude is not 0.
+    NumPy arrays or tensors ``(N, S, S)`` (same kind out); without offsets the phase is returned as is.
+    """
+    if "offset_row" not in settings or not (np.any(settings["offset_row"]) or np.any(settings["offset_col"])):
+        return phase
+    n = phase.shape[-1]
+    grid = physics.arange_like(n, phase) - n // 2
+    ramp = (_column(settings["offset_row"], phase) * grid[None, :, None]
+            + _column(settings["offset_col"], phase) * grid[None, None, :]) * (2 * np.pi / side)
+    ramped = (phase + ramp + np.pi) % (2 * np.pi) - np.pi
+    return physics.array_lib(phase).where(amplitude > 0, ramped, phase)
 
 
 def detector_mask(settings: dict, m: int, like: np.ndarray | torch.Tensor | None = None) -> np.ndarray | torch.Tensor:
@@ -569,14 +607,16 @@ def simulate(
         raise ValueError("the beamstop radius must not be negative")
     det = as_detector(detector, photons, beamstop)
     amp, pha = simulate_objects(count, size, seed, families=families)
-    out = {"amplitude": amp, "phase": pha}
     m = size * oversampling
+    settings = None if det.ideal else draw_detector(det, count, seed)
+    if settings is not None:
+        pha = offset_phase(amp, pha, settings, m).astype(np.float32)
+    out = {"amplitude": amp, "phase": pha}
     inten = np.empty((count, m, m), dtype=np.float32)
     chunk = 8192
     for lo in range(0, count, chunk):
         inten[lo : lo + chunk] = patterns_from_objects(amp[lo : lo + chunk], pha[lo : lo + chunk], oversampling)
-    if not det.ideal:
-        settings = draw_detector(det, count, seed)
+    if settings is not None:
         mask = np.empty(inten.shape, dtype=bool)
         for j, lo in enumerate(range(0, count, BLOCK)):
             sl = slice(lo, lo + BLOCK)

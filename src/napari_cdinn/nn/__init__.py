@@ -54,6 +54,7 @@ __all__ = [
     "describe_option",
     "is_trusted",
     "load_model",
+    "off_centre",
     "option_help",
     "predict",
     "predict_chunk",
@@ -95,6 +96,19 @@ def declined(info: ModelInfo) -> str | None:
             f"scale, above {DECLINE_CHI2}, and the autocorrelation shows objects at least {info.extent:.0f} "
             f"pixels wide, more than the {widest} it reads): the patterns may not be oversampled; the retrieval "
             f"runs from random starts alone")
+
+
+def off_centre(info: ModelInfo) -> str | None:
+    """One sentence when the patterns :func:`choose_scale` resolved ``info`` for are not centred on their
+    centre pixel (their summed centre of symmetry, :func:`napari_cdinn.nn.inference.centre_offset`),
+    else None.  The networks read centred patterns: off-centre ones are trusted less often
+    (docs/decisions.md, "Off-centre patterns"); the retrieval does not mind."""
+    if not info.offset:
+        return None
+    dy, dx = info.offset
+    return (f"the patterns are symmetric about a pixel ({dy:+d}, {dx:+d}) from their centre pixel: the network "
+            f"reads centred patterns and trusts fewer frames off-centre; `cdinn prepare` re-centres them "
+            f"(--centre symmetry)")
 
 
 def choose_scale(*args: Any, **kwargs: Any) -> ModelInfo:

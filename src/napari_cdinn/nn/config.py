@@ -111,7 +111,9 @@ class TrainConfig:
                                                                  "realistic-paper"))
     detector: str | None = _option(None, "detector model of the training patterns (default ideal; realistic: "
                                    "counting noise, background, beamstop, gaps, saturation; realistic-clean: 40 percent "
-                                   "noise-free)", str, choices=("ideal", "realistic", "realistic-clean"))
+                                   "noise-free; realistic-offcentre: that with half the patterns cut up to 2 px "
+                                   "off-centre)", str, choices=("ideal", "realistic", "realistic-clean",
+                                                                "realistic-offcentre"))
     mask_channel: bool = _option(False, "give the network the map of unmeasured pixels as an input (added, "
                                  "zero-initialised, to initial weights without it)", bool)
     preset: str = _option("paper", "base settings the other options change", str)

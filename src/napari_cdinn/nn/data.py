@@ -182,9 +182,11 @@ def prepare_examples(amplitude, phase, transform: str = "linear", input_factor: 
     """
     import torch
 
-    from ..simulate import apply_detector
+    from ..simulate import apply_detector, offset_phase
 
     a, p = _tensor(amplitude), _tensor(phase)
+    if detector is not None:  # an off-centre pattern: the truth carries the ramp (offsets in input pixels)
+        p = offset_phase(a, p, detector, a.shape[-1] * input_factor)
     inten = physics.intensity(physics.pad(torch.polar(a, p), input_factor))
     mask = torch.zeros_like(inten)
     if detector is not None:

@@ -731,14 +731,49 @@ def _misfit(result):
 
 
 def with_evidence(info, result, frames, mask=None):
-    """``info`` with what :func:`napari_cdinn.nn.declined` reads: its ``misfit`` (the median of
-    ``chi2 - chi2_noise`` of ``result``, its :func:`predict` of patterns at ``info``'s scale) and the
-    ``extent`` of the objects (the median autocorrelation bound of ``frames``, a sample of them, with
-    their ``mask``; NaN behind a beamstop)."""
+    """``info`` with what :func:`napari_cdinn.nn.declined` and :func:`napari_cdinn.nn.off_centre` read:
+    its ``misfit`` (the median of ``chi2 - chi2_noise`` of ``result``, its :func:`predict` of patterns at
+    ``info``'s scale), the ``extent`` of the objects (the median autocorrelation bound of ``frames``, a
+    sample of them, with their ``mask``; NaN behind a beamstop) and the ``offset`` of their summed centre
+    of symmetry (:func:`centre_offset`)."""
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # every frame behind a beamstop: NaN
         extent = float(np.nanmedian(physics.autocorrelation_extent(frames, mask)))
-    return dataclasses.replace(info, misfit=_misfit(result), extent=extent)
+    return dataclasses.replace(info, misfit=_misfit(result), extent=extent, offset=centre_offset(frames, mask))
+
+
+#: ``(frames summed, pixels)``: from that many frames on, a summed centre of symmetry more than that far
+#: from the centre pixel is an off-centre stack (benchmarks/README.md, "Preparing detector frames":
+#: exact from 32 frames, within a pixel from 8); fewer frames tell nothing.
+CENTRE_CHECK = ((32, 0), (8, 1))
+
+
+def centre_offset(frames, mask=None):
+    """``(dy, dx)`` from the centre pixel ``(M // 2, M // 2)`` to the pixel about which the mean of
+    ``frames`` (N, M, M) is inversion-symmetric (:func:`napari_cdinn.prepare.friedel_centre`), where
+    :data:`CENTRE_CHECK` finds it off-centre; None where it is centred, or too few frames (or no
+    signal) tell.
+
+    Each frame counts in proportion to its share of the signal, and a pixel is averaged over the
+    frames that measure it (``mask``, NaN: unmeasured), so that per-frame masks (saturated peaks,
+    a beamstop that moved) leave unmeasured only the pixels no frame measured."""
+    from ..prepare import friedel_centre
+
+    frames = np.asarray(frames, dtype=np.float32)
+    tolerance = next((px for n, px in CENTRE_CHECK if len(frames) >= n), None)
+    if frames.ndim != 3 or tolerance is None:
+        return None
+    good = np.isfinite(frames) if mask is None else np.isfinite(frames) & ~np.broadcast_to(mask, frames.shape)
+    values = np.where(good, np.maximum(frames, 0), 0)
+    totals = values.sum((-2, -1), keepdims=True)
+    shares = (values / np.where(totals > 0, totals, 1)).sum(0)
+    seen = good.sum(0)
+    try:
+        cy, cx = friedel_centre(shares / np.maximum(seen, 1), seen == 0)
+    except ValueError:  # no measured signal
+        return None
+    off = (int(round(cy)) - frames.shape[-2] // 2, int(round(cx)) - frames.shape[-1] // 2)
+    return off if max(abs(v) for v in off) > tolerance else None
 
 
 def is_trusted(chi2, chi2_noise=0.0):

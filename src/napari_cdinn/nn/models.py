@@ -362,6 +362,9 @@ class ModelInfo:
     extent : float or None
         Median lower bound of the objects' width from the autocorrelation of that sample
         (:func:`napari_cdinn.physics.autocorrelation_extent`; NaN behind a beamstop).
+    offset : tuple of int or None
+        ``(dy, dx)``: how far the sample's summed centre of symmetry lies from the centre pixel, where
+        enough frames were summed to tell (:func:`napari_cdinn.nn.inference.centre_offset`); None otherwise.
     """
 
     path: Path
@@ -377,6 +380,7 @@ class ModelInfo:
     scale: int = 1
     misfit: float | None = field(default=None, compare=False)
     extent: float | None = field(default=None, compare=False)
+    offset: tuple | None = field(default=None, compare=False)
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -402,6 +406,7 @@ def _at_scale(info: ModelInfo, frame, scale: int) -> ModelInfo:
     same = frame == info.frame and scale == info.scale
     return dataclasses.replace(info, frame=frame, scale=scale, misfit=info.misfit if same else None,
                                extent=info.extent if frame == info.frame else None,
+                               offset=info.offset if frame == info.frame else None,
                                decimation=decimation_factor(frame, info.input_factor, info.size) // scale)
 
 

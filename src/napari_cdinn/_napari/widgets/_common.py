@@ -32,8 +32,9 @@ def notify_error(exc_or_text):
 
 
 def notify(text):
-    """Show an information notification."""
-    show_info(text)
+    """Show an information notification (a clause from the core becomes a sentence: capital, full stop)."""
+    text = text[:1].upper() + text[1:]
+    show_info(text if text.endswith((".", "?", "!")) else text + ".")
 
 
 def image_layer_picker(viewer, label, kind=None, nullable=False):

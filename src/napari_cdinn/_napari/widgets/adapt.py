@@ -141,7 +141,7 @@ class AdaptPanel(widgets.Container):
         h = card["holdout_chi2"]
         ended = "stopped" if card["ended"] == "stopped" else "done"
         text = f"{ended}: held-out chi² {h['before']:.4g} -> {h['after']:.4g}; {label} is ready in the model pickers"
-        notify(text[:1].upper() + text[1:] + ".")
+        notify(text)
         self.controls.idle(text)
 
     def _on_finish(self):

@@ -59,7 +59,7 @@ def run_inversion(stack, options, emit, should_stop, mask=None):
     ``emit`` gets a :class:`napari_cdinn.jobs.ProgressEvent` (``PROGRESS``, frames done) after each
     batch; ``mask``: None, or True on unmeasured pixels, (H, W) or (N, H, W) (NumPy or dask).
 
-    Returns the merged result and ``stopped``.
+    Returns the merged result, ``stopped`` and ``off_centre`` (:func:`napari_cdinn.nn.off_centre`).
     """
     from ...stream import iter_chunks
 
@@ -82,6 +82,7 @@ def run_inversion(stack, options, emit, should_stop, mask=None):
         return {"stopped": True}
     out = {key: np.concatenate([p[key] for p in parts]) for key in ("amplitude", "phase", "chi2", "chi2_noise")}
     out["stopped"] = sum(len(p["chi2"]) for p in parts) < n
+    out["off_centre"] = nn.off_centre(options["model"])
     return out
 
 
@@ -161,6 +162,8 @@ class InversionWidget(widgets.Container):
         if bad:
             notify(f"{bad} of {len(chi2)} frame(s) have chi² more than {self.trust.value:g} above their noise floor; "
                    "check them in the Quality view.")
+        if res.get("off_centre"):
+            notify(res["off_centre"])
         self.controls.idle(text)
 
     def _draw(self, excess, trusted):

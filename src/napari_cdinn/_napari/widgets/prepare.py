@@ -215,7 +215,7 @@ class PrepareWidget(widgets.Container):
         self._show_centre(name, res["centre"])
         where = f"centre (row, column) = ({res['centre'][0]:g}, {res['centre'][1]:g}) {core.CENTRE_SOURCES[res['source']]}"
         if res["note"]:
-            notify(res["note"][:1].upper() + res["note"][1:] + ".")
+            notify(res["note"])
         if find_only:
             self.controls.idle(where)
             return

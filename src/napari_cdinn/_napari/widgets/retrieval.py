@@ -372,7 +372,7 @@ class PhaseRetrievalWidget(widgets.Container):
             text += "; PRTF resolution " + describe_resolution(median_resolution(self._result["prtf"],
                                                                                 self._result["resolution"]))
         if outcome.get("declined"):
-            notify(outcome["declined"][0].upper() + outcome["declined"][1:] + ".")
+            notify(outcome["declined"])
             text += "; the network declined: random starts"
         if outcome["stopped"]:
             text = f"stopped: {outcome['frames']} pattern(s) kept"

@@ -82,7 +82,8 @@ class TrainingWidget(widgets.Container):
             label="detector",
             choices=[("as the start model (else ideal)", None), ("ideal", "ideal"),
                      ("realistic (noise, beamstop, gaps)", "realistic"),
-                     ("realistic, 40 % noise-free", "realistic-clean")],
+                     ("realistic, 40 % noise-free", "realistic-clean"),
+                     ("that, half cut up to 2 px off-centre", "realistic-offcentre")],
             tooltip=option_help("detector"))
         self.mask_channel = widgets.CheckBox(
             label="read the unmeasured-pixel map", value=False,
@@ -199,7 +200,7 @@ class TrainingWidget(widgets.Container):
         register_model(self._folder, label)
         ended = {"stopped": "stopped, checkpoint saved", "time limit": "done (time limit)"}.get(state.get("ended"), "done")
         text = f"{ended}: {label} is ready in the model pickers"
-        notify(text[:1].upper() + text[1:] + ".")
+        notify(text)
         self.controls.idle(text)
 
     def _on_finish(self):
