@@ -275,3 +275,26 @@ def test_cli_notes_an_off_centre_stack_and_not_a_centred_one(tmp_path, capsys):
                      "--device", "cpu"]) == 0
         err = capsys.readouterr().err
         assert ("symmetric about a pixel (+0, +2) from their centre pixel" in err) == (name == "moved"), err
+
+
+def test_ship_measures_the_card_sets_and_the_off_centre_set(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from napari_cdinn.nn import ship, train
+
+    monkeypatch.setattr(ship, "WEIGHTS_DIR", tmp_path)
+    train(tmp_path / "run", preset="tiny", arch="shared2x", mask_channel=True, families="realistic",
+          detector="realistic-offcentre", train_size=256, val_size=32, epochs=1, batch_size=32, quick_val_size=32)
+    card = ship.ship(tmp_path / "run", name="tiny", count=8)
+    off = card["test_metrics_offcentre"]
+    assert off["count"] == 8 and off["offset"] == 2.0 and 0 <= off["trusted_fraction"] <= 1
+    assert card["training_data"]["detector"]["settings"]["offset"] == 2.0
+    assert json.loads((tmp_path / "tiny.json").read_text())["test_metrics_offcentre"] == off
+    spec = importlib.util.spec_from_file_location("model_card", Path(__file__).parents[1] / "docs" / "model_card.py")
+    model_card = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_card)
+    text = "\n".join(model_card.metrics_table(card) + model_card.training_data_text(card))
+    assert "cut up to 2 px off-centre (`test_metrics_offcentre`) | 8 |" in text
+    assert "cut off-centre (zero frequency up to 2 px from the centre pixel, per axis) on 50%" in text
