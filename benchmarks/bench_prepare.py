@@ -6,9 +6,10 @@ over it and two gaps (``--quick``: smaller sets):
 * ``centre``: the error (pixels, the larger of the two axes) of :func:`napari_cdinn.prepare.stack_centre`
   on sums of 1, 2, 4, 8, 16 and 32 frames, for the paper's objects without noise and the realistic
   mixture at 1e5 and 1e3 photons, over several seeds;
-* ``offset``: patterns (nothing masked: the centre's cost alone) cut with the centre 0-3 px off, inverted by the shipped network (trusted
-  fraction, IoU, phase RMS after centring and ramp removal) and by the default ``reconstruct``
-  (chi^2, IoU, phase RMS), against the truth;
+* ``offset``: patterns (nothing masked: the centre's cost alone) cut with the centre 0-3 px off, inverted by the shipped network
+  as ``predict`` runs it (re-centred where its sample fits better so, ``recentred``) and as cut
+  (trusted fraction, IoU, phase RMS after centring and ramp removal), and by the default
+  ``reconstruct`` (chi^2, IoU, phase RMS), against the truth;
 * ``speed``: :func:`napari_cdinn.prepare.friedel_centre` on one frame of an EIGER 4M-sized chip
   (2,167 x 2,070), seconds.
 
@@ -18,6 +19,7 @@ over it and two gaps (``--quick``: smaller sets):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -84,10 +86,15 @@ def offset_costs(count=48, offsets=((0, 0), (1, 0), (1, 1), (2, 2), (3, 0))):
     out = {}
     for dy, dx in offsets:
         pattern, bad = prepare.prepare_frames(det, (BEAM[0] + dy, BEAM[1] + dx), 64, 1, mask)
-        net = nn.predict(pattern, mask=bad, device="cpu")
+        info = nn.choose_scale(pattern, mask=bad, device="cpu")  # what predict chooses: re-centred or not
+        net = nn.predict(pattern, model=info, mask=bad, device="cpu")
+        as_cut = nn.predict(pattern, model=dataclasses.replace(info, offset=None), mask=bad, device="cpu")
         pr = reconstruct(pattern, mask=bad, seed=1)
         out[f"{dy},{dx}"] = {
-            "network": dict(_scores(net["amplitude"], net["phase"], sim), trusted=float(np.mean(net["trusted"]))),
+            "network": dict(_scores(net["amplitude"], net["phase"], sim), trusted=float(np.mean(net["trusted"])),
+                            recentred=list(info.offset) if info.offset else None),
+            "network_as_cut": dict(_scores(as_cut["amplitude"], as_cut["phase"], sim),
+                                   trusted=float(np.mean(as_cut["trusted"]))),
             "retrieval": dict(_scores(pr["amplitude"], pr["phase"], sim, pr["support"]),
                               chi2=float(np.median(pr["chi2"]))),
         }

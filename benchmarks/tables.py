@@ -359,12 +359,18 @@ def prepare_tables(name, res):
         out.append(f"| {n} | " + " | ".join(cells) + " |")
     out += ["", ("What a wrong centre costs (realistic mixture at 1e5 photons, 64 x 64, nothing masked; "
                  "IoU / phase RMS rad medians after centring and ramp removal):"), "",
-            "| centre off (px) | network: trusted, IoU / phase | default reconstruct: chi^2, IoU / phase |",
-            "|---|---|---|"]
+            "| centre off (px) | network as `predict` runs it (re-centred by): trusted, IoU / phase | network as cut "
+            "| default reconstruct: chi^2, IoU / phase |",
+            "|---|---|---|---|"]
+
+    def net(n):
+        return f"{_pct(n['trusted'])}, {_f(n['iou'])} / {_f(n['phase_rms'])}"
+
     for off, c in res.get("offset", {}).items():
         n, r = c["network"], c["retrieval"]
-        out.append(f"| {off} | {_pct(n['trusted'])}, {_f(n['iou'])} / {_f(n['phase_rms'])} | {_f(r['chi2'])}, "
-                   f"{_f(r['iou'])} / {_f(r['phase_rms'])} |")
+        by = f" ({', '.join(map(str, n['recentred']))})" if n.get("recentred") else ""
+        cut = net(c["network_as_cut"]) if "network_as_cut" in c else "–"
+        out.append(f"| {off} | {net(n)}{by} | {cut} | {_f(r['chi2'])}, {_f(r['iou'])} / {_f(r['phase_rms'])} |")
     sp = res.get("speed", {})
     out += ["", f"The centre of one {' x '.join(map(str, sp.get('shape', [])))} frame (EIGER 4M): "
             f"{_f(sp.get('eiger4m_frame_s'))} s.", ""]

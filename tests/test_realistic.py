@@ -1,5 +1,7 @@
 """Real detector data: object families, the detector model, the mask channel and the noise-aware trust rule."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -298,3 +300,28 @@ def test_ship_measures_the_card_sets_and_the_off_centre_set(tmp_path, monkeypatc
     text = "\n".join(model_card.metrics_table(card) + model_card.training_data_text(card))
     assert "cut up to 2 px off-centre (`test_metrics_offcentre`) | 8 |" in text
     assert "cut off-centre (zero frequency up to 2 px from the centre pixel, per axis) on 50%" in text
+
+
+def test_predict_reads_an_off_centre_stack_re_centred_and_ramps_its_objects_back():
+    from napari_cdinn import nn
+    from napari_cdinn.nn.inference import _fit_intensity, recentre
+
+    sim = simulate(32, seed=4, oversampling=2, photons=1e5)
+    centred = predict(sim["intensity"], device="cpu")
+    moved = np.roll(sim["intensity"], (0, 2), (-2, -1))
+    info = nn.choose_scale(moved, device="cpu")
+    assert info.offset == (0, 2) and "(+0, +2)" in nn.off_centre(info)
+    res = predict(moved, device="cpu")
+    # the objects are those of the measured (moved) patterns: their own far fields fit the data as reported
+    own = physics.chi2(moved, _fit_intensity(res["amplitude"], res["phase"], 2))
+    np.testing.assert_allclose(np.median(own), np.median(res["chi2"]), rtol=0.05)
+    assert np.median(res["chi2"]) < 1.2 * np.median(centred["chi2"])
+    assert res["trusted"].mean() >= centred["trusted"].mean() - 0.1
+    assert physics.support_iou(res["support"], centred["support"]).min() > 0.9
+    # read as cut, the network fits them worse: that is why the sample decides
+    as_cut = predict(moved, model=dataclasses.replace(info, offset=None), device="cpu")
+    assert np.median(as_cut["chi2"]) > 2 * np.median(res["chi2"])
+    # the moved-in pixels are unmeasured; a 2-D mask stays 2-D
+    frames, mask = recentre(moved[:2], None, (0, 2))
+    assert mask.shape == (64, 64) and mask[:, -2:].all() and not mask[:, :-2].any()
+    np.testing.assert_array_equal(frames[:, :, :-2], sim["intensity"][:2, :, :-2])

@@ -53,6 +53,7 @@ __all__ = [
     "noise_chi2",
     "pad",
     "phase_rms",
+    "ramp_phase",
     "roll_frames",
     "shift",
     "support_from_amplitude",
@@ -257,6 +258,25 @@ def roll_frames(x: Array, shifts: Array) -> Array:
     rows = (arange_like(h, x)[None, :] - shifts[:, :1]) % h  # np.roll: out[i] = x[i - s]
     cols = (arange_like(w, x)[None, :] - shifts[:, 1:]) % w
     return x[arange_like(n, x)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def ramp_phase(phase: Array, shifts, side: int, where: Array | None = None) -> Array:
+    """Phases of objects ``(N, S, S)`` whose ``side``-pixel far fields are moved by ``shifts[i] = (dy, dx)`` pixels.
+
+    The far field of ``o(x) exp(2 pi i k . x / side)`` is that of ``o`` moved by ``k``, so the phase gains
+    that ramp (about the frame's centre pixel), wrapped to -pi..pi; it is left as it is outside
+    ``where`` (bool, like ``phase``).  NumPy arrays or tensors (``shifts`` array-like ``(N, 2)``, any
+    values: whole pixels move the pattern exactly, as ``np.roll``).
+    """
+    n = phase.shape[-1]
+    grid = arange_like(n, phase) - n // 2
+    shifts = np.asarray(shifts, dtype=np.float32).reshape(-1, 2)
+    xp = array_lib(phase)
+    dy, dx = (v[:, None, None] if xp is np else xp.as_tensor(v[:, None, None], device=phase.device)
+              for v in (shifts[:, 0], shifts[:, 1]))
+    ramped = (phase + (dy * grid[None, :, None] + dx * grid[None, None, :]) * (2 * np.pi / side) + np.pi) % (
+        2 * np.pi) - np.pi
+    return ramped if where is None else xp.where(where, ramped, phase)
 
 
 #: Frames aligned together by :func:`align` (bounds its memory: about 100 kB per 32 x 32 frame).

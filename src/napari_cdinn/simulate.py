@@ -455,20 +455,13 @@ def _column(values, like):
 
 def offset_phase(amplitude, phase, settings: dict, side: int):
     """Phases of objects whose ``side``-pixel patterns have their zero frequency ``settings["offset_row"]``,
-    ``settings["offset_col"]`` pixels from the centre pixel.
-
-    The far field of ``o(x) exp(2 pi i k . x / side)`` is that of ``o`` moved by ``k`` pixels, so the
-    phase gains that ramp (about the frame's centre, wrapped to -pi..pi) where the amplitude is not 0.
-    NumPy arrays or tensors ``(N, S, S)`` (same kind out); without offsets the phase is returned as is.
+    ``settings["offset_col"]`` pixels from the centre pixel: :func:`napari_cdinn.physics.ramp_phase` where
+    the amplitude is not 0.  NumPy arrays or tensors ``(N, S, S)``; without offsets the phase is returned as is.
     """
     if "offset_row" not in settings or not (np.any(settings["offset_row"]) or np.any(settings["offset_col"])):
         return phase
-    n = phase.shape[-1]
-    grid = physics.arange_like(n, phase) - n // 2
-    ramp = (_column(settings["offset_row"], phase) * grid[None, :, None]
-            + _column(settings["offset_col"], phase) * grid[None, None, :]) * (2 * np.pi / side)
-    ramped = (phase + ramp + np.pi) % (2 * np.pi) - np.pi
-    return physics.array_lib(phase).where(amplitude > 0, ramped, phase)
+    shifts = np.stack([np.asarray(settings["offset_row"]), np.asarray(settings["offset_col"])], 1)
+    return physics.ramp_phase(phase, shifts, side, amplitude > 0)
 
 
 def detector_mask(settings: dict, m: int, like: np.ndarray | torch.Tensor | None = None) -> np.ndarray | torch.Tensor:

@@ -99,16 +99,15 @@ def declined(info: ModelInfo) -> str | None:
 
 
 def off_centre(info: ModelInfo) -> str | None:
-    """One sentence when the patterns :func:`choose_scale` resolved ``info`` for are not centred on their
-    centre pixel (their summed centre of symmetry, :func:`napari_cdinn.nn.inference.centre_offset`),
-    else None.  The networks read centred patterns: off-centre ones are trusted less often
-    (docs/decisions.md, "Off-centre patterns"); the retrieval does not mind."""
+    """One sentence when :func:`choose_scale` re-centred the patterns it resolved ``info`` for (their
+    summed centre of symmetry lies off the centre pixel, and the network fits them better re-centred:
+    :func:`napari_cdinn.nn.inference.recentre`), else None."""
     if not info.offset:
         return None
     dy, dx = info.offset
     return (f"the patterns are symmetric about a pixel ({dy:+d}, {dx:+d}) from their centre pixel: the network "
-            f"reads centred patterns and trusts fewer frames off-centre; `cdinn prepare` re-centres them "
-            f"(--centre symmetry)")
+            f"reads them re-centred there (the pixels moved in unmeasured; its objects carry the matching phase "
+            f"ramp); `cdinn prepare --centre symmetry` cuts them centred")
 
 
 def choose_scale(*args: Any, **kwargs: Any) -> ModelInfo:

@@ -515,7 +515,9 @@ def predict(intensity, model=None, device="auto", batch_size=None, threshold=phy
     mask : array-like bool, (H, W) or (N, H, W), optional
         True on unmeasured pixels (beamstop, gaps); NaN and infinite pixels are unmeasured too.
     scale : "auto" or int
-        Read the objects at this scale (:mod:`napari_cdinn.nn.models`, "Object size and scale").
+        Read the objects at this scale (:mod:`napari_cdinn.nn.models`, "Object size and scale"), and
+        re-centre the patterns where :func:`choose_scale` finds that the network fits them better so
+        (a :class:`~napari_cdinn.nn.models.ModelInfo`'s ``offset``, :func:`recentre`).
         ``"auto"``: the scale of a :class:`~napari_cdinn.nn.models.ModelInfo` that
         :func:`choose_scale` returned (callers that stream a stack choose it once), else the one
         :func:`choose_scale` picks from these patterns.
@@ -543,7 +545,8 @@ def predict(intensity, model=None, device="auto", batch_size=None, threshold=phy
         raise ValueError(f"expected intensities shaped (H, W) or (N, H, W), got {len(shape)} dimensions")
     single = len(shape) == 2
     if scale == "auto" and not (isinstance(model, ModelInfo) and model.misfit is not None):
-        if len(candidates(model, shape)) > 1:  # only then is there a choice to make
+        # only then is there a choice to make: of model and scale, or of the centre
+        if len(candidates(model, shape)) > 1 or (len(shape) == 3 and shape[0] >= CENTRE_CHECK[-1][0]):
             model = choose_scale(intensity, model, mask=mask, device=device)
     info = resolve_model(model, shape, None if scale == "auto" else scale)  # checked once before any work
     side = info.size * info.scale
@@ -559,6 +562,8 @@ def predict(intensity, model=None, device="auto", batch_size=None, threshold=phy
     }
     size = min(n, _batch_size(batch_size, dev))
     blocks = _blocks(intensity, _check_mask(mask, shape), n, shape, size)
+    if info.offset:
+        blocks = ((lo, *recentre(block, block_mask, info.offset)) for lo, block, block_mask in blocks)
     settings = (net, dev, bf16, threshold, int(views), info.scale)
     with _no_grad(dev):
         if _prepare_on_device(dev):
@@ -568,6 +573,9 @@ def predict(intensity, model=None, device="auto", batch_size=None, threshold=phy
             for lo, block, block_mask in blocks:
                 prepared = prepare(block, net.input_transform, net.input_factor, block_mask, info.scale, net.size)
                 _store(out, lo, _run_batch(net, prepared, *settings[1:]))
+    if info.offset:  # the objects of the measured patterns: their far fields moved back by the offset
+        drawn = out["amplitude"] > min(threshold, PHASE_FLOOR)
+        out["phase"] = physics.ramp_phase(out["phase"], np.tile(info.offset, (n, 1)), shape[-1], drawn)
     out["trusted"] = is_trusted(out["chi2"], out["chi2_noise"])
     if single:
         out = {k: v[0] for k, v in out.items()}
@@ -695,7 +703,9 @@ def choose_scale(intensity, model=None, mask=None, device="auto", sample=None):
     scale whose predictions fit the measured pixels best (lowest median ``chi2 - chi2_noise``) are
     kept.  An object too large for a scale does not fit at it (its far field is read aliased), one
     read coarser than needed loses its fine fringes: the data decide, beamstop and noise included,
-    which the autocorrelation's extent does not survive (docs/decisions.md, "Object size").
+    which the autocorrelation's extent does not survive (docs/decisions.md, "Object size").  Where the
+    sample's summed centre of symmetry lies off the centre pixel (:func:`centre_offset`), each is also
+    tried on the patterns re-centred there (:func:`recentre`), and kept so where it fits better.
 
     Parameters
     ----------
@@ -709,19 +719,23 @@ def choose_scale(intensity, model=None, mask=None, device="auto", sample=None):
     Returns
     -------
     ModelInfo
-        With ``scale``, ``misfit`` (that median at the chosen scale) and ``extent`` (the median
-        autocorrelation bound of the objects' width): :func:`napari_cdinn.nn.declined` reads them.
+        With ``scale``, ``misfit`` (that median at the chosen scale), ``extent`` (the median
+        autocorrelation bound of the objects' width), which :func:`napari_cdinn.nn.declined` reads,
+        and ``offset`` (the re-centring kept, or None), which :func:`napari_cdinn.nn.off_centre` reads.
     """
     shape = tuple(intensity.shape) if hasattr(intensity, "shape") else np.shape(intensity)
     if len(shape) == 2:
         intensity, shape = np.asarray(intensity)[None], (1, *shape)
     options = candidates(model, shape)
     frames, mask = _sample(intensity, _check_mask(mask, shape), SCALE_SAMPLE if sample is None else sample)
+    offset = centre_offset(frames, mask)
     best = None
     for info in options:
-        res = predict(frames, model=info, device=device, mask=mask, scale=info.scale)
-        if best is None or _misfit(res) < _misfit(best[1]):
-            best = (info, res)
+        for shift in (None, offset) if offset else (None,):
+            info = dataclasses.replace(info, offset=shift)
+            res = predict(frames, model=info, device=device, mask=mask, scale=info.scale)
+            if best is None or _misfit(res) < _misfit(best[1]):
+                best = (info, res)
     return with_evidence(best[0], best[1], frames, mask)
 
 
@@ -731,15 +745,14 @@ def _misfit(result):
 
 
 def with_evidence(info, result, frames, mask=None):
-    """``info`` with what :func:`napari_cdinn.nn.declined` and :func:`napari_cdinn.nn.off_centre` read:
-    its ``misfit`` (the median of ``chi2 - chi2_noise`` of ``result``, its :func:`predict` of patterns at
-    ``info``'s scale), the ``extent`` of the objects (the median autocorrelation bound of ``frames``, a
-    sample of them, with their ``mask``; NaN behind a beamstop) and the ``offset`` of their summed centre
-    of symmetry (:func:`centre_offset`)."""
+    """``info`` with what :func:`napari_cdinn.nn.declined` reads: its ``misfit`` (the median of
+    ``chi2 - chi2_noise`` of ``result``, its :func:`predict` of patterns at ``info``'s scale) and the
+    ``extent`` of the objects (the median autocorrelation bound of ``frames``, a sample of them, with
+    their ``mask``; NaN behind a beamstop)."""
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # every frame behind a beamstop: NaN
         extent = float(np.nanmedian(physics.autocorrelation_extent(frames, mask)))
-    return dataclasses.replace(info, misfit=_misfit(result), extent=extent, offset=centre_offset(frames, mask))
+    return dataclasses.replace(info, misfit=_misfit(result), extent=extent)
 
 
 #: ``(frames summed, pixels)``: from that many frames on, a summed centre of symmetry more than that far
@@ -774,6 +787,26 @@ def centre_offset(frames, mask=None):
         return None
     off = (int(round(cy)) - frames.shape[-2] // 2, int(round(cx)) - frames.shape[-1] // 2)
     return off if max(abs(v) for v in off) > tolerance else None
+
+
+def recentre(frames, mask, offset):
+    """Frames ``(m, H, W)`` whose zero frequency lies ``offset = (dy, dx)`` pixels from the centre pixel,
+    moved by ``-offset`` so that it lies there, with their mask: the pixels moved in from beyond the
+    edge are unmeasured (``mask`` None, ``(H, W)`` or ``(m, H, W)``; the result's mask keeps its shape,
+    ``(H, W)`` for None)."""
+    frames = np.asarray(frames, dtype=np.float32)
+    mask = np.zeros(frames.shape[-2:], bool) if mask is None else np.asarray(mask, dtype=bool)
+    return _shifted(frames, offset, 0.0), _shifted(mask, offset, True)
+
+
+def _shifted(x, offset, fill):
+    """``x`` (..., H, W) moved by ``-offset`` pixels (``out[i] = x[i + offset]``), ``fill`` where nothing was."""
+    out = np.full_like(x, fill)
+    h, w = x.shape[-2:]
+    (dy, dx) = offset
+    out[..., max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)] = x[..., max(dy, 0):h + min(dy, 0),
+                                                                          max(dx, 0):w + min(dx, 0)]
+    return out
 
 
 def is_trusted(chi2, chi2_noise=0.0):
