@@ -420,6 +420,21 @@ def test_inversion_notes_a_stack_cut_off_centre(make_napari_viewer, qtbot, monke
     widget.controls.run_button.clicked.emit()
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
     assert any(m.startswith("The patterns are symmetric about a pixel (+2, +0)") and m.endswith(".") for m in infos)
+    assert viewer.layers["moved NN amplitude"].metadata["trusted"].mean() > 0.3  # read re-centred
+
+
+def test_retrieval_from_the_network_notes_a_stack_cut_off_centre(make_napari_viewer, qtbot, monkeypatch):
+    infos = []
+    monkeypatch.setattr("napari_cdinn._napari.widgets._common.show_info", infos.append)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.roll(simulate(32, oversampling=2, seed=4)["intensity"], (0, -2), (-2, -1)), name="moved")
+    widget = _dock(viewer, "Phase retrieval")
+    widget.patterns.value = viewer.layers["moved"]
+    widget.algorithm.value, widget.iterations.value, widget.device.value = "er", 20, "cpu"
+    widget.start.value = "CDI NN"
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
+    assert any(m.startswith("The patterns are symmetric about a pixel (+0, -2)") for m in infos)
 
 
 def test_inversion_bad_shape_and_bad_model_are_notifications(make_napari_viewer, qtbot, monkeypatch, tmp_path):

@@ -87,7 +87,8 @@ def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
     outcome says why.  Frames whose guess is narrower than the autocorrelation allows
     (:func:`napari_cdinn.pipelines.guess_fits_autocorrelation`) start from random phases too.
 
-    Returns ``{"frames": frames done, "stopped": bool, "declined": None or one sentence}``.
+    Returns ``{"frames": frames done, "stopped": bool, "declined": None or one sentence, "off_centre": None or
+    one sentence}`` (:func:`napari_cdinn.nn.off_centre`: the network read the patterns re-centred).
     """
     from ... import nn
     from ...pipelines import guess_fits_autocorrelation, network_guess
@@ -99,11 +100,12 @@ def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
     n, block = stack.shape[0], max(1, int(options.pop("block_frames")))
     support = options.pop("support", None)
     post = tuple(options.pop("post", ()))
-    declined = None
-    if nn_start is not None:  # the network at its scale, chosen once for the stack, or declined
+    notes = {"declined": None, "off_centre": None}
+    if nn_start is not None:  # the network at its scale (re-centred or not), chosen once for the stack, or declined
         model = nn.choose_scale(stack, nn_start[0], mask=mask, device=options["device"])
-        declined = nn.declined(model)
-        nn_start = None if declined else (model,)
+        notes["declined"] = nn.declined(model)
+        nn_start = None if notes["declined"] else (model,)
+        notes["off_centre"] = None if notes["declined"] else nn.off_centre(model)
 
     def invert(chunk, first_frame=0, mask=None):
         lo, hi = first_frame, first_frame + len(chunk)
@@ -139,10 +141,10 @@ def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
                     res["amplitude"], res["phase"], post, support=res["support"])
             emit(ProgressEvent(Kind.CHUNK, done, n, payload=payload))
             if res["stopped"]:
-                return {"frames": done, "stopped": True, "declined": declined}
+                return {"frames": done, "stopped": True, **notes}
     except Cancelled:
-        return {"frames": done, "stopped": True, "declined": declined}
-    return {"frames": done, "stopped": False, "declined": declined}
+        return {"frames": done, "stopped": True, **notes}
+    return {"frames": done, "stopped": False, **notes}
 
 
 class _Throttled:
@@ -374,6 +376,8 @@ class PhaseRetrievalWidget(widgets.Container):
         if outcome.get("declined"):
             notify(outcome["declined"])
             text += "; the network declined: random starts"
+        if outcome.get("off_centre"):
+            notify(outcome["off_centre"])
         if outcome["stopped"]:
             text = f"stopped: {outcome['frames']} pattern(s) kept"
             notify(f"Phase retrieval stopped; {outcome['frames']} pattern(s) kept.")
