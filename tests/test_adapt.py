@@ -122,6 +122,11 @@ def test_a_stop_keeps_the_best_weights_and_writes_the_model(tmp_path):
     assert (tmp_path / "stopped" / "model.safetensors").is_file()
 
 
+def test_an_off_centre_stack_is_adapted_to_re_centred(tmp_path, adapted):
+    card = adapt(np.roll(SIM["intensity"], (1, 0), (-2, -1)), tmp_path / "moved", max_steps=2, **TINY)
+    assert card["data"]["recentred"] == [1, 0] and adapted[1]["data"]["recentred"] is None
+
+
 def test_a_crash_leaves_no_half_written_model(tmp_path):
     def callback(event):
         if event["event"] == "evaluation" and event["step"] > 0:

@@ -971,6 +971,10 @@ def _cmd_adapt(args):
         b, a = scores["base"], scores["adapted"]
         print(f"simulated {name} test: iou {b['iou_median']:.3f} -> {a['iou_median']:.3f}, phase RMS "
               f"{b['phase_rms_median']:.3f} -> {a['phase_rms_median']:.3f} rad")
+    if card["data"].get("recentred"):
+        dy, dx = card["data"]["recentred"]
+        print(f"note: the frames are symmetric about a pixel ({dy:+d}, {dx:+d}) from their centre pixel: the network "
+              "adapted to them re-centred there, as predict reads them", file=sys.stderr)
     print(f"wrote {args.out} (adapted from {info.name})", file=sys.stderr)
 
 

@@ -59,6 +59,10 @@ leaves no half-written model; an existing ``out`` is refused; the base model's f
 
 Patterns are read at scale 1 (objects that fit the network's 32 pixels; :mod:`napari_cdinn.nn.models`,
 "Object size and scale"): larger objects, read at a coarser scale by ``predict``, are not adapted to.
+Frames whose summed centre of symmetry lies off the centre pixel
+(:func:`napari_cdinn.nn.inference.centre_offset`) are adapted to re-centred there
+(:func:`napari_cdinn.nn.inference.recentre`), as ``predict`` reads them; the card's ``data`` says so
+(``recentred``).
 
 No Qt or napari import; torch is imported when :func:`adapt` runs.
 """
@@ -559,6 +563,7 @@ def adapt(intensity, out, *, model=None, mask=None, time_limit_min=10.0, holdout
     from ..device import threads_applied
     from ..io import current_umask
     from .checkpoint import load_model, save_model
+    from .inference import centre_offset, recentre
     from .models import resolve_model
     from .runtime import resolve_device
 
@@ -583,6 +588,10 @@ def adapt(intensity, out, *, model=None, mask=None, time_limit_min=10.0, holdout
     split_frames(max(int(min_frames), 2), holdout)  # a bad holdout fails before the data are read
     raw, mask, counts = _read_frames(intensity, mask, seed, int(min_frames), int(max_frames))
     split_frames(len(raw), holdout)
+    offset = centre_offset(raw, mask)
+    if offset:  # the network reads centred patterns: it adapts to the stack re-centred, as predict then reads it
+        raw, mask = recentre(raw, mask, offset)
+    counts["recentred"] = list(offset) if offset else None
     emit = _emitter(callback, 60.0 * settings["time_limit_min"])
     with threads_applied(int(threads)) if threads else contextlib.nullcontext():  # the count comes back after
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.absolute().parent))
