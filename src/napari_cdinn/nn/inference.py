@@ -770,12 +770,11 @@ def centre_offset(frames, mask=None):
     Each frame counts in proportion to its share of the signal, and a pixel is averaged over the
     frames that measure it (``mask``, NaN: unmeasured), so that per-frame masks (saturated peaks,
     a beamstop that moved) leave unmeasured only the pixels no frame measured."""
-    from ..prepare import friedel_centre
-
     frames = np.asarray(frames, dtype=np.float32)
     tolerance = next((px for n, px in CENTRE_CHECK if len(frames) >= n), None)
     if frames.ndim != 3 or tolerance is None:
         return None
+    from ..prepare import friedel_centre  # imported only where it can tell
     good = np.isfinite(frames) if mask is None else np.isfinite(frames) & ~np.broadcast_to(mask, frames.shape)
     values = np.where(good, np.maximum(frames, 0), 0)
     totals = values.sum((-2, -1), keepdims=True)
