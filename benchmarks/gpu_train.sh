@@ -15,6 +15,8 @@
 #            (INIT_DEEP, default model2x; a deep2x model directory continues one), lr SCRATCH_LR
 #            (not in the default RUNS: RUNS=deep WORKERS=14 gives it the whole machine).
 # RUNS=warm WORKERS=14 gives the whole machine to the warm run (the better use of a short lease).
+# WARM_DETECTOR (default: model2x's own) sets the warm run's detector model: realistic-offcentre
+# teaches it patterns cut up to 2 px off-centre (docs/decisions.md, "Off-centre patterns").
 # Each writes a model directory, of which $OUT/<run>.tgz brings back the best weights and the cards:
 # `python -m napari_cdinn.nn.ship DIR` ships them, `cdinn train --init-from DIR/best.safetensors` continues.
 # An "epoch" is 1.8M fresh examples here so that the full validation (20,000) stays a small part.
@@ -46,9 +48,11 @@ common=(--preset paper --fresh-data --shift 1 --phase-weight 4 --data-weight 1 -
 case " $RUNS " in *" scratch "*)
   timeout -s INT "$guard" python3 -m napari_cdinn.cli train --out "$OUT/scratch" "${common[@]}" --arch shared2x --lr "$SCRATCH_LR" --seed 21 > "$OUT/scratch.log" 2>&1 & ;;
 esac
+warm_data=()
+[ -n "${WARM_DETECTOR:-}" ] && warm_data=(--detector "$WARM_DETECTOR")
 case " $RUNS " in *" warm "*)
   timeout -s INT "$guard" python3 -m napari_cdinn.cli train --out "$OUT/warm" "${common[@]}" --arch shared2x --init-from model2x --lr "$WARM_LR" --seed 23 \
-    > "$OUT/warm.log" 2>&1 & ;;
+    "${warm_data[@]}" > "$OUT/warm.log" 2>&1 & ;;
 esac
 case " $RUNS " in *" deep "*)
   timeout -s INT "$guard" python3 -m napari_cdinn.cli train --out "$OUT/deep" "${common[@]}" --arch deep2x --mask-channel \
