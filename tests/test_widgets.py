@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from napari_cdinn._napari import layers as _layers
+from napari_cdinn.nn import TRUST_CHI2
 from napari_cdinn.simulate import simulate
 
 pytest.importorskip("pytestqt")
@@ -403,6 +404,7 @@ def test_inversion_automatic_model_follows_the_pattern_size(make_napari_viewer, 
     viewer.add_image(simulate(2, oversampling=2, seed=4)["intensity"], name="wide")
     widget = _dock(viewer, "CDI NN inversion")
     assert widget.models.choice.value is None and widget.models.choice.native.currentText() == AUTO_LABEL
+    assert widget.trust.value == TRUST_CHI2  # the CLI's rule, not rounded by the spin box
     widget.patterns.value = viewer.layers["wide"]
     widget.device.value = "cpu"
     widget.controls.run_button.clicked.emit()

@@ -103,7 +103,7 @@ class InversionWidget(widgets.Container):
         self.device = widgets.ComboBox(label="device", choices=DEVICES, value="auto")
         self.threshold = widgets.FloatSpinBox(label="shape threshold", value=0.1, min=0.0, max=1.0, step=0.01)
         self.trust = widgets.FloatSpinBox(
-            label="trust chi² − noise below", value=TRUST_CHI2, min=0.0, max=10.0, step=0.01,
+            label="trust chi² − noise below", value=TRUST_CHI2, min=0.0, max=10.0, step=0.005,  # 3 decimals: 0.015 exact
             tooltip="a frame is trusted when its chi² minus the chi² that counting noise alone gives "
                     "(chi2_noise) is at most this")
         self.batch_size = widgets.SpinBox(label="batch", value=256, min=1, max=65536)
