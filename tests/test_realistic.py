@@ -213,6 +213,8 @@ def test_an_off_centre_pattern_is_the_centred_one_moved_and_its_object_carries_t
         rolled = np.roll(centred["intensity"][i], (int(moves["offset_row"][i]), int(moves["offset_col"][i])), (0, 1))
         np.testing.assert_allclose(moved[i], rolled, atol=1e-5 * rolled.max())
     assert np.all(np.abs(phase) <= np.pi + 1e-6) and np.all(phase[centred["amplitude"] == 0] == 0)
+    assert phase.dtype == np.float32 and simulate(2, oversampling=2, detector=Detector(offset=1.0))["phase"].dtype == \
+        np.float32
     # the same ramp on tensors, and no offset changes nothing
     t = offset_phase(torch.from_numpy(centred["amplitude"]), torch.from_numpy(centred["phase"]), moves, 64)
     np.testing.assert_allclose(t.numpy(), phase, atol=1e-5)
@@ -312,6 +314,7 @@ def test_predict_reads_an_off_centre_stack_re_centred_and_ramps_its_objects_back
     info = nn.choose_scale(moved, device="cpu")
     assert info.offset == (0, 2) and "(+0, +2)" in nn.off_centre(info)
     res = predict(moved, device="cpu")
+    assert res["phase"].dtype == np.float32 and np.abs(res["phase"]).max() <= np.pi + 1e-6
     # the objects are those of the measured (moved) patterns: their own far fields fit the data as reported
     own = physics.chi2(moved, _fit_intensity(res["amplitude"], res["phase"], 2))
     np.testing.assert_allclose(np.median(own), np.median(res["chi2"]), rtol=0.05)

@@ -266,7 +266,7 @@ def ramp_phase(phase: Array, shifts, side: int, where: Array | None = None) -> A
     The far field of ``o(x) exp(2 pi i k . x / side)`` is that of ``o`` moved by ``k``, so the phase gains
     that ramp (about the frame's centre pixel), wrapped to -pi..pi; it is left as it is outside
     ``where`` (bool, like ``phase``).  NumPy arrays or tensors (``shifts`` array-like ``(N, 2)``, any
-    values: whole pixels move the pattern exactly, as ``np.roll``).
+    values: whole pixels move the pattern exactly, as ``np.roll``); the phases keep their dtype.
     """
     n = phase.shape[-1]
     grid = arange_like(n, phase) - n // 2
@@ -276,6 +276,7 @@ def ramp_phase(phase: Array, shifts, side: int, where: Array | None = None) -> A
               for v in (shifts[:, 0], shifts[:, 1]))
     ramped = (phase + (dy * grid[None, :, None] + dx * grid[None, None, :]) * (2 * np.pi / side) + np.pi) % (
         2 * np.pi) - np.pi
+    ramped = ramped.astype(phase.dtype, copy=False) if xp is np else ramped.to(phase.dtype)
     return ramped if where is None else xp.where(where, ramped, phase)
 
 

@@ -603,7 +603,7 @@ def simulate(
     m = size * oversampling
     settings = None if det.ideal else draw_detector(det, count, seed)
     if settings is not None:
-        pha = offset_phase(amp, pha, settings, m).astype(np.float32)
+        pha = offset_phase(amp, pha, settings, m)
     out = {"amplitude": amp, "phase": pha}
     inten = np.empty((count, m, m), dtype=np.float32)
     chunk = 8192

@@ -105,9 +105,10 @@ def off_centre(info: ModelInfo) -> str | None:
     if not info.offset:
         return None
     dy, dx = info.offset
+    size = f" --size {info.frame[-1]}" if info.frame else ""
     return (f"the patterns are symmetric about a pixel ({dy:+d}, {dx:+d}) from their centre pixel: the network "
             f"reads them re-centred there (the pixels moved in unmeasured; its objects carry the matching phase "
-            f"ramp); `cdinn prepare --centre symmetry` cuts them centred")
+            f"ramp); `cdinn prepare --centre symmetry{size}` cuts them centred")
 
 
 def choose_scale(*args: Any, **kwargs: Any) -> ModelInfo:

@@ -732,10 +732,10 @@ def choose_scale(intensity, model=None, mask=None, device="auto", sample=None):
     best = None
     for info in options:
         for shift in (None, offset) if offset else (None,):
-            info = dataclasses.replace(info, offset=shift)
-            res = predict(frames, model=info, device=device, mask=mask, scale=info.scale)
+            tried = dataclasses.replace(info, offset=shift)
+            res = predict(frames, model=tried, device=device, mask=mask, scale=tried.scale)
             if best is None or _misfit(res) < _misfit(best[1]):
-                best = (info, res)
+                best = (tried, res)
     return with_evidence(best[0], best[1], frames, mask)
 
 
