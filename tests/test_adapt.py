@@ -125,6 +125,9 @@ def test_a_stop_keeps_the_best_weights_and_writes_the_model(tmp_path):
 def test_an_off_centre_stack_is_adapted_to_re_centred(tmp_path, adapted):
     card = adapt(np.roll(SIM["intensity"], (1, 0), (-2, -1)), tmp_path / "moved", max_steps=2, **TINY)
     assert card["data"]["recentred"] == [1, 0] and adapted[1]["data"]["recentred"] is None
+    from napari_cdinn.nn.adapt import recentred_note
+
+    assert "(+1, +0)" in recentred_note(card) and recentred_note(adapted[1]) is None
 
 
 def test_a_crash_leaves_no_half_written_model(tmp_path):

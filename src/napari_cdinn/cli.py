@@ -937,7 +937,7 @@ def _cmd_adapt(args):
 
     from . import io, nn
     from .device import resolve_device
-    from .nn.adapt import MIN_FRAMES, adapt, check_out
+    from .nn.adapt import MIN_FRAMES, adapt, check_out, recentred_note
 
     check_out(args.out)
     if not io.input_exists(args.input):
@@ -971,10 +971,8 @@ def _cmd_adapt(args):
         b, a = scores["base"], scores["adapted"]
         print(f"simulated {name} test: iou {b['iou_median']:.3f} -> {a['iou_median']:.3f}, phase RMS "
               f"{b['phase_rms_median']:.3f} -> {a['phase_rms_median']:.3f} rad")
-    if card["data"].get("recentred"):
-        dy, dx = card["data"]["recentred"]
-        print(f"note: the frames are symmetric about a pixel ({dy:+d}, {dx:+d}) from their centre pixel: the network "
-              "adapted to them re-centred there, as predict reads them", file=sys.stderr)
+    if recentred_note(card):
+        print(f"note: {recentred_note(card)}", file=sys.stderr)
     print(f"wrote {args.out} (adapted from {info.name})", file=sys.stderr)
 
 

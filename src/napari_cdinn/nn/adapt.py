@@ -444,6 +444,15 @@ def _test_scores(base_path, adapted_path, config, shape, count, device):
     return out
 
 
+def recentred_note(card: dict) -> str | None:
+    """One sentence when the adapted model's card says its frames were adapted to re-centred, else None."""
+    shift = (card.get("data") or {}).get("recentred")
+    if not shift:
+        return None
+    return (f"the frames are symmetric about a pixel ({shift[0]:+d}, {shift[1]:+d}) from their centre pixel: the "
+            "network adapted to them re-centred there, as predict reads them")
+
+
 def _card(info, run, raw, counts, settings, ended, source, command):
     """The adapted model's card (see the module notes)."""
     import torch

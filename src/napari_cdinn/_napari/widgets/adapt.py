@@ -136,12 +136,16 @@ class AdaptPanel(widgets.Container):
         self.plot.draw()
 
     def _on_result(self, card):
+        from ...nn.adapt import recentred_note
+
         label = f"{Path(card['path']).name} (adapted)"
         register_model(card["path"], label)
         h = card["holdout_chi2"]
         ended = "stopped" if card["ended"] == "stopped" else "done"
         text = f"{ended}: held-out chi² {h['before']:.4g} -> {h['after']:.4g}; {label} is ready in the model pickers"
         notify(text)
+        if recentred_note(card):
+            notify(recentred_note(card))
         self.controls.idle(text)
 
     def _on_finish(self):
