@@ -325,19 +325,19 @@ def _seeding_guess(stack, model, mask, device):
     """``(the network that seeds the refinement at its scale, its prediction of every frame)``, or
     ``(None, None)`` where it declines (:func:`seeding_model`).
 
-    Where there is one model at one scale for the pattern size there is nothing to choose: the prediction of
-    every frame is the evidence :func:`napari_cdinn.nn.declined` reads, and no sample is predicted
-    first (:func:`napari_cdinn.nn.inference.with_evidence`).
+    Where there is one model at one scale for the pattern size and the stack is centred, there is nothing to
+    choose (:func:`napari_cdinn.nn.inference.choice_to_make`): the prediction of every frame is the evidence
+    :func:`napari_cdinn.nn.declined` reads, and no sample is predicted first
+    (:func:`napari_cdinn.nn.inference.with_evidence`).
     """
     from .nn import ModelInfo, declined, predict
-    from .nn.inference import SCALE_SAMPLE, _sample, with_evidence
+    from .nn.inference import SCALE_SAMPLE, _sample, choice_to_make, with_evidence
     from .nn.models import candidates
 
     if not (isinstance(model, ModelInfo) and model.misfit is not None):
-        options = candidates(model, stack.shape)
-        if len(options) == 1:
-            base = options[0]
-            guess = predict(stack, model=base, device=device, mask=mask)
+        if not choice_to_make(stack, model, mask, stack.shape):
+            base = candidates(model, stack.shape)[0]
+            guess = predict(stack, model=base, device=device, mask=mask, scale=base.scale)
             info = with_evidence(base, guess, *_sample(stack, mask, SCALE_SAMPLE))
             return (None, None) if declined(info) else (info, guess)
     info = seeding_model(stack, model, mask, device)

@@ -545,8 +545,7 @@ def predict(intensity, model=None, device="auto", batch_size=None, threshold=phy
         raise ValueError(f"expected intensities shaped (H, W) or (N, H, W), got {len(shape)} dimensions")
     single = len(shape) == 2
     if scale == "auto" and not (isinstance(model, ModelInfo) and model.misfit is not None):
-        # only then is there a choice to make: of model and scale, or of the centre
-        if len(candidates(model, shape)) > 1 or (len(shape) == 3 and shape[0] >= CENTRE_CHECK[-1][0]):
+        if choice_to_make(intensity, model, mask, shape):
             model = choose_scale(intensity, model, mask=mask, device=device)
     info = resolve_model(model, shape, None if scale == "auto" else scale)  # checked once before any work
     side = info.size * info.scale
@@ -737,6 +736,17 @@ def choose_scale(intensity, model=None, mask=None, device="auto", sample=None):
             if best is None or _misfit(res) < _misfit(best[1]):
                 best = (tried, res)
     return with_evidence(best[0], best[1], frames, mask)
+
+
+def choice_to_make(intensity, model, mask, shape) -> bool:
+    """Whether :func:`choose_scale` has anything to choose for these patterns: several models or scales
+    read them, or a sample of the stack is off-centre (:func:`centre_offset`: then whether to re-centre).
+    Reads the sample only for a stack of one model and scale, large enough to tell its centre."""
+    if len(candidates(model, shape)) > 1:
+        return True
+    if len(shape) != 3 or shape[0] < CENTRE_CHECK[-1][0]:
+        return False
+    return centre_offset(*_sample(intensity, _check_mask(mask, shape), SCALE_SAMPLE)) is not None
 
 
 def _misfit(result):
