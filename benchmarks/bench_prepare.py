@@ -4,8 +4,10 @@ Three measurements, on simulated frames placed on a larger chip with the beam of
 over it and two gaps (``--quick``: smaller sets):
 
 * ``centre``: the error (pixels, the larger of the two axes) of :func:`napari_cdinn.prepare.stack_centre`
-  on sums of 1, 2, 4, 8, 16 and 32 frames, for the paper's objects without noise and the realistic
-  mixture at 1e5 and 1e3 photons, over several seeds;
+  on stacks of 1, 2, 4, 8, 16 and 32 frames, for the paper's objects without noise, the realistic
+  mixture at 1e5 and 1e3 photons, and the mixture as the ``realistic`` detector records it (1e3-1e6
+  photons, background, and per-frame beamstops, gaps and saturated peaks besides the chip's), over
+  several seeds;
 * ``offset``: patterns (nothing masked: the centre's cost alone) cut with the centre 0-3 px off, inverted by the shipped network
   as ``predict`` runs it (re-centred where its sample fits better so, ``recentred``) and as cut
   (trusted fraction, IoU, phase RMS after centring and ramp removal), and by the default
@@ -33,36 +35,43 @@ from napari_cdinn.simulate import simulate
 
 #: The chip and the beam of every set: 300 x 200 pixels, the beam at (141, 77).
 CHIP, BEAM = (300, 200), (141, 77)
-#: The kinds of frames: (objects, photons).
-KINDS = {"paper_noise_free": ("paper", None), "mixture_1e5": ("realistic", 1e5), "mixture_1e3": ("realistic", 1e3)}
+#: The kinds of frames: :func:`simulate` keywords.
+KINDS = {"paper_noise_free": {"families": "paper"},
+         "mixture_1e5": {"families": "realistic", "photons": 1e5},
+         "mixture_1e3": {"families": "realistic", "photons": 1e3},
+         "realistic_detector": {"families": "realistic", "detector": "realistic"}}
 
 
-def detector_frames(count, seed, families, photons, oversampling=4, masked=True):
-    """Simulated centred patterns on the chip with (``masked``) a beamstop and two gaps: zeros there, and
-    the mask."""
-    sim = simulate(count, seed=seed, oversampling=oversampling, photons=photons, families=families)
+def detector_frames(count, seed, oversampling=4, masked=True, **kinds):
+    """Simulated centred patterns (``kinds``: :func:`simulate` keywords) on the chip with (``masked``) a
+    beamstop and two gaps: zeros there, and the mask (per frame where the detector masks per frame)."""
+    sim = simulate(count, seed=seed, oversampling=oversampling, **kinds)
     side = sim["intensity"].shape[-1]
     cy, cx = BEAM
+    window = (slice(None), slice(cy - side // 2, cy + side // 2), slice(cx - side // 2, cx + side // 2))
     det = np.zeros((count, *CHIP), np.float32)
-    det[:, cy - side // 2:cy + side // 2, cx - side // 2:cx + side // 2] = sim["intensity"]
+    det[window] = sim["intensity"]
     mask = np.zeros(CHIP, bool)
     if masked:
         mask[cy - 3:cy + 4, cx - 3:cx + 4] = True
         mask[:, cx + 13:cx + 16] = True
         mask[cy + side // 2 - 5:cy + side // 2 - 1, :] = True
-    det[:, mask] = 0
+    if "mask" in sim:  # the detector's own, per frame
+        mask = np.broadcast_to(mask, det.shape).copy()
+        mask[window] |= sim["mask"]
+    det[np.broadcast_to(mask, det.shape)] = 0
     return det, mask, sim
 
 
 def centre_errors(seeds=5, counts=(1, 2, 4, 8, 16, 32)):
     """Per kind and number of summed frames: the fraction exact, the median and the largest error."""
     out = {}
-    for kind, (families, photons) in KINDS.items():
+    for kind, kinds in KINDS.items():
         errors = {n: [] for n in counts}
         for seed in range(seeds):
-            det, mask, _ = detector_frames(max(counts), 100 + seed, families, photons)
+            det, mask, _ = detector_frames(max(counts), 100 + seed, **kinds)
             for n in counts:
-                c = prepare.stack_centre(det[:n], mask)
+                c = prepare.stack_centre(det[:n], mask if mask.ndim == 2 else mask[:n])
                 errors[n].append(max(abs(c[0] - BEAM[0]), abs(c[1] - BEAM[1])))
         out[kind] = {str(n): {"exact": float(np.mean(np.array(e) == 0)), "median_px": float(np.median(e)),
                               "max_px": float(max(e))} for n, e in errors.items()}
@@ -82,7 +91,7 @@ def offset_costs(count=48, offsets=((0, 0), (1, 0), (1, 1), (2, 2), (3, 0))):
     from napari_cdinn import nn
     from napari_cdinn.retrieval import reconstruct
 
-    det, mask, sim = detector_frames(count, 11, "realistic", 1e5, oversampling=2, masked=False)  # the centre alone
+    det, mask, sim = detector_frames(count, 11, oversampling=2, masked=False, **KINDS["mixture_1e5"])  # the centre alone
     out = {}
     for dy, dx in offsets:
         pattern, bad = prepare.prepare_frames(det, (BEAM[0] + dy, BEAM[1] + dx), 64, 1, mask)

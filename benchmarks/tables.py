@@ -351,9 +351,10 @@ def prepare_tables(name, res):
     counts = list(next(iter(res["centre"].values()), {})) if kinds else []
     out = _head(name, res,
                 (f"Frames on a {' x '.join(map(str, res.get('chip', [])))} chip, the beam at "
-                 f"{tuple(res.get('beam', []))} under a beamstop, two gaps. Centre: exact fraction / largest error "
-                 "(px) over the seeds, by frames summed."),
-                ("frames summed", *kinds))
+                 f"{tuple(res.get('beam', []))} under a beamstop, two gaps (realistic_detector: besides, the "
+                 "`realistic` detector's per-frame beamstops, gaps and saturated peaks). Centre: exact fraction / "
+                 "largest error (px) over the seeds, by frames in the stack."),
+                ("frames", *kinds))
     for n in counts:
         cells = [f"{_pct(res['centre'][k][n]['exact'])} / {_f(res['centre'][k][n]['max_px'])}" for k in kinds]
         out.append(f"| {n} | " + " | ".join(cells) + " |")

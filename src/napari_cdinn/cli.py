@@ -527,7 +527,7 @@ def _add_prepare(sub):
         "prepare",
         help="cut centred, square patterns out of raw detector frames",
         description="Take where the direct beam (zero frequency) falls on the detector from the file "
-        "(NeXus/Dectris beam_center_x/_y), else find it from the inversion symmetry of the summed frames, or take "
+        "(NeXus/Dectris beam_center_x/_y), else find it from the inversion symmetry of the frames' mean, or take "
         "it from --centre; cut a square around it (unmeasured where it "
         "runs off the detector) and optionally sum bin x bin pixels; write 'intensity' and 'mask' "
         "(True = unmeasured), the input the other commands read.",

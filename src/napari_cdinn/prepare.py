@@ -9,7 +9,8 @@ convention: zero frequency at pixel ``(n // 2, n // 2)`` of an ``n x n`` frame.
 
 The beam's position is found by :func:`friedel_centre`, the centre of inversion symmetry of the
 pattern (Friedel's law: ``I(c + q) = I(c - q)`` for a real object, and nearly so for a weak phase),
-on the sum of the frames: it is a peak of the pattern's self-convolution, which unmeasured pixels
+on the frames' mean (:func:`signal_shares`: each frame counts by its share of its signal, each pixel
+over the frames that measure it): it is a peak of the pattern's self-convolution, which unmeasured pixels
 (beamstop, gaps) do not bias because the score is normalised by the overlap of measured pixels.
 
 Masks are True on unmeasured pixels.  A binned pixel is unmeasured when any of its pixels is: a
@@ -40,6 +41,7 @@ __all__ = [
     "parse_centre",
     "prepare_chunk",
     "prepare_frames",
+    "signal_shares",
     "stack_centre",
     "to_photons",
 ]
@@ -51,6 +53,8 @@ MIN_OVERLAP = 0.25
 NOT_SQUARE_HINT = " (cdinn prepare, or the Prepare detector frames dock, cuts centred squares out of detector frames)"
 #: Frames wider than this are searched for their centre coarse to fine (:func:`friedel_centre`).
 MAX_SIDE = 1024
+#: Pixels :func:`stack_centre` reads at once at most (frames of a large chip come a few at a time).
+CHUNK_PIXELS = 2**26
 #: Sizes (after binning) the default prefers: the networks read 32-pixel multiples.
 SIZE_STEP = 32
 
@@ -144,8 +148,40 @@ def symmetry_centre(image, mask=None):
     return float(y), float(x)
 
 
+def signal_shares(frames, mask=None):
+    """What frames add to their mean pattern: per pixel, the sum over the frames that measure it of
+    each frame's share of its own measured signal, and how many frames measure it.
+
+    Each frame counts alike whatever its flux (the bright frames, which saturate, do not outweigh the
+    rest), and a pixel one frame misses (a saturated peak, a beamstop that moved) is still averaged
+    over the frames that measure it: ``shares / max(seen, 1)`` is the stack's mean pattern, unmeasured
+    where ``seen == 0`` (docs/decisions.md, "The centre of a stack").
+
+    Parameters
+    ----------
+    frames : array_like, (N, H, W)
+        Intensities; NaN/inf pixels are unmeasured, negative values count as 0.
+    mask : array_like of bool, (H, W) or (N, H, W), optional
+        True on unmeasured pixels.
+
+    Returns
+    -------
+    shares : ndarray of float64, (H, W)
+    seen : ndarray of int64, (H, W)
+    """
+    frames = np.asarray(frames, dtype=np.float32)
+    good = np.isfinite(frames)
+    if mask is not None:
+        good &= ~np.broadcast_to(np.asarray(mask, dtype=bool), frames.shape)
+    values = np.where(good, np.maximum(frames, 0), np.float32(0))
+    totals = values.sum((-2, -1), dtype=np.float64)
+    scale = np.where(totals > 0, 1 / np.where(totals > 0, totals, 1), 0)
+    shares = np.tensordot(scale.astype(np.float32), values, axes=(0, 0))  # float32: no float64 copy of the chunk
+    return shares.astype(np.float64), good.sum(0, dtype=np.int64)
+
+
 def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=None, dark=None):
-    """:func:`friedel_centre` of the sum of a stack's frames (read chunk by chunk).
+    """:func:`friedel_centre` of a stack's mean pattern (:func:`signal_shares`, read chunk by chunk).
 
     Parameters
     ----------
@@ -153,10 +189,10 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
         Anything sliceable along its first axis (NumPy, dask, a lazy file stack), read as
         :func:`napari_cdinn.io.float32_frames` reads frames (an integer detector's marks: unmeasured).
     mask : array_like of bool, (H, W) or (N, H, W), optional
-        True on unmeasured pixels; a per-frame mask counts a pixel as measured only where no
-        frame misses it.  NaN/inf pixels of any frame are unmeasured.
+        True on unmeasured pixels; with a per-frame mask a pixel is unmeasured only where no frame
+        measures it.  NaN/inf pixels of a frame are unmeasured in that frame.
     chunk_size : int
-        Frames read at once.
+        Frames read at once (fewer where the frames are large).
     progress : callable(done, total), optional
         Called after every chunk.
     should_stop : callable or threading.Event, optional
@@ -176,23 +212,23 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
     if len(shape) == 2:  # one frame: a stack of one
         stack = np.asarray(stack[...])[None]
     n = stack.shape[0]
-    total = np.zeros(shape[-2:], dtype=np.float64)
-    bad = np.zeros(shape[-2:], dtype=bool)
+    shares = np.zeros(shape[-2:], dtype=np.float64)
+    seen = np.zeros(shape[-2:], dtype=np.int64)
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
-        bad |= mask if mask.ndim == 2 else mask.any(axis=0)
+    chunk_size = max(1, min(chunk_size, CHUNK_PIXELS // max(shape[-2] * shape[-1], 1)))
     for a, b in chunk_bounds(n, chunk_size):
         if stop_requested(should_stop):
             raise Cancelled(f"stopped after {a} of {n} frames while finding the centre")
-        frames = io.float32_frames(stack[a:b]).astype(np.float64)
-        finite = np.isfinite(frames)
-        bad |= ~finite.all(axis=0)
+        frames = io.float32_frames(stack[a:b])
         if dark is not None:
             frames = frames - dark
-        total += np.where(finite, frames, 0.0).sum(axis=0)
+        part_shares, part_seen = signal_shares(frames, None if mask is None else mask if mask.ndim == 2 else mask[a:b])
+        shares += part_shares
+        seen += part_seen
         if progress is not None:
             progress(b, n)
-    return friedel_centre(total, bad)
+    return friedel_centre(shares / np.maximum(seen, 1), seen == 0)
 
 
 def _centre_pixel(centre):

@@ -765,7 +765,7 @@ def with_evidence(info, result, frames, mask=None):
     return dataclasses.replace(info, misfit=_misfit(result), extent=extent)
 
 
-#: ``(frames summed, pixels)``: from that many frames on, a summed centre of symmetry more than that far
+#: ``(frames, pixels)``: from that many frames on, a centre of symmetry of their mean more than that far
 #: from the centre pixel is an off-centre stack (benchmarks/README.md, "Preparing detector frames":
 #: exact from 32 frames, within a pixel from 8); fewer frames tell nothing.
 CENTRE_CHECK = ((32, 0), (8, 1))
@@ -773,25 +773,16 @@ CENTRE_CHECK = ((32, 0), (8, 1))
 
 def centre_offset(frames, mask=None):
     """``(dy, dx)`` from the centre pixel ``(M // 2, M // 2)`` to the pixel about which the mean of
-    ``frames`` (N, M, M) is inversion-symmetric (:func:`napari_cdinn.prepare.friedel_centre`), where
-    :data:`CENTRE_CHECK` finds it off-centre; None where it is centred, or too few frames (or no
-    signal) tell.
-
-    Each frame counts in proportion to its share of the signal, and a pixel is averaged over the
-    frames that measure it (``mask``, NaN: unmeasured), so that per-frame masks (saturated peaks,
-    a beamstop that moved) leave unmeasured only the pixels no frame measured."""
+    ``frames`` (N, M, M) is inversion-symmetric, found as ``cdinn prepare`` finds a stack's centre
+    (:func:`napari_cdinn.prepare.stack_centre`; ``mask``, NaN: unmeasured), where :data:`CENTRE_CHECK`
+    finds it off-centre; None where it is centred, or too few frames (or no signal) tell."""
     frames = np.asarray(frames, dtype=np.float32)
     tolerance = next((px for n, px in CENTRE_CHECK if len(frames) >= n), None)
     if frames.ndim != 3 or tolerance is None:
         return None
-    from ..prepare import friedel_centre  # imported only where it can tell
-    good = np.isfinite(frames) if mask is None else np.isfinite(frames) & ~np.broadcast_to(mask, frames.shape)
-    values = np.where(good, np.maximum(frames, 0), 0)
-    totals = values.sum((-2, -1), keepdims=True)
-    shares = (values / np.where(totals > 0, totals, 1)).sum(0)
-    seen = good.sum(0)
+    from ..prepare import stack_centre  # imported only where it can tell
     try:
-        cy, cx = friedel_centre(shares / np.maximum(seen, 1), seen == 0)
+        cy, cx = stack_centre(frames, mask)
     except ValueError:  # no measured signal
         return None
     off = (int(round(cy)) - frames.shape[-2] // 2, int(round(cx)) - frames.shape[-1] // 2)

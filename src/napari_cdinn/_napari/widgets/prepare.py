@@ -42,7 +42,7 @@ CHUNK = 256
 
 def find_job(stack, mask, progress, should_stop, dark=None, file_centre=None):
     """Worker body: the centre by the ``auto`` rule (:func:`napari_cdinn.prepare.choose_centre`: the file's
-    beam centre where it records one, else the summed frames' symmetry centre).
+    beam centre where it records one, else the symmetry centre of the frames' mean).
 
     Returns ``{"centre": (row, column) or None if stopped, "source": ..., "note": a sentence or None}``.
     """
