@@ -6,8 +6,9 @@ import h5py
 import numpy as np
 import pytest
 
-from napari_cdinn import io
+from napari_cdinn import io, physics
 from napari_cdinn.cli import main
+from napari_cdinn.protocol import RESTART_CHI2, RESTART_NOISE
 from napari_cdinn.simulate import simulate
 
 FAST = {"predict": [], "reconstruct": ["--iterations", "10", "--algorithm", "hio"]}
@@ -119,7 +120,6 @@ def test_the_inputs_own_mask_is_used(tmp_path, capsys, monkeypatch):
 
 
 def test_init_nn_records_its_start_and_is_never_worse(tmp_path, capsys):
-    from napari_cdinn.protocol import RESTART_CHI2
 
     data = simulate(6, seed=23, oversampling=2)["intensity"]
     data[5] = np.roll(data[5], 9, axis=0)  # not a diffraction pattern the network knows: untrusted
@@ -153,14 +153,22 @@ def test_predict_and_init_nn_read_the_mask(tmp_path, capsys, monkeypatch):
     np.save("dirty.npy", dirty)
     np.save("mask.npy", mask)
     assert main(["predict", "f.npz", "-o", "a.npz"]) == 0
-    assert "using the mask in f.npz" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "using the mask in f.npz" in err
     assert main(["predict", "dirty.npy", "-o", "b.h5", "--mask", "mask.npy", "--chunk-size", "3"]) == 0
     a, b = io.read_result("a.npz"), io.read_result("b.h5")
     for key in ("amplitude", "phase", "chi2"):
         np.testing.assert_allclose(b[key], a[key], atol=1e-5, err_msg=key)
+    # one line on how many frames the trust rule passes
+    assert f"{int(a['trusted'].sum())} of 4 frames trusted (chi2 - chi2_noise <= " in err
     assert main(["reconstruct", "dirty.npy", "-o", "r.npz", "--mask", "mask.npy", "--init", "nn",
                  "--iterations", "20", "--fallback", "never"]) == 0
-    assert (io.read_result("r.npz")["start"] == 1).all()
+    r = io.read_result("r.npz")
+    assert (r["start"] == 1).all()
+    # the counting-noise floor of the measured pixels (0: noise-free data are not counts), and the verdict
+    np.testing.assert_allclose(r["chi2_noise"], physics.noise_chi2(np.where(mask, 0, clean), mask), rtol=1e-5)
+    fit = int((r["chi2"] - r["chi2_noise"] <= np.maximum(RESTART_CHI2, RESTART_NOISE * r["chi2_noise"])).sum())
+    assert f"{fit} of 4 frames fit the data within the counting noise" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- PRTF

@@ -205,14 +205,23 @@ def test_a_results_phase_opens_transparent_and_writes_back_unchanged(make_napari
     from napari_cdinn import physics
 
     support = physics.support_from_amplitude(SIM["amplitude"])
-    io.write_result(tmp_path / "r.h5", {"amplitude": SIM["amplitude"], "phase": SIM["phase"], "support": support})
+    scores = {"chi2": np.array([0.01, 0.2, 0.003, 0.05], np.float32), "chi2_noise": np.full(4, 0.002, np.float32),
+              "trusted": np.array([True, False, True, False])}
+    io.write_result(tmp_path / "r.h5", {"amplitude": SIM["amplitude"], "phase": SIM["phase"], "support": support,
+                                        **scores})
     viewer = make_napari_viewer()
     viewer.open(str(tmp_path / "r.h5"), plugin="napari-cdinn")
     phase = viewer.layers["r phase"]
+    for key, value in scores.items():  # the per-frame scores come with the layers, and go back with them
+        np.testing.assert_array_equal(phase.metadata[key], value)
     assert np.isnan(phase.data[~support]).all() and np.isfinite(phase.data[support]).all()
     viewer.layers.selection = {viewer.layers["r amplitude"], phase}
     viewer.layers.save(str(tmp_path / "back.npz"), selected=True, plugin="napari-cdinn")
-    np.testing.assert_array_equal(io.read_result(tmp_path / "back.npz")["phase"], SIM["phase"])
+    back = io.read_result(tmp_path / "back.npz")
+    np.testing.assert_array_equal(back["phase"], SIM["phase"])
+    for key, value in scores.items():
+        np.testing.assert_array_equal(back[key], value)
+        assert back[key].dtype == value.dtype
 
 
 @pytest.mark.parametrize("lazy", [False, True])

@@ -118,7 +118,14 @@ def test_phase_retrieval_adds_layers_live(make_napari_viewer, qtbot):
     errors = widget.plot.axes.lines[0].get_ydata()
     assert widget.plot.axes.get_yscale() == "log" and widget.plot.axes.get_xlabel() == "iteration"
     assert 0 < errors[-1] < 1 and errors[-1] < errors[0]
-    assert len(widget.plot.all_axes[1].collections[0].get_offsets()) == 6
+    # chi^2 per frame: blue where it fits the data within the counting noise (the restart rule), else red
+    from napari_cdinn.pipelines import fits
+
+    good = fits(chi2, amp.metadata["chi2_noise"])
+    dots = {c.get_label(): len(c.get_offsets()) for c in widget.plot.all_axes[1].collections}
+    assert dots == {k: v for k, v in (("fits", good.sum()), ("misfits", (~good).sum())) if v}
+    misfit = int((~good).sum())
+    assert (f"{misfit} misfit the data" if misfit else "all fit the data") in widget.controls.status.value
     support = viewer.layers["patterns PR support"]
     assert support.metadata["cdinn_kind"] == "support" and support.data.shape == (6, 32, 32)
     assert support.data.any() and type(support).__name__ == "Labels"

@@ -535,8 +535,8 @@ def _add_prepare(sub):
     _add_stack_options(p, "raw detector frames, (H, W) or (N, H, W), any shape", device=False)
     p.add_argument("--centre", "--center", dest="centre", default="auto", metavar="auto|file|symmetry|Y,X",
                    help="zero-frequency position in detector pixels (row, column), e.g. 257,515; default auto: the "
-                        "beam centre the file records (NeXus/Dectris beam_center_x/_y), else found from the summed "
-                        "frames' inversion symmetry (exact on a stack of 32 or more, within a pixel from 8 "
+                        "beam centre the file records (NeXus/Dectris beam_center_x/_y), else found from the inversion "
+                        "symmetry of the frames' mean (exact on a stack of 32 or more, within a pixel from 8 "
                         "frames); file or symmetry: only that")
     p.add_argument("--size", type=_positive_int, default=None, metavar="N",
                    help="side of the output patterns in output pixels (even); default: the largest multiple of "
@@ -625,8 +625,9 @@ def _add_predict(sub):
         help="shape and phase of every pattern by the CDI NN networks",
         description="Run the CDI NN networks on measured intensities (32 x 32, or 32k x 32k patterns "
         "k-times oversampled, which are decimated) and write amplitude, phase, chi2 (a per-frame "
-        "data-consistency score computed from the prediction) and trusted (chi2 below the trust "
-        "threshold). .h5/.cxi outputs are written as the job streams.",
+        "data-consistency score computed from the prediction), chi2_noise (the chi2 counting noise alone gives) "
+        "and trusted (chi2 - chi2_noise below the trust threshold), and print how many frames are trusted. "
+        ".h5/.cxi outputs are written as the job streams.",
     )
     _add_stack_options(p, "32 x 32 patterns, or 2x oversampled 64 x 64")
     p.add_argument("--model", default=None,
@@ -704,6 +705,7 @@ def _cmd_predict(args):
     if nn.declined(info):
         print(f"note: {nn.declined(info).split(';')[0]}; the frames are written, untrusted", file=sys.stderr)
     _run_stack(args, fn, {"model": model, "command": "predict", "views": args.views}, attrs, "predict")
+    _report_fit(args.out, "predict")
 
 
 # --------------------------------------------------------------------------- reconstruct
@@ -717,7 +719,8 @@ def _add_reconstruct(sub):
         f"once on the CPU or a GPU. Default: the paper's HIO/ER cycles with shrinkwrap (the final 20 iterations "
         f"averaged) in runs of {ITERATIONS} iterations, a pattern started again (up to {STARTS} runs) only while its "
         "fit misfits the data beyond the counting noise; --iterations 620 --starts 1 is the paper's protocol exactly. "
-        "Writes amplitude (max 1 per frame), phase (radians), support and chi2.",
+        "Writes amplitude (max 1 per frame), phase (radians), support, chi2 and chi2_noise (the chi2 counting noise "
+        "alone gives), and prints how many frames fit the data within the counting noise.",
     )
     _add_stack_options(p, "square, even-sized, oversampled patterns")
     p.add_argument("--algorithm", default="hio-er",
@@ -836,8 +839,24 @@ def _cmd_reconstruct(args):
 
         attrs = dict(options, prtf_q=prtf_frequencies(shape[-1]).tolist(), prtf_level="1/e")
     _run_stack(args, fn, options, attrs, "reconstruct")
+    _report_fit(args.out, "reconstruct")
     if args.prtf:
         _report_resolution(args.out)
+
+
+def _report_fit(path, command):
+    """Print :func:`napari_cdinn.pipelines.fit_summary` of a finished ``predict`` or ``reconstruct`` output
+    on stderr, with what to do about the frames that do not fit."""
+    from . import io
+    from .pipelines import fit_summary, fits
+
+    res = io.read_result(path, keys=("chi2", "chi2_noise"))
+    if "chi2" in res:
+        noise = res.get("chi2_noise", 0.0)
+        rest = ("; cdinn reconstruct --init nn refines the rest" if command == "predict"
+                else "; check the others (more --starts, a mask over bad pixels)")
+        ok = fits(res["chi2"], noise, command).all()
+        print(fit_summary(res["chi2"], noise, command) + ("" if ok else rest), file=sys.stderr)
 
 
 def _report_resolution(path):

@@ -64,6 +64,8 @@ if TYPE_CHECKING:
 __all__ = [
     "FALLBACK_RULES",
     "fallback_frames",
+    "fit_summary",
+    "fits",
     "guess_fits_autocorrelation",
     "keep_lower_chi2",
     "make_report",
@@ -164,6 +166,46 @@ def fallback_frames(chi2: ArrayLike, rule: str = "auto", chi2_noise: ArrayLike =
     return needs_restart(chi2, chi2_noise)  # NaN falls back
 
 
+def fits(chi2: ArrayLike, chi2_noise: ArrayLike = 0.0, command: str = "reconstruct") -> np.ndarray:
+    """Which frames fit their data: ``predict``'s trust rule (:func:`napari_cdinn.nn.inference.is_trusted`)
+    or, for ``reconstruct``, within the restart rule's limit beyond the counting noise
+    (:func:`napari_cdinn.protocol.needs_restart`); a frame without a chi^2 (no data) does not fit.
+
+    Parameters
+    ----------
+    chi2, chi2_noise : array_like of float, (N,) (``chi2_noise`` also a scalar)
+    command : {"predict", "reconstruct"}
+
+    Returns
+    -------
+    ndarray of bool, (N,)
+    """
+    chi2 = np.asarray(chi2, dtype=np.float64).reshape(-1)
+    noise = np.broadcast_to(np.asarray(chi2_noise, dtype=np.float64).reshape(-1), chi2.shape)
+    if command == "predict":
+        from .nn.inference import is_trusted
+
+        return is_trusted(chi2, noise) & np.isfinite(chi2)
+    from .protocol import needs_restart
+
+    return ~needs_restart(chi2, noise)
+
+
+def fit_summary(chi2: ArrayLike, chi2_noise: ArrayLike = 0.0, command: str = "reconstruct") -> str:
+    """``"K of N frames ..."``: how many frames :func:`fits` passes, with its rule."""
+    from .protocol import RESTART_CHI2, RESTART_NOISE
+
+    good = fits(chi2, chi2_noise, command)
+    if command == "predict":
+        from .nn.inference import TRUST_CHI2
+
+        rule = f"trusted (chi2 - chi2_noise <= {TRUST_CHI2:g})"
+    else:
+        rule = (f"fit the data within the counting noise (chi2 - chi2_noise <= max({RESTART_CHI2:g}, "
+                f"{RESTART_NOISE:g} x chi2_noise))")
+    return f"{int(good.sum())} of {good.size} frame{'s' if good.size != 1 else ''} {rule}"
+
+
 def keep_lower_chi2(
     refined: dict[str, np.ndarray], protocol: dict[str, np.ndarray] | None, frames: ArrayLike,
     chi2_noise: ArrayLike | None = None,
@@ -250,7 +292,8 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
     Returns
     -------
     dict
-        ``amplitude``, ``phase``, ``support`` (N, M, M), ``chi2`` (N,) and ``start`` uint8 (N,)
+        ``amplitude``, ``phase``, ``support`` (N, M, M), ``chi2`` and ``chi2_noise`` (N,: the chi^2 that
+        counting noise alone gives, :func:`napari_cdinn.physics.noise_chi2`) and ``start`` uint8 (N,)
         (1: the refinement from the network was kept; 0: the protocol from random starts);
         with ``prtf``, the protocol's ``prtf`` (N, M // 2), ``resolution`` (N,) and ``prtf_q``
         (M // 2,); unbatched for a 2-D input.
@@ -299,7 +342,7 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
         run = reconstruct(stack[todo], mask=_frames_of(mask, todo), frame_ids=ids[todo], **options)
         protocol = {k: run[k] for k in RESULT_KEYS}
     out = keep_lower_chi2(refined, protocol, todo, chi2_noise=noise)
-    out.update(extra or {})
+    out.update(extra or {}, chi2_noise=noise.astype(np.float32))
     out = {k: v[0] for k, v in out.items()} if single else out
     if prtf:
         out["prtf_q"] = run["prtf_q"]
@@ -402,15 +445,15 @@ def reconstruct_chunk(intensity: ArrayLike, first_frame: int = 0, init: str = "r
 
     Returns
     -------
-    dict of ``amplitude``, ``phase``, ``support`` (n, M, M), ``chi2`` (n,) and ``start`` uint8
-    (n,): 1 where the result started from the network, 0 from random phases; with ``prtf``, also
+    dict of ``amplitude``, ``phase``, ``support`` (n, M, M), ``chi2`` and ``chi2_noise`` (n,) and ``start``
+    uint8 (n,): 1 where the result started from the network, 0 from random phases; with ``prtf``, also
     ``prtf`` (n, M // 2) and ``resolution`` (n,) (per-frame arrays only: the shells' frequencies
     are :func:`napari_cdinn.postprocess.prtf_frequencies`).
     """
     if isinstance(init, str) and init == "nn":
         res = refine_with_fallback(intensity, model=model, mask=mask, fallback=fallback, refine=refine,
                                    first_frame=first_frame, **options)
-        return {k: res[k] for k in (*RESULT_KEYS, "start", "prtf", "resolution") if k in res}
+        return {k: res[k] for k in (*RESULT_KEYS, "chi2_noise", "start", "prtf", "resolution") if k in res}
     from .retrieval import reconstruct_chunk as protocol_chunk
 
     return protocol_chunk(intensity, first_frame=first_frame, init=init, mask=mask, **options)

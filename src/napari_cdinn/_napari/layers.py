@@ -29,6 +29,8 @@ import numpy as np
 
 LOG_DISPLAY = "log10(1 + I)"
 KIND = "cdinn_kind"
+#: Per-frame scores a result layer keeps in its metadata, read from and written to result files.
+SCORES = ("chi2", "chi2_noise", "trusted")
 DISPLAY = "cdinn_display"
 #: Metadata of an intensity layer: True when it holds whole numbers (photon counts), kept through the log display.
 COUNTS = "cdinn_counts"

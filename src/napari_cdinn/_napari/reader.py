@@ -19,7 +19,8 @@ import os
 from .. import io
 from . import layers as _layers
 
-_RESULT_KEYS = ("amplitude", "phase", "chi2", "support")
+#: What a result file gives: the images, and per frame the scores kept as the layers' metadata.
+_RESULT_KEYS = ("amplitude", "phase", "support", *_layers.SCORES)
 
 
 def get_reader(path):
@@ -74,9 +75,7 @@ def _result_tuples(path, stem, stack):
         res = io.read_result(path, keys=_RESULT_KEYS)
     except Exception:  # noqa: BLE001 - see _layer_tuples
         return []
-    meta = {"cdinn_source": path}
-    if "chi2" in res:
-        meta["chi2"] = res["chi2"]
+    meta = {"cdinn_source": path, **{k: res[k] for k in _layers.SCORES if k in res}}
     out = []
     for key, make in (("amplitude", _layers.amplitude_tuple), ("phase", _layers.phase_tuple)):
         if key in res and res[key].ndim in (2, 3) and res[key].dtype.kind in "biuf":

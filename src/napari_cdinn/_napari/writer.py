@@ -4,8 +4,9 @@ Each layer becomes one array named by its ``cdinn_kind`` metadata (``amplitude``
 ``intensity``...) or else by its name (non-alphanumerics replaced by ``_``).  A complex layer is
 split into ``<name>`` amplitude and phase; intensities shown on a log scale are written as true
 intensities; phases shown transparent outside the object (NaN) are written as 0
-(:func:`napari_cdinn._napari.layers.layer_phase`); a ``chi2`` in a layer's metadata is written as
-``chi2``.  Writing goes through :func:`napari_cdinn.io.write_result` (atomic, compressed HDF5, a
+(:func:`napari_cdinn._napari.layers.layer_phase`); the per-frame scores in a layer's metadata
+(``chi2``, ``chi2_noise``, ``trusted``: :data:`napari_cdinn._napari.layers.SCORES`) are written under
+their names.  Writing goes through :func:`napari_cdinn.io.write_result` (atomic, compressed HDF5, a
 minimal CXI tree).
 """
 
@@ -36,8 +37,10 @@ def write_layers(path, layer_data):
             arrays[_key("phase" if key == "object" else f"{key}_phase", arrays)] = np.angle(data).astype(np.float32)
         else:
             arrays[key] = data
-        if "chi2" in metadata and "chi2" not in arrays:
-            arrays["chi2"] = np.asarray(metadata["chi2"], dtype=np.float32)
+        for score in _layers.SCORES:  # per-frame scores, once
+            if metadata.get(score) is not None and score not in arrays:
+                value = np.asarray(metadata[score])
+                arrays[score] = value if value.dtype == bool else value.astype(np.float32)
         attrs[f"{key}_layer"] = str(meta.get("name", key))
     if not arrays:
         return []

@@ -100,7 +100,7 @@ def declined(info: ModelInfo) -> str | None:
 
 def off_centre(info: ModelInfo) -> str | None:
     """One sentence when :func:`choose_scale` re-centred the patterns it resolved ``info`` for (their
-    summed centre of symmetry lies off the centre pixel, and the network fits them better re-centred:
+    mean pattern's centre of symmetry lies off the centre pixel, and the network fits them better re-centred:
     :func:`napari_cdinn.nn.inference.recentre`), else None."""
     if not info.offset:
         return None

@@ -59,7 +59,7 @@ leaves no half-written model; an existing ``out`` is refused; the base model's f
 
 Patterns are read at scale 1 (objects that fit the network's 32 pixels; :mod:`napari_cdinn.nn.models`,
 "Object size and scale"): larger objects, read at a coarser scale by ``predict``, are not adapted to.
-Frames whose summed centre of symmetry lies off the centre pixel
+Frames whose mean pattern's centre of symmetry lies off the centre pixel
 (:func:`napari_cdinn.nn.inference.centre_offset`) are adapted to re-centred there
 (:func:`napari_cdinn.nn.inference.recentre`), as ``predict`` reads them; the card's ``data`` says so
 (``recentred``).

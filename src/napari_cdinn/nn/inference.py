@@ -703,7 +703,7 @@ def choose_scale(intensity, model=None, mask=None, device="auto", sample=None):
     kept.  An object too large for a scale does not fit at it (its far field is read aliased), one
     read coarser than needed loses its fine fringes: the data decide, beamstop and noise included,
     which the autocorrelation's extent does not survive (docs/decisions.md, "Object size").  Where the
-    sample's summed centre of symmetry lies off the centre pixel (:func:`centre_offset`), each is also
+    sample's mean pattern's centre of symmetry lies off the centre pixel (:func:`centre_offset`), each is also
     tried on the patterns re-centred there (:func:`recentre`), and kept so where it fits better.
 
     Parameters

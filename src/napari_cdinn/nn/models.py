@@ -363,8 +363,8 @@ class ModelInfo:
         Median lower bound of the objects' width from the autocorrelation of that sample
         (:func:`napari_cdinn.physics.autocorrelation_extent`; NaN behind a beamstop).
     offset : tuple of int or None
-        ``(dy, dx)``: how far the sample's summed centre of symmetry lies from the centre pixel, where
-        enough frames were summed to tell (:func:`napari_cdinn.nn.inference.centre_offset`); None otherwise.
+        ``(dy, dx)``: how far the sample's mean pattern's centre of symmetry lies from the centre pixel, where
+        enough frames tell (:func:`napari_cdinn.nn.inference.centre_offset`); None otherwise.
     """
 
     path: Path

@@ -663,8 +663,8 @@ def reconstruct_chunk(intensity, first_frame=0, init="random", mask=None, **opti
 
     Returns
     -------
-    dict of ``amplitude``, ``phase``, ``support`` (n, M, M), ``chi2`` (n,) and ``start`` uint8
-    (n,), 0: every result started from random phases (the key :func:`napari_cdinn.pipelines.reconstruct_chunk`
+    dict of ``amplitude``, ``phase``, ``support`` (n, M, M), ``chi2`` and ``chi2_noise`` (n,) and ``start``
+    uint8 (n,), 0: every result started from random phases (the key :func:`napari_cdinn.pipelines.reconstruct_chunk`
     also writes); with ``prtf=True`` also ``prtf`` (n, M // 2) and ``resolution`` (n,) (per-frame
     arrays only: the shells' frequencies ``prtf_q`` are the same for every chunk,
     :func:`napari_cdinn.postprocess.prtf_frequencies`).
@@ -672,6 +672,6 @@ def reconstruct_chunk(intensity, first_frame=0, init="random", mask=None, **opti
     if isinstance(init, str) and init == "nn":
         raise ValueError("init='nn' needs the networks: use napari_cdinn.pipelines.reconstruct_chunk")
     res = reconstruct(intensity, first_frame=first_frame, init=init, mask=mask, **options)
-    out = {k: res[k] for k in ("amplitude", "phase", "support", "chi2", "prtf", "resolution") if k in res}
+    out = {k: res[k] for k in ("amplitude", "phase", "support", "chi2", "chi2_noise", "prtf", "resolution") if k in res}
     out["start"] = np.zeros(np.shape(out["chi2"]), dtype=np.uint8)
     return out

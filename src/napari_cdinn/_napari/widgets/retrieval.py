@@ -44,6 +44,7 @@ from magicgui import widgets
 from ... import nn, physics
 from ...device import DEVICES
 from ...jobs import Cancelled, Kind, ProgressEvent
+from ...pipelines import fit_summary, fits
 from ...protocol import ITERATIONS, STARTS
 from .. import layers as _layers
 from ._common import (
@@ -77,7 +78,7 @@ def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
     inside) is the starting support, also over the network's.  ``emit`` gets :class:`napari_cdinn.jobs.ProgressEvent`:
     ``PROGRESS`` (frames, fractional, while a block iterates), ``SNAPSHOT`` (the current estimates
     of a block's frames, at most every 0.3 s) and ``CHUNK`` (a finished block: ``lo`` and its
-    ``amplitude``, ``phase``, ``support``, ``chi2``, ``errors``, ``error_iterations``, ``nn_trusted``,
+    ``amplitude``, ``phase``, ``support``, ``chi2``, ``chi2_noise``, ``errors``, ``error_iterations``, ``nn_trusted``,
     and with ``prtf`` its ``prtf``, ``prtf_q`` and ``resolution``).  ``post`` in ``options``: the
     :func:`napari_cdinn.postprocess.apply_steps` steps applied to each finished block's amplitude,
     phase and support.
@@ -134,7 +135,7 @@ def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
         for lo, _hi, res in iter_chunks(stack, invert, chunk_size=block, mask=mask, should_stop=should_stop):
             done = lo + len(res["chi2"])
             payload = {"lo": lo, **{k: res[k] for k in (
-                "amplitude", "phase", "support", "chi2", "errors", "error_iterations", "nn_trusted")}}
+                "amplitude", "phase", "support", "chi2", "chi2_noise", "errors", "error_iterations", "nn_trusted")}}
             payload.update({k: res[k] for k in ("prtf", "prtf_q", "resolution") if k in res})
             if post:
                 payload["amplitude"], payload["phase"], payload["support"] = apply_steps(
@@ -251,7 +252,8 @@ class PhaseRetrievalWidget(widgets.Container):
         source = self.patterns.value.name
         self._names = (f"{source} PR amplitude", f"{source} PR phase", f"{source} PR support")
         self._result = {"amplitude": np.zeros((n, m, m), np.float32), "phase": np.zeros((n, m, m), np.float32),
-                        "support": np.zeros((n, m, m), bool), "chi2": np.full(n, np.nan, np.float32), "errors": []}
+                        "support": np.zeros((n, m, m), bool), "chi2": np.full(n, np.nan, np.float32),
+                        "chi2_noise": np.full(n, np.nan, np.float32), "errors": []}
         if nn_start is not None:
             self._result["nn_trusted"] = np.zeros(n, bool)
         self._meta = {"cdinn_source": source, "algorithm": options["algorithm"], "iterations": iterations,
@@ -276,7 +278,7 @@ class PhaseRetrievalWidget(widgets.Container):
             return
         lo, res = info["lo"], self._result
         hi = lo + len(info["chi2"])
-        for key in ("amplitude", "phase", "support", "chi2"):
+        for key in ("amplitude", "phase", "support", "chi2", "chi2_noise"):
             res[key][lo:hi] = info[key]
         if info.get("nn_trusted") is not None and "nn_trusted" in res:
             res["nn_trusted"][lo:hi] = info["nn_trusted"]
@@ -292,7 +294,7 @@ class PhaseRetrievalWidget(widgets.Container):
 
     def _show(self, res, support=False):
         """Add or refresh the amplitude and phase layers (and the support) from the current results."""
-        meta = dict(self._meta, chi2=res["chi2"].copy())
+        meta = dict(self._meta, chi2=res["chi2"].copy(), chi2_noise=res["chi2_noise"].copy())
         for key in ("nn_trusted", "prtf", "prtf_q", "resolution"):
             if key in res:
                 meta[key] = res[key].copy()
@@ -327,11 +329,19 @@ class PhaseRetrievalWidget(widgets.Container):
         ax.set_xlabel("iteration")
         ax.set_ylabel("R-factor")
         ax2.clear()
-        chi2 = self._result["chi2"]
+        chi2, noise = self._result["chi2"], self._result["chi2_noise"]
         done = np.isfinite(chi2)
-        ax2.scatter(np.flatnonzero(done), np.maximum(chi2[done], 1e-12), s=8, color="tab:blue")
+        good = fits(chi2, np.nan_to_num(noise), "reconstruct")
+        frames = np.arange(len(chi2))
+        for sel, colour, label in ((done & good, "tab:blue", "fits"), (done & ~good, "tab:red", "misfits")):
+            if sel.any():
+                ax2.scatter(frames[sel], np.maximum(chi2[sel], 1e-12), s=8, color=colour, label=label)
+        counted = done & (noise > 0)
+        if counted.any():  # the floor counting noise alone gives (0 for data that are not counts)
+            ax2.scatter(frames[counted], noise[counted], s=4, marker="_", color="gray", label="counting noise")
         if done.any():
             ax2.set_yscale("log")
+            ax2.legend(fontsize="x-small")
         ax2.set_xlabel("frame")
         ax2.set_ylabel("chi²")
         self._draw_prtf()
@@ -366,6 +376,13 @@ class PhaseRetrievalWidget(widgets.Container):
 
     def _on_result(self, outcome):
         text = f"{outcome['frames']} pattern(s) reconstructed"
+        if self._result is not None and outcome["frames"]:
+            chi2, noise = (self._result[k][: outcome["frames"]] for k in ("chi2", "chi2_noise"))
+            misfit = int((~fits(chi2, np.nan_to_num(noise), "reconstruct")).sum())
+            text += f"; {misfit} misfit the data beyond the counting noise" if misfit else "; all fit the data"
+            if misfit and not outcome["stopped"]:
+                notify(f"{fit_summary(chi2, np.nan_to_num(noise))}; the other {misfit} are red in the chi² plot: "
+                       "check them (more starts, a mask over bad pixels)")
         if "nn_trusted" in (self._result or {}):
             text += f"; the network trusted {int(self._result['nn_trusted'][: outcome['frames']].sum())} start(s)"
         if "prtf" in (self._result or {}):
