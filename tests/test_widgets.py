@@ -53,6 +53,36 @@ def test_quality_view(make_napari_viewer):
     np.testing.assert_allclose(viewer.layers["amp"].data[4], before, atol=1e-7)
 
 
+def test_quality_view_ranks_by_the_misfit_beyond_the_noise_and_leaves_the_mask_out(make_napari_viewer):
+    """Counts at 1e6 photons, one frame at 100 (its chi^2 is its noise), a beamstop (zero, masked)."""
+    from napari_cdinn import physics
+
+    viewer = _viewer_with_stack(make_napari_viewer)
+    photons = np.array([1e6, 1e6, 1e6, 1e6, 1e6, 1e2])
+    clean = SIM["intensity"] / SIM["intensity"].sum(axis=(1, 2), keepdims=True) * photons[:, None, None]
+    counts = np.random.default_rng(0).poisson(clean).astype(np.float32)
+    stop = np.zeros(counts.shape[-2:], bool)
+    stop[15:18, 15:18] = True
+    counts[:, stop] = 0
+    viewer.add_image(counts, name="counts")
+    viewer.add_labels(stop.astype(np.uint8), name="beamstop")
+    viewer.layers["pha"].data[2] *= -1.5  # a wrong phase: the worst fit
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-cdinn", "Quality view")
+    widget.amplitude.value, widget.phase.value = viewer.layers["amp"], viewer.layers["pha"]
+    widget.measured.value, widget.mask.value = viewer.layers["counts"], None
+    unmasked = widget.update()
+    widget.mask.value = viewer.layers["beamstop"]
+    chi2 = widget.update()
+    noise = physics.noise_chi2(np.where(stop, 0, counts), np.broadcast_to(stop, counts.shape))
+    np.testing.assert_allclose(widget.noise, noise, rtol=1e-6)
+    assert noise[5] > 100 * noise[0] and chi2[5] > 10 * chi2[0]  # the faint frame's chi^2 is mostly noise
+    assert np.all((unmasked > 10 * chi2)[[0, 1, 3, 4]])  # unmasked, the zeroed beamstop counts as misfit
+    assert widget.order[-1] == 2 and widget.order[-2] != 5  # ranked beyond the noise: the faint frame is fine
+    assert "counting noise" in widget.summary.value and "(noise " in widget._frame_choices()[0][0]
+    assert widget.plot.axes.get_xlabel() == "chi² - chi²_noise"
+    assert np.array_equal(viewer.layers["amp"].metadata["chi2_noise"], widget.noise)
+
+
 def test_quality_view_best_after_update_and_a_new_layer(make_napari_viewer):
     viewer = _viewer_with_stack(make_napari_viewer)
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-cdinn", "Quality view")

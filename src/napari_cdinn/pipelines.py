@@ -71,6 +71,7 @@ __all__ = [
     "make_report",
     "network_guess",
     "network_start",
+    "noise_floor",
     "reconstruct_chunk",
     "refine_with_fallback",
     "seeding_model",
@@ -251,13 +252,26 @@ def keep_lower_chi2(
     return out
 
 
-def _noise(stack, mask):
-    """:func:`napari_cdinn.physics.noise_chi2` of each frame's measured pixels (NaN/inf and ``mask`` left out)."""
+def noise_floor(stack: ArrayLike, mask: ArrayLike | None = None) -> np.ndarray:
+    """:func:`napari_cdinn.physics.noise_chi2` of each frame's measured pixels (NaN/inf and ``mask`` left
+    out; negative readings count as 0): the chi^2 counting noise alone gives, 0 for data that are not counts.
+
+    Parameters
+    ----------
+    stack : array_like, float, (N, H, W)
+    mask : array_like of bool, (H, W) or (N, H, W), optional
+        True on unmeasured pixels.
+
+    Returns
+    -------
+    ndarray of float64, (N,)
+    """
     from . import physics
 
+    stack = np.asarray(stack)
     bad = ~np.isfinite(stack)
     if mask is not None:
-        bad = bad | np.broadcast_to(mask, stack.shape)
+        bad = bad | np.broadcast_to(np.asarray(mask, dtype=bool), stack.shape)
     return physics.noise_chi2(np.where(bad | ~(stack > 0), 0.0, stack), bad)
 
 
@@ -315,7 +329,7 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
     mask = None if mask is None else np.asarray(mask, dtype=bool)
     ids = int(first_frame) + np.arange(stack.shape[0])
 
-    noise = _noise(stack, mask)
+    noise = noise_floor(stack, mask)
     n, m = stack.shape[0], stack.shape[-1]
     refined = {"amplitude": np.zeros((n, m, m), np.float32), "phase": np.zeros((n, m, m), np.float32),
                "support": np.zeros((n, m, m), bool), "chi2": np.full(n, np.nan, np.float32)}

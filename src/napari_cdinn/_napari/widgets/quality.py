@@ -1,9 +1,12 @@
 """Quality view: the chi^2 histogram of a result stack, best/worst frames, the twin toggle.
 
-The paper's Figs. 4/5, interactively.  chi^2 (design.md) is taken from the amplitude layer's
-``chi2`` metadata when a result widget or the reader put it there, else computed against a
-measured intensity layer: the result's object, zero-padded to the pattern's size, is
-propagated and compared with a least-squares scale (NaN pixels of the pattern are masked).
+The paper's Figs. 4/5, interactively.  chi^2 (design.md) is computed against a measured
+intensity layer where one is chosen (the result's object, zero-padded to the pattern's size,
+propagated and compared with a least-squares scale; the mask layer's and NaN pixels left out),
+else taken from the amplitude layer's ``chi2`` metadata that a result widget or the reader put
+there.  Frames are ranked by their misfit beyond the counting noise, ``chi2 - chi2_noise``
+(:func:`napari_cdinn.pipelines.noise_floor`; 0 for data that are not counts), as the trust and
+restart rules judge them: a frame of few photons is not "worse" for its noise.
 The twin toggle replaces the current frame of the amplitude and phase layers by its twin
 (centro-symmetric inversion + conjugate), which has the same diffraction pattern; pressing it
 again flips the frame back.  Everything here is cheap and runs on the main thread.
@@ -16,13 +19,22 @@ from magicgui import widgets
 
 from ... import physics
 from .. import layers as _layers
-from ._common import PlotCanvas, image_layer_picker, notify_error, refresh_complex, stack_of
+from ._common import (
+    PlotCanvas,
+    image_layer_picker,
+    mask_layer_picker,
+    mask_of,
+    notify_error,
+    refresh_complex,
+    stack_of,
+)
 
 
-def result_chi2(amplitude, phase, measured):
+def result_chi2(amplitude, phase, measured, mask=None):
     """Per-frame chi^2 of a result (amplitude, phase: (N, h, w)) against measured (N, H, W).
 
-    The object is zero-padded by ``H // h`` (which must be a whole number) before propagation.
+    The object is zero-padded by ``H // h`` (which must be a whole number) before propagation;
+    ``mask`` ((H, W) or (N, H, W), True = unmeasured) and NaN pixels are left out.
     """
     amplitude, phase = np.asarray(amplitude, np.float64), np.asarray(phase, np.float64)
     measured = np.asarray(measured, np.float64)
@@ -33,6 +45,8 @@ def result_chi2(amplitude, phase, measured):
         raise ValueError(f"a {amplitude.shape[-2:]} result does not fit {measured.shape[-2:]} patterns by a whole oversampling factor")
     predicted = physics.intensity(physics.pad(amplitude * np.exp(1j * phase), factor))
     bad = ~np.isfinite(measured)
+    if mask is not None:
+        bad = bad | np.broadcast_to(np.asarray(mask, dtype=bool), measured.shape)
     return physics.chi2(np.where(bad, 0.0, measured), predicted, mask=bad if bad.any() else None)
 
 
@@ -44,6 +58,7 @@ class QualityView(widgets.Container):
         self.amplitude = image_layer_picker(napari_viewer, "amplitude", kind="amplitude")
         self.phase = image_layer_picker(napari_viewer, "phase", kind="phase")
         self.measured = image_layer_picker(napari_viewer, "patterns", kind="intensity", nullable=True)
+        self.mask = mask_layer_picker(napari_viewer, self.measured)
         self.update_button = widgets.PushButton(text="Update chi²")
         self.summary = widgets.Label(value="")
         # a callable: the list survives the reset_choices napari calls whenever a layer is added
@@ -52,12 +67,11 @@ class QualityView(widgets.Container):
         self.worst_button = widgets.PushButton(text="Worst")
         self.twin_button = widgets.PushButton(text="Flip frame to twin")
         jump = widgets.Container(widgets=[self.best_button, self.worst_button], layout="horizontal", labels=False)
-        super().__init__(widgets=[self.amplitude, self.phase, self.measured, self.update_button, self.summary,
+        super().__init__(widgets=[self.amplitude, self.phase, self.measured, self.mask, self.update_button, self.summary,
                                   self.frames, jump, self.twin_button])
         self.plot = PlotCanvas()
         self.plot.add_to(self)
-        self.chi2 = None
-        self.order = None
+        self.chi2 = self.noise = self.order = None
         self.update_button.changed.connect(lambda _v=None: self.update())
         self.best_button.changed.connect(lambda _v=None: self.jump_to_rank(0))
         self.worst_button.changed.connect(lambda _v=None: self.jump_to_rank(-1))
@@ -81,49 +95,64 @@ class QualityView(widgets.Container):
 
     # ------------------------------------------------------------------ chi^2
     def update(self):
-        """Recompute chi^2 of the chosen result, redraw the histogram, refill the frame list."""
+        """Recompute chi^2 (and its counting-noise floor) of the chosen result, redraw the histogram of
+        the misfit beyond the noise, refill the frame list (best first); returns chi^2."""
         try:
-            chi2 = self._chi2()
+            chi2, noise = self._scores()
         except (ValueError, TypeError) as exc:
             notify_error(exc)
             return None
-        self.chi2 = chi2
-        self.order = np.argsort(chi2, kind="stable")
-        self.amplitude.value.metadata["chi2"] = chi2
+        self.chi2, self.noise = chi2, noise
+        self.order = np.argsort(chi2 - noise, kind="stable")
+        self.amplitude.value.metadata.update(chi2=chi2, chi2_noise=noise)
         with self.frames.changed.blocked():
             self.frames.reset_choices()
-        self.summary.value = (f"{chi2.size} frames; chi² median {np.median(chi2):.3g}, "
-                              f"best {chi2[self.order[0]]:.3g}, worst {chi2[self.order[-1]]:.3g}")
-        self._draw(chi2)
+        misfit, counts = chi2 - noise, bool(noise.any())
+        floor = f", counting noise {np.median(noise):.3g}" if counts else ""
+        ranked = "beyond the noise" if counts else "chi²"
+        self.summary.value = (f"{chi2.size} frames; chi² median {np.median(chi2):.3g}{floor}; {ranked}: best "
+                              f"{misfit[self.order[0]]:.3g}, worst {misfit[self.order[-1]]:.3g}")
+        self._draw(misfit, counts)
         return chi2
 
     def _frame_choices(self, _widget=None):
         if getattr(self, "order", None) is None:
             return []
-        return [(f"frame {i}: chi² = {self.chi2[i]:.3g}", int(i)) for i in self.order]
+        return [(f"frame {i}: chi² = {self.chi2[i]:.3g}" + (f" (noise {self.noise[i]:.3g})" if self.noise[i] else ""),
+                 int(i)) for i in self.order]
 
-    def _chi2(self):
+    def _scores(self):
+        """``(chi2, chi2_noise)`` per frame, float64: against the measured layer (less the mask) where one is
+        chosen, else the result's metadata (no noise recorded: 0)."""
+        from ...pipelines import noise_floor
+
         amp_layer, pha_layer = self.amplitude.value, self.phase.value
         if amp_layer is None or pha_layer is None:
             raise ValueError("choose the result's amplitude and phase layers first")
         n = 1 if amp_layer.data.ndim == 2 else amp_layer.data.shape[0]
-        known = amp_layer.metadata.get("chi2")
         if self.measured.value is None:
-            if known is not None and np.size(known) == n:
-                return np.asarray(known, dtype=np.float64).reshape(n)
-            raise ValueError("this result carries no chi², so choose its measured pattern layer")
+            known, noise = amp_layer.metadata.get("chi2"), amp_layer.metadata.get("chi2_noise")
+            if known is None or np.size(known) != n:
+                raise ValueError("this result carries no chi², so choose its measured pattern layer")
+            noise = 0.0 if noise is None or np.size(noise) != n else noise
+            return (np.asarray(known, dtype=np.float64).reshape(n),
+                    np.broadcast_to(np.asarray(noise, dtype=np.float64).reshape(-1), (n,)).copy())
         if amp_layer.data.shape != pha_layer.data.shape:
             raise ValueError("the amplitude and phase layers differ in shape")
         measured, _ = stack_of(self.measured.value)
+        measured = np.asarray(measured)
+        mask = mask_of(self.mask.value, measured.shape)
+        mask = None if mask is None else np.asarray(mask)
         amp = np.asarray(amp_layer.data).reshape((n,) + amp_layer.data.shape[-2:])
         pha = _layers.layer_phase(pha_layer.data).reshape(amp.shape)
-        return np.asarray(result_chi2(amp, pha, np.asarray(measured)), dtype=np.float64).reshape(n)
+        chi2 = np.asarray(result_chi2(amp, pha, measured, mask), dtype=np.float64).reshape(n)
+        return chi2, np.asarray(noise_floor(measured, mask), dtype=np.float64).reshape(n)
 
-    def _draw(self, chi2):
+    def _draw(self, misfit, beyond_noise):
         ax = self.plot.axes
         ax.clear()
-        ax.hist(chi2, bins=min(50, max(5, chi2.size // 4)), color="tab:blue")
-        ax.set_xlabel("chi²")
+        ax.hist(misfit, bins=min(50, max(5, misfit.size // 4)), color="tab:blue")
+        ax.set_xlabel("chi² - chi²_noise" if beyond_noise else "chi²")
         ax.set_ylabel("frames")
         self.plot.draw()
 
