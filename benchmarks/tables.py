@@ -45,6 +45,7 @@ REALISTIC_COMMAND = ("python benchmarks/bench_realistic.py --threads 2 "
                      "--json benchmarks/results/bench_realistic_cpu2.json")
 LARGE_COMMAND = "python benchmarks/bench_large.py --threads 2 --count 100 --json benchmarks/results/bench_large_cpu2.json"
 SPEED_COMMAND = "python benchmarks/bench_speed.py --json benchmarks/results/bench_speed_cpu2.json"
+VERDICT_COMMAND = "python benchmarks/bench_verdict.py --count 300 --threads 2 --json benchmarks/results/bench_verdict_cpu2.json"
 PREPARE_COMMAND = "python benchmarks/bench_prepare.py --threads 2 --json benchmarks/results/bench_prepare_cpu2.json"
 ADAPT_COMMANDS = ("python benchmarks/bench_adapt.py --rank --threads 2 --json benchmarks/results/bench_adapt_rank_cpu2.json\n"
                   "python benchmarks/bench_adapt.py --threads 2 --time-limit 10 "
@@ -260,6 +261,23 @@ def _head(name, res, text, columns):
     return [f"### `{name}`: {_machine(res)}", "", text, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
+def verdict_tables(name, res):
+    """Markdown for one bench_verdict JSON: per held-out set and path, how often its verdict passes wrong results."""
+    paths = ("network", "refined", "reconstruct")
+    out = _head(name, res,
+                (f"{_f(res.get('count'))} patterns per held-out set (bench_realistic's sets and seeds). Per path, the "
+                 "frames its verdict passes (`predict`: trusted; `reconstruct --init nn` and the default `reconstruct`: "
+                 "fit within the counting noise) / those passed but wrong (IoU < "
+                 f"{res.get('wrong_iou', 0.7)}), of which faint (chi2_noise > `LOW_DOSE_CHI2`)."),
+                ("set", *(f"`{p}`: passed / wrong (faint)" for p in
+                          ("predict", "reconstruct --init nn", "reconstruct"))))
+    for cond, c in res.get("conditions", {}).items():
+        cells = [f"{_pct(c[p]['passed'])} / {100 * c[p]['passed_but_wrong']:.1f}% "
+                 f"({100 * c[p].get('passed_but_wrong_faint', float('nan')):.1f}%)" for p in paths]
+        out.append(f"| {CONDITIONS.get(cond, cond)} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def held_out_command_tables(name, res):
     """Markdown for one ``bench_retrieval.py --held-out`` JSON: the whole default command against the NumPy loop."""
     p = res.get("protocol", {})
@@ -404,6 +422,11 @@ def render(results=RESULTS):
         out += [("*(the whole command per held-out set is not measured yet: the table is generated from "
                  "`benchmarks/results/bench_retrieval_heldout_cpu2.json` once the second command above has written "
                  "it on the free 2-core CPU)*"), ""]
+    files = sorted(results.glob("bench_verdict_*.json"))
+    if files:
+        out += ["## Can a frame's verdict be believed? (bench_verdict.py)", "", f"```bash\n{VERDICT_COMMAND}\n```", ""]
+    for path in files:
+        out += verdict_tables(path.name, json.loads(path.read_text()))
     files = sorted(results.glob("bench_large_*.json"))
     if files:
         out += ["## Larger objects (bench_large.py)", "", f"```bash\n{LARGE_COMMAND}\n```", ""]

@@ -215,3 +215,17 @@ def test_prtf_with_init_nn_comes_from_the_protocols_random_starts(tmp_path, caps
     assert (seeded["start"] == 1).all()  # the rule still picks the kept result
     np.testing.assert_allclose(seeded["prtf"], random["prtf"], atol=1e-5)
     np.testing.assert_allclose(seeded["resolution"], random["resolution"])
+
+
+def test_faint_frames_that_fit_are_named_with_what_to_do(tmp_path, capsys, monkeypatch):
+    from napari_cdinn.pipelines import LOW_DOSE_CHI2, fits
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["simulate", "--count", "4", "--oversampling", "2", "--photons", "1000", "--seed", "5",
+                 "--out", "faint.npz"]) == 0
+    assert main(["reconstruct", "faint.npz", "-o", "r.npz", "--iterations", "100"]) == 0
+    r = io.read_result("r.npz")
+    faint = fits(r["chi2"], r["chi2_noise"]) & (r["chi2_noise"] > LOW_DOSE_CHI2)
+    assert (r["chi2_noise"] > LOW_DOSE_CHI2).all() and faint.any()  # 1e3 photons: every frame is faint
+    err = capsys.readouterr().err
+    assert f"{int(faint.sum())} of them too faint" in err and "on faint frames --init nn is right" in err

@@ -145,6 +145,21 @@ def test_restart_rule_counts_the_misfit_beyond_the_noise():
     assert needs_restart(chi2[2:4], 0.0).all()
 
 
+def test_the_verdict_of_each_path_and_its_sentence():
+    from napari_cdinn.nn import TRUST_CHI2
+    from napari_cdinn.pipelines import LOW_DOSE_CHI2, fit_summary, fits
+
+    chi2 = np.array([1e-4, 1e-3, 0.05 + 0.005, 0.05 + 0.02, np.nan])
+    noise = np.array([0.0, 0.0, 0.05, 0.05, 0.0])
+    np.testing.assert_array_equal(fits(chi2, noise), [True, False, True, False, False])  # the restart rule
+    np.testing.assert_array_equal(fits(chi2, noise, "predict"), [True, True, True, chi2[3] - 0.05 <= TRUST_CHI2,
+                                                                 False])
+    text = fit_summary(chi2, noise)
+    assert text.startswith("2 of 5 frames fit the data within the counting noise")
+    assert f"1 of them too faint (chi2_noise > {LOW_DOSE_CHI2:g})" in text  # frame 2: fits, but faint
+    assert fit_summary(chi2[:1], 0.0, "predict") == f"1 of 1 frame trusted (chi2 - chi2_noise <= {TRUST_CHI2:g})"
+
+
 @pytest.fixture(scope="module")
 def mixed():
     """Two noise-free patterns and four at 1e4 photons (their chi^2 stays near the noise's, ~5e-3)."""

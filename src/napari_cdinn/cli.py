@@ -839,24 +839,31 @@ def _cmd_reconstruct(args):
 
         attrs = dict(options, prtf_q=prtf_frequencies(shape[-1]).tolist(), prtf_level="1/e")
     _run_stack(args, fn, options, attrs, "reconstruct")
-    _report_fit(args.out, "reconstruct")
+    _report_fit(args.out, "reconstruct", args.init)
     if args.prtf:
         _report_resolution(args.out)
 
 
-def _report_fit(path, command):
+def _report_fit(path, command, init="random"):
     """Print :func:`napari_cdinn.pipelines.fit_summary` of a finished ``predict`` or ``reconstruct`` output
-    on stderr, with what to do about the frames that do not fit."""
+    on stderr, with what to do about the frames that do not fit (or hold few photons)."""
+    import numpy as np
+
     from . import io
-    from .pipelines import fit_summary, fits
+    from .pipelines import LOW_DOSE_CHI2, fit_summary, fits
 
     res = io.read_result(path, keys=("chi2", "chi2_noise"))
-    if "chi2" in res:
-        noise = res.get("chi2_noise", 0.0)
-        rest = ("; cdinn reconstruct --init nn refines the rest" if command == "predict"
-                else "; check the others (more --starts, a mask over bad pixels)")
-        ok = fits(res["chi2"], noise, command).all()
-        print(fit_summary(res["chi2"], noise, command) + ("" if ok else rest), file=sys.stderr)
+    if "chi2" not in res:
+        return
+    noise = res.get("chi2_noise", 0.0)
+    good = fits(res["chi2"], noise, command)
+    advice = []
+    if not good.all():
+        advice.append("cdinn reconstruct --init nn refines the rest" if command == "predict"
+                      else "check the others (more --starts, a mask over bad pixels)")
+    if command == "reconstruct" and init == "random" and (good & (np.asarray(noise) > LOW_DOSE_CHI2)).any():
+        advice.append("on faint frames --init nn is right far more often (benchmarks/README.md, bench_verdict)")
+    print("; ".join([fit_summary(res["chi2"], noise, command), *advice]), file=sys.stderr)
 
 
 def _report_resolution(path):

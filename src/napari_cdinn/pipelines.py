@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FALLBACK_RULES",
+    "LOW_DOSE_CHI2",
     "fallback_frames",
     "fit_summary",
     "fits",
@@ -83,6 +84,10 @@ FALLBACK_RULES = ("auto", "always", "never")
 #: about 1e5 photons per 64 x 64 pattern) are refined by error reduction alone: HIO's feedback
 #: amplifies the noise (measured: ``benchmarks/README.md``, bench_realistic, and docs/decisions.md).
 NOISY_CHI2 = 2e-4
+#: Frames whose counting noise alone gives a chi^2 above this (a few thousand photons per pattern) hold
+#: too few photons for a retrieval's fit within the noise to single out the object: many objects fit
+#: (:func:`fit_summary` says so; measured: ``benchmarks/README.md``, bench_verdict).
+LOW_DOSE_CHI2 = 1e-2
 #: A network guess narrower than this fraction of the autocorrelation's bound
 #: (:func:`guess_fits_autocorrelation`) does not seed its frame (measured: docs/decisions.md,
 #: "Object size").
@@ -193,18 +198,24 @@ def fits(chi2: ArrayLike, chi2_noise: ArrayLike = 0.0, command: str = "reconstru
 
 
 def fit_summary(chi2: ArrayLike, chi2_noise: ArrayLike = 0.0, command: str = "reconstruct") -> str:
-    """``"K of N frames ..."``: how many frames :func:`fits` passes, with its rule."""
+    """``"K of N frames ..."``: how many frames :func:`fits` passes, with its rule; for ``reconstruct``
+    also how many of those hold too few photons for the fit to single out the object
+    (``chi2_noise`` above :data:`LOW_DOSE_CHI2`)."""
     from .protocol import RESTART_CHI2, RESTART_NOISE
 
     good = fits(chi2, chi2_noise, command)
+    text = f"{int(good.sum())} of {good.size} frame{'s' if good.size != 1 else ''} "
     if command == "predict":
         from .nn.inference import TRUST_CHI2
 
-        rule = f"trusted (chi2 - chi2_noise <= {TRUST_CHI2:g})"
-    else:
-        rule = (f"fit the data within the counting noise (chi2 - chi2_noise <= max({RESTART_CHI2:g}, "
-                f"{RESTART_NOISE:g} x chi2_noise))")
-    return f"{int(good.sum())} of {good.size} frame{'s' if good.size != 1 else ''} {rule}"
+        return text + f"trusted (chi2 - chi2_noise <= {TRUST_CHI2:g})"
+    text += (f"fit the data within the counting noise (chi2 - chi2_noise <= max({RESTART_CHI2:g}, "
+             f"{RESTART_NOISE:g} x chi2_noise))")
+    faint = int((good & (np.broadcast_to(np.asarray(chi2_noise, dtype=np.float64).reshape(-1), good.shape)
+                         > LOW_DOSE_CHI2)).sum())
+    if faint:
+        text += f"; {faint} of them too faint (chi2_noise > {LOW_DOSE_CHI2:g}) for a fit to single out the object"
+    return text
 
 
 def keep_lower_chi2(

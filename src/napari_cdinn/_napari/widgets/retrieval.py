@@ -44,7 +44,7 @@ from magicgui import widgets
 from ... import nn, physics
 from ...device import DEVICES
 from ...jobs import Cancelled, Kind, ProgressEvent
-from ...pipelines import fit_summary, fits
+from ...pipelines import LOW_DOSE_CHI2, fit_summary, fits
 from ...protocol import ITERATIONS, STARTS
 from .. import layers as _layers
 from ._common import (
@@ -332,8 +332,11 @@ class PhaseRetrievalWidget(widgets.Container):
         chi2, noise = self._result["chi2"], self._result["chi2_noise"]
         done = np.isfinite(chi2)
         good = fits(chi2, np.nan_to_num(noise), "reconstruct")
+        faint = np.nan_to_num(noise) > LOW_DOSE_CHI2  # a fit within the noise does not single out the object
         frames = np.arange(len(chi2))
-        for sel, colour, label in ((done & good, "tab:blue", "fits"), (done & ~good, "tab:red", "misfits")):
+        for sel, colour, label in ((done & good & ~faint, "tab:blue", "fits"),
+                                   (done & good & faint, "tab:orange", "fits, faint"),
+                                   (done & ~good, "tab:red", "misfits")):
             if sel.any():
                 ax2.scatter(frames[sel], np.maximum(chi2[sel], 1e-12), s=8, color=colour, label=label)
         counted = done & (noise > 0)
@@ -377,12 +380,17 @@ class PhaseRetrievalWidget(widgets.Container):
     def _on_result(self, outcome):
         text = f"{outcome['frames']} pattern(s) reconstructed"
         if self._result is not None and outcome["frames"]:
-            chi2, noise = (self._result[k][: outcome["frames"]] for k in ("chi2", "chi2_noise"))
-            misfit = int((~fits(chi2, np.nan_to_num(noise), "reconstruct")).sum())
+            chi2, noise = self._result["chi2"][: outcome["frames"]], np.nan_to_num(self._result["chi2_noise"])
+            good = fits(chi2, noise[: outcome["frames"]], "reconstruct")
+            misfit, faint = int((~good).sum()), int((good & (noise[: outcome["frames"]] > LOW_DOSE_CHI2)).sum())
             text += f"; {misfit} misfit the data beyond the counting noise" if misfit else "; all fit the data"
-            if misfit and not outcome["stopped"]:
-                notify(f"{fit_summary(chi2, np.nan_to_num(noise))}; the other {misfit} are red in the chi² plot: "
-                       "check them (more starts, a mask over bad pixels)")
+            text += f" ({faint} fit(s) too faint to single out the object)" if faint else ""
+            advice = [f"the {misfit} that misfit are red in the chi² plot: check them (more starts, a mask over "
+                      "bad pixels)"] if misfit else []
+            if faint and self._meta["start"] != "CDI NN":
+                advice.append("the faint ones (orange): the CDI NN start is right far more often on them")
+            if advice and not outcome["stopped"]:
+                notify("; ".join([fit_summary(chi2, noise[: outcome["frames"]]), *advice]))
         if "nn_trusted" in (self._result or {}):
             text += f"; the network trusted {int(self._result['nn_trusted'][: outcome['frames']].sum())} start(s)"
         if "prtf" in (self._result or {}):
