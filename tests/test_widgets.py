@@ -79,7 +79,7 @@ def test_quality_view_ranks_by_the_misfit_beyond_the_noise_and_leaves_the_mask_o
     assert np.all((unmasked > 10 * chi2)[[0, 1, 3, 4]])  # unmasked, the zeroed beamstop counts as misfit
     assert widget.order[-1] == 2 and widget.order[-2] != 5  # ranked beyond the noise: the faint frame is fine
     assert "counting noise" in widget.summary.value and "(noise " in widget._frame_choices()[0][0]
-    assert widget.plot.axes.get_xlabel() == "chi² - chi²_noise"
+    assert widget.plot.axes.get_xlabel() == "chi² beyond the counting noise"
     assert np.array_equal(viewer.layers["amp"].metadata["chi2_noise"], widget.noise)
 
 

@@ -4,9 +4,10 @@ The paper's Figs. 4/5, interactively.  chi^2 (design.md) is computed against a m
 intensity layer where one is chosen (the result's object, zero-padded to the pattern's size,
 propagated and compared with a least-squares scale; the mask layer's and NaN pixels left out),
 else taken from the amplitude layer's ``chi2`` metadata that a result widget or the reader put
-there.  Frames are ranked by their misfit beyond the counting noise, ``chi2 - chi2_noise``
+there.  Frames are ranked by their misfit beyond the counting noise, ``max(chi2 - chi2_noise, 0)``
 (:func:`napari_cdinn.pipelines.noise_floor`; 0 for data that are not counts), as the trust and
-restart rules judge them: a frame of few photons is not "worse" for its noise.
+restart rules and the fallback judge them: a frame of few photons is not "worse" for its noise,
+nor is a fit below the noise better than one at it (it follows the noise).
 The twin toggle replaces the current frame of the amplitude and phase layers by its twin
 (centro-symmetric inversion + conjugate), which has the same diffraction pattern; pressing it
 again flips the frame back.  Everything here is cheap and runs on the main thread.
@@ -103,11 +104,11 @@ class QualityView(widgets.Container):
             notify_error(exc)
             return None
         self.chi2, self.noise = chi2, noise
-        self.order = np.argsort(chi2 - noise, kind="stable")
+        misfit, counts = np.maximum(chi2 - noise, 0.0), bool(noise.any())
+        self.order = np.argsort(misfit, kind="stable")
         self.amplitude.value.metadata.update(chi2=chi2, chi2_noise=noise)
         with self.frames.changed.blocked():
             self.frames.reset_choices()
-        misfit, counts = chi2 - noise, bool(noise.any())
         floor = f", counting noise {np.median(noise):.3g}" if counts else ""
         ranked = "beyond the noise" if counts else "chi²"
         self.summary.value = (f"{chi2.size} frames; chi² median {np.median(chi2):.3g}{floor}; {ranked}: best "
@@ -152,7 +153,7 @@ class QualityView(widgets.Container):
         ax = self.plot.axes
         ax.clear()
         ax.hist(misfit, bins=min(50, max(5, misfit.size // 4)), color="tab:blue")
-        ax.set_xlabel("chi² - chi²_noise" if beyond_noise else "chi²")
+        ax.set_xlabel("chi² beyond the counting noise" if beyond_noise else "chi²")
         ax.set_ylabel("frames")
         self.plot.draw()
 
