@@ -344,7 +344,8 @@ class PhaseRetrievalWidget(widgets.Container):
             ax2.scatter(frames[counted], noise[counted], s=4, marker="_", color="gray", label="counting noise")
         if done.any():
             ax2.set_yscale("log")
-            ax2.legend(fontsize="x-small")
+            ax2.legend(fontsize="x-small", ncol=4, loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False,
+                       borderaxespad=0.1)  # above the axes: the dots stay visible
         ax2.set_xlabel("frame")
         ax2.set_ylabel("chi²")
         self._draw_prtf()
