@@ -47,6 +47,30 @@ def test_per_frame_masks_and_fluxes_leave_the_stack_centre_exact():
     assert (seen[77:205, 13:141] > 0).mean() > 0.99 and mask[:, 77:205, 13:141].any(axis=0).mean() > 0.05
 
 
+def test_a_long_stack_is_sampled_in_runs_spread_over_it(monkeypatch):
+    det, mask, _ = _detector(count=24)
+    reads = []
+
+    class Counted:  # a lazy stack that records what is read
+        shape, dtype = det.shape, det.dtype
+
+        def __getitem__(self, key):
+            reads.append(key)
+            return det[key]
+
+    assert prepare.sample_runs(24, 1024, 16) == [(0, 24)]
+    assert prepare.sample_runs(100_000, 1024, 16)[-1] == (100_000 - 64, 100_000)
+    monkeypatch.setattr(prepare, "CENTRE_FRAMES", 8)
+    monkeypatch.setattr(prepare, "CENTRE_BLOCKS", 4)
+    runs = prepare.sample_runs(24, 8, 4)
+    assert runs == [(0, 2), (7, 9), (15, 17), (22, 24)]
+    calls = []
+    found = prepare.stack_centre(Counted(), mask, progress=lambda d, t: calls.append((d, t)))
+    assert sorted((k.start, k.stop) for k in reads) == runs and calls[-1] == (8, 8)  # those frames alone
+    assert found == prepare.stack_centre(np.concatenate([det[a:b] for a, b in runs]), mask)
+    assert max(abs(found[0] - 141), abs(found[1] - 77)) <= 1  # 8 frames: within a pixel
+
+
 def test_a_single_symmetric_frame_gives_its_centre_and_empty_data_are_one_sentence():
     det, mask, _ = _detector(count=1, families="paper", photons=None)
     # plus its point reflection about (141, 77): reversed, pixel y holds 299 - y; rolled, 2 * 141 - y

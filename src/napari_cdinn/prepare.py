@@ -55,6 +55,11 @@ NOT_SQUARE_HINT = " (cdinn prepare, or the Prepare detector frames dock, cuts ce
 MAX_SIDE = 1024
 #: Pixels :func:`stack_centre` reads at once at most (frames of a large chip come a few at a time).
 CHUNK_PIXELS = 2**26
+#: Frames :func:`stack_centre` reads at most, in :data:`CENTRE_BLOCKS` runs spread over a longer stack:
+#: the centre is exact from a few dozen frames (benchmarks/README.md, "Preparing detector frames"), so a
+#: stack of 100,000 is not read twice.
+CENTRE_FRAMES = 1024
+CENTRE_BLOCKS = 16
 #: Sizes (after binning) the default prefers: the networks read 32-pixel multiples.
 SIZE_STEP = 32
 
@@ -192,9 +197,11 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
         True on unmeasured pixels; with a per-frame mask a pixel is unmeasured only where no frame
         measures it.  NaN/inf pixels of a frame are unmeasured in that frame.
     chunk_size : int
-        Frames read at once (fewer where the frames are large).
+        Frames read at once (fewer where the frames are large).  A stack longer than
+        :data:`CENTRE_FRAMES` is sampled: that many frames, in :data:`CENTRE_BLOCKS` runs spread
+        evenly over it.
     progress : callable(done, total), optional
-        Called after every chunk.
+        Called after every chunk, with the frames read of those to read.
     should_stop : callable or threading.Event, optional
         Checked before every chunk; a stop raises :class:`napari_cdinn.jobs.Cancelled`.
     dark : array_like, (H, W), optional
@@ -211,24 +218,39 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
     dark = None if dark is None else _check_dark(dark, shape[-2:])
     if len(shape) == 2:  # one frame: a stack of one
         stack = np.asarray(stack[...])[None]
-    n = stack.shape[0]
     shares = np.zeros(shape[-2:], dtype=np.float64)
     seen = np.zeros(shape[-2:], dtype=np.int64)
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
     chunk_size = max(1, min(chunk_size, CHUNK_PIXELS // max(shape[-2] * shape[-1], 1)))
-    for a, b in chunk_bounds(n, chunk_size):
-        if stop_requested(should_stop):
-            raise Cancelled(f"stopped after {a} of {n} frames while finding the centre")
-        frames = io.float32_frames(stack[a:b])
-        if dark is not None:
-            frames = frames - dark
-        part_shares, part_seen = signal_shares(frames, None if mask is None else mask if mask.ndim == 2 else mask[a:b])
-        shares += part_shares
-        seen += part_seen
-        if progress is not None:
-            progress(b, n)
+    runs = sample_runs(stack.shape[0], CENTRE_FRAMES, CENTRE_BLOCKS)
+    total, done = sum(b - a for a, b in runs), 0
+    for start, stop in runs:
+        for a, b in chunk_bounds(stop - start, chunk_size):
+            a, b = start + a, start + b
+            if stop_requested(should_stop):
+                raise Cancelled(f"stopped after {done} of {total} frames while finding the centre")
+            frames = io.float32_frames(stack[a:b])
+            if dark is not None:
+                frames = frames - dark
+            part = signal_shares(frames, None if mask is None else mask if mask.ndim == 2 else mask[a:b])
+            shares += part[0]
+            seen += part[1]
+            done += b - a
+            if progress is not None:
+                progress(done, total)
     return friedel_centre(shares / np.maximum(seen, 1), seen == 0)
+
+
+def sample_runs(n, most, runs):
+    """``[(start, stop), ...]``: all of ``n`` frames where ``n <= most``, else ``runs`` runs of
+    ``most // runs`` consecutive frames spread evenly from the first frame to the last (consecutive
+    frames read fast from chunked files)."""
+    if n <= most:
+        return [(0, n)]
+    size = max(1, most // runs)
+    starts = np.unique(np.linspace(0, n - size, runs).round().astype(int))
+    return [(int(s), int(s) + size) for s in starts]
 
 
 def _centre_pixel(centre):
