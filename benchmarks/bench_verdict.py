@@ -45,17 +45,17 @@ QUICK = {"count": 6, "conditions": ("noise_free", "photons_1e3")}
 def verdict_scores(obj, data, passed, chi2_noise):
     """How a verdict ``passed`` (N,) bool matches the truth of complex results ``obj`` (cropped to the truth),
     for all frames and split by the frames' counting noise ``chi2_noise`` (faint: above ``LOW_DOSE_CHI2``)."""
-    from napari_cdinn.pipelines import LOW_DOSE_CHI2
+    from napari_cdinn.pipelines import faint
 
     cmp = physics.compare(physics.crop(obj, data["amplitude"].shape[-2:]), data["amplitude"], data["phase"])
     right = np.asarray(cmp["iou"]) >= WRONG_IOU
     passed = np.asarray(passed, dtype=bool)
-    faint = np.asarray(chi2_noise, dtype=np.float64) > LOW_DOSE_CHI2
+    dim = faint(chi2_noise)
     return {"passed": float(passed.mean()), "passed_but_wrong": float((passed & ~right).mean()),
             "right_when_passed": float(right[passed].mean()) if passed.any() else float("nan"),
             "flagged_but_right": float((~passed & right).mean()), "right": float(right.mean()),
-            "faint": float(faint.mean()), "passed_but_wrong_faint": float((passed & ~right & faint).mean()),
-            "passed_but_wrong_bright": float((passed & ~right & ~faint).mean())}
+            "faint": float(dim.mean()), "passed_but_wrong_faint": float((passed & ~right & dim).mean()),
+            "passed_but_wrong_bright": float((passed & ~right & ~dim).mean())}
 
 
 def run_condition(data, device="cpu"):

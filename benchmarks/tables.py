@@ -72,7 +72,8 @@ def _pct(x):
 def _machine(res):
     m = res.get("machine", {})
     device = m.get("device", "cpu")
-    where = f"{m.get('cpu_count', '?')}-core CPU" if device == "cpu" else f"{device} ({m.get('cpu_count', '?')} vCPUs)"
+    cpu = "CPU" if "cpu_model" not in m else f"{m['cpu_model']}{'' if m.get('cpu_bf16') else ' (no fast bf16)'}"
+    where = f"{m.get('cpu_count', '?')}-core {cpu}" if device == "cpu" else f"{device} ({m.get('cpu_count', '?')} vCPUs)"
     return f"{where}, torch {m.get('torch', '?')}, {res.get('torch_threads', m.get('torch_threads', '?'))} torch threads"
 
 

@@ -442,6 +442,9 @@ def test_fallback_rule_is_the_protocols_restart_rule():
     beyond = 0.01 + 1.01 * RESTART_NOISE * 0.01
     np.testing.assert_array_equal(fallback_frames(np.array([beyond]), chi2_noise=np.array([0.01])), [True])
     assert fallback_frames(chi2, "always").all() and not fallback_frames(chi2, "never").any()
+    # a faint frame (chi2_noise above LOW_DOSE_CHI2) with a refined fit keeps it: no protocol to run
+    dim = np.array([0.05, 0.05])
+    np.testing.assert_array_equal(fallback_frames(np.array([0.2, np.nan]), chi2_noise=dim), [False, True])
     with pytest.raises(ValueError, match="fallback must be one of auto, always, never"):
         fallback_frames(chi2, "sometimes")
 
@@ -458,6 +461,10 @@ def test_keep_lower_chi2_per_frame():
     np.testing.assert_array_equal(out["phase"][:, 0, 0], [0, 0, 1, 1])
     assert np.isnan(refined["chi2"][3])  # inputs untouched
     np.testing.assert_array_equal(keep_lower_chi2(refined, None, [])["start"], 1)
+    # on faint frames a lower misfit is no evidence: the protocol replaces only a refinement without chi^2
+    noise = np.float32([0.0, 0.05, 0.05, 0.05])
+    out = keep_lower_chi2(refined, protocol, [1, 2, 3], chi2_noise=noise)
+    np.testing.assert_array_equal(out["start"], [1, 1, 1, 0])
 
 
 def test_frame_ids_give_the_starts_of_the_whole_stack(data):

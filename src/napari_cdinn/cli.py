@@ -710,6 +710,7 @@ def _cmd_predict(args):
 
 # --------------------------------------------------------------------------- reconstruct
 def _add_reconstruct(sub):
+    from .pipelines import LOW_DOSE_CHI2
     from .protocol import ITERATIONS, RESTART_CHI2, RESTART_NOISE, STARTS
 
     p = sub.add_parser(
@@ -732,9 +733,10 @@ def _add_reconstruct(sub):
                    help="random phases (default) or the CDI NN guess with its support")
     p.add_argument("--fallback", choices=("auto", "always", "never"), default="auto",
                    help="with --init nn, which frames also get the protocol from random starts, "
-                        "keeping the better fit (output 'start': 1 network, 0 protocol): auto (default) those the "
-                        "protocol would start again (refined chi2 beyond the counting noise above the restart "
-                        "limit, as for --starts) or whose guess could not seed them; always; never")
+                        "keeping the better fit (output 'start': 1 network, 0 protocol; a faint frame, chi2_noise "
+                        f"above {LOW_DOSE_CHI2:g}, keeps its refinement): auto (default) those the protocol would start again "
+                        "(refined chi2 beyond the counting noise above the restart limit, as for --starts) or "
+                        "whose guess could not seed them; always; never")
     p.add_argument("--model", default=None,
                    help="network weights for --init nn (default: the best shipped model for the pattern size)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="patterns inverted together")
@@ -847,10 +849,8 @@ def _cmd_reconstruct(args):
 def _report_fit(path, command, init="random"):
     """Print :func:`napari_cdinn.pipelines.fit_summary` of a finished ``predict`` or ``reconstruct`` output
     on stderr, with what to do about the frames that do not fit (or hold few photons)."""
-    import numpy as np
-
     from . import io
-    from .pipelines import LOW_DOSE_CHI2, fit_summary, fits
+    from .pipelines import faint, fit_summary, fits
 
     res = io.read_result(path, keys=("chi2", "chi2_noise"))
     if "chi2" not in res:
@@ -861,7 +861,7 @@ def _report_fit(path, command, init="random"):
     if not good.all():
         advice.append("cdinn reconstruct --init nn refines the rest" if command == "predict"
                       else "check the others (more --starts, a mask over bad pixels)")
-    if command == "reconstruct" and init == "random" and (good & (np.asarray(noise) > LOW_DOSE_CHI2)).any():
+    if command == "reconstruct" and init == "random" and (good & faint(noise, good.shape)).any():
         advice.append("on faint frames --init nn is right far more often (benchmarks/README.md, bench_verdict)")
     print("; ".join([fit_summary(res["chi2"], noise, command), *advice]), file=sys.stderr)
 

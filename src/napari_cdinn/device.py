@@ -119,12 +119,14 @@ def resolve_device(name: str = "auto"):
 
 
 def machine_info(device=None) -> dict:
-    """Name the machine (CPU, cores, Python, NumPy, torch) and the device a figure came from."""
+    """Name the machine (CPU model, cores, Python, NumPy, torch, fast bf16 on the CPU) and the device a
+    figure came from: CPUs of one core count differ several-fold in speed."""
     import numpy as np
 
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -132,8 +134,11 @@ def machine_info(device=None) -> dict:
     try:
         import torch
 
+        from .nn.runtime import bf16_supported
+
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
+        info["cpu_bf16"] = bf16_supported(torch.device("cpu"))
         dev = torch.device(device) if device is not None else None
         if dev is not None and dev.type == "cuda":
             info["device"] = torch.cuda.get_device_name(dev)
@@ -142,6 +147,18 @@ def machine_info(device=None) -> dict:
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     return info
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # --------------------------------------------------------------------------- threads

@@ -27,11 +27,12 @@ Rules:
   would start again (:func:`napari_cdinn.protocol.needs_restart`): those whose refined chi^2
   exceeds the chi^2 of counting noise alone (:func:`napari_cdinn.physics.noise_chi2`, 0 for data
   that are not counts) by more than ``max(RESTART_CHI2, RESTART_NOISE * chi2_noise)``, or is not
-  finite.  The network's own trust flag is not asked: a refinement that fits the data is kept
-  whatever its start looked like.
-* ``"always"``: the protocol runs on every frame; the result is then never worse by chi^2 than
-  the protocol alone with the same options and seed (its random starts are those of the whole
-  stack), at the cost of both runs.
+  finite; faint frames (:func:`faint`) only where the refinement has no chi^2, since the protocol
+  could not replace it there (:func:`keep_lower_chi2`).  The network's own trust flag is not
+  asked: a refinement that fits the data is kept whatever its start looked like.
+* ``"always"``: the protocol runs on every frame; the result is then never worse by chi^2 beyond
+  the noise than the protocol alone with the same options and seed (its random starts are those of
+  the whole stack), faint frames aside, at the cost of both runs.
 * ``"never"``: the refinement alone (start 1 everywhere).
 
 Why this rule: one rule decides when a pattern deserves another start from random phases, after a
@@ -65,6 +66,7 @@ __all__ = [
     "FALLBACK_RULES",
     "LOW_DOSE_CHI2",
     "fallback_frames",
+    "faint",
     "fit_summary",
     "fits",
     "guess_fits_autocorrelation",
@@ -152,7 +154,9 @@ def fallback_frames(chi2: ArrayLike, rule: str = "auto", chi2_noise: ArrayLike =
         chi^2 of the refined frames (the network's own trust is not asked: the refined fit says
         more, docs/decisions.md).
     rule : {"auto", "always", "never"}
-        ``"auto"``: the frames :func:`napari_cdinn.protocol.needs_restart` would start again.
+        ``"auto"``: the frames :func:`napari_cdinn.protocol.needs_restart` would start again, but
+        faint ones (:func:`faint`) with a refined chi^2: the protocol could not replace them
+        (:func:`keep_lower_chi2`).
     chi2_noise : array_like of float, (N,), optional
         The chi^2 counting noise alone gives each frame (:func:`napari_cdinn.physics.noise_chi2`).
 
@@ -169,7 +173,15 @@ def fallback_frames(chi2: ArrayLike, rule: str = "auto", chi2_noise: ArrayLike =
         return np.zeros(chi2.shape, dtype=bool)
     if rule == "always":
         return np.ones(chi2.shape, dtype=bool)
-    return needs_restart(chi2, chi2_noise)  # NaN falls back
+    return needs_restart(chi2, chi2_noise) & ~(faint(chi2_noise, chi2.shape) & np.isfinite(chi2))  # NaN falls back
+
+
+def faint(chi2_noise: ArrayLike, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Frames too faint for a fit within the counting noise to single out the object: ``chi2_noise``
+    above :data:`LOW_DOSE_CHI2` (broadcast to ``shape`` where given)."""
+    noise = np.asarray(chi2_noise, dtype=np.float64)
+    noise = noise.reshape(-1) if shape is None else np.broadcast_to(noise.reshape(-1), shape)
+    return noise > LOW_DOSE_CHI2
 
 
 def fits(chi2: ArrayLike, chi2_noise: ArrayLike = 0.0, command: str = "reconstruct") -> np.ndarray:
@@ -211,10 +223,9 @@ def fit_summary(chi2: ArrayLike, chi2_noise: ArrayLike = 0.0, command: str = "re
         return text + f"trusted (chi2 - chi2_noise <= {TRUST_CHI2:g})"
     text += (f"fit the data within the counting noise (chi2 - chi2_noise <= max({RESTART_CHI2:g}, "
              f"{RESTART_NOISE:g} x chi2_noise))")
-    faint = int((good & (np.broadcast_to(np.asarray(chi2_noise, dtype=np.float64).reshape(-1), good.shape)
-                         > LOW_DOSE_CHI2)).sum())
-    if faint:
-        text += f"; {faint} of them too faint (chi2_noise > {LOW_DOSE_CHI2:g}) for a fit to single out the object"
+    dim = int((good & faint(chi2_noise, good.shape)).sum())
+    if dim:
+        text += f"; {dim} of them too faint (chi2_noise > {LOW_DOSE_CHI2:g}) for a fit to single out the object"
     return text
 
 
@@ -229,7 +240,10 @@ def keep_lower_chi2(
     begun to follow the noise (the discrepancy principle), which the 620-iteration protocol does
     at low doses.  So each result's misfit is taken beyond the floor,
     ``max(chi2 - chi2_noise, 0)``, and the protocol wins only where its misfit is lower; two fits
-    within the noise keep the network-seeded one.
+    within the noise keep the network-seeded one.  On faint frames (:func:`faint`) a lower misfit is
+    no evidence either (many objects fit so few photons, and the protocol's random starts fit the
+    wrong one far more often: docs/decisions.md, "Faint frames keep the network-seeded refinement"):
+    the protocol replaces only a refinement that has no chi^2.
 
     Parameters
     ----------
@@ -254,7 +268,7 @@ def keep_lower_chi2(
         floor = 0.0 if chi2_noise is None else np.asarray(chi2_noise, dtype=np.float64).reshape(-1)[frames]
         new = np.maximum(np.asarray(protocol["chi2"], dtype=np.float64) - floor, 0.0)
         old = np.maximum(out["chi2"][frames].astype(np.float64) - floor, 0.0)
-        better = (new < old) | (np.isnan(old) & ~np.isnan(new))
+        better = ((new < old) & ~faint(floor, old.shape)) | (np.isnan(old) & ~np.isnan(new))
         picked = frames[better]
         for key, value in out.items():
             value[picked] = np.asarray(protocol[key])[better]

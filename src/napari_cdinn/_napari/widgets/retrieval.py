@@ -44,7 +44,7 @@ from magicgui import widgets
 from ... import nn, physics
 from ...device import DEVICES
 from ...jobs import Cancelled, Kind, ProgressEvent
-from ...pipelines import LOW_DOSE_CHI2, fit_summary, fits
+from ...pipelines import faint, fit_summary, fits
 from ...protocol import ITERATIONS, STARTS
 from .. import layers as _layers
 from ._common import (
@@ -332,10 +332,10 @@ class PhaseRetrievalWidget(widgets.Container):
         chi2, noise = self._result["chi2"], self._result["chi2_noise"]
         done = np.isfinite(chi2)
         good = fits(chi2, np.nan_to_num(noise), "reconstruct")
-        faint = np.nan_to_num(noise) > LOW_DOSE_CHI2  # a fit within the noise does not single out the object
+        dim = faint(np.nan_to_num(noise))  # a fit within the noise does not single out the object
         frames = np.arange(len(chi2))
-        for sel, colour, label in ((done & good & ~faint, "tab:blue", "fits"),
-                                   (done & good & faint, "tab:orange", "fits, faint"),
+        for sel, colour, label in ((done & good & ~dim, "tab:blue", "fits"),
+                                   (done & good & dim, "tab:orange", "fits, faint"),
                                    (done & ~good, "tab:red", "misfits")):
             if sel.any():
                 ax2.scatter(frames[sel], np.maximum(chi2[sel], 1e-12), s=8, color=colour, label=label)
@@ -383,12 +383,12 @@ class PhaseRetrievalWidget(widgets.Container):
         if self._result is not None and outcome["frames"]:
             chi2, noise = self._result["chi2"][: outcome["frames"]], np.nan_to_num(self._result["chi2_noise"])
             good = fits(chi2, noise[: outcome["frames"]], "reconstruct")
-            misfit, faint = int((~good).sum()), int((good & (noise[: outcome["frames"]] > LOW_DOSE_CHI2)).sum())
+            misfit, dim = int((~good).sum()), int((good & faint(noise[: outcome["frames"]])).sum())
             text += f"; {misfit} misfit the data beyond the counting noise" if misfit else "; all fit the data"
-            text += f" ({faint} fit(s) too faint to single out the object)" if faint else ""
+            text += f" ({dim} fit(s) too faint to single out the object)" if dim else ""
             advice = [f"the {misfit} that misfit are red in the chi² plot: check them (more starts, a mask over "
                       "bad pixels)"] if misfit else []
-            if faint and self._meta["start"] != "CDI NN":
+            if dim and self._meta["start"] != "CDI NN":
                 advice.append("the faint ones (orange): the CDI NN start is right far more often on them")
             if advice and not outcome["stopped"]:
                 notify("; ".join([fit_summary(chi2, noise[: outcome["frames"]]), *advice]))
