@@ -377,7 +377,9 @@ def random_model(tmp_path):
     return path
 
 
-def test_inversion_adds_layers_and_flags(make_napari_viewer, qtbot, random_model):
+def test_inversion_adds_layers_and_flags(make_napari_viewer, qtbot, random_model, monkeypatch):
+    said = []
+    monkeypatch.setattr("napari_cdinn._napari.widgets.inversion.notify", said.append)
     viewer = _viewer_with_stack(make_napari_viewer, truth=False)
     widget = _dock(viewer, "CDI NN inversion")
     widget.patterns.value = viewer.layers["patterns"]
@@ -401,6 +403,9 @@ def test_inversion_adds_layers_and_flags(make_napari_viewer, qtbot, random_model
 
     assert chi2.shape == (6,) and np.array_equal(trusted, is_trusted(chi2, amp.metadata["chi2_noise"]))
     assert len(widget.plot.axes.collections) == 2
+    # an untrained network's frames are flagged, with what to do next
+    assert not trusted.all() and f"{int((~trusted).sum())} of 6 frame(s)" in said[0]
+    assert "refine them in the Phase retrieval dock (start: CDI NN)" in said[0]
 
 
 def test_inversion_with_a_beamstop_mask_layer(make_napari_viewer, qtbot, monkeypatch, random_model):

@@ -160,8 +160,8 @@ class InversionWidget(widgets.Container):
         if res["stopped"]:
             text = f"stopped: {len(chi2)} pattern(s) inverted"
         if bad:
-            notify(f"{bad} of {len(chi2)} frame(s) have chi² more than {self.trust.value:g} above their noise floor; "
-                   "check them in the Quality view.")
+            notify(f"{bad} of {len(chi2)} frame(s) have chi² more than {self.trust.value:g} above their noise floor: "
+                   "refine them in the Phase retrieval dock (start: CDI NN), or check them in the Quality view.")
         if res.get("off_centre"):
             notify(res["off_centre"])
         self.controls.idle(text)
