@@ -62,7 +62,8 @@ def test_scheduler_address_equals_local(stack, tmp_path, capsys):
 
 
 def test_unreachable_scheduler_is_one_error_line(stack, tmp_path, capsys):
-    code = main(["predict", str(stack), "-o", str(tmp_path / "x.h5"), "--scheduler", "tcp://127.0.0.1:9"])
+    code = main(["predict", str(stack), "-o", str(tmp_path / "x.h5"), "--scheduler", "tcp://127.0.0.1:9",
+                 "--scheduler-timeout", "2"])  # refused at once; the timeout only bounds the retries
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: ") and "Traceback" not in "".join(err)
     assert not (tmp_path / "x.h5").exists()
