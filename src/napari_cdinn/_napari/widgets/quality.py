@@ -135,9 +135,8 @@ class QualityView(widgets.Container):
             known, noise = amp_layer.metadata.get("chi2"), amp_layer.metadata.get("chi2_noise")
             if known is None or np.size(known) != n:
                 raise ValueError("this result carries no chi², so choose its measured pattern layer")
-            noise = 0.0 if noise is None or np.size(noise) != n else noise
-            return (np.asarray(known, dtype=np.float64).reshape(n),
-                    np.broadcast_to(np.asarray(noise, dtype=np.float64).reshape(-1), (n,)).copy())
+            noise = np.zeros(n) if noise is None or np.size(noise) != n else np.asarray(noise, dtype=np.float64)
+            return np.asarray(known, dtype=np.float64).reshape(n), noise.reshape(n)
         if amp_layer.data.shape != pha_layer.data.shape:
             raise ValueError("the amplitude and phase layers differ in shape")
         measured, _ = stack_of(self.measured.value)

@@ -381,9 +381,10 @@ class PhaseRetrievalWidget(widgets.Container):
     def _on_result(self, outcome):
         text = f"{outcome['frames']} pattern(s) reconstructed"
         if self._result is not None and outcome["frames"]:
-            chi2, noise = self._result["chi2"][: outcome["frames"]], np.nan_to_num(self._result["chi2_noise"])
-            good = fits(chi2, noise[: outcome["frames"]], "reconstruct")
-            misfit, dim = int((~good).sum()), int((good & faint(noise[: outcome["frames"]])).sum())
+            chi2, noise = (self._result[k][: outcome["frames"]] for k in ("chi2", "chi2_noise"))
+            noise = np.nan_to_num(noise)
+            good = fits(chi2, noise, "reconstruct")
+            misfit, dim = int((~good).sum()), int((good & faint(noise)).sum())
             text += f"; {misfit} misfit the data beyond the counting noise" if misfit else "; all fit the data"
             text += f" ({dim} fit(s) too faint to single out the object)" if dim else ""
             advice = [f"the {misfit} that misfit are red in the chi² plot: check them (more starts, a mask over "
@@ -391,7 +392,7 @@ class PhaseRetrievalWidget(widgets.Container):
             if dim and self._meta["start"] != "CDI NN":
                 advice.append("the faint ones (orange): the CDI NN start is right far more often on them")
             if advice and not outcome["stopped"]:
-                notify("; ".join([fit_summary(chi2, noise[: outcome["frames"]]), *advice]))
+                notify("; ".join([fit_summary(chi2, noise), *advice]))
         if "nn_trusted" in (self._result or {}):
             text += f"; the network trusted {int(self._result['nn_trusted'][: outcome['frames']].sum())} start(s)"
         if "prtf" in (self._result or {}):
