@@ -49,6 +49,7 @@ __all__ = [
     "intensity_from_amplitude",
     "inverse",
     "is_tensor",
+    "measured",
     "mirror",
     "noise_chi2",
     "pad",
@@ -375,6 +376,28 @@ def support_extent(support: ArrayLike) -> np.ndarray:
     return np.maximum(span(s.any(-1)), span(s.any(-2)))
 
 
+def measured(intensity: ArrayLike, mask: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, bad)``: the intensities with 0 on unmeasured pixels and for negative readings, and
+    ``bad``, True on the unmeasured pixels (NaN/inf, and ``mask`` broadcast to the intensities' shape).
+
+    Parameters
+    ----------
+    intensity : array_like, (..., H, W)
+    mask : array_like of bool, broadcastable to ``intensity``, optional
+        True on unmeasured pixels.
+
+    Returns
+    -------
+    values : ndarray of the intensities' dtype, same shape
+    bad : ndarray of bool, same shape
+    """
+    i = np.asarray(intensity)
+    bad = ~np.isfinite(i)
+    if mask is not None:
+        bad = bad | np.broadcast_to(np.asarray(mask, dtype=bool), i.shape)
+    return np.where(bad | ~(i > 0), 0, i), bad
+
+
 def autocorrelation_extent(intensity: ArrayLike, mask: ArrayLike | None = None, threshold: float = 0.1,
                            sigma: float = 1.0) -> np.ndarray:
     """A lower bound of each object's width (pixels) from its pattern alone: half the autocorrelation's.
@@ -398,11 +421,7 @@ def autocorrelation_extent(intensity: ArrayLike, mask: ArrayLike | None = None, 
     -------
     ndarray float64, (N,) (a scalar for one frame)
     """
-    i = np.array(intensity, dtype=np.float64, ndmin=3)
-    bad = ~np.isfinite(i)
-    if mask is not None:
-        bad = bad | np.asarray(mask, dtype=bool)
-    i = np.where(bad | ~(i > 0), 0.0, i)
+    i, bad = measured(np.array(intensity, dtype=np.float64, ndmin=3), mask)
     ac = _blur_wrap(np.abs(inverse(i)), sigma)
     on = ac > threshold * ac.max(axis=(-2, -1), keepdims=True)
     h, w = i.shape[-2:]

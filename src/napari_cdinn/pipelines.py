@@ -293,11 +293,7 @@ def noise_floor(stack: ArrayLike, mask: ArrayLike | None = None) -> np.ndarray:
     """
     from . import physics
 
-    stack = np.asarray(stack)
-    bad = ~np.isfinite(stack)
-    if mask is not None:
-        bad = bad | np.broadcast_to(np.asarray(mask, dtype=bool), stack.shape)
-    return physics.noise_chi2(np.where(bad | ~(stack > 0), 0.0, stack), bad)
+    return physics.noise_chi2(*physics.measured(stack, mask))
 
 
 def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: ArrayLike | None = None,

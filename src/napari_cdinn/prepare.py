@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import io
+from . import io, physics
 
 __all__ = [
     "NOT_SQUARE_HINT",
@@ -174,15 +174,11 @@ def signal_shares(frames, mask=None):
     shares : ndarray of float64, (H, W)
     seen : ndarray of int64, (H, W)
     """
-    frames = np.asarray(frames, dtype=np.float32)
-    good = np.isfinite(frames)
-    if mask is not None:
-        good &= ~np.broadcast_to(np.asarray(mask, dtype=bool), frames.shape)
-    values = np.where(good, np.maximum(frames, 0), np.float32(0))
+    values, bad = physics.measured(np.asarray(frames, dtype=np.float32), mask)
     totals = values.sum((-2, -1), dtype=np.float64)
-    scale = np.where(totals > 0, 1 / np.where(totals > 0, totals, 1), 0)
+    scale = np.divide(1.0, totals, out=np.zeros_like(totals), where=totals > 0)
     shares = np.tensordot(scale.astype(np.float32), values, axes=(0, 0))  # float32: no float64 copy of the chunk
-    return shares.astype(np.float64), good.sum(0, dtype=np.int64)
+    return shares.astype(np.float64), (~bad).sum(0, dtype=np.int64)
 
 
 def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=None, dark=None):
