@@ -489,6 +489,71 @@ def test_frame_series_problems_are_one_sentence(tmp_path):
         io.read_stack(folder)
 
 
+def test_frames_cut_off_while_written_are_one_sentence_never_a_hang(tmp_path):
+    """A CBF cut inside its header made fabio wait for its binary section forever; a cut EDF read its
+    missing pixels as zero counts."""
+    import fabio.edfimage
+
+    folder = _cbf_series(tmp_path / "scan", STACK[:3].astype(np.int32))
+    whole = (folder / "scan_00003.cbf").read_bytes()
+    for cut, why in ((200, "no binary section"), (len(whole) - 40, "binary section is incomplete")):
+        (folder / "scan_00003.cbf").write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match=f"'scan_00003.cbf' is truncated.*{why}"):
+            io.read_stack(folder)
+    fabio.edfimage.EdfImage(data=STACK[0].astype(np.float32)).write(str(tmp_path / "one.edf"))
+    edf = (tmp_path / "one.edf").read_bytes()
+    (tmp_path / "cut.edf").write_bytes(edf[: len(edf) // 2])
+    with pytest.raises(ValueError, match="'cut.edf' is truncated"):
+        io.read_stack(tmp_path / "cut.edf")
+    np.testing.assert_array_equal(io.read_stack(tmp_path / "one.edf"), STACK[0].astype(np.float32))
+
+
+def test_frames_of_another_type_are_refused_not_cast(tmp_path):
+    """Casting a later frame to the first frame's type wrapped 70000 counts to 4464 in uint16."""
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    np.save(folder / "f0.npy", STACK[0])
+    np.save(folder / "f1.npy", STACK[1].astype(np.float32) * 2000)
+    np.save(folder / ".f2.npy", STACK[2])  # hidden files (macOS ._ files) are not frames
+    assert io.stack_shape(folder) == (2, 16, 12)
+    with pytest.raises(ValueError, match="'f1.npy' stores float32 values, the series' first frame uint16"):
+        io.read_stack(folder)
+
+
+def test_eiger_data_files_of_different_types_are_refused(tmp_path):
+    master, stack, _ = _eiger(tmp_path, compression=False)
+    with h5py.File(tmp_path / "scan_data_000002.h5", "w") as part:
+        part["entry/data/data"] = stack[4:].astype(np.uint16)
+    with pytest.raises(ValueError, match="differ in type .uint16, uint32."):
+        io.read_stack(master)
+
+
+def test_tiff_frames_written_one_by_one_read_as_one_stack(tmp_path):
+    """tifffile stores frames written one call each as series of their own: never read the first alone."""
+    with tifffile.TiffWriter(tmp_path / "each.tif") as tif:
+        for frame in STACK:
+            tif.write(frame, photometric="minisblack")
+    with tifffile.TiffWriter(tmp_path / "parts.tif") as tif:
+        tif.write(STACK[:3], photometric="minisblack")
+        tif.write(STACK[3:], photometric="minisblack")
+    for name in ("each.tif", "parts.tif"):
+        assert io.stack_shape(tmp_path / name) == STACK.shape
+        np.testing.assert_array_equal(io.read_stack(tmp_path / name), STACK.astype(np.float32))
+        np.testing.assert_array_equal(io.read_frames(tmp_path / name, 1, 4), STACK[1:4].astype(np.float32))
+    with tifffile.TiffWriter(tmp_path / "types.tif") as tif:
+        tif.write(STACK[0])
+        tif.write(STACK[1].astype(np.float32))
+    with pytest.raises(ValueError, match="holds images of different types .float32, uint16."):
+        io.read_stack(tmp_path / "types.tif")
+
+
+def test_a_truncated_tiff_names_the_file(tmp_path):
+    tifffile.imwrite(tmp_path / "s.tif", STACK)
+    (tmp_path / "cut.tif").write_bytes((tmp_path / "s.tif").read_bytes()[:500])
+    with pytest.raises(ValueError, match="'cut.tif' is not a readable TIFF"):
+        io.read_stack(tmp_path / "cut.tif")
+
+
 def test_a_cbf_mask_file_reads(tmp_path):
     folder = _cbf_series(tmp_path / "masks", [MASK2.astype(np.int32) * 3])
     np.testing.assert_array_equal(io.read_mask(folder / "scan_00001.cbf", STACK.shape), MASK2)

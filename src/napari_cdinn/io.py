@@ -377,8 +377,8 @@ def series_files(path: str | os.PathLike) -> list[str] | None:
     import glob
 
     path = os.fspath(path)
-    if os.path.isdir(path):
-        candidates = [os.path.join(path, name) for name in os.listdir(path)]
+    if os.path.isdir(path):  # hidden files (``.name``, macOS ``._name``) are not frames, as for a glob
+        candidates = [os.path.join(path, name) for name in os.listdir(path) if not name.startswith(".")]
     elif glob.has_magic(path) and not os.path.exists(path):
         candidates = glob.glob(path)
     else:
@@ -393,20 +393,78 @@ def series_files(path: str | os.PathLike) -> list[str] | None:
     return sorted(files, key=_natural_key)
 
 
+@contextlib.contextmanager
+def _quiet(*loggers):
+    """Silence the named libraries' log records (fabio, tifffile) for a read: a broken file becomes one
+    error sentence, not their warnings on stderr beside it."""
+    import logging
+
+    saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
+    for logger, _ in saved:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
+
+
+#: What starts the binary data of a CBF file (after its ASCII header).
+CBF_BINARY_START = b"\x0c\x1a\x04\xd5"
+
+
+def _check_cbf(path):
+    """Raise ValueError when a CBF file lacks its binary section or holds fewer bytes than its header
+    declares (a frame cut off while written): fabio would wait for them forever."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    start = raw.find(CBF_BINARY_START)
+    if start < 0:
+        raise ValueError(f"{_name(path)!r} is truncated or not a CBF file (no binary section)")
+    size = re.search(rb"X-Binary-Size:\s*(\d+)", raw[:start])
+    if size and len(raw) - start - len(CBF_BINARY_START) < int(size.group(1)):
+        raise ValueError(f"{_name(path)!r} is truncated (its binary section is incomplete)")
+
+
+def _read_fabio(path):
+    """A CBF or EDF file's frame through fabio, checked whole first."""
+    import fabio
+
+    if _ext(path) == ".cbf":
+        _check_cbf(path)
+    with _quiet("fabio"):
+        image = fabio.open(path)
+        data = np.asarray(image.data)
+    if getattr(image, "incomplete_file", False):
+        raise ValueError(f"{_name(path)!r} is truncated (its data are incomplete)")
+    return data
+
+
+def _read_tiff(path, what="file", **kwargs):
+    """``tifffile.imread(path, **kwargs)``; a broken or truncated file is one ValueError naming it."""
+    import tifffile
+
+    try:
+        with _quiet("tifffile"):
+            return tifffile.imread(path, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many types for foreign or broken files
+        raise ValueError(f"{_name(path)!r} is not a readable TIFF {what} ({_first_line(exc)})") from None
+
+
 def _read_frame_file(path):
     """The one frame a series file holds, as stored (2-D)."""
     ext = _ext(path)
     try:
         if ext in (".cbf", ".edf"):
-            import fabio
-
-            data = np.asarray(fabio.open(path).data)
+            data = _read_fabio(path)
         elif ext in (".tif", ".tiff"):
-            import tifffile
-
-            data = np.asarray(tifffile.imread(path))
+            data = np.asarray(_read_tiff(path, "frame"))
         else:
             data = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if str(exc).startswith(repr(_name(path))):
+            raise
+        raise ValueError(f"{_name(path)!r} is not a readable frame ({_first_line(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - each library reports a broken file its own way
         raise ValueError(f"{_name(path)!r} is not a readable frame ({_first_line(exc)})") from None
     if data.ndim == 3 and data.shape[0] == 1:
@@ -564,7 +622,7 @@ def _open_npy(path):
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
-        if "pickle" in str(exc):
+        if "pickle" in str(exc) or "objects" in str(exc):
             raise ValueError(f"{_name(path)!r} is not a NumPy .npy file (or holds Python objects)") from None
         raise ValueError(f"{_name(path)!r} is truncated or not a valid .npy file") from None
 
@@ -653,26 +711,39 @@ def _open_tiff(path):
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _quiet("tifffile"), tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             shape, dtype, axes = tuple(series.shape), series.dtype, series.axes
             n_pages = len(series.pages)
-            sizes = sorted({tuple(s.shape[-2:]) for s in tif.series if not getattr(s, "is_reduced", False)})
+            every = [s for s in tif.series if not getattr(s, "is_reduced", False)]
+            sizes = sorted({tuple(s.shape[-2:]) for s in every})
+            dtypes = sorted({str(s.dtype) for s in every})
+            frames = [len(s.pages) for s in every
+                      if (s.ndim == 2 and len(s.pages) == 1) or (s.ndim == 3 and s.shape[0] == len(s.pages))]
+            whole = len(frames) == len(every) and sum(frames) == len(tif.pages)
     except Exception as exc:  # noqa: BLE001 - tifffile raises many types for foreign or broken files
         raise ValueError(f"{_name(path)!r} is not a readable TIFF file ({_first_line(exc)})") from None
     if len(sizes) > 1:  # tifffile puts pages of another size in other series: never read page 1 alone
         listed = ", ".join(f"{h} x {w}" for h, w in sizes[:4])
         raise ValueError(f"{_name(path)!r} holds images of different sizes ({listed}); "
                          "expected one stack of equal frames (save each size to its own file)")
+    if len(dtypes) > 1:
+        raise ValueError(f"{_name(path)!r} holds images of different types ({', '.join(dtypes)}); "
+                         "expected one stack of equal frames")
     if axes.endswith("S") and len(shape) >= 3:
         raise ValueError(f"{_name(path)!r} is a colour (RGB) image; expected grey-level intensities")
+    if len(every) > 1:  # frames written one by one (several series of one size): every page, in order
+        if not whole:
+            raise ValueError(f"{_name(path)!r} holds {len(every)} image series that are not one page per frame; "
+                             "expected one stack of equal frames")
+        return _TiffPages(path, (len(tif.pages),) + sizes[0], dtype)
     try:
         return tifffile.memmap(path, mode="r")
     except (ValueError, OSError):
         pass
     if len(shape) == 3 and n_pages == shape[0]:
         return _TiffPages(path, shape, dtype)
-    return _Eager(lambda: tifffile.imread(path), shape, dtype)
+    return _Eager(lambda: _read_tiff(path), shape, dtype)
 
 
 class _LazySource:
@@ -728,6 +799,9 @@ class _FileSeries(_LazySource):
             if frame.shape != self.shape[1:]:
                 raise ValueError(f"{_name(self.files[f])!r} is {frame.shape[0]} x {frame.shape[1]} pixels, the series' "
                                  f"first frame {self.shape[1]} x {self.shape[2]}")
+            if frame.dtype != self.dtype:  # never cast: a wider type would wrap, a detector's marks change
+                raise ValueError(f"{_name(self.files[f])!r} stores {frame.dtype} values, the series' first frame "
+                                 f"{self.dtype}; a stack's frames must share one type")
             out[i] = frame
         out = out[(slice(None),) + rest]
         return out[0] if squeeze else out
@@ -755,12 +829,10 @@ class _TiffPages(_LazySource):
         self.path = path
 
     def __getitem__(self, key):
-        import tifffile
-
         pages, rest, squeeze = _first_axis(key, self.shape)
         if not pages:
             return np.empty((0,) + self.shape[1:], dtype=self.dtype)[(slice(None),) + rest]
-        out = np.asarray(tifffile.imread(self.path, key=pages)).reshape((len(pages),) + self.shape[1:])
+        out = np.asarray(_read_tiff(self.path, key=pages)).reshape((len(pages),) + self.shape[1:])
         out = out[(slice(None),) + rest]
         return out[0] if squeeze else out
 
@@ -885,6 +957,9 @@ def _eiger_parts(fh):
         return None
     if len({d.shape[1:] for d in dsets}) > 1:
         raise ValueError(f"the frame data sets of {_name(fh.filename)!r} differ in frame size")
+    if len({d.dtype for d in dsets}) > 1:
+        raise ValueError(f"the frame data sets of {_name(fh.filename)!r} differ in type "
+                         f"({', '.join(sorted({str(d.dtype) for d in dsets}))}); a stack's frames must share one type")
     return parts
 
 
@@ -1081,12 +1156,7 @@ def _mask_npz(path):
 
 
 def _mask_tiff(path):
-    import tifffile
-
-    try:
-        return tifffile.imread(path)
-    except Exception as exc:  # noqa: BLE001 - tifffile raises many types for foreign or broken files
-        raise ValueError(f"{_name(path)!r} is not a readable TIFF file ({_first_line(exc)})") from None
+    return _read_tiff(path)
 
 
 def _mask_h5(path):
