@@ -417,6 +417,13 @@ def test_an_eiger_master_file_without_its_data_files_is_one_sentence(tmp_path):
         io.read_stack(master)
 
 
+def test_a_data_set_linked_to_a_missing_file_is_one_sentence(tmp_path):
+    with h5py.File(tmp_path / "linked.h5", "w") as fh:
+        fh["data"] = h5py.ExternalLink("elsewhere.h5", "/data")
+    with pytest.raises(ValueError, match="'linked.h5': its data set 'data' is in 'elsewhere.h5', which cannot be opened"):
+        io.read_stack(tmp_path / "linked.h5")
+
+
 def test_nexus_files_give_their_default_signal(tmp_path):
     frames = np.arange(2 * 16 * 16, dtype=np.float32).reshape(2, 16, 16)
     path = _write_nexus(tmp_path / "scan.nxs", frames, pixel_mask=np.eye(16, dtype=np.uint8))

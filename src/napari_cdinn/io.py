@@ -976,6 +976,10 @@ def _find_h5_dataset(fh, path):
     for name in ("data", "intensity"):
         if isinstance(fh.get(name), h5py.Dataset):
             return name
+        link = fh.get(name, getlink=True)
+        if isinstance(link, h5py.ExternalLink):  # the data live in another file, which cannot be opened
+            raise ValueError(f"{_name(path)!r}: its data set {name!r} is in {link.filename!r}, which cannot be "
+                             "opened; keep the file with the files it links to")
     signal = _nexus_signal(fh)
     if signal is not None:
         return signal
