@@ -149,8 +149,15 @@ def _cmd_simulate(args):
         raise UsageError(f"--out must be an .npz file, got {args.out!r}")
     if args.size < 8:
         raise UsageError("--size must be at least 8 pixels")
-    io.check_writable(args.out)
     side = args.size * args.oversampling
+    limits = (("--photons", args.photons, sim.MAX_PHOTONS, "photons per pattern (what a Poisson draw takes)"),
+              ("--background", args.background, sim.MAX_PHOTONS, "photons per pixel (what a Poisson draw takes)"),
+              ("--beamstop", args.beamstop, side, f"pixels, the side of the {side} x {side} patterns"),
+              ("--offset", args.offset, side / 2, f"pixels, half the side of the {side} x {side} patterns"))
+    for flag, value, most, what in limits:
+        if value is not None and value > most:
+            raise UsageError(f"{flag} {value:g} is too large: at most {most:g} {what}")
+    io.check_writable(args.out)
     # intensity and mask (side^2), amplitude and phase (size^2): all held until written, and a margin
     each, budget = int(1.25 * (5 * side * side + 8 * args.size * args.size)), io.memory_budget()
     if args.count * each > budget:
@@ -326,17 +333,24 @@ def _cmd_train(args):
     import threading
 
     from .nn import PRESETS, TrainConfig, train
+    from .nn.config import run_files
 
     options = {f.name: getattr(args, f.name) for f, _ in _train_config_fields() if hasattr(args, f.name)}
     preset = options.pop("preset", "paper")
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     TrainConfig.from_preset(preset, **options)  # a bad combination fails here, before anything starts
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} is a file, not a folder: give the model folder to write the "
+                         "checkpoints to (created if new)")
     if args.resume:
         if not os.path.isdir(args.out):
             raise UsageError(f"--resume: the model directory {args.out!r} does not exist (run without --resume to start)")
         if not os.path.isfile(os.path.join(args.out, "last.json")):
             print(f"no checkpoint in {args.out}: a new run starts", file=sys.stderr)
+    elif run_files(args.out):  # a new run would overwrite its checkpoints
+        raise UsageError(f"--out {args.out!r} already holds a training run: pass --resume to continue it, or choose "
+                         "a new folder")
     _use_threads(args)
 
     def progress(ev):
@@ -565,6 +579,13 @@ def _cmd_prepare(args):
         raise UsageError(f"--centre: {exc}") from None
     if args.size is not None and args.size % 2:  # before a pass over the frames
         raise UsageError(f"--size must be even (the zero frequency sits at pixel size // 2), got {args.size}")
+    if args.size is not None:
+        _check_prepare_size(args, shape, args.size)
+    elif min(shape[-2:]) // args.bin < prepare.MIN_SIDE:  # no centre gives a default size that others take
+        binned = f" binned {args.bin} x {args.bin}" if args.bin > 1 else ""
+        raise UsageError(f"the {shape[-2]} x {shape[-1]} detector{binned} is smaller than the {prepare.MIN_SIDE} x "
+                         f"{prepare.MIN_SIDE} patterns the other commands take: give --size {prepare.MIN_SIDE} or more "
+                         "(pixels off the detector are unmeasured)" + (" or a smaller --bin" if args.bin > 1 else ""))
     if args.dark is not None:
         io.check_not_input(args.out, args.dark, what="--out")
     dark = _dark_frame(args.dark, shape)
@@ -582,6 +603,14 @@ def _cmd_prepare(args):
         raise UsageError(f"the centre ({centre[0]:g}, {centre[1]:g}) lies outside the {shape[-2]} x {shape[-1]} "
                          "detector frame")
     size = prepare.default_size(shape, centre, args.bin) if args.size is None else args.size
+    if size < prepare.MIN_SIDE:  # the default: the largest square on the detector
+        binned = f" binned {args.bin} x {args.bin}" if args.bin > 1 else ""
+        raise UsageError(f"the largest square around the centre ({centre[0]:g}, {centre[1]:g}) that stays on the "
+                         f"{shape[-2]} x {shape[-1]} detector{binned} gives {size} x {size} patterns, smaller than the "
+                         f"{prepare.MIN_SIDE} x {prepare.MIN_SIDE} the other commands take: give --size "
+                         f"{prepare.MIN_SIDE} or more (pixels off the detector are unmeasured)"
+                         + (" or a smaller --bin" if args.bin > 1 else ""))
+    args.chunk_size = min(args.chunk_size, _check_prepare_size(args, shape, size))
     print(prepare.describe(shape, centre, size, args.bin, source), file=sys.stderr)
     fn = functools.partial(prepare.prepare_chunk, centre=centre, size=size, bin=args.bin, dark=dark,
                            adu_per_photon=args.adu_per_photon)
@@ -594,6 +623,21 @@ def _cmd_prepare(args):
     options = {"command": "prepare", "centre": list(centre), "size": size, "bin": args.bin,
                "dark": None if dark is None else io.input_identity(args.dark)}
     _run_stack(args, fn, options, attrs, "prepare")
+
+
+def _check_prepare_size(args, shape, size):
+    """Frames per chunk that patterns of ``size`` (output pixels, ``--bin`` applied) allow within ``--memory``;
+    ``UsageError`` for patterns smaller than the other commands take, or a frame larger than the budget."""
+    from . import prepare
+
+    option = f"--size {size}" if args.size is not None else f"the default size {size}"
+    if size < prepare.MIN_SIDE:
+        raise UsageError(f"{option} gives {size} x {size} patterns, smaller than the {prepare.MIN_SIDE} x "
+                         f"{prepare.MIN_SIDE} the other commands take: give --size {prepare.MIN_SIDE} or more")
+    try:
+        return prepare.frames_in_budget(shape, size, args.bin, args.memory)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
 
 
 def _dark_frame(path, shape):
@@ -792,13 +836,14 @@ def _cmd_reconstruct(args):
     if args.prtf and args.starts < 2:
         raise UsageError(f"--prtf compares several runs of each pattern: it needs --starts K with K >= 2, got {args.starts}")
     shape = _check_stack_input(args)
-    if shape[-1] != shape[-2] or shape[-1] % 2:
-        from .prepare import NOT_SQUARE_HINT
+    from .prepare import MIN_SIDE, NOT_SQUARE_HINT
 
+    if shape[-1] != shape[-2] or shape[-1] % 2:
         raise UsageError(f"patterns must be square with an even size, got {shape[-2]} x {shape[-1]}"
                          + (NOT_SQUARE_HINT if shape[-2] != shape[-1] else ""))
-    if shape[-1] < 8:
-        raise UsageError(f"patterns must be at least 8 x 8 pixels to be inverted, got {shape[-2]} x {shape[-1]}")
+    if shape[-1] < MIN_SIDE:
+        raise UsageError(f"patterns must be at least {MIN_SIDE} x {MIN_SIDE} pixels to be inverted, got "
+                         f"{shape[-2]} x {shape[-1]}")
     _check_iterations(args, shape)
     iterations = args.iterations or ITERATIONS
     nn_options = {}
@@ -931,6 +976,8 @@ def _cmd_report(args):
 
 # --------------------------------------------------------------------------- adapt
 def _add_adapt(sub):
+    from .nn.config import MAX_SEED  # torch's generators are seeded from it
+
     p = sub.add_parser(
         "adapt",
         help="fine-tune a network on your own patterns, without ground truth",
@@ -950,7 +997,8 @@ def _add_adapt(sub):
     p.add_argument("--mask", default=None, metavar="FILE", help=_MASK_HELP)
     p.add_argument("--holdout", type=_number(float, 0.0, False, "a fraction in (0, 0.5]", below=0.5 + 1e-9),
                    default=0.1, metavar="F", help="fraction of the frames held out to choose the weights (default 0.1)")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_number(int, 0, True, f"an integer from 0 to {MAX_SEED}", below=MAX_SEED + 1),
+                   default=0, help="random seed (default 0)")
     _add_threads(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.set_defaults(func=_cmd_adapt)

@@ -35,6 +35,7 @@ __all__ = [
     "crop_origin",
     "default_size",
     "describe",
+    "frames_in_budget",
     "friedel_centre",
     "symmetry_centre",
     "mean_dark",
@@ -62,6 +63,13 @@ CENTRE_FRAMES = 1024
 CENTRE_BLOCKS = 16
 #: Sizes (after binning) the default prefers: the networks read 32-pixel multiples.
 SIZE_STEP = 32
+#: The smallest pattern side (after binning) the other commands take: ``cdinn reconstruct`` inverts
+#: patterns from 8 x 8 on (the networks read 32 x 32 and larger).
+MIN_SIDE = 8
+#: Bytes of working memory per frame and per detector pixel of the square :func:`prepare_frames`
+#: cuts: the crop in float64, its mask, their temporaries and the float32 result, with room for the
+#: writer (measured peak: about 18 where the chip fills the square, 13 where the square runs off it).
+WORK_BYTES = 32
 
 
 def _measured(image, mask):
@@ -285,6 +293,34 @@ def default_size(shape, centre, bin=1):
     half = min((cy - k // 2) // k, (h - cy + k // 2) // k, (cx - k // 2) // k, (w - cx + k // 2) // k)
     size = 2 * max(half, 1)
     return size - size % SIZE_STEP if size >= SIZE_STEP else size
+
+
+def frames_in_budget(shape, size, bin=1, budget=None) -> int:
+    """Frames of ``shape`` that :func:`prepare_frames` may cut to ``size x size`` patterns (``bin``
+    x ``bin`` detector pixels each) at once within a memory budget (at least 1).
+
+    A frame costs :data:`WORK_BYTES` per detector pixel of the square cut, besides the frame read
+    (float32).  Raises ``ValueError`` (one sentence, giving the size and the budget) when one frame
+    does not fit.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Detector frame ``(H, W)`` (or a stack's shape: the last two axes).
+    size, bin : int
+    budget : int, optional
+        Bytes (default :func:`napari_cdinn.io.memory_budget`).
+    """
+    side = int(size) * int(bin)
+    h, w = (int(v) for v in shape[-2:])
+    each = WORK_BYTES * side * side + 4 * h * w
+    budget = io.memory_budget() if budget is None else int(budget)
+    if each > budget:
+        binned = f", binned {bin} x {bin}" if bin > 1 else ""
+        raise ValueError(f"{size} x {size} patterns ({side} x {side} detector pixels{binned}) need about "
+                         f"{io.format_bytes(each)} of memory per frame, more than the memory budget of "
+                         f"{io.format_bytes(budget)} (CDINN_MEMORY or --memory sets it)")
+    return int(budget // each)
 
 
 def _check_geometry(size, bin):

@@ -52,11 +52,15 @@ from . import physics
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BLOCK", "DETECTORS", "FAMILIES", "MIXTURES", "Detector", "apply_detector", "as_detector", "detector_mask",
-           "draw_detector", "offset_phase", "patterns_from_objects", "raw_detector_frames", "simulate", "simulate_objects"]
+__all__ = ["BLOCK", "DETECTORS", "FAMILIES", "MAX_PHOTONS", "MIXTURES", "Detector", "apply_detector", "as_detector",
+           "detector_mask", "draw_detector", "offset_phase", "patterns_from_objects", "raw_detector_frames", "simulate",
+           "simulate_objects"]
 
 #: Examples per random block; example ``i`` is drawn from block ``i // BLOCK``.
 BLOCK = 1024
+#: The most photons per pattern, and of background per pixel, that the detector model draws: a pixel's
+#: Poisson rate is at most their sum, and NumPy's Poisson draws stop at rates near 9.2e18.
+MAX_PHOTONS = 1e18
 
 _MIN_POINTS, _MAX_POINTS = 5, 15
 _MAX_SINES, _MAX_GAUSS = 3, 3
@@ -325,11 +329,13 @@ class Detector:
     ----------
     photons : (float, float), optional
         Total photon count per pattern, drawn log-uniformly in this range (equal ends: a fixed
-        count); the pattern is then ``Poisson(photons * I / sum I + background)``.  None: noise-free.
+        count; at most :data:`MAX_PHOTONS`); the pattern is then ``Poisson(photons * I / sum I +
+        background)``.  None: noise-free.
     clean : float
         Fraction of patterns left noise-free although ``photons`` is given.
     background : (float, float)
-        Mean flat background in photons per pixel, drawn uniformly (noisy patterns only).
+        Mean flat background in photons per pixel, drawn uniformly (noisy patterns only; at most
+        :data:`MAX_PHOTONS`).
     background_rate : float
         Fraction of noisy patterns with a background.
     beamstop : (float, float)
@@ -367,10 +373,11 @@ class Detector:
     offset_rate: float = 1.0
 
     def __post_init__(self):
-        if self.photons is not None and not (0 < self.photons[0] <= self.photons[1] < np.inf):
-            raise ValueError(f"photons must be a positive range, got {self.photons!r}")
-        if not (0 <= self.background[0] <= self.background[1] < np.inf):
-            raise ValueError(f"the background must be a non-negative range, got {self.background!r}")
+        if self.photons is not None and not (0 < self.photons[0] <= self.photons[1] <= MAX_PHOTONS):
+            raise ValueError(f"photons must be a positive range up to {MAX_PHOTONS:g}, got {self.photons!r}")
+        if not (0 <= self.background[0] <= self.background[1] <= MAX_PHOTONS):
+            raise ValueError(f"the background must be a non-negative range up to {MAX_PHOTONS:g}, got "
+                             f"{self.background!r}")
         if not (0 <= self.beamstop[0] <= self.beamstop[1] < np.inf):
             raise ValueError(f"the beamstop radius must be a non-negative range, got {self.beamstop!r}")
         if not (1 <= self.gap_width[0] <= self.gap_width[1]):
@@ -523,7 +530,8 @@ def apply_detector(
         counts = lib.where(keep, drawn, intensity)
     mask = detector_mask(settings, m, intensity if lib is not np else None)
     peak = counts.max(axis=(-2, -1), keepdims=True) if lib is np else counts.amax((-2, -1), keepdim=True)
-    mask = mask | (counts > col(settings["saturation"]) * peak)
+    with np.errstate(invalid="ignore"):  # an all-zero frame without saturation: inf * 0 (NaN), never above it
+        mask = mask | (counts > col(settings["saturation"]) * peak)
     zero = 0.0 if lib is np else lib.zeros((), dtype=counts.dtype, device=counts.device)
     counts = lib.where(mask, zero, counts)
     return (counts.astype(np.float32) if lib is np else counts.float()), mask

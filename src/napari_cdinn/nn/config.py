@@ -20,14 +20,19 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PRESETS", "RESUMABLE", "TrainConfig", "check_option", "chosen_fields", "cli_fields", "describe_option",
-           "option_help", "resolve_options"]
+__all__ = ["MAX_SEED", "PRESETS", "RESUMABLE", "TrainConfig", "check_option", "chosen_fields", "cli_fields",
+           "describe_option", "option_help", "resolve_options", "run_files"]
+
+#: The largest seed a run takes: torch's generators take 64-bit seeds, and a run seeds them with
+#: ``seed * 7919 + step`` (:mod:`napari_cdinn.nn.trainer`, :mod:`napari_cdinn.nn.adapt`).
+MAX_SEED = 2**32 - 1
 
 #: Checks a numeric option may carry: name -> (test, words for "expected ...").
 _CHECKS = {
     "positive": (lambda v: v > 0, "positive"),
     "non-negative": (lambda v: v >= 0, ">= 0"),
     "fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "seed": (lambda v: 0 <= v <= MAX_SEED, f"from 0 to {MAX_SEED}"),
 }
 
 #: Fields a resumed run takes from the caller when given (the checkpoint's config wins for the others).
@@ -117,7 +122,7 @@ class TrainConfig:
     mask_channel: bool = _option(False, "give the network the map of unmeasured pixels as an input (added, "
                                  "zero-initialised, to initial weights without it)", bool)
     preset: str = _option("paper", "base settings the other options change", str)
-    seed: int = _option(0, "simulator seed of the training data (validation: seed + 1000000)", int)
+    seed: int = _option(0, "simulator seed of the training data (validation: seed + 1000000)", int, check="seed")
     precision: str = _option("auto", "bf16 autocast (weights stay float32); auto: where the hardware has bf16",
                              str, choices=("auto", "fp32", "bf16"))
     time_limit_min: float | None = _option(None, "end training after MIN minutes, a cosine schedule decaying by "
@@ -251,6 +256,20 @@ def cli_fields() -> list[tuple[dataclasses.Field, str]]:
         if flag is not None:
             out.append((f, flag or "--" + f.name.replace("_", "-")))
     return out
+
+
+#: The files a training run writes to its model directory (:mod:`napari_cdinn.nn.trainer`).
+RUN_FILES = ("last.safetensors", "last.json", "best.safetensors", "best.json", "average.safetensors", "average.json",
+             "optimizer.pt")
+
+
+def run_files(out) -> list[str]:
+    """The files of a training run (:data:`RUN_FILES`) that the model directory ``out`` holds (none if it is no folder).
+
+    A new run (no ``resume``) into a directory that holds any would overwrite them: the trainer
+    and ``cdinn train`` refuse it.
+    """
+    return [name for name in RUN_FILES if os.path.isfile(os.path.join(os.fspath(out), name))]
 
 
 #: Named starting points: ``paper`` (the paper's sizes, the shared-encoder network) and ``tiny`` (a smoke run).

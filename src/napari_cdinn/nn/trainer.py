@@ -54,7 +54,7 @@ from .. import physics
 from ..jobs import Kind, ProgressEvent, stop_requested
 from ..simulate import BLOCK
 from .checkpoint import load_model, resolve_model_path, save_model
-from .config import PRESETS, RESUMABLE, TrainConfig, chosen_fields, resolve_options
+from .config import PRESETS, RESUMABLE, TrainConfig, chosen_fields, resolve_options, run_files
 from .data import (
     SIZE,
     make_examples,
@@ -590,15 +590,43 @@ class _Run:
         self.run_loss, self.run_n = self.run_loss + loss * n, self.run_n + n  # no device sync per step
         self.n_rate += n
         if state["step"] % 20 == 0:
+            self._check_loss(float(self.run_loss) / self.run_n, "training")  # a NaN stays in the running sum
             now = time.monotonic()
             self.emit(dict(self.event("step"), examples_per_s=self.n_rate / max(now - self.t_rate, 1e-9)))
             self.t_rate, self.n_rate = now, 0
 
+    def _check_loss(self, value, what):
+        """Raise ``ValueError`` (one sentence) where the ``what`` ("training", "validation") loss is not finite.
+
+        The weights have diverged: training stops, and nothing is saved (the checkpoints already in
+        the model directory stay as they were).
+        """
+        if math.isfinite(value):
+            return
+        s = self.state
+        word = "NaN" if math.isnan(value) else "infinite"
+        raise ValueError(f"the {what} loss became {word} by step {s['step']} ({s['examples']} examples): the "
+                         f"weights diverged and were not saved; lower the learning rate (--lr, now {self.config.lr:g})")
+
+    def _check_weights(self):
+        """Raise ``ValueError`` as :meth:`_check_loss` does where a weight (or buffer) is not finite."""
+        tensors = [t for t in self.model.state_dict().values() if torch.is_floating_point(t)]
+        if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            self._check_loss(math.nan, "training")
+
     def checkpoint(self, kind, full=False):
-        """Validate (quick, or ``full``), record it in the history, save ``last`` (and ``best``, ``average``)."""
+        """Validate (quick, or ``full``), record it in the history, save ``last`` (and ``best``, ``average``).
+
+        Weights that diverged (a non-finite training or validation loss, or weight) are never saved:
+        ``ValueError`` (:meth:`_check_loss`).
+        """
         state = self.state
         state["elapsed_s"] = self.elapsed()
+        if self.run_n:
+            self._check_loss(float(self.run_loss) / self.run_n, "training")
+        self._check_weights()
         metrics = evaluate(self.model, self.val if full else self.quick, self.dev, self.bf16)
+        self._check_loss(metrics["loss"], "validation")
         record = dict(self.event(kind), val_loss=metrics["loss"], metrics=metrics, full_validation=full)
         candidates = [("current", self.model, metrics)]
         if self.average is not None and not full:  # the average is scored by the quick validation only
@@ -723,6 +751,11 @@ def fit(out, config: TrainConfig, *, chosen=None, resume=False, device="auto", c
     checkpoint's.  The other arguments are those of :func:`train`.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the model folder {str(out)!r} is a file, not a folder")
+    if not resume and run_files(out):
+        raise ValueError(f"the model folder {str(out)!r} already holds a training run: resume it, or choose a new "
+                         "folder")
     if chosen is None:
         chosen = chosen_fields(config)
     dev = resolve_device(device)
@@ -785,6 +818,14 @@ def train(out, preset="paper", *, device="auto", resume=False, callback=None, st
     -------
     dict : the final training state (as in ``last.json``), with ``ended``: ``"done"`` (all
         epochs), ``"time limit"`` or ``"stopped"`` (also in the last event).
+
+    Raises
+    ------
+    ValueError
+        One sentence: bad options; ``out`` a file, or (without ``resume``) a folder that already
+        holds a training run (:func:`~napari_cdinn.nn.config.run_files`); the training or
+        validation loss became NaN or infinite (the diverged weights are not saved; the
+        checkpoints already in ``out`` stay as they were).
     """
     config, chosen = resolve_options(preset, **options)
     return fit(out, config, chosen=chosen, resume=resume, device=device, callback=callback, stop=stop,
