@@ -129,6 +129,7 @@ BAD_MASKS = {
     "wrong_count.npy": (lambda p: np.save(p, np.zeros((3, 64, 64), bool)), "shaped (3, 64, 64)"),
     "float.npy": (lambda p: np.save(p, np.zeros((64, 64), np.float32)), "booleans or integers"),
     "missing.npy": (None, "does not exist"),
+    "folder": (lambda p: p.mkdir(), "is a folder; give the mask file"),
     "text.npy": (_write_text, "mask"),
 }
 

@@ -450,6 +450,8 @@ def _input_mask(args, shape):
 
     args.mask_array = None
     if args.mask is not None:
+        if os.path.isdir(args.mask):
+            raise UsageError(f"--mask {args.mask!r} is a folder; give the mask file")
         if not os.path.isfile(args.mask):
             raise UsageError(f"the mask file {args.mask!r} does not exist")
         args.mask_array = io.read_mask(args.mask, shape)
