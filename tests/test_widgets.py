@@ -762,6 +762,14 @@ def test_prepare_dock_finds_the_centre_and_cuts_patterns_the_other_docks_read(ma
     dock.size.value = 63
     dock.controls.run_button.clicked.emit()
     assert not dock.runner.running and len(errors) == 1 and "even" in errors[0]
+    dock.size.value = 4  # patterns the other docks cannot read: one sentence, no run
+    dock.controls.run_button.clicked.emit()
+    assert not dock.runner.running and len(errors) == 2 and "smaller than the 8 x 8" in errors[1]
+    dock.size.value = 0  # the default size around a centre in the corner is as small: said by the job
+    dock.centre_y.value, dock.centre_x.value = 2, 2
+    dock.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not dock.runner.running, timeout=60_000)
+    assert len(errors) == 3 and "largest square around the centre (2, 2)" in errors[2]
 
 
 def test_prepare_dock_turns_ccd_readings_into_photons(make_napari_viewer, qtbot, monkeypatch):

@@ -633,10 +633,8 @@ def _check_prepare_size(args, shape, size):
     from . import prepare
 
     option = f"--size {size}" if args.size is not None else f"the default size {size}"
-    if size < prepare.MIN_SIDE:
-        raise UsageError(f"{option} gives {size} x {size} patterns, smaller than the {prepare.MIN_SIDE} x "
-                         f"{prepare.MIN_SIDE} the other commands take: give --size {prepare.MIN_SIDE} or more")
     try:
+        prepare.check_side(size, option)
         return prepare.frames_in_budget(shape, size, args.bin, args.memory)
     except ValueError as exc:
         raise UsageError(f"{option}: {exc}") from None

@@ -35,6 +35,7 @@ __all__ = [
     "crop_origin",
     "default_size",
     "describe",
+    "check_side",
     "frames_in_budget",
     "friedel_centre",
     "symmetry_centre",
@@ -293,6 +294,17 @@ def default_size(shape, centre, bin=1):
     half = min((cy - k // 2) // k, (h - cy + k // 2) // k, (cx - k // 2) // k, (w - cx + k // 2) // k)
     size = 2 * max(half, 1)
     return size - size % SIZE_STEP if size >= SIZE_STEP else size
+
+
+def check_side(size, what="the size", option="--size"):
+    """Raise ``ValueError`` (one sentence) where ``size x size`` patterns are smaller than :data:`MIN_SIDE`.
+
+    ``what`` names where the size came from, ``option`` what sets it (the command's ``--size``, the
+    dock's *size*).
+    """
+    if size < MIN_SIDE:
+        raise ValueError(f"{what} gives {size} x {size} patterns, smaller than the {MIN_SIDE} x {MIN_SIDE} the "
+                         f"other commands take: give {option} {MIN_SIDE} or more")
 
 
 def frames_in_budget(shape, size, bin=1, budget=None) -> int:

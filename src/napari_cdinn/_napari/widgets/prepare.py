@@ -73,12 +73,16 @@ def prepare_job(stack, mask, centre, size, bin, progress, should_stop, dark=None
         if found["centre"] is None:
             return {**found, "size": size, "intensity": None, "mask": None, "stopped": True}
         centre = found["centre"]
-    size = core.default_size(stack.shape, centre, bin) if size is None else size
+    if size is None:
+        size = core.default_size(stack.shape, centre, bin)
+        core.check_side(size, f"the largest square around the centre ({centre[0]:g}, {centre[1]:g}) on the "
+                              "detector", "a size of")
+    chunk_size = min(CHUNK, core.frames_in_budget(stack.shape, size, bin))
     chunk = functools.partial(core.prepare_chunk, centre=centre, size=size, bin=bin, dark=dark,
                               adu_per_photon=adu_per_photon)
     parts = []
     try:
-        for _a, b, res in iter_chunks(stack, chunk, chunk_size=CHUNK, mask=mask, should_stop=should_stop):
+        for _a, b, res in iter_chunks(stack, chunk, chunk_size=chunk_size, mask=mask, should_stop=should_stop):
             parts.append(res)
             progress({"stage": "prepare", "done": b, "total": n})
     except Cancelled:
@@ -140,6 +144,9 @@ class PrepareWidget(widgets.Container):
             size = int(self.size.value) or None
             if size is not None and size % 2:
                 raise ValueError(f"the size must be even (the zero frequency sits at pixel size // 2), got {size}")
+            if size is not None:
+                core.check_side(size, f"the size {size}", "a size of")
+                core.frames_in_budget(stack.shape, size, int(self.bin.value))
             centre = None if (find_only or self.auto.value) else self.centre()
             dark = self._dark(stack.shape)
             adu = float(self.adu.value) or None
