@@ -11,8 +11,9 @@ iterations, 620 iterations, the final 20 averaged) on fresh paper-recipe pattern
 the cost of one engine iteration over the cost of the FFT pair it contains, and quality against
 the truth after cropping to 32 x 32 (``physics.compare``: up to twin, shift and global phase):
 phase RMS inside the object (median, 90th percentile), support IoU and chi^2.  When
-``cohere-core`` is importable (the ``bench`` extra) it runs its closest settings on the NumPy
-subset (:data:`COHERE_PARAMS`); otherwise that part is skipped with a note.
+``cohere-core`` is importable (the ``bench`` extra) it runs the same protocol on the NumPy subset
+(:func:`cohere_params`: the same schedule, shrinkwrap settings, start support and restarts; its
+NumPy back end on the CPU, its torch back end on a GPU); otherwise that part is skipped with a note.
 
 ``--held-out`` (:func:`run_held_out`) measures what a user runs instead: the whole default
 ``cdinn reconstruct`` command (a new process per set, its start, imports, reading and writing
@@ -50,6 +51,15 @@ _AVERAGE = 20
 
 
 # --------------------------------------------------------------------------- NumPy reference
+def autocorrelation_start(intensity, threshold=0.1):
+    """The protocol's start support: the blurred autocorrelation above ``threshold`` of its peak.
+
+    ``intensity`` and the support are in the FFT layout (origin at pixel ``(0, 0)``).
+    """
+    auto = ndimage.gaussian_filter(np.abs(np.fft.ifft2(intensity)), 1.0, mode="wrap")
+    return auto > threshold * auto.max()
+
+
 def numpy_reconstruct(intensity, seed=0, frame=0, start=0, iterations=_ITER, average=_AVERAGE, beta=0.9,
                       every=20, sigma=(3.0, 1.0), threshold=0.12, ac_threshold=0.1, mask=None):
     """The same protocol as ``reconstruct``, written as a plain one-pattern NumPy loop.
@@ -67,8 +77,7 @@ def numpy_reconstruct(intensity, seed=0, frame=0, start=0, iterations=_ITER, ave
     free = None if mask is None else np.fft.ifftshift(np.asarray(mask, dtype=bool))
     if free is not None:
         amp = np.where(free, 0.0, amp)
-    auto = ndimage.gaussian_filter(np.abs(np.fft.ifft2(amp * amp)), 1.0, mode="wrap")
-    support = auto > ac_threshold * auto.max()
+    support = autocorrelation_start(amp * amp, ac_threshold)
     rng = np.random.default_rng([seed, frame, start])
     x = np.fft.ifft2(amp * np.exp(1j * rng.uniform(-np.pi, np.pi, amp.shape))) * support
     plan = expand_schedule(default_schedule("hio-er", iterations, average))
@@ -97,23 +106,28 @@ def numpy_reconstruct(intensity, seed=0, frame=0, start=0, iterations=_ITER, ave
     return np.fft.fftshift(acc / average)
 
 
-def numpy_protocol(intensity, seed=0, frame=0, n_starts=1, retry_chi2=1e-4):
-    """Up to ``n_starts`` runs of :func:`numpy_reconstruct`, restarting while chi^2 > ``retry_chi2``.
+def best_of_starts(run_once, intensity, n_starts=1, retry_chi2=1e-4):
+    """Up to ``n_starts`` runs ``run_once(k)``, restarting while the best chi^2 > ``retry_chi2``.
 
     Returns
     -------
-    obj : ndarray, complex128, (M, M); the run with the lowest chi^2
+    obj : ndarray, (M, M), centred layout; the run with the lowest chi^2
     runs : int, the number of runs made
     """
     best, best_chi = None, np.inf
     for k in range(n_starts):
-        obj = numpy_reconstruct(intensity, seed, frame, k)
+        obj = run_once(k)
         chi = float(physics.chi2(intensity, physics.intensity(obj)))
         if chi < best_chi:
             best, best_chi = obj, chi
         if retry_chi2 is not None and best_chi <= retry_chi2:
             return best, k + 1
     return best, n_starts
+
+
+def numpy_protocol(intensity, seed=0, frame=0, n_starts=1, retry_chi2=1e-4):
+    """:func:`numpy_reconstruct` with :func:`best_of_starts`: ``(obj, runs)``."""
+    return best_of_starts(lambda k: numpy_reconstruct(intensity, seed, frame, k), intensity, n_starts, retry_chi2)
 
 
 # --------------------------------------------------------------------------- measurements
@@ -208,35 +222,70 @@ def gpu_bandwidth(ratio, device):
     return out
 
 
-#: cohere-core settings closest to the protocol: HIO x80 / ER x20 six times then ER x20,
-#: Gaussian shrinkwrap every 20 iterations (cohere keeps sigma fixed), a box start support.
-COHERE_PARAMS = {
-    "algorithm_sequence": "6*(80*HIO+20*ER)+20*ER", "hio_beta": 0.9,
-    "shrink_wrap_trigger": [1, 20], "shrink_wrap_type": "GAUSS", "shrink_wrap_threshold": 0.1,
-    "shrink_wrap_gauss_sigma": 1.0, "initial_support_area": (0.5, 0.5),
-}
+def cohere_params(iterations=_ITER, average=_AVERAGE, every=20, sigma=(3.0, 1.0), threshold=0.12, beta=0.9):
+    """cohere-core settings that run the protocol of :func:`numpy_reconstruct`.
+
+    The same HIO/ER schedule, written as cohere's ``algorithm_sequence`` in 20-iteration pieces, each
+    with its own shrinkwrap sub-trigger (``.SWk``) at the piece's last iteration, so the Gaussian's
+    width falls from ``sigma[0]`` to ``sigma[1]`` as in the engine (cohere's global trigger keeps
+    one width); the same relative threshold; no support update in the last ``average``
+    iterations. cohere blurs its current iterate (outside the support too, during HIO) where the
+    engine blurs the support-projected estimate, and does not average the last iterations: its
+    algorithm, left as it is.
+    """
+    from napari_cdinn.retrieval.support import shrinkwrap_sigma
+
+    plan = expand_schedule(default_schedule("hio-er", iterations, average))
+    last = iterations - average
+    pieces, sigmas, start = [], [], 0
+    for end in range(1, len(plan) + 1):
+        if end < len(plan) and plan[end] == plan[start] and not (end <= last and end % every == 0):
+            continue
+        piece = f"{end - start}*{plan[start].upper()}"
+        if end <= last and end % every == 0:
+            piece += f".SW{len(sigmas)}"
+            sigmas.append(shrinkwrap_sigma(end, last, *sigma))
+        pieces.append(piece)
+        start = end
+    return {"algorithm_sequence": "+".join(pieces), "hio_beta": beta, "shrink_wrap_type": "GAUSS",
+            "shrink_wrap_trigger": [[every - 1] for _ in sigmas],
+            "shrink_wrap_threshold": [threshold] * len(sigmas), "shrink_wrap_gauss_sigma": sigmas}
 
 
-def cohere_reconstruct(intensity, workdir):
-    """One pattern through cohere-core's ``Rec`` (NumPy backend, CPU); the complex object.
+def cohere_reconstruct(intensity, workdir, pkg="np", device=-1, ac_threshold=0.1):
+    """One pattern through cohere-core's ``Rec`` (:func:`cohere_params`); the complex object.
 
-    cohere reads its data (amplitudes, centred) from a file; its console output is silenced.
+    cohere reads centred amplitudes from a file, and its start support from ``support.npy`` in
+    ``continue_dir``: the protocol's autocorrelation support, centred in the frame (cohere's
+    object can sit anywhere). Its transform to reciprocal space has the opposite sign to ours,
+    so its object is the complex conjugate of ours: conjugated here. Console output is silenced.
     """
     import contextlib
     import io as _io
 
     from cohere_core.controller import phasing
 
+    amp = np.sqrt(np.maximum(intensity, 0)).astype(np.float32)
     path = os.path.join(workdir, "cohere_data.npy")
-    np.save(path, np.sqrt(np.maximum(intensity, 0)))
+    np.save(path, amp)
+    start = autocorrelation_start(np.fft.ifftshift(amp.astype(np.float64) ** 2), ac_threshold)
+    np.save(os.path.join(workdir, "support.npy"), np.fft.fftshift(start).astype(np.float32))
+    params = {**cohere_params(), "continue_dir": workdir}
     with contextlib.redirect_stdout(_io.StringIO()), contextlib.redirect_stderr(_io.StringIO()):
-        rec = phasing.create_rec(dict(COHERE_PARAMS), path, "np", -1, debug=True)
+        rec = phasing.create_rec(params, path, pkg, device, debug=True)
         rec.iterate()
-    return np.asarray(rec.ds_image)
+    image = rec.ds_image
+    image = image.cpu().numpy() if hasattr(image, "cpu") else np.asarray(image)
+    return np.conj(image)
 
 
-def run_cohere(inten, data, count):
-    """cohere-core on the first ``count`` patterns: patterns/s and quality, or a note when absent."""
+def run_cohere(inten, data, count, device="cpu", n_starts=1, retry_chi2=1e-4):
+    """cohere-core on the first ``count`` patterns: ms per pattern and quality, or a note when absent.
+
+    One pattern at a time (cohere's unit of work), with the restarts of :func:`numpy_protocol`;
+    its NumPy back end on the CPU, its torch back end on a CUDA device.
+    """
+    import importlib.metadata
     import tempfile
     import warnings
 
@@ -246,17 +295,24 @@ def run_cohere(inten, data, count):
         import cohere_core.controller.phasing  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - any import failure means: not available
         return {"available": False, "note": f"cohere-core is not importable ({type(exc).__name__}): skipped"}
+    pkg, dev = ("torch", 0) if str(device).startswith("cuda") else ("np", -1)
     n = min(count, len(inten))
     with tempfile.TemporaryDirectory() as workdir, warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        np.random.seed(0)  # noqa: NPY002 - cohere draws its random start from NumPy's global generator
         t0 = time.perf_counter()
-        objs = np.stack([cohere_reconstruct(inten[i], workdir) for i in range(n)]).astype(np.complex64)
+        out = [best_of_starts(lambda k, i=i: cohere_reconstruct(inten[i], workdir, pkg, dev), inten[i],
+                              n_starts, retry_chi2) for i in range(n)]
         dt = time.perf_counter() - t0
+    objs = np.stack([o for o, _ in out]).astype(np.complex64)
+    runs = float(np.mean([r for _, r in out]))
     objs, _ = finish_frames(objs, physics.support_from_amplitude(objs))
     sub = {k: data[k][:n] for k in ("amplitude", "phase")}
-    return {"available": True, "count": n, "patterns_per_s": n / dt, "ms_per_pattern": 1e3 * dt / n,
-            "params": COHERE_PARAMS, "quality": _quality(objs, sub),
-            "note": "cohere-core NumPy backend, one pattern at a time, one start, settings COHERE_PARAMS"}
+    return {"available": True, "version": importlib.metadata.version("cohere-core"), "backend": pkg,
+            "count": n, "runs_per_pattern": runs, "patterns_per_s": n / dt, "ms_per_pattern": 1e3 * dt / n,
+            "ms_per_run": 1e3 * dt / (n * runs), "params": cohere_params(), "quality": _quality(objs, sub),
+            "note": "cohere-core, one pattern at a time, the protocol's schedule, shrinkwrap, start support "
+                    "and restarts (cohere_params); its object conjugated"}
 
 
 def run(count=256, numpy_count=16, device="cpu", batch_size=None, n_starts=4, retry_chi2=1e-4, seed=2024,
@@ -317,6 +373,7 @@ def run(count=256, numpy_count=16, device="cpu", batch_size=None, n_starts=4, re
         "protocol": f"hio-er, {_ITER} iterations, last {_AVERAGE} averaged, shrinkwrap every 20, "
                     f"up to {n_starts} starts (restart while chi2 > {retry_chi2})",
         "count": count,
+        "seed": seed,
         "numpy_count": n_np,
         "batch_size": batch_size or "auto",
         "threads": "auto" if threads is None else threads,
@@ -338,7 +395,7 @@ def run(count=256, numpy_count=16, device="cpu", batch_size=None, n_starts=4, re
         "quality_torch_on_numpy_subset": _quality(res["object"][:n_np], sub),
         "quality_numpy": _quality(np_objs, sub),
         "targets": {"phase_rms_median": 0.2, "phase_rms_p90": 0.6, "iou_median": 0.9, "speedup": 10},
-        "cohere": run_cohere(inten, data, n_np),
+        "cohere": run_cohere(inten, data, n_np, str(dev), n_starts, retry_chi2),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "machine": machine_info(dev),
@@ -502,8 +559,10 @@ def _table(res):
     coh = res["cohere"]
     if coh.get("available"):
         q = coh["quality"]
-        lines.append(f"cohere-core ({coh['count']} patterns): {coh['ms_per_pattern']:.1f} ms/pattern, phase RMS median "
-                     f"{q['phase_rms_median']:.3f}, p90 {q['phase_rms_p90']:.3f}, IoU median {q['iou_median']:.3f}")
+        lines.append(f"cohere-core {coh['version']} ({coh['backend']}, {coh['count']} patterns): "
+                     f"{coh['ms_per_pattern']:.1f} ms/pattern, {coh['runs_per_pattern']:.2f} runs, "
+                     f"{coh['ms_per_run']:.1f} ms per run; phase RMS median {q['phase_rms_median']:.3f}, "
+                     f"p90 {q['phase_rms_p90']:.3f}, IoU median {q['iou_median']:.3f}")
     else:
         lines.append(f"cohere-core: {coh['note']}")
     return "\n".join(lines)

@@ -34,8 +34,9 @@ from napari_cdinn.simulate import simulate
 QUICK = {"count": 8192}
 
 _IN_MEMORY = """
-import sys, time, numpy as np
+import sys, time, numpy as np, torch
 from napari_cdinn.nn import predict
+torch.set_num_threads(int(sys.argv[3]))
 data = np.load(sys.argv[1])
 predict(data[:256])  # load the model, warm up
 t0 = time.perf_counter()
@@ -71,8 +72,15 @@ def _child_rss_mb(argv):
     return wall, usage.ru_maxrss / 1024, out
 
 
-def run(count: int = 100_000, batch_size: int = 256, chunk_size: int = 4096, workdir=None) -> dict:
-    """Measure streamed vs in-memory prediction over a ``count``-frame stack."""
+def run(count: int = 100_000, batch_size: int = 256, chunk_size: int = 4096, workdir=None, threads=None) -> dict:
+    """Measure streamed vs in-memory prediction over a ``count``-frame stack.
+
+    Both use ``threads`` torch threads (default: the usable cores), so that the ratio is the cost of
+    streaming, not of the thread policy's reading of a machine that has just written the stack.
+    """
+    from napari_cdinn.device import usable_cores
+
+    threads = int(threads or usable_cores())
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         h5 = _write_stack(os.path.join(tmp, "stack.h5"), count)
         npy = os.path.join(tmp, "stack.npy")
@@ -83,13 +91,13 @@ def run(count: int = 100_000, batch_size: int = 256, chunk_size: int = 4096, wor
         out = os.path.join(tmp, "out.h5")
         # the streamed command, model loading included
         cmd = [sys.executable, "-m", "napari_cdinn.cli", "predict", h5, "-o", out,
-               "--batch-size", str(batch_size), "--chunk-size", str(chunk_size)]
+               "--batch-size", str(batch_size), "--chunk-size", str(chunk_size), "--threads", str(threads)]
         s_wall, s_rss, _ = _child_rss_mb(cmd)
         # start-up of the same command on a tiny stack, to separate the fixed cost
         tiny = os.path.join(tmp, "tiny.npy")
         np.save(tiny, np.load(npy, mmap_mode="r")[:256])
         t_wall, _, _ = _child_rss_mb(cmd[:4] + [tiny, "-o", os.path.join(tmp, "tiny.npz")] + cmd[7:])
-        _, m_rss, m_out = _child_rss_mb([sys.executable, "-c", _IN_MEMORY, npy, str(batch_size)])
+        _, m_rss, m_out = _child_rss_mb([sys.executable, "-c", _IN_MEMORY, npy, str(batch_size), str(threads)])
         m_compute = float(m_out.strip().splitlines()[-1])
         stack_mb = os.path.getsize(npy) / 2**20
         out_mb = os.path.getsize(out) / 2**20
@@ -101,6 +109,7 @@ def run(count: int = 100_000, batch_size: int = 256, chunk_size: int = 4096, wor
         "output_mb": out_mb,
         "batch_size": batch_size,
         "chunk_size": chunk_size,
+        "torch_threads": threads,
         "streamed_wall_s": s_wall,
         "streamed_startup_s": t_wall,
         "streamed_frames_per_s": count / s_compute,
@@ -126,9 +135,10 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--chunk-size", type=int, default=4096)
     p.add_argument("--workdir", default=None, help="folder for the temporary stack (default: the system's)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of both runs (default: the usable cores)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    res = run(args.count, args.batch_size, args.chunk_size, args.workdir)
+    res = run(args.count, args.batch_size, args.chunk_size, args.workdir, args.threads)
     print(f"stack: {res['frames']} frames, {res['stack_mb']:.0f} MB; output {res['output_mb']:.0f} MB")
     print(f"streamed  (cdinn predict h5 -> h5): {res['streamed_frames_per_s']:.0f} frames/s, "
           f"peak RSS {res['streamed_peak_rss_mb']:.0f} MB (start-up {res['streamed_startup_s']:.1f} s excluded)")

@@ -7,8 +7,9 @@ Usage (from the repository root; needs only the standard library)::
 
 Reads ``bench_nn_*.json`` (``benchmarks/bench_nn.py --json``), ``bench_realistic_*.json``
 (``benchmarks/bench_realistic.py --json``), ``select_restarts_*.json`` and
-``bench_retrieval_heldout_*.json`` (``benchmarks/bench_retrieval.py --held-out --json``) and
-``bench_speed_*.json`` (``benchmarks/bench_speed.py --json``), ``bench_large_*.json`` and
+``bench_retrieval_heldout_*.json`` (``benchmarks/bench_retrieval.py --held-out --json``),
+``bench_retrieval_*.json``, ``bench_simulate_*.json`` and ``bench_stream_*.json`` (the engine, the
+simulator and streaming), ``bench_speed_*.json`` (``benchmarks/bench_speed.py --json``), ``bench_large_*.json`` and
 ``bench_adapt_*.json`` (``benchmarks/bench_adapt.py [--rank] --json``).  ``--write`` replaces the text between
 ``<!-- tables:begin -->`` and ``<!-- tables:end -->`` in ``benchmarks/README.md`` and keeps the rest.
 Re-run it after adding or re-measuring a JSON file.
@@ -50,6 +51,9 @@ PREPARE_COMMAND = "python benchmarks/bench_prepare.py --threads 2 --json benchma
 ADAPT_COMMANDS = ("python benchmarks/bench_adapt.py --rank --threads 2 --json benchmarks/results/bench_adapt_rank_cpu2.json\n"
                   "python benchmarks/bench_adapt.py --threads 2 --time-limit 10 "
                   "--json benchmarks/results/bench_adapt_cpu2_10min.json")
+ENGINE_COMMANDS = ("python benchmarks/bench_simulate.py --json benchmarks/results/bench_simulate_cpu2.json\n"
+                   "python benchmarks/bench_retrieval.py --json benchmarks/results/bench_retrieval_cpu2.json\n"
+                   "python benchmarks/bench_stream.py --json benchmarks/results/bench_stream_cpu2.json")
 RESTARTS_COMMANDS = ("python benchmarks/select_restarts.py --threads 1 --json benchmarks/results/select_restarts_cpu1.json\n"
                      "python benchmarks/bench_retrieval.py --held-out --count 300 "
                      "--json benchmarks/results/bench_retrieval_heldout_cpu2.json")
@@ -304,6 +308,59 @@ def held_out_command_tables(name, res):
     return out
 
 
+def retrieval_tables(name, res):
+    """Markdown for one ``bench_retrieval.py`` JSON: the batched engine, the NumPy loop and cohere-core."""
+    sub = res.get("numpy_count")
+    out = _head(name, res,
+                (f"{res.get('protocol', '')}; {_f(res.get('count'))} fresh paper-recipe patterns (2x oversampled, "
+                 f"seed {res.get('seed', '?')}) for the batched engine, the first {_f(sub)} of them for the NumPy "
+                 "loop and cohere-core (one pattern at a time, one core). Quality after removing twin, shift and "
+                 "global phase: phase RMS rad median (p90) / IoU median."),
+                ("engine", "patterns", "ms per pattern", "runs per pattern", "ms per run", "speed-up per run",
+                 "quality", f"quality on the first {_f(sub)}"))
+    base = res.get("numpy_ms_per_run")
+    coh = res.get("cohere", {})
+    rows = [("batched torch engine", res.get("count"), res.get("torch_ms_per_pattern"), res.get("torch_runs_per_pattern"),
+             res.get("torch_ms_per_run"), res.get("quality_torch", {}), res.get("quality_torch_on_numpy_subset", {})),
+            ("NumPy loop", sub, res.get("numpy_ms_per_pattern"), res.get("numpy_runs_per_pattern"), base, {},
+             res.get("quality_numpy", {}))]
+    if coh.get("available"):
+        rows.append((f"cohere-core {coh.get('version', '')} ({coh.get('backend', '?')} back end)", coh.get("count"),
+                     coh.get("ms_per_pattern"), coh.get("runs_per_pattern"), coh.get("ms_per_run"), {},
+                     coh.get("quality", {})))
+    for label, n, ms, runs, per_run, q, qsub in rows:
+        speed = f"{_f(base / per_run)}x" if base and per_run else "–"
+        out.append(f"| {label} | {_f(n)} | {_f(ms)} | {_f(runs)} | {_f(per_run)} | {speed} "
+                   f"| {_q(q) if q else '–'} | {_q(qsub)} |")
+    out += ["", (f"One engine iteration costs {_f(res.get('iteration_over_fft_pair'))} FFT pairs "
+                 f"({_f(1e6 * res.get('iteration_s_per_pattern', float('nan')))} us against "
+                 f"{_f(1e6 * res.get('fft_pair_s_per_pattern', float('nan')))} us per pattern, batch {res.get('batch', '?')}, "
+                 "one core)." + ("" if coh.get("available") else f" cohere-core: {coh.get('note', 'not run')}.")), ""]
+    return out
+
+
+def simulate_stream_tables(simulate, stream):
+    """Markdown for the ``bench_simulate.py`` and ``bench_stream.py`` JSONs: one row each."""
+    out = []
+    for name, res in simulate:
+        shape = " x ".join(str(v) for v in res.get("pattern_shape", ()))
+        out += _head(name, res, "The simulator (`napari_cdinn.simulate`, the paper's recipe).",
+                     ("examples", "pattern", "seconds", "examples per s"))
+        out += [f"| {_f(res.get('count'))} | {shape} | {_f(res.get('seconds'))} | {_f(res.get('examples_per_s'))} |", ""]
+    for name, res in stream:
+        t = res.get("targets", {})
+        out += _head(name, res,
+                     (f"`cdinn predict` h5 -> h5 on {_f(res.get('frames'))} frames ({_f(res.get('stack_mb'))} MB) streamed "
+                      f"by chunk against the same stack in memory. Targets: peak memory <= "
+                      f"{_f(t.get('streamed_peak_rss_mb_max'))} MB, >= {_f(t.get('throughput_ratio_min'))} of the "
+                      "in-memory rate."),
+                     ("run", "frames per s", "peak RSS MB", "of the in-memory rate"))
+        out += [f"| streamed | {_f(res.get('streamed_frames_per_s'))} | {_f(res.get('streamed_peak_rss_mb'))} "
+                f"| {_f(res.get('throughput_ratio'))} |",
+                f"| in memory | {_f(res.get('in_memory_frames_per_s'))} | {_f(res.get('in_memory_peak_rss_mb'))} | 1 |", ""]
+    return out
+
+
 def speed_tables(name, res):
     """Markdown for one bench_speed JSON: cold commands, the dock's warm frame and the network, idle and busy."""
     t = res.get("targets", {})
@@ -413,6 +470,15 @@ def render(results=RESULTS):
     if not files:
         out += [("*(not measured yet: the table is generated from `benchmarks/results/bench_realistic_cpu2.json` "
                 "once the command above has written it)*"), ""]
+    engine = [p for p in sorted(results.glob("bench_retrieval_*.json")) if "heldout" not in p.name]
+    simulate = [(p.name, json.loads(p.read_text())) for p in sorted(results.glob("bench_simulate_*.json"))]
+    stream = [(p.name, json.loads(p.read_text())) for p in sorted(results.glob("bench_stream_*.json"))]
+    if engine or simulate or stream:
+        out += ["## Simulator, retrieval engine, streaming (bench_simulate.py, bench_retrieval.py, bench_stream.py)", "",
+                f"```bash\n{ENGINE_COMMANDS}\n```", ""]
+    for path in engine:
+        out += retrieval_tables(path.name, json.loads(path.read_text()))
+    out += simulate_stream_tables(simulate, stream)
     restarts = sorted(results.glob("select_restarts_*.json")), sorted(results.glob("bench_retrieval_heldout_*.json"))
     out += ["## Restarts (select_restarts.py, bench_retrieval.py --held-out)", "", f"```bash\n{RESTARTS_COMMANDS}\n```", ""]
     for path in restarts[0]:
