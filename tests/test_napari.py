@@ -177,6 +177,28 @@ def test_writer_complex_and_log_intensity(tmp_path):
     np.testing.assert_allclose(res["intensity"], SIM["intensity"], rtol=1e-4, atol=1e-2)
 
 
+def test_writer_saves_a_result_not_its_colours(make_napari_viewer, tmp_path):
+    """The docks show a result as RGBA colours, its amplitude and phase hidden beneath: saving the colours
+    alone wrote a file without the result, which the reader then refused."""
+    viewer = make_napari_viewer()
+    shown, amp, pha = (viewer.add_image(data, **kwargs) for data, kwargs, _ in (
+        _layers.complex_tuple(SIM["amplitude"], SIM["phase"], "r complex"),
+        _layers.amplitude_tuple(SIM["amplitude"], "r amplitude", chi2=np.arange(4.0)),
+        _layers.phase_tuple(SIM["phase"], "r phase")))
+    support = viewer.add_labels(SIM["amplitude"] > 0.1, name="r support", metadata={"cdinn_kind": "support"})
+    viewer.layers.selection = {shown}
+    with pytest.raises(RuntimeError, match="'r complex' shows the result as colours.*select its amplitude and phase"):
+        viewer.layers.save(str(tmp_path / "colours.npz"), selected=True, plugin="napari-cdinn")
+    assert not (tmp_path / "colours.npz").exists()
+    viewer.layers.selection = {shown, amp, pha, support}
+    path = str(tmp_path / "all.npz")
+    assert viewer.layers.save(path, selected=True, plugin="napari-cdinn") == [path]
+    res = io.read_result(path)
+    assert sorted(k for k in res if not k.startswith("_")) == ["amplitude", "chi2", "phase", "support"]
+    np.testing.assert_array_equal(res["support"], SIM["amplitude"] > 0.1)
+    assert get_reader(path) is not None
+
+
 def test_phase_layer_is_transparent_outside_the_object(make_napari_viewer):
     phase = np.zeros((64, 64), np.float32)  # a phase of 0 inside and outside the object
     support = np.zeros((64, 64), bool)

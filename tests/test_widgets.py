@@ -498,6 +498,10 @@ def test_inversion_bad_shape_and_bad_model_are_notifications(make_napari_viewer,
     widget.controls.run_button.clicked.emit()
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
     assert len(errors) == 2 and "\n" not in errors[1]
+    widget.models.file.value = tmp_path / "no_such_model"  # a typed path that does not exist: never the shipped one
+    widget.controls.run_button.clicked.emit()
+    assert not widget.runner.running and len(errors) == 3 and "no_such_model' does not exist" in errors[2]
+    errors.pop()
     # the shipped 2x-input model on 32 x 32 patterns: one sentence, no layers
     viewer.add_image(np.ones((3, 32, 32), np.float32), name="small")
     widget.patterns.value = viewer.layers["small"]

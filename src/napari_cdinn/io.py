@@ -249,7 +249,8 @@ def read_stack(path: str | os.PathLike, lazy: bool | None = None) -> np.ndarray 
     """Read measured diffraction intensities from a file as ``(N, H, W)`` or ``(H, W)`` float32.
 
     Formats (design.md): ``.npy``; ``.npz`` (key ``intensity``, else ``data``, else the only
-    array); ``.tif``/``.tiff`` (the first series); ``.h5``/``.hdf5``/``.nxs`` (dataset ``data``, else
+    array); ``.tif``/``.tiff`` (its stack of frames, frames written one by one included);
+    ``.h5``/``.hdf5``/``.nxs`` (dataset ``data``, else
     ``intensity``, else the NeXus default plot's signal, else the ``data_NNNNNN`` datasets of a Dectris
     Eiger master file's ``entry/data`` as one stack, else the only 2-D/3-D numeric dataset anywhere in
     the file; compression filters by ``hdf5plugin``); ``.cxi``

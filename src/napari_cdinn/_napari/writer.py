@@ -1,8 +1,12 @@
-"""npe2 writer: image layers (amplitude, phase, intensity, a complex result) to .npz/.h5/.cxi.
+"""npe2 writer: image layers (amplitude, phase, intensity, a complex result) and labels (support, mask) to
+.npz/.h5/.cxi.
 
 Each layer becomes one array named by its ``cdinn_kind`` metadata (``amplitude``, ``phase``,
-``intensity``...) or else by its name (non-alphanumerics replaced by ``_``).  A complex layer is
-split into ``<name>`` amplitude and phase; intensities shown on a log scale are written as true
+``intensity``, ``support``, ``mask``...) or else by its name (non-alphanumerics replaced by ``_``);
+labels are written as booleans (nonzero).  A complex-valued layer is split into ``<name>`` amplitude
+and phase.  The docks' RGBA "complex" view (:func:`napari_cdinn._napari.layers.complex_tuple`) holds
+only colours: saved with its amplitude and phase layers it is left out, saved alone it is refused
+with one sentence naming them (``RuntimeError``, which napari shows); intensities shown on a log scale are written as true
 intensities; phases shown transparent outside the object (NaN) are written as 0
 (:func:`napari_cdinn._napari.layers.layer_phase`); the per-frame scores in a layer's metadata
 (``chi2``, ``chi2_noise``, ``trusted``: :data:`napari_cdinn._napari.layers.SCORES`) are written under
@@ -25,9 +29,22 @@ def write_layers(path, layer_data):
 
     Returns the list of written paths (empty when there is nothing to write).
     """
+    shown = [meta.get("name", "layer") for _data, meta, _kind in layer_data
+             if (meta.get("metadata") or {}).get(_layers.KIND) == "complex"]
+    if shown and len(shown) == len(layer_data):
+        # not ValueError: napari takes that for "no writer here" and drops the sentence
+        raise RuntimeError(f"{shown[0]!r} shows the result as colours (brightness = amplitude, hue = phase): select its "
+                         "amplitude and phase layers (hidden beneath it) to save the result")
     arrays, attrs = {}, {}
-    for data, meta, _kind in layer_data:
+    for data, meta, kind in layer_data:
         metadata = meta.get("metadata") or {}
+        if metadata.get(_layers.KIND) == "complex":  # colours of the amplitude and phase saved beside it
+            continue
+        if kind == "labels":  # a support (1 inside) or a mask (1 unmeasured): booleans
+            key = _key(metadata.get(_layers.KIND) or meta.get("name") or "labels", arrays)
+            arrays[key] = np.asarray(data) != 0
+            attrs[f"{key}_layer"] = str(meta.get("name", key))
+            continue
         data = np.asarray(_layers.layer_intensities(data, metadata))
         if metadata.get(_layers.KIND) == "phase":
             data = _layers.layer_phase(data)

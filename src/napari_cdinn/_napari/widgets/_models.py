@@ -58,8 +58,14 @@ class ModelPicker(widgets.Container):
 
     @property
     def model(self):
-        """What to pass as ``model=`` to the nn engine (None: the best shipped model for the pattern size)."""
+        """What to pass as ``model=`` to the nn engine (None: the best shipped model for the pattern size).
+
+        Raises ``FileNotFoundError`` (one sentence) for a typed file or folder that does not exist:
+        running the chosen model instead would hide the mistake.
+        """
         text = str(self.file.value or "").strip()
-        if text and text != "." and Path(text).exists():
+        if text and text != ".":
+            if not Path(text).exists():
+                raise FileNotFoundError(f"the model file or folder {text!r} does not exist")
             return text
         return self.choice.value

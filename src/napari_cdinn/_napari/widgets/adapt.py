@@ -83,10 +83,11 @@ class AdaptPanel(widgets.Container):
             folder = check_out(text)
             stack, _single = stack_of(self.patterns.value)
             mask = mask_of(self.mask.value, stack.shape)
+            model = self.models.model
         except (ValueError, OSError) as exc:
             notify_error(exc)
             return
-        options = dict({"model": self.models.model, "device": self.device.value,
+        options = dict({"model": model, "device": self.device.value,
                         "time_limit_min": float(self.time_limit.value), "holdout": float(self.holdout.value),
                         "source": self.patterns.value.source.path}, **self.adapt_options)
         self._folder, self._limit_s = folder, 60.0 * float(self.time_limit.value)
