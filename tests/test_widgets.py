@@ -513,6 +513,20 @@ def test_inversion_bad_shape_and_bad_model_are_notifications(make_napari_viewer,
     assert not [layer for layer in viewer.layers if "NN" in layer.name]
 
 
+def test_a_job_that_fails_says_so_in_the_status_line(make_napari_viewer, qtbot, monkeypatch):
+    errors = []
+    monkeypatch.setattr("napari_cdinn._napari.widgets._common.show_error", errors.append)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.ones((3, 33, 33), np.float32), name="odd")
+    dock = _dock(viewer, "Phase retrieval")
+    dock.patterns.value = viewer.layers["odd"]
+    dock.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not dock.runner.running, timeout=60_000)
+    assert len(errors) == 1 and errors[0].endswith(".") and "\n" not in errors[0]
+    assert dock.controls.status.value == f"failed: {dock.runner.error}" and dock.runner.error.lower() == errors[0].lower()
+    assert dock.controls.run_button.enabled and not dock.controls.stop_button.enabled
+
+
 def test_inversion_job_stops_between_batches(random_model):
     from napari_cdinn._napari.widgets.inversion import inversion_job
 

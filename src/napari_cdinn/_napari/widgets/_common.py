@@ -27,7 +27,7 @@ def one_sentence(exc):
 
 def notify_error(exc_or_text):
     """Show an error as a napari notification in one sentence."""
-    text = exc_or_text if isinstance(exc_or_text, str) else one_sentence(exc_or_text)
+    text = one_sentence(exc_or_text)  # a string too: capital and full stop
     show_error(text[:1].upper() + text[1:])
 
 
@@ -198,6 +198,7 @@ class JobRunner:
         self._done.set()
         self.closed = False
         self.worker = None
+        self.error = None  # the sentence of the last job's error, None after a job that did not fail
 
     @property
     def running(self):
@@ -220,6 +221,7 @@ class JobRunner:
             raise RuntimeError("the dock was closed")
         self._stop.clear()
         self._done.clear()
+        self.error = None
 
         def body(emit, should_stop):
             try:
@@ -264,6 +266,7 @@ class JobRunner:
             self._on_result(value)
 
     def _errored(self, exc):
+        self.error = one_sentence(exc)
         if not self.closed:
             self._on_error(exc)
 
@@ -286,7 +289,7 @@ class JobControls(widgets.Container):
         super().__init__(widgets=[buttons, self.progress, self.status], labels=False)
         self.runner = runner
         runner.close_with(self.native)
-        self.run_button.changed.connect(lambda _v=None: on_run())
+        self.run_button.changed.connect(lambda _v=None: None if runner.running else on_run())
         self.stop_button.changed.connect(lambda _v=None: self._stop())
 
     def _stop(self):
@@ -300,8 +303,10 @@ class JobControls(widgets.Container):
         self.status.value = text
 
     def idle(self, text=None):
-        """Back to the idle state."""
+        """Back to the idle state; with no ``text``, a job that failed says so (its sentence)."""
         self.run_button.enabled, self.stop_button.enabled = True, False
+        if text is None and self.runner.error:
+            text = f"failed: {self.runner.error}"
         if text is not None:
             self.status.value = text
 
