@@ -123,6 +123,22 @@ def test_quality_view_error_is_a_notification(make_napari_viewer, monkeypatch):
     assert len(errors) == 1 and "measured pattern layer" in errors[0]
 
 
+def test_quality_view_leaves_out_colours_and_frames_not_reconstructed(make_napari_viewer):
+    viewer = _viewer_with_stack(make_napari_viewer)
+    viewer.add_image(np.random.default_rng(0).random((32, 32, 3)), rgb=True, name="colours")
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-cdinn", "Quality view")
+    offered = {layer.name for choices in (widget.amplitude.choices, widget.phase.choices, widget.measured.choices)
+               for layer in choices if layer is not None}
+    assert "colours" not in offered and "amp" in offered
+    widget.amplitude.value, widget.phase.value, widget.measured.value = viewer.layers["amp"], viewer.layers["pha"], None
+    chi2 = np.linspace(0.1, 0.6, 6)
+    chi2[[1, 4]] = np.nan  # a stopped retrieval: frames 1 and 4 were not reached
+    viewer.layers["amp"].metadata["chi2"] = chi2
+    widget.update_button.clicked.emit()
+    assert "(2 not reconstructed, left out)" in widget.summary.value and "nan" not in widget.summary.value
+    assert list(widget.frames.choices) == [0, 2, 3, 5]
+
+
 def _dock(viewer, name):
     _dock_widget, widget = viewer.window.add_plugin_dock_widget("napari-cdinn", name)
     return widget

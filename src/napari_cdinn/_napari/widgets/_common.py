@@ -41,11 +41,13 @@ def image_layer_picker(viewer, label, kind=None, nullable=False):
     """A ComboBox of the viewer's image layers, kept up to date as layers come and go.
 
     Layers whose ``cdinn_kind`` metadata equals ``kind`` are listed first, then visible ones, top
-    (last added) first: the default is the layer of that kind one sees.
+    (last added) first: the default is the layer of that kind one sees.  Colour (RGB/RGBA) layers,
+    such as the docks' complex view and its colour-wheel legend, hold no intensities, amplitudes or
+    phases: they are not offered.
     """
 
     def choices(_widget=None):
-        layers = [layer for layer in viewer.layers if isinstance(layer, Image)][::-1]
+        layers = [layer for layer in viewer.layers if isinstance(layer, Image) and not layer.rgb][::-1]
         layers.sort(key=lambda layer: (kind is not None and layer.metadata.get(_layers.KIND) != kind,
                                        not layer.visible))
         return [(layer.name, layer) for layer in layers]

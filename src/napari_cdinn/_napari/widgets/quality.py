@@ -40,7 +40,7 @@ def result_chi2(amplitude, phase, measured, mask=None):
     amplitude, phase = np.asarray(amplitude, np.float64), np.asarray(phase, np.float64)
     measured = np.asarray(measured, np.float64)
     if measured.shape[0] != amplitude.shape[0]:
-        raise ValueError(f"the result has {amplitude.shape[0]} frames but the pattern stack {measured.shape[0]}")
+        raise ValueError(f"the result has {amplitude.shape[0]} frame(s) but the pattern stack {measured.shape[0]}")
     factor = measured.shape[-1] // amplitude.shape[-1]
     if factor < 1 or measured.shape[-2:] != (factor * amplitude.shape[-2], factor * amplitude.shape[-1]):
         raise ValueError(f"a {amplitude.shape[-2:]} result does not fit {measured.shape[-2:]} patterns by a whole oversampling factor")
@@ -103,17 +103,22 @@ class QualityView(widgets.Container):
         except (ValueError, TypeError) as exc:
             notify_error(exc)
             return None
+        done = np.isfinite(chi2)  # a stopped run leaves the frames it did not reach NaN: not ranked
+        if not done.any():
+            notify_error("no frame of this result was reconstructed (its chi² is NaN everywhere)")
+            return None
         self.chi2, self.noise = chi2, noise
-        misfit, counts = np.maximum(chi2 - noise, 0.0), bool(noise.any())
-        self.order = np.argsort(misfit, kind="stable")
+        misfit, counts = np.maximum(chi2 - noise, 0.0), bool(noise[done].any())
+        self.order = np.flatnonzero(done)[np.argsort(misfit[done], kind="stable")]
         self.amplitude.value.metadata.update(chi2=chi2, chi2_noise=noise)
         with self.frames.changed.blocked():
             self.frames.reset_choices()
-        floor = f", counting noise {np.median(noise):.3g}" if counts else ""
+        floor = f", counting noise {np.median(noise[done]):.3g}" if counts else ""
         ranked = "beyond the noise" if counts else "chi²"
-        self.summary.value = (f"{chi2.size} frames; chi² median {np.median(chi2):.3g}{floor}; {ranked}: best "
-                              f"{misfit[self.order[0]]:.3g}, worst {misfit[self.order[-1]]:.3g}")
-        self._draw(misfit, counts)
+        missing = f" ({(~done).sum()} not reconstructed, left out)" if not done.all() else ""
+        self.summary.value = (f"{chi2.size} frames{missing}; chi² median {np.median(chi2[done]):.3g}{floor}; {ranked}: "
+                              f"best {misfit[self.order[0]]:.3g}, worst {misfit[self.order[-1]]:.3g}")
+        self._draw(misfit[done], counts)
         return chi2
 
     def _frame_choices(self, _widget=None):
