@@ -177,6 +177,20 @@ def test_phase_retrieval_adds_layers_live(make_napari_viewer, qtbot):
     assert support.data.any() and type(support).__name__ == "Labels"
 
 
+def test_phase_retrieval_of_one_pattern_gives_2d_results(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    data, kwargs, _ = _layers.intensity_tuple(SIM["intensity"][0], "one")
+    viewer.add_image(data, **kwargs)
+    widget = _dock(viewer, "Phase retrieval")
+    widget.patterns.value = viewer.layers["one"]
+    widget.iterations.value, widget.device.value = 20, "cpu"
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
+    for name in ("one PR amplitude", "one PR phase", "one PR support"):
+        assert viewer.layers[name].data.shape == (32, 32), name  # no frame slider for one pattern
+    assert np.size(viewer.layers["one PR amplitude"].metadata["chi2"]) == 1
+
+
 def test_phase_retrieval_options_and_a_support_layer(make_napari_viewer, qtbot):
     from napari_cdinn.retrieval import reconstruct
 

@@ -233,7 +233,7 @@ class PhaseRetrievalWidget(widgets.Container):
             notify_error("the PRTF compares several runs of each pattern: set starts to 2 or more, or untick PRTF")
             return
         try:
-            stack, _single = stack_of(self.patterns.value)
+            stack, single = stack_of(self.patterns.value)
             mask = mask_of(self.mask.value, stack.shape)
             support = mask_of(self.support.value, stack.shape)
             nn_start = None
@@ -261,7 +261,7 @@ class PhaseRetrievalWidget(widgets.Container):
                       "beta": options["beta"], "threshold": options["threshold"], "sigma": options["sigma"],
                       "support_layer": None if self.support.value is None else self.support.value.name,
                       "n_starts": options["n_starts"], "post": list(options["post"])}
-        self._arranged, self._want_prtf = False, options["prtf"]
+        self._arranged, self._want_prtf, self._single = False, options["prtf"], single
         self.controls.busy(f"reconstructing {n} pattern(s)...")
         self.runner.start(lambda emit, should_stop: retrieval_job(stack, mask, options, nn_start, emit, should_stop))
 
@@ -301,10 +301,12 @@ class PhaseRetrievalWidget(widgets.Container):
         # finished frames: their support; frames being iterated (or not reached): their amplitude's
         done = np.isfinite(res["chi2"])[:, None, None]
         shown = np.where(done, res["support"], physics.support_from_amplitude(res["amplitude"]))
-        show_result(self.viewer, self._meta["cdinn_source"], "PR", res["amplitude"], res["phase"], support=shown,
-                    **meta)
+        frames = (lambda a: a[0]) if self._single else (lambda a: a)  # a 2-D pattern gets 2-D results
+        show_result(self.viewer, self._meta["cdinn_source"], "PR", frames(res["amplitude"]), frames(res["phase"]),
+                    support=frames(shown), **meta)
         if support:
-            add_or_update(self.viewer, _layers.support_tuple(res["support"], self._names[2], **meta), visible=False)
+            add_or_update(self.viewer, _layers.support_tuple(frames(res["support"]), self._names[2], **meta),
+                          visible=False)
         if not self._arranged:  # frame the view once per run, not at every update
             self._arranged = True
             arrange_side_by_side(self.viewer, self._meta["cdinn_source"])
