@@ -281,6 +281,16 @@ def test_write_result_bad_input(tmp_path, path, arrays, match):
         io.write_result(tmp_path / path, arrays)
 
 
+def test_a_folder_that_refuses_new_files_names_the_output(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", refuse)
+    with pytest.raises(OSError, match=r"could not write '.*r\.npz': Permission denied"):
+        io.write_result(tmp_path / "r.npz", {"a": np.ones(2)})
+    assert not list(tmp_path.iterdir())
+
+
 def test_read_result_selected_keys(tmp_path):
     for ext in (".npz", ".h5"):
         io.write_result(tmp_path / f"r{ext}", RESULT)

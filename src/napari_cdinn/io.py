@@ -93,7 +93,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[str]:
     check_writable(path)
     folder, name = os.path.split(os.path.abspath(path))
     stem, ext = os.path.splitext(name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=folder)
+    except OSError as exc:  # a folder that refuses new files (a read-only mount, /proc): name the output, not ours
+        raise OSError(f"could not write {os.fspath(path)!r}: {exc.strerror or _first_line(exc)}") from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600: a result follows the umask
     try:
