@@ -606,7 +606,7 @@ def test_training_dock_trains_the_64_pixel_network_on_realistic_data(make_napari
         "deep2x", "realistic", "realistic", True)
 
 
-def test_training_dock_updates_plot_and_offers_the_model(make_napari_viewer, qtbot, tmp_path):
+def test_training_dock_updates_plot_and_offers_the_model(make_napari_viewer, qtbot, monkeypatch, tmp_path):
     viewer = make_napari_viewer()
     widget = _training_dock(viewer, tmp_path / "tiny", 128, 64, 1, 64)
     inversion = _dock(viewer, "CDI NN inversion")
@@ -633,6 +633,13 @@ def test_training_dock_updates_plot_and_offers_the_model(make_napari_viewer, qtb
     assert config["fresh_data"] and config["init_from"].startswith(str(tmp_path / "tiny"))
     assert config["data_weight"] == 1.5 and config["arch"] == "shared2x"
     assert config["support_weight"] == 0.5 and config["miss_weight"] == 3.0
+    # a second run into a folder that holds one: said at once, nothing started or overwritten
+    errors = []
+    monkeypatch.setattr("napari_cdinn._napari.widgets._common.show_error", errors.append)
+    before = (tmp_path / "continued" / "last.json").read_bytes()
+    widget.controls.run_button.clicked.emit()
+    assert not widget.runner.running and len(errors) == 1 and "tick resume to continue it" in errors[0]
+    assert (tmp_path / "continued" / "last.json").read_bytes() == before
 
 
 def test_training_dock_time_limit_and_averaging(make_napari_viewer, qtbot, tmp_path):

@@ -26,6 +26,7 @@ from magicgui import widgets
 
 from ...device import DEVICES
 from ...nn import TrainConfig, option_help
+from ...nn.config import run_files
 from ._common import JobControls, JobRunner, PlotCanvas, notify, notify_error, persist
 from ._models import REGISTRY, register_model
 from .adapt import AdaptPanel
@@ -143,6 +144,12 @@ class TrainingWidget(widgets.Container):
         except ValueError as exc:
             notify_error(str(exc))
             return
+        if not self.resume.value and run_files(folder):  # said at once, not after the data are simulated
+            notify_error(f"the model folder {str(folder)!r} already holds a training run: tick resume to continue "
+                         "it, or choose a new folder")
+            return
+        if self.resume.value and not (folder / "last.json").is_file():
+            notify(f"no checkpoint in {folder}: a new run starts")
         options = dict(self.choices(), device=self.device.value, resume=bool(self.resume.value),
                        quick_val_size=min(2000, config.val_size))
         self._folder = folder
