@@ -139,6 +139,17 @@ def test_reader_returns_none_for_foreign_files(tmp_path, name, content):
     assert get_reader(str(path)) is None
 
 
+def test_a_stack_of_unmeasured_pixels_opens_without_a_warning(tmp_path):
+    import warnings
+
+    with h5py.File(tmp_path / "marks.h5", "w") as fh:
+        fh["data"] = np.full((2, 16, 16), 65535, np.uint16)  # every pixel the detector's mark
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layers = get_reader(str(tmp_path / "marks.h5"))(str(tmp_path / "marks.h5"))
+    assert layers[0][1]["contrast_limits"] == (0.0, 1.0)
+
+
 def test_reader_none_for_foreign_hdf5_and_rgb_tiff(tmp_path):
     with h5py.File(tmp_path / "other.h5", "w") as fh:
         fh["x"] = np.arange(3)

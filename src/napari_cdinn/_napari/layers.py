@@ -91,8 +91,9 @@ def layer_intensities(data, metadata=None):
 
 def _display_limits(display):
     """Contrast limits for a log display: 0 to the maximum of the first frame (cheap for dask)."""
-    sample = display[0] if display.ndim == 3 and _is_dask(display) else display
-    top = float(np.nanmax(np.asarray(sample))) if np.asarray(sample).size else 1.0
+    sample = np.asarray(display[0] if display.ndim == 3 and _is_dask(display) else display)
+    # fmax skips NaN without nanmax's warning where every pixel is unmeasured (NaN) and without a copy
+    top = float(np.fmax.reduce(sample, axis=None)) if sample.size else 1.0
     return (0.0, top if np.isfinite(top) and top > 0 else 1.0)
 
 
