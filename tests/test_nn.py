@@ -377,7 +377,7 @@ def test_init_from_starts_at_the_given_weights(tmp_path):
     back, _ = load_model(tmp_path / "m" / "last.safetensors")
     for (k, v), (_, w) in zip(start.state_dict().items(), back.state_dict().items()):
         assert torch.equal(v, w), k
-    with pytest.raises(ValueError, match="conflicts"):
+    with pytest.raises(ValueError, match="the architecture 'paper' conflicts with the 'shared' of the initial weights"):
         train(tmp_path / "n", preset="tiny", arch="paper", init_from=tmp_path / "start.safetensors")
 
 

@@ -437,7 +437,9 @@ def _initial_weights(config, chosen):
         state, found["arch"] = deepen_state_dict(state, fresh), given["arch"]
     for key, value in given.items():
         if value is not None and value != found[key]:
-            raise ValueError(f"--{key} {value} conflicts with the {found[key]!r} of the initial weights {str(path)!r}")
+            what = {"arch": "architecture", "input": "input transform"}[key]  # words of the CLI and the dock alike
+            raise ValueError(f"the {what} {value!r} conflicts with the {found[key]!r} of the initial weights "
+                             f"{str(path)!r}: leave it as the start model's")
     # what the weights read and were trained on goes on unless the caller chose otherwise
     found["mask_channel"] = mask_channel_of(state, found["arch"])
     trained_on = card.get("config") or {}
