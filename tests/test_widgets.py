@@ -245,6 +245,22 @@ def test_phase_retrieval_bad_mask_is_a_notification(make_napari_viewer, monkeypa
     assert "\n" not in errors[0]
 
 
+def test_a_mask_chosen_for_other_patterns_is_let_go(make_napari_viewer):
+    viewer = _viewer_with_stack(make_napari_viewer, truth=False)
+    viewer.add_labels(np.zeros((32, 32), np.uint8), name="gaps")
+    viewer.add_image(np.ones((2, 64, 64), np.float32), name="bigger")
+    widget = _dock(viewer, "Phase retrieval")
+    widget.patterns.value = viewer.layers["patterns"]
+    widget.mask.value = viewer.layers["gaps"]
+    widget.patterns.value = viewer.layers["bigger"]  # 64 x 64: the 32 x 32 mask would only fail the run
+    assert widget.mask.value is None
+    widget.patterns.value = viewer.layers["patterns"]
+    widget.mask.value = viewer.layers["gaps"]
+    viewer.add_image(np.ones((3, 32, 32), np.float32), name="same size")
+    widget.patterns.value = viewer.layers["same size"]  # a mask that fits stays
+    assert widget.mask.value is viewer.layers["gaps"]
+
+
 def test_phase_retrieval_prtf_and_post_processing(make_napari_viewer, qtbot):
     from napari_cdinn.postprocess import apply_steps
     from napari_cdinn.retrieval import reconstruct

@@ -65,7 +65,7 @@ def mask_layer_picker(viewer, patterns=None, label="mask", tooltip=None):
     The empty choice (the default) means no mask.  Labels layers are listed first.  When
     ``patterns`` (the dock's pattern picker) changes, or a mask layer is added, the mask the
     pattern file carries (a Labels layer the reader made from the same file) is chosen if no mask
-    is chosen yet.
+    is chosen yet; a mask chosen for other patterns, which does not fit the new ones, is let go.
     """
 
     def choices(_widget=None):
@@ -77,8 +77,15 @@ def mask_layer_picker(viewer, patterns=None, label="mask", tooltip=None):
                            tooltip=tooltip or "pixels that were not measured (beamstop, gaps): nonzero = unmeasured; "
                                               "shaped like one pattern (H, W) or like the stack (N, H, W)")
 
+    def fits(mask, pattern):
+        frame, shape = tuple(pattern.data.shape[-2:]), tuple(mask.data.shape)
+        return shape == frame or (len(shape) == 3 and shape == tuple(pattern.data.shape))
+
     def own_mask(_e=None):
-        source = getattr(patterns.value, "metadata", {}).get("cdinn_source") if patterns is not None else None
+        pattern = patterns.value if patterns is not None else None
+        if box.value is not None and pattern is not None and not fits(box.value, pattern):
+            box.value = None  # chosen for other patterns: it would only fail the next run
+        source = getattr(pattern, "metadata", {}).get("cdinn_source")
         if box.value is not None or source is None:
             return
         for layer in viewer.layers:
