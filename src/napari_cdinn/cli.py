@@ -605,14 +605,7 @@ def _cmd_prepare(args):
         raise UsageError(f"the centre ({centre[0]:g}, {centre[1]:g}) lies outside the {shape[-2]} x {shape[-1]} "
                          "detector frame")
     size = prepare.default_size(shape, centre, args.bin) if args.size is None else args.size
-    if size < prepare.MIN_SIDE:  # the default: the largest square on the detector
-        binned = f" binned {args.bin} x {args.bin}" if args.bin > 1 else ""
-        raise UsageError(f"the largest square around the centre ({centre[0]:g}, {centre[1]:g}) that stays on the "
-                         f"{shape[-2]} x {shape[-1]} detector{binned} gives {size} x {size} patterns, smaller than the "
-                         f"{prepare.MIN_SIDE} x {prepare.MIN_SIDE} the other commands take: give --size "
-                         f"{prepare.MIN_SIDE} or more (pixels off the detector are unmeasured)"
-                         + (" or a smaller --bin" if args.bin > 1 else ""))
-    args.chunk_size = min(args.chunk_size, _check_prepare_size(args, shape, size))
+    args.chunk_size = min(args.chunk_size, _check_prepare_size(args, shape, size, centre))
     print(prepare.describe(shape, centre, size, args.bin, source), file=sys.stderr)
     fn = functools.partial(prepare.prepare_chunk, centre=centre, size=size, bin=args.bin, dark=dark,
                            adu_per_photon=args.adu_per_photon)
@@ -627,17 +620,28 @@ def _cmd_prepare(args):
     _run_stack(args, fn, options, attrs, "prepare")
 
 
-def _check_prepare_size(args, shape, size):
+def _check_prepare_size(args, shape, size, centre=None):
     """Frames per chunk that patterns of ``size`` (output pixels, ``--bin`` applied) allow within ``--memory``;
-    ``UsageError`` for patterns smaller than the other commands take, or a frame larger than the budget."""
+    ``UsageError`` for patterns smaller than the other commands take, or a frame larger than the budget.
+    ``centre``: where the default size (the largest square on the detector) was taken around."""
     from . import prepare
 
-    option = f"--size {size}" if args.size is not None else f"the default size {size}"
+    if args.size is not None or centre is None:
+        option = f"--size {size}"
+    else:
+        binned = f" binned {args.bin} x {args.bin}" if args.bin > 1 else ""
+        option = (f"the largest square around the centre ({centre[0]:g}, {centre[1]:g}) that stays on the "
+                  f"{shape[-2]} x {shape[-1]} detector{binned}")
     try:
-        prepare.check_side(size, option)
+        prepare.check_side(size, option, "--size")
+    except ValueError as exc:
+        hint = "" if args.size is not None else " (pixels off the detector are unmeasured)" + (
+            " or a smaller --bin" if args.bin > 1 else "")
+        raise UsageError(f"{exc}{hint}") from None
+    try:
         return prepare.frames_in_budget(shape, size, args.bin, args.memory)
     except ValueError as exc:
-        raise UsageError(f"{option}: {exc}") from None
+        raise UsageError(f"--size {size}: {exc}") from None
 
 
 def _dark_frame(path, shape):

@@ -724,7 +724,8 @@ def _open_tiff(path):
             dtypes = sorted({str(s.dtype) for s in every})
             frames = [len(s.pages) for s in every
                       if (s.ndim == 2 and len(s.pages) == 1) or (s.ndim == 3 and s.shape[0] == len(s.pages))]
-            whole = len(frames) == len(every) and sum(frames) == len(tif.pages)
+            n_all = len(tif.pages)
+            whole = len(frames) == len(every) and sum(frames) == n_all
     except Exception as exc:  # noqa: BLE001 - tifffile raises many types for foreign or broken files
         raise ValueError(f"{_name(path)!r} is not a readable TIFF file ({_first_line(exc)})") from None
     if len(sizes) > 1:  # tifffile puts pages of another size in other series: never read page 1 alone
@@ -740,7 +741,7 @@ def _open_tiff(path):
         if not whole:
             raise ValueError(f"{_name(path)!r} holds {len(every)} image series that are not one page per frame; "
                              "expected one stack of equal frames")
-        return _TiffPages(path, (len(tif.pages),) + sizes[0], dtype)
+        return _TiffPages(path, (n_all,) + sizes[0], dtype)
     try:
         return tifffile.memmap(path, mode="r")
     except (ValueError, OSError):
