@@ -6,8 +6,8 @@ Each layer becomes one array named by its ``cdinn_kind`` metadata (``amplitude``
 labels are written as booleans (nonzero).  A complex-valued layer is split into ``<name>`` amplitude
 and phase.  The docks' RGBA "complex" view (:func:`napari_cdinn._napari.layers.complex_tuple`) holds
 only colours: saved with its amplitude and phase layers it is left out, saved alone it is refused
-with one sentence naming them (``RuntimeError``, which napari shows); intensities shown on a log scale are written as true
-intensities; phases shown transparent outside the object (NaN) are written as 0
+with one sentence naming them (``RuntimeError``, which napari shows).  Intensities shown on a log
+scale are written as true intensities; phases shown transparent outside the object (NaN) are written as 0
 (:func:`napari_cdinn._napari.layers.layer_phase`); the per-frame scores in a layer's metadata
 (``chi2``, ``chi2_noise``, ``trusted``: :data:`napari_cdinn._napari.layers.SCORES`) are written under
 their names.  Writing goes through :func:`napari_cdinn.io.write_result` (atomic, compressed HDF5, a
@@ -33,8 +33,8 @@ def write_layers(path, layer_data):
              if (meta.get("metadata") or {}).get(_layers.KIND) == "complex"]
     if shown and len(shown) == len(layer_data):
         # not ValueError: napari takes that for "no writer here" and drops the sentence
-        raise RuntimeError(f"{shown[0]!r} shows the result as colours (brightness = amplitude, hue = phase): select its "
-                         "amplitude and phase layers (hidden beneath it) to save the result")
+        raise RuntimeError(f"{shown[0]!r} shows the result as colours (brightness = amplitude, hue = phase): "
+                           "select its amplitude and phase layers (hidden beneath it) to save the result")
     arrays, attrs = {}, {}
     for data, meta, kind in layer_data:
         metadata = meta.get("metadata") or {}
