@@ -180,3 +180,24 @@ def test_prepare_cuts_large_patterns_in_chunks_the_budget_holds(tmp_path, capsys
     assert main(["prepare", str(raw), "-o", str(out), "--centre", "52,61", "--size", "1024", "--memory", "80M"]) == 0
     assert seen["chunk_size"] == 2
     assert io.stack_shape(out) == (4, 1024, 1024)
+
+
+# --------------------------------------------------------------------------- the Python API
+def test_the_api_refuses_masks_of_another_stack_and_empty_stacks():
+    """A mask of more frames than the stack was silently cut to it; fewer raised an IndexError."""
+    from napari_cdinn import nn
+    from napari_cdinn.retrieval import reconstruct
+    from napari_cdinn.simulate import simulate
+
+    stack = simulate(3, oversampling=2, seed=5)["intensity"]
+    quick = {"iterations": 20, "average": 5, "n_starts": 1, "device": "cpu"}
+    for frames in (4, 2):
+        with pytest.raises(ValueError, match=rf"mask must be shaped \(64, 64\) or \(3, 64, 64\).*got \({frames}, 64, 64\)"):
+            reconstruct(stack, mask=np.zeros((frames, 64, 64), bool), **quick)
+    for fn in (lambda: reconstruct(stack[:0], **quick), lambda: nn.predict(stack[:0])):
+        with pytest.raises(ValueError, match="no pattern .0 frames."):
+            fn()
+    one, both = reconstruct(stack, sigma=2.0, **quick), reconstruct(stack, sigma=(2.0, 2.0), **quick)
+    np.testing.assert_array_equal(one["chi2"], both["chi2"])  # one width: the same throughout
+    with pytest.raises(ValueError, match="sigma must be one blur width or .first, last."):
+        reconstruct(stack, sigma=(1.0, 2.0, 3.0), **quick)

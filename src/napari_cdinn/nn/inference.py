@@ -544,6 +544,8 @@ def predict(intensity, model=None, device="auto", batch_size=None, threshold=phy
     if len(shape) not in (2, 3):
         raise ValueError(f"expected intensities shaped (H, W) or (N, H, W), got {len(shape)} dimensions")
     single = len(shape) == 2
+    if not single and shape[0] == 0:
+        raise ValueError("the stack holds no pattern (0 frames)")
     if scale == "auto" and not (isinstance(model, ModelInfo) and model.misfit is not None):
         if choice_to_make(intensity, model, mask, shape):
             model = choose_scale(intensity, model, mask=mask, device=device)
@@ -725,6 +727,8 @@ def choose_scale(intensity, model=None, mask=None, device="auto", sample=None):
     shape = tuple(intensity.shape) if hasattr(intensity, "shape") else np.shape(intensity)
     if len(shape) == 2:
         intensity, shape = np.asarray(intensity)[None], (1, *shape)
+    if len(shape) != 3 or shape[0] == 0:
+        raise ValueError(f"expected a stack of patterns shaped (N, H, W) with N >= 1, got {shape}")
     options = candidates(model, shape)
     frames, mask = _sample(intensity, _check_mask(mask, shape), SCALE_SAMPLE if sample is None else sample)
     offset = centre_offset(frames, mask)

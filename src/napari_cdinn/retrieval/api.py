@@ -299,8 +299,8 @@ def reconstruct(
         random starts then equal those of inverting the whole stack); overrides ``first_frame``.
     shrinkwrap_every : int
         Support update period in iterations (0: never).
-    sigma : (float, float)
-        Shrinkwrap blur at the first and the last update (pixels).
+    sigma : float or (float, float)
+        Shrinkwrap blur at the first and the last update (pixels); one number: the same throughout.
     threshold : float
         Shrinkwrap relative threshold.
     autocorrelation_threshold : float
@@ -353,6 +353,8 @@ def reconstruct(
     single = len(np.shape(intensity)) == 2
     stack = _as_stack(intensity, "intensity", np.float32)
     n = stack.shape[0]
+    if n == 0:
+        raise ValueError("the stack holds no pattern (0 frames)")
     _check_pattern_shape(stack.shape)
     m = stack.shape[-1]
     if on_stop not in ("raise", "return"):
@@ -394,11 +396,16 @@ def reconstruct(
         if support is None:
             support = physics.support_from_amplitude(init_obj)
     for name, arr in (("mask", mask), ("support", support)):
-        if arr is not None and (np.shape(arr)[-2:] != (m, m) or np.ndim(arr) not in (2, 3)):
-            raise ValueError(f"{name} must be shaped (M, M) or (N, M, M) like the patterns")
+        if arr is not None and np.shape(arr) not in ((m, m), (n, m, m)):  # never frames of another stack
+            raise ValueError(f"{name} must be shaped ({m}, {m}) or ({n}, {m}, {m}) like the patterns, got "
+                             f"{tuple(np.shape(arr))}")
     mask = None if mask is None else np.asarray(mask, dtype=bool)
     support = None if support is None else np.broadcast_to(np.asarray(support, dtype=bool), (n, m, m))
 
+    widths = [float(s) for s in np.atleast_1d(np.asarray(sigma, dtype=np.float64)).reshape(-1)]
+    if len(widths) not in (1, 2) or not all(np.isfinite(widths)) or min(widths) < 0:
+        raise ValueError(f"sigma must be one blur width or (first, last) in pixels, >= 0, got {sigma!r}")
+    sigma = (widths[0], widths[-1])
     shrink = None
     if not fixed_support and shrinkwrap_every > 0:
         shrink = Shrinkwrap(shrinkwrap_every, float(sigma[0]), float(sigma[1]), float(threshold), average)
