@@ -293,3 +293,20 @@ def test_chunks_are_read_ahead_in_a_thread_and_a_read_error_reaches_the_caller(s
     with pytest.raises(OSError, match="the disk went away"):
         process_stack(path, str(tmp_path / "other.h5"), _toy, chunk_size=10)
     assert not os.path.exists(tmp_path / "other.h5")
+
+
+def test_iter_chunks_checks_its_stack_and_chunk_size():
+    from napari_cdinn.stream import iter_chunks
+
+    stack = np.ones((5, 16, 16), np.float32)
+
+    def count(x, first_frame=0):
+        return {"n": np.zeros(len(x))}
+
+    for bad in (stack[None], np.ones(5)):  # a 4-D block was one chunk; a 1-D one reached the function
+        with pytest.raises(ValueError, match="shaped .H, W. or .N, H, W., got"):
+            list(iter_chunks(bad, count, chunk_size=2))
+    for size in (0, -1, 2.5):  # 0 and -1 silently became 1
+        with pytest.raises(ValueError, match="chunk_size must be a positive whole number of frames"):
+            list(iter_chunks(stack, count, chunk_size=size))
+    assert [c[:2] for c in iter_chunks(stack.tolist(), count, chunk_size=2)] == [(0, 2), (2, 4), (4, 5)]

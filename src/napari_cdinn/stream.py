@@ -305,7 +305,20 @@ class _MemorySink:
 
 
 def _source_shape(source):
-    return io.stack_shape(source) if isinstance(source, (str, os.PathLike)) else tuple(source.shape)
+    """The ``(N, H, W)`` or ``(H, W)`` shape of a stack file or array; ValueError (one sentence) for another."""
+    if isinstance(source, (str, os.PathLike)):
+        return io.stack_shape(source)
+    shape = tuple(np.shape(source))
+    if len(shape) not in (2, 3) or 0 in shape:
+        raise ValueError(f"expected a stack of patterns shaped (H, W) or (N, H, W), got {shape}")
+    return shape
+
+
+def _chunk_frames(chunk_size):
+    """``chunk_size`` as a positive whole number of frames, else ValueError (one sentence)."""
+    if isinstance(chunk_size, bool) or not float(chunk_size).is_integer() or int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive whole number of frames, got {chunk_size!r}")
+    return int(chunk_size)
 
 
 def process_stack(
@@ -376,6 +389,8 @@ def process_stack(
         The results in memory for ``.npz``/None outputs (2-D input gives unbatched results);
         for ``.h5``/``.hdf5``/``.cxi`` outputs a summary ``{"frames": N, "chunks": C, "skipped": K, "seconds": t}``.
     """
+    if not isinstance(source, (str, os.PathLike)) and not hasattr(source, "shape"):
+        source = np.asarray(source, dtype=np.float32)  # a list of frames
     shape = _source_shape(source)
     single = len(shape) == 2
     n = 1 if single else shape[0]
@@ -390,7 +405,7 @@ def process_stack(
         if isinstance(source, (str, os.PathLike)):
             io.check_not_input(out, source)
     budget = io.memory_budget(memory)
-    chunk_size = min(max(1, int(chunk_size)), io.frames_in_budget(shape[-2:], budget, what="the input"))
+    chunk_size = min(_chunk_frames(chunk_size), io.frames_in_budget(shape[-2:], budget, what="the input"))
     bounds = chunk_bounds(n, chunk_size)
     if mask is not None:
         mask = io._check_mask(mask, shape, "the mask")
@@ -578,6 +593,8 @@ def iter_chunks(
     ValueError
         A mask shaped neither like one frame nor like the stack.
     """
+    if not isinstance(source, (str, os.PathLike)) and not hasattr(source, "shape"):
+        source = np.asarray(source, dtype=np.float32)  # a list of frames
     shape = _source_shape(source)
     n = 1 if len(shape) == 2 else shape[0]
     if mask is not None:
@@ -585,7 +602,7 @@ def iter_chunks(
         if tuple(np.shape(mask)) not in (frame, stack):
             raise ValueError(f"the mask is shaped {tuple(np.shape(mask))} but the data are {tuple(shape)}; "
                              f"expected {frame} or {stack}")
-    bounds = chunk_bounds(n, min(max(1, int(chunk_size)), io.frames_in_budget(shape[-2:], what="the input")))
+    bounds = chunk_bounds(n, min(_chunk_frames(chunk_size), io.frames_in_budget(shape[-2:], what="the input")))
     for _, chunk in _execute(fn, source, bounds, range(len(bounds)), None, should_stop, mask, "stopped"):
         yield chunk
 
