@@ -72,6 +72,8 @@ def test_apply_steps():
         sup, want, 1)))), 0), 0, atol=1e-4)
     with pytest.raises(ValueError, match="unknown post-processing"):
         apply_steps(amp, pha, ("smooth",))
+    for got, want in zip(apply_steps(amp, pha, "centre, ramp,unwrap"), (a, p, s), strict=True):  # as --post
+        np.testing.assert_array_equal(got, want)
 
 
 def test_prtf_leaves_unmeasured_pixels_out():

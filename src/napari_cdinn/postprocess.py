@@ -342,8 +342,10 @@ def apply_steps(amplitude, phase, steps, *, support=None):
     Returns ``(amplitude, phase, support)``: float32, float32 and bool.  ``"centre"`` rolls the
     object's centre of mass to the frame centre (the support rolls with it), ``"ramp"`` removes the
     linear phase ramp and the mean phase, ``"unwrap"`` unwraps the phase inside the support (0
-    outside).
+    outside).  ``steps`` may be one string, ``"centre,ramp"`` as the command line's ``--post``.
     """
+    if isinstance(steps, str):
+        steps = tuple(step.strip() for step in steps.split(",") if step.strip())
     unknown = set(steps) - set(STEPS)
     if unknown:
         raise ValueError(f"unknown post-processing step(s) {sorted(unknown)}: choose from {', '.join(STEPS)}")
