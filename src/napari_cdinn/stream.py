@@ -305,13 +305,16 @@ class _MemorySink:
 
 
 def _source_shape(source):
-    """The ``(N, H, W)`` or ``(H, W)`` shape of a stack file or array; ValueError (one sentence) for another."""
+    """``(source, shape)``: a stack file or array as given (a list of frames as an array) and its ``(N, H, W)``
+    or ``(H, W)`` shape; ValueError (one sentence) for another shape."""
     if isinstance(source, (str, os.PathLike)):
-        return io.stack_shape(source)
-    shape = tuple(np.shape(source))
+        return source, io.stack_shape(source)
+    if not hasattr(source, "shape"):
+        source = np.asarray(source, dtype=np.float32)  # a list of frames
+    shape = tuple(source.shape)
     if len(shape) not in (2, 3) or 0 in shape:
         raise ValueError(f"expected a stack of patterns shaped (H, W) or (N, H, W), got {shape}")
-    return shape
+    return source, shape
 
 
 def _chunk_frames(chunk_size):
@@ -389,9 +392,7 @@ def process_stack(
         The results in memory for ``.npz``/None outputs (2-D input gives unbatched results);
         for ``.h5``/``.hdf5``/``.cxi`` outputs a summary ``{"frames": N, "chunks": C, "skipped": K, "seconds": t}``.
     """
-    if not isinstance(source, (str, os.PathLike)) and not hasattr(source, "shape"):
-        source = np.asarray(source, dtype=np.float32)  # a list of frames
-    shape = _source_shape(source)
+    source, shape = _source_shape(source)
     single = len(shape) == 2
     n = 1 if single else shape[0]
     ext = os.path.splitext(str(out))[1].lower() if out is not None else None
@@ -593,9 +594,7 @@ def iter_chunks(
     ValueError
         A mask shaped neither like one frame nor like the stack.
     """
-    if not isinstance(source, (str, os.PathLike)) and not hasattr(source, "shape"):
-        source = np.asarray(source, dtype=np.float32)  # a list of frames
-    shape = _source_shape(source)
+    source, shape = _source_shape(source)
     n = 1 if len(shape) == 2 else shape[0]
     if mask is not None:
         frame, stack = tuple(shape[-2:]), (n,) + tuple(shape[-2:])

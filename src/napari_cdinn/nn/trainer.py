@@ -592,9 +592,10 @@ class _Run:
         self.run_loss, self.run_n = self.run_loss + loss * n, self.run_n + n  # no device sync per step
         self.n_rate += n
         if state["step"] % 20 == 0:
-            self._check_loss(float(self.run_loss) / self.run_n, "training")  # a NaN stays in the running sum
+            event = self.event("step")
+            self._check_loss(event["train_loss"], "training")  # a NaN stays in the running sum
             now = time.monotonic()
-            self.emit(dict(self.event("step"), examples_per_s=self.n_rate / max(now - self.t_rate, 1e-9)))
+            self.emit(dict(event, examples_per_s=self.n_rate / max(now - self.t_rate, 1e-9)))
             self.t_rate, self.n_rate = now, 0
 
     def _check_loss(self, value, what):
