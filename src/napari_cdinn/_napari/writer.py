@@ -40,24 +40,24 @@ def write_layers(path, layer_data):
         metadata = meta.get("metadata") or {}
         if metadata.get(_layers.KIND) == "complex":  # colours of the amplitude and phase saved beside it
             continue
+        fallback = "labels" if kind == "labels" else "layer"
+        key = _key(metadata.get(_layers.KIND) or meta.get("name") or fallback, arrays)
         if kind == "labels":  # a support (1 inside) or a mask (1 unmeasured): booleans
-            key = _key(metadata.get(_layers.KIND) or meta.get("name") or "labels", arrays)
             arrays[key] = np.asarray(data) != 0
-            attrs[f"{key}_layer"] = str(meta.get("name", key))
-            continue
-        data = np.asarray(_layers.layer_intensities(data, metadata))
-        if metadata.get(_layers.KIND) == "phase":
-            data = _layers.layer_phase(data)
-        key = _key(metadata.get(_layers.KIND) or meta.get("name") or "layer", arrays)
-        if np.iscomplexobj(data):
-            arrays[_key("amplitude" if key == "object" else f"{key}_amplitude", arrays)] = np.abs(data).astype(np.float32)
-            arrays[_key("phase" if key == "object" else f"{key}_phase", arrays)] = np.angle(data).astype(np.float32)
         else:
-            arrays[key] = data
-        for score in _layers.SCORES:  # per-frame scores, once
-            if metadata.get(score) is not None and score not in arrays:
-                value = np.asarray(metadata[score])
-                arrays[score] = value if value.dtype == bool else value.astype(np.float32)
+            data = np.asarray(_layers.layer_intensities(data, metadata))
+            if metadata.get(_layers.KIND) == "phase":
+                data = _layers.layer_phase(data)
+            if np.iscomplexobj(data):
+                arrays[_key("amplitude" if key == "object" else f"{key}_amplitude", arrays)] = (
+                    np.abs(data).astype(np.float32))
+                arrays[_key("phase" if key == "object" else f"{key}_phase", arrays)] = np.angle(data).astype(np.float32)
+            else:
+                arrays[key] = data
+            for score in _layers.SCORES:  # per-frame scores, once
+                if metadata.get(score) is not None and score not in arrays:
+                    value = np.asarray(metadata[score])
+                    arrays[score] = value if value.dtype == bool else value.astype(np.float32)
         attrs[f"{key}_layer"] = str(meta.get("name", key))
     if not arrays:
         return []
