@@ -125,8 +125,8 @@ def test_bad_output_extension_exits_2(tmp_path, capsys):
 
 
 BAD_MASKS = {
-    "wrong_shape.npy": (lambda p: np.save(p, np.zeros((64, 32), bool)), "shaped (64, 32) but the data are (2, 64, 64)"),
-    "wrong_count.npy": (lambda p: np.save(p, np.zeros((3, 64, 64), bool)), "shaped (3, 64, 64)"),
+    "wrong_shape.npy": (lambda p: np.save(p, np.zeros((64, 32), bool)), "must be shaped (64, 64) or (2, 64, 64) like the patterns, got (64, 32)"),
+    "wrong_count.npy": (lambda p: np.save(p, np.zeros((3, 64, 64), bool)), "like the patterns, got (3, 64, 64)"),
     "float.npy": (lambda p: np.save(p, np.zeros((64, 64), np.float32)), "booleans or integers"),
     "missing.npy": (None, "does not exist"),
     "folder": (lambda p: p.mkdir(), "is a folder; give the mask file"),

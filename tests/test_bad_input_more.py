@@ -201,3 +201,55 @@ def test_the_api_refuses_masks_of_another_stack_and_empty_stacks():
     np.testing.assert_array_equal(one["chi2"], both["chi2"])  # one width: the same throughout
     with pytest.raises(ValueError, match="sigma must be one blur width or .first, last."):
         reconstruct(stack, sigma=(1.0, 2.0, 3.0), **quick)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("beta", float("nan"), r"beta must be a number in \(0, 2\), got nan"),  # ran to NaN objects, chi2 1
+    ("beta", 0, r"beta must be a number in \(0, 2\), got 0"),
+    ("threshold", 0, r"threshold must be a fraction in \(0, 1\), got 0"),  # the whole frame as support: chi2 0
+    ("threshold", 1.5, r"threshold must be a fraction in \(0, 1\), got 1.5"),
+    ("autocorrelation_threshold", float("inf"), r"autocorrelation_threshold must be a fraction in \(0, 1\)"),
+    ("iterations", 2.5, r"iterations must be a whole number >= 1, got 2.5"),
+    ("average", -1, r"average must be a whole number >= 0, got -1"),
+    ("shrinkwrap_every", -1, r"shrinkwrap_every must be a whole number >= 0"),
+    ("block", 0, r"block must be a whole number >= 1, got 0"),
+    ("error_every", -3, r"error_every must be a whole number >= 1"),
+    ("seed", 1.5, r"seed must be a whole number >= 0, got 1.5"),
+    ("n_starts", "two", r"n_starts must be a whole number >= 1, got 'two'"),
+    ("batch_size", 0, r"batch_size must be a whole number >= 1, got 0"),
+    ("threads", -1, r"threads must be a whole number >= 0, got -1"),
+    ("algorithm", 5, r"algorithm must be hio-er, er, hio, raar or a schedule"),
+    ("mask", np.full((64, 64), 0.5), r"mask must hold booleans or integers \(True/1 = unmeasured\), got float64"),
+    ("support", np.full((64, 64), 0.5), r"support must hold booleans or integers \(True/1 = inside\), got float64"),
+])
+def test_reconstruct_refuses_option_values_it_cannot_run(option, value, message):
+    """Values the command line refuses ran silently through the API (a NaN beta gave NaN objects, a
+    float mask of 0.5 masked every pixel)."""
+    from napari_cdinn.retrieval import reconstruct
+    from napari_cdinn.simulate import simulate
+
+    stack = simulate(2, oversampling=2, seed=5)["intensity"]
+    options = {"iterations": 20, "average": 5, "n_starts": 1, "device": "cpu", option: value}
+    with pytest.raises(ValueError, match=message):
+        reconstruct(stack, **options)
+
+
+def test_the_shared_checks_take_whole_numbers_given_as_floats_and_nothing_else():
+    from napari_cdinn.checks import check_mask_layout, number_in, whole_number
+
+    assert whole_number(4.0, "n") == 4 and isinstance(whole_number(np.int64(3), "n"), int)
+    assert whole_number(2**70, "seed") == 2**70  # exact, never through a float
+    for bad in (True, "3", None, float("nan"), 1e400, 0.5, -1):
+        with pytest.raises(ValueError, match="n must be a whole number >= 0"):
+            whole_number(bad, "n")
+    with pytest.raises(ValueError, match="views must be a whole number from 1 to 8, got 9"):
+        whole_number(9, "views", 1, 8)
+    assert number_in(np.float32(0.5), "f", 0, 1) == 0.5
+    assert number_in(1, "f", 0, 1, high_inclusive=True) == 1.0
+    for bad in (0, 1, float("nan"), "0.5", None):
+        with pytest.raises(ValueError, match=r"f must be a number in \(0, 1\)"):
+            number_in(bad, "f", 0, 1)
+    assert check_mask_layout(np.zeros((2, 4, 4), np.uint8), (2, 4, 4)) == (2, 4, 4)
+    assert check_mask_layout([[True, False], [False, False]], (5, 2, 2)) == (2, 2)
+    with pytest.raises(ValueError, match=r"the mask must be shaped \(4, 4\) or \(1, 4, 4\) like the patterns"):
+        check_mask_layout(np.zeros((3, 4, 4), bool), (4, 4))

@@ -112,6 +112,21 @@ def test_chi2_mask_ignores_masked_pixels(objects):
     assert physics.chi2(bad, i, mask=mask) < 1e-12
 
 
+def test_chi2_and_its_noise_floor_leave_out_non_finite_measured_pixels(objects):
+    """A NaN pixel made the frame score 1 (no fit) unless a caller masked it first."""
+    i = np.round(physics.intensity(objects[:2]) * 1e3 / physics.intensity(objects[:2]).max())
+    holed = i.copy()
+    holed[:, 5, 7], holed[:, 30, 2] = np.nan, np.inf
+    mask = ~np.isfinite(holed[0])
+    for cast in (np.asarray, torch.as_tensor):
+        got = physics.chi2(cast(holed), cast(1.1 * i))
+        assert np.all(np.asarray(got) < 1e-10)
+        np.testing.assert_allclose(physics.noise_chi2(cast(holed)), physics.noise_chi2(cast(i), cast(mask)), rtol=1e-6)
+    predicted = i.copy()
+    predicted[0, 5, 8] = np.nan  # a broken prediction is still no fit
+    assert physics.chi2(i, predicted)[0] == 1.0
+
+
 def test_mirror_about_the_origin_pixel_mirrors_the_pattern(objects):
     for dims in ((-2,), (-1,), (-2, -1)):
         np.testing.assert_allclose(physics.intensity(physics.mirror(objects, dims)),

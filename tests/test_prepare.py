@@ -102,8 +102,10 @@ def test_nan_and_per_frame_masks_are_unmeasured():
     out, bad = prepare.prepare_frames(det, (141, 77), 64, mask=per_frame)
     assert bad[1, 32, 32 + 23] and out[1, 32, 32 + 23] == 0 and np.isfinite(out).all()
     assert bad[2, 32 + 9, 32 + 3] and not bad[0, 32 + 9, 32 + 3]
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match=r"must be shaped .* like the patterns, got \(5, 300, 200\)"):
         prepare.prepare_frames(det, (141, 77), 64, mask=np.zeros((5, 300, 200), bool))
+    with pytest.raises(ValueError, match="must hold booleans or integers"):  # 0.5 read as True everywhere
+        prepare.prepare_frames(det, (141, 77), 64, mask=np.full(det.shape[-2:], 0.5))
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])

@@ -152,7 +152,7 @@ def test_the_mask_travels_with_its_chunk(stack_file, tmp_path, ndim):
     res = process_stack(path, None, _masked, chunk_size=10, mask=mask)
     np.testing.assert_array_equal(res["unmeasured"], expected)
     np.testing.assert_array_equal(process_stack(path, None, _toy)["amplitude"], _toy(data)["amplitude"])  # no mask: no keyword
-    with pytest.raises(ValueError, match="the mask is shaped"):
+    with pytest.raises(ValueError, match="the mask must be shaped"):
         process_stack(path, None, _masked, mask=mask[..., :5])
 
 

@@ -21,6 +21,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .checks import whole_number
+
 __all__ = [
     "BUSY_FRACTION",
     "DEVICES",
@@ -328,8 +330,7 @@ def free_cores(leave: int = 0, *, since: CpuSample | None = None, busy: float | 
         other processes keep at least :data:`BUSY_FRACTION` busy (from :func:`busy_cores`), bounded
         by a cgroup CPU quota (other tenants' use does not take it), minus ``leave``.
     """
-    if isinstance(leave, bool) or int(leave) != leave or leave < 0:
-        raise ValueError(f"leave must be a whole number of cores >= 0, got {leave!r}")
+    leave = whole_number(leave, "leave", 0, what="a whole number of cores >= 0")
     if busy is None:
         busy = _measured_busy(since)
     affinity = _affinity()
@@ -370,9 +371,7 @@ def apply_threads(threads: int | None = None, *, leave: int = 0, since: CpuSampl
     if threads is None:
         env = _env_threads()
         threads = min(env, usable) if env is not None else free_cores(leave, since=since)
-    elif isinstance(threads, bool) or int(threads) != threads or threads < 1:
-        raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
-    elif threads > usable:
+    elif whole_number(threads, "threads", 1) > usable:
         raise ValueError(f"{int(threads)} threads are more than the {usable} core(s) this process may use")
     threads = int(threads)
     if torch.get_num_threads() != threads:

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .checks import check_mask_layout
+
 if TYPE_CHECKING:
     import dask.array as da
     from numpy.typing import ArrayLike
@@ -1129,21 +1131,15 @@ def file_beam_centre(path: str | os.PathLike) -> tuple[float, float] | None:
 
 
 def _check_mask(mask, shape, what):
-    """``mask`` as bool after checking its dtype, its shape against the stack's ``shape`` and its
-    size against the memory budget (a lazy source is read only then)."""
+    """``mask`` as bool after checking its dtype, its shape against the stack's ``shape``
+    (:func:`napari_cdinn.checks.check_mask_layout`) and its size against the memory budget (a lazy
+    source is read only then)."""
     if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
         mask = np.asarray(mask)
-    if np.dtype(mask.dtype).kind not in "bui":
-        raise ValueError(f"{what} must hold booleans or integers (True/1 = unmeasured), got {mask.dtype}")
-    shape = tuple(int(s) for s in shape)
-    frame = shape[-2:]
-    stack = ((shape[0] if len(shape) == 3 else 1),) + frame
-    if tuple(mask.shape) not in (frame, stack):
-        raise ValueError(f"{what} is shaped {tuple(mask.shape)} but the data are {shape}; "
-                         f"expected {frame} or {stack}")
+    got = check_mask_layout(mask, shape, what)
     budget = memory_budget()
-    if int(np.prod(mask.shape, dtype=np.int64)) > budget:
-        raise ValueError(f"{what} holds {format_bytes(int(np.prod(mask.shape, dtype=np.int64)))} of flags, more than "
+    if int(np.prod(got, dtype=np.int64)) > budget:
+        raise ValueError(f"{what} holds {format_bytes(int(np.prod(got, dtype=np.int64)))} of flags, more than "
                          f"the memory budget of {format_bytes(budget)}; give one (H, W) mask or set CDINN_MEMORY")
     mask = np.asarray(mask[...] if not isinstance(mask, np.ndarray) else mask)
     return mask != 0 if mask.dtype.kind != "b" else np.array(mask, dtype=bool)

@@ -473,10 +473,10 @@ def phase_rms(phase: ArrayLike, true_phase: ArrayLike, support: ArrayLike) -> np
     d = np.exp(1j * (np.asarray(phase, dtype=np.float64) - np.asarray(true_phase, dtype=np.float64)))
     s = np.asarray(support, dtype=bool)
     mean = (d * s).sum(axis=(-2, -1), keepdims=True)
-    mean = np.where(np.abs(mean) > 0, mean / np.maximum(np.abs(mean), 1e-300), 1.0)
-    err = np.angle(d * np.conj(mean))
     n = s.sum(axis=(-2, -1))
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):  # a NaN phase (a diverged network) scores NaN, quietly
+        mean = np.where(np.abs(mean) > 0, mean / np.maximum(np.abs(mean), 1e-300), 1.0)
+        err = np.angle(d * np.conj(mean))
         return np.sqrt((err**2 * s).sum(axis=(-2, -1)) / n)
 
 
@@ -507,7 +507,8 @@ def chi2(measured: Array, predicted: Array, mask: Array | None = None) -> Array:
     measured, predicted : ndarray or torch.Tensor, shape (..., H, W)
         Measured and predicted *intensities*.
     mask : array of bool, optional
-        True on pixels that were **not** measured (beamstop, gaps); they are ignored.
+        True on pixels that were **not** measured (beamstop, gaps); they are ignored, and so are
+        NaN and infinite pixels of ``measured``.
 
     Returns
     -------
@@ -517,10 +518,8 @@ def chi2(measured: Array, predicted: Array, mask: Array | None = None) -> Array:
     if not is_tensor(it):
         it = np.asarray(it, dtype=np.float64)
         ip = np.asarray(ip, dtype=np.float64)
-    if mask is not None:
-        keep = ~mask
-        it = it * keep
-        ip = ip * keep
+    bad = _unmeasured(it, mask)
+    it, ip = _where_measured(bad, it), _where_measured(bad, ip)
     # each frame divided by its largest value first: the score ignores the scale, and squares of
     # intensities scaled by 1e25 or 1e-22 would leave float32's range (inf, or 0)
     it, ip = it / _frame_max(it), ip / _frame_max(ip)
@@ -539,6 +538,26 @@ def chi2(measured: Array, predicted: Array, mask: Array | None = None) -> Array:
         num = ((it - s[..., None, None] * ip) ** 2).sum(-1).sum(-1)
         out = np.where(tt > 0, num / np.where(tt > 0, tt, 1), 1.0)
     return np.where(np.isfinite(out), out, 1.0)
+
+
+def _unmeasured(measured, mask):
+    """True on pixels left out of a score: ``mask`` and the non-finite pixels of ``measured``."""
+    if is_tensor(measured):
+        import torch
+
+        bad = ~torch.isfinite(measured)
+    else:
+        bad = ~np.isfinite(measured)
+    return bad if mask is None else bad | mask
+
+
+def _where_measured(bad, x):
+    """``x`` with 0 on the ``bad`` pixels (a product would keep NaN)."""
+    if is_tensor(x):
+        import torch
+
+        return torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x)
+    return np.where(bad, 0.0, x)
 
 
 def _frame_max(x):
@@ -565,7 +584,7 @@ def noise_chi2(measured: Array, mask: Array | None = None) -> Array:
     ----------
     measured : ndarray or torch.Tensor, (..., H, W), non-negative intensities
     mask : bool array of the same kind, optional
-        True on unmeasured pixels.
+        True on unmeasured pixels (NaN and infinite pixels count as unmeasured too).
 
     Returns
     -------
@@ -574,7 +593,8 @@ def noise_chi2(measured: Array, mask: Array | None = None) -> Array:
     if is_tensor(measured):
         import torch
 
-        it = measured.float() if mask is None else measured.float() * ~mask
+        it = measured.float()
+        it = _where_measured(_unmeasured(it, mask), it)
         counts = ((it - it.round()).abs().amax((-2, -1)) == 0) & (it.amax((-2, -1)) > 0)
         m = _frame_max(it)  # sum I / sum I^2 = sum u / (m sum u^2), u = I / m: no overflow in float32
         u = it / m
@@ -582,8 +602,7 @@ def noise_chi2(measured: Array, mask: Array | None = None) -> Array:
         out = torch.where(counts, u.sum((-2, -1)) / power.clamp_min(1e-30), torch.zeros_like(power))
         return torch.where(torch.isfinite(out), out, torch.zeros_like(out))
     it = np.asarray(measured, dtype=np.float64)
-    if mask is not None:
-        it = it * ~np.asarray(mask, dtype=bool)
+    it = _where_measured(_unmeasured(it, None if mask is None else np.asarray(mask, dtype=bool)), it)
     counts = (np.abs(it - np.round(it)).max(axis=(-2, -1)) == 0) & (it.max(axis=(-2, -1)) > 0)
     m = _frame_max(it)
     u = it / m

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import physics
+from .checks import check_mask_layout
 
 __all__ = ["STEPS", "PrtfSums", "apply_steps", "centre_object", "chunk_with_steps", "describe_resolution",
            "median_resolution", "prtf", "prtf_frequencies", "prtf_resolution", "remove_phase_ramp", "unwrap_phase"]
@@ -284,6 +285,8 @@ def prtf(objects, intensity=None, *, bins=None, mask=None):
     objs = np.asarray(objects, np.complex128)
     if objs.ndim != 3 or len(objs) < 2:
         raise ValueError("the PRTF needs several reconstructions, shaped (K, M, M) with K >= 2")
+    if mask is not None:
+        check_mask_layout(mask, objs.shape[-2:])
     sums = PrtfSums(1, objs.shape[-2:])
     for obj in objs:
         sums.add(obj[None])

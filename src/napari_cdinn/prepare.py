@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import io, physics
+from .checks import check_mask_layout
 
 __all__ = [
     "NOT_SQUARE_HINT",
@@ -226,6 +227,7 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
     shares = np.zeros(shape[-2:], dtype=np.float64)
     seen = np.zeros(shape[-2:], dtype=np.int64)
     if mask is not None:
+        check_mask_layout(mask, shape)
         mask = np.asarray(mask, dtype=bool)
     chunk_size = max(1, min(chunk_size, CHUNK_PIXELS // max(shape[-2] * shape[-1], 1)))
     runs = sample_runs(stack.shape[0], CENTRE_FRAMES, CENTRE_BLOCKS)
@@ -425,9 +427,8 @@ def prepare_frames(frames, centre, size, bin=1, mask=None, dark=None, adu_per_ph
         if markers is not None:
             miss |= markers
         if mask is not None:
+            check_mask_layout(mask, data.shape)
             m = np.asarray(mask, dtype=bool)
-            if m.shape[-2:] != (h, w) or m.ndim not in (2, 3) or (m.ndim == 3 and m.shape[0] != n):
-                raise ValueError(f"the mask's shape {m.shape} does not match the frames' {data.shape}")
             miss |= m[..., ys, xs] if m.ndim == 3 else m[ys, xs][None]
         out[:, dy, dx] = np.where(miss, 0.0, part)
         bad[:, dy, dx] = miss

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import io
+from .checks import whole_number
 from .jobs import Cancelled, check_stop, stop_requested
 
 if TYPE_CHECKING:
@@ -319,9 +320,7 @@ def _source_shape(source):
 
 def _chunk_frames(chunk_size):
     """``chunk_size`` as a positive whole number of frames, else ValueError (one sentence)."""
-    if isinstance(chunk_size, bool) or not float(chunk_size).is_integer() or int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be a positive whole number of frames, got {chunk_size!r}")
-    return int(chunk_size)
+    return whole_number(chunk_size, "chunk_size", 1, what="a positive whole number of frames")
 
 
 def process_stack(

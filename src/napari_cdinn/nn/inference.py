@@ -66,6 +66,7 @@ import warnings
 import numpy as np
 
 from .. import physics
+from ..checks import check_mask_layout, whole_number
 from ..device import device_name, resolve_device
 from ..physics import array_lib, as_float32, is_tensor  # NumPy arrays or torch tensors alike
 from . import TRUST_CHI2
@@ -823,18 +824,14 @@ def _check_mask(mask, shape):
     if mask is None:
         return None
     mask = np.asarray(mask)
-    if mask.dtype.kind not in "bui":
-        raise ValueError(f"the mask must hold booleans or integers (True/1 = unmeasured), got {mask.dtype}")
+    check_mask_layout(mask, shape)
     frames = (1,) + tuple(shape) if len(shape) == 2 else tuple(shape)
-    if mask.shape not in (tuple(shape[-2:]), frames):
-        raise ValueError(f"the mask is shaped {mask.shape} but the patterns are {tuple(shape)}")
     return mask.astype(bool).reshape(mask.shape if mask.ndim == 2 else frames)
 
 
 def check_views(views):
     """Raise ``ValueError`` unless ``views`` is a whole number of views, 1 to ``len(VIEWS)``."""
-    if isinstance(views, bool) or int(views) != views or not 1 <= views <= len(VIEWS):
-        raise ValueError(f"views must be a whole number from 1 to {len(VIEWS)}, got {views!r}")
+    whole_number(views, "views", 1, len(VIEWS))
 
 
 def predict_chunk(intensity, first_frame=0, model=None, device="auto", batch_size=None, views=1, mask=None, scale=None):

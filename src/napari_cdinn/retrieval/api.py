@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .. import physics, postprocess
+from ..checks import check_mask_layout, number_in, whole_number
 from ..device import default_threads, resolve_device
 from ..jobs import Cancelled, PartsProgress, stop_requested
 from ..prepare import NOT_SQUARE_HINT
@@ -49,6 +50,9 @@ def default_batch_size(device):
 
 def make_schedule(algorithm="hio-er", iterations=620, average=20):
     """Schedule from a protocol name (:data:`ALGORITHMS`) or a one-line schedule string/list."""
+    if not isinstance(algorithm, (str, list, tuple)):
+        raise ValueError(f"algorithm must be hio-er, er, hio, raar or a schedule such as '(hio:80,er:20)x6,er:20', "
+                         f"got {algorithm!r}")
     if isinstance(algorithm, str) and algorithm.lower() in ALGORITHMS:
         return default_schedule(algorithm, iterations, average)
     if isinstance(algorithm, str) and re.fullmatch(r"\s*[A-Za-z_-]+\s*", algorithm) and algorithm.lower() not in STEPS:
@@ -359,9 +363,15 @@ def reconstruct(
     m = stack.shape[-1]
     if on_stop not in ("raise", "return"):
         raise ValueError("on_stop must be 'raise' or 'return'")
-    n_starts = int(n_starts)
-    if n_starts < 1:
-        raise ValueError("n_starts must be at least 1")
+    n_starts = whole_number(n_starts, "n_starts", 1)
+    iterations, average = whole_number(iterations, "iterations", 1), whole_number(average, "average", 0)
+    shrinkwrap_every, block, error_every, seed = (
+        whole_number(shrinkwrap_every, "shrinkwrap_every", 0), whole_number(block, "block", 1),
+        whole_number(error_every, "error_every", 1), whole_number(seed, "seed", 0))
+    beta = number_in(beta, "beta", 0.0, 2.0)
+    threshold = number_in(threshold, "threshold", 0.0, 1.0, what="a fraction in (0, 1)")
+    autocorrelation_threshold = number_in(autocorrelation_threshold, "autocorrelation_threshold", 0.0, 1.0,
+                                          what="a fraction in (0, 1)")
     if prtf and n_starts < 2:
         raise ValueError(f"the PRTF compares several runs of each pattern: prtf=True needs n_starts >= 2, got {n_starts}")
     if prtf:
@@ -369,7 +379,7 @@ def reconstruct(
     if retry_chi2 is not None and not (float(retry_chi2) >= 0 and float(retry_noise) >= 0):
         raise ValueError(f"retry_chi2 and retry_noise must be >= 0, got {retry_chi2!r} and {retry_noise!r}")
     if frame_ids is None:
-        frame_ids = int(first_frame) + np.arange(n)
+        frame_ids = whole_number(first_frame, "first_frame", 0) + np.arange(n)
     frame_ids = np.asarray(frame_ids, dtype=np.int64).reshape(-1)
     if frame_ids.shape != (n,):
         raise ValueError(f"frame_ids must hold one index per pattern ({n}), got {frame_ids.size}")
@@ -380,9 +390,7 @@ def reconstruct(
     if batch_size is None:
         # the default batch, shrunk so that every worker gets a share of a small stack
         batch_size = max(1, min(default_batch_size(dev), -(-n // workers)))
-    batch_size = int(batch_size)
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
+    batch_size = whole_number(batch_size, "batch_size", 1)
 
     init_obj = None
     if not (isinstance(init, str) and init == "random"):
@@ -395,10 +403,9 @@ def reconstruct(
         init_obj = np.broadcast_to(init_obj, (n, m, m))
         if support is None:
             support = physics.support_from_amplitude(init_obj)
-    for name, arr in (("mask", mask), ("support", support)):
-        if arr is not None and np.shape(arr) not in ((m, m), (n, m, m)):  # never frames of another stack
-            raise ValueError(f"{name} must be shaped ({m}, {m}) or ({n}, {m}, {m}) like the patterns, got "
-                             f"{tuple(np.shape(arr))}")
+    for name, arr, meaning in (("mask", mask, "True/1 = unmeasured"), ("support", support, "True/1 = inside")):
+        if arr is not None:  # never frames of another stack, never a float (0.5 would read True)
+            check_mask_layout(arr, (n, m, m), name, meaning)
     mask = None if mask is None else np.asarray(mask, dtype=bool)
     support = None if support is None else np.broadcast_to(np.asarray(support, dtype=bool), (n, m, m))
 
@@ -449,9 +456,7 @@ def _workers(threads, device):
         return 1
     if threads is None:  # what the command or dock set (else the free cores), never above torch's count
         return 1 if torch.get_num_threads() <= 1 else min(torch.get_num_threads(), default_threads())
-    if int(threads) < 0:
-        raise ValueError("threads must be 0 or a positive integer")
-    return int(threads)
+    return whole_number(threads, "threads", 0)
 
 
 @contextlib.contextmanager
