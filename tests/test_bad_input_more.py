@@ -253,3 +253,27 @@ def test_the_shared_checks_take_whole_numbers_given_as_floats_and_nothing_else()
     assert check_mask_layout([[True, False], [False, False]], (5, 2, 2)) == (2, 2)
     with pytest.raises(ValueError, match=r"the mask must be shaped \(4, 4\) or \(1, 4, 4\) like the patterns"):
         check_mask_layout(np.zeros((3, 4, 4), bool), (4, 4))
+
+
+def test_every_function_taking_a_mask_refuses_a_float_one_with_the_same_sentence(tmp_path):
+    """0.5 read as True masked every pixel in some functions; predict refused it: now all refuse it."""
+    from napari_cdinn import nn, postprocess, prepare, stream
+    from napari_cdinn.pipelines import refine_with_fallback
+    from napari_cdinn.retrieval import reconstruct
+    from napari_cdinn.simulate import simulate
+
+    stack = simulate(2, oversampling=2, seed=5)["intensity"]
+    half = np.full((64, 64), 0.5)
+    calls = {
+        "reconstruct": lambda: reconstruct(stack, mask=half, iterations=20, n_starts=1),
+        "predict": lambda: nn.predict(stack, mask=half),
+        "refine_with_fallback": lambda: refine_with_fallback(stack, mask=half),
+        "prepare_frames": lambda: prepare.prepare_frames(stack, (32, 32), 32, mask=half),
+        "stack_centre": lambda: prepare.stack_centre(stack, mask=half),
+        "prtf": lambda: postprocess.prtf(stack.astype(np.complex64), mask=half),
+        "process_stack": lambda: stream.process_stack(stack, tmp_path / "out.h5", nn.inference.predict_chunk, mask=half),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"mask must hold booleans or integers \(True/1 = unmeasured\), got float64"):
+            call()
+        assert not (tmp_path / "out.h5").exists(), name

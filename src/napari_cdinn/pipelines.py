@@ -54,6 +54,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .checks import check_mask_layout, whole_number
+
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
@@ -347,8 +349,10 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
     single = np.ndim(intensity) == 2
     stack = np.asarray(intensity, dtype=np.float32)
     stack = stack[None] if single else stack
-    mask = None if mask is None else np.asarray(mask, dtype=bool)
-    ids = int(first_frame) + np.arange(stack.shape[0])
+    if mask is not None:
+        check_mask_layout(mask, stack.shape)
+        mask = np.asarray(mask, dtype=bool)
+    ids = whole_number(first_frame, "first_frame", 0) + np.arange(stack.shape[0])
 
     noise = noise_floor(stack, mask)
     n, m = stack.shape[0], stack.shape[-1]
