@@ -45,8 +45,12 @@ def test_resume_of_a_finished_run_recomputes_nothing_wrong(stack, tmp_path, caps
     out = tmp_path / "r.h5"
     assert main(["predict", str(stack), "-o", str(out), "--chunk-size", "4", "--resume"]) == 0
     first = io.read_result(out)
+    capsys.readouterr()
     assert main(["predict", str(stack), "-o", str(out), "--chunk-size", "4", "--resume"]) == 0
+    assert "is already complete (made from the same input and options); nothing to do" in capsys.readouterr().err
     np.testing.assert_array_equal(io.read_result(out)["amplitude"], first["amplitude"])
+    assert main(["predict", str(stack), "-o", str(out), "--chunk-size", "4", "--resume", "--views", "2"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().err  # other options: computed again
 
 
 def test_scheduler_address_equals_local(stack, tmp_path, capsys):

@@ -73,6 +73,28 @@ def test_resume_skips_finished_chunks(stack_file, tmp_path):
     np.testing.assert_array_equal(io.read_result(out)["amplitude"], _toy(data)["amplitude"])
 
 
+def test_resuming_a_finished_output_does_nothing_unless_input_or_options_changed(stack_file, tmp_path):
+    """A batch script run again with --resume after it finished recomputed the whole stack."""
+    path, data = stack_file
+    out = str(tmp_path / "res.h5")
+    calls, seen = [], []
+
+    def counting(x, first_frame, gain=1.0):
+        calls.append(len(x))
+        return _toy(x * gain)
+
+    process_stack(path, out, counting, chunk_size=10, options={"gain": 1})
+    before, mtime = len(calls), os.stat(out).st_mtime_ns
+    summary = process_stack(path, out, counting, chunk_size=10, options={"gain": 1}, resume=True,
+                            progress=lambda d, n: seen.append((d, n)))
+    assert summary["complete"] and summary["skipped"] == summary["chunks"] == 6 and len(calls) == before
+    assert os.stat(out).st_mtime_ns == mtime and seen == [(53, 53)]
+    changed = functools.partial(counting, gain=2.0)
+    summary = process_stack(path, out, changed, chunk_size=10, options={"gain": 2}, resume=True)
+    assert not summary.get("complete") and summary["skipped"] == 0 and len(calls) == 2 * before
+    np.testing.assert_array_equal(io.read_result(out)["amplitude"], _toy(data * 2.0)["amplitude"])
+
+
 def test_resume_refuses_other_options(stack_file, tmp_path):
     path, _ = stack_file
     out = str(tmp_path / "res.h5")
@@ -208,6 +230,7 @@ def test_streamed_and_in_memory_results_are_the_same_file(tmp_path, monkeypatch,
     process_stack(data, str(streamed), fn, chunk_size=chunk_size, attrs=attrs)
     io.write_result(memory, process_stack(data, None, fn, chunk_size=chunk_size), attrs=attrs)
     got, want = _h5_layout(streamed), _h5_layout(memory)
+    assert len(got[1].pop("cdinn_fingerprint")) == 64  # a streamed file records what made it (for --resume)
     assert got == want
     assert got[0]["amplitude"][4] == "gzip" and got[0]["amplitude"][3][0] <= chunk_size
     if ext == ".cxi":

@@ -532,6 +532,9 @@ def _run_stack(args, fn, options, attrs, label):
         again = [a for a in _ARGV if a != "--resume"]
         how = f": cdinn {shlex.join(again)}" if again else ""
         raise UsageError(f"{exc}; delete it, or run without --resume, to start over{how}") from None
+    if summary.get("complete"):
+        print(f"{args.out} is already complete (made from the same input and options); nothing to do", file=sys.stderr)
+        return
     skipped = summary.get("skipped", 0)  # streamed runs report finished chunks they skipped
     note = f" ({skipped} chunks resumed)" if skipped else ""
     print(f"wrote {args.out}{note}", file=sys.stderr)

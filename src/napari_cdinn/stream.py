@@ -20,12 +20,16 @@ keyword is not passed.  :func:`process_stack` runs the function over a stack chu
   divide the run's chunk size (:func:`napari_cdinn.io.h5_chunk_frames`), so a run chunk never
   rewrites part of a compressed chunk another run chunk wrote (resuming after a kill cannot mix
   frames), and a chunk size that is a multiple of 4096 frames (the CLI's default) gives the very
-  file :func:`napari_cdinn.io.write_result` writes of the same results; a single frame (2-D input)
+  file :func:`napari_cdinn.io.write_result` writes of the same results (but for the run's
+  fingerprint attribute, below); a single frame (2-D input)
   is written as an in-memory result, unbatched like the ``.npz`` output;
 * ``resume=True`` continues from that partial file, skipping the chunks it records as done,
   provided it was made from the same input (path, size, mtime in ns, a hash of its first and
   last chunks), shape, chunk size, options and mask (its fingerprint); every kept chunk is read
-  back first, and one that fails is done again (:class:`PartialError` when the file is unusable);
+  back first, and one that fails is done again (:class:`PartialError` when the file is unusable).
+  The finished file keeps the fingerprint (attribute ``cdinn_fingerprint``): resuming a run that
+  already finished does nothing (the summary says ``complete``), while a finished output of other
+  input or options is computed again;
 * one run writes an output at a time: an exclusive lock (``.NAME.lock``, holding the pid) makes
   a second run fail with :class:`OutputLocked`; an output that is the input is refused;
 * before each chunk is written the free space (and ``ulimit -f``) is checked, so a full disk
@@ -90,6 +94,19 @@ def chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
 def _partial_path(out):
     folder, name = os.path.split(os.path.abspath(out))
     return os.path.join(folder, f".{name}.partial")
+
+
+def _finished_with(path, fingerprint):
+    """True when ``path`` is a finished streamed output made with ``fingerprint`` (same input and options)."""
+    import h5py
+
+    if not os.path.isfile(path):
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get(_FINGERPRINT) == fingerprint and _DONE not in f
+    except Exception:  # noqa: BLE001 - not HDF5, damaged: not a finished output of this run
+        return False
 
 
 def _fingerprint(source, shape, chunk_size, options, mask=None):
@@ -267,8 +284,7 @@ class _H5Sink:
         self.written += 1
 
     def finish(self, final_path, partial_path):
-        del self.f[_DONE]
-        del self.f.attrs[_FINGERPRINT]  # the finished file is the result alone, as an in-memory one
+        del self.f[_DONE]  # the fingerprint stays: resuming a finished output finds nothing to do
         self.writer.finish(cxi=final_path.lower().endswith(".cxi"))
         self.f.close()
         os.replace(partial_path, final_path)
@@ -389,7 +405,8 @@ def process_stack(
     -------
     dict
         The results in memory for ``.npz``/None outputs (2-D input gives unbatched results);
-        for ``.h5``/``.hdf5``/``.cxi`` outputs a summary ``{"frames": N, "chunks": C, "skipped": K, "seconds": t}``.
+        for ``.h5``/``.hdf5``/``.cxi`` outputs a summary ``{"frames": N, "chunks": C, "skipped": K, "seconds": t}``
+        (with ``"complete": True`` when ``resume`` found the output already finished by the same run).
     """
     source, shape = _source_shape(source)
     single = len(shape) == 2
@@ -411,6 +428,11 @@ def process_stack(
         mask = io._check_mask(mask, shape, "the mask")
     partial = _partial_path(out) if streamed else None
     fingerprint = _fingerprint(source, shape, chunk_size, options or {}, mask) if streamed else None
+    if streamed and resume and not os.path.exists(partial) and _finished_with(out, fingerprint):
+        if progress:
+            progress(n, n)
+        return {"frames": n, "chunks": len(bounds), "skipped": len(bounds), "seconds": 0.0, "chunk_size": chunk_size,
+                "complete": True}
     lock = _lock(out) if out is not None else None
     sink = None
     t0 = time.perf_counter()
