@@ -138,9 +138,9 @@ def iterate(
     measured = None if free is None else 1.0 - free
     # the inverse transform is unnormalised: free pixels keep their value through a gain 1 / M**2
     free_gain = None if free is None else free / float(x.shape[-2] * x.shape[-1])
-    outside = 1.0 - support
-    field = torch.empty_like(x)
-    y = torch.empty_like(x)
+    # the masks as complex64 once per support: a complex tensor times a float one converts the
+    # float one on every call (a copy per update), a complex product does not
+    inside, outside = _complex_masks(support)
     acc = None
     n_acc = 0
     out = _Outcome(estimate=x, support=support)
@@ -148,15 +148,15 @@ def iterate(
     error_every = max(int(error_every), 1)
     estimate = x
     for it, step in enumerate(plan):
-        st.fourier(x, out=field)
+        field = st.fourier(x)  # a new tensor: with ``out=`` torch computes into a temporary and copies
         _, mag2 = st.modulus_projection(field, amp, free_gain)
         if (it + 1) % error_every == 0 or it + 1 == total:
             out.errors.append(st.fourier_error(mag2, amp, measured, scale=float(x.shape[-2] * x.shape[-1])))
             out.error_iterations.append(it + 1)
-        st.inverse_fourier(field, out=y)
-        st.update(step, x, y, support, outside, beta)
+        y = st.inverse_fourier(field)
+        st.update(step, x, y, inside, outside, beta)
         if it >= total - average or (shrink is not None and shrink.due(it, total)):
-            estimate = x if step == "er" else y * support
+            estimate = x if step == "er" else y * inside
         if it >= total - average:
             if acc is None:
                 acc = estimate.clone()
@@ -165,19 +165,25 @@ def iterate(
             n_acc += 1
         if shrink is not None and shrink.due(it, total):
             support = shrinkwrap(estimate, shrink.sigma(it, total), shrink.threshold)
-            outside = 1.0 - support
+            inside, outside = _complex_masks(support)
         out.iterations = it + 1
         if (it + 1) % block == 0 or it + 1 == total:
             if progress is not None:
                 progress(it + 1)
             if snapshot is not None:
-                snapshot(y * support, support)
+                snapshot(y * inside, support)
             if it + 1 < total and stop_requested(should_stop):
                 out.stopped = True
                 break
     if acc is not None:
         out.estimate = acc.div_(n_acc)
     else:
-        out.estimate = x * support if plan and plan[out.iterations - 1] == "er" else y * support
+        out.estimate = x * inside if plan and plan[out.iterations - 1] == "er" else y * inside
     out.support = support
     return out
+
+
+def _complex_masks(support):
+    """``(inside, outside)``: the support (1 inside) and its complement as complex64 tensors."""
+    inside = support.to(torch.complex64)
+    return inside, 1.0 - inside
