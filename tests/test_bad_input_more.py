@@ -277,3 +277,35 @@ def test_every_function_taking_a_mask_refuses_a_float_one_with_the_same_sentence
         with pytest.raises(ValueError, match=r"mask must hold booleans or integers \(True/1 = unmeasured\), got float64"):
             call()
         assert not (tmp_path / "out.h5").exists(), name
+
+
+STACK = object()  # stands for the test's stack of patterns among a call's arguments
+
+
+@pytest.mark.parametrize("function, args, kwargs, message", [
+    ("nn.predict", (STACK,), {"batch_size": 2.5}, r"batch_size must be a whole number >= 1, got 2.5"),
+    ("nn.predict", (STACK,), {"threshold": float("nan")}, r"threshold must be a fraction in \(0, 1\)"),
+    ("nn.predict", (STACK,), {"precision": "fp64"}, r"precision must be one of auto, fp32, bf16"),
+    ("nn.predict", (STACK,), {"scale": 2.5}, r"scale must be 'auto' or a whole number >= 1"),
+    ("nn.choose_scale", (STACK,), {"sample": 0}, r"sample must be a whole number >= 1, got 0"),
+    ("simulate.simulate", (), {"count": 2.5}, r"count must be a whole number >= 1, got 2.5"),  # drew 2
+    ("simulate.simulate", (2,), {"oversampling": 2.5}, r"oversampling must be a whole number >= 1"),
+    ("simulate.simulate", (2,), {"seed": 1.5}, r"seed must be a whole number >= 0"),
+    ("simulate.simulate", (2,), {"beamstop": float("nan")}, r"the beamstop radius must be a number of pixels >= 0, got nan"),
+    ("prepare.prepare_frames", (STACK, (32, 32), 2.5), {}, r"the output size must be an even number .*got 2.5"),  # 2 x 2
+    ("prepare.prepare_frames", (STACK, (32, 32), 32), {"bin": 2.5}, r"the bin must be a whole number of pixels"),
+    ("prepare.prepare_frames", (STACK, (float("nan"), 3), 32), {}, r"the centre must be two finite numbers"),
+    ("prepare.prepare_frames", (STACK, "x", 32), {}, r"the centre must be two finite numbers"),
+    ("prepare.stack_centre", (STACK,), {"chunk_size": 0}, r"chunk_size must be a whole number >= 1, got 0"),
+])
+def test_library_functions_refuse_counts_that_are_not_whole_and_values_out_of_range(function, args, kwargs, message):
+    """Each of these ran before: a fraction was cut to a whole number, NaN ran to empty or full supports."""
+    import importlib
+
+    from napari_cdinn.simulate import simulate
+
+    module, name = function.rsplit(".", 1)
+    fn = getattr(importlib.import_module(f"napari_cdinn.{module}"), name)
+    stack = simulate(2, oversampling=2, seed=5)["intensity"]
+    with pytest.raises(ValueError, match=message):
+        fn(*(stack if a is STACK else a for a in args), **kwargs)

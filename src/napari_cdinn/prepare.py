@@ -21,13 +21,14 @@ where they measure nothing (:func:`napari_cdinn.io.detector_markers`).  Everythi
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
 from . import io, physics
-from .checks import check_mask_layout
+from .checks import check_mask_layout, whole_number
 
 __all__ = [
     "NOT_SQUARE_HINT",
@@ -229,7 +230,7 @@ def stack_centre(stack, mask=None, chunk_size=256, progress=None, should_stop=No
     if mask is not None:
         check_mask_layout(mask, shape)
         mask = np.asarray(mask, dtype=bool)
-    chunk_size = max(1, min(chunk_size, CHUNK_PIXELS // max(shape[-2] * shape[-1], 1)))
+    chunk_size = max(1, min(whole_number(chunk_size, "chunk_size", 1), CHUNK_PIXELS // max(shape[-2] * shape[-1], 1)))
     runs = sample_runs(stack.shape[0], CENTRE_FRAMES, CENTRE_BLOCKS)
     total, done = sum(b - a for a, b in runs), 0
     for start, stop in runs:
@@ -261,8 +262,15 @@ def sample_runs(n, most, runs):
 
 
 def _centre_pixel(centre):
-    """The pixel that holds the zero frequency: the centre rounded (halves up)."""
-    return tuple(int(np.floor(float(c) + 0.5)) for c in centre)
+    """The pixel that holds the zero frequency: the centre ``(row, column)`` rounded (halves up)."""
+    try:
+        cy, cx = (float(c) for c in centre)
+        ok = math.isfinite(cy) and math.isfinite(cx)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"the centre must be two finite numbers (row, column) in detector pixels, got {centre!r}")
+    return int(np.floor(cy + 0.5)), int(np.floor(cx + 0.5))
 
 
 def crop_origin(centre, size, bin=1):
@@ -338,12 +346,10 @@ def frames_in_budget(shape, size, bin=1, budget=None) -> int:
 
 
 def _check_geometry(size, bin):
-    size, bin = int(size), int(bin)
-    if size < 2 or size % 2:
+    size = whole_number(size, "the output size", 2, what="an even number of pixels, at least 2")
+    if size % 2:
         raise ValueError(f"the output size must be an even number of pixels, at least 2, got {size}")
-    if bin < 1:
-        raise ValueError(f"the bin must be a whole number of pixels, at least 1, got {bin}")
-    return size, bin
+    return size, whole_number(bin, "the bin", 1, what="a whole number of pixels, at least 1")
 
 
 def to_photons(frames, dark=None, adu_per_photon=None):

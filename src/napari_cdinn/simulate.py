@@ -39,6 +39,7 @@ Determinism: examples are generated in blocks of :data:`BLOCK` from
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -48,6 +49,7 @@ import scipy.fft
 from scipy import ndimage
 
 from . import physics
+from .checks import number_in, whole_number
 
 if TYPE_CHECKING:
     import torch
@@ -595,17 +597,12 @@ def simulate(
         (True = unmeasured): (M, M) when it is the same for every frame, else (count, M, M);
         ``photons`` (count,) float64 (inf: noise-free) when the patterns are noisy.
     """
-    count, size, oversampling = int(count), int(size), int(oversampling)
-    if count < 1:
-        raise ValueError("count must be at least 1")
-    if size < 8:
-        raise ValueError("size must be at least 8 pixels")
-    if oversampling < 1:
-        raise ValueError("oversampling must be a positive integer")
+    count, oversampling = whole_number(count, "count", 1), whole_number(oversampling, "oversampling", 1)
+    size, seed = whole_number(size, "size", 8, what="a whole number of pixels >= 8"), whole_number(seed, "seed", 0)
     if photons is not None and not photons > 0:
         raise ValueError("photons must be positive")
-    if beamstop < 0:
-        raise ValueError("the beamstop radius must not be negative")
+    beamstop = number_in(beamstop, "the beamstop radius", 0.0, math.inf, low_inclusive=True,
+                         what="a number of pixels >= 0")
     det = as_detector(detector, photons, beamstop)
     amp, pha = simulate_objects(count, size, seed, families=families)
     m = size * oversampling

@@ -66,7 +66,7 @@ import warnings
 import numpy as np
 
 from .. import physics
-from ..checks import check_mask_layout, whole_number
+from ..checks import check_mask_layout, number_in, whole_number
 from ..device import device_name, resolve_device
 from ..physics import array_lib, as_float32, is_tensor  # NumPy arrays or torch tensors alike
 from . import TRUST_CHI2
@@ -466,6 +466,10 @@ def _batch_results(net, prepared, device, bf16, threshold, views=1, scale=1):
     return amp * keep, phase * keep, support & keep, chi, noise  # and nothing to show
 
 
+#: Arithmetic of the network's forward pass: "auto" (bf16 where the device computes it fast), "fp32", "bf16".
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 def _engine(device, count, precision):
     """``(device, bf16)`` of a :func:`predict` job of ``count`` network reads: ``(None, False)`` on the NumPy
     engine (:func:`numpy_engine`), else the torch device and whether it runs in bf16 autocast."""
@@ -538,9 +542,14 @@ def predict(intensity, model=None, device="auto", batch_size=None, threshold=phy
     network, the scores) runs there; the next batch is read and copied while the device computes
     (:func:`_device_batches`).  On the CPU a batch is prepared in NumPy.
     """
-    if batch_size is not None and batch_size < 1:
-        raise ValueError("batch_size must be a positive integer")
+    if batch_size is not None:
+        batch_size = whole_number(batch_size, "batch_size", 1)
     check_views(views)
+    threshold = number_in(threshold, "threshold", 0.0, 1.0, what="a fraction in (0, 1)")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if not (isinstance(scale, str) and scale == "auto") and scale is not None:
+        scale = whole_number(scale, "scale", 1, what="'auto' or a whole number >= 1")
     shape = tuple(intensity.shape) if hasattr(intensity, "shape") else np.shape(intensity)
     if len(shape) not in (2, 3):
         raise ValueError(f"expected intensities shaped (H, W) or (N, H, W), got {len(shape)} dimensions")
@@ -731,7 +740,8 @@ def choose_scale(intensity, model=None, mask=None, device="auto", sample=None):
     if len(shape) != 3 or shape[0] == 0:
         raise ValueError(f"expected a stack of patterns shaped (N, H, W) with N >= 1, got {shape}")
     options = candidates(model, shape)
-    frames, mask = _sample(intensity, _check_mask(mask, shape), SCALE_SAMPLE if sample is None else sample)
+    frames, mask = _sample(intensity, _check_mask(mask, shape),
+                          SCALE_SAMPLE if sample is None else whole_number(sample, "sample", 1))
     offset = centre_offset(frames, mask)
     best = None
     for info in options:
