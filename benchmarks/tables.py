@@ -52,7 +52,7 @@ ADAPT_COMMANDS = ("python benchmarks/bench_adapt.py --rank --threads 2 --json be
                   "python benchmarks/bench_adapt.py --threads 2 --time-limit 10 "
                   "--json benchmarks/results/bench_adapt_cpu2_10min.json")
 ENGINE_COMMANDS = ("python benchmarks/bench_simulate.py --json benchmarks/results/bench_simulate_cpu2.json\n"
-                   "python benchmarks/bench_retrieval.py --json benchmarks/results/bench_retrieval_cpu2.json\n"
+                   "python benchmarks/bench_retrieval.py --numpy-count 64 --json benchmarks/results/bench_retrieval_cpu2.json\n"
                    "python benchmarks/bench_stream.py --json benchmarks/results/bench_stream_cpu2.json")
 RESTARTS_COMMANDS = ("python benchmarks/select_restarts.py --threads 1 --json benchmarks/results/select_restarts_cpu1.json\n"
                      "python benchmarks/bench_retrieval.py --held-out --count 300 "
