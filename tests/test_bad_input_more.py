@@ -272,6 +272,7 @@ def test_every_function_taking_a_mask_refuses_a_float_one_with_the_same_sentence
         "stack_centre": lambda: prepare.stack_centre(stack, mask=half),
         "prtf": lambda: postprocess.prtf(stack.astype(np.complex64), mask=half),
         "process_stack": lambda: stream.process_stack(stack, tmp_path / "out.h5", nn.inference.predict_chunk, mask=half),
+        "iter_chunks": lambda: next(stream.iter_chunks(stack, nn.inference.predict_chunk, mask=half)),
     }
     for name, call in calls.items():
         with pytest.raises(ValueError, match=r"mask must hold booleans or integers \(True/1 = unmeasured\), got float64"):

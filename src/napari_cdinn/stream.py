@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import io
-from .checks import whole_number
+from .checks import check_mask_layout, whole_number
 from .jobs import Cancelled, check_stop, stop_requested
 
 if TYPE_CHECKING:
@@ -613,15 +613,12 @@ def iter_chunks(
     napari_cdinn.jobs.Cancelled
         When ``should_stop`` asks for a stop; ``done`` is the frames finished.
     ValueError
-        A mask shaped neither like one frame nor like the stack.
+        A mask shaped neither like one frame nor like the stack, or holding floats.
     """
     source, shape = _source_shape(source)
     n = 1 if len(shape) == 2 else shape[0]
-    if mask is not None:
-        frame, stack = tuple(shape[-2:]), (n,) + tuple(shape[-2:])
-        if tuple(np.shape(mask)) not in (frame, stack):
-            raise ValueError(f"the mask is shaped {tuple(np.shape(mask))} but the data are {tuple(shape)}; "
-                             f"expected {frame} or {stack}")
+    if mask is not None:  # dtype and shape only: a lazy mask is read chunk by chunk
+        check_mask_layout(mask, shape)
     bounds = chunk_bounds(n, min(_chunk_frames(chunk_size), io.frames_in_budget(shape[-2:], what="the input")))
     for _, chunk in _execute(fn, source, bounds, range(len(bounds)), None, should_stop, mask, "stopped"):
         yield chunk

@@ -101,7 +101,7 @@ class InversionWidget(widgets.Container):
         self.models = ModelPicker()
         self.mask = mask_layer_picker(napari_viewer, self.patterns)
         self.device = widgets.ComboBox(label="device", choices=DEVICES, value="auto")
-        self.threshold = widgets.FloatSpinBox(label="shape threshold", value=0.1, min=0.0, max=1.0, step=0.01)
+        self.threshold = widgets.FloatSpinBox(label="shape threshold", value=0.1, min=0.01, max=0.99, step=0.01)  # predict: a fraction in (0, 1)
         self.trust = widgets.FloatSpinBox(
             label="trust chi² − noise below", value=TRUST_CHI2, min=0.0, max=10.0, step=0.005,  # 3 decimals: 0.015 exact
             tooltip="a frame is trusted when its chi² minus the chi² that counting noise alone gives "
