@@ -1,6 +1,8 @@
 """Dock widgets: each opens from the plugin API and, run on a small stack, adds or updates layers."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -748,6 +750,20 @@ def test_dock_settings_persist_to_the_next_launch(make_napari_viewer):
     again = _dock(make_napari_viewer(), "Phase retrieval")
     assert (again.iterations.value, again.beta.value, again.algorithm.value) == (77, 0.75, "raar")
     assert _dock(make_napari_viewer(), "Train CDI NN").epochs.value == 3
+
+
+def test_dock_settings_keep_only_what_the_user_changed(make_napari_viewer, tmp_path):
+    """Every value was saved, so a default changed by a later version (the trust threshold went
+    from 0.05 to 0.015) never reached a user who had opened the dock once."""
+    settings = Path(os.environ["NAPARI_CDINN_SETTINGS_DIR"])
+    dock = _dock(make_napari_viewer(), "CDI NN inversion")
+    dock.views.value = 2
+    assert json.loads((settings / "inversion.json").read_text()) == {"changed": {"views": 2}}
+    dock.views.value = 1  # back to the default: nothing left to keep
+    assert json.loads((settings / "inversion.json").read_text()) == {"changed": {}}
+    (settings / "inversion.json").write_text(json.dumps({"trust": 0.02, "views": 3}))  # the earlier layout
+    again = _dock(make_napari_viewer(), "CDI NN inversion")
+    assert (again.trust.value, again.views.value) == (0.02, 3)  # restored whole
 
 
 def _adapt_panel(viewer, tmp_path, **options):

@@ -469,29 +469,36 @@ def _settings_path(key):
 def persist(dock, key, names):
     """Restore the dock's widgets ``names`` from the last session and save them on every change.
 
-    Values that no longer fit a widget (a choice that went away) are skipped; a settings file that
-    cannot be read or written is ignored.
+    Only the values the user changed from the dock's defaults are saved (``{"changed": {...}}``), so
+    that a default a later version changes (the trust threshold, say) reaches every user who never
+    set it; a file of the earlier layout (every value, flat) is restored whole.  Values that no
+    longer fit a widget (a choice that went away) are skipped; a settings file that cannot be read
+    or written is ignored.
     """
     path = _settings_path(key)
+    defaults = {name: getattr(dock, name).value for name in names}
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         saved = {}
+    if isinstance(saved, dict) and isinstance(saved.get("changed"), dict):
+        saved = saved["changed"]
     for name in names:
-        if name in saved:
+        if isinstance(saved, dict) and name in saved:
             try:
                 getattr(dock, name).value = saved[name]
             except (ValueError, TypeError, KeyError):
                 pass
 
     def save(_value=None):
-        values = {}
+        changed = {}
         for name in names:
             value = getattr(dock, name).value
-            values[name] = str(value) if isinstance(value, Path) else value
+            if value != defaults[name]:
+                changed[name] = str(value) if isinstance(value, Path) else value
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(values, default=str))
+            path.write_text(json.dumps({"changed": changed}, default=str))
         except (OSError, TypeError, ValueError):
             pass
 
