@@ -25,7 +25,7 @@ export PYTHONPATH=src
   python3 -c "import torch, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__)"; } \
   > "$OUT/machine.txt" 2>&1
 if [ -n "${QUICK:-}" ]; then
-  gpu=(--quick); retrieval=(--count 32 --numpy-count 2); nn=(--numpy-count 1 --min-seconds 0.1)
+  gpu=(--quick); retrieval=(--count 32 --numpy-count 2); nn=(--quick --numpy-count 1 --min-seconds 0.1)
 else
   gpu=(); retrieval=(--count 4096 --numpy-count 8); nn=(--numpy-count 1 --min-seconds 0.5)
 fi
