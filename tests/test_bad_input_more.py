@@ -165,6 +165,23 @@ def test_prepare_refuses_a_detector_too_small_for_a_pattern(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.npy"]
 
 
+@pytest.mark.parametrize("centre", ["1000,1000", "32,-1"])
+def test_prepare_refuses_a_centre_off_the_detector_in_every_entry_point(tmp_path, capsys, centre):
+    """The command and the dock said so in two sentences of their own; the library cut frames of
+    nothing but unmeasured pixels."""
+    from napari_cdinn import prepare
+
+    frames = tmp_path / "frames.npy"
+    np.save(frames, np.ones((2, 64, 64), np.float32))
+    line = _one_error(main(["prepare", str(frames), "-o", str(tmp_path / "p.h5"), "--centre", centre, "--size", "32"]),
+                      capsys.readouterr().err)
+    cy, cx = centre.split(",")
+    assert f"the centre ({cy}, {cx}) lies outside the 64 x 64 detector frame" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames.npy"]
+    with pytest.raises(ValueError, match=rf"the centre \({cy}, {cx}\) lies outside the 64 x 64 detector frame"):
+        prepare.prepare_frames(np.ones((2, 64, 64)), tuple(float(v) for v in centre.split(",")), 32)
+
+
 def test_prepare_cuts_large_patterns_in_chunks_the_budget_holds(tmp_path, capsys, raw, monkeypatch):
     from napari_cdinn import io, stream
 

@@ -857,6 +857,10 @@ def test_prepare_dock_finds_the_centre_and_cuts_patterns_the_other_docks_read(ma
     dock.controls.run_button.clicked.emit()
     qtbot.waitUntil(lambda: not dock.runner.running, timeout=60_000)
     assert len(errors) == 3 and "largest square around the centre (2, 2)" in errors[2]
+    dock.centre_y.value = 400  # off the 300-row chip: the sentence the command says, no run
+    dock.controls.run_button.clicked.emit()
+    assert not dock.runner.running and len(errors) == 4
+    assert "centre (400, 2) lies outside the 300 x 200 detector frame" in errors[3]
 
 
 def test_prepare_dock_turns_ccd_readings_into_photons(make_napari_viewer, qtbot, monkeypatch):

@@ -604,9 +604,7 @@ def _cmd_prepare(args):
             print(f"note: {note}", file=sys.stderr)
     else:
         source = "given"
-    if not (0 <= centre[0] < shape[-2] and 0 <= centre[1] < shape[-1]):
-        raise UsageError(f"the centre ({centre[0]:g}, {centre[1]:g}) lies outside the {shape[-2]} x {shape[-1]} "
-                         "detector frame")
+    prepare.check_centre(centre, shape)
     size = prepare.default_size(shape, centre, args.bin) if args.size is None else args.size
     args.chunk_size = min(args.chunk_size, _check_prepare_size(args, shape, size, centre))
     print(prepare.describe(shape, centre, size, args.bin, source), file=sys.stderr)

@@ -37,6 +37,7 @@ __all__ = [
     "crop_origin",
     "default_size",
     "describe",
+    "check_centre",
     "check_side",
     "frames_in_budget",
     "friedel_centre",
@@ -273,6 +274,18 @@ def _centre_pixel(centre):
     return int(np.floor(cy + 0.5)), int(np.floor(cx + 0.5))
 
 
+def check_centre(centre, shape):
+    """Raise ``ValueError`` (one sentence) unless ``centre`` (row, column) lies on the detector frame.
+
+    ``shape`` is the frame's ``(H, W)`` or a stack's shape (its last two axes); the centre is two
+    finite numbers in detector pixels, ``0 <= row < H`` and ``0 <= column < W``.
+    """
+    _centre_pixel(centre)  # two finite numbers
+    (cy, cx), (h, w) = (float(c) for c in centre), tuple(int(s) for s in shape[-2:])
+    if not (0 <= cy < h and 0 <= cx < w):
+        raise ValueError(f"the centre ({cy:g}, {cx:g}) lies outside the {h} x {w} detector frame")
+
+
 def crop_origin(centre, size, bin=1):
     """Top-left detector pixel of the square that :func:`prepare_frames` cuts.
 
@@ -414,6 +427,7 @@ def prepare_frames(frames, centre, size, bin=1, mask=None, dark=None, adu_per_ph
         data = data[None]
     if data.ndim != 3:
         raise ValueError(f"frames must be (H, W) or (N, H, W), got shape {data.shape}")
+    check_centre(centre, data.shape)
     n, h, w = data.shape
     y0, x0 = crop_origin(centre, size, k)
     side = size * k

@@ -151,8 +151,8 @@ class PrepareWidget(widgets.Container):
             dark = self._dark(stack.shape)
             adu = float(self.adu.value) or None
             file_centre = self._file_centre()
-            if centre is not None and not (0 <= centre[0] < stack.shape[-2] and 0 <= centre[1] < stack.shape[-1]):
-                raise ValueError(f"the centre {centre} lies outside the {stack.shape[-2]} x {stack.shape[-1]} frames")
+            if centre is not None:
+                core.check_centre(centre, stack.shape)
             if not find_only:
                 side = size or max(stack.shape[-2:])
                 need = stack.shape[0] * side * side * 5  # float32 patterns and their bool mask
