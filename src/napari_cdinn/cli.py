@@ -760,7 +760,7 @@ def _cmd_predict(args):
 # --------------------------------------------------------------------------- reconstruct
 def _add_reconstruct(sub):
     from .pipelines import LOW_DOSE_CHI2
-    from .protocol import ITERATIONS, RESTART_CHI2, RESTART_NOISE, STARTS
+    from .protocol import BETA_MAX, ITERATIONS, RESTART_CHI2, RESTART_NOISE, STARTS
 
     p = sub.add_parser(
         "reconstruct",
@@ -794,7 +794,7 @@ def _add_reconstruct(sub):
                         f"only while its chi2 exceeds its counting noise's by more than max({RESTART_CHI2:g}, "
                         f"{RESTART_NOISE:g} x the noise's chi2); 1: one run; with --prtf every pattern gets K runs")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
-    p.add_argument("--beta", type=_number(float, 0.0, False, "a number in (0, 2)", below=2.0), default=0.9,
+    p.add_argument("--beta", type=_number(float, 0.0, False, f"a number in (0, {BETA_MAX:g})", below=BETA_MAX), default=0.9,
                    help="HIO/RAAR feedback parameter (default 0.9)")
     p.add_argument("--threshold", type=_number(float, 0.0, False, "a fraction in (0, 1)", below=1.0), default=0.12,
                    help="shrinkwrap threshold, relative to the blurred modulus's maximum (default 0.12)")

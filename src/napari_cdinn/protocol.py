@@ -35,6 +35,9 @@ STARTS = 3
 RESTART_CHI2 = 3e-4
 #: ...and above this fraction of its counting noise's chi^2.
 RESTART_NOISE = 0.2
+#: The HIO/RAAR feedback ``beta`` lies in (0, BETA_MAX) (``cdinn reconstruct --beta`` and
+#: :func:`napari_cdinn.retrieval.reconstruct` refuse other values).
+BETA_MAX = 2.0
 
 
 def restart_limit(chi2_noise, threshold=RESTART_CHI2, relative=RESTART_NOISE):

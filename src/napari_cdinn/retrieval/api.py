@@ -14,7 +14,7 @@ from ..checks import check_mask_layout, number_in, whole_number
 from ..device import default_threads, resolve_device
 from ..jobs import Cancelled, PartsProgress, stop_requested
 from ..prepare import NOT_SQUARE_HINT
-from ..protocol import ITERATIONS, RESTART_CHI2, RESTART_NOISE, STARTS, needs_restart
+from ..protocol import BETA_MAX, ITERATIONS, RESTART_CHI2, RESTART_NOISE, STARTS, needs_restart
 from . import steps as st
 from .engine import Shrinkwrap, iterate
 from .schedule import (
@@ -368,7 +368,7 @@ def reconstruct(
     shrinkwrap_every, block, error_every, seed = (
         whole_number(shrinkwrap_every, "shrinkwrap_every", 0), whole_number(block, "block", 1),
         whole_number(error_every, "error_every", 1), whole_number(seed, "seed", 0))
-    beta = number_in(beta, "beta", 0.0, 2.0)
+    beta = number_in(beta, "beta", 0.0, BETA_MAX)
     threshold = number_in(threshold, "threshold", 0.0, 1.0, what="a fraction in (0, 1)")
     autocorrelation_threshold = number_in(autocorrelation_threshold, "autocorrelation_threshold", 0.0, 1.0,
                                           what="a fraction in (0, 1)")
