@@ -262,8 +262,8 @@ def sample_runs(n, most, runs):
     return [(int(s), int(s) + size) for s in starts]
 
 
-def _centre_pixel(centre):
-    """The pixel that holds the zero frequency: the centre ``(row, column)`` rounded (halves up)."""
+def _centre_values(centre):
+    """The centre ``(row, column)`` as two finite floats, else ``ValueError`` (one sentence)."""
     try:
         cy, cx = (float(c) for c in centre)
         ok = math.isfinite(cy) and math.isfinite(cx)
@@ -271,6 +271,12 @@ def _centre_pixel(centre):
         ok = False
     if not ok:
         raise ValueError(f"the centre must be two finite numbers (row, column) in detector pixels, got {centre!r}")
+    return cy, cx
+
+
+def _centre_pixel(centre):
+    """The pixel that holds the zero frequency: the centre ``(row, column)`` rounded (halves up)."""
+    cy, cx = _centre_values(centre)
     return int(np.floor(cy + 0.5)), int(np.floor(cx + 0.5))
 
 
@@ -280,8 +286,7 @@ def check_centre(centre, shape):
     ``shape`` is the frame's ``(H, W)`` or a stack's shape (its last two axes); the centre is two
     finite numbers in detector pixels, ``0 <= row < H`` and ``0 <= column < W``.
     """
-    _centre_pixel(centre)  # two finite numbers
-    (cy, cx), (h, w) = (float(c) for c in centre), tuple(int(s) for s in shape[-2:])
+    (cy, cx), (h, w) = _centre_values(centre), tuple(int(s) for s in shape[-2:])
     if not (0 <= cy < h and 0 <= cx < w):
         raise ValueError(f"the centre ({cy:g}, {cx:g}) lies outside the {h} x {w} detector frame")
 
@@ -359,9 +364,10 @@ def frames_in_budget(shape, size, bin=1, budget=None) -> int:
 
 
 def _check_geometry(size, bin):
-    size = whole_number(size, "the output size", 2, what="an even number of pixels, at least 2")
+    even = "an even number of pixels, at least 2"
+    size = whole_number(size, "the output size", 2, what=even)
     if size % 2:
-        raise ValueError(f"the output size must be an even number of pixels, at least 2, got {size}")
+        raise ValueError(f"the output size must be {even}, got {size}")
     return size, whole_number(bin, "the bin", 1, what="a whole number of pixels, at least 1")
 
 

@@ -481,10 +481,10 @@ def persist(dock, key, names):
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         saved = {}
-    if isinstance(saved, dict) and isinstance(saved.get("changed"), dict):
-        saved = saved["changed"]
+    saved = saved if isinstance(saved, dict) else {}
+    saved = saved["changed"] if isinstance(saved.get("changed"), dict) else saved  # else the earlier layout
     for name in names:
-        if isinstance(saved, dict) and name in saved:
+        if name in saved:
             try:
                 getattr(dock, name).value = saved[name]
             except (ValueError, TypeError, KeyError):
