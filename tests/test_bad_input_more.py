@@ -304,7 +304,8 @@ STACK = object()  # stands for the test's stack of patterns among a call's argum
     ("nn.predict", (STACK,), {"batch_size": 2.5}, r"batch_size must be a whole number >= 1, got 2.5"),
     ("nn.predict", (STACK,), {"threshold": float("nan")}, r"threshold must be a fraction in \(0, 1\)"),
     ("nn.predict", (STACK,), {"precision": "fp64"}, r"precision must be one of auto, fp32, bf16"),
-    ("nn.predict", (STACK,), {"scale": 2.5}, r"scale must be 'auto' or a whole number >= 1"),
+    ("nn.predict", (STACK,), {"scale": 2.5}, r"cannot read 64 x 64 patterns at scale 2.5; it can at 1$"),
+    ("nn.predict", (STACK,), {"scale": float("nan")}, r"scale must be 'auto' or a scale the model has"),
     ("nn.choose_scale", (STACK,), {"sample": 0}, r"sample must be a whole number >= 1, got 0"),
     ("simulate.simulate", (), {"count": 2.5}, r"count must be a whole number >= 1, got 2.5"),  # drew 2
     ("simulate.simulate", (2,), {"oversampling": 2.5}, r"oversampling must be a whole number >= 1"),

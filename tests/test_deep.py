@@ -49,7 +49,7 @@ def test_sizes_a_64_pixel_model_reads(deep):
     info = resolve_model(deep, (128, 128))
     assert (info.arch, info.size, info.decimation, info.scale) == ("deep2x", 64, 1, 1)
     assert resolve_model(deep, (256, 256)).decimation == 2
-    with pytest.raises(ValueError, match=r"2x-oversampled patterns \(128 x 128"):
+    with pytest.raises(ValueError, match=r"2x-oversampled patterns of 128 x 128 pixels or more, got 64 x 64"):
         resolve_model(deep, (64, 64))
     with pytest.raises(ValueError, match="64 x 64"):
         resolve_model(deep, (96, 96))

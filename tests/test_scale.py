@@ -26,8 +26,58 @@ def test_scales_for_lists_the_crops_a_model_can_read():
     assert scales_for((128, 128), 2) == (1, 2)
     assert scales_for((256, 256), 2) == (1, 2, 4)
     assert scales_for((64, 64), 1) == (1, 2)
-    with pytest.raises(ValueError):
-        scales_for((96, 96), 2)
+    # sides that are not a power of 2 times the input: the central 64 b pixels decimated b times,
+    # where the object's side 32 c is a whole number (160: 40 and 80 pixels; 224: not 37.3)
+    assert scales_for((192, 192), 2) == (1, 1.5, 3)
+    assert scales_for((96, 96), 2) == (1.5,)
+    assert scales_for((160, 160), 2) == (1.25, 2.5)
+    assert scales_for((224, 224), 2) == (1.75, 3.5)
+    assert scales_for((192, 192), 2, 64) == (1.5,)
+    assert all(type(c) is int for c in scales_for((256, 256), 2))
+    for shape, size in (((32, 32), 32), ((64, 64), 64), ((96, 96), 64), ((48, 48), 32)):
+        with pytest.raises(ValueError):
+            scales_for(shape, 2, size)
+
+
+def test_a_model_reads_a_192_pixel_pattern_at_1_5_times_the_pixel_size():
+    """48-pixel objects 4x oversampled (192 x 192, as ``cdinn prepare`` cuts them from many detectors): the
+    central 128 pixels decimated twice are the 2x-oversampled pattern of the object at 1.5x the pixel size."""
+    data = simulate.simulate(8, size=48, seed=15, oversampling=4)
+    info = nn.choose_scale(data["intensity"], "model2x")
+    assert (info.scale, info.decimation) == (1.5, 2)
+    res = nn.predict(data["intensity"], model=info)
+    assert res["amplitude"].shape == (8, 48, 48)
+    for scale in (1, 3):  # the data decide: the other scales fit worse
+        assert np.median(nn.predict(data["intensity"], model="model2x", scale=scale)["chi2"]) > 1.5 * np.median(res["chi2"])
+    scores = physics.compare(res["amplitude"] * np.exp(1j * res["phase"]), data["amplitude"], data["phase"])
+    assert np.median(scores["iou"]) > 0.75
+    refined = pipelines.refine_with_fallback(data["intensity"][:4], model="model2x", fallback="never")
+    assert refined["amplitude"].shape == (4, 192, 192) and refined["start"].all()
+    scores = physics.compare(physics.crop(refined["amplitude"] * np.exp(1j * refined["phase"]), (48, 48)),
+                             data["amplitude"][:4], data["phase"][:4])
+    assert np.median(scores["iou"]) > 0.9 and np.median(refined["chi2"]) < 1e-3
+    with pytest.raises(ValueError, match="it can at 1, 1.5, 3"):
+        nn.predict(data["intensity"][:1], model="model2x", scale=2)
+
+
+def test_cli_reads_a_192_pixel_stack_at_1_5_and_refines_it_for_a_48_pixel_guess(tmp_path, capsys):
+    from napari_cdinn.cli import main
+    from napari_cdinn.nn.inference import REFINE_OPTIONS
+
+    src = tmp_path / "wide.npy"
+    np.save(src, simulate.simulate(8, size=48, seed=15, oversampling=4)["intensity"])
+    out = tmp_path / "nn.h5"
+    assert main(["predict", str(src), "-o", str(out), "--model", "model2x", "--device", "cpu"]) == 0
+    assert "read at 1.5x the pixel size (the central 128 x 128 pixels" in capsys.readouterr().err
+    with h5py.File(out) as fh:
+        assert fh["amplitude"].shape == (8, 48, 48) and float(fh.attrs["scale"]) == 1.5
+    out = tmp_path / "pr.h5"
+    assert main(["reconstruct", str(src), "--init", "nn", "-o", str(out), "--model", "model2x", "--fallback", "never",
+                 "--device", "cpu"]) == 0
+    with h5py.File(out) as fh:  # 50 iterations per 32 pixels of the guess: 75 for 48
+        assert json.loads(fh.attrs["refine"]) == json.loads(json.dumps(dict(REFINE_OPTIONS, iterations=75)))
+        assert fh["amplitude"].shape == (8, 192, 192) and fh["start"][:].all()
+
 
 
 def test_resolve_model_at_a_scale_sets_the_decimation_and_rejects_what_it_cannot_read():

@@ -727,10 +727,9 @@ def _scaled_model(args, shape):
     info = nn.choose_scale(stack if len(shape) == 3 else stack[...], args.model, mask=args.mask_array,
                            device=args.device)
     if info.scale > 1:
-        side = shape[-1] // info.scale
-        print(f"note: the objects are read at {info.scale}x the pixel size (the central {side} x {side} pixels of "
-              f"the patterns), then interpolated back: they are too large for the network at full resolution",
-              file=sys.stderr)
+        side = nn.read_side(shape, info.scale)
+        print(f"note: the objects are read at {info.scale:g}x the pixel size (the central {side} x {side} pixels of "
+              f"the patterns), then interpolated back: the network fits a sample of them best so", file=sys.stderr)
     if nn.off_centre(info):
         print(f"note: {nn.off_centre(info)}", file=sys.stderr)
     return info
@@ -869,7 +868,7 @@ def _cmd_reconstruct(args):
         if nn.declined(model):
             print(f"note: {nn.declined(model)}", file=sys.stderr)
         # the refinement that runs, recorded with the results (none by default when the network declines)
-        side = None if nn.declined(model) and args.iterations is None else model.size * model.scale
+        side = None if nn.declined(model) and args.iterations is None else round(model.size * model.scale)
         nn_options = {"fallback": args.fallback, "refine": None if side is None else refine_options(side, args.iterations)}
     options = {"algorithm": args.algorithm, "iterations": iterations, "init": args.init, "model": args.model,
                "device": args.device, "batch_size": args.batch_size, "n_starts": args.starts, "seed": args.seed,

@@ -53,6 +53,7 @@ __all__ = [
     "mirror",
     "noise_chi2",
     "pad",
+    "pad_to",
     "phase_rms",
     "ramp_phase",
     "roll_frames",
@@ -159,12 +160,26 @@ def pad(obj: Array, factor: int = 2) -> Array:
     factor = int(factor)
     if factor < 1:
         raise ValueError("the oversampling factor must be a positive integer")
+    h, w = np.shape(obj)[-2:] if not is_tensor(obj) else obj.shape[-2:]
+    return pad_to(obj, (factor * h, factor * w))
+
+
+def pad_to(obj: Array, shape: Sequence[int]) -> Array:
+    """Zero-pad a centred ``(..., H, W)`` array to ``shape = (h, w)`` (at least as large), keeping its
+    origin pixel ``(H // 2, W // 2)`` on the origin pixel ``(h // 2, w // 2)``; inverse of :func:`crop`.
+
+    Returns
+    -------
+    ndarray or torch.Tensor (differentiable), shape (..., h, w), same dtype.
+    """
     if not is_tensor(obj):
         obj = np.asarray(obj)
     h, w = obj.shape[-2:]
-    big_h, big_w = factor * h, factor * w
-    shape = tuple(obj.shape[:-2]) + (big_h, big_w)
-    out = obj.new_zeros(shape) if is_tensor(obj) else np.zeros(shape, dtype=obj.dtype)
+    big_h, big_w = (int(v) for v in shape)
+    if big_h < h or big_w < w:
+        raise ValueError(f"cannot pad {h} x {w} to the smaller {big_h} x {big_w}")
+    out_shape = tuple(obj.shape[:-2]) + (big_h, big_w)
+    out = obj.new_zeros(out_shape) if is_tensor(obj) else np.zeros(out_shape, dtype=obj.dtype)
     r0 = big_h // 2 - h // 2
     c0 = big_w // 2 - w // 2
     out[..., r0 : r0 + h, c0 : c0 + w] = obj

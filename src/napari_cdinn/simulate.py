@@ -646,7 +646,7 @@ def as_detector(detector: Detector | str | None, photons: float | None = None, b
 
 
 def raw_detector_frames(count: int = 32, shape=(300, 260), beam=(141, 97), seed: int = 0, photons: float = 1e5,
-                        families: str = "realistic", oversampling: int = 4) -> dict[str, np.ndarray]:
+                        families: str = "realistic", oversampling: int = 6) -> dict[str, np.ndarray]:
     """Frames as a photon-counting detector writes them, for trying ``cdinn prepare``: the beam off-centre
     on a rectangular chip, a beamstop over it, and module gaps, marked as PILATUS marks them (-1).
 
@@ -659,7 +659,10 @@ def raw_detector_frames(count: int = 32, shape=(300, 260), beam=(141, 97), seed:
     beam : (int, int)
         The direct beam's pixel (the patterns' zero frequency).
     oversampling : int
-        The patterns are ``32 * oversampling`` pixels wide, cut to the chip.
+        The patterns are ``32 * oversampling`` pixels wide, cut to the chip; the default 6 gives
+        192-pixel patterns, as wide as the square ``cdinn prepare`` cuts around the beam, so that
+        every pixel it keeps holds the pattern (a narrower pattern leaves a ring of zeros around it
+        that no compact object gives, and phase retrieval cannot fit).
 
     Returns
     -------

@@ -32,7 +32,7 @@ from .config import (
     describe_option,
     option_help,
 )
-from .models import DEFAULT_MODELS, WEIGHTS_DIR, ModelInfo, resolve_model
+from .models import DEFAULT_MODELS, WEIGHTS_DIR, ModelInfo, read_side, resolve_model
 
 if TYPE_CHECKING:
     import numpy as np
@@ -58,6 +58,7 @@ __all__ = [
     "option_help",
     "predict",
     "predict_chunk",
+    "read_side",
     "resolve_model",
     "train",
 ]
@@ -89,7 +90,7 @@ def declined(info: ModelInfo) -> str | None:
 
     if info.misfit is None or info.extent is None or info.frame is None or not info.misfit > DECLINE_CHI2:
         return None
-    widest = info.size * max(scales_for(info.frame, info.input_factor, info.size))
+    widest = round(info.size * max(scales_for(info.frame, info.input_factor, info.size)))
     if not info.extent >= widest:
         return None
     return (f"the network cannot read these patterns (median chi2 beyond the noise {info.misfit:.3g} at the best "

@@ -577,7 +577,8 @@ def adapt(intensity, out, *, model=None, mask=None, time_limit_min=10.0, holdout
     from .runtime import resolve_device
 
     out = check_out(out)
-    info = resolve_model(model, np.shape(intensity))  # a size no model reads fails before any work
+    # a size no model reads, or reads only at a coarser scale (adapting reads at scale 1), fails before any work
+    info = resolve_model(model, np.shape(intensity), 1)
     dev = resolve_device(device)
     for name, value in (("batch_size", batch_size), ("eval_every", eval_every), ("patience", patience)):
         if int(value) < 1:

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import sys
 import warnings
 
@@ -79,6 +80,7 @@ from .models import (  # which model reads which pattern: resolved in one place,
     default_model,
     model_for,
     oversampling_factor,
+    read_side,
     resolve_model,
     resolve_model_path,
 )
@@ -128,7 +130,7 @@ def refine_options(side: int, iterations: int | None = None) -> dict:
     the object").  ``iterations`` (``--iterations``) replaces the count.
     """
     if iterations is None:
-        iterations = REFINE_OPTIONS["iterations"] * max(1, int(side) // SIZE)
+        iterations = round(REFINE_OPTIONS["iterations"] * max(1.0, float(side) / SIZE))
     return dict(REFINE_OPTIONS, iterations=int(iterations))
 
 
@@ -181,7 +183,7 @@ def prepare(intensity, transform="linear", input_factor=1, mask=None, scale=1, s
         Oversampling the model reads (``model.input_factor``; see the module notes).
     mask : array-like bool, (H, W) or (N, H, W), optional
         True on unmeasured pixels; NaN and infinite pixels are unmeasured too.
-    scale : int
+    scale : int or float
         The network reads the central ``H / scale`` pixels (the object at ``scale`` times the
         pixel size: :mod:`napari_cdinn.nn.models`, "Object size and scale").
     size : int
@@ -204,7 +206,7 @@ def prepare(intensity, transform="linear", input_factor=1, mask=None, scale=1, s
         unmeasured = unmeasured | _mask_like(mask, raw)  # a 2-D mask broadcasts over the frames
     measured = as_float32(xp.where(unmeasured | ~(raw > 0), 0.0, raw))  # counts stay whole numbers
     factor = oversampling_factor(measured.shape, size)
-    side = measured.shape[-1] // int(scale)
+    side = read_side(measured.shape, scale)
     step = decimation_factor((side, side), input_factor, size)
     inputs = encode_inputs(xp.sqrt(physics.decimate(physics.crop(measured, (side, side)), step)), transform)
     input_mask = as_float32(physics.decimate(physics.crop(unmeasured, (side, side)), step))
@@ -224,17 +226,19 @@ def embed(amplitude, phase, factor: int = 2):
     return physics.pad(obj, factor), physics.pad(sup, factor)
 
 
-def upsample(obj, scale: int):
+def upsample(obj, scale):
     """Complex objects ``(N, h, w)`` read at ``scale`` (see :func:`prepare`) back at the pattern's pixel size.
 
     Fourier interpolation: the far field of the coarse object is the central part of the
-    pattern, so it is zero-padded ``scale`` times and transformed back (``(N, scale h, scale w)``,
-    of the input's kind: a NumPy array, or a tensor on the input's device).  The pattern of the
-    result equals the network's on the pixels it read.
+    pattern, so it is zero-padded to ``scale`` times its side and transformed back
+    (``(N, scale h, scale w)``, of the input's kind: a NumPy array, or a tensor on the input's
+    device; ``scale h`` is a whole number, :func:`napari_cdinn.nn.models.scales_for`).  The
+    pattern of the result equals the network's on the pixels it read.
     """
     if scale == 1:
         return obj
-    return physics.inverse(physics.pad(physics.forward(obj), scale))
+    h, w = obj.shape[-2:]
+    return physics.inverse(physics.pad_to(physics.forward(obj), (round(h * scale), round(w * scale))))
 
 
 def load_model(model=None, device="cpu"):
@@ -444,7 +448,7 @@ def _batch_results(net, prepared, device, bf16, threshold, views=1, scale=1):
     """:func:`_run_batch`'s results where they were computed: NumPy arrays, or tensors on ``device`` (the
     :func:`prepare` output given as tensors stays there)."""
     inputs, measured, factor, unmeasured, input_mask = prepared
-    factor //= scale  # the padding of the object to the pattern's frame
+    factor = round(factor / scale)  # the padding of the object to the pattern's frame (whole: see scales_for)
     x = _on(device, network_input(inputs, input_mask, getattr(net, "mask_channel", False),
                                   as_numpy=not is_tensor(inputs)))
     meas = _on(device, measured)
@@ -549,7 +553,7 @@ def predict(intensity, model=None, device="auto", batch_size=None, threshold=phy
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if not (isinstance(scale, str) and scale == "auto") and scale is not None:
-        scale = whole_number(scale, "scale", 1, what="'auto' or a whole number >= 1")
+        scale = number_in(scale, "scale", 0.0, math.inf, what="'auto' or a scale the model has (1, 2, 1.5...)")
     shape = tuple(intensity.shape) if hasattr(intensity, "shape") else np.shape(intensity)
     if len(shape) not in (2, 3):
         raise ValueError(f"expected intensities shaped (H, W) or (N, H, W), got {len(shape)} dimensions")
@@ -560,7 +564,7 @@ def predict(intensity, model=None, device="auto", batch_size=None, threshold=phy
         if choice_to_make(intensity, model, mask, shape):
             model = choose_scale(intensity, model, mask=mask, device=device)
     info = resolve_model(model, shape, None if scale == "auto" else scale)  # checked once before any work
-    side = info.size * info.scale
+    side = round(info.size * info.scale)
     n = 1 if single else shape[0]
     dev, bf16 = _engine(device, n * int(views), precision)
     net, _ = _cached_model(info.path, dev)

@@ -12,8 +12,9 @@ Input sizes
 The paper's networks read 32 x 32 amplitudes of the *unpadded* 32-pixel object; ``deep2x`` draws
 64-pixel objects (:data:`OBJECT_SIZES`).  A square pattern of side ``S k`` for a model of
 ``S``-pixel objects (``k``-times oversampled) is decimated exactly by ``k``; a model reading
-``m``-times oversampled patterns (``shared2x``, ``deep2x``: ``m = 2``) takes patterns with ``k`` a
-multiple of ``m``, decimated by ``k / m`` (:func:`decimation_factor`).  Other sizes raise ``ValueError``.
+``m``-times oversampled patterns (``shared2x``, ``deep2x``: ``m = 2``) reads patterns with ``k`` a
+multiple of ``m`` decimated by ``k / m`` (:func:`decimation_factor`), and others at a scale (below).
+Sizes that are not a multiple of ``S``, or smaller than ``S m``, raise ``ValueError``.
 
 Object size and scale
 ---------------------
@@ -22,8 +23,10 @@ in the network's ``S`` pixels.  A larger object (a 64-pixel object in a 128 x 12
 32-pixel model) is read at a coarser *scale* ``c``: the central ``M / c`` pixels of the pattern are
 the ``m``-times oversampled pattern of the object at ``c`` times the pixel size, which the network
 reads (then decimated by ``k / (m c)``), and its ``S x S`` answer is interpolated back to ``S c``
-pixels (:func:`napari_cdinn.nn.inference.predict`).  :func:`scales_for` lists the scales a model
-has for a pattern size; :func:`candidates` the models and scales weighed for it, among which
+pixels (:func:`napari_cdinn.nn.inference.predict`).  ``c`` need not be whole: a 192-pixel pattern
+(the largest square ``cdinn prepare`` cuts from many detectors) holds the 2x-oversampled pattern of
+the object at 1.5 times the pixel size in its central 128 pixels, decimated twice
+(:func:`read_side`).  :func:`scales_for` lists the scales a model has for a pattern size; :func:`candidates` the models and scales weighed for it, among which
 :func:`napari_cdinn.nn.inference.choose_scale` picks from the data.
 
 Default model
@@ -59,6 +62,7 @@ __all__ = [
     "oversampling_factor",
     "read_card",
     "read_metadata",
+    "read_side",
     "resolve_model",
     "resolve_model_path",
     "scales_for",
@@ -164,18 +168,43 @@ def decimation_factor(shape, input_factor: int = 1, size: int = SIZE) -> int:
     return k // input_factor
 
 
-def scales_for(shape, input_factor: int = 1, size: int = SIZE) -> tuple[int, ...]:
-    """The scales (powers of 2, from 1) at which a model of ``size``-pixel objects reading
-    ``input_factor``-times oversampled patterns can read patterns of ``shape`` (see the module
-    notes): those dividing ``k / input_factor``.
+def scales_for(shape, input_factor: int = 1, size: int = SIZE) -> tuple:
+    """The scales at which a model of ``size``-pixel objects reading ``input_factor``-times
+    oversampled patterns can read patterns of ``shape`` (see the module notes), finest first.
+
+    Scale ``c = M / K``: the network reads the central ``K = size * input_factor * b`` pixels of
+    the ``M``-pixel pattern, decimated ``b`` times (``b`` = 1, 2, ...), and its object is
+    interpolated back to ``size * c`` pixels, which must be a whole number.  Powers of 2 when
+    ``M / (size * input_factor)`` is one; 1.5 for a 192-pixel pattern read by a 2x model (the
+    central 128 pixels decimated twice).  Whole scales are ``int``, the others ``float`` (exact:
+    ``size`` is a power of 2).
 
     Raises
     ------
     ValueError
-        As :func:`decimation_factor`.
+        When the pattern's side is not a multiple of ``size`` (:func:`oversampling_factor`) or
+        smaller than ``size * input_factor``.
     """
-    d = decimation_factor(shape, input_factor, size)
-    return tuple(c for c in (1, 2, 4, 8, 16, 32, 64) if c <= d and d % c == 0)
+    k = oversampling_factor(shape, size)
+    scales = [_as_number(k / (input_factor * b)) for b in range(k // input_factor, 0, -1)
+              if (size * k) % (input_factor * b) == 0]
+    if not scales:
+        side = size * input_factor
+        raise ValueError(
+            f"this model reads {input_factor}x-oversampled patterns of {side} x {side} pixels or more, "
+            f"got {int(shape[-2])} x {int(shape[-1])}"
+        )
+    return tuple(scales)
+
+
+def _as_number(c: float):
+    """A scale as ``int`` when it is whole, else as ``float``."""
+    return int(c) if float(c).is_integer() else float(c)
+
+
+def read_side(shape, scale) -> int:
+    """Side ``K`` of the central crop a model reads at ``scale`` from patterns of ``shape`` (``M / scale``)."""
+    return int(round(int(shape[-1]) / float(scale)))
 
 
 def resolve_model_path(model=None) -> Path:
@@ -272,7 +301,7 @@ def _size_read(name: str, shape) -> int | None:
     """The object size of the shipped model ``name`` if it is installed and reads patterns of ``shape``, else None."""
     try:
         arch = model_arch(name)
-        decimation_factor(shape, input_factor_of(arch), object_size_of(arch))
+        scales_for(shape, input_factor_of(arch), object_size_of(arch))
     except ValueError:  # not installed, or not this size
         return None
     return object_size_of(arch)
@@ -316,7 +345,7 @@ def candidates(model, shape) -> list:
                 sizes.add(size)
     out = []
     for name in names or [DEFAULT_MODEL]:
-        info = resolve_model(name, shape, 1 if not isinstance(name, ModelInfo) else None)
+        info = resolve_model(name, shape)
         out += [resolve_model(info, shape, c) for c in scales_for(shape, info.input_factor, info.size)]
     return out
 
@@ -353,7 +382,7 @@ class ModelInfo:
     decimation : int or None
         How much patterns of that size are decimated for the model (:func:`decimation_factor`,
         divided by ``scale``).
-    scale : int
+    scale : int or float
         The object is read at ``scale`` times the pattern's pixel size (the central ``M / scale``
         pixels of the pattern; see the module notes); 1 by default.
     misfit : float or None
@@ -377,7 +406,7 @@ class ModelInfo:
     size: int = SIZE
     frame: tuple | None = None
     decimation: int | None = None
-    scale: int = 1
+    scale: int | float = 1
     misfit: float | None = field(default=None, compare=False)
     extent: float | None = field(default=None, compare=False)
     offset: tuple | None = field(default=None, compare=False)
@@ -396,18 +425,20 @@ def _mask_channel(header: dict, arch: str, factor: int) -> bool:
     return str((header.get("__metadata__") or {}).get("mask", "0")) == "1"
 
 
-def _at_scale(info: ModelInfo, frame, scale: int) -> ModelInfo:
-    """``info`` checked against the pattern size ``frame`` and set to read it at ``scale``."""
-    scale = int(scale)
+def _at_scale(info: ModelInfo, frame, scale=None) -> ModelInfo:
+    """``info`` checked against the pattern size ``frame`` and set to read it at ``scale`` (None: the finest)."""
     scales = scales_for(frame, info.input_factor, info.size)
-    if scale not in scales:
-        raise ValueError(f"this model cannot read {frame[0]} x {frame[1]} patterns at scale {scale}; "
-                         f"it can at {', '.join(map(str, scales))}")
+    match = scales[:1] if scale is None else [c for c in scales if abs(c - float(scale)) < 1e-9]
+    if not match:
+        raise ValueError(f"this model cannot read {frame[0]} x {frame[1]} patterns at scale {float(scale):g}; "
+                         f"it can at {', '.join(f'{c:g}' for c in scales)}")
+    scale = match[0]
     same = frame == info.frame and scale == info.scale
     return dataclasses.replace(info, frame=frame, scale=scale, misfit=info.misfit if same else None,
                                extent=info.extent if frame == info.frame else None,
                                offset=info.offset if frame == info.frame else None,
-                               decimation=decimation_factor(frame, info.input_factor, info.size) // scale)
+                               decimation=decimation_factor((read_side(frame, scale),) * 2, info.input_factor,
+                                                            info.size))
 
 
 def resolve_model(model=None, shape=None, scale=None) -> ModelInfo:
@@ -423,7 +454,8 @@ def resolve_model(model=None, shape=None, scale=None) -> ModelInfo:
         The patterns' shape ``(..., H, W)``.
     scale : int, optional
         Read the object at this scale (:func:`scales_for`; see the module notes).  Default: a
-        :class:`ModelInfo`'s own scale for the size it was resolved for, else 1.
+        :class:`ModelInfo`'s own scale for the size it was resolved for, else the finest the model
+        has for the size (1 where it reads the size whole).
 
     Returns
     -------
@@ -439,8 +471,8 @@ def resolve_model(model=None, shape=None, scale=None) -> ModelInfo:
     if isinstance(model, ModelInfo):
         if frame is None or (frame == model.frame and scale in (None, model.scale)):
             return model
-        if scale is None:  # a scale is chosen for one pattern size
-            scale = model.scale if frame == model.frame else 1
+        if scale is None and frame == model.frame:  # a scale is chosen for one pattern size
+            scale = model.scale
         return _at_scale(model, frame, scale)
     if frame is not None:
         oversampling_factor(frame)  # a size no network reads fails first
@@ -463,4 +495,4 @@ def resolve_model(model=None, shape=None, scale=None) -> ModelInfo:
     )
     if frame is None:
         return info
-    return _at_scale(info, frame, 1 if scale is None else scale)
+    return _at_scale(info, frame, scale)
