@@ -449,6 +449,35 @@ def test_fallback_rule_is_the_protocols_restart_rule():
         fallback_frames(chi2, "sometimes")
 
 
+def test_refinement_with_fallback_reports_curves_on_one_grid_and_live_frames_of_the_stack():
+    """What the retrieval dock shows of ``reconstruct --init nn``: each frame's error curve of the run it kept,
+    on the iterations of both runs; live estimates numbered in the stack; a given support over the network's."""
+    from napari_cdinn.nn.inference import refine_options
+    from napari_cdinn.pipelines import refine_with_fallback
+    from napari_cdinn.simulate import simulate
+
+    data = simulate(4, seed=33, oversampling=2)["intensity"]
+    seen = []
+    res = refine_with_fallback(data, model="model2x", fallback="always", refine=refine_options(0, 30),
+                               iterations=40, n_starts=1, block=10, device="cpu",
+                               snapshot=lambda frames, amp, pha: seen.append(frames.copy()))
+    np.testing.assert_array_equal(res["error_iterations"], np.arange(10, 41, 10))
+    assert res["errors"].shape == (4, 4) and res["nn_trusted"].shape == (4,) and res["nn_trusted"].dtype == bool
+    kept = res["start"].astype(bool)
+    assert np.isnan(res["errors"][kept, 3]).all() and np.isfinite(res["errors"][kept, :3]).all()
+    assert np.isfinite(res["errors"][~kept]).all()
+    assert all(set(f) <= {0, 1, 2, 3} for f in seen) and {0, 1, 2, 3} <= set(np.concatenate(seen))
+    # the refinement only: its own grid
+    only = refine_with_fallback(data[:1], model="model2x", fallback="never", refine=refine_options(0, 20))
+    np.testing.assert_array_equal(only["error_iterations"], [10, 20])
+    # a support given starts both runs: a box far too small fits nothing
+    box = np.zeros((64, 64), bool)
+    box[30:34, 30:34] = True
+    boxed = refine_with_fallback(data[:2], model="model2x", fallback="never",
+                                 refine=dict(refine_options(0, 20), fixed_support=True), support=box)
+    assert (boxed["support"].sum(axis=(1, 2)) == box.sum()).all() and (boxed["chi2"] > res["chi2"][:2]).all()
+
+
 def test_keep_lower_chi2_per_frame():
     from napari_cdinn.pipelines import keep_lower_chi2
 

@@ -234,6 +234,22 @@ def test_phase_retrieval_stop(make_napari_viewer, qtbot):
     assert widget.controls.run_button.enabled and not widget.controls.stop_button.enabled
 
 
+def test_phase_retrieval_stop_with_the_network_start_keeps_the_blocks_done(make_napari_viewer, qtbot, random_model):
+    viewer = _viewer_with_stack(make_napari_viewer, truth=False)
+    widget = _dock(viewer, "Phase retrieval")
+    widget.patterns.value = viewer.layers["patterns"]
+    widget.start.value, widget.models.file.value = "CDI NN", random_model
+    widget.refine_iterations.value, widget.block_frames.value, widget.device.value = 1_000_000, 2, "cpu"
+    seen = []
+    widget.runner._bridge.progress.connect(seen.append)
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: any(i["kind"] == "snapshot" for i in seen), timeout=60_000)  # refining, live
+    widget.controls.stop_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=30_000)
+    assert widget.controls.status.value == "stopped: 0 pattern(s) kept"  # the running block goes whole
+    assert widget.controls.run_button.enabled and not widget.controls.stop_button.enabled
+
+
 def test_phase_retrieval_bad_mask_is_a_notification(make_napari_viewer, monkeypatch):
     viewer = _viewer_with_stack(make_napari_viewer, truth=False)
     viewer.add_labels(np.zeros((5, 5), int), name="gaps")
@@ -363,8 +379,9 @@ def _beamstop():
 
 
 def test_phase_retrieval_with_a_mask_layer_and_the_network_start(make_napari_viewer, qtbot, random_model):
-    from napari_cdinn.pipelines import network_start
-    from napari_cdinn.retrieval import reconstruct
+    from napari_cdinn import nn
+    from napari_cdinn.nn.inference import refine_options
+    from napari_cdinn.pipelines import refine_with_fallback
 
     mask, garbage = _beamstop()
     viewer = make_napari_viewer()
@@ -377,19 +394,23 @@ def test_phase_retrieval_with_a_mask_layer_and_the_network_start(make_napari_vie
     widget.algorithm.value, widget.iterations.value, widget.device.value = "er", 20, "cpu"
     widget.block_frames.value = 4
     widget.start.value = "CDI NN"
+    widget.refine_iterations.value = 3
     widget.models.file.value = random_model
     widget.controls.run_button.clicked.emit()
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
     meta = viewer.layers["patterns PR amplitude"].metadata
-    assert meta["mask"] == "beamstop" and meta["nn_trusted"].shape == (6,)
-    # the same as the core calls with the mask, block by block: the masked garbage is ignored
-    want = []
-    for lo, hi in ((0, 4), (4, 6)):
-        obj, sup = network_start(SIM["intensity"][lo:hi], model=str(random_model), device="cpu", mask=mask)
-        want.append(reconstruct(SIM["intensity"][lo:hi], algorithm="er", iterations=20, average=10, device="cpu",
-                                mask=mask, init=obj, support=sup, first_frame=lo)["chi2"])
-    np.testing.assert_allclose(meta["chi2"], np.concatenate(want), rtol=1e-4)
-    assert "the network trusted" in widget.controls.status.value
+    assert meta["mask"] == "beamstop" and meta["nn_trusted"].shape == meta["nn_start"].shape == (6,)
+    # what cdinn reconstruct --init nn runs, with the mask, block by block: the masked garbage is ignored
+    model = nn.choose_scale(SIM["intensity"], str(random_model), mask=mask, device="cpu")
+    want = [refine_with_fallback(SIM["intensity"][lo:hi], model=model, mask=mask, refine=refine_options(0, 3),
+                                 first_frame=lo, algorithm="er", iterations=20, average=10, device="cpu", beta=0.9,
+                                 threshold=0.12, sigma=(3.0, 1.0), n_starts=3, prtf=False) for lo, hi in ((0, 4), (4, 6))]
+    np.testing.assert_allclose(meta["chi2"], np.concatenate([w["chi2"] for w in want]), rtol=1e-4)
+    np.testing.assert_array_equal(meta["nn_start"], np.concatenate([w["start"] for w in want]).astype(bool))
+    kept = int(meta["nn_start"].sum())
+    assert f"its start kept on {kept} frame(s)" in widget.controls.status.value
+    # the R-factor plot holds the refinement's 3 iterations, and the protocol's 20 where it ran, on one axis
+    assert widget.plot.axes.lines[0].get_xdata()[-1] == (3 if kept == 6 else 20)
 
 
 def test_phase_retrieval_network_declined_is_a_notification_and_random_starts(make_napari_viewer, qtbot, monkeypatch):

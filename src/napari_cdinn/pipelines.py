@@ -321,8 +321,10 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
         Index of the first pattern in a larger stack (random starts follow it).
     **options
         :func:`napari_cdinn.retrieval.reconstruct` options of both runs (``algorithm``,
-        ``device``, ``seed``...; ``n_starts`` of the protocol only: the refinement is one run);
-        the protocol runs with these alone.  ``prtf=True``
+        ``device``, ``seed``, ``progress``, ``should_stop``, ``snapshot``...; ``n_starts`` of the
+        protocol only: the refinement is one run); the protocol runs with these alone.  A
+        ``support`` (True inside, (M, M) or (N, M, M)) replaces the network's as the refinement's
+        starting support and starts the protocol's runs too.  ``prtf=True``
         (with ``n_starts >= 2``): the protocol runs on every frame and gives the PRTF (see the
         module notes); the refinement runs without it.
 
@@ -332,6 +334,10 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
         ``amplitude``, ``phase``, ``support`` (N, M, M), ``chi2`` and ``chi2_noise`` (N,: the chi^2 that
         counting noise alone gives, :func:`napari_cdinn.physics.noise_chi2`) and ``start`` uint8 (N,)
         (1: the refinement from the network was kept; 0: the protocol from random starts);
+        ``nn_trusted`` bool (N,) (the network's own trust in its guess, :func:`napari_cdinn.nn.is_trusted`;
+        False where it declined the patterns); ``errors`` float32 (N, E), the Fourier-error curve of
+        the kept run at ``error_iterations`` (E,) (the iterations either run sampled; NaN where the
+        kept run has no sample: a refinement is shorter than the protocol);
         with ``prtf``, the protocol's ``prtf`` (N, M // 2), ``resolution`` (N,) and ``prtf_q``
         (M // 2,); unbatched for a 2-D input.
     """
@@ -340,9 +346,10 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
 
     if fallback not in FALLBACK_RULES:
         raise ValueError(f"fallback must be one of {', '.join(FALLBACK_RULES)}, got {fallback!r}")
-    for key in ("init", "support", "frame_ids"):
+    for key in ("init", "frame_ids"):
         if key in options:
             raise ValueError(f"refine_with_fallback sets {key!r} itself")
+    given = options.pop("support", None)
     prtf = bool(options.pop("prtf", False))
     if prtf and int(options.get("n_starts", 1)) < 2:
         raise ValueError("the PRTF compares several runs of each pattern: prtf=True needs n_starts >= 2")
@@ -353,38 +360,72 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
         check_mask_layout(mask, stack.shape)
         mask = np.asarray(mask, dtype=bool)
     ids = whole_number(first_frame, "first_frame", 0) + np.arange(stack.shape[0])
+    if given is not None:
+        check_mask_layout(given, stack.shape, "support", "True/1 = inside")
+        given = np.broadcast_to(np.asarray(given, dtype=bool), stack.shape)
+        options["support"] = given  # the protocol's start: _protocol_support picks its frames
 
     noise = noise_floor(stack, mask)
     n, m = stack.shape[0], stack.shape[-1]
     refined = {"amplitude": np.zeros((n, m, m), np.float32), "phase": np.zeros((n, m, m), np.float32),
                "support": np.zeros((n, m, m), bool), "chi2": np.full(n, np.nan, np.float32)}
+    curves = []  # (frames, errors, error_iterations) of every run
+    trusted = np.zeros(n, bool)
     info, guess = _seeding_guess(stack, model, mask, options.get("device", "auto"))
     if info is not None:  # else every frame gets the protocol: the network cannot read these patterns
         obj, sup = embed(guess["amplitude"], guess["phase"], m // guess["amplitude"].shape[-1])
+        trusted = np.asarray(guess["trusted"], bool)
         seeded = guess_fits_autocorrelation(stack, sup, mask)  # a guess too small for the data seeds nothing
+        if given is not None:
+            sup = given
         side = guess["amplitude"].shape[-1]
         settings = {**options, "n_starts": 1, **(refine_options(side) if refine is None else refine)}
+        settings.pop("support", None)
         noisy = noise > NOISY_CHI2
         for frames, extra in ((np.flatnonzero(seeded & ~noisy), {}), (np.flatnonzero(seeded & noisy), NOISY_REFINE)):
             if len(frames):
                 part = reconstruct(stack[frames], init=obj[frames], support=sup[frames], mask=_frames_of(mask, frames),
-                                   frame_ids=ids[frames], **{**settings, **extra})
+                                   frame_ids=ids[frames], **_for_frames({**settings, **extra}, frames))
                 refined = _merge(refined, {k: part[k] for k in RESULT_KEYS}, frames, n)
+                curves.append((frames, part["errors"], part["error_iterations"]))
     # frames not refined keep a NaN chi^2: they always get the protocol, and it always wins
     todo = np.flatnonzero(fallback_frames(refined["chi2"], fallback, noise) | np.isnan(refined["chi2"]))
     protocol = extra = None
     if prtf:  # every frame, for its PRTF; the rule still picks the frames whose result may be swapped
         run = reconstruct(stack, mask=mask, frame_ids=ids, prtf=True, **options)
         protocol = {k: run[k][todo] for k in RESULT_KEYS}
+        curves.append((todo, run["errors"][todo], run["error_iterations"]))
         extra = {k: run[k] for k in ("prtf", "resolution")}
     elif len(todo):
-        run = reconstruct(stack[todo], mask=_frames_of(mask, todo), frame_ids=ids[todo], **options)
+        run = reconstruct(stack[todo], mask=_frames_of(mask, todo), frame_ids=ids[todo], **_for_frames(options, todo))
         protocol = {k: run[k] for k in RESULT_KEYS}
+        curves.append((todo, run["errors"], run["error_iterations"]))
+    grid = np.unique(np.concatenate([c[2] for c in curves])).astype(np.int64)
+    refined["errors"] = np.full((n, len(grid)), np.nan, np.float32)
+    for frames, errors, iterations in curves[: len(curves) - (protocol is not None)]:
+        refined["errors"][frames[:, None], np.searchsorted(grid, iterations)[None]] = errors
+    if protocol is not None:
+        frames, errors, iterations = curves[-1]
+        protocol["errors"] = np.full((len(frames), len(grid)), np.nan, np.float32)
+        protocol["errors"][:, np.searchsorted(grid, iterations)] = errors
     out = keep_lower_chi2(refined, protocol, todo, chi2_noise=noise)
-    out.update(extra or {}, chi2_noise=noise.astype(np.float32))
+    out.update(extra or {}, chi2_noise=noise.astype(np.float32), nn_trusted=trusted)
     out = {k: v[0] for k, v in out.items()} if single else out
+    out["error_iterations"] = grid
     if prtf:
         out["prtf_q"] = run["prtf_q"]
+    return out
+
+
+def _for_frames(options, frames):
+    """``options`` of a run on ``frames`` of the stack: a per-frame starting support cut to them, and a
+    ``snapshot`` callback told the frames' indices in the stack (a run numbers its frames from 0)."""
+    out = dict(options)
+    if out.get("support") is not None and np.ndim(out["support"]) == 3:
+        out["support"] = out["support"][frames]
+    snapshot = out.get("snapshot")
+    if snapshot is not None:
+        out["snapshot"] = lambda picked, amplitude, phase: snapshot(frames[picked], amplitude, phase)
     return out
 
 

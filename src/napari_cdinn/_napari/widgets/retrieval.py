@@ -12,10 +12,13 @@ the plots are redrawn: the Fourier R-factor ``sum (|F| - A)**2 / sum A**2`` on m
 iteration (median and 10-90 % of the frames, log scale; ~1e-4 at convergence on noise-free data)
 and chi^2 per frame.  HIO's beta, the shrinkwrap threshold and blur (sigma, from the first to
 the last update) and an optional starting support layer are inputs.  Stop ends the running block at its next
-iteration block and keeps the frames reached so far.  Start "CDI NN" seeds every pattern with
-the network's guess (:func:`napari_cdinn.pipelines.network_guess`: embedded in the oversampled
-frame, its support as the first support); which guesses the network trusts is kept in the
-layers' metadata (``nn_trusted``) and said in the status line.
+iteration block and keeps the frames reached so far.  Start "CDI NN" runs what ``cdinn
+reconstruct --init nn`` runs (:func:`napari_cdinn.pipelines.refine_with_fallback`, fallback
+"auto"): a short refinement of the network's guess (*refinement iterations*; 0: 50 per 32 pixels
+of the network's object), and the protocol of the other settings on the frames whose refinement
+misfits the data; Stop then ends the running block without its frames.  Which guesses the
+network trusts and which frames kept the network's start are kept in the layers' metadata
+(``nn_trusted``, ``nn_start``) and said in the status line.
 ``iterations`` and ``starts`` default to the protocol of :mod:`napari_cdinn.protocol` (the one
 ``cdinn reconstruct`` runs): up to ``starts`` runs per pattern, another only while the fit
 misfits the data beyond the counting noise, keep the one with the lowest chi^2; with ``PRTF``
@@ -73,13 +76,15 @@ def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
 
     ``mask``: None, or True on unmeasured pixels, (M, M) or (N, M, M) (NumPy or dask).
     ``options``: :func:`napari_cdinn.retrieval.reconstruct` keywords and ``block_frames``.
-    ``nn_start``: None for random starts, else ``(model,)`` to seed from the network's guess
-    (the network reads the mask too).  A ``support`` in ``options`` ((M, M) or (N, M, M), True
-    inside) is the starting support, also over the network's.  ``emit`` gets :class:`napari_cdinn.jobs.ProgressEvent`:
+    ``nn_start``: None for random starts, else ``(model, refine_iterations)`` to refine the network's guess
+    with a fallback to the protocol (:func:`napari_cdinn.pipelines.refine_with_fallback`;
+    ``refine_iterations`` 0: :func:`napari_cdinn.nn.inference.refine_options`' count for the guess's
+    size; the network reads the mask too).  A ``support`` in
+    ``options`` ((M, M) or (N, M, M), True inside) is the starting support, also over the network's.  ``emit`` gets :class:`napari_cdinn.jobs.ProgressEvent`:
     ``PROGRESS`` (frames, fractional, while a block iterates), ``SNAPSHOT`` (the current estimates
     of a block's frames, at most every 0.3 s) and ``CHUNK`` (a finished block: ``lo`` and its
     ``amplitude``, ``phase``, ``support``, ``chi2``, ``chi2_noise``, ``errors``, ``error_iterations``, ``nn_trusted``,
-    and with ``prtf`` its ``prtf``, ``prtf_q`` and ``resolution``).  ``post`` in ``options``: the
+    ``nn_start``, and with ``prtf`` its ``prtf``, ``prtf_q`` and ``resolution``).  ``post`` in ``options``: the
     :func:`napari_cdinn.postprocess.apply_steps` steps applied to each finished block's amplitude,
     phase and support.
 
@@ -92,7 +97,8 @@ def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
     one sentence}`` (:func:`napari_cdinn.nn.off_centre`: the network read the patterns re-centred).
     """
     from ... import nn
-    from ...pipelines import guess_fits_autocorrelation, network_guess
+    from ...nn.inference import refine_options
+    from ...pipelines import refine_with_fallback
     from ...postprocess import apply_steps
     from ...retrieval import reconstruct
     from ...stream import iter_chunks
@@ -105,7 +111,8 @@ def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
     if nn_start is not None:  # the network at its scale (re-centred or not), chosen once for the stack, or declined
         model = nn.choose_scale(stack, nn_start[0], mask=mask, device=options["device"])
         notes["declined"] = nn.declined(model)
-        nn_start = None if notes["declined"] else (model,)
+        refine = refine_options(0, nn_start[1]) if nn_start[1] else None  # None: as many as the guess's size asks
+        nn_start = None if notes["declined"] else (model, refine)
         notes["off_centre"] = None if notes["declined"] else nn.off_centre(model)
 
     def invert(chunk, first_frame=0, mask=None):
@@ -114,28 +121,24 @@ def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
         given = None if support is None else np.asarray(support if support.ndim == 2 else support[lo:hi])
         if given is not None:
             kwargs["support"] = given
-        trusted = None
-        if nn_start is not None:
-            obj, sup, trusted = network_guess(chunk, model=nn_start[0], device=options["device"], mask=mask)
-            # a guess too narrow for the data seeds nothing: reconstruct starts all-zero frames at random
-            fits = guess_fits_autocorrelation(np.asarray(chunk, np.float32), sup, mask)
-            obj[~fits] = 0
-            sup = np.where(fits[:, None, None], sup, False)
-            kwargs.update(init=obj, support=sup if given is None else given)
 
         def report(it, total):
             emit(ProgressEvent(Kind.PROGRESS, lo + (hi - lo) * it / max(total, 1), n))
 
-        res = reconstruct(chunk, progress=report, should_stop=should_stop, on_stop="return", first_frame=lo,
-                          snapshot=_Throttled(emit, lo, n), **kwargs)
-        return dict(res, nn_trusted=None if trusted is None else trusted[: len(res["chi2"])])
+        live = {"progress": report, "should_stop": should_stop, "snapshot": _Throttled(emit, lo, n)}
+        if nn_start is not None:  # a stop raises Cancelled: a block's refined and fallback frames go together
+            res = refine_with_fallback(chunk, model=nn_start[0], refine=nn_start[1], first_frame=lo, **live, **kwargs)
+            return dict(res, stopped=False, nn_start=res["start"].astype(bool))
+        res = reconstruct(chunk, on_stop="return", first_frame=lo, **live, **kwargs)
+        return dict(res, nn_trusted=None, nn_start=None)
 
     done = 0
     try:
         for lo, _hi, res in iter_chunks(stack, invert, chunk_size=block, mask=mask, should_stop=should_stop):
             done = lo + len(res["chi2"])
             payload = {"lo": lo, **{k: res[k] for k in (
-                "amplitude", "phase", "support", "chi2", "chi2_noise", "errors", "error_iterations", "nn_trusted")}}
+                "amplitude", "phase", "support", "chi2", "chi2_noise", "errors", "error_iterations", "nn_trusted",
+                "nn_start")}}
             payload.update({k: res[k] for k in ("prtf", "prtf_q", "resolution") if k in res})
             if post:
                 payload["amplitude"], payload["phase"], payload["support"] = apply_steps(
@@ -166,6 +169,21 @@ class _Throttled:
             "frames": self.lo + frames, "amplitude": amplitude, "phase": phase}))
 
 
+def _on_one_grid(parts):
+    """``(iterations, errors)``: the Fourier-error curves of every block, ``[(iterations, errors), ...]``,
+    on the union of their iterations (NaN where a block has no sample: a refinement is shorter than the
+    protocol)."""
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    grid = np.unique(np.concatenate([it for it, _ in parts]))
+    out = np.full((sum(len(e) for _, e in parts), len(grid)), np.nan, np.float32)
+    row = 0
+    for it, e in parts:
+        out[row:row + len(e), np.searchsorted(grid, it[: e.shape[1]])] = e
+        row += len(e)
+    return grid, out
+
+
 class PhaseRetrievalWidget(widgets.Container):
     """Dock widget: iterative phase retrieval of a pattern stack, updated live, with Stop."""
 
@@ -188,8 +206,13 @@ class PhaseRetrievalWidget(widgets.Container):
         self.starts = widgets.SpinBox(
             label="starts", value=STARTS, min=1, max=1000,
             tooltip="runs per pattern at most, the one with the lowest chi² kept: a pattern is started again only while "
-                    "its fit misfits the data beyond the counting noise (with the CDI NN start, the first run starts "
-                    "from the network's guess, the others from random phases)")
+                    "its fit misfits the data beyond the counting noise (with the CDI NN start, the runs of the "
+                    "frames whose refinement misfits)")
+        self.refine_iterations = widgets.SpinBox(
+            label="refinement iterations", value=0, min=0, max=1_000_000,
+            tooltip="CDI NN start: iterations of the refinement of the network's guess (0: 50 per 32 pixels of the "
+                    "network's object, as cdinn reconstruct --init nn); the frames it leaves misfitting get the "
+                    "protocol of the settings above")
         self.prtf = widgets.CheckBox(
             label="PRTF", value=False,
             tooltip="phase-retrieval transfer function of each pattern's starts (needs 2 or more starts; every pattern "
@@ -211,13 +234,14 @@ class PhaseRetrievalWidget(widgets.Container):
         self.runner = JobRunner(self._on_progress, self._on_result, on_finish=self._on_finish)
         self.controls = JobControls("Reconstruct", self.run, self.runner)
         super().__init__(widgets=[self.patterns, self.algorithm, self.iterations, self.beta, self.threshold,
-                                  self.sigma_start, self.sigma_end, self.start, self.starts, self.prtf, self.models,
+                                  self.sigma_start, self.sigma_end, self.start, self.starts, self.refine_iterations,
+                                  self.prtf, self.models,
                                   self.mask, self.support, self.device, self.block_frames, self.post_centre,
                                   self.post_ramp, self.post_unwrap, self.controls])
         self.plot = PlotCanvas(height=5.0, rows=3)
         self.plot.add_to(self)
         persist(self, "retrieval", ("algorithm", "iterations", "beta", "threshold", "sigma_start", "sigma_end",
-                                    "start", "starts", "prtf", "device", "block_frames", "post_centre", "post_ramp",
+                                    "start", "starts", "refine_iterations", "prtf", "device", "block_frames", "post_centre", "post_ramp",
                                     "post_unwrap"))
         self._names = self._result = None
 
@@ -238,7 +262,7 @@ class PhaseRetrievalWidget(widgets.Container):
             support = mask_of(self.support.value, stack.shape)
             nn_start = None
             if self.start.value == "CDI NN":  # the network for this size, resolved at once (no torch)
-                nn_start = (nn.resolve_model(self.models.model, stack.shape),)
+                nn_start = (nn.resolve_model(self.models.model, stack.shape), int(self.refine_iterations.value))
         except (ValueError, OSError) as exc:
             notify_error(exc)
             return
@@ -256,11 +280,14 @@ class PhaseRetrievalWidget(widgets.Container):
                         "chi2_noise": np.full(n, np.nan, np.float32), "errors": []}
         if nn_start is not None:
             self._result["nn_trusted"] = np.zeros(n, bool)
+            self._result["nn_start"] = np.zeros(n, bool)
         self._meta = {"cdinn_source": source, "algorithm": options["algorithm"], "iterations": iterations,
                       "start": self.start.value, "mask": None if self.mask.value is None else self.mask.value.name,
                       "beta": options["beta"], "threshold": options["threshold"], "sigma": options["sigma"],
                       "support_layer": None if self.support.value is None else self.support.value.name,
                       "n_starts": options["n_starts"], "post": list(options["post"])}
+        if nn_start is not None:
+            self._meta["refine_iterations"] = nn_start[1]  # 0: as many as the network's object size asks
         self._arranged, self._want_prtf, self._single = False, options["prtf"], single
         self.controls.busy(f"reconstructing {n} pattern(s)...")
         self.runner.start(lambda emit, should_stop: retrieval_job(stack, mask, options, nn_start, emit, should_stop))
@@ -280,22 +307,23 @@ class PhaseRetrievalWidget(widgets.Container):
         hi = lo + len(info["chi2"])
         for key in ("amplitude", "phase", "support", "chi2", "chi2_noise"):
             res[key][lo:hi] = info[key]
-        if info.get("nn_trusted") is not None and "nn_trusted" in res:
-            res["nn_trusted"][lo:hi] = info["nn_trusted"]
+        for key in ("nn_trusted", "nn_start"):
+            if info.get(key) is not None and key in res:
+                res[key][lo:hi] = info[key]
         if info.get("prtf") is not None:
             if "prtf" not in res:
                 res["prtf"] = np.full((len(res["chi2"]), info["prtf"].shape[-1]), np.nan, np.float32)
                 res["resolution"] = np.full(len(res["chi2"]), np.nan, np.float32)
             res["prtf"][lo:hi], res["resolution"][lo:hi], res["prtf_q"] = info["prtf"], info["resolution"], info["prtf_q"]
-        res["errors"].append(info["errors"])
+        res["errors"].append((np.asarray(info["error_iterations"]), info["errors"]))
         self.controls.set_progress(hi, total, f"{hi} of {total} pattern(s) done")
         self._show(res, support=True)
-        self._draw_errors(info["error_iterations"])
+        self._draw_errors()
 
     def _show(self, res, support=False):
         """Add or refresh the amplitude and phase layers (and the support) from the current results."""
         meta = dict(self._meta, chi2=res["chi2"].copy(), chi2_noise=res["chi2_noise"].copy())
-        for key in ("nn_trusted", "prtf", "prtf_q", "resolution"):
+        for key in ("nn_trusted", "nn_start", "prtf", "prtf_q", "resolution"):
             if key in res:
                 meta[key] = res[key].copy()
         # finished frames: their support; frames being iterated (or not reached): their amplitude's
@@ -313,9 +341,9 @@ class PhaseRetrievalWidget(widgets.Container):
         elif support:
             arrange_side_by_side(self.viewer, self._meta["cdinn_source"], frame_view=False)
 
-    def _draw_errors(self, iterations):
+    def _draw_errors(self):
         """The Fourier R-factor per iteration (median and 10-90 % of the frames), chi² per frame and the PRTF."""
-        errors = np.concatenate(self._result["errors"])
+        iterations, errors = _on_one_grid(self._result["errors"])
         ax, ax2, _ = self.plot.all_axes
         ax.clear()
         if errors.size:
@@ -396,7 +424,9 @@ class PhaseRetrievalWidget(widgets.Container):
             if advice and not outcome["stopped"]:
                 notify("; ".join([fit_summary(chi2, noise), *advice]))
         if "nn_trusted" in (self._result or {}):
-            text += f"; the network trusted {int(self._result['nn_trusted'][: outcome['frames']].sum())} start(s)"
+            done = outcome["frames"]
+            text += (f"; the network trusted {int(self._result['nn_trusted'][:done].sum())} start(s), "
+                     f"its start kept on {int(self._result['nn_start'][:done].sum())} frame(s)")
         if "prtf" in (self._result or {}):
             from ...postprocess import describe_resolution, median_resolution
 
