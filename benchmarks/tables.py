@@ -44,7 +44,11 @@ CONDITIONS = {
 }
 REALISTIC_COMMAND = ("python benchmarks/bench_realistic.py --threads 2 "
                      "--json benchmarks/results/bench_realistic_cpu2.json")
-LARGE_COMMAND = "python benchmarks/bench_large.py --threads 2 --count 100 --json benchmarks/results/bench_large_cpu2.json"
+LARGE_COMMAND = ("python benchmarks/bench_large.py --threads 2 --count 100 --only size64_noise_free --only "
+                 "size64_photons_1e4 --only size64_mixture --only size128_noise_free --json "
+                 "benchmarks/results/bench_large_cpu2.json\npython benchmarks/bench_large.py --threads 2 --count 100 "
+                 "--only size48_os4_noise_free --only size48_os4_mixture --json "
+                 "benchmarks/results/bench_large_os4_cpu2.json")
 SPEED_COMMAND = "python benchmarks/bench_speed.py --json benchmarks/results/bench_speed_cpu2.json"
 VERDICT_COMMAND = "python benchmarks/bench_verdict.py --count 300 --threads 2 --json benchmarks/results/bench_verdict_cpu2.json"
 PREPARE_COMMAND = "python benchmarks/bench_prepare.py --threads 2 --json benchmarks/results/bench_prepare_cpu2.json"
@@ -197,9 +201,10 @@ def realistic_tables(name, res):
 def large_tables(name, res):
     """Markdown for one bench_large JSON."""
     out = [f"### `{name}`: {_machine(res)}", "",
-           (f"Model: {_model(res)}; {_f(res.get('count'))} 2x-oversampled patterns per set (seed {res.get('seed', '?')} "
-            f"+ the set's index); protocol: {res.get('iterations', '?')} iterations; *model, scale*: the network the "
-            "size policy chose and the pixel size it read the objects at (2: twice the pattern's)."), "",
+           (f"Model: {_model(res)}; {_f(res.get('count'))} patterns per set, 2x oversampled unless the set's name says "
+            f"`os4` (seed {res.get('seed', '?')} + the set's index); protocol: {res.get('iterations', '?')} "
+            "iterations; *model, scale*: the network the size policy chose and the pixel size it read the objects "
+            "at (2: twice the pattern's)."), "",
            "Each cell: IoU / phase RMS rad median (p90), then chi^2 median; speed-ups against the NumPy loop.", "",
            ("| set | model, scale | network alone | refined | protocol (620 it.) | ms per pattern: network / refined / "
             "protocol / NumPy | speed-up: network / whole `cdinn predict` / refined |"),
