@@ -523,7 +523,7 @@ def predict(intensity, model=None, device="auto", batch_size=None, threshold=phy
         about 8 network calls and is the most accurate.
     mask : array-like bool, (H, W) or (N, H, W), optional
         True on unmeasured pixels (beamstop, gaps); NaN and infinite pixels are unmeasured too.
-    scale : "auto" or int
+    scale : "auto", int or float
         Read the objects at this scale (:mod:`napari_cdinn.nn.models`, "Object size and scale"), and
         re-centre the patterns where :func:`choose_scale` finds that the network fits them better so
         (a :class:`~napari_cdinn.nn.models.ModelInfo`'s ``offset``, :func:`recentre`).

@@ -452,7 +452,7 @@ def resolve_model(model=None, shape=None, scale=None) -> ModelInfo:
         (then only checked against ``shape``).
     shape : tuple of int, optional
         The patterns' shape ``(..., H, W)``.
-    scale : int, optional
+    scale : int or float, optional
         Read the object at this scale (:func:`scales_for`; see the module notes).  Default: a
         :class:`ModelInfo`'s own scale for the size it was resolved for, else the finest the model
         has for the size (1 where it reads the size whole).
