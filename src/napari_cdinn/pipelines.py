@@ -363,7 +363,7 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
     if given is not None:
         check_mask_layout(given, stack.shape, "support", "True/1 = inside")
         given = np.broadcast_to(np.asarray(given, dtype=bool), stack.shape)
-        options["support"] = given  # the protocol's start: _protocol_support picks its frames
+        options["support"] = given  # the protocol's start too: _for_frames cuts it to a run's frames
 
     noise = noise_floor(stack, mask)
     n, m = stack.shape[0], stack.shape[-1]

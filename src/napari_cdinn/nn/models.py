@@ -26,7 +26,8 @@ reads (then decimated by ``k / (m c)``), and its ``S x S`` answer is interpolate
 pixels (:func:`napari_cdinn.nn.inference.predict`).  ``c`` need not be whole: a 192-pixel pattern
 (the largest square ``cdinn prepare`` cuts from many detectors) holds the 2x-oversampled pattern of
 the object at 1.5 times the pixel size in its central 128 pixels, decimated twice
-(:func:`read_side`).  :func:`scales_for` lists the scales a model has for a pattern size; :func:`candidates` the models and scales weighed for it, among which
+(:func:`read_side`).  :func:`scales_for` lists the scales a model has for a pattern size;
+:func:`candidates` the models and scales weighed for it, among which
 :func:`napari_cdinn.nn.inference.choose_scale` picks from the data.
 
 Default model
