@@ -381,8 +381,8 @@ class ModelInfo:
     frame : tuple of int or None
         The pattern size ``(H, W)`` the model was checked against (None: not checked).
     decimation : int or None
-        How much patterns of that size are decimated for the model (:func:`decimation_factor`,
-        divided by ``scale``).
+        How much the central crop the model reads at ``scale`` (:func:`read_side`) is decimated
+        (:func:`decimation_factor` of the crop).
     scale : int or float
         The object is read at ``scale`` times the pattern's pixel size (the central ``M / scale``
         pixels of the pattern; see the module notes); 1 by default.
