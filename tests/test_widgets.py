@@ -521,6 +521,15 @@ def test_inversion_automatic_model_follows_the_pattern_size(make_napari_viewer, 
     widget.controls.run_button.clicked.emit()
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
     assert viewer.layers["wide NN amplitude"].metadata["model"] == "model2x"
+    assert viewer.layers["wide NN amplitude"].metadata["scale"] == 1 and "pixel size" not in widget.controls.status.value
+    # 192 x 192 patterns of 48-pixel objects, 4x oversampled: read at 1.5x the pixel size, and said so
+    viewer.add_image(simulate(3, size=48, oversampling=4, seed=4)["intensity"], name="cut")
+    widget.patterns.value = viewer.layers["cut"]
+    widget.controls.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
+    layer = viewer.layers["cut NN amplitude"]
+    assert layer.metadata["scale"] == 1.5 and layer.data.shape == (3, 48, 48)
+    assert widget.controls.status.value.endswith("read at 1.5x the pixel size (the central 128 x 128 pixels)")
 
 
 def test_inversion_notes_a_stack_cut_off_centre(make_napari_viewer, qtbot, monkeypatch):

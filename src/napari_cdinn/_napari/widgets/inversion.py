@@ -83,6 +83,7 @@ def run_inversion(stack, options, emit, should_stop, mask=None):
     out = {key: np.concatenate([p[key] for p in parts]) for key in ("amplitude", "phase", "chi2", "chi2_noise")}
     out["stopped"] = sum(len(p["chi2"]) for p in parts) < n
     out["off_centre"] = nn.off_centre(options["model"])
+    out["scale"] = options["model"].scale
     return out
 
 
@@ -149,7 +150,7 @@ class InversionWidget(widgets.Container):
         trusted = trusted_frames(chi2, chi2_noise, self.trust.value)
         meta = {"cdinn_source": name, "chi2": chi2, "chi2_noise": chi2_noise, "trusted": trusted,
                 "trust_chi2": float(self.trust.value), "mask": mask_name, "model": model,
-                "views": int(self.views.value)}
+                "views": int(self.views.value), "scale": res["scale"]}
         amp, pha = (res["amplitude"][0], res["phase"][0]) if single else (res["amplitude"], res["phase"])
         offset = (0.0,) * (amp.ndim - 2) + _layers.centre_offset(shape, amp.shape)
         show_result(self.viewer, name, "NN", amp, pha, translate=offset, **meta)
@@ -157,6 +158,9 @@ class InversionWidget(widgets.Container):
         self._draw(chi2 - chi2_noise, trusted)
         bad = int((~trusted).sum())
         text = f"{len(chi2)} pattern(s) inverted; {len(chi2) - bad} trusted, {bad} flagged"
+        if res["scale"] != 1:  # as cdinn predict says it on stderr
+            side = nn.read_side(shape, res["scale"])
+            text += f"; read at {res['scale']:g}x the pixel size (the central {side} x {side} pixels)"
         if res["stopped"]:
             text = f"stopped: {len(chi2)} pattern(s) inverted"
         if bad:
