@@ -181,6 +181,10 @@ def test_writer_complex_and_log_intensity(tmp_path):
 
     obj = SIM["amplitude"] * np.exp(1j * SIM["phase"])
     inten = _layers.intensity_tuple(SIM["intensity"], "I")
+    # the retrieval dock's frames that kept the network's start are saved as cdinn reconstruct --init nn writes them
+    started = _layers.amplitude_tuple(SIM["amplitude"], "pr", nn_start=np.array([True, False, True, True]))
+    write_layers(str(tmp_path / "s.npz"), [(started[0], started[1], "image")])
+    np.testing.assert_array_equal(io.read_result(tmp_path / "s.npz")["start"], np.uint8([1, 0, 1, 1]))
     layer_data = [(obj, {"name": "object"}, "image"), (inten[0], inten[1], "image")]
     write_layers(str(tmp_path / "c.h5"), layer_data)
     res = io.read_result(tmp_path / "c.h5")

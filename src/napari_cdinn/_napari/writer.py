@@ -10,7 +10,8 @@ with one sentence naming them (``RuntimeError``, which napari shows).  Intensiti
 scale are written as true intensities; phases shown transparent outside the object (NaN) are written as 0
 (:func:`napari_cdinn._napari.layers.layer_phase`); the per-frame scores in a layer's metadata
 (``chi2``, ``chi2_noise``, ``trusted``: :data:`napari_cdinn._napari.layers.SCORES`) are written under
-their names.  Writing goes through :func:`napari_cdinn.io.write_result` (atomic, compressed HDF5, a
+their names, and the frames that kept the network's start (``nn_start``, the retrieval dock's) as
+``start`` (uint8), as ``cdinn reconstruct --init nn`` writes it.  Writing goes through :func:`napari_cdinn.io.write_result` (atomic, compressed HDF5, a
 minimal CXI tree).
 """
 
@@ -58,6 +59,8 @@ def write_layers(path, layer_data):
                 if metadata.get(score) is not None and score not in arrays:
                     value = np.asarray(metadata[score])
                     arrays[score] = value if value.dtype == bool else value.astype(np.float32)
+            if metadata.get("nn_start") is not None and "start" not in arrays:  # as reconstruct --init nn writes it
+                arrays["start"] = np.asarray(metadata["nn_start"]).astype(np.uint8)
         attrs[f"{key}_layer"] = str(meta.get("name", key))
     if not arrays:
         return []
