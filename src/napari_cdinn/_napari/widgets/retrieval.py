@@ -76,11 +76,12 @@ def retrieval_job(stack, mask, options, nn_start, emit, should_stop):
 
     ``mask``: None, or True on unmeasured pixels, (M, M) or (N, M, M) (NumPy or dask).
     ``options``: :func:`napari_cdinn.retrieval.reconstruct` keywords and ``block_frames``.
-    ``nn_start``: None for random starts, else ``(model, refine_iterations)`` to refine the network's guess
-    with a fallback to the protocol (:func:`napari_cdinn.pipelines.refine_with_fallback`;
+    ``nn_start``: None for random starts, else ``(model, refine_iterations)`` to refine the network's
+    guess with a fallback to the protocol (:func:`napari_cdinn.pipelines.refine_with_fallback`;
     ``refine_iterations`` 0: :func:`napari_cdinn.nn.inference.refine_options`' count for the guess's
-    size; the network reads the mask too).  A ``support`` in
-    ``options`` ((M, M) or (N, M, M), True inside) is the starting support, also over the network's.  ``emit`` gets :class:`napari_cdinn.jobs.ProgressEvent`:
+    size; the network reads the mask too).  A ``support`` in ``options`` ((M, M) or (N, M, M), True
+    inside) is the starting support, also over the network's.  ``emit`` gets
+    :class:`napari_cdinn.jobs.ProgressEvent`:
     ``PROGRESS`` (frames, fractional, while a block iterates), ``SNAPSHOT`` (the current estimates
     of a block's frames, at most every 0.3 s) and ``CHUNK`` (a finished block: ``lo`` and its
     ``amplitude``, ``phase``, ``support``, ``chi2``, ``chi2_noise``, ``errors``, ``error_iterations``, ``nn_trusted``,
@@ -235,14 +236,13 @@ class PhaseRetrievalWidget(widgets.Container):
         self.controls = JobControls("Reconstruct", self.run, self.runner)
         super().__init__(widgets=[self.patterns, self.algorithm, self.iterations, self.beta, self.threshold,
                                   self.sigma_start, self.sigma_end, self.start, self.starts, self.refine_iterations,
-                                  self.prtf, self.models,
-                                  self.mask, self.support, self.device, self.block_frames, self.post_centre,
-                                  self.post_ramp, self.post_unwrap, self.controls])
+                                  self.prtf, self.models, self.mask, self.support, self.device, self.block_frames,
+                                  self.post_centre, self.post_ramp, self.post_unwrap, self.controls])
         self.plot = PlotCanvas(height=5.0, rows=3)
         self.plot.add_to(self)
         persist(self, "retrieval", ("algorithm", "iterations", "beta", "threshold", "sigma_start", "sigma_end",
-                                    "start", "starts", "refine_iterations", "prtf", "device", "block_frames", "post_centre", "post_ramp",
-                                    "post_unwrap"))
+                                    "start", "starts", "refine_iterations", "prtf", "device", "block_frames",
+                                    "post_centre", "post_ramp", "post_unwrap"))
         self._names = self._result = None
 
     @property
