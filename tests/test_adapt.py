@@ -50,6 +50,22 @@ def test_adapt_writes_a_loadable_model_folder_naming_its_base_and_data(adapted):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
+def test_a_stack_read_at_a_coarser_scale_is_adapted_at_that_scale(tmp_path):
+    """192 x 192 patterns of 4x-oversampled 48-pixel objects: predict reads them at 1.5x the pixel size (the
+    central 128 pixels decimated twice), so the network adapts to that crop, and reads it the same way after."""
+    from napari_cdinn import nn
+
+    wide = simulate(24, size=48, seed=6, oversampling=4, families="textured")["intensity"]
+    card = adapt(wide, tmp_path / "wide", max_steps=2, **dict(TINY, test_count=4, recall_count=8))
+    assert card["data"]["scale"] == 1.5 and card["data"]["frames"] == 24
+    assert nn.choose_scale(wide, tmp_path / "wide").scale == 1.5
+    assert predict(wide[:2], model=tmp_path / "wide", device="cpu")["amplitude"].shape == (2, 48, 48)
+    # 2x-oversampled 32-pixel objects: the network reads them whole
+    full = adapt(SIM["intensity"][:16], tmp_path / "full", max_steps=1,
+                 **dict(TINY, min_frames=8, test_count=0, recall_count=0))
+    assert full["data"]["scale"] == 1
+
+
 def test_the_kept_weights_are_the_best_held_out(adapted):
     out, card, events, _base, _before = adapted
     history = card["history"]

@@ -1051,6 +1051,9 @@ def _cmd_adapt(args):
               f"{b['phase_rms_median']:.3f} -> {a['phase_rms_median']:.3f} rad")
     if recentred_note(card):
         print(f"note: {recentred_note(card)}", file=sys.stderr)
+    if card["data"].get("scale", 1) != 1:  # as predict says it when it reads the stack so
+        print(f"note: adapted to the objects read at {card['data']['scale']:g}x the pixel size, as predict reads "
+              f"this stack", file=sys.stderr)
     print(f"wrote {args.out} (adapted from {info.name})", file=sys.stderr)
 
 

@@ -57,8 +57,10 @@ time and the history of evaluations (held-out chi^2, recall, guard weight).  The
 folder is written under a temporary name beside ``out`` and renamed at the end: a stop or crash
 leaves no half-written model; an existing ``out`` is refused; the base model's files are only read.
 
-Patterns are read at scale 1 (objects that fit the network's 32 pixels; :mod:`napari_cdinn.nn.models`,
-"Object size and scale"): larger objects, read at a coarser scale by ``predict``, are not adapted to.
+Patterns are read at the scale ``predict`` reads the stack at (:func:`napari_cdinn.nn.choose_scale`, the fit
+to a sample of it; :mod:`napari_cdinn.nn.models`, "Object size and scale"): at a coarser scale the network
+adapts to the central crop it reads (the card's ``data.scale``), the guard rail's and recall sets'
+patterns cut to that crop's size.
 Frames whose mean pattern's centre of symmetry lies off the centre pixel
 (:func:`napari_cdinn.nn.inference.centre_offset`) are adapted to re-centred there
 (:func:`napari_cdinn.nn.inference.recentre`), as ``predict`` reads them; the card's ``data`` says so
@@ -572,13 +574,12 @@ def adapt(intensity, out, *, model=None, mask=None, time_limit_min=10.0, holdout
     from ..device import threads_applied
     from ..io import current_umask
     from .checkpoint import load_model, save_model
-    from .inference import centre_offset, recentre
-    from .models import resolve_model
+    from .inference import centre_offset, choose_scale, recentre
+    from .models import read_side, resolve_model, scales_for
     from .runtime import resolve_device
 
     out = check_out(out)
-    # a size no model reads, or reads only at a coarser scale (adapting reads at scale 1), fails before any work
-    info = resolve_model(model, np.shape(intensity), 1)
+    info = resolve_model(model, np.shape(intensity))  # a size no model reads fails before any work
     dev = resolve_device(device)
     for name, value in (("batch_size", batch_size), ("eval_every", eval_every), ("patience", patience)):
         if int(value) < 1:
@@ -602,6 +603,15 @@ def adapt(intensity, out, *, model=None, mask=None, time_limit_min=10.0, holdout
     if offset:  # the network reads centred patterns: it adapts to the stack re-centred, as predict then reads it
         raw, mask = recentre(raw, mask, offset)
     counts["recentred"] = list(offset) if offset else None
+    # the network reads the stack at the scale predict then reads it at (the fit to the data decides): at a
+    # coarser scale it reads the central crop, decimated, which is what it adapts to
+    scale = choose_scale(raw, info, mask=mask, device=device).scale if len(
+        scales_for(raw.shape, info.input_factor, info.size)) > 1 else info.scale
+    if scale != 1:
+        side = read_side(raw.shape, scale)
+        raw = np.ascontiguousarray(physics.crop(raw, (side, side)))
+        mask = None if mask is None else np.ascontiguousarray(physics.crop(mask, (side, side)))
+    counts["scale"] = scale
     emit = _emitter(callback, 60.0 * settings["time_limit_min"])
     with threads_applied(int(threads)) if threads else contextlib.nullcontext():  # the count comes back after
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.absolute().parent))
