@@ -574,8 +574,8 @@ def adapt(intensity, out, *, model=None, mask=None, time_limit_min=10.0, holdout
     from ..device import threads_applied
     from ..io import current_umask
     from .checkpoint import load_model, save_model
-    from .inference import centre_offset, choose_scale, recentre
-    from .models import read_side, resolve_model, scales_for
+    from .inference import centre_offset, choice_to_make, choose_scale, recentre
+    from .models import read_side, resolve_model
     from .runtime import resolve_device
 
     out = check_out(out)
@@ -605,8 +605,8 @@ def adapt(intensity, out, *, model=None, mask=None, time_limit_min=10.0, holdout
     counts["recentred"] = list(offset) if offset else None
     # the network reads the stack at the scale predict then reads it at (the fit to the data decides): at a
     # coarser scale it reads the central crop, decimated, which is what it adapts to
-    scale = choose_scale(raw, info, mask=mask, device=device).scale if len(
-        scales_for(raw.shape, info.input_factor, info.size)) > 1 else info.scale
+    chosen = choose_scale(raw, info, mask=mask, device=device) if choice_to_make(raw, info, mask, raw.shape) else info
+    scale = chosen.scale
     if scale != 1:
         side = read_side(raw.shape, scale)
         raw = np.ascontiguousarray(physics.crop(raw, (side, side)))
