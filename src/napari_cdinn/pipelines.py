@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FALLBACK_RULES",
     "LOW_DOSE_CHI2",
+    "curves_on_one_grid",
     "fallback_frames",
     "faint",
     "fit_summary",
@@ -400,14 +401,12 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
         run = reconstruct(stack[todo], mask=_frames_of(mask, todo), frame_ids=ids[todo], **_for_frames(options, todo))
         protocol = {k: run[k] for k in RESULT_KEYS}
         curves.append((todo, run["errors"], run["error_iterations"]))
-    grid = np.unique(np.concatenate([c[2] for c in curves])).astype(np.int64)
-    refined["errors"] = np.full((n, len(grid)), np.nan, np.float32)
-    for frames, errors, iterations in curves[: len(curves) - (protocol is not None)]:
-        refined["errors"][frames[:, None], np.searchsorted(grid, iterations)[None]] = errors
+    grid, on_grid = curves_on_one_grid([(iterations, errors) for _, errors, iterations in curves])
     if protocol is not None:
-        frames, errors, iterations = curves[-1]
-        protocol["errors"] = np.full((len(frames), len(grid)), np.nan, np.float32)
-        protocol["errors"][:, np.searchsorted(grid, iterations)] = errors
+        protocol["errors"] = on_grid.pop()
+    refined["errors"] = np.full((n, len(grid)), np.nan, np.float32)
+    for (frames, _, _), errors in zip(curves, on_grid):
+        refined["errors"][frames] = errors
     out = keep_lower_chi2(refined, protocol, todo, chi2_noise=noise)
     out.update(extra or {}, chi2_noise=noise.astype(np.float32), nn_trusted=trusted)
     out = {k: v[0] for k, v in out.items()} if single else out
@@ -415,6 +414,31 @@ def refine_with_fallback(intensity: ArrayLike, *, model: Model = None, mask: Arr
     if prtf:
         out["prtf_q"] = run["prtf_q"]
     return out
+
+
+def curves_on_one_grid(curves):
+    """Fourier-error curves of several runs on the union of the iterations they sampled.
+
+    Parameters
+    ----------
+    curves : list of (iterations (E_i,), errors (n_i, E_i))
+
+    Returns
+    -------
+    grid : ndarray of int64, (G,), the iterations any run sampled
+    errors : list of float32 arrays (n_i, G), NaN where a run has no sample (a refinement is
+        shorter than the protocol)
+    """
+    if not curves:
+        return np.zeros(0, np.int64), []
+    grid = np.unique(np.concatenate([np.asarray(it) for it, _ in curves])).astype(np.int64)
+    out = []
+    for it, errors in curves:
+        errors = np.asarray(errors)
+        placed = np.full((len(errors), len(grid)), np.nan, np.float32)
+        placed[:, np.searchsorted(grid, np.asarray(it)[: errors.shape[1]])] = errors
+        out.append(placed)
+    return grid, out
 
 
 def _for_frames(options, frames):

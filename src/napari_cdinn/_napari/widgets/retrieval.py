@@ -47,7 +47,7 @@ from magicgui import widgets
 from ... import nn, physics
 from ...device import DEVICES
 from ...jobs import Cancelled, Kind, ProgressEvent
-from ...pipelines import faint, fit_summary, fits
+from ...pipelines import curves_on_one_grid, faint, fit_summary, fits
 from ...protocol import ITERATIONS, STARTS
 from .. import layers as _layers
 from ._common import (
@@ -168,21 +168,6 @@ class _Throttled:
             self.last = now
         self.emit(ProgressEvent(Kind.SNAPSHOT, total=self.total, payload={
             "frames": self.lo + frames, "amplitude": amplitude, "phase": phase}))
-
-
-def _on_one_grid(parts):
-    """``(iterations, errors)``: the Fourier-error curves of every block, ``[(iterations, errors), ...]``,
-    on the union of their iterations (NaN where a block has no sample: a refinement is shorter than the
-    protocol)."""
-    if not parts:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    grid = np.unique(np.concatenate([it for it, _ in parts]))
-    out = np.full((sum(len(e) for _, e in parts), len(grid)), np.nan, np.float32)
-    row = 0
-    for it, e in parts:
-        out[row:row + len(e), np.searchsorted(grid, it[: e.shape[1]])] = e
-        row += len(e)
-    return grid, out
 
 
 class PhaseRetrievalWidget(widgets.Container):
@@ -343,7 +328,8 @@ class PhaseRetrievalWidget(widgets.Container):
 
     def _draw_errors(self):
         """The Fourier R-factor per iteration (median and 10-90 % of the frames), chi² per frame and the PRTF."""
-        iterations, errors = _on_one_grid(self._result["errors"])
+        iterations, parts = curves_on_one_grid(self._result["errors"])
+        errors = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
         ax, ax2, _ = self.plot.all_axes
         ax.clear()
         if errors.size:
